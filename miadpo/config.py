@@ -1,0 +1,179 @@
+"""Structured configuration: the schema every YAML file under ``conf/`` is validated against.
+
+The dataclasses are registered with Hydra's ConfigStore as ``train_schema``; ``conf/train.yaml`` lists it
+first in its defaults, so a misspelt key or a value outside an enum fails when the config is composed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+
+
+class BadRecordPolicy(str, Enum):
+    skip = "skip"
+    error = "error"
+
+
+class TooLongPolicy(str, Enum):
+    truncate_answer = "truncate_answer"
+    skip = "skip"
+
+
+class LossType(str, Enum):
+    sigmoid = "sigmoid"
+    cdpo = "cdpo"
+    robust = "robust"
+    ipo = "ipo"
+    hinge = "hinge"
+
+
+class LoggerName(str, Enum):
+    wandb = "wandb"
+    csv = "csv"
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = True
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    # None: the adapter's default (every LLM linear layer except lm_head).
+    target_modules: Any = None
+
+
+@dataclass
+class TinyModelConfig:
+    """Sizes of a model built in code with random weights (used when ``model.path`` is null)."""
+
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    vision_hidden_size: int = 64
+    vision_layers: int = 2
+    image_size: int = 56
+    patch_size: int = 14
+    vocab_size: int = 512
+    init_seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny_llava"
+    family: str = "llava"
+    # Local directory (or hub id when allow_download) of the weights; null builds the tiny model in code.
+    path: str | None = None
+    allow_download: bool = False
+    template: str = "vicuna_v1"
+    pad_to_square: bool = True
+    attn_implementation: str = "sdpa"
+    dtype: str = "float32"
+    freeze_vision_tower: bool = True
+    freeze_projector: bool = True
+    freeze_llm: bool = False
+    gradient_checkpointing: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+
+
+@dataclass
+class SyntheticConfig:
+    """The embedded default data set: multi-image pairs drawn in code (no download)."""
+
+    num_pairs: int = 96
+    min_images: int = 2
+    max_images: int = 4
+    image_size: int = 64
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    name: str = "synthetic"
+    # LLaVA-format single-image JSON consumed by the augmentation stage.
+    source: str | None = None
+    # Source photographs; record paths without the composed prefix resolve here.
+    image_root: str = "data/images"
+    # A pair JSONL; when set, training uses it directly.
+    pairs: str | None = None
+    # Derived data and caches; record paths starting with "@out/" resolve here.
+    out_dir: str = "data/miadpo"
+    formats: dict[str, float] = field(
+        default_factory=lambda: {"sequence": 1.0, "grid": 1.0, "pip": 1.0}
+    )
+    on_bad_record: BadRecordPolicy = BadRecordPolicy.skip
+    max_bad_fraction: float = 0.01
+    check_images: bool = True
+    val_fraction: float = 0.1
+    max_length: int = 2048
+    on_too_long: TooLongPolicy = TooLongPolicy.truncate_answer
+    batch_size: int = 4
+    num_workers: int = 0
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class DPOConfig:
+    loss: LossType = LossType.sigmoid
+    beta: float = 0.1
+    # epsilon of cdpo (label smoothing) and robust (assumed label-flip rate).
+    label_smoothing: float = 0.0
+    sft_weight: float = 0.0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-5
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_ratio: float = 0.1
+
+
+@dataclass
+class LoggerConfig:
+    name: LoggerName = LoggerName.wandb
+    project: str = "miadpo"
+    entity: str | None = None
+    # W&B mode: offline unless WANDB_MODE says otherwise.
+    mode: str = "${oc.env:WANDB_MODE,offline}"
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class StrategyConfig:
+    name: str = "auto"
+    find_unused_parameters: bool = False
+
+
+@dataclass
+class CheckpointConfig:
+    every_n_train_steps: int | None = None
+    save_last: bool = True
+    save_top_k: int = 1
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    # Keyword arguments of lightning.Trainer (max_steps, devices, precision, ...).
+    trainer: dict[str, Any] = field(default_factory=dict)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    seed: int = 42
+    run_dir: str = "${hydra:runtime.output_dir}"
+    # Resume from a Lightning checkpoint.
+    ckpt_path: str | None = None
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)

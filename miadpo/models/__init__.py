@@ -1,0 +1,41 @@
+"""Model adapters. ``build_adapter(cfg.model)`` picks the adapter class by ``model.family``."""
+
+from __future__ import annotations
+
+from miadpo.config import ModelConfig
+from miadpo.models.base import (
+    IGNORE_INDEX,
+    EncodedSample,
+    ImageGeometry,
+    ModelAdapter,
+    ModelWeightsNotFoundError,
+    PatchGrid,
+    ProcessedImages,
+    SampleTooLongError,
+)
+from miadpo.models.llava import LlavaAdapter
+
+ADAPTERS: dict[str, type[ModelAdapter]] = {"llava": LlavaAdapter}
+
+
+def build_adapter(cfg: ModelConfig) -> ModelAdapter:
+    try:
+        adapter_class = ADAPTERS[cfg.family]
+    except KeyError:
+        raise ValueError(f"unknown model.family {cfg.family!r}; known: {sorted(ADAPTERS)}") from None
+    return adapter_class.from_config(cfg)
+
+
+__all__ = [
+    "ADAPTERS",
+    "IGNORE_INDEX",
+    "EncodedSample",
+    "ImageGeometry",
+    "LlavaAdapter",
+    "ModelAdapter",
+    "ModelWeightsNotFoundError",
+    "PatchGrid",
+    "ProcessedImages",
+    "SampleTooLongError",
+    "build_adapter",
+]

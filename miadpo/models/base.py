@@ -1,0 +1,351 @@
+"""The model adapter interface: what every backbone provides to selection and training.
+
+An adapter owns a Hugging Face model, its tokenizer and image processor, and a chat template. It turns
+``(images, prompt, answer)`` into model inputs whose labels mask everything but the answer, and reports for
+each image the positions of its tokens (``image_spans``) and its patch-grid geometry (``ImageGeometry``: how a
+pixel box of the original image maps to those tokens through the model's own preprocessing). It exposes the
+decoder layers (for attention capture), the module groups that can be frozen, and LoRA targets.
+
+A new backbone implements the abstract methods of :class:`ModelAdapter`; everything else is shared.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model
+from PIL import Image
+from torch import nn
+
+from miadpo.config import LoraConfig, ModelConfig
+from miadpo.pairs import IMAGE_TOKEN
+from miadpo.templates import ChatTemplate
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+Box = tuple[float, float, float, float]  # (x0, y0, x1, y1) in original-image pixels
+
+
+@dataclass(frozen=True)
+class PatchGrid:
+    """One rectangular grid of image tokens: the whole image, or one tile/crop of it.
+
+    Original-image pixel ``(x, y)`` lies at cell coordinates ``(x * scale_x + offset_x, y * scale_y +
+    offset_y)``; cell ``(r, c)`` covers ``[c, c+1) × [r, r+1)`` and is the token at span position
+    ``token_offset + r * cols + c``.
+    """
+
+    rows: int
+    cols: int
+    token_offset: int
+    scale_x: float
+    scale_y: float
+    offset_x: float
+    offset_y: float
+
+    def coverage(self, box: Box) -> np.ndarray:
+        """Fraction of each cell's area inside ``box``, shape (rows, cols)."""
+        x0, y0, x1, y1 = box
+        cx0, cx1 = x0 * self.scale_x + self.offset_x, x1 * self.scale_x + self.offset_x
+        cy0, cy1 = y0 * self.scale_y + self.offset_y, y1 * self.scale_y + self.offset_y
+        cols = np.arange(self.cols)
+        rows = np.arange(self.rows)
+        overlap_x = np.clip(np.minimum(cols + 1, cx1) - np.maximum(cols, cx0), 0.0, 1.0)
+        overlap_y = np.clip(np.minimum(rows + 1, cy1) - np.maximum(rows, cy0), 0.0, 1.0)
+        return np.outer(overlap_y, overlap_x)
+
+
+@dataclass(frozen=True)
+class ImageGeometry:
+    """Where one image's tokens sit in its span and which part of the image each token sees."""
+
+    image_size: tuple[int, int]  # (width, height) of the original image
+    num_tokens: int  # length of the image's span in the sequence
+    grids: tuple[PatchGrid, ...]
+
+    def token_coverage(self, box: Box) -> np.ndarray:
+        """For each token of the span, the fraction of its cell inside ``box`` (0 for non-grid tokens)."""
+        weights = np.zeros(self.num_tokens, dtype=np.float64)
+        for grid in self.grids:
+            flat = grid.coverage(box).reshape(-1)
+            weights[grid.token_offset : grid.token_offset + flat.size] = flat
+        return weights
+
+    def token_mask(self, box: Box, min_coverage: float = 0.5) -> np.ndarray:
+        """Tokens whose cell lies at least ``min_coverage`` inside ``box``."""
+        return self.token_coverage(box) >= min_coverage
+
+
+@dataclass
+class ProcessedImages:
+    """Images after the model's preprocessing, ready to be shared by several encodings of one prompt."""
+
+    pixel_values: torch.Tensor | None
+    geometries: list[ImageGeometry]
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class EncodedSample:
+    """One (images, prompt, answer) sequence as model inputs."""
+
+    input_ids: torch.Tensor  # (L,)
+    labels: torch.Tensor  # (L,), IGNORE_INDEX outside the answer
+    image_spans: list[tuple[int, int]]  # [start, end) of each image's tokens, in prompt order
+    geometries: list[ImageGeometry]
+    pixel_values: torch.Tensor | None
+    prompt_length: int
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def answer_length(self) -> int:
+        return int(self.input_ids.numel()) - self.prompt_length
+
+
+class SampleTooLongError(ValueError):
+    """The prompt (with its image tokens) alone does not fit in ``max_length``."""
+
+
+class ModelWeightsNotFoundError(FileNotFoundError):
+    """``model.path`` does not point at local weights and downloading is not allowed."""
+
+
+def check_weights_path(cfg: ModelConfig) -> str:
+    """Return the path to load from, or fail with instructions instead of a hub stack trace."""
+    assert cfg.path is not None
+    if Path(cfg.path).is_dir():
+        return cfg.path
+    if cfg.allow_download:
+        return cfg.path
+    raise ModelWeightsNotFoundError(
+        f"model {cfg.name!r}: weights not found at model.path={cfg.path!r} (not a local directory). "
+        f"Download them first (e.g. `huggingface-cli download {cfg.path} --local-dir /some/dir`) and pass "
+        f"model.path=/some/dir, or set model.allow_download=true on a machine with hub access."
+    )
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    except KeyError:
+        raise ValueError(f"model.dtype must be float32, bfloat16 or float16, not {name!r}") from None
+
+
+class ModelAdapter(ABC):
+    """Base class of all backbones. Subclasses implement the abstract methods below."""
+
+    image_token: str = IMAGE_TOKEN
+
+    def __init__(self, model: nn.Module, tokenizer: Any, image_processor: Any, template: ChatTemplate,
+                 cfg: ModelConfig) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.template = template
+        self.cfg = cfg
+        self.image_token_id = int(tokenizer.convert_tokens_to_ids(self.image_token))
+        if tokenizer.pad_token_id is None:
+            raise ValueError(f"model {cfg.name!r}: the tokenizer has no pad token")
+
+    # ----- what a backbone implements -------------------------------------------------------------
+    @classmethod
+    @abstractmethod
+    def from_config(cls, cfg: ModelConfig) -> ModelAdapter:
+        """Build model, tokenizer and image processor from ``conf/model/<name>.yaml``."""
+
+    @abstractmethod
+    def process_images(self, images: Sequence[Image.Image]) -> ProcessedImages:
+        """Run the model's image preprocessing and compute each image's geometry."""
+
+    @abstractmethod
+    def image_token_count(self, image_size: tuple[int, int]) -> int:
+        """Number of tokens an image of ``(width, height)`` occupies in the sequence."""
+
+    @abstractmethod
+    def module_groups(self) -> dict[str, nn.Module]:
+        """The freezable parts of the base model: keys ``vision_tower``, ``projector``, ``llm``."""
+
+    @abstractmethod
+    def processor_for_saving(self) -> Any:
+        """A transformers processor (tokenizer + image processor) saved beside the weights."""
+
+    # ----- shared machinery -----------------------------------------------------------------------
+    @property
+    def base_model(self) -> nn.Module:
+        """The transformers model without any peft wrapper."""
+        return self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
+
+    def decoder_layers(self) -> nn.ModuleList:
+        """The LLM's decoder layers, for hooking one layer's attention."""
+        return self.module_groups()["llm"].layers
+
+    def image_placeholder(self, geometry: ImageGeometry) -> str:
+        """Text that stands for one image once expanded to its tokens."""
+        return self.image_token * geometry.num_tokens
+
+    def _prompt_ids(self, prompt: str, token_counts: Sequence[int]) -> list[int]:
+        pieces = self.template.render(prompt).split(IMAGE_TOKEN)
+        if len(pieces) - 1 != len(token_counts):
+            raise ValueError(f"prompt has {len(pieces) - 1} {IMAGE_TOKEN} for {len(token_counts)} images")
+        text = pieces[0]
+        for count, piece in zip(token_counts, pieces[1:]):
+            text += self.image_token * count + piece
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        bos = self.tokenizer.bos_token_id
+        return ([bos] if bos is not None else []) + list(ids)
+
+    def _answer_ids(self, answer: str) -> list[int]:
+        ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"]
+        return list(ids) + [self.tokenizer.eos_token_id]
+
+    def count_tokens(self, prompt: str, answer: str, image_sizes: Sequence[tuple[int, int]]) -> tuple[int, int]:
+        """(prompt length including image tokens, answer length including EOS) without image processing."""
+        counts = [self.image_token_count(size) for size in image_sizes]
+        return len(self._prompt_ids(prompt, counts)), len(self._answer_ids(answer))
+
+    def encode(self, images: ProcessedImages | Sequence[Image.Image], prompt: str, answer: str | None = None,
+               max_length: int | None = None) -> EncodedSample:
+        """Tokenize ``prompt`` (+ ``answer``) with each ``<image>`` expanded to its tokens.
+
+        Labels are IGNORE_INDEX everywhere but the answer. With ``max_length``, the answer is cut to fit;
+        a prompt that alone does not fit raises :class:`SampleTooLongError` (image tokens are never cut).
+        """
+        if not isinstance(images, ProcessedImages):
+            images = self.process_images(images)
+        prompt_ids = self._prompt_ids(prompt, [g.num_tokens for g in images.geometries])
+        answer_ids = self._answer_ids(answer) if answer is not None else []
+        if max_length is not None and len(prompt_ids) + len(answer_ids) > max_length:
+            if len(prompt_ids) >= max_length:
+                raise SampleTooLongError(
+                    f"prompt with its image tokens is {len(prompt_ids)} tokens; data.max_length={max_length}"
+                )
+            answer_ids = answer_ids[: max_length - len(prompt_ids)]
+        input_ids = torch.tensor(prompt_ids + answer_ids, dtype=torch.long)
+        labels = input_ids.clone()
+        labels[: len(prompt_ids)] = IGNORE_INDEX
+        return EncodedSample(
+            input_ids=input_ids,
+            labels=labels,
+            image_spans=self._image_spans(input_ids[: len(prompt_ids)], images.geometries),
+            geometries=images.geometries,
+            pixel_values=images.pixel_values,
+            prompt_length=len(prompt_ids),
+            extra=images.extra,
+        )
+
+    def _image_spans(self, prompt_ids: torch.Tensor, geometries: Sequence[ImageGeometry]) -> list[tuple[int, int]]:
+        positions = (prompt_ids == self.image_token_id).nonzero().flatten().tolist()
+        expected = sum(g.num_tokens for g in geometries)
+        if len(positions) != expected:
+            raise ValueError(f"found {len(positions)} image tokens, expected {expected}")
+        spans, cursor = [], 0
+        for geometry in geometries:
+            start, end = positions[cursor], positions[cursor + geometry.num_tokens - 1] + 1
+            if end - start != geometry.num_tokens:
+                raise ValueError("an image's tokens are not contiguous")
+            spans.append((start, end))
+            cursor += geometry.num_tokens
+        return spans
+
+    def collate(self, samples: Sequence[EncodedSample]) -> dict[str, torch.Tensor]:
+        """Right-pad a list of samples (any number of images each) into one batch of model inputs."""
+        length = max(int(s.input_ids.numel()) for s in samples)
+        batch_size = len(samples)
+        input_ids = torch.full((batch_size, length), self.tokenizer.pad_token_id, dtype=torch.long)
+        labels = torch.full((batch_size, length), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((batch_size, length), dtype=torch.long)
+        for row, sample in enumerate(samples):
+            n = int(sample.input_ids.numel())
+            input_ids[row, :n] = sample.input_ids
+            labels[row, :n] = sample.labels
+            attention_mask[row, :n] = 1
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        pixels = [s.pixel_values for s in samples if s.pixel_values is not None and len(s.pixel_values)]
+        if pixels:
+            batch["pixel_values"] = torch.cat(pixels, dim=0)
+        for key in samples[0].extra:
+            batch[key] = torch.cat([s.extra[key] for s in samples if s.extra.get(key) is not None], dim=0)
+        return batch
+
+    @torch.no_grad()
+    def input_embeddings(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The embeddings the LLM receives (text embeddings with image features merged in)."""
+        captured: dict[str, torch.Tensor] = {}
+
+        def grab(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+            captured["embeds"] = kwargs["inputs_embeds"]
+
+        handle = self.module_groups()["llm"].register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            self.model(**{k: v for k, v in batch.items() if k != "labels"})
+        finally:
+            handle.remove()
+        return captured["embeds"]
+
+    # ----- training set-up ------------------------------------------------------------------------
+    def freeze(self, vision_tower: bool, projector: bool, llm: bool) -> None:
+        flags = {"vision_tower": vision_tower, "projector": projector, "llm": llm}
+        for name, module in self.module_groups().items():
+            for parameter in module.parameters():
+                parameter.requires_grad_(not flags[name])
+
+    def module_name(self, module: nn.Module) -> str:
+        for name, candidate in self.base_model.named_modules():
+            if candidate is module:
+                return name
+        raise ValueError("module is not part of the model")
+
+    def default_lora_targets(self) -> str:
+        """Regex over module names: every linear layer of the LLM (lm_head is outside it)."""
+        llm = self.module_groups()["llm"]
+        prefix = self.module_name(llm)
+        leaves = sorted({name.rsplit(".", 1)[-1] for name, m in llm.named_modules() if isinstance(m, nn.Linear)})
+        return rf"{re.escape(prefix)}\..*\.({'|'.join(leaves)})"
+
+    def add_lora(self, lora: LoraConfig, trainable_groups: Sequence[str] = ()) -> None:
+        """Wrap the model with peft LoRA; non-LLM groups named in ``trainable_groups`` are saved in full."""
+        targets = lora.target_modules if lora.target_modules is not None else self.default_lora_targets()
+        if not isinstance(targets, str):
+            targets = list(targets)
+        groups = self.module_groups()
+        config = PeftLoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=targets,
+            modules_to_save=[self.module_name(groups[g]) for g in trainable_groups if g != "llm"] or None,
+            bias="none",
+        )
+        self.model = get_peft_model(self.model, config)
+
+    def prepare_for_training(self) -> None:
+        """Apply the freeze switches, LoRA and gradient checkpointing from the model config."""
+        cfg = self.cfg
+        self.freeze(cfg.freeze_vision_tower, cfg.freeze_projector, cfg.freeze_llm)
+        if cfg.lora.enabled:
+            unfrozen = [g for g, frozen in (("vision_tower", cfg.freeze_vision_tower),
+                                            ("projector", cfg.freeze_projector)) if not frozen]
+            self.add_lora(cfg.lora, unfrozen)
+        if cfg.gradient_checkpointing:
+            self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if cfg.lora.enabled:
+                self.base_model.enable_input_require_grads()
+
+    def save_base(self, directory: str | Path) -> Path:
+        """Save the base weights, config, tokenizer and processor as a standard transformers directory."""
+        if isinstance(self.model, PeftModel):
+            raise RuntimeError("save_base must run before LoRA is added (the base weights would carry it)")
+        directory = Path(directory)
+        self.model.save_pretrained(directory)
+        self.processor_for_saving().save_pretrained(directory)
+        return directory

@@ -1,0 +1,137 @@
+"""LLaVA-1.5 family (LlavaForConditionalGeneration): ``tiny_llava`` built in code and ``llava15`` from weights.
+
+Images are padded to square with the CLIP mean colour before the image processor (as LLaVA-1.5 was trained;
+the HF processor alone would centre-crop and cut the outer tiles of a wide grid collage). Each ``<image>``
+becomes ``image_seq_length`` tokens; the geometry follows pad → resize → centre-crop → patches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from PIL import Image
+from torch import nn
+from transformers import AutoProcessor, LlavaForConditionalGeneration, LlavaProcessor
+
+from miadpo.config import ModelConfig
+from miadpo.models.base import (
+    ImageGeometry,
+    ModelAdapter,
+    PatchGrid,
+    ProcessedImages,
+    check_weights_path,
+    torch_dtype,
+)
+from miadpo.models.tiny import build_tiny_image_processor, build_tiny_llava, build_tiny_tokenizer
+from miadpo.templates import get_template
+
+
+def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> tuple[Image.Image, tuple[int, int]]:
+    """Centre the image on a square canvas; returns the canvas and the paste offset (x, y)."""
+    width, height = image.size
+    if width == height:
+        return image, (0, 0)
+    side = max(width, height)
+    offset = ((side - width) // 2, (side - height) // 2)
+    canvas = Image.new(image.mode, (side, side), fill)
+    canvas.paste(image, offset)
+    return canvas, offset
+
+
+class LlavaAdapter(ModelAdapter):
+    """Adapter for transformers' LlavaForConditionalGeneration."""
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> LlavaAdapter:
+        if cfg.path is None:
+            tokenizer = build_tiny_tokenizer(cfg.tiny.vocab_size)
+            image_processor = build_tiny_image_processor(cfg.tiny.image_size)
+            model = build_tiny_llava(cfg.tiny, tokenizer, cfg.attn_implementation)
+        else:
+            path = check_weights_path(cfg)
+            processor = AutoProcessor.from_pretrained(path)
+            tokenizer, image_processor = processor.tokenizer, processor.image_processor
+            model = LlavaForConditionalGeneration.from_pretrained(
+                path, dtype=torch_dtype(cfg.dtype), attn_implementation=cfg.attn_implementation
+            )
+        model.to(torch_dtype(cfg.dtype))
+        return cls(model, tokenizer, image_processor, get_template(cfg.template), cfg)
+
+    @property
+    def _config(self) -> Any:
+        return self.base_model.config
+
+    def module_groups(self) -> dict[str, nn.Module]:
+        inner = self.base_model.model
+        return {
+            "vision_tower": inner.vision_tower,
+            "projector": inner.multi_modal_projector,
+            "llm": inner.language_model,
+        }
+
+    def image_token_count(self, image_size: tuple[int, int]) -> int:
+        vision = self._config.vision_config
+        patches = (vision.image_size // vision.patch_size) ** 2
+        return patches + (1 if self._config.vision_feature_select_strategy == "full" else 0)
+
+    def _fill_colour(self) -> tuple[int, int, int]:
+        return tuple(int(round(255 * m)) for m in self.image_processor.image_mean)
+
+    def _geometry(self, original: tuple[int, int], padded: tuple[int, int], offset: tuple[int, int]
+                  ) -> ImageGeometry:
+        """Map original pixels through pad → resize (shortest edge) → centre crop → patch cells."""
+        processor = self.image_processor
+        pad_w, pad_h = padded
+        size = processor.size
+        short = size.get("shortest_edge")
+        if short:
+            if pad_w <= pad_h:
+                new_w, new_h = short, int(short * pad_h / pad_w)
+            else:
+                new_w, new_h = int(short * pad_w / pad_h), short
+        else:
+            new_w, new_h = size["width"], size["height"]
+        crop_w, crop_h = new_w, new_h
+        if processor.do_center_crop:
+            crop_w, crop_h = processor.crop_size["width"], processor.crop_size["height"]
+        left, top = (new_w - crop_w) // 2, (new_h - crop_h) // 2
+        patch = self._config.vision_config.patch_size
+        scale_x, scale_y = new_w / pad_w, new_h / pad_h
+        strategy_full = self._config.vision_feature_select_strategy == "full"
+        grid = PatchGrid(
+            rows=crop_h // patch,
+            cols=crop_w // patch,
+            token_offset=1 if strategy_full else 0,
+            scale_x=scale_x / patch,
+            scale_y=scale_y / patch,
+            offset_x=(offset[0] * scale_x - left) / patch,
+            offset_y=(offset[1] * scale_y - top) / patch,
+        )
+        return ImageGeometry(image_size=original, num_tokens=self.image_token_count(original), grids=(grid,))
+
+    def process_images(self, images: Sequence[Image.Image]) -> ProcessedImages:
+        if not images:
+            return ProcessedImages(pixel_values=None, geometries=[])
+        prepared, geometries = [], []
+        for image in images:
+            image = image.convert("RGB")
+            offset = (0, 0)
+            if self.cfg.pad_to_square:
+                canvas, offset = pad_to_square(image, self._fill_colour())
+            else:
+                canvas = image
+            prepared.append(canvas)
+            geometries.append(self._geometry(image.size, canvas.size, offset))
+        pixel_values = self.image_processor(images=prepared, return_tensors="pt")["pixel_values"]
+        return ProcessedImages(pixel_values=pixel_values.to(self.base_model.dtype), geometries=geometries)
+
+    def processor_for_saving(self) -> LlavaProcessor:
+        vision = self._config.vision_config
+        return LlavaProcessor(
+            image_processor=self.image_processor,
+            tokenizer=self.tokenizer,
+            patch_size=vision.patch_size,
+            vision_feature_select_strategy=self._config.vision_feature_select_strategy,
+            num_additional_image_tokens=1,
+        )

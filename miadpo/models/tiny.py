@@ -1,0 +1,108 @@
+"""Tiny models built entirely in code: real architectures, random weights, no download.
+
+``build_tiny_tokenizer`` trains a small byte-level BPE in process (any text encodes; nothing is unknown).
+``build_tiny_llava`` builds LlavaForConditionalGeneration from a CLIP vision config and a Llama text config.
+"""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    PreTrainedTokenizerFast,
+)
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+from miadpo.config import TinyModelConfig
+from miadpo.pairs import IMAGE_TOKEN
+from miadpo.templates import TEMPLATES
+
+SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", IMAGE_TOKEN]
+COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white", "gray", "brown", "pink"]
+SHAPES = ["circle", "square", "triangle", "star", "cross", "ring", "bar", "diamond"]
+
+_CORPUS_WORDS = (
+    "what is the colour of shape in image which picture shows a an there are how many objects left right top "
+    "bottom centre center middle yes no answer question describe this photo man woman dog cat car bus tree "
+    "person holding standing sitting on under next to one two three four five six seven eight nine ten "
+    "only images were given for central subplot please look at"
+).split()
+
+
+def _corpus() -> list[str]:
+    lines = [t.render("question") for t in TEMPLATES.values()]
+    lines += [f"Image{i}: In Image{i}, in image{i}," for i in range(1, 10)]
+    lines += [f"The {shape} is {colour}." for colour in COLOURS for shape in SHAPES]
+    lines += [f"What colour is the {shape}?" for shape in SHAPES]
+    lines += [" ".join(_CORPUS_WORDS[i : i + 8]) for i in range(0, len(_CORPUS_WORDS), 4)]
+    return lines
+
+
+def build_tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """A deterministic byte-level BPE tokenizer with LLaVA-style special tokens."""
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_corpus(), trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
+    )
+
+
+def build_tiny_image_processor(image_size: int) -> CLIPImageProcessorPil:
+    return CLIPImageProcessorPil(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+    )
+
+
+def build_tiny_llava(cfg: TinyModelConfig, tokenizer: PreTrainedTokenizerFast,
+                     attn_implementation: str = "sdpa") -> LlavaForConditionalGeneration:
+    """A LLaVA-architecture model with random weights, seeded by ``cfg.init_seed``."""
+    vision = CLIPVisionConfig(
+        hidden_size=cfg.vision_hidden_size,
+        intermediate_size=cfg.vision_hidden_size * 2,
+        num_hidden_layers=cfg.vision_layers,
+        num_attention_heads=cfg.num_heads,
+        image_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        projection_dim=cfg.vision_hidden_size,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_seq_length=(cfg.image_size // cfg.patch_size) ** 2,
+    )
+    config._attn_implementation = attn_implementation
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.init_seed)
+        model = LlavaForConditionalGeneration(config)
+    return model

@@ -1,0 +1,238 @@
+"""The pair record: the data contract between selection and training.
+
+A pair file is JSONL, one pair per line::
+
+    {"id": "seq-000017", "images": ["coco/train2017/000000123.jpg", "@out/grid/seq-000017.png"],
+     "prompt": "Image1: <image>\\nImage2: <image>\\nIn Image2, what is the man holding?",
+     "chosen": "A red umbrella.", "rejected": "A surfboard.",
+     "meta": {"format": "sequence", "n_images": 2, "target": 2, ...}}
+
+Path rule (one rule for every stage): a path that starts with ``@out/`` is a composed image and resolves
+under ``data.out_dir``; every other path is a source photograph and resolves under ``data.image_root``.
+Absolute paths and paths that leave their root (``..``) are rejected.
+
+The reader also accepts the official MIA-DPO release format (``image``: a path or a list of paths instead of
+``images``; no ``meta``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from miadpo.config import BadRecordPolicy
+
+log = logging.getLogger(__name__)
+
+IMAGE_TOKEN = "<image>"
+COMPOSED_PREFIX = "@out/"
+FORMATS = ("sequence", "grid", "pip")
+
+
+@dataclass
+class PairRecord:
+    id: str
+    images: list[str]
+    prompt: str
+    chosen: str
+    rejected: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "images": list(self.images),
+            "prompt": self.prompt,
+            "chosen": self.chosen,
+            "rejected": self.rejected,
+            "meta": self.meta,
+        }
+
+
+@dataclass(frozen=True)
+class ImageRoots:
+    """Where the two kinds of record path live (see the module docstring)."""
+
+    image_root: Path
+    out_dir: Path
+
+    def resolve(self, rel_path: str) -> Path:
+        """Resolve a record path; raises ValueError for absolute paths or paths escaping their root."""
+        if rel_path.startswith(COMPOSED_PREFIX):
+            root, rest = self.out_dir, rel_path[len(COMPOSED_PREFIX) :]
+        else:
+            root, rest = self.image_root, rel_path
+        if not rest or os.path.isabs(rest) or Path(rest).is_absolute():
+            raise ValueError(f"image path {rel_path!r} must be relative to its root")
+        root = root.resolve()
+        resolved = (root / rest).resolve()
+        if not resolved.is_relative_to(root):
+            raise ValueError(f"image path {rel_path!r} escapes its root {root}")
+        return resolved
+
+    def composed(self, path: Path) -> str:
+        """The record path of a file written under ``out_dir``."""
+        return COMPOSED_PREFIX + path.resolve().relative_to(self.out_dir.resolve()).as_posix()
+
+
+@dataclass(frozen=True)
+class BadRecord:
+    file: str
+    line: int
+    id: str | None
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line} (id={self.id}): {self.reason}"
+
+
+class BadRecordError(ValueError):
+    """Raised when a data file has bad records and the policy (or the bad fraction) says stop."""
+
+
+@dataclass
+class BadRecordReport:
+    """Counts bad records for one stage and applies ``data.on_bad_record`` / ``data.max_bad_fraction``."""
+
+    policy: BadRecordPolicy = BadRecordPolicy.skip
+    max_bad_fraction: float = 0.01
+    stage: str = "load"
+    bad: list[BadRecord] = field(default_factory=list)
+    total: int = 0
+
+    def add(self, record: BadRecord) -> None:
+        self.bad.append(record)
+        if BadRecordPolicy(self.policy) is BadRecordPolicy.error:
+            raise BadRecordError(f"[{self.stage}] bad record (data.on_bad_record=error): {record}")
+        log.warning("[%s] skipping bad record %s", self.stage, record)
+
+    @property
+    def fraction(self) -> float:
+        return len(self.bad) / self.total if self.total else 0.0
+
+    def finish(self) -> None:
+        """Log the summary; raise if every record was bad or the bad fraction is above the limit."""
+        if not self.bad:
+            return
+        reasons: dict[str, int] = {}
+        for record in self.bad:
+            key = record.reason.split(":")[0]
+            reasons[key] = reasons.get(key, 0) + 1
+        summary = ", ".join(f"{n}× {reason}" for reason, n in sorted(reasons.items()))
+        log.warning("[%s] skipped %d of %d records: %s", self.stage, len(self.bad), self.total, summary)
+        if len(self.bad) >= self.total or self.fraction > self.max_bad_fraction:
+            first = "\n  ".join(str(b) for b in self.bad[:5])
+            raise BadRecordError(
+                f"[{self.stage}] {len(self.bad)} of {self.total} records are bad "
+                f"({self.fraction:.1%} > data.max_bad_fraction={self.max_bad_fraction:.1%}); first:\n  {first}"
+            )
+
+
+def _check_text(obj: dict[str, Any], key: str) -> str:
+    value = obj.get(key)
+    if not isinstance(value, str):
+        raise ValueError(f"field {key!r} missing or not a string")
+    if not value.strip():
+        raise ValueError(f"empty {key!r}")
+    return value
+
+
+def parse_pair(obj: Any) -> PairRecord:
+    """Build a PairRecord from one decoded JSON line (our format or the official release); ValueError if bad."""
+    if not isinstance(obj, dict):
+        raise ValueError("record is not a JSON object")
+    if "id" not in obj:
+        raise ValueError("field 'id' missing")
+    images = obj.get("images", obj.get("image"))
+    if isinstance(images, str):
+        images = [images]
+    if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
+        raise ValueError("field 'images' (or 'image') missing or not a list of paths")
+    prompt = _check_text(obj, "prompt")
+    chosen = _check_text(obj, "chosen")
+    rejected = _check_text(obj, "rejected")
+    n_tokens = prompt.count(IMAGE_TOKEN)
+    if n_tokens != len(images):
+        raise ValueError(f"image count mismatch: prompt has {n_tokens} {IMAGE_TOKEN} for {len(images)} images")
+    if chosen.strip() == rejected.strip():
+        raise ValueError("chosen and rejected are identical")
+    meta = obj.get("meta") or {}
+    if not isinstance(meta, dict):
+        raise ValueError("field 'meta' is not an object")
+    return PairRecord(str(obj["id"]), images, prompt, chosen, rejected, meta)
+
+
+def check_image(path: Path) -> None:
+    """Raise ValueError if the file is missing, unreadable or not a decodable image."""
+    if not path.is_file():
+        raise ValueError(f"image not found: {path}")
+    try:
+        with Image.open(path) as im:
+            im.load()
+    except Exception as exc:  # PIL raises many types for corrupt data
+        raise ValueError(f"unreadable or corrupt image {path}: {exc}") from exc
+
+
+def read_pairs(
+    path: str | Path,
+    roots: ImageRoots,
+    report: BadRecordReport,
+    check_images: bool = True,
+) -> list[PairRecord]:
+    """Read and validate a pair JSONL. Bad records go to ``report`` (skip or raise per its policy)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pair file not found: {path}")
+    records: list[PairRecord] = []
+    seen: set[str] = set()
+    with path.open(encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            report.total += 1
+            record_id = None
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                report.add(BadRecord(str(path), line_no, None, f"malformed JSON: {exc}"))
+                continue
+            if isinstance(obj, dict) and "id" in obj:
+                record_id = str(obj["id"])
+            try:
+                record = parse_pair(obj)
+                if record.id in seen:
+                    raise ValueError("duplicate id")
+                for rel in record.images:
+                    resolved = roots.resolve(rel)
+                    if check_images:
+                        check_image(resolved)
+            except ValueError as exc:
+                report.add(BadRecord(str(path), line_no, record_id, str(exc)))
+                continue
+            seen.add(record.id)
+            records.append(record)
+    if report.total == 0:
+        raise BadRecordError(f"pair file {path} holds no records")
+    report.finish()
+    return records
+
+
+def write_pairs(path: str | Path, records: Iterable[PairRecord]) -> int:
+    """Write pairs as JSONL (atomically: a temporary file renamed into place). Returns the count."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    count = 0
+    with tmp.open("w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record.to_json(), ensure_ascii=False) + "\n")
+            count += 1
+    tmp.replace(path)
+    return count
