@@ -19,18 +19,19 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 
 from miadpo.config import TinyModelConfig
 from miadpo.pairs import IMAGE_TOKEN
+from miadpo.synthetic import COLOURS, SHAPES
 from miadpo.templates import TEMPLATES
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", IMAGE_TOKEN]
-COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white", "gray", "brown", "pink"]
-SHAPES = ["circle", "square", "triangle", "star", "cross", "ring", "bar", "diamond"]
 
 _CORPUS_WORDS = (
-    "what is the colour of shape in image which picture shows a an there are how many objects left right top "
-    "bottom centre center middle yes no answer question describe this photo man woman dog cat car bus tree "
-    "person holding standing sitting on under next to one two three four five six seven eight nine ten "
-    "only images were given for central subplot please look at"
-).split()
+    "what", "is", "the", "colour", "of", "shape", "in", "image", "which", "picture", "shows", "a", "an",
+    "there", "are", "how", "many", "objects", "left", "right", "top", "bottom", "centre", "center", "middle",
+    "yes", "no", "answer", "question", "describe", "this", "photo", "man", "woman", "dog", "cat", "car", "bus",
+    "tree", "person", "holding", "standing", "sitting", "on", "under", "next", "to", "one", "two", "three",
+    "four", "five", "six", "seven", "eight", "nine", "ten", "only", "images", "were", "given", "for", "central",
+    "subplot", "please", "look", "at",
+)
 
 
 def _corpus() -> list[str]:

@@ -1,0 +1,190 @@
+"""Pairs → batches: validated loading, the truncation guard, the train/val split and the collator."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from miadpo.config import DataConfig, TooLongPolicy
+from miadpo.models.base import EncodedSample, ModelAdapter
+from miadpo.pairs import BadRecordError, BadRecordReport, ImageRoots, PairRecord, read_pairs
+from miadpo.synthetic import ensure_synthetic_pairs
+
+log = logging.getLogger(__name__)
+
+
+def image_roots(cfg: DataConfig) -> ImageRoots:
+    return ImageRoots(image_root=Path(cfg.image_root), out_dir=Path(cfg.out_dir))
+
+
+def load_image(path: Path) -> Image.Image:
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+@dataclass
+class LengthGuardResult:
+    kept: list[PairRecord]
+    truncated: list[str]  # ids whose longer answer will be cut to fit
+    skipped: list[tuple[str, str]]  # (id, reason)
+
+
+def apply_length_guard(records: Sequence[PairRecord], roots: ImageRoots, adapter: ModelAdapter,
+                       max_length: int, policy: TooLongPolicy) -> LengthGuardResult:
+    """Decide, from token counts alone, which pairs fit ``max_length``.
+
+    Image tokens are never cut: a pair whose prompt (with its images) does not fit is skipped; one whose
+    answer overflows is truncated on the answer side (``truncate_answer``) or skipped (``skip``).
+    """
+    result = LengthGuardResult([], [], [])
+    for record in records:
+        sizes = []
+        for rel in record.images:
+            with Image.open(roots.resolve(rel)) as image:
+                sizes.append(image.size)
+        prompt_len, chosen_len = adapter.count_tokens(record.prompt, record.chosen, sizes)
+        _, rejected_len = adapter.count_tokens(record.prompt, record.rejected, sizes)
+        total = prompt_len + max(chosen_len, rejected_len)
+        if total <= max_length:
+            result.kept.append(record)
+        elif prompt_len >= max_length:
+            result.skipped.append((record.id, f"prompt with images is {prompt_len} tokens >= {max_length}"))
+        elif TooLongPolicy(policy) is TooLongPolicy.truncate_answer:
+            result.kept.append(record)
+            result.truncated.append(record.id)
+        else:
+            result.skipped.append((record.id, f"{total} tokens > data.max_length={max_length}"))
+    return result
+
+
+def split_train_val(records: Sequence[PairRecord], val_fraction: float, seed: int
+                    ) -> tuple[list[PairRecord], list[PairRecord]]:
+    """Deterministic split by a seeded hash of each id (stable under reordering of the file)."""
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+    n_val = math.ceil(val_fraction * len(records)) if len(records) > 1 else 0
+
+    def key(record: PairRecord) -> str:
+        return hashlib.sha1(f"{seed}:{record.id}".encode()).hexdigest()
+
+    ordered = sorted(records, key=key)
+    val_ids = {r.id for r in ordered[:n_val]}
+    return [r for r in records if r.id not in val_ids], [r for r in records if r.id in val_ids]
+
+
+class PairDataset(Dataset):
+    """Loads a pair's images once and encodes chosen and rejected against the same processed images."""
+
+    def __init__(self, records: Sequence[PairRecord], roots: ImageRoots, adapter: ModelAdapter,
+                 max_length: int) -> None:
+        self.records = list(records)
+        self.roots = roots
+        self.adapter = adapter
+        self.max_length = max_length
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = self.records[index]
+        images = self.adapter.process_images([load_image(self.roots.resolve(p)) for p in record.images])
+        return {
+            "id": record.id,
+            "chosen": self.adapter.encode(images, record.prompt, record.chosen, self.max_length),
+            "rejected": self.adapter.encode(images, record.prompt, record.rejected, self.max_length),
+        }
+
+
+class PairCollator:
+    """Batch of B pairs → one padded batch of 2B sequences: chosen rows first, then rejected."""
+
+    def __init__(self, adapter: ModelAdapter) -> None:
+        self.adapter = adapter
+
+    def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        chosen: list[EncodedSample] = [item["chosen"] for item in items]
+        rejected: list[EncodedSample] = [item["rejected"] for item in items]
+        return {
+            "ids": [item["id"] for item in items],
+            "num_pairs": len(items),
+            "inputs": self.adapter.collate(chosen + rejected),
+        }
+
+
+class PairDataModule(L.LightningDataModule):
+    """Pairs from ``data.pairs`` (or the embedded synthetic set) → train/val dataloaders."""
+
+    def __init__(self, cfg: DataConfig, adapter: ModelAdapter, seed: int = 0) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.adapter = adapter
+        self.seed = seed
+        self.roots = image_roots(cfg)
+        self.train_set: PairDataset | None = None
+        self.val_set: PairDataset | None = None
+        self.report: BadRecordReport | None = None
+        self.guard: LengthGuardResult | None = None
+
+    def pairs_path(self) -> Path:
+        if self.cfg.pairs:
+            return Path(self.cfg.pairs)
+        if self.cfg.source:
+            raise ValueError(
+                f"data={self.cfg.name}: building pairs from data.source={self.cfg.source!r} needs the "
+                "augmentation and selection stages; point data.pairs at a pair JSONL instead"
+            )
+        return ensure_synthetic_pairs(self.cfg.synthetic, self.roots)
+
+    def prepare_data(self) -> None:
+        self.pairs_path()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        path = self.pairs_path()
+        self.report = BadRecordReport(self.cfg.on_bad_record, self.cfg.max_bad_fraction, stage="pairs")
+        records = read_pairs(path, self.roots, self.report, check_images=self.cfg.check_images)
+        self.guard = apply_length_guard(records, self.roots, self.adapter, self.cfg.max_length,
+                                        self.cfg.on_too_long)
+        if self.guard.truncated:
+            log.warning("%d pairs have an answer cut to data.max_length=%d (first: %s)",
+                        len(self.guard.truncated), self.cfg.max_length, self.guard.truncated[:3])
+        if self.guard.skipped:
+            log.warning("skipped %d pairs longer than data.max_length=%d (first: %s)",
+                        len(self.guard.skipped), self.cfg.max_length, self.guard.skipped[:3])
+        if not self.guard.kept:
+            raise BadRecordError(f"no pair of {path} fits data.max_length={self.cfg.max_length}: "
+                                 f"first skipped {self.guard.skipped[:3]}")
+        train, val = split_train_val(self.guard.kept, self.cfg.val_fraction, self.seed)
+        log.info("pairs: %d train, %d val from %s", len(train), len(val), path)
+        self.train_set = PairDataset(train, self.roots, self.adapter, self.cfg.max_length)
+        self.val_set = PairDataset(val, self.roots, self.adapter, self.cfg.max_length)
+
+    def _loader(self, dataset: PairDataset, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.cfg.batch_size,
+            shuffle=shuffle,
+            num_workers=self.cfg.num_workers,
+            collate_fn=PairCollator(self.adapter),
+            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+            persistent_workers=self.cfg.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        assert self.train_set is not None, "call setup() first"
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        assert self.val_set is not None, "call setup() first"
+        return self._loader(self.val_set, shuffle=False) if len(self.val_set) else []

@@ -1,0 +1,116 @@
+"""Preference losses over policy and reference log-probs of chosen (c) and rejected (r) answers.
+
+Every loss sees ``h = (log π(y_c) − log π(y_r)) − (log π_ref(y_c) − log π_ref(y_r))`` where log π(y) is the
+sum of the answer tokens' log-probs (IPO: their mean, as the IPO paper defines it). Each returns per-pair
+losses; rewards ``β (log π − log π_ref)`` are computed from the summed log-probs for every loss.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from miadpo.config import DPOConfig, LossType
+
+
+@dataclass
+class PairLogps:
+    """Answer log-probs of a batch of pairs under one model: sums and token counts."""
+
+    chosen: torch.Tensor  # (B,) summed log-probs
+    rejected: torch.Tensor  # (B,)
+    chosen_tokens: torch.Tensor  # (B,) number of answer tokens
+    rejected_tokens: torch.Tensor  # (B,)
+
+    def detach(self) -> PairLogps:
+        return PairLogps(self.chosen.detach(), self.rejected.detach(), self.chosen_tokens, self.rejected_tokens)
+
+
+def _margin(policy: PairLogps, reference: PairLogps, average: bool = False) -> torch.Tensor:
+    if average:
+        pc, pr = policy.chosen / policy.chosen_tokens, policy.rejected / policy.rejected_tokens
+        rc, rr = reference.chosen / reference.chosen_tokens, reference.rejected / reference.rejected_tokens
+        return (pc - pr) - (rc - rr)
+    return (policy.chosen - policy.rejected) - (reference.chosen - reference.rejected)
+
+
+class PreferenceLoss(nn.Module, ABC):
+    """Base of the losses below: maps (policy, reference) log-probs to per-pair losses."""
+
+    def __init__(self, beta: float) -> None:
+        super().__init__()
+        if beta <= 0:
+            raise ValueError(f"dpo.beta must be positive, got {beta}")
+        self.beta = beta
+
+    @abstractmethod
+    def forward(self, policy: PairLogps, reference: PairLogps) -> torch.Tensor:
+        """Per-pair losses, shape (B,)."""
+
+
+class SigmoidDPOLoss(PreferenceLoss):
+    """DPO (Rafailov et al. 2023): ``L = −log σ(β h)``."""
+
+    def forward(self, policy: PairLogps, reference: PairLogps) -> torch.Tensor:
+        return -F.logsigmoid(self.beta * _margin(policy, reference))
+
+
+class ConservativeDPOLoss(PreferenceLoss):
+    """cDPO, DPO with label smoothing ε: ``L = −(1−ε) log σ(β h) − ε log σ(−β h)``."""
+
+    def __init__(self, beta: float, label_smoothing: float) -> None:
+        super().__init__(beta)
+        if not 0 <= label_smoothing < 0.5:
+            raise ValueError(f"dpo.label_smoothing must be in [0, 0.5), got {label_smoothing}")
+        self.eps = label_smoothing
+
+    def forward(self, policy: PairLogps, reference: PairLogps) -> torch.Tensor:
+        logits = self.beta * _margin(policy, reference)
+        return -(1 - self.eps) * F.logsigmoid(logits) - self.eps * F.logsigmoid(-logits)
+
+
+class RobustDPOLoss(ConservativeDPOLoss):
+    """rDPO (Chowdhury et al. 2024), unbiased under label flips with rate ε:
+    ``L = [−(1−ε) log σ(β h) + ε log σ(−β h)] / (1 − 2ε)``."""
+
+    def forward(self, policy: PairLogps, reference: PairLogps) -> torch.Tensor:
+        logits = self.beta * _margin(policy, reference)
+        return (-(1 - self.eps) * F.logsigmoid(logits) + self.eps * F.logsigmoid(-logits)) / (1 - 2 * self.eps)
+
+
+class IPOLoss(PreferenceLoss):
+    """IPO (Azar et al. 2023) on length-averaged log-probs: ``L = (h̄ − 1/(2β))²``."""
+
+    def forward(self, policy: PairLogps, reference: PairLogps) -> torch.Tensor:
+        return (_margin(policy, reference, average=True) - 1 / (2 * self.beta)) ** 2
+
+
+class HingeLoss(PreferenceLoss):
+    """SLiC-style hinge: ``L = max(0, 1 − β h)``."""
+
+    def forward(self, policy: PairLogps, reference: PairLogps) -> torch.Tensor:
+        return torch.relu(1 - self.beta * _margin(policy, reference))
+
+
+def build_loss(cfg: DPOConfig) -> PreferenceLoss:
+    loss = LossType(cfg.loss)
+    if loss is LossType.sigmoid:
+        return SigmoidDPOLoss(cfg.beta)
+    if loss is LossType.cdpo:
+        return ConservativeDPOLoss(cfg.beta, cfg.label_smoothing)
+    if loss is LossType.robust:
+        return RobustDPOLoss(cfg.beta, cfg.label_smoothing)
+    if loss is LossType.ipo:
+        return IPOLoss(cfg.beta)
+    return HingeLoss(cfg.beta)
+
+
+def rewards(policy: PairLogps, reference: PairLogps, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Implicit rewards ``β (log π − log π_ref)`` of chosen and rejected answers (detached)."""
+    chosen = beta * (policy.chosen - reference.chosen).detach()
+    rejected = beta * (policy.rejected - reference.rejected).detach()
+    return chosen, rejected

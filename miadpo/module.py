@@ -1,0 +1,137 @@
+"""Reference-model DPO as a LightningModule.
+
+The forward pass lives in one object, ``pair_forward`` (batch of pairs → answer log-probs); the loss, the
+data code and the logging never look inside it, so a faster forward can be swapped in.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Protocol
+
+import lightning as L
+import torch
+from peft import PeftModel
+from torch import nn
+from transformers import get_linear_schedule_with_warmup
+
+from miadpo.config import DPOConfig, OptimConfig
+from miadpo.losses import PairLogps, build_loss, rewards
+from miadpo.models.base import IGNORE_INDEX, ModelAdapter
+
+
+def answer_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence sum of answer-token log-probs and the number of answer tokens.
+
+    ``logits[b, t]`` predicts token ``t + 1``; positions whose label is IGNORE_INDEX contribute nothing.
+    """
+    logits, labels = logits[:, :-1], labels[:, 1:]
+    mask = labels != IGNORE_INDEX
+    token_logps = torch.zeros(labels.shape, dtype=torch.float32, device=logits.device)
+    selected = torch.log_softmax(logits[mask].float(), dim=-1)
+    token_logps[mask] = selected.gather(-1, labels[mask].unsqueeze(-1)).squeeze(-1)
+    return token_logps.sum(-1), mask.sum(-1)
+
+
+class PairForward(Protocol):
+    def __call__(self, model: nn.Module, batch: dict[str, Any]) -> PairLogps: ...
+
+
+class ConcatenatedPairForward:
+    """The plain path: chosen and rejected sequences, prompt and images included, run as one 2B batch."""
+
+    def __call__(self, model: nn.Module, batch: dict[str, Any]) -> PairLogps:
+        inputs = {k: v for k, v in batch["inputs"].items() if k != "labels"}
+        logits = model(**inputs, use_cache=False).logits
+        logps, counts = answer_logps(logits, batch["inputs"]["labels"])
+        n = batch["num_pairs"]
+        return PairLogps(logps[:n], logps[n:], counts[:n], counts[n:])
+
+
+class DPOModule(L.LightningModule):
+    """Policy = ``adapter.model``; reference = the same network with LoRA disabled, or a frozen copy."""
+
+    def __init__(self, adapter: ModelAdapter, dpo: DPOConfig, optim: OptimConfig,
+                 pair_forward: PairForward | None = None) -> None:
+        super().__init__()
+        self.adapter = adapter
+        self.policy = adapter.model
+        self.dpo = dpo
+        self.optim = optim
+        self.loss_fn = build_loss(dpo)
+        self.pair_forward = pair_forward or ConcatenatedPairForward()
+        if isinstance(self.policy, PeftModel):
+            self.reference: nn.Module | None = None
+        else:
+            self.reference = copy.deepcopy(self.policy).requires_grad_(False).eval()
+        # Checkpoints hold trainable weights only; the frozen rest is rebuilt from the model config.
+        self.strict_loading = False
+
+    @contextmanager
+    def _reference_model(self) -> Iterator[nn.Module]:
+        if self.reference is not None:
+            yield self.reference
+            return
+        was_training = self.policy.training
+        self.policy.eval()
+        try:
+            with self.policy.disable_adapter():
+                yield self.policy
+        finally:
+            self.policy.train(was_training)
+
+    def policy_logps(self, batch: dict[str, Any]) -> PairLogps:
+        return self.pair_forward(self.policy, batch)
+
+    @torch.no_grad()
+    def reference_logps(self, batch: dict[str, Any]) -> PairLogps:
+        with self._reference_model() as reference:
+            return self.pair_forward(reference, batch)
+
+    def _step(self, batch: dict[str, Any], prefix: str) -> torch.Tensor:
+        policy = self.policy_logps(batch)
+        reference = self.reference_logps(batch)
+        losses = self.loss_fn(policy, reference)
+        loss = losses.mean()
+        if self.dpo.sft_weight:
+            sft = -policy.chosen.sum() / policy.chosen_tokens.sum().clamp(min=1)
+            loss = loss + self.dpo.sft_weight * sft
+            self.log(f"{prefix}sft_loss", sft.detach(), batch_size=batch["num_pairs"])
+        chosen_rewards, rejected_rewards = rewards(policy, reference, self.dpo.beta)
+        metrics = {
+            "loss": loss.detach(),
+            "rewards/chosen": chosen_rewards.mean(),
+            "rewards/rejected": rejected_rewards.mean(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+            "logps/chosen": policy.chosen.detach().mean(),
+            "logps/rejected": policy.rejected.detach().mean(),
+        }
+        training = prefix == ""
+        self.log_dict({prefix + k: v for k, v in metrics.items()}, batch_size=batch["num_pairs"],
+                      prog_bar=False, on_step=training, on_epoch=not training, sync_dist=not training)
+        return loss
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "")
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "val/")
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("no trainable parameters: check model.freeze_* and model.lora")
+        optimizer = torch.optim.AdamW(params, lr=self.optim.lr, weight_decay=self.optim.weight_decay,
+                                      betas=tuple(self.optim.betas), eps=self.optim.eps)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(self.optim.warmup_ratio * total), total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainable = {f"policy.{n}" for n, p in self.policy.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+

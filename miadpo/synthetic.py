@@ -1,0 +1,100 @@
+"""The embedded default data: multi-image preference pairs drawn in code, no download.
+
+Each pair shows 2–4 images of the same shape in different colours and asks for the colour in one of them
+("In Image2, what colour is the circle?"). The chosen answer names the target's colour; the rejected answer
+names a distractor image's colour — the element-interference hallucination MIA-DPO targets. Images are
+written under ``<data.out_dir>/synthetic/<fingerprint>/`` and referenced with the composed-image prefix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import fields
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from miadpo.config import SyntheticConfig
+from miadpo.pairs import ImageRoots, PairRecord, write_pairs
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 60),
+    "blue": (40, 70, 220),
+    "yellow": (240, 210, 20),
+    "purple": (140, 50, 180),
+    "orange": (250, 140, 20),
+    "black": (20, 20, 20),
+    "gray": (128, 128, 128),
+}
+SHAPES = ("circle", "square", "triangle", "diamond", "cross")
+
+
+def draw_shape(shape: str, colour: tuple[int, int, int], size: int, rng: random.Random) -> Image.Image:
+    """One shape of the given colour at a random position and scale on a white square image."""
+    image = Image.new("RGB", (size, size), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    extent = rng.randint(size // 3, size * 2 // 3)
+    x0, y0 = rng.randint(0, size - extent), rng.randint(0, size - extent)
+    x1, y1 = x0 + extent, y0 + extent
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    if shape == "circle":
+        draw.ellipse((x0, y0, x1, y1), fill=colour)
+    elif shape == "square":
+        draw.rectangle((x0, y0, x1, y1), fill=colour)
+    elif shape == "triangle":
+        draw.polygon([(cx, y0), (x1, y1), (x0, y1)], fill=colour)
+    elif shape == "diamond":
+        draw.polygon([(cx, y0), (x1, cy), (cx, y1), (x0, cy)], fill=colour)
+    elif shape == "cross":
+        third = extent / 3
+        draw.rectangle((x0, y0 + third, x1, y1 - third), fill=colour)
+        draw.rectangle((x0 + third, y0, x1 - third, y1), fill=colour)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+    return image
+
+
+def _fingerprint(cfg: SyntheticConfig) -> str:
+    settings = {f.name: getattr(cfg, f.name) for f in fields(SyntheticConfig)}
+    return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def ensure_synthetic_pairs(cfg: SyntheticConfig, roots: ImageRoots) -> Path:
+    """Generate the synthetic pair file (once per settings) and return its path."""
+    if not 2 <= cfg.min_images <= cfg.max_images <= len(COLOURS):
+        raise ValueError(f"synthetic images per pair must satisfy 2 <= min <= max <= {len(COLOURS)}")
+    root = roots.out_dir / "synthetic" / _fingerprint(cfg)
+    pairs_file = root / "pairs.jsonl"
+    if pairs_file.is_file():
+        return pairs_file
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(cfg.seed)
+    records = []
+    for index in range(cfg.num_pairs):
+        n_images = rng.randint(cfg.min_images, cfg.max_images)
+        target = rng.randint(1, n_images)
+        shape = rng.choice(SHAPES)
+        colours = rng.sample(sorted(COLOURS), n_images)
+        distractor = rng.choice([k for k in range(1, n_images + 1) if k != target])
+        paths = []
+        for k, colour in enumerate(colours, start=1):
+            path = root / "images" / f"{index:05d}_{k}.png"
+            draw_shape(shape, COLOURS[colour], cfg.image_size, rng).save(path)
+            paths.append(roots.composed(path))
+        header = "".join(f"Image{k}: <image>\n" for k in range(1, n_images + 1))
+        records.append(
+            PairRecord(
+                id=f"synthetic-{index:05d}",
+                images=paths,
+                prompt=f"{header}In Image{target}, what colour is the {shape}?",
+                chosen=f"The {shape} is {colours[target - 1]}.",
+                rejected=f"The {shape} is {colours[distractor - 1]}.",
+                meta={"format": "sequence", "n_images": n_images, "target": target,
+                      "source": "synthetic", "rejected_from_image": distractor},
+            )
+        )
+    write_pairs(pairs_file, records)
+    return pairs_file

@@ -1,0 +1,127 @@
+"""DPO training entry point: ``python -m miadpo.train [overrides]`` (Hydra, config root ``conf/``).
+
+Thin wiring: config → adapter → DPOModule + PairDataModule → lightning.Trainer.fit → exported adapter.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.strategies import DDPStrategy, Strategy
+from omegaconf import DictConfig, OmegaConf
+
+from miadpo.callbacks import ExportModel
+from miadpo.config import LoggerName, StrategyConfig, register_configs
+from miadpo.datamodule import PairDataModule
+from miadpo.models import build_adapter
+from miadpo.module import DPOModule
+
+log = logging.getLogger(__name__)
+register_configs()
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    checkpoint: Path | None
+    exported: Path | None
+    wandb_run: Path | None
+    metrics: dict[str, float]
+
+
+def build_logger(cfg: DictConfig, run_dir: Path) -> Logger:
+    if LoggerName(cfg.logger.name) is LoggerName.csv:
+        return CSVLogger(save_dir=str(run_dir), name="csv")
+    mode = cfg.logger.mode
+    if mode not in ("online", "offline", "disabled"):
+        raise ValueError(f"logger.mode (or WANDB_MODE) must be online, offline or disabled, not {mode!r}")
+    return WandbLogger(
+        project=cfg.logger.project,
+        entity=cfg.logger.entity,
+        save_dir=str(run_dir),
+        offline=mode == "offline",
+        tags=list(cfg.logger.tags),
+        **({"mode": "disabled"} if mode == "disabled" else {}),
+    )
+
+
+def build_strategy(cfg: StrategyConfig) -> Strategy | str:
+    if cfg.name == "ddp":
+        return DDPStrategy(find_unused_parameters=cfg.find_unused_parameters)
+    return cfg.name
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback], logger: Logger) -> L.Trainer:
+    kwargs: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)  # type: ignore[assignment]
+    allowed = set(inspect.signature(L.Trainer.__init__).parameters) - {"self", "callbacks", "logger", "strategy"}
+    unknown = sorted(set(kwargs) - allowed)
+    if unknown:
+        raise ValueError(f"trainer.{unknown[0]} is not a lightning.Trainer argument (unknown: {unknown})")
+    kwargs.setdefault("default_root_dir", str(run_dir))
+    return L.Trainer(**kwargs, callbacks=callbacks, logger=logger, strategy=build_strategy(cfg.strategy))
+
+
+def train(cfg: DictConfig) -> TrainResult:
+    """Run one DPO training job described by a composed config."""
+    L.seed_everything(cfg.seed, workers=True)
+    run_dir = Path(cfg.run_dir)
+    adapter = build_adapter(cfg.model)
+    if cfg.model.path is None:
+        # A model built in code: save its weights with the run so the adapter is usable on its own.
+        base_path = str((run_dir / "base_model").resolve())
+        if rank_zero_only.rank == 0:
+            adapter.save_base(base_path)
+    else:
+        base_path = cfg.model.path
+    adapter.prepare_for_training()
+
+    module = DPOModule(adapter, cfg.dpo, cfg.optim)
+    datamodule = PairDataModule(cfg.data, adapter, seed=cfg.seed)
+    checkpoint = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints",
+        save_last=cfg.checkpoint.save_last,
+        save_top_k=cfg.checkpoint.save_top_k,
+        every_n_train_steps=cfg.checkpoint.every_n_train_steps,
+    )
+    export = ExportModel(adapter, run_dir, base_path)
+    logger = build_logger(cfg, run_dir)
+    trainer = build_trainer(cfg, run_dir, [checkpoint, export, LearningRateMonitor("step")], logger)
+    logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+
+    wandb_run = None
+    if isinstance(logger, WandbLogger) and trainer.is_global_zero and cfg.logger.mode != "disabled":
+        wandb_run = Path(logger.experiment.dir).parent
+        logger.experiment.finish()
+    last = Path(checkpoint.last_model_path) if checkpoint.last_model_path else None
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    result = TrainResult(run_dir, last, export.exported, wandb_run, metrics)
+    if trainer.is_global_zero:
+        print(f"run directory:   {run_dir.resolve()}")
+        print(f"checkpoint:      {last}")
+        print(f"exported model:  {export.exported}")
+        print(f"base weights:    {base_path}")
+        if wandb_run is not None:
+            print(f"W&B run:         {wandb_run}  (sync with `wandb sync {wandb_run}`)")
+        elif isinstance(logger, CSVLogger):
+            print(f"CSV metrics:     {Path(logger.log_dir) / 'metrics.csv'}")
+    return result
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> None:
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()
