@@ -1,0 +1,49 @@
+"""Merge a LoRA adapter into its base model and write a standard transformers directory.
+
+    python -m miadpo.merge <run_dir>/adapter <out_dir> [--base /path/to/base/weights]
+
+The output holds weights, config, tokenizer and processor, loadable with ``from_pretrained`` for evaluation or
+serving. The base defaults to the path recorded in the adapter (``base_model_name_or_path``).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import transformers
+from peft import PeftConfig, PeftModel
+from transformers import AutoConfig, AutoProcessor
+
+
+def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base: str | None = None) -> Path:
+    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{adapter_dir} is not a peft adapter directory (no adapter_config.json)")
+    base_path = base or PeftConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path
+    if not base_path or not Path(base_path).is_dir():
+        raise FileNotFoundError(
+            f"base weights {base_path!r} recorded in {adapter_dir} are not a local directory; pass --base PATH"
+        )
+    config = AutoConfig.from_pretrained(base_path)
+    model_class = getattr(transformers, config.architectures[0])
+    model = model_class.from_pretrained(base_path, dtype=config.dtype)
+    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    merged.save_pretrained(out_dir)
+    processor_source = adapter_dir if (adapter_dir / "processor_config.json").is_file() else base_path
+    AutoProcessor.from_pretrained(processor_source).save_pretrained(out_dir)
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("adapter_dir")
+    parser.add_argument("out_dir")
+    parser.add_argument("--base", default=None, help="base weights directory (default: recorded in the adapter)")
+    args = parser.parse_args(argv)
+    out = merge_adapter(args.adapter_dir, args.out_dir, args.base)
+    print(f"merged model written to {out.resolve()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""The pair record: path rule, official-format reader, writer, validation and the bad-record policy."""
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+from conftest import good_record
+
+from miadpo.config import BadRecordPolicy
+from miadpo.pairs import BadRecordError, BadRecordReport, ImageRoots, PairRecord, read_pairs, write_pairs
+
+
+def roots(tmp_path: Path) -> ImageRoots:
+    (tmp_path / "out").mkdir(exist_ok=True)
+    return ImageRoots(image_root=tmp_path / "images", out_dir=tmp_path / "out")
+
+
+def read(path: Path, tmp_path: Path, policy: str = "skip", max_bad: float = 0.5) -> tuple[list, BadRecordReport]:
+    report = BadRecordReport(BadRecordPolicy(policy), max_bad)
+    return read_pairs(path, roots(tmp_path), report), report
+
+
+def test_path_rule_resolves_source_and_composed_images(tmp_path: Path) -> None:
+    r = roots(tmp_path)
+    assert r.resolve("coco/1.jpg") == (tmp_path / "images" / "coco/1.jpg").resolve()
+    assert r.resolve("@out/grid/1.png") == (tmp_path / "out" / "grid/1.png").resolve()
+    assert r.composed(tmp_path / "out" / "grid" / "1.png") == "@out/grid/1.png"
+    for bad in ("../secret.png", "/etc/passwd", "@out/../../x.png", "a/../../b.png", "@out/"):
+        with pytest.raises(ValueError):
+            r.resolve(bad)
+
+
+def test_mixed_source_and_composed_paths_load_without_edits(tmp_path: Path, pair_files) -> None:
+    record = good_record(tmp_path, 0)
+    (tmp_path / "out" / "grid").mkdir(parents=True)
+    (tmp_path / "images" / record["images"][1]).rename(tmp_path / "out" / "grid" / "g.png")
+    record["images"][1] = "@out/grid/g.png"
+    records, report = read(pair_files([record]), tmp_path)
+    assert [r.images for r in records] == [record["images"]] and not report.bad
+
+
+def test_write_then_read_round_trip(tmp_path: Path) -> None:
+    rec = good_record(tmp_path, 1, n_images=3)
+    original = PairRecord(rec["id"], rec["images"], rec["prompt"], rec["chosen"], rec["rejected"], rec["meta"])
+    path = tmp_path / "sub" / "pairs.jsonl"
+    assert write_pairs(path, [original]) == 1
+    records, _ = read(path, tmp_path)
+    assert records == [original]
+
+
+def test_official_release_format_is_accepted(tmp_path: Path, pair_files) -> None:
+    rec = good_record(tmp_path, 0, n_images=1)
+    official_single = {"id": 7, "image": rec["images"][0], "prompt": "<image>\nWhat is it?",
+                       "chosen": "A cat.", "rejected": "A dog.", "extra_field": 1}
+    rec2 = good_record(tmp_path, 1, n_images=2)
+    official_list = {"id": "x", "image": rec2["images"], "prompt": rec2["prompt"], "chosen": "a", "rejected": "b"}
+    records, report = read(pair_files([official_single, official_list]), tmp_path)
+    assert [r.id for r in records] == ["7", "x"]
+    assert records[0].images == rec["images"] and records[0].meta == {}
+    assert not report.bad
+
+
+def corrupt_record(tmp_path: Path) -> dict:
+    record = good_record(tmp_path, 16)
+    (tmp_path / "images" / record["images"][0]).write_bytes(b"\x89PNG not really")
+    return record
+
+
+# Each key is a substring that the logged reason must contain.
+BAD_CASES = {
+    "malformed JSON": lambda t: '{"id": "broken", ',
+    "image count mismatch": lambda t: {**good_record(t, 10), "prompt": "Image1: <image>\nWhat?"},
+    "empty 'chosen'": lambda t: {**good_record(t, 11), "chosen": "  "},
+    "empty 'rejected'": lambda t: {**good_record(t, 12), "rejected": ""},
+    "escapes its root": lambda t: {**good_record(t, 13), "images": ["../x.png", "r13_1.png"]},
+    "must be relative": lambda t: {**good_record(t, 14), "images": ["/etc/hosts", "r14_1.png"]},
+    "image not found": lambda t: {**good_record(t, 15), "images": ["missing.png", "r15_1.png"]},
+    "corrupt image": lambda t: corrupt_record(t),
+    "identical": lambda t: {**good_record(t, 17), "rejected": "The circle is red."},
+    "not a JSON object": lambda t: "[1, 2]",
+    "field 'id' missing": lambda t: {k: v for k, v in good_record(t, 18).items() if k != "id"},
+}
+
+
+@pytest.mark.parametrize("reason", sorted(BAD_CASES))
+def test_each_bad_record_is_skipped_with_file_line_and_id(tmp_path: Path, pair_files, caplog, reason: str) -> None:
+    good = [good_record(tmp_path, i) for i in range(3)]
+    bad = BAD_CASES[reason](tmp_path)
+    path = pair_files([good[0], bad, good[1], good[2]])
+    with caplog.at_level(logging.WARNING):
+        records, report = read(path, tmp_path)
+    assert [r.id for r in records] == ["pair-0", "pair-1", "pair-2"]  # nothing else lost
+    assert len(report.bad) == 1 and report.total == 4
+    entry = report.bad[0]
+    assert entry.line == 2 and entry.file == str(path)
+    assert reason in entry.reason
+    assert f"{path}:2" in caplog.text and "skipped 1 of 4" in caplog.text
+
+
+def test_duplicate_ids_are_bad(tmp_path: Path, pair_files) -> None:
+    rec = good_record(tmp_path, 0)
+    records, report = read(pair_files([rec, good_record(tmp_path, 1), rec]), tmp_path)
+    assert len(records) == 2 and report.bad[0].reason == "duplicate id" and report.bad[0].line == 3
+
+
+def test_error_policy_stops_at_the_first_bad_record(tmp_path: Path, pair_files) -> None:
+    path = pair_files([good_record(tmp_path, 0), {**good_record(tmp_path, 1), "chosen": ""}])
+    with pytest.raises(BadRecordError, match=r"pairs.jsonl:2 \(id=pair-1\): empty 'chosen'"):
+        read(path, tmp_path, policy="error")
+
+
+def test_bad_fraction_above_the_limit_stops_with_the_first_bad_records(tmp_path: Path, pair_files) -> None:
+    records = [good_record(tmp_path, i) for i in range(9)] + ["not json"]
+    with pytest.raises(BadRecordError, match=r"1 of 10 records are bad (.|\n)*pairs.jsonl:10"):
+        read(pair_files(records), tmp_path, max_bad=0.05)
+    kept, report = read(pair_files(records), tmp_path, max_bad=0.1)
+    assert len(kept) == 9 and report.fraction == pytest.approx(0.1)
+
+
+def test_a_file_of_only_bad_records_names_them(tmp_path: Path, pair_files) -> None:
+    path = pair_files(["{", json.dumps({"id": "a", "images": [], "prompt": "", "chosen": "x", "rejected": "y"})])
+    with pytest.raises(BadRecordError, match=r"2 of 2 records are bad(.|\n)*pairs.jsonl:1(.|\n)*pairs.jsonl:2"):
+        read(path, tmp_path, max_bad=1.0)
+
+
+def test_empty_and_missing_files(tmp_path: Path, pair_files) -> None:
+    with pytest.raises(BadRecordError, match="no records"):
+        read(pair_files([]), tmp_path)
+    with pytest.raises(FileNotFoundError, match="pair file not found"):
+        read(tmp_path / "nope.jsonl", tmp_path)
