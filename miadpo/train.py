@@ -37,6 +37,7 @@ class TrainResult:
     exported: Path | None
     wandb_run: Path | None
     metrics: dict[str, float]
+    global_step: int
 
 
 def build_logger(cfg: DictConfig, run_dir: Path) -> Logger:
@@ -105,7 +106,7 @@ def train(cfg: DictConfig) -> TrainResult:
         logger.experiment.finish()
     last = Path(checkpoint.last_model_path) if checkpoint.last_model_path else None
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    result = TrainResult(run_dir, last, export.exported, wandb_run, metrics)
+    result = TrainResult(run_dir, last, export.exported, wandb_run, metrics, trainer.global_step)
     if trainer.is_global_zero:
         print(f"run directory:   {run_dir.resolve()}")
         print(f"checkpoint:      {last}")

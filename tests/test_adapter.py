@@ -89,8 +89,11 @@ def test_pixel_box_maps_to_expected_cells(make_adapter, size, box, pad, cells) -
     assert sorted(zip(*np.nonzero(mask))) == sorted(cells)
 
 
-@pytest.mark.parametrize(("size", "box", "pad"), [((112, 56), (0, 0, 56, 56), True), ((112, 56), (28, 0, 56, 56), False),
-                                                  ((40, 80), (0, 0, 40, 20), True), ((56, 56), (14, 28, 42, 56), True)])
+@pytest.mark.parametrize(
+    ("size", "box", "pad"),
+    [((112, 56), (0, 0, 56, 56), True), ((112, 56), (28, 0, 56, 56), False), ((40, 80), (0, 0, 40, 20), True),
+     ((56, 56), (14, 28, 42, 56), True)],
+)
 def test_geometry_follows_the_real_preprocessing(make_adapter, size, box, pad) -> None:
     """Paint the box, run the adapter's preprocessing, and find which patches changed."""
     adapter = make_adapter(pad_to_square=pad)

@@ -1,0 +1,99 @@
+"""The real entry point: composed in process, plus one subprocess run each of DDP training and merging."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, compose_train
+from hydra.errors import ConfigCompositionException
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from miadpo.train import train
+
+FAST = ["trainer.max_steps=4", "trainer.log_every_n_steps=1", "data.synthetic.num_pairs=24"]
+
+
+def test_default_recipe_trains_and_exports(tmp_path: Path, capsys) -> None:
+    result = train(compose_train(FAST, tmp_path))
+    assert result.global_step == 4
+    assert result.checkpoint is not None and result.checkpoint.is_file()
+    assert (result.exported / "adapter_config.json").is_file()
+    assert (result.run_dir / "base_model" / "model.safetensors").is_file()
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                "logps/chosen", "logps/rejected", "loss"):
+        assert key in result.metrics
+    metrics_csv = (result.run_dir / "csv" / "version_0" / "metrics.csv").read_text()
+    assert "rewards/margins" in metrics_csv
+    printed = capsys.readouterr().out
+    assert f"checkpoint:      {result.checkpoint}" in printed and "exported model:" in printed
+
+
+def test_validation_split_logs_reward_metrics(tmp_path: Path) -> None:
+    result = train(compose_train(FAST + ["+trainer.limit_val_batches=2", "data.val_fraction=0.25",
+                                         "trainer.val_check_interval=2"], tmp_path))
+    assert {"val/rewards/accuracies", "val/rewards/margins", "val/loss"} <= set(result.metrics)
+
+
+def test_wandb_logs_offline_by_default(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    result = train(compose_train(FAST + ["logger=wandb", "trainer.max_steps=2"], tmp_path))
+    assert result.wandb_run is not None and result.wandb_run.name.startswith("offline-run-")
+    assert result.wandb_run.is_relative_to(result.run_dir / "wandb")
+    assert any(result.wandb_run.glob("*.wandb"))
+
+
+def test_resume_from_checkpoint_continues_the_step_count(tmp_path: Path) -> None:
+    first = train(compose_train(FAST + ["trainer.max_steps=3"], tmp_path / "a"))
+    resumed = train(compose_train(FAST + ["trainer.max_steps=5", f"ckpt_path={first.checkpoint}"], tmp_path / "b"))
+    assert resumed.global_step == 5
+    saved = torch.load(first.checkpoint, weights_only=False)["state_dict"]
+    assert saved and all("lora_" in key for key in saved)  # trainable weights only
+
+
+def test_full_finetune_exports_a_model_directory(tmp_path: Path) -> None:
+    result = train(compose_train(FAST + ["trainer.max_steps=2", "model.lora.enabled=false"], tmp_path))
+    assert result.exported.name == "model"
+    LlavaForConditionalGeneration.from_pretrained(result.exported)
+    AutoProcessor.from_pretrained(result.exported)
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["dpo.loss=sigmod", "model.lora.rank=4", "data.on_bad_record=ignore", "trainer.max_stepz=3", "optim.lrr=1"],
+)
+def test_typos_fail_when_the_config_is_composed(tmp_path: Path, override: str) -> None:
+    with pytest.raises(ConfigCompositionException):
+        compose_train([override], tmp_path)
+
+
+def test_unknown_trainer_argument_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="trainer.max_stepz is not a lightning.Trainer argument"):
+        train(compose_train(["+trainer.max_stepz=3"], tmp_path))
+
+
+def run_module(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"}
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_ddp_on_two_cpu_processes_then_merge(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    proc = run_module(["miadpo.train", "strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
+                       "trainer.max_steps=3", "logger=csv", "data.synthetic.num_pairs=24",
+                       f"data.out_dir={tmp_path / 'data'}", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "world_size=2" in proc.stderr + proc.stdout or "distributed_backend=gloo" in proc.stderr + proc.stdout
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert str(run_dir / "adapter") in proc.stdout
+
+    merged = tmp_path / "merged"
+    proc = run_module(["miadpo.merge", str(run_dir / "adapter"), str(merged)], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    model = LlavaForConditionalGeneration.from_pretrained(merged)
+    assert not any("lora" in name for name in model.state_dict())
+    assert AutoProcessor.from_pretrained(merged).tokenizer.image_token == "<image>"
