@@ -97,3 +97,12 @@ def test_ddp_on_two_cpu_processes_then_merge(tmp_path: Path) -> None:
     model = LlavaForConditionalGeneration.from_pretrained(merged)
     assert not any("lora" in name for name in model.state_dict())
     assert AutoProcessor.from_pretrained(merged).tokenizer.image_token == "<image>"
+
+
+def test_accumulation_precision_and_gradient_checkpointing_from_config(tmp_path: Path) -> None:
+    result = train(compose_train(FAST + ["trainer.max_steps=2", "trainer.accumulate_grad_batches=2",
+                                         "trainer.precision=bf16-mixed", "model.gradient_checkpointing=true",
+                                         "dpo=robust", "dpo.sft_weight=0.5"], tmp_path))
+    assert result.global_step == 2
+    assert {"sft_loss", "rewards/margins"} <= set(result.metrics)
+    assert torch.isfinite(torch.tensor(result.metrics["loss"]))
