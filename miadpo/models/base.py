@@ -189,9 +189,9 @@ class ModelAdapter(ABC):
         """The LLM's decoder layers, for hooking one layer's attention."""
         return self.module_groups()["llm"].layers
 
-    def image_placeholder(self, geometry: ImageGeometry) -> str:
-        """Text that stands for one image once expanded to its tokens."""
-        return self.image_token * geometry.num_tokens
+    def image_placeholder(self, num_tokens: int) -> str:
+        """Text that stands for one image of ``num_tokens`` tokens (backbones with wrapper tokens override it)."""
+        return self.image_token * num_tokens
 
     def _prompt_ids(self, prompt: str, token_counts: Sequence[int]) -> list[int]:
         pieces = self.template.render(prompt).split(IMAGE_TOKEN)
@@ -199,7 +199,7 @@ class ModelAdapter(ABC):
             raise ValueError(f"prompt has {len(pieces) - 1} {IMAGE_TOKEN} for {len(token_counts)} images")
         text = pieces[0]
         for count, piece in zip(token_counts, pieces[1:]):
-            text += self.image_token * count + piece
+            text += self.image_placeholder(count) + piece
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         bos = self.tokenizer.bos_token_id
         return ([bos] if bos is not None else []) + list(ids)
