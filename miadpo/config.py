@@ -93,6 +93,49 @@ class SyntheticConfig:
 
 
 @dataclass
+class SequenceAugmentConfig:
+    # Weights of N (images per prompt); the reference's split was about 55/16/16/13 %.
+    n_weights: dict[int, float] = field(default_factory=lambda: {2: 0.55, 3: 0.16, 4: 0.16, 5: 0.13})
+
+
+@dataclass
+class GridAugmentConfig:
+    n_weights: dict[int, float] = field(default_factory=lambda: {n: 1.0 for n in range(2, 10)})
+    cell_size: int = 448
+    gap: int = 40  # between columns
+    band: int = 40  # label band above each row
+    font_size: int = 36
+    label_x: int = 20  # label start, from the cell's left edge
+    # Weights of how many source records share one grid (each asks its own question about its own tile).
+    records_per_grid: dict[int, float] = field(default_factory=lambda: {1: 1.0})
+
+
+@dataclass
+class PipAugmentConfig:
+    scale: float = 0.7  # target size relative to the background's width (or height, if too tall)
+
+
+@dataclass
+class AugmentConfig:
+    sequence: SequenceAugmentConfig = field(default_factory=SequenceAugmentConfig)
+    grid: GridAugmentConfig = field(default_factory=GridAugmentConfig)
+    pip: PipAugmentConfig = field(default_factory=PipAugmentConfig)
+    # Fraction of extra refusal records (a question about Image{N+1} of an N-image sequence).
+    refusal_fraction: float = 0.0
+    jpeg_quality: int = 95
+    workers: int = 2
+    chunk_size: int = 8
+    # Source of a record: the first path component of its image, or this field of the record when set.
+    source_field: str | None = None
+    # Accepted sources; empty accepts any.
+    known_sources: list[str] = field(default_factory=lambda: ["coco", "gqa", "ocr_vqa", "textvqa", "vg"])
+    # Text-only records (no "image" key, as in LLaVA-665k): counted and skipped; false makes them bad records.
+    skip_text_only: bool = True
+    # Use only the first N source records (quick runs); null uses all.
+    max_records: int | None = None
+
+
+@dataclass
 class DataConfig:
     name: str = "synthetic"
     # LLaVA-format single-image JSON consumed by the augmentation stage.
@@ -115,6 +158,7 @@ class DataConfig:
     batch_size: int = 4
     num_workers: int = 0
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 @dataclass
@@ -175,5 +219,15 @@ class TrainConfig:
     ckpt_path: str | None = None
 
 
+@dataclass
+class AugmentJobConfig:
+    """``python -m miadpo.augment``: a dataset recipe and a seed."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    seed: int = 42
+
+
 def register_configs() -> None:
-    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    store = ConfigStore.instance()
+    store.store(name="train_schema", node=TrainConfig)
+    store.store(name="augment_schema", node=AugmentJobConfig)

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from miadpo.augment.runner import RECORDS_FILE, read_jsonl, run_augmentation
 from miadpo.config import DataConfig, TooLongPolicy
 from miadpo.models.base import EncodedSample, ModelAdapter
 from miadpo.pairs import BadRecordError, BadRecordReport, ImageRoots, PairRecord, read_pairs
@@ -141,7 +142,8 @@ class PairDataModule(L.LightningDataModule):
         if self.cfg.source:
             raise ValueError(
                 f"data={self.cfg.name}: building pairs from data.source={self.cfg.source!r} needs the "
-                "augmentation and selection stages; point data.pairs at a pair JSONL instead"
+                "selection stage (augmentation alone: `python -m miadpo.augment`); point data.pairs at a pair "
+                "JSONL instead"
             )
         return ensure_synthetic_pairs(self.cfg.synthetic, self.roots)
 
@@ -188,3 +190,26 @@ class PairDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         assert self.val_set is not None, "call setup() first"
         return self._loader(self.val_set, shuffle=False) if len(self.val_set) else []
+
+
+class AugmentedRecordsDataModule(L.LightningDataModule):
+    """Augmented multi-image records of a dataset recipe (``data.source`` + format mix).
+
+    ``prepare_data`` runs the augmentation stage when its output is missing or partial (it resumes), so the
+    selection stage can chain after it; ``predict_dataloader`` yields lists of record dicts.
+    """
+
+    def __init__(self, cfg: DataConfig, seed: int = 0) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.seed = seed
+        self.records: list[dict[str, Any]] = []
+
+    def prepare_data(self) -> None:
+        run_augmentation(self.cfg, self.seed, progress=False)
+
+    def setup(self, stage: str | None = None) -> None:
+        self.records = list(read_jsonl(Path(self.cfg.out_dir) / RECORDS_FILE))
+
+    def predict_dataloader(self) -> DataLoader:
+        return DataLoader(self.records, batch_size=self.cfg.batch_size, shuffle=False, collate_fn=list)

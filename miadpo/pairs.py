@@ -177,7 +177,7 @@ def check_image(path: Path) -> None:
         with Image.open(path) as im:
             im.load()
     except Exception as exc:  # PIL raises many types for corrupt data
-        raise ValueError(f"unreadable or corrupt image {path}: {exc}") from exc
+        raise ValueError(f"unreadable or corrupt image: {path} ({exc})") from exc
 
 
 def read_pairs(

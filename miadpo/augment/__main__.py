@@ -1,0 +1,25 @@
+"""``python -m miadpo.augment data=sequence|grid|pip|mix data.source=... data.image_root=... seed=...``"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from miadpo.augment.runner import RECORDS_FILE, run_augmentation
+from miadpo.config import register_configs
+
+register_configs()
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent.parent / "conf")
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="augment")
+def main(cfg: DictConfig) -> None:
+    summary = run_augmentation(cfg.data, cfg.seed)
+    print(summary.table())
+    print(f"records: {(summary.out_dir / RECORDS_FILE).resolve()} (resumed past {summary.resumed} done)")
+
+
+if __name__ == "__main__":
+    main()

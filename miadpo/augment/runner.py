@@ -1,0 +1,396 @@
+"""The augmentation stage: plan (seeded, in one process) → compose (worker pool) → write in plan order.
+
+Every random decision is made by the planner from ``seed`` before any worker starts, and records are written
+in plan order, so the output is identical for any number of workers. Records go to
+``<data.out_dir>/records.jsonl`` (failed compositions to ``skipped.jsonl``) one line at a time; a re-run skips
+the jobs already written. ``augment_manifest.json`` holds the fingerprint of what produced the directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import random
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from PIL import Image
+from tqdm import tqdm
+
+from miadpo.augment.formats import (
+    PIP_PHRASES,
+    compose_grid,
+    compose_pip,
+    grid_conversations,
+    has_bbox,
+    pip_conversations,
+    refusal_conversations,
+    sequence_conversations,
+)
+from miadpo.augment.source import SourceRecord, read_llava_source
+from miadpo.config import AugmentConfig, BadRecordPolicy, DataConfig, GridAugmentConfig
+from miadpo.pairs import BadRecordError, BadRecordReport, ImageRoots
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1  # bump when the output for the same inputs changes
+RECORDS_FILE = "records.jsonl"
+SKIPPED_FILE = "skipped.jsonl"
+MANIFEST_FILE = "augment_manifest.json"
+SUMMARY_FILE = "augment_summary.json"
+
+
+@dataclass
+class Job:
+    """One augmented record with every random choice already made."""
+
+    id: str
+    format: str
+    n_images: int
+    target: int | list[int]
+    inputs: list[str]  # source image paths: sequence order, grid tiles row-major, pip [background, target]
+    conversations: list[dict[str, str]]
+    source: str
+    source_ids: list[str]
+    source_line: int
+
+
+@dataclass
+class AugmentSummary:
+    out_dir: Path
+    written: Counter[str] = field(default_factory=Counter)  # "grid N=4" → count
+    skipped: Counter[str] = field(default_factory=Counter)  # reason → count
+    ineligible: Counter[str] = field(default_factory=Counter)
+    resumed: int = 0
+
+    def save(self) -> None:
+        fields = {"written": self.written, "skipped": self.skipped, "ineligible": self.ineligible}
+        (self.out_dir / SUMMARY_FILE).write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, out_dir: Path) -> AugmentSummary:
+        fields = json.loads((out_dir / SUMMARY_FILE).read_text())
+        return cls(out_dir, Counter(fields["written"]), Counter(fields["skipped"]), Counter(fields["ineligible"]))
+
+    def table(self) -> str:
+        lines = ["| format | N | records |", "|---|---|---|"]
+        for key, count in sorted(self.written.items()):
+            fmt, n = key.split(" N=")
+            lines.append(f"| {fmt} | {n} | {count} |")
+        lines.append(f"| total | | {sum(self.written.values())} |")
+        for title, counter in (("skipped", self.skipped), ("not eligible", self.ineligible)):
+            for reason, count in sorted(counter.items()):
+                lines.append(f"| {title}: {reason} | | {count} |")
+        return "\n".join(lines)
+
+
+def _choose_weighted(rng: random.Random, weights: dict[Any, float]) -> Any:
+    keys = [k for k, w in weights.items() if w > 0]
+    if not keys:
+        raise ValueError(f"no positive weight in {dict(weights)}")
+    return rng.choices(keys, weights=[weights[k] for k in keys])[0]
+
+
+def _sample_excluding(rng: random.Random, pool: Sequence[str], exclude: set[str], k: int) -> list[str] | None:
+    """k distinct items of ``pool`` outside ``exclude``; None if the pool is too small."""
+    if len(pool) - len(exclude.intersection(pool)) < k:
+        return None
+    picked: list[str] = []
+    chosen = set(exclude)
+    while len(picked) < k:
+        item = pool[rng.randrange(len(pool))]
+        if item not in chosen:
+            chosen.add(item)
+            picked.append(item)
+    return picked
+
+
+class Planner:
+    """Turns source records into jobs, drawing every random choice from one seeded generator."""
+
+    def __init__(self, records: Sequence[SourceRecord], cfg: DataConfig, seed: int) -> None:
+        self.cfg = cfg
+        self.aug: AugmentConfig = cfg.augment
+        self.rng = random.Random(seed)
+        self.images_by_source: dict[str, list[str]] = {}
+        self.grid_records_by_source: dict[str, list[SourceRecord]] = {}
+        for record in records:
+            self.images_by_source.setdefault(record.source, []).append(record.image)
+            if not has_bbox(record.conversations):
+                self.grid_records_by_source.setdefault(record.source, []).append(record)
+        for source, images in self.images_by_source.items():
+            self.images_by_source[source] = sorted(set(images))
+        self.records = records
+        self.skipped: Counter[str] = Counter()
+
+    def plan(self) -> list[Job]:
+        weights = {f: float(w) for f, w in self.cfg.formats.items() if w > 0}
+        unknown = set(weights) - {"sequence", "grid", "pip"}
+        if unknown:
+            raise ValueError(f"data.formats has unknown formats {sorted(unknown)}; use sequence, grid, pip")
+        jobs: list[Job] = []
+        for record in self.records:
+            allowed = dict(weights)
+            if has_bbox(record.conversations):
+                allowed = {f: w for f, w in allowed.items() if f == "sequence"}
+            if not allowed:
+                self.skipped["bounding boxes in the text (excluded from grid and pip)"] += 1
+                continue
+            fmt = _choose_weighted(self.rng, allowed)
+            job = getattr(self, f"_{fmt}")(record)
+            if job is not None:
+                jobs.append(job)
+            if self.aug.refusal_fraction and self.rng.random() < self.aug.refusal_fraction:
+                refusal = self._refusal(record)
+                if refusal is not None:
+                    jobs.append(refusal)
+        return jobs
+
+    def _companions(self, record: SourceRecord, exclude: set[str], k: int) -> list[str] | None:
+        picked = _sample_excluding(self.rng, self.images_by_source[record.source], exclude, k)
+        if picked is None:
+            self.skipped[f"too few other images in source {record.source!r}"] += 1
+        return picked
+
+    def _job(self, record: SourceRecord, fmt: str, n: int, target: int | list[int], inputs: list[str],
+             conversations: list[dict[str, str]], source_ids: list[str]) -> Job:
+        return Job(f"{fmt}-{record.index:07d}", fmt, n, target, inputs, conversations, record.source, source_ids,
+                   record.line)
+
+    def _sequence(self, record: SourceRecord) -> Job | None:
+        n = int(_choose_weighted(self.rng, self.aug.sequence.n_weights))
+        companions = self._companions(record, {record.image}, n - 1)
+        if companions is None:
+            return None
+        target = self.rng.randint(1, n)
+        inputs = companions[: target - 1] + [record.image] + companions[target - 1 :]
+        return self._job(record, "sequence", n, target, inputs,
+                         sequence_conversations(record.conversations, n, target), [record.id])
+
+    def _grid(self, record: SourceRecord) -> Job | None:
+        grid: GridAugmentConfig = self.aug.grid
+        n = int(_choose_weighted(self.rng, grid.n_weights))
+        questions = min(int(_choose_weighted(self.rng, grid.records_per_grid)), n)
+        askers = [record]
+        if questions > 1:
+            pool = [r for r in self.grid_records_by_source[record.source] if r.image != record.image]
+            by_image = {r.image: r for r in pool}
+            extra = _sample_excluding(self.rng, sorted(by_image), set(), questions - 1)
+            if extra is None:
+                self.skipped["too few other records for a multi-question grid"] += 1
+                return None
+            askers += [by_image[image] for image in extra]
+        fillers = self._companions(record, {r.image for r in askers}, n - len(askers))
+        if fillers is None:
+            return None
+        tiles = self.rng.sample(range(1, n + 1), len(askers))
+        inputs: list[str | None] = [None] * n
+        for asker, tile in zip(askers, tiles):
+            inputs[tile - 1] = asker.image
+        filler_iter = iter(fillers)
+        inputs = [path if path is not None else next(filler_iter) for path in inputs]
+        conversations = grid_conversations([(a.conversations, t) for a, t in zip(askers, tiles)])
+        target: int | list[int] = tiles[0] if len(tiles) == 1 else tiles
+        return self._job(record, "grid", n, target, inputs, conversations, [a.id for a in askers])
+
+    def _pip(self, record: SourceRecord) -> Job | None:
+        background = self._companions(record, {record.image}, 1)
+        if background is None:
+            return None
+        phrase = PIP_PHRASES[self.rng.randrange(len(PIP_PHRASES))]
+        return self._job(record, "pip", 1, 1, [background[0], record.image],
+                         pip_conversations(record.conversations, phrase), [record.id])
+
+    def _refusal(self, record: SourceRecord) -> Job | None:
+        n = int(_choose_weighted(self.rng, self.aug.sequence.n_weights))
+        companions = self._companions(record, {record.image}, n - 1)
+        if companions is None:
+            return None
+        position = self.rng.randint(1, n)
+        inputs = companions[: position - 1] + [record.image] + companions[position - 1 :]
+        return self._job(record, "refusal", n, n + 1, inputs, refusal_conversations(record.conversations, n),
+                         [record.id])
+
+
+@dataclass
+class Composer:
+    """Executes jobs in worker processes: decodes the inputs, composes, writes the JPEG, returns the record."""
+
+    roots: ImageRoots
+    grid: GridAugmentConfig
+    pip_scale: float
+    jpeg_quality: int
+
+    def _load(self, rel: str) -> Image.Image:
+        path = self.roots.resolve(rel)
+        try:
+            with Image.open(path) as image:
+                return image.convert("RGB")
+        except FileNotFoundError:
+            raise ValueError(f"image not found: {rel}") from None
+        except Exception as exc:  # PIL raises many types for corrupt files
+            raise ValueError(f"unreadable or corrupt image: {rel} ({exc})") from exc
+
+    def _save(self, image: Image.Image, fmt: str, job_id: str) -> str:
+        path = self.roots.out_dir / "images" / fmt / f"{job_id}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+        image.save(tmp, format="JPEG", quality=self.jpeg_quality)
+        tmp.replace(path)
+        return self.roots.composed(path)
+
+    def __call__(self, job: Job) -> tuple[dict[str, Any] | None, str | None]:
+        try:
+            images = [self._load(rel) for rel in job.inputs]
+        except ValueError as exc:
+            return None, str(exc)
+        layout: dict[str, Any] | None = None
+        if job.format == "grid":
+            canvas, layout = compose_grid(images, self.grid)
+            image_field: str | list[str] = self._save(canvas, "grid", job.id)
+        elif job.format == "pip":
+            canvas, layout = compose_pip(images[1], images[0], self.pip_scale)
+            image_field = self._save(canvas, "pip", job.id)
+        else:
+            image_field = list(job.inputs)
+        meta = {"format": job.format, "n_images": job.n_images, "target": job.target, "source": job.source,
+                "source_ids": job.source_ids, "inputs": job.inputs, "layout": layout}
+        return {"id": job.id, "image": image_field, "conversations": job.conversations, "meta": meta}, None
+
+
+def source_digest(path: Path) -> str:
+    digest = hashlib.sha1()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fingerprint(cfg: DataConfig, seed: int) -> dict[str, Any]:
+    """What determines the output: source content, seed, format mix and augmentation settings."""
+    augment = OmegaConf.to_container(OmegaConf.structured(cfg.augment), resolve=True)
+    for key in ("workers", "chunk_size"):  # do not change the output
+        augment.pop(key)  # type: ignore[union-attr]
+    inputs = {
+        "version": FORMAT_VERSION,
+        "source_sha1": source_digest(Path(cfg.source)),
+        "seed": seed,
+        "formats": {k: float(v) for k, v in cfg.formats.items()},
+        "augment": augment,
+    }
+    inputs["fingerprint"] = hashlib.sha1(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+    return inputs
+
+
+def _check_manifest(out_dir: Path, inputs: dict[str, Any]) -> None:
+    manifest = out_dir / MANIFEST_FILE
+    if manifest.is_file():
+        previous = json.loads(manifest.read_text())
+        if previous.get("fingerprint") != inputs["fingerprint"]:
+            changed = sorted(k for k in inputs if k != "fingerprint" and previous.get(k) != inputs[k])
+            raise FileExistsError(
+                f"{out_dir} holds augmentation output of another configuration (changed: {changed}); "
+                "choose another data.out_dir or delete that directory"
+            )
+    elif (out_dir / RECORDS_FILE).exists():
+        raise FileExistsError(f"{out_dir / RECORDS_FILE} exists without {MANIFEST_FILE}; choose another data.out_dir")
+    else:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        manifest.write_text(json.dumps(inputs, indent=2, sort_keys=True) + "\n")
+
+
+def _completed_ids(path: Path) -> set[str]:
+    """Ids already written; a last line cut short by a crash is removed from the file."""
+    if not path.exists():
+        return set()
+    data = path.read_bytes()
+    keep = data.rfind(b"\n") + 1
+    if keep != len(data):
+        with path.open("r+b") as handle:
+            handle.truncate(keep)
+    return {json.loads(line)["id"] for line in data[:keep].splitlines() if line.strip()}
+
+
+def _ordered_results(composer: Composer, jobs: Sequence[Job], workers: int, chunk_size: int
+                     ) -> Iterator[tuple[dict[str, Any] | None, str | None]]:
+    if workers <= 1 or len(jobs) < 2:
+        yield from map(composer, jobs)
+        return
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        yield from pool.imap(composer, jobs, chunksize=chunk_size)
+
+
+def run_augmentation(cfg: DataConfig, seed: int, workers: int | None = None, progress: bool = True
+                     ) -> AugmentSummary:
+    """Augment ``data.source`` into ``<data.out_dir>/records.jsonl`` (resuming a partial run)."""
+    if not cfg.source:
+        raise ValueError("data.source (LLaVA-format JSON) is required for augmentation")
+    roots = ImageRoots(Path(cfg.image_root), Path(cfg.out_dir))
+    out_dir = Path(cfg.out_dir)
+    inputs = fingerprint(cfg, seed)
+    _check_manifest(out_dir, inputs)
+    if (out_dir / SUMMARY_FILE).is_file():  # written only when a run finished
+        return AugmentSummary.load(out_dir)
+    for stale in (out_dir / "images").glob("*/*.tmp"):
+        stale.unlink()
+
+    report = BadRecordReport(cfg.on_bad_record, cfg.max_bad_fraction, stage="augment")
+    records, ineligible = read_llava_source(cfg.source, roots, cfg.augment, report)
+    report.finish()
+    if not records:
+        raise BadRecordError(f"data.source {cfg.source} has no usable single-image record ({dict(ineligible)})")
+    planner = Planner(records, cfg, seed)
+    jobs = planner.plan()
+
+    records_path, skipped_path = out_dir / RECORDS_FILE, out_dir / SKIPPED_FILE
+    done = _completed_ids(records_path) | _completed_ids(skipped_path)
+    todo = [job for job in jobs if job.id not in done]
+    summary = AugmentSummary(out_dir, ineligible=ineligible + planner.skipped, resumed=len(jobs) - len(todo))
+    composer = Composer(roots, cfg.augment.grid, cfg.augment.pip.scale, cfg.augment.jpeg_quality)
+    n_workers = cfg.augment.workers if workers is None else workers
+    strict = BadRecordPolicy(cfg.on_bad_record) is BadRecordPolicy.error
+    with records_path.open("a", encoding="utf-8") as out, skipped_path.open("a", encoding="utf-8") as skipped:
+        results = _ordered_results(composer, todo, n_workers, cfg.augment.chunk_size)
+        for job, (record, reason) in tqdm(zip(todo, results), total=len(todo), disable=not progress,
+                                          desc="augment", unit="record"):
+            if record is not None:
+                out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                out.flush()
+                continue
+            skipped.write(json.dumps({"id": job.id, "source_ids": job.source_ids, "reason": reason}) + "\n")
+            skipped.flush()
+            if strict:
+                raise BadRecordError(f"[augment] {cfg.source}:{job.source_line} (id={job.source_ids[0]}): "
+                                     f"{reason} (data.on_bad_record=error)")
+            log.warning("[augment] skipping %s (source %s:%d): %s", job.id, cfg.source, job.source_line, reason)
+
+    for record in read_jsonl(records_path):
+        summary.written[f"{record['meta']['format']} N={record['meta']['n_images']}"] += 1
+    for entry in read_jsonl(skipped_path):
+        summary.skipped[entry["reason"].split(":")[0]] += 1
+    for reason, count in report_reasons(report).items():
+        summary.skipped[reason] += count
+    failed = sum(1 for _ in read_jsonl(skipped_path))
+    if failed and failed / max(1, len(jobs)) > cfg.max_bad_fraction:
+        raise BadRecordError(f"[augment] {failed} of {len(jobs)} compositions failed (> data.max_bad_fraction="
+                             f"{cfg.max_bad_fraction}); see {skipped_path}. Written records are kept.")
+    summary.save()
+    return summary
+
+
+def report_reasons(report: BadRecordReport) -> Counter[str]:
+    return Counter(bad.reason.split(":")[0] for bad in report.bad)
+
+
+def read_jsonl(path: Path) -> Iterable[dict[str, Any]]:
+    if not path.exists():
+        return []
+    with path.open(encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]

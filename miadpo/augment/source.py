@@ -1,0 +1,148 @@
+"""Reading LLaVA-format single-image instruction data (``{id, image, conversations}``).
+
+Accepts a JSON array (as LLaVA-665k ships) or JSONL. A JSON array is decoded record by record, so a file cut
+short still yields every record before the cut, and the cut is reported with its line.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from miadpo.config import AugmentConfig
+from miadpo.pairs import BadRecord, BadRecordReport, ImageRoots
+
+_WHITESPACE = " \t\r\n"
+
+
+@dataclass(frozen=True)
+class SourceRecord:
+    index: int  # position in the source file, 0-based
+    line: int  # line where the record starts, 1-based
+    id: str
+    image: str  # path under data.image_root
+    source: str  # coco, gqa, ocr_vqa, textvqa, vg, ...
+    conversations: tuple[dict[str, str], ...]
+
+
+@dataclass(frozen=True)
+class RawRecord:
+    index: int
+    line: int
+    value: Any = None
+    error: str | None = None
+
+
+def iter_raw_records(path: Path) -> Iterator[RawRecord]:
+    """Yield each top-level record of a JSON array or JSONL file with its line; decoding errors as records."""
+    text = path.read_text(encoding="utf-8")
+    start = len(text) - len(text.lstrip(_WHITESPACE))
+    if text[start : start + 1] != "[":
+        for index, (line_no, line) in enumerate((n, s) for n, s in enumerate(text.splitlines(), 1) if s.strip()):
+            try:
+                yield RawRecord(index, line_no, json.loads(line))
+            except json.JSONDecodeError as exc:
+                yield RawRecord(index, line_no, error=f"malformed JSON: {exc.msg}")
+        return
+    decoder = json.JSONDecoder()
+    pos, line, index = start + 1, 1 + text.count("\n", 0, start + 1), 0
+    while True:
+        while pos < len(text) and text[pos] in _WHITESPACE + ",":
+            line += text[pos] == "\n"
+            pos += 1
+        if pos >= len(text):
+            yield RawRecord(index, line, error="truncated JSON: the array is not closed")
+            return
+        if text[pos] == "]":
+            return
+        try:
+            value, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as exc:
+            yield RawRecord(index, line, error=f"malformed or truncated JSON ({exc.msg}); the rest of the file "
+                                              "cannot be read")
+            return
+        yield RawRecord(index, line, value)
+        line += text.count("\n", pos, end)
+        pos, index = end, index + 1
+
+
+def _conversations(value: Any) -> tuple[dict[str, str], ...]:
+    if not isinstance(value, list) or len(value) < 2:
+        raise ValueError("conversations missing or shorter than one question and one answer")
+    turns = []
+    for position, turn in enumerate(value):
+        expected = "human" if position % 2 == 0 else "gpt"
+        if not isinstance(turn, dict) or turn.get("from") != expected or not isinstance(turn.get("value"), str):
+            raise ValueError(f"conversation turn {position} is not a {expected!r} turn with a text value")
+        if not turn["value"].strip():
+            raise ValueError(f"conversation turn {position} is empty")
+        turns.append({"from": expected, "value": turn["value"]})
+    return tuple(turns)
+
+
+class Ineligible(Exception):
+    """A well-formed record this stage does not use (counted, never an error)."""
+
+
+def parse_source_record(raw: RawRecord, roots: ImageRoots, cfg: AugmentConfig) -> SourceRecord:
+    """Validate one raw record: ValueError if bad, :class:`Ineligible` if well-formed but unusable here."""
+    if raw.error is not None:
+        raise ValueError(raw.error)
+    obj = raw.value
+    if not isinstance(obj, dict):
+        raise ValueError("record is not a JSON object")
+    if "image" not in obj and cfg.skip_text_only:
+        raise Ineligible("text-only (no image)")
+    image = obj.get("image")
+    if isinstance(image, list):
+        raise Ineligible("already multi-image")
+    if not isinstance(image, str) or not image.strip():
+        raise ValueError("record without an image")
+    if "id" not in obj:
+        raise ValueError("field 'id' missing")
+    conversations = _conversations(obj.get("conversations"))
+    if cfg.source_field:
+        if cfg.source_field not in obj:
+            raise ValueError(f"field {cfg.source_field!r} (data.augment.source_field) missing")
+        source = str(obj[cfg.source_field])
+    else:
+        source = image.split("/", 1)[0]
+    if cfg.known_sources and source not in cfg.known_sources:
+        raise ValueError(f"unknown source {source!r} (data.augment.known_sources={list(cfg.known_sources)})")
+    if not roots.resolve(image).is_file():
+        raise ValueError(f"image not found: {image}")
+    return SourceRecord(raw.index, raw.line, str(obj["id"]), image, source, conversations)
+
+
+def read_llava_source(path: str | Path, roots: ImageRoots, cfg: AugmentConfig, report: BadRecordReport
+                      ) -> tuple[list[SourceRecord], Counter[str]]:
+    """Eligible single-image records, plus counts of records set aside as ineligible (not bad).
+
+    Bad records (broken JSON, malformed conversations, unknown source, missing image file) go to ``report``,
+    which skips or raises per ``data.on_bad_record``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data.source not found: {path}")
+    records: list[SourceRecord] = []
+    ineligible: Counter[str] = Counter()
+    for raw in iter_raw_records(path):
+        if cfg.max_records is not None and raw.index >= cfg.max_records:
+            break
+        try:
+            record = parse_source_record(raw, roots, cfg)
+        except Ineligible as reason:
+            ineligible[str(reason)] += 1
+            continue
+        except ValueError as exc:
+            report.total += 1
+            record_id = str(raw.value["id"]) if isinstance(raw.value, dict) and "id" in raw.value else None
+            report.add(BadRecord(str(path), raw.line, record_id, str(exc)))
+            continue
+        report.total += 1
+        records.append(record)
+    return records, ineligible
