@@ -285,6 +285,7 @@ def fingerprint(cfg: DataConfig, seed: int) -> dict[str, Any]:
         "formats": {k: float(v) for k, v in cfg.formats.items()},
         "augment": augment,
     }
+    inputs = json.loads(json.dumps(inputs, sort_keys=True))  # as stored: dict keys become strings
     inputs["fingerprint"] = hashlib.sha1(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
     return inputs
 

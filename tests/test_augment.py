@@ -1,0 +1,356 @@
+"""Augmentation: prompts, layouts and pixels of every format, planning rules, determinism, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import skimage.data
+from conftest import REPO
+from omegaconf import OmegaConf
+from PIL import Image
+
+from miadpo.augment import GRID_LAYOUTS, PIP_PHRASES, Planner, compose_grid, compose_pip, read_llava_source
+from miadpo.augment.formats import (
+    grid_conversations,
+    has_bbox,
+    pip_conversations,
+    refusal_conversations,
+    sequence_conversations,
+    strip_image_marker,
+)
+from miadpo.augment.runner import RECORDS_FILE, SKIPPED_FILE, run_augmentation
+from miadpo.config import DataConfig, GridAugmentConfig
+from miadpo.datamodule import AugmentedRecordsDataModule
+from miadpo.pairs import BadRecordError, BadRecordReport, ImageRoots
+
+PHOTOS = ["astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field", "coins",
+          "moon", "page", "clock", "brick", "colorwheel", "camera", "grass", "gravel", "retina"]
+TWO_TURNS = [{"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": "A photo."},
+             {"from": "human", "value": "Is it Large?"}, {"from": "gpt", "value": "Yes."}]
+
+
+def write_source(tmp_path: Path, n_generated: int = 0, extra: list[Any] | None = None) -> Path:
+    """Real photographs (scikit-image's bundled samples) under coco/, generated ones under gqa/."""
+    images = tmp_path / "images"
+    (images / "coco").mkdir(parents=True, exist_ok=True)
+    (images / "gqa").mkdir(parents=True, exist_ok=True)
+    records: list[Any] = []
+    for name in PHOTOS:
+        Image.fromarray(getattr(skimage.data, name)()).convert("RGB").save(images / "coco" / f"{name}.jpg")
+        records.append({"id": name, "image": f"coco/{name}.jpg",
+                        "conversations": [{"from": "human", "value": f"<image>\nWhat is in the {name} photo?"},
+                                          {"from": "gpt", "value": f"It shows {name}."}]})
+    rng = np.random.default_rng(0)
+    for i in range(n_generated):
+        pixels = rng.integers(0, 255, size=(60 + 7 * i, 90, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(images / "gqa" / f"g{i}.png")
+        records.append({"id": f"g{i}", "image": f"gqa/g{i}.png", "conversations": TWO_TURNS})
+    records += extra or []
+    path = tmp_path / "llava.json"
+    path.write_text(json.dumps(records, indent=1))
+    return path
+
+
+def data_config(tmp_path: Path, source: Path, out: str = "out", **overrides: Any) -> DataConfig:
+    cfg = OmegaConf.structured(DataConfig(source=str(source), image_root=str(tmp_path / "images"),
+                                          out_dir=str(tmp_path / out), max_bad_fraction=0.5))
+    cfg.merge_with(overrides)
+    return cfg  # type: ignore[return-value]
+
+
+def read_records(out_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (out_dir / RECORDS_FILE).read_text().splitlines()]
+
+
+# ----- prompt strings -------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("n", "k", "first"),
+    [
+        (2, 1, "Image1:<image>\nImage2:<image>\nIn Image1, what is shown?"),
+        (3, 3, "Image1:<image>\nImage2:<image>\nImage3:<image>\nIn Image3, what is shown?"),
+        (4, 2, "Image1:<image>\nImage2:<image>\nImage3:<image>\nImage4:<image>\nIn Image2, what is shown?"),
+        (5, 5, "Image1:<image>\nImage2:<image>\nImage3:<image>\nImage4:<image>\nImage5:<image>\n"
+               "In Image5, what is shown?"),
+    ],
+)
+def test_sequence_prompt(n: int, k: int, first: str) -> None:
+    turns = sequence_conversations(TWO_TURNS, n, k)
+    assert turns[0]["value"] == first
+    assert turns[2]["value"] == f"In image{k}, is it Large?"
+    assert [t["value"] for t in turns[1::2]] == ["A photo.", "Yes."]
+
+
+def test_image_marker_and_its_newline_are_removed_at_either_end() -> None:
+    assert strip_image_marker("<image>\nWhat?") == "What?"
+    assert strip_image_marker("What?\n<image>") == "What?"
+    assert strip_image_marker("What <image> is?") == "What  is?"
+
+
+@pytest.mark.parametrize("k", range(1, 10))
+def test_grid_prompt(k: int) -> None:
+    turns = grid_conversations([(TWO_TURNS, k)])
+    assert turns[0]["value"] == f"<image>\nIn Image{k}, what is shown?"
+    assert turns[2]["value"] == f"In Image{k}, is it Large?"
+
+
+def test_multi_question_grid_relabels_each_record_with_its_tile() -> None:
+    other = [{"from": "human", "value": "How many?\n<image>"}, {"from": "gpt", "value": "Two."}]
+    turns = grid_conversations([(TWO_TURNS, 4), (other, 2)])
+    assert [t["value"] for t in turns] == ["<image>\nIn Image4, what is shown?", "A photo.",
+                                           "In Image4, is it Large?", "Yes.", "In Image2, how many?", "Two."]
+
+
+def test_pip_prompt_and_phrases() -> None:
+    assert len(PIP_PHRASES) == 90 and len(set(PIP_PHRASES)) == 90
+    turns = pip_conversations(TWO_TURNS, "For the image in the center")
+    assert turns[0]["value"] == "<image>\nFor the image in the center, what is shown?"
+    assert turns[2]["value"] == "For the image in the center, is it Large?"
+
+
+def test_refusal_asks_about_a_missing_image() -> None:
+    turns = refusal_conversations(TWO_TURNS, 3)
+    assert turns == [
+        {"from": "human", "value": "Image1:<image>\nImage2:<image>\nImage3:<image>\nIn Image4, what is shown?"},
+        {"from": "gpt", "value": "Only 3 images were given, so there is no Image4."},
+    ]
+
+
+def test_bbox_detection() -> None:
+    assert has_bbox([{"value": "Region [0.1, 0.2, 0.5, 0.6] shows?"}])
+    assert has_bbox([{"value": "[12, 30, 100, 200]"}])
+    assert not has_bbox([{"value": "Options: [A, B] or 1, 2, 3"}])
+
+
+# ----- grid and pic-in-pic pixels -------------------------------------------------------------------
+# Hand-computed numbers: 448-px cells, 40-px column gap, 40-px label band above each row.
+CANVAS = {2: (936, 488), 3: (1424, 488), 4: (936, 976), 5: (1424, 976), 6: (1424, 976), 7: (1424, 1464),
+          8: (1424, 1464), 9: (1424, 1464)}
+CELL_X = [0, 488, 976]
+CELL_Y = [40, 528, 1016]
+COLS = {2: 2, 3: 3, 4: 2, 5: 3, 6: 3, 7: 3, 8: 3, 9: 3}
+
+
+@pytest.mark.parametrize("n", range(2, 10))
+def test_grid_canvas_tiles_and_labels(n: int) -> None:
+    # Square 100-px inputs grow to 448 × 448; the last one is 200 × 100 and becomes 448 × 224.
+    inputs = [Image.new("RGB", (100, 100), (200, 30 * i, 40)) for i in range(n - 1)]
+    inputs.append(Image.new("RGB", (200, 100), (20, 200, 90)))
+    canvas, layout = compose_grid(inputs, GridAugmentConfig())
+    assert canvas.size == CANVAS[n] and layout["canvas"] == list(CANVAS[n])
+    assert (layout["rows"], layout["cols"]) == GRID_LAYOUTS[n]
+    expected = []
+    for i in range(n):
+        x, y = CELL_X[i % COLS[n]], CELL_Y[i // COLS[n]]
+        expected.append([x, y, x + 448, y + (224 if i == n - 1 else 448)])
+    assert layout["tiles"] == expected
+    pixels = np.asarray(canvas)
+    for i, (x0, y0, x1, y1) in enumerate(layout["tiles"]):
+        assert tuple(pixels[(y0 + y1) // 2, (x0 + x1) // 2]) == inputs[i].getpixel((50, 50))
+    band_mask = np.zeros(pixels.shape[:2], dtype=bool)
+    for row in range(layout["rows"]):
+        band_mask[row * 488 : row * 488 + 40, :] = True
+    for i, (x0, y0, x1, y1) in enumerate(layout["labels"]):
+        assert band_mask[y0:y1, x0:x1].all(), "label outside its band"
+        assert x0 - CELL_X[i % COLS[n]] >= 20
+        assert (pixels[y0:y1, x0:x1].min(axis=2) < 100).sum() > 50, f"no dark text in label {i + 1}"
+        band_mask[y0:y1, x0:x1] = False
+    assert (pixels[band_mask] >= 250).all(), "ink outside the recorded label boxes"
+
+
+def test_grid_with_real_photographs_keeps_aspect() -> None:
+    rocket = Image.fromarray(skimage.data.rocket())  # 640 × 427
+    canvas, layout = compose_grid([rocket, Image.fromarray(skimage.data.astronaut())], GridAugmentConfig())
+    assert layout["tiles"][0] == [0, 40, 448, 40 + 299]  # 427 · 448 / 640 = 298.9
+    assert layout["tiles"][1] == [488, 40, 936, 488]
+
+
+@pytest.mark.parametrize(
+    ("background", "target", "box"),
+    [
+        ((1000, 600), (400, 400), [290, 90, 710, 510]),  # 70% of width too tall → 70% of height: 420 × 420
+        ((600, 1000), (200, 100), [90, 395, 510, 605]),  # 70% of width: 420 × 210
+        ((451, 300), (512, 512), [120, 45, 330, 255]),  # real sizes: chelsea behind astronaut, 210 × 210
+    ],
+)
+def test_pip_target_is_centred_at_seventy_percent(background, target, box) -> None:
+    bg = Image.new("RGB", background, (0, 0, 255))
+    canvas, layout = compose_pip(Image.new("RGB", target, (255, 0, 0)), bg, 0.7)
+    assert canvas.size == background and layout["box"] == box
+    x0, y0, x1, y1 = box
+    pixels = np.asarray(canvas)
+    assert (pixels[y0:y1, x0:x1] == [255, 0, 0]).all()
+    assert (pixels[: y0, :] == [0, 0, 255]).all() and (pixels[:, x1:] == [0, 0, 255]).all()
+
+
+# ----- planning ---------------------------------------------------------------------------------------
+def test_companions_come_from_the_same_source_and_never_equal_the_target(tmp_path: Path) -> None:
+    source = write_source(tmp_path, n_generated=12)
+    cfg = data_config(tmp_path, source, augment={"refusal_fraction": 0.3,
+                                                  "grid": {"records_per_grid": {1: 1.0, 2: 1.0, 3: 1.0}}})
+    records, _ = read_llava_source(source, ImageRoots(tmp_path / "images", tmp_path / "out"), cfg.augment,
+                                   BadRecordReport())
+    by_id = {r.id: r for r in records}
+    jobs = Planner(records, cfg, seed=3).plan()
+    assert {j.format for j in jobs} == {"sequence", "grid", "pip", "refusal"}
+    for job in jobs:
+        assert len(set(job.inputs)) == len(job.inputs)
+        assert {path.split("/")[0] for path in job.inputs} == {job.source}
+        targets = job.target if isinstance(job.target, list) else [job.target]
+        if job.format == "pip":
+            assert job.inputs[1] == by_id[job.source_ids[0]].image
+        elif job.format != "refusal":
+            assert len(targets) == len(job.source_ids)
+            for tile, source_id in zip(targets, job.source_ids):
+                assert job.inputs[tile - 1] == by_id[source_id].image
+    assert any(isinstance(j.target, list) for j in jobs), "no multi-question grid planned"
+
+
+def test_bbox_records_are_kept_out_of_grid_and_pip(tmp_path: Path) -> None:
+    box = {"id": "box", "image": "coco/moon.jpg",
+           "conversations": [{"from": "human", "value": "<image>\nWhat is at [0.1, 0.2, 0.3, 0.4]?"},
+                             {"from": "gpt", "value": "A crater."}]}
+    source = write_source(tmp_path, extra=[box])
+    summary = run_augmentation(data_config(tmp_path, source, formats={"sequence": 0, "grid": 1, "pip": 1}), seed=0,
+                               progress=False)
+    assert summary.ineligible["bounding boxes in the text (excluded from grid and pip)"] == 1
+    assert "box" not in {sid for r in read_records(tmp_path / "out") for sid in r["meta"]["source_ids"]}
+
+
+# ----- the stage ----------------------------------------------------------------------------------------
+def snapshot(out_dir: Path) -> dict[str, bytes]:
+    files = [RECORDS_FILE, SKIPPED_FILE] + [str(p.relative_to(out_dir)) for p in out_dir.glob("images/*/*")]
+    return {name: (out_dir / name).read_bytes() for name in sorted(files)}
+
+
+def test_same_seed_gives_byte_identical_output_for_one_or_two_workers(tmp_path: Path) -> None:
+    source = write_source(tmp_path, n_generated=6)
+    one = run_augmentation(data_config(tmp_path, source, "w1"), seed=7, workers=1, progress=False)
+    two = run_augmentation(data_config(tmp_path, source, "w2"), seed=7, workers=2, progress=False)
+    assert one.written == two.written and sum(one.written.values()) == len(PHOTOS) + 6
+    assert snapshot(tmp_path / "w1") == snapshot(tmp_path / "w2")
+    other = run_augmentation(data_config(tmp_path, source, "w3"), seed=8, workers=1, progress=False)
+    assert snapshot(tmp_path / "w3")[RECORDS_FILE] != snapshot(tmp_path / "w1")[RECORDS_FILE]
+    assert other.written  # a different seed is a different data set
+
+
+def test_a_different_configuration_never_reuses_an_output_directory(tmp_path: Path) -> None:
+    source = write_source(tmp_path)
+    run_augmentation(data_config(tmp_path, source), seed=1, workers=1, progress=False)
+    with pytest.raises(FileExistsError, match="changed: \\['seed'\\]"):
+        run_augmentation(data_config(tmp_path, source), seed=2, workers=1, progress=False)
+    again = run_augmentation(data_config(tmp_path, source), seed=1, workers=2, progress=False)
+    assert sum(again.written.values()) == len(PHOTOS)  # same configuration: the finished output is reused
+
+
+def run_cli(tmp_path: Path, source: Path, out: str) -> subprocess.Popen:
+    args = [sys.executable, "-m", "miadpo.augment", "data=grid", f"data.source={source}",
+            f"data.image_root={tmp_path / 'images'}", f"data.out_dir={tmp_path / out}", "data.augment.workers=1",
+            "data.augment.grid.n_weights={2:0,3:0,4:0,5:0,6:0,7:0,8:0,9:1}", "seed=5",
+            f"hydra.run.dir={tmp_path / 'hydra' / out}"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_a_killed_run_resumes_to_the_same_output(tmp_path: Path) -> None:
+    source = write_source(tmp_path, n_generated=24)
+    total = len(PHOTOS) + 24
+    proc = run_cli(tmp_path, source, "killed")
+    records = tmp_path / "killed" / RECORDS_FILE
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if records.exists() and records.read_bytes().count(b"\n") >= 5:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    written_before = records.read_bytes().count(b"\n")
+    assert 0 < written_before < total, "the run was not interrupted half-way"
+
+    resumed = run_cli(tmp_path, source, "killed")
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err.decode()[-2000:]
+    assert f"resumed past {written_before} done" in out.decode()
+    complete = run_cli(tmp_path, source, "complete")
+    complete.communicate(timeout=300)
+    assert snapshot(tmp_path / "killed") == snapshot(tmp_path / "complete")
+    ids = [r["id"] for r in read_records(tmp_path / "killed")]
+    assert len(ids) == len(set(ids)) == total
+
+
+def test_bad_input_is_skipped_with_reasons(tmp_path: Path, caplog) -> None:
+    (tmp_path / "images" / "coco").mkdir(parents=True)
+    (tmp_path / "images" / "coco" / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    bad = [
+        {"id": "missing", "image": "coco/nope.jpg", "conversations": TWO_TURNS},
+        {"id": "noimage", "image": None, "conversations": TWO_TURNS},
+        {"id": "textonly", "conversations": TWO_TURNS},
+        {"id": "unknown", "image": "flickr/x.jpg", "conversations": TWO_TURNS},
+        {"id": "broken", "image": "coco/broken.jpg", "conversations": TWO_TURNS},
+        {"id": "noanswer", "image": "coco/moon.jpg", "conversations": TWO_TURNS[:1]},
+    ]
+    source = write_source(tmp_path, extra=bad)
+    summary = run_augmentation(data_config(tmp_path, source, formats={"sequence": 0, "grid": 0, "pip": 1}), seed=0,
+                               workers=1, progress=False)
+    assert summary.skipped["image not found"] == 1
+    assert summary.skipped["record without an image"] == 1
+    assert summary.skipped["unknown source 'flickr' (data.augment.known_sources=['coco', 'gqa', 'ocr_vqa', "
+                           "'textvqa', 'vg'])"] == 1
+    assert summary.skipped["conversations missing or shorter than one question and one answer"] == 1
+    assert summary.ineligible["text-only (no image)"] == 1
+    skipped = [json.loads(line) for line in (tmp_path / "out" / SKIPPED_FILE).read_text().splitlines()]
+    # The corrupt photo is skipped wherever it is used: as a target or as another record's background.
+    assert skipped and all("unreadable or corrupt image: coco/broken.jpg" in s["reason"] for s in skipped)
+    assert sum(summary.written.values()) + len(skipped) == len(PHOTOS) + 1
+
+
+def test_truncated_json_keeps_the_records_before_the_cut(tmp_path: Path) -> None:
+    source = write_source(tmp_path)
+    text = source.read_text()
+    cut = text.index('"id": "clock"')
+    source.write_text(text[:cut])  # the file ends inside the record that starts at the brace before the cut
+    report = BadRecordReport(max_bad_fraction=1.0)
+    records, _ = read_llava_source(source, ImageRoots(tmp_path / "images", tmp_path), DataConfig().augment, report)
+    assert [r.id for r in records] == PHOTOS[: PHOTOS.index("clock")]
+    assert len(report.bad) == 1 and "truncated JSON" in report.bad[0].reason
+    assert report.bad[0].line == text[: text.rindex("{", 0, cut)].count("\n") + 1
+
+
+def test_jsonl_sources_and_line_numbers(tmp_path: Path) -> None:
+    source = write_source(tmp_path)
+    lines = [json.dumps(r) for r in json.loads(source.read_text())]
+    lines.insert(3, "{broken")
+    jsonl = tmp_path / "llava.jsonl"
+    jsonl.write_text("\n".join(lines) + "\n")
+    report = BadRecordReport(max_bad_fraction=1.0)
+    records, _ = read_llava_source(jsonl, ImageRoots(tmp_path / "images", tmp_path), DataConfig().augment, report)
+    assert len(records) == len(PHOTOS) and report.bad[0].line == 4 and "malformed JSON" in report.bad[0].reason
+
+
+def test_strict_mode_stops_with_file_line_and_id(tmp_path: Path) -> None:
+    source = write_source(tmp_path, extra=[{"id": "unknown", "image": "flickr/x.jpg", "conversations": TWO_TURNS}])
+    with pytest.raises(BadRecordError, match=r"llava.json:\d+ \(id=unknown\): unknown source 'flickr'"):
+        run_augmentation(data_config(tmp_path, source, on_bad_record="error"), seed=0, progress=False)
+    cfg = data_config(tmp_path, source, "strict2", on_bad_record="error", augment={"skip_text_only": False})
+    source.write_text(json.dumps(json.loads(source.read_text())[:3] + [{"id": "t", "conversations": TWO_TURNS}]))
+    with pytest.raises(BadRecordError, match=r"\(id=t\): record without an image"):
+        run_augmentation(cfg, seed=0, progress=False)
+
+
+def test_datamodule_runs_augmentation_when_output_is_missing(tmp_path: Path) -> None:
+    source = write_source(tmp_path)
+    module = AugmentedRecordsDataModule(data_config(tmp_path, source, batch_size=5), seed=0)
+    assert not (tmp_path / "out" / RECORDS_FILE).exists()
+    module.prepare_data()
+    module.setup("predict")
+    batches = list(module.predict_dataloader())
+    assert sum(len(b) for b in batches) == len(PHOTOS) and len(batches[0]) == 5
+    assert {"id", "image", "conversations", "meta"} <= set(batches[0][0])
