@@ -228,10 +228,13 @@ class Composer:
     pip_scale: float
     jpeg_quality: int
 
-    def _load(self, rel: str) -> Image.Image:
+    def _load(self, rel: str, draft: tuple[int, int] | None = None) -> Image.Image:
+        """Decode an input; with ``draft``, JPEG decoding may shrink by 2–8× while staying at least that size."""
         path = self.roots.resolve(rel)
         try:
             with Image.open(path) as image:
+                if draft is not None:
+                    image.draft("RGB", draft)
                 return image.convert("RGB")
         except FileNotFoundError:
             raise ValueError(f"image not found: {rel}") from None
@@ -247,8 +250,10 @@ class Composer:
         return self.roots.composed(path)
 
     def __call__(self, job: Job) -> tuple[dict[str, Any] | None, str | None]:
+        cell = self.grid.cell_size
+        draft = (cell, cell) if job.format == "grid" else None  # tiles never exceed one cell
         try:
-            images = [self._load(rel) for rel in job.inputs]
+            images = [self._load(rel, draft) for rel in job.inputs]
         except ValueError as exc:
             return None, str(exc)
         layout: dict[str, Any] | None = None
