@@ -16,6 +16,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from miadpo.augment.formats import sequence_header
 from miadpo.config import SyntheticConfig
 from miadpo.pairs import ImageRoots, PairRecord, write_pairs
 
@@ -84,12 +85,11 @@ def ensure_synthetic_pairs(cfg: SyntheticConfig, roots: ImageRoots) -> Path:
             path = root / "images" / f"{index:05d}_{k}.png"
             draw_shape(shape, COLOURS[colour], cfg.image_size, rng).save(path)
             paths.append(roots.composed(path))
-        header = "".join(f"Image{k}: <image>\n" for k in range(1, n_images + 1))
         records.append(
             PairRecord(
                 id=f"synthetic-{index:05d}",
                 images=paths,
-                prompt=f"{header}In Image{target}, what colour is the {shape}?",
+                prompt=f"{sequence_header(n_images)}In Image{target}, what colour is the {shape}?",
                 chosen=f"The {shape} is {colours[target - 1]}.",
                 rejected=f"The {shape} is {colours[distractor - 1]}.",
                 meta={"format": "sequence", "n_images": n_images, "target": target,
