@@ -162,6 +162,60 @@ class DataConfig:
 
 
 @dataclass
+class GenerationConfig:
+    max_new_tokens: int = 512
+    min_new_tokens: int = 0
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    batch_size: int = 8
+    # Only records whose ground-truth answer is shorter than this (characters) are answered.
+    max_answer_chars: int = 512
+
+
+@dataclass
+class NoiseConfig:
+    """Gaussian pixel noise before generation (float, clipped); the pair points at the clean image."""
+
+    sigma: float = 0.0
+    region: str = "target"  # target (tile / pasted box / target image) or whole
+
+
+@dataclass
+class PostSelectionConfig:
+    perplexity_min: float | None = None
+    perplexity_max: float | None = None
+    # len(rejected) / len(chosen) in tokens
+    length_ratio_min: float | None = None
+    length_ratio_max: float | None = None
+    # normalised edit similarity (rapidfuzz ratio / 100) between chosen and rejected
+    edit_similarity_min: float | None = None
+    edit_similarity_max: float | None = None
+
+
+@dataclass
+class SelectionConfig:
+    name: str = "attention"  # attention | random (matched-count baseline that ignores attention)
+    # Decoder layer whose attention is read; null = the middle layer.
+    layer: int | None = None
+    thresholds: dict[str, dict[int, float]] = field(default_factory=lambda: {
+        "sequence": {2: 0.8, 3: 0.7, 4: 0.6, 5: 0.6},
+        "grid": {2: 0.7, 3: 0.6, 4: 0.5, 5: 0.45, 6: 0.4, 7: 0.37, 8: 0.33, 9: 0.3},
+        "pip": {1: 0.8},
+    })
+    operators: dict[str, str] = field(default_factory=lambda: {"sequence": "<=", "grid": "<", "pip": "<"})
+    min_perplexity: float = 1.1
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    noise: dict[str, NoiseConfig] = field(default_factory=lambda: {
+        "sequence": NoiseConfig(0.0, "target"),
+        "grid": NoiseConfig(225.0, "target"),
+        "pip": NoiseConfig(49.0, "whole"),
+    })
+    post: PostSelectionConfig = field(default_factory=PostSelectionConfig)
+    save_attention_maps: bool = False
+
+
+@dataclass
 class DPOConfig:
     loss: LossType = LossType.sigmoid
     beta: float = 0.1
@@ -213,6 +267,7 @@ class TrainConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
     seed: int = 42
     run_dir: str = "${hydra:runtime.output_dir}"
     # Resume from a Lightning checkpoint.
@@ -227,7 +282,20 @@ class AugmentJobConfig:
     seed: int = 42
 
 
+@dataclass
+class SelectJobConfig:
+    """``python -m miadpo.select``: base model + dataset recipe → candidates → pairs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    trainer: dict[str, Any] = field(default_factory=dict)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    seed: int = 42
+
+
 def register_configs() -> None:
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainConfig)
     store.store(name="augment_schema", node=AugmentJobConfig)
+    store.store(name="select_schema", node=SelectJobConfig)

@@ -15,8 +15,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from miadpo.augment.runner import RECORDS_FILE, read_jsonl, run_augmentation
+from miadpo.augment.runner import RECORDS_FILE, run_augmentation
 from miadpo.config import DataConfig, TooLongPolicy
+from miadpo.jsonl import read_jsonl
 from miadpo.models.base import EncodedSample, ModelAdapter
 from miadpo.pairs import BadRecordError, BadRecordReport, ImageRoots, PairRecord, read_pairs
 from miadpo.synthetic import ensure_synthetic_pairs

@@ -15,7 +15,7 @@ import multiprocessing
 import os
 import random
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ from miadpo.augment.formats import (
 )
 from miadpo.augment.source import SourceRecord, read_llava_source
 from miadpo.config import AugmentConfig, BadRecordPolicy, DataConfig, GridAugmentConfig
+from miadpo.jsonl import append_jsonl, completed_ids, read_jsonl
 from miadpo.pairs import BadRecordError, BadRecordReport, ImageRoots
 
 log = logging.getLogger(__name__)
@@ -312,18 +313,6 @@ def _check_manifest(out_dir: Path, inputs: dict[str, Any]) -> None:
         manifest.write_text(json.dumps(inputs, indent=2, sort_keys=True) + "\n")
 
 
-def _completed_ids(path: Path) -> set[str]:
-    """Ids already written; a last line cut short by a crash is removed from the file."""
-    if not path.exists():
-        return set()
-    data = path.read_bytes()
-    keep = data.rfind(b"\n") + 1
-    if keep != len(data):
-        with path.open("r+b") as handle:
-            handle.truncate(keep)
-    return {json.loads(line)["id"] for line in data[:keep].splitlines() if line.strip()}
-
-
 def _ordered_results(composer: Composer, jobs: Sequence[Job], workers: int, chunk_size: int
                      ) -> Iterator[tuple[dict[str, Any] | None, str | None]]:
     if workers <= 1 or len(jobs) < 2:
@@ -356,7 +345,7 @@ def run_augmentation(cfg: DataConfig, seed: int, workers: int | None = None, pro
     jobs = planner.plan()
 
     records_path, skipped_path = out_dir / RECORDS_FILE, out_dir / SKIPPED_FILE
-    done = _completed_ids(records_path) | _completed_ids(skipped_path)
+    done = completed_ids(records_path, skipped_path)
     todo = [job for job in jobs if job.id not in done]
     summary = AugmentSummary(out_dir, ineligible=ineligible + planner.skipped, resumed=len(jobs) - len(todo))
     composer = Composer(roots, cfg.augment.grid, cfg.augment.pip.scale, cfg.augment.jpeg_quality)
@@ -367,11 +356,9 @@ def run_augmentation(cfg: DataConfig, seed: int, workers: int | None = None, pro
         for job, (record, reason) in tqdm(zip(todo, results), total=len(todo), disable=not progress,
                                           desc="augment", unit="record"):
             if record is not None:
-                out.write(json.dumps(record, ensure_ascii=False) + "\n")
-                out.flush()
+                append_jsonl(out, [record])
                 continue
-            skipped.write(json.dumps({"id": job.id, "source_ids": job.source_ids, "reason": reason}) + "\n")
-            skipped.flush()
+            append_jsonl(skipped, [{"id": job.id, "source_ids": job.source_ids, "reason": reason}])
             if strict:
                 raise BadRecordError(f"[augment] {cfg.source}:{job.source_line} (id={job.source_ids[0]}): "
                                      f"{reason} (data.on_bad_record=error)")
@@ -393,10 +380,3 @@ def run_augmentation(cfg: DataConfig, seed: int, workers: int | None = None, pro
 
 def report_reasons(report: BadRecordReport) -> Counter[str]:
     return Counter(bad.reason.split(":")[0] for bad in report.bad)
-
-
-def read_jsonl(path: Path) -> Iterable[dict[str, Any]]:
-    if not path.exists():
-        return []
-    with path.open(encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
