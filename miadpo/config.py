@@ -291,6 +291,8 @@ class SelectJobConfig:
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     trainer: dict[str, Any] = field(default_factory=dict)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    # Unused by selection; present because a model config may pick the optimizer that suits it.
+    optim: OptimConfig = field(default_factory=OptimConfig)
     seed: int = 42
 
 

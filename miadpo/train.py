@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,9 @@ from omegaconf import DictConfig, OmegaConf
 from miadpo.callbacks import ExportModel
 from miadpo.config import LoggerName, StrategyConfig, register_configs
 from miadpo.datamodule import PairDataModule
-from miadpo.models import build_adapter
+from miadpo.models import ModelAdapter, build_adapter
 from miadpo.module import DPOModule
+from miadpo.select.stage import run_selection
 
 log = logging.getLogger(__name__)
 register_configs()
@@ -62,14 +64,42 @@ def build_strategy(cfg: StrategyConfig) -> Strategy | str:
     return cfg.name
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback], logger: Logger) -> L.Trainer:
-    kwargs: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)  # type: ignore[assignment]
+def check_trainer_args(trainer_cfg: DictConfig) -> dict[str, Any]:
+    """``trainer.*`` as keyword arguments of lightning.Trainer; an unknown key is named."""
+    kwargs: dict[str, Any] = OmegaConf.to_container(trainer_cfg, resolve=True)  # type: ignore[assignment]
     allowed = set(inspect.signature(L.Trainer.__init__).parameters) - {"self", "callbacks", "logger", "strategy"}
     unknown = sorted(set(kwargs) - allowed)
     if unknown:
         raise ValueError(f"trainer.{unknown[0]} is not a lightning.Trainer argument (unknown: {unknown})")
+    return kwargs
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback], logger: Logger) -> L.Trainer:
+    kwargs = check_trainer_args(cfg.trainer)
     kwargs.setdefault("default_root_dir", str(run_dir))
     return L.Trainer(**kwargs, callbacks=callbacks, logger=logger, strategy=build_strategy(cfg.strategy))
+
+
+def is_single_process(cfg: DictConfig) -> bool:
+    devices = cfg.trainer.get("devices", 1)
+    one_device = devices in (1, "1") or (isinstance(devices, Sequence) and len(devices) == 1)
+    return one_device and cfg.trainer.get("num_nodes", 1) == 1
+
+
+def select_before_training(cfg: DictConfig, adapter: ModelAdapter) -> Path:
+    """No pairs yet for a source recipe: augment and select in this process (single-process runs only)."""
+    if not is_single_process(cfg):
+        raise ValueError(
+            f"data={cfg.data.name} has no pairs yet and this training run is multi-process; run "
+            f"`python -m miadpo.select model={cfg.model.name} data={cfg.data.name}` first, then pass "
+            "data.pairs=<the printed pairs.jsonl>"
+        )
+    pairs = run_selection(adapter, cfg.data, cfg.selection, cfg.seed,
+                          trainer_kwargs={"accelerator": cfg.trainer.get("accelerator", "auto"), "devices": 1,
+                                          "enable_progress_bar": cfg.trainer.get("enable_progress_bar", True)})
+    assert pairs is not None
+    log.info("selection wrote %s", pairs)
+    return pairs
 
 
 def train(cfg: DictConfig) -> TrainResult:
@@ -84,6 +114,8 @@ def train(cfg: DictConfig) -> TrainResult:
             adapter.save_base(base_path)
     else:
         base_path = cfg.model.path
+    if cfg.data.pairs is None and cfg.data.source:
+        cfg.data.pairs = str(select_before_training(cfg, adapter))
     adapter.prepare_for_training()
 
     module = DPOModule(adapter, cfg.dpo, cfg.optim)

@@ -189,6 +189,10 @@ class ModelAdapter(ABC):
         """The LLM's decoder layers, for hooking one layer's attention."""
         return self.module_groups()["llm"].layers
 
+    def attention_module(self, layer: nn.Module) -> nn.Module:
+        """The self-attention module of one decoder layer (whose attention selection reads)."""
+        return layer.self_attn
+
     def image_placeholder(self, num_tokens: int) -> str:
         """Text that stands for one image of ``num_tokens`` tokens (backbones with wrapper tokens override it)."""
         return self.image_token * num_tokens
@@ -257,8 +261,11 @@ class ModelAdapter(ABC):
             cursor += geometry.num_tokens
         return spans
 
-    def collate(self, samples: Sequence[EncodedSample]) -> dict[str, torch.Tensor]:
-        """Right-pad a list of samples (any number of images each) into one batch of model inputs."""
+    def collate(self, samples: Sequence[EncodedSample], padding_side: str = "right") -> dict[str, torch.Tensor]:
+        """Pad a list of samples (any number of images each) into one batch of model inputs.
+
+        Right padding for training and teacher-forced passes; left padding for batched generation.
+        """
         length = max(int(s.input_ids.numel()) for s in samples)
         batch_size = len(samples)
         input_ids = torch.full((batch_size, length), self.tokenizer.pad_token_id, dtype=torch.long)
@@ -266,9 +273,10 @@ class ModelAdapter(ABC):
         attention_mask = torch.zeros((batch_size, length), dtype=torch.long)
         for row, sample in enumerate(samples):
             n = int(sample.input_ids.numel())
-            input_ids[row, :n] = sample.input_ids
-            labels[row, :n] = sample.labels
-            attention_mask[row, :n] = 1
+            cols = slice(length - n, length) if padding_side == "left" else slice(0, n)
+            input_ids[row, cols] = sample.input_ids
+            labels[row, cols] = sample.labels
+            attention_mask[row, cols] = 1
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
         pixels = [s.pixel_values for s in samples if s.pixel_values is not None and len(s.pixel_values)]
         if pixels:

@@ -1,0 +1,33 @@
+"""``python -m miadpo.select model=... data=... selection=...``: candidates and pairs for a dataset recipe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig
+
+from miadpo.config import register_configs
+from miadpo.models import build_adapter
+from miadpo.select.stage import run_selection
+from miadpo.train import build_strategy, check_trainer_args
+
+register_configs()
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent.parent / "conf")
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="select")
+def main(cfg: DictConfig) -> None:
+    L.seed_everything(cfg.seed)
+    adapter = build_adapter(cfg.model)
+    adapter.model.eval()
+    pairs = run_selection(adapter, cfg.data, cfg.selection, cfg.seed, trainer_kwargs=check_trainer_args(cfg.trainer),
+                          strategy=build_strategy(cfg.strategy))
+    if pairs is not None:
+        print((pairs.parent / "report.txt").read_text())
+        print(f"pairs: {pairs.resolve()}")
+
+
+if __name__ == "__main__":
+    main()

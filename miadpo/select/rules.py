@@ -1,0 +1,181 @@
+"""Selection and post-selection: candidates → DPO pairs. Cheap, so thresholds can be swept freely.
+
+Selection (METHOD §2): keep a candidate when its answer is wrong (normalised comparison), its attention ratio
+passes the per-format, per-N threshold with the format's operator, and its perplexity is above the minimum.
+Post-selection (§3), each filter counted: rejected-answer perplexity range, token length ratio
+len(rejected)/len(chosen) range, rapidfuzz edit similarity between chosen and rejected bounds.
+``selection.name=random`` ignores attention: among wrong answers that pass every other rule and filter, it
+draws as many pairs per (format, N) as attention selection keeps — the ablation the paper did not publish.
+"""
+
+from __future__ import annotations
+
+import operator
+import random
+from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from rapidfuzz import fuzz
+
+from miadpo.config import SelectionConfig
+from miadpo.pairs import PairRecord
+
+OPERATORS: dict[str, Callable[[float, float], bool]] = {"<": operator.lt, "<=": operator.le}
+KEPT = "kept"
+
+
+def edit_similarity(a: str, b: str) -> float:
+    """Normalised Indel similarity in [0, 1] (rapidfuzz)."""
+    return fuzz.ratio(a, b) / 100.0
+
+
+def threshold_for(cfg: SelectionConfig, fmt: str, n_images: int) -> tuple[Callable[[float, float], bool], float]:
+    try:
+        threshold = cfg.thresholds[fmt][n_images]
+    except KeyError:
+        raise ValueError(f"no attention threshold for {fmt} with N={n_images}: set "
+                         f"selection.thresholds.{fmt}.{n_images}") from None
+    symbol = cfg.operators.get(fmt, "<")
+    if symbol not in OPERATORS:
+        raise ValueError(f"selection.operators.{fmt} must be one of {sorted(OPERATORS)}, not {symbol!r}")
+    return OPERATORS[symbol], float(threshold)
+
+
+def rule_reason(candidate: dict[str, Any], cfg: SelectionConfig, use_attention: bool) -> str:
+    """Why the selection rule drops a candidate, or KEPT."""
+    if not candidate["answer"]:
+        return "empty answer"
+    if candidate["correct"]:
+        return "answer matches the ground truth"
+    if not candidate["perplexity"] > cfg.min_perplexity:
+        return f"perplexity <= {cfg.min_perplexity}"
+    if use_attention:
+        compare, threshold = threshold_for(cfg, candidate["format"], candidate["n_images"])
+        if not compare(candidate["ratio"], threshold):
+            return f"attention ratio not {cfg.operators.get(candidate['format'], '<')} {threshold}"
+    return KEPT
+
+
+def _outside(value: float, low: float | None, high: float | None) -> bool:
+    return (low is not None and value < low) or (high is not None and value > high)
+
+
+def post_reason(candidate: dict[str, Any], cfg: SelectionConfig) -> str:
+    """Why post-selection drops a selected candidate, or KEPT (filters applied in this order)."""
+    post = cfg.post
+    if _outside(candidate["perplexity"], post.perplexity_min, post.perplexity_max):
+        return "post: perplexity out of range"
+    ratio = candidate["answer_tokens"] / max(1, candidate["ground_truth_tokens"])
+    if _outside(ratio, post.length_ratio_min, post.length_ratio_max):
+        return "post: length ratio out of range"
+    similarity = edit_similarity(candidate["ground_truth"], candidate["answer"])
+    if _outside(similarity, post.edit_similarity_min, post.edit_similarity_max):
+        return "post: edit similarity out of range"
+    return KEPT
+
+
+def group_key(candidate: dict[str, Any]) -> tuple[str, int]:
+    return candidate["format"], int(candidate["n_images"])
+
+
+@dataclass
+class Selection:
+    pairs: list[PairRecord]
+    decisions: list[dict[str, Any]]  # one per candidate: id and why it was dropped (or kept)
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def _decide(candidates: Sequence[dict[str, Any]], cfg: SelectionConfig, use_attention: bool) -> list[str]:
+    reasons = []
+    for candidate in candidates:
+        reason = rule_reason(candidate, cfg, use_attention)
+        reasons.append(post_reason(candidate, cfg) if reason == KEPT else reason)
+    return reasons
+
+
+def select_pairs(candidates: Sequence[dict[str, Any]], cfg: SelectionConfig, seed: int) -> Selection:
+    """Apply the configured selection and post-selection to candidates (in their order)."""
+    attention_reasons = _decide(candidates, cfg, use_attention=True)
+    if cfg.name == "attention":
+        reasons = attention_reasons
+    elif cfg.name == "random":
+        wanted = Counter(group_key(c) for c, r in zip(candidates, attention_reasons) if r == KEPT)
+        blind = _decide(candidates, cfg, use_attention=False)
+        pools: dict[tuple[str, int], list[int]] = defaultdict(list)
+        for index, (candidate, reason) in enumerate(zip(candidates, blind)):
+            if reason == KEPT:
+                pools[group_key(candidate)].append(index)
+        rng = random.Random(seed)
+        chosen: set[int] = set()
+        for key in sorted(pools):
+            chosen.update(rng.sample(pools[key], min(wanted[key], len(pools[key]))))
+        reasons = [KEPT if i in chosen else (r if r != KEPT else "random: not drawn") for i, r in enumerate(blind)]
+    else:
+        raise ValueError(f"selection.name must be attention or random, not {cfg.name!r}")
+
+    pairs, decisions = [], []
+    for candidate, reason in zip(candidates, reasons):
+        decisions.append({"id": candidate["id"], "format": candidate["format"], "n_images": candidate["n_images"],
+                          "ratio": candidate["ratio"], "perplexity": candidate["perplexity"], "decision": reason})
+        if reason == KEPT:
+            pairs.append(PairRecord(
+                id=candidate["id"], images=list(candidate["images"]), prompt=candidate["prompt"],
+                chosen=candidate["ground_truth"], rejected=candidate["answer"],
+                meta={"format": candidate["format"], "n_images": candidate["n_images"], "target": candidate["target"],
+                      "selection": cfg.name, "attention_ratio": candidate["ratio"],
+                      "image_scores": candidate["image_scores"], "perplexity": candidate["perplexity"],
+                      "layer": candidate["layer"]},
+            ))
+    report = {
+        "selection": cfg.name,
+        "candidates": len(candidates),
+        "pairs": len(pairs),
+        "dropped": dict(Counter(r for r in reasons if r != KEPT)),
+        "pairs_by_format": {f"{fmt} N={n}": count for (fmt, n), count in
+                            sorted(Counter(group_key(c) for c, r in zip(candidates, reasons) if r == KEPT).items())},
+    }
+    return Selection(pairs, decisions, report)
+
+
+def report_text(report: dict[str, Any]) -> str:
+    lines = [f"selection: {report['selection']}", f"candidates: {report['candidates']}", f"pairs: {report['pairs']}"]
+    lines += [f"  {key}: {count}" for key, count in report["pairs_by_format"].items()]
+    lines.append("dropped:")
+    lines += [f"  {reason}: {count}" for reason, count in sorted(report["dropped"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def to_trl(pair: PairRecord, image_paths: Sequence[str]) -> dict[str, Any]:
+    """TRL's conversational vision preference format (DPOTrainer with a processor)."""
+    content: list[dict[str, Any]] = []
+    for index, piece in enumerate(pair.prompt.split("<image>")):
+        if index:
+            content.append({"type": "image"})
+        if piece:
+            content.append({"type": "text", "text": piece})
+    return {
+        "id": pair.id,
+        "images": list(image_paths),
+        "prompt": [{"role": "user", "content": content}],
+        "chosen": [{"role": "assistant", "content": [{"type": "text", "text": pair.chosen}]}],
+        "rejected": [{"role": "assistant", "content": [{"type": "text", "text": pair.rejected}]}],
+    }
+
+
+def to_llamafactory(pair: PairRecord, image_paths: Sequence[str]) -> dict[str, Any]:
+    """LLaMA-Factory's sharegpt preference format (``ranking: true``)."""
+    return {
+        "conversations": [{"from": "human", "value": pair.prompt}],
+        "chosen": {"from": "gpt", "value": pair.chosen},
+        "rejected": {"from": "gpt", "value": pair.rejected},
+        "images": list(image_paths),
+    }
+
+
+LLAMAFACTORY_DATASET_INFO = {
+    "formatting": "sharegpt",
+    "ranking": True,
+    "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected", "images": "images"},
+}

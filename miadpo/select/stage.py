@@ -1,0 +1,231 @@
+"""The selection stage: augmented records → candidates (sharded, resumable, cached) → pairs (rules).
+
+Layout under ``data.out_dir``::
+
+    selection/<candidates fingerprint>/
+        manifest.json                 what produced the candidates
+        candidates.rank<r>.jsonl      per-rank shards, appended a batch at a time (resume reads them)
+        candidates.jsonl              all candidates in record order, written once every shard is done
+        pairs-<rules fingerprint>/    pairs.jsonl, report.json, report.txt, decisions.jsonl, trl.jsonl,
+                                      llamafactory.json, dataset_info.json
+
+The candidates fingerprint covers the augmented records, the model and its weights, the template, the
+generation and noise settings, the layer and the seed; the rules fingerprint covers the thresholds, operators
+and post-selection bounds — so changing only a threshold reuses the candidates and generates nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import BasePredictionWriter, TQDMProgressBar
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+
+from miadpo.augment.runner import RECORDS_FILE, run_augmentation
+from miadpo.config import DataConfig, SelectionConfig
+from miadpo.jsonl import append_jsonl, completed_ids, read_jsonl
+from miadpo.models.base import ModelAdapter
+from miadpo.pairs import ImageRoots, write_pairs
+from miadpo.select.candidates import CandidateGenerator, SelectionInput, selection_inputs, weights_identity
+from miadpo.select.capture import resolve_layer
+from miadpo.select.rules import LLAMAFACTORY_DATASET_INFO, report_text, select_pairs, to_llamafactory, to_trl
+
+log = logging.getLogger(__name__)
+CANDIDATES_FILE = "candidates.jsonl"
+PAIRS_FILE = "pairs.jsonl"
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _file_sha1(path: Path) -> str:
+    digest = hashlib.sha1()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def candidates_identity(adapter: ModelAdapter, data: DataConfig, selection: SelectionConfig, seed: int
+                        ) -> dict[str, Any]:
+    model = adapter.cfg
+    return {
+        "records_sha1": _file_sha1(Path(data.out_dir) / RECORDS_FILE),
+        "model": {"name": model.name, "family": model.family, "path": model.path, "dtype": model.dtype,
+                  "pad_to_square": model.pad_to_square, "weights": _plain(weights_identity(adapter))},
+        "template": model.template,
+        "generation": _plain(selection.generation),
+        "noise": _plain(selection.noise),
+        "layer": resolve_layer(adapter, selection.layer),
+        "attention_maps": selection.save_attention_maps,
+        "seed": seed,
+        "version": 1,
+    }
+
+
+def rules_identity(selection: SelectionConfig, seed: int) -> dict[str, Any]:
+    return {"name": selection.name, "thresholds": _plain(selection.thresholds),
+            "operators": _plain(selection.operators), "min_perplexity": selection.min_perplexity,
+            "post": _plain(selection.post), "seed": seed}
+
+
+class CandidatePredictor(L.LightningModule):
+    """Lightning wrapper so the predict loop (and its DDP sharding) drives candidate generation."""
+
+    def __init__(self, generator: CandidateGenerator) -> None:
+        super().__init__()
+        self.generator = generator
+        self.model = generator.adapter.model
+
+    def transfer_batch_to_device(self, batch: Any, device: Any, dataloader_idx: int) -> Any:
+        return batch  # records, not tensors: the generator moves what it builds
+
+    def predict_step(self, batch: list[SelectionInput], batch_idx: int) -> list[dict[str, Any]]:
+        return self.generator(batch)
+
+
+class ShardWriter(BasePredictionWriter):
+    """Appends each batch's candidates to this rank's shard and flushes (a kill loses at most one batch)."""
+
+    def __init__(self) -> None:
+        super().__init__(write_interval="batch")
+        self.directory: Path | None = None  # set once the candidates directory is known
+        self.kept = self.seen = 0
+
+    def write_on_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: Any,
+                           batch_indices: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        assert self.directory is not None
+        with (self.directory / f"candidates.rank{trainer.global_rank}.jsonl").open("a", encoding="utf-8") as f:
+            append_jsonl(f, prediction)
+        self.seen += len(prediction)
+        self.kept += sum(1 for c in prediction if c["answer"] and not c["correct"])
+
+
+class CandidateProgress(TQDMProgressBar):
+    """Predict progress with wrong answers (pair candidates) / seen."""
+
+    def on_predict_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                             batch_idx: int, dataloader_idx: int = 0) -> None:
+        super().on_predict_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+        writer = next(cb for cb in trainer.callbacks if isinstance(cb, ShardWriter))
+        self.predict_progress_bar.set_postfix_str(f"wrong answers {writer.kept}/{writer.seen}")
+
+
+class SelectionStage:
+    """Runs the stage for one (model, data recipe, selection config)."""
+
+    def __init__(self, adapter: ModelAdapter, data: DataConfig, selection: SelectionConfig, seed: int) -> None:
+        self.adapter = adapter
+        self.data = data
+        self.selection = selection
+        self.seed = seed
+        self.roots = ImageRoots(Path(data.image_root), Path(data.out_dir))
+
+    def prepare(self) -> tuple[Path, list[SelectionInput]]:
+        """Augment if needed; fix the candidates directory; return it and every input (record order)."""
+        if self.data.source or not (Path(self.data.out_dir) / RECORDS_FILE).exists():
+            run_augmentation(self.data, self.seed, progress=False)
+        identity = candidates_identity(self.adapter, self.data, self.selection, self.seed)
+        directory = Path(self.data.out_dir) / "selection" / _digest(identity)
+        directory.mkdir(parents=True, exist_ok=True)
+        manifest = directory / "manifest.json"
+        if not manifest.exists():
+            manifest.write_text(json.dumps(identity, indent=2, sort_keys=True, default=str) + "\n")
+        records = read_jsonl(Path(self.data.out_dir) / RECORDS_FILE)
+        inputs, skipped = selection_inputs(records, self.selection.generation.max_answer_chars)
+        for reason, count in skipped.items():
+            log.info("selection: %d records not selected on (%s)", count, reason)
+        return directory, inputs
+
+    def todo(self, directory: Path, inputs: Sequence[SelectionInput], rank: int, world_size: int
+             ) -> list[SelectionInput]:
+        """This rank's share (every world_size-th input of the full list) minus what any shard holds.
+
+        Sharding the full list, not the remaining one, keeps ranks consistent while others write.
+        """
+        if (directory / CANDIDATES_FILE).exists():
+            return []
+        done = completed_ids(*sorted(directory.glob("candidates.rank*.jsonl")))
+        return [item for item in inputs[rank::world_size] if item.id not in done]
+
+    def generate(self, trainer: L.Trainer, directory: Path, inputs: Sequence[SelectionInput]) -> None:
+        """Generate this rank's missing candidates through the predict loop."""
+        shard = self.todo(directory, inputs, trainer.global_rank, trainer.world_size)
+        loader = DataLoader(shard, batch_size=self.selection.generation.batch_size, shuffle=False,
+                            collate_fn=list)
+        generator = CandidateGenerator(self.adapter, self.selection, self.roots, self.seed)
+        trainer.predict(CandidatePredictor(generator), dataloaders=loader, return_predictions=False)
+
+    def merge(self, directory: Path, inputs: Sequence[SelectionInput]) -> list[dict[str, Any]]:
+        """All shards → candidates.jsonl in record order (rank 0, after every shard finished)."""
+        merged = directory / CANDIDATES_FILE
+        if merged.exists():
+            return read_jsonl(merged)
+        by_id: dict[str, dict[str, Any]] = {}
+        for shard in sorted(directory.glob("candidates.rank*.jsonl")):
+            for candidate in read_jsonl(shard):
+                by_id[candidate["id"]] = candidate
+        missing = [item.id for item in inputs if item.id not in by_id]
+        if missing:
+            raise RuntimeError(f"{len(missing)} candidates missing after generation (first: {missing[:3]})")
+        candidates = [by_id[item.id] for item in inputs]
+        tmp = merged.with_suffix(".tmp")
+        with tmp.open("w", encoding="utf-8") as handle:
+            append_jsonl(handle, candidates)
+        tmp.replace(merged)
+        return candidates
+
+    def apply_rules(self, directory: Path, candidates: Sequence[dict[str, Any]]) -> Path:
+        """Selection + post-selection into pairs-<fingerprint>/; returns the pairs file."""
+        out = directory / f"pairs-{_digest(rules_identity(self.selection, self.seed))}"
+        out.mkdir(exist_ok=True)
+        result = select_pairs(candidates, self.selection, self.seed)
+        write_pairs(out / PAIRS_FILE, result.pairs)
+        with (out / "decisions.jsonl").open("w", encoding="utf-8") as handle:
+            append_jsonl(handle, result.decisions)
+        (out / "report.json").write_text(json.dumps(result.report, indent=2) + "\n")
+        (out / "report.txt").write_text(report_text(result.report))
+        absolute = [[str(self.roots.resolve(p)) for p in pair.images] for pair in result.pairs]
+        with (out / "trl.jsonl").open("w", encoding="utf-8") as handle:
+            append_jsonl(handle, [to_trl(p, paths) for p, paths in zip(result.pairs, absolute)])
+        (out / "llamafactory.json").write_text(json.dumps(
+            [to_llamafactory(p, paths) for p, paths in zip(result.pairs, absolute)], ensure_ascii=False, indent=1))
+        (out / "dataset_info.json").write_text(json.dumps(
+            {"miadpo": {"file_name": "llamafactory.json", **LLAMAFACTORY_DATASET_INFO}}, indent=2) + "\n")
+        log.info("selection: %s", report_text(result.report).replace("\n", "; "))
+        return out / PAIRS_FILE
+
+
+def run_selection(adapter: ModelAdapter, data: DataConfig, selection: SelectionConfig, seed: int,
+                  trainer_kwargs: dict[str, Any], strategy: Any = "auto") -> Path | None:
+    """The whole stage; returns the pairs file on rank 0 (None on other ranks).
+
+    Rank 0 augments (if needed) before the predict loop starts the other ranks, which then find the
+    augmentation finished; each rank writes its own shard; rank 0 merges and applies the rules.
+    """
+    writer = ShardWriter()
+    callbacks: list[L.Callback] = [writer]
+    if trainer_kwargs.get("enable_progress_bar", True):
+        callbacks.append(CandidateProgress())
+    trainer = L.Trainer(**trainer_kwargs, strategy=strategy, callbacks=callbacks, logger=False,
+                        enable_checkpointing=False, use_distributed_sampler=False)
+    stage = SelectionStage(adapter, data, selection, seed)
+    directory, inputs = stage.prepare()
+    writer.directory = directory
+    stage.generate(trainer, directory, inputs)
+    trainer.strategy.barrier()
+    if trainer.global_rank != 0:
+        return None
+    return stage.apply_rules(directory, stage.merge(directory, inputs))
