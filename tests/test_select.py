@@ -26,7 +26,7 @@ from miadpo.models.base import EncodedSample
 from miadpo.pairs import ImageRoots
 from miadpo.select import stage as stage_module
 from miadpo.select.candidates import CandidateGenerator, SelectionInput, add_noise, normalise_answer, record_rng
-from miadpo.select.capture import CaptureRequest, capture_attention, region_ratio, resolve_layer, sequence_ratio
+from miadpo.select.capture import region_ratio, sequence_ratio
 from miadpo.select.rules import KEPT, edit_similarity, select_pairs
 from miadpo.select.stage import CANDIDATES_FILE, run_selection
 from miadpo.train import train
@@ -41,52 +41,62 @@ def selection_config(**overrides: Any) -> SelectionConfig:
 
 
 # ----- attention capture --------------------------------------------------------------------------------
-def teacher_forced(adapter, images: list[Image.Image], prompt: str, answer: str) -> EncodedSample:
-    return adapter.encode(images, prompt, answer)
-
-
-def capture_cases() -> list[tuple[str, list[Image.Image], str]]:
-    cases = []
+def capture_cases(tmp_path: Path) -> list[SelectionInput]:
+    """Sequence prompts with 1–5 images, a grid and a pic-in-pic, written as files the generator loads."""
+    items = []
     for n in (1, 2, 3, 4, 5):
-        images = [colour_image((40 + 9 * k, 56), (50 * k, 90, 200 - 30 * k)) for k in range(n)]
-        cases.append((f"sequence-{n}", images, sequence_conversations(QUESTION, n, n)[0]["value"]))
+        paths = []
+        for k in range(n):
+            colour_image((40 + 9 * k, 56), (50 * k, 90, 200 - 30 * k)).save(tmp_path / f"s{n}_{k}.png")
+            paths.append(f"s{n}_{k}.png")
+        items.append(SelectionInput(f"sequence-{n}", "sequence", n, n, tuple(paths),
+                                    sequence_conversations(QUESTION, n, n)[0]["value"], "Red.", None))
     tiles = [colour_image((60, 40 + 10 * k), (40 * k, 120, 30)) for k in range(4)]
-    grid, _ = compose_grid(tiles, GridAugmentConfig(cell_size=64, gap=8, band=10, font_size=8, label_x=2))
-    cases.append(("grid", [grid], grid_conversations([(QUESTION, 3)])[0]["value"]))
-    pip, _ = compose_pip(colour_image((50, 50), (255, 0, 0)), colour_image((90, 60), (0, 0, 255)), 0.7)
-    cases.append(("pip", [pip], "<image>\nFor the central image, what colour is the box?"))
-    return cases
+    grid, layout = compose_grid(tiles, GridAugmentConfig(cell_size=64, gap=8, band=10, font_size=8, label_x=2))
+    grid.save(tmp_path / "grid.png")
+    items.append(SelectionInput("grid", "grid", 4, 3, ("grid.png",), grid_conversations([(QUESTION, 3)])[0]["value"],
+                                "Red.", tuple(layout["tiles"][2])))
+    pip, layout = compose_pip(colour_image((50, 50), (255, 0, 0)), colour_image((90, 60), (0, 0, 255)), 0.7)
+    pip.save(tmp_path / "pip.png")
+    items.append(SelectionInput("pip", "pip", 1, 1, ("pip.png",), "<image>\nFor the central image, what colour?",
+                                "Red.", tuple(layout["box"])))
+    return items
 
 
-def test_captured_rows_equal_a_full_eager_forward(adapter, monkeypatch) -> None:
-    samples = [teacher_forced(adapter, images, prompt, "It is red and blue.") for _, images, prompt in
-               capture_cases()]
-    layer = resolve_layer(adapter, None)
-    assert layer == 1  # the middle of 2 layers
+def test_captured_rows_equal_a_full_eager_forward(adapter, tmp_path: Path, monkeypatch) -> None:
+    """Rows recorded while generating (SDPA everywhere) = the same rows of an eager output_attentions forward."""
+    import transformers.models.llama.modeling_llama as llama
+
     eager = copy.deepcopy(adapter.model)
     eager.set_attn_implementation("eager")
-    batch = adapter.collate(samples)
-    batch.pop("labels")
-    with torch.no_grad():
-        reference = eager(**batch, output_attentions=True).attentions[layer]
-
-    import transformers.models.llama.modeling_llama as llama
 
     def no_eager(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("a layer ran eager attention")
 
-    monkeypatch.setattr(llama, "eager_attention_forward", no_eager)  # every other layer must stay on SDPA
-    request = CaptureRequest(rows=[(s.prompt_length, s.prompt_length + s.answer_length - 1) for s in samples],
-                             columns=[s.image_spans for s in samples], key_mask=batch["attention_mask"])
-    with torch.no_grad(), capture_attention(adapter, layer, request):
-        adapter.model(**batch)
-    assert adapter.attention_module(adapter.decoder_layers()[layer]).config._attn_implementation == "sdpa"
-    for b, sample in enumerate(samples):
-        start, end = request.rows[b]
-        columns = torch.cat([torch.arange(s, e) for s, e in sample.image_spans])
-        expected = reference[b, :, start:end][:, :, columns].mean(0)
-        assert request.result[b].shape == expected.shape
-        assert torch.allclose(request.result[b], expected, atol=1e-5), capture_cases()[b][0]
+    items = capture_cases(tmp_path)
+    generator = CandidateGenerator(adapter, selection_config(generation={"max_new_tokens": 10}),
+                                   ImageRoots(tmp_path, tmp_path), seed=0)
+    assert generator.layer == 1  # the middle of 2 layers
+    prompts = [adapter.encode(adapter.process_images(generator._images(item)), item.prompt) for item in items]
+    with monkeypatch.context() as patch:
+        patch.setattr(llama, "eager_attention_forward", no_eager)  # every layer must stay on SDPA
+        generated = generator.generate(prompts)
+    assert adapter.attention_module(adapter.decoder_layers()[1]).config._attn_implementation == "sdpa"
+    for b, (item, prompt) in enumerate(zip(items, prompts)):
+        answer = torch.tensor(generated.answers[b])
+        assert len(answer) == 10
+        full = adapter.collate([EncodedSample(torch.cat([prompt.input_ids, answer]), torch.cat(
+            [prompt.labels, answer]), prompt.image_spans, prompt.geometries, prompt.pixel_values,
+            prompt.prompt_length)])
+        full.pop("labels")
+        with torch.no_grad():
+            attentions = eager(**full, output_attentions=True).attentions[1][0]  # (H, L, L)
+        start = prompt.prompt_length - 1  # the row that produced the first answer token
+        columns = torch.cat([torch.arange(s, e) for s, e in prompt.image_spans])
+        expected = attentions[:, start : start + len(answer)][:, :, columns].mean(0)
+        captured = generated.image_rows(b, prompt)
+        assert captured.shape == expected.shape
+        assert torch.allclose(captured, expected, atol=1e-5), item.id
 
 
 # ----- ratios with hand-built maps ---------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """Candidates: the base model's greedy answers to augmented prompts, with log-probs and attention statistics.
 
-For a batch of augmented records: load (and optionally corrupt) the images, generate with left padding, then
-run one teacher-forced forward over prompt + generated tokens in which only the selection layer computes
-attention weights; from it come the answer's log-probs (perplexity) and the attention ratio of the format.
+For a batch of augmented records: load (and optionally corrupt) the images and generate with left padding.
+While generating, the selection layer alone records its attention rows (see ``capture``) and the raw logits
+give each answer token's log-prob; nothing runs a second time.
 """
 
 from __future__ import annotations
@@ -23,10 +23,15 @@ from PIL import Image
 
 from miadpo.config import NoiseConfig, SelectionConfig
 from miadpo.datamodule import load_image
-from miadpo.models.base import IGNORE_INDEX, EncodedSample, ModelAdapter
-from miadpo.module import answer_logps
+from miadpo.models.base import EncodedSample, ModelAdapter
 from miadpo.pairs import ImageRoots
-from miadpo.select.capture import CaptureRequest, capture_attention, region_ratio, resolve_layer, sequence_ratio
+from miadpo.select.capture import (
+    AttentionRecorder,
+    capture_attention,
+    region_ratio,
+    resolve_layer,
+    sequence_ratio,
+)
 
 SELECTABLE_FORMATS = ("sequence", "grid", "pip")
 _PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
@@ -98,6 +103,21 @@ def record_rng(seed: int, record_id: str) -> np.random.Generator:
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
+@dataclass
+class GeneratedAnswers:
+    answers: list[list[int]]  # token ids, EOS and padding removed
+    logps: list[float]  # summed log-probs of the answer tokens (and the EOS when generated)
+    counts: list[int]  # tokens scored
+    recorder: AttentionRecorder
+    prompt_width: int  # padded prompt length (left padding)
+
+    def image_rows(self, sample: int, prompt: EncodedSample) -> torch.Tensor:
+        """Rows producing each answer token × the prompt's image-token columns (heads averaged)."""
+        shift = self.prompt_width - int(prompt.input_ids.numel())
+        columns = torch.cat([torch.arange(s, e) for s, e in prompt.image_spans]) + shift
+        return self.recorder.rows(sample, len(self.answers[sample]), columns)
+
+
 class CandidateGenerator:
     """Batch of SelectionInputs → candidate dicts (generation + one teacher-forced capture pass)."""
 
@@ -123,8 +143,8 @@ class CandidateGenerator:
         return [add_noise(images[0], noise.sigma, box, rng)]
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[EncodedSample]) -> list[list[int]]:
-        """Greedy (or configured sampling) answers as token ids, EOS and padding removed."""
+    def generate(self, prompts: Sequence[EncodedSample]) -> GeneratedAnswers:
+        """Batched answers (left padding), their log-probs, and the selection layer's attention rows."""
         adapter, gen = self.adapter, self.cfg.generation
         batch = adapter.collate(prompts, padding_side="left")
         batch.pop("labels")
@@ -132,59 +152,43 @@ class CandidateGenerator:
         batch = {k: v.to(device) for k, v in batch.items()}
         sampling = {"do_sample": True, "temperature": gen.temperature, "top_p": gen.top_p} if gen.do_sample else \
             {"do_sample": False}
-        output = adapter.model.generate(**batch, max_new_tokens=gen.max_new_tokens, min_new_tokens=gen.min_new_tokens,
-                                        pad_token_id=adapter.tokenizer.pad_token_id,
-                                        eos_token_id=adapter.tokenizer.eos_token_id, **sampling)
-        answers = []
-        for row in output[:, batch["input_ids"].shape[1] :].tolist():
-            if adapter.tokenizer.eos_token_id in row:
-                row = row[: row.index(adapter.tokenizer.eos_token_id)]
-            answers.append([t for t in row if t != adapter.tokenizer.pad_token_id])
-        return answers
-
-    @torch.no_grad()
-    def score(self, prompts: Sequence[EncodedSample], answers: Sequence[Sequence[int]]
-              ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-        """Teacher-forced pass over prompt + answer + EOS: captured rows, summed log-probs, token counts."""
-        adapter = self.adapter
-        eos = adapter.tokenizer.eos_token_id
-        samples = []
-        for prompt, answer in zip(prompts, answers):
-            answer_ids = torch.tensor(list(answer) + [eos], dtype=torch.long)
-            labels = torch.cat([torch.full_like(prompt.input_ids, IGNORE_INDEX), answer_ids])
-            samples.append(EncodedSample(torch.cat([prompt.input_ids, answer_ids]), labels, prompt.image_spans,
-                                         prompt.geometries, prompt.pixel_values, prompt.prompt_length, prompt.extra))
-        batch = adapter.collate(samples)
-        device = next(adapter.model.parameters()).device
-        batch = {k: v.to(device) for k, v in batch.items()}
-        request = CaptureRequest(
-            rows=[(p.prompt_length, p.prompt_length + len(a)) for p, a in zip(prompts, answers)],
-            columns=[p.image_spans for p in prompts],
-            key_mask=batch["attention_mask"],
-        )
-        labels = batch.pop("labels")
-        with capture_attention(adapter, self.layer, request):
-            logits = adapter.model(**batch, use_cache=False).logits
-        logps, counts = answer_logps(logits, labels)
-        return request.result, logps.cpu(), counts.cpu()
+        recorder = AttentionRecorder(prompt_mask=batch["attention_mask"])
+        with capture_attention(adapter, self.layer, recorder):
+            output = adapter.model.generate(
+                **batch, max_new_tokens=gen.max_new_tokens, min_new_tokens=gen.min_new_tokens,
+                pad_token_id=adapter.tokenizer.pad_token_id, eos_token_id=adapter.tokenizer.eos_token_id,
+                output_logits=True, return_dict_in_generate=True, **sampling)
+        prompt_width = batch["input_ids"].shape[1]
+        tokens = output.sequences[:, prompt_width:]
+        logps = torch.stack(output.logits, dim=1).float().log_softmax(-1).gather(-1, tokens[..., None])[..., 0]
+        eos, pad = adapter.tokenizer.eos_token_id, adapter.tokenizer.pad_token_id
+        answers, sums, counts = [], [], []
+        for row, row_logps in zip(tokens.tolist(), logps.cpu()):
+            length = row.index(eos) if eos in row else len(row)
+            scored = length + (1 if length < len(row) else 0)  # the EOS, when generated, is scored too
+            answers.append([t for t in row[:length] if t != pad])
+            sums.append(float(row_logps[:scored].sum()))
+            counts.append(scored)
+        return GeneratedAnswers(answers, sums, counts, recorder, prompt_width)
 
     def __call__(self, items: Sequence[SelectionInput]) -> list[dict[str, Any]]:
         adapter = self.adapter
         processed = [adapter.process_images(self._images(item)) for item in items]
         prompts = [adapter.encode(images, item.prompt) for images, item in zip(processed, items)]
-        answers = self.generate(prompts)
-        rows, logps, counts = self.score(prompts, answers)
+        generated = self.generate(prompts)
         candidates = []
-        for item, prompt, answer, captured, logp, count in zip(items, prompts, answers, rows, logps, counts):
+        for b, (item, prompt, answer) in enumerate(zip(items, prompts, generated.answers)):
             text = adapter.tokenizer.decode(answer, skip_special_tokens=True).strip()
-            column_attention = captured.mean(0).numpy() if len(answer) else None
+            rows = generated.image_rows(b, prompt)
+            column_attention = rows.mean(0).numpy() if len(answer) else None
             ratio, image_scores = self._ratio(item, prompt, column_attention)
             candidates.append({
                 "id": item.id, "format": item.format, "n_images": item.n_images, "target": item.target,
                 "images": list(item.images), "prompt": item.prompt, "ground_truth": item.ground_truth,
                 "answer": text, "answer_tokens": len(answer),
                 "ground_truth_tokens": len(adapter.tokenizer(item.ground_truth, add_special_tokens=False)["input_ids"]),
-                "logp": float(logp), "perplexity": math.exp(-float(logp) / max(1, int(count))),
+                "logp": generated.logps[b],
+                "perplexity": math.exp(-generated.logps[b] / max(1, generated.counts[b])),
                 "correct": normalise_answer(text) == normalise_answer(item.ground_truth),
                 "ratio": ratio, "image_scores": image_scores, "layer": self.layer,
             })

@@ -1,9 +1,11 @@
-"""One decoder layer's attention, captured during an ordinary (SDPA / flash) forward, and the ratios built on it.
+"""One decoder layer's attention, recorded while the model generates with its ordinary (SDPA / flash) kernels.
 
 The chosen layer's attention module is switched to ``miadpo_capture``, an attention function that first runs
-the model's own implementation (so the layer's output is unchanged) and then, for the requested query rows
-only, computes ``softmax(q kᵀ · scale + mask)`` averaged over heads. No other layer computes explicit weights
-and nothing of size layers × L × L is ever materialised.
+the model's own implementation (so the layer's output is unchanged) and keeps the newest query position's
+query vector and the layer's keys. During generation the newest query at call k is the position that
+produces answer token k+1 (the last prompt token at the prefill, then each generated token); afterwards
+``softmax(q kᵀ · scale)`` of exactly those rows, averaged over heads, is what the reference read with
+``output_attentions=True`` — without any other layer computing explicit weights and without a second pass.
 """
 
 from __future__ import annotations
@@ -27,13 +29,36 @@ CAPTURE_IMPLEMENTATION = "miadpo_capture"
 
 
 @dataclass
-class CaptureRequest:
-    """Which rows and columns to keep, per sample of the batch being run."""
+class AttentionRecorder:
+    """Keeps, per forward call, the newest query of the selection layer, and that layer's latest keys.
 
-    rows: Sequence[tuple[int, int]]  # [start, end) query positions (the answer tokens)
-    columns: Sequence[Sequence[tuple[int, int]]]  # key spans to keep (the image tokens), concatenated in order
-    key_mask: torch.Tensor  # (B, L) 1 for real tokens, 0 for padding
-    result: list[torch.Tensor] = field(default_factory=list)  # per sample (rows, kept columns), heads averaged
+    Call k's newest query is the position that produces answer token k+1. The weights are computed only when
+    asked for, per sample (``rows``), against the final keys, with the causal and padding masks applied —
+    so generation itself pays for one small copy per step.
+    """
+
+    prompt_mask: torch.Tensor  # (B, P) 1 for prompt tokens, 0 for left padding
+    queries: list[torch.Tensor] = field(default_factory=list)  # per call: (B, H, D)
+    keys: torch.Tensor | None = None  # (B, H_kv, L, D) after RoPE, from the latest call
+    scaling: float = 1.0
+
+    def rows(self, sample: int, count: int, columns: torch.Tensor) -> torch.Tensor:
+        """Heads-averaged attention of the first ``count`` rows of one sample on ``columns`` (prompt
+        positions, left-padded coordinates): shape (count, len(columns))."""
+        if count == 0 or self.keys is None:
+            return torch.zeros((0, len(columns)))
+        queries = torch.stack([q[sample] for q in self.queries[:count]], dim=1).float()  # (H, count, D)
+        keys = self.keys[sample].float()  # (H_kv, L, D)
+        heads, _, dim = queries.shape
+        groups = keys.shape[0]
+        scores = torch.einsum("grtd,gld->grtl", queries.reshape(groups, heads // groups, count, dim), keys)
+        scores = scores.reshape(heads, count, -1) * self.scaling
+        prompt = self.prompt_mask[sample].to(scores.device).bool()
+        positions = torch.arange(scores.shape[-1], device=scores.device)
+        visible = positions[None, :] < (prompt.numel() + torch.arange(count, device=scores.device))[:, None]
+        visible &= torch.cat([prompt, positions.new_ones(scores.shape[-1] - prompt.numel(), dtype=torch.bool)])
+        probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).mean(0)
+        return probs[:, columns.to(probs.device)].cpu()
 
 
 def _original_attention(module: nn.Module, implementation: str) -> Any:
@@ -47,21 +72,10 @@ def _capture_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor
                        attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, Any]:
     state = module._miadpo_capture  # type: ignore[attr-defined]
     output = state["original"](module, query, key, value, attention_mask, **kwargs)
-    request: CaptureRequest | None = state["request"]
-    if request is not None:
-        scaling = kwargs.get("scaling") or module.scaling  # type: ignore[attr-defined]
-        repeats = query.shape[1] // key.shape[1]
-        length = key.shape[2]
-        positions = torch.arange(length, device=query.device)
-        for b, (start, end) in enumerate(request.rows):
-            q = query[b, :, start:end].float()
-            k = key[b].float().repeat_interleave(repeats, dim=0)
-            scores = (q @ k.transpose(-1, -2)) * scaling
-            allowed = request.key_mask[b].bool()[None, :] & (positions[None, :] <= positions[start:end, None])
-            probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1).mean(0)
-            columns = torch.cat([positions[s:e] for s, e in request.columns[b]]) if request.columns[b] else \
-                positions[:0]
-            request.result.append(probs[:, columns].cpu())
+    recorder: AttentionRecorder = state["recorder"]
+    recorder.queries.append(query[:, :, -1].detach().clone())
+    recorder.keys = key.detach()
+    recorder.scaling = kwargs.get("scaling") or module.scaling  # type: ignore[attr-defined]
     return output
 
 
@@ -78,17 +92,17 @@ def resolve_layer(adapter: ModelAdapter, layer: int | None) -> int:
 
 
 @contextmanager
-def capture_attention(adapter: ModelAdapter, layer: int, request: CaptureRequest) -> Iterator[CaptureRequest]:
-    """Inside the block, forward passes record ``request``'s rows of layer ``layer`` (heads averaged)."""
+def capture_attention(adapter: ModelAdapter, layer: int, recorder: AttentionRecorder) -> Iterator[AttentionRecorder]:
+    """Inside the block, every forward call records layer ``layer``'s newest-query attention in ``recorder``."""
     attention = adapter.attention_module(adapter.decoder_layers()[layer])
     original_config = attention.config
     config = copy.copy(original_config)
     config._attn_implementation = CAPTURE_IMPLEMENTATION
     attention._miadpo_capture = {"original": _original_attention(attention, original_config._attn_implementation),
-                                 "request": request}
+                                 "recorder": recorder}
     attention.config = config
     try:
-        yield request
+        yield recorder
     finally:
         attention.config = original_config
         del attention._miadpo_capture
