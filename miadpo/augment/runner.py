@@ -165,13 +165,20 @@ class Planner:
         return Job(f"{fmt}-{record.index:07d}", fmt, n, target, inputs, conversations, record.source, source_ids,
                    record.line)
 
-    def _sequence(self, record: SourceRecord) -> Job | None:
+    def _image_sequence(self, record: SourceRecord) -> tuple[int, int, list[str]] | None:
+        """N, the record's 1-based position (uniform) and the N image paths, or None if too few images."""
         n = int(_choose_weighted(self.rng, self.aug.sequence.n_weights))
         companions = self._companions(record, {record.image}, n - 1)
         if companions is None:
             return None
-        target = self.rng.randint(1, n)
-        inputs = companions[: target - 1] + [record.image] + companions[target - 1 :]
+        position = self.rng.randint(1, n)
+        return n, position, companions[: position - 1] + [record.image] + companions[position - 1 :]
+
+    def _sequence(self, record: SourceRecord) -> Job | None:
+        drawn = self._image_sequence(record)
+        if drawn is None:
+            return None
+        n, target, inputs = drawn
         return self._job(record, "sequence", n, target, inputs,
                          sequence_conversations(record.conversations, n, target), [record.id])
 
@@ -210,12 +217,10 @@ class Planner:
                          pip_conversations(record.conversations, phrase), [record.id])
 
     def _refusal(self, record: SourceRecord) -> Job | None:
-        n = int(_choose_weighted(self.rng, self.aug.sequence.n_weights))
-        companions = self._companions(record, {record.image}, n - 1)
-        if companions is None:
+        drawn = self._image_sequence(record)
+        if drawn is None:
             return None
-        position = self.rng.randint(1, n)
-        inputs = companions[: position - 1] + [record.image] + companions[position - 1 :]
+        n, _, inputs = drawn
         return self._job(record, "refusal", n, n + 1, inputs, refusal_conversations(record.conversations, n),
                          [record.id])
 
@@ -271,7 +276,7 @@ class Composer:
         return {"id": job.id, "image": image_field, "conversations": job.conversations, "meta": meta}, None
 
 
-def source_digest(path: Path) -> str:
+def file_sha1(path: Path) -> str:
     digest = hashlib.sha1()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -286,7 +291,7 @@ def fingerprint(cfg: DataConfig, seed: int) -> dict[str, Any]:
         augment.pop(key)  # type: ignore[union-attr]
     inputs = {
         "version": FORMAT_VERSION,
-        "source_sha1": source_digest(Path(cfg.source)),
+        "source_sha1": file_sha1(Path(cfg.source)),
         "seed": seed,
         "formats": {k: float(v) for k, v in cfg.formats.items()},
         "augment": augment,

@@ -28,7 +28,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter, TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from miadpo.augment.runner import RECORDS_FILE, run_augmentation
+from miadpo.augment.runner import RECORDS_FILE, file_sha1, run_augmentation
 from miadpo.config import DataConfig, SelectionConfig
 from miadpo.jsonl import append_jsonl, completed_ids, read_jsonl
 from miadpo.models.base import ModelAdapter
@@ -50,19 +50,11 @@ def _digest(obj: Any) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _file_sha1(path: Path) -> str:
-    digest = hashlib.sha1()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def candidates_identity(adapter: ModelAdapter, data: DataConfig, selection: SelectionConfig, seed: int
                         ) -> dict[str, Any]:
     model = adapter.cfg
     return {
-        "records_sha1": _file_sha1(Path(data.out_dir) / RECORDS_FILE),
+        "records_sha1": file_sha1(Path(data.out_dir) / RECORDS_FILE),
         "model": {"name": model.name, "family": model.family, "path": model.path, "dtype": model.dtype,
                   "pad_to_square": model.pad_to_square, "weights": _plain(weights_identity(adapter))},
         "template": model.template,
