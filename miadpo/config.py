@@ -296,8 +296,63 @@ class SelectJobConfig:
     seed: int = 42
 
 
+@dataclass
+class SFTDataConfig:
+    """LLaVA-format files (JSON array or JSONL; single- or multi-image; augmented records too)."""
+
+    files: list[str] = field(default_factory=list)
+    image_root: str = "data/images"
+    out_dir: str = "data/miadpo"  # where "@out/" paths of augmented records resolve
+    max_length: int = 2048
+    batch_size: int = 8
+    val_fraction: float = 0.0
+    num_workers: int = 0
+    on_bad_record: BadRecordPolicy = BadRecordPolicy.skip
+    max_bad_fraction: float = 0.01
+
+
+@dataclass
+class SFTJobConfig:
+    """``python -m miadpo.sft``: supervised fine-tuning on the first turn of each record."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: SFTDataConfig = field(default_factory=SFTDataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: dict[str, Any] = field(default_factory=dict)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    seed: int = 42
+    run_dir: str = "${hydra:runtime.output_dir}"
+
+
+@dataclass
+class EvalConfig:
+    files: list[str] = field(default_factory=list)  # LLaVA-format test files (augmented records too)
+    tsv: list[str] = field(default_factory=list)  # VLMEvalKit-style multiple-choice TSVs
+    image_root: str = "data/images"
+    out_dir: str = "data/miadpo"
+    toy_source: str | None = None  # toy source JSON: classify wrong answers (distractor / in no image)
+    batch_size: int = 16
+    max_new_tokens: int = 16
+    wandb: bool = False
+    wandb_project: str = "miadpo"
+    wandb_mode: str = "${oc.env:WANDB_MODE,offline}"
+
+
+@dataclass
+class EvalJobConfig:
+    """``python -m miadpo.evaluate``."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)  # unused; model configs may set it
+    seed: int = 42
+    run_dir: str = "${hydra:runtime.output_dir}"
+
+
 def register_configs() -> None:
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainConfig)
     store.store(name="augment_schema", node=AugmentJobConfig)
     store.store(name="select_schema", node=SelectJobConfig)
+    store.store(name="sft_schema", node=SFTJobConfig)
+    store.store(name="evaluate_schema", node=EvalJobConfig)

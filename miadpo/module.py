@@ -36,6 +36,18 @@ def answer_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     return token_logps.sum(-1), mask.sum(-1)
 
 
+def adamw_with_linear_schedule(model: nn.Module, optim: OptimConfig, total_steps: int) -> dict[str, Any]:
+    """AdamW over the trainable parameters; linear warm-up (``optim.warmup_ratio``) then linear decay to 0."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("no trainable parameters: check model.freeze_* and model.lora")
+    optimizer = torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay, betas=tuple(optim.betas),
+                                  eps=optim.eps)
+    total = max(1, total_steps)
+    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(optim.warmup_ratio * total), total)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
 class PairForward(Protocol):
     def __call__(self, model: nn.Module, batch: dict[str, Any]) -> PairLogps: ...
 
@@ -122,14 +134,7 @@ class DPOModule(L.LightningModule):
         return self._step(batch, "val/")
 
     def configure_optimizers(self) -> dict[str, Any]:
-        params = [p for p in self.policy.parameters() if p.requires_grad]
-        if not params:
-            raise ValueError("no trainable parameters: check model.freeze_* and model.lora")
-        optimizer = torch.optim.AdamW(params, lr=self.optim.lr, weight_decay=self.optim.weight_decay,
-                                      betas=tuple(self.optim.betas), eps=self.optim.eps)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(self.optim.warmup_ratio * total), total)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return adamw_with_linear_schedule(self.policy, self.optim, int(self.trainer.estimated_stepping_batches))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainable = {f"policy.{n}" for n, p in self.policy.named_parameters() if p.requires_grad}

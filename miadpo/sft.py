@@ -1,0 +1,151 @@
+"""Supervised fine-tuning through the model adapters: ``python -m miadpo.sft data.files=[...] ...``.
+
+Each LLaVA-format record (single- or multi-image, or augmented records with "@out/" paths) contributes its
+first question and answer; the loss is the mean cross-entropy over answer tokens. Freeze switches and LoRA come
+from the model config. The result is written as a standard transformers directory (LoRA merged) under
+``<run_dir>/model``, ready to be the base and reference of DPO (``model.path=<run_dir>/model``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from omegaconf import DictConfig
+from peft import PeftModel
+from torch.utils.data import DataLoader, Dataset
+
+from miadpo.augment.source import iter_raw_records
+from miadpo.config import OptimConfig, SFTDataConfig, register_configs
+from miadpo.datamodule import load_image, split_train_val
+from miadpo.models import build_adapter
+from miadpo.models.base import ModelAdapter
+from miadpo.module import adamw_with_linear_schedule
+from miadpo.pairs import BadRecord, BadRecordReport, ImageRoots, PairRecord
+from miadpo.train import build_strategy, check_trainer_args
+
+log = logging.getLogger(__name__)
+register_configs()
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def read_sft_records(files: Sequence[str], roots: ImageRoots, report: BadRecordReport) -> list[PairRecord]:
+    """First turn of every record of every file, as (images, prompt, answer); bad records to ``report``."""
+    records: list[PairRecord] = []
+    for file in files:
+        for raw in iter_raw_records(Path(file)):
+            report.total += 1
+            obj = raw.value
+            try:
+                if raw.error is not None:
+                    raise ValueError(raw.error)
+                if not isinstance(obj, dict) or "conversations" not in obj:
+                    raise ValueError("not a LLaVA record (no conversations)")
+                image = obj.get("image")
+                images = [] if image is None else ([image] if isinstance(image, str) else list(image))
+                turns = obj["conversations"]
+                prompt, answer = turns[0]["value"], turns[1]["value"]
+                if prompt.count("<image>") != len(images):
+                    raise ValueError(f"{prompt.count('<image>')} <image> for {len(images)} images")
+                for rel in images:
+                    roots.resolve(rel)
+            except (ValueError, KeyError, IndexError, TypeError) as exc:
+                record_id = str(obj.get("id")) if isinstance(obj, dict) else None
+                report.add(BadRecord(file, raw.line, record_id, str(exc)))
+                continue
+            records.append(PairRecord(str(obj.get("id", f"{file}:{raw.line}")), images, prompt, answer, ""))
+    report.finish()
+    return records
+
+
+class SFTDataset(Dataset):
+    def __init__(self, records: Sequence[PairRecord], roots: ImageRoots, adapter: ModelAdapter, max_length: int):
+        self.records, self.roots, self.adapter, self.max_length = list(records), roots, adapter, max_length
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> Any:
+        record = self.records[index]
+        images = [load_image(self.roots.resolve(p)) for p in record.images]
+        return self.adapter.encode(images, record.prompt, record.chosen, self.max_length)
+
+
+class SFTModule(L.LightningModule):
+    """Mean answer-token cross-entropy (the model's own loss with answer-only labels)."""
+
+    def __init__(self, adapter: ModelAdapter, optim: OptimConfig) -> None:
+        super().__init__()
+        self.adapter = adapter
+        self.model = adapter.model
+        self.optim = optim
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.model(**batch, use_cache=False).loss
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        loss = self.model(**batch, use_cache=False).loss
+        self.log("val/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0], sync_dist=True)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        return adamw_with_linear_schedule(self.model, self.optim, int(self.trainer.estimated_stepping_batches))
+
+
+def sft_loaders(adapter: ModelAdapter, data: SFTDataConfig, seed: int) -> tuple[DataLoader, DataLoader | None]:
+    roots = ImageRoots(Path(data.image_root), Path(data.out_dir))
+    report = BadRecordReport(data.on_bad_record, data.max_bad_fraction, stage="sft")
+    records = read_sft_records(list(data.files), roots, report)
+    train, val = split_train_val(records, data.val_fraction, seed)
+
+    def loader(items: list[PairRecord], shuffle: bool) -> DataLoader:
+        return DataLoader(SFTDataset(items, roots, adapter, data.max_length), batch_size=data.batch_size,
+                          shuffle=shuffle, num_workers=data.num_workers, collate_fn=adapter.collate,
+                          generator=torch.Generator().manual_seed(seed) if shuffle else None)
+
+    return loader(train, True), (loader(val, False) if val else None)
+
+
+def export_model(adapter: ModelAdapter, directory: str | Path) -> Path:
+    """A standard transformers directory: weights (LoRA merged), config, tokenizer, processor."""
+    directory = Path(directory)
+    model = adapter.model
+    if isinstance(model, PeftModel):
+        model = model.merge_and_unload()
+        adapter.model = model
+    model.save_pretrained(directory)
+    adapter.processor_for_saving().save_pretrained(directory)
+    return directory
+
+
+def run_sft(cfg: DictConfig, adapter: ModelAdapter | None = None, callbacks: Sequence[L.Callback] = ()) -> Path:
+    """Fine-tune and export; returns the exported model directory."""
+    L.seed_everything(cfg.seed, workers=True)
+    adapter = adapter or build_adapter(cfg.model)
+    adapter.prepare_for_training()
+    train_loader, val_loader = sft_loaders(adapter, cfg.data, cfg.seed)
+    kwargs = check_trainer_args(cfg.trainer)
+    kwargs.setdefault("default_root_dir", cfg.run_dir)
+    trainer = L.Trainer(**kwargs, strategy=build_strategy(cfg.strategy), callbacks=list(callbacks), logger=False,
+                        enable_checkpointing=False)
+    trainer.fit(SFTModule(adapter, cfg.optim), train_loader, val_loader)
+    out = Path(cfg.run_dir) / "model"
+    if trainer.is_global_zero:
+        export_model(adapter, out)
+        print(f"model: {out.resolve()}")
+    return out
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="sft")
+def main(cfg: DictConfig) -> None:
+    run_sft(cfg)
+
+
+if __name__ == "__main__":
+    main()
