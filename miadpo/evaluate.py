@@ -133,18 +133,23 @@ def attribute_of(answer: str) -> str | None:
 
 
 def classify_error(item: EvalItem, prediction: str, scenes: dict[str, list[dict[str, Any]]]) -> str:
-    """distractor / in no image / other, for a wrong toy answer."""
+    """distractor / in no image / other, for a wrong toy answer.
+
+    distractor: the answer is the asked attribute (colour, shape, position) of an object in another image and
+    not of the target's objects; in no image: no object of any image has it as any attribute; other: the rest
+    (e.g. another attribute of the target image, or a wrong count).
+    """
     kind = attribute_of(item.answer)
     value = normalise_answer(prediction)
-    if kind is None or kind == "count":
-        return "other"
-    key = "colour" if kind == "colour" else kind
-    per_image = [{o[key] for o in scenes.get(path, [])} for path in item.image_paths]
-    target = per_image[item.target - 1] if per_image else set()
-    others = set().union(*(v for i, v in enumerate(per_image) if i != item.target - 1)) if per_image else set()
-    if value in others and value not in target:
-        return "distractor"
-    if value not in target and value not in others:
+    objects = [scenes.get(path, []) for path in item.image_paths]
+    everything = {normalise_answer(str(o[k])) for image in objects for o in image for k in ("colour", "shape",
+                                                                                            "position")}
+    if kind in ("colour", "shape", "position") and objects:
+        target = {o[kind] for o in objects[item.target - 1]}
+        others = {o[kind] for i, image in enumerate(objects) if i != item.target - 1 for o in image}
+        if value in others and value not in target:
+            return "distractor"
+    if value not in everything and value not in {"yes", "no", *COUNTS}:
         return "in no image"
     return "other"
 

@@ -1,0 +1,155 @@
+"""Toy world data against its pixels, the evaluator on known predictions, SFT, and the staged base recipe."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from miadpo.config import SFTJobConfig
+from miadpo.evaluate import EvalItem, option_letter, score, tsv_items
+from miadpo.models import build_adapter
+from miadpo.sft import SFTModule, run_sft, sft_loaders
+from miadpo.toyworld.base import build_base, cell_labels, toy_model_config
+from miadpo.toyworld.scenes import COLOURS, COUNTS, SIZE, write_split
+
+
+def test_answers_agree_with_the_rendered_pixels(tmp_path: Path) -> None:
+    records = json.loads(write_split(tmp_path, "test", 200, seed=5).read_text())
+    kinds = set()
+    for record in records:
+        pixels = np.asarray(Image.open(tmp_path / "images" / record["image"]))
+        question = record["conversations"][0]["value"]
+        answer = record["conversations"][1]["value"]
+        objects = record["toy"]["objects"]
+        kind = record["toy"]["question_type"]
+        kinds.add(kind)
+        # Every object's colour is what the pixels show at its centre (all five shapes cover their centre).
+        for obj in objects:
+            x0, y0, x1, y1 = obj["box"]
+            assert tuple(pixels[(y0 + y1) // 2, (x0 + x1) // 2]) == COLOURS[obj["colour"]]
+        # Objects sit in distinct quadrants, as their positions say.
+        for obj in objects:
+            x0, y0, x1, y1 = obj["box"]
+            left, top = (x0 + x1) / 2 < SIZE / 2, (y0 + y1) / 2 < SIZE / 2
+            assert obj["position"] == f"{'top' if top else 'bottom'} {'left' if left else 'right'}"
+        if kind == "colour":
+            shape = question.split("the ")[1].rstrip("?")
+            obj = next(o for o in objects if o["shape"] == shape)
+            x0, y0, x1, y1 = obj["box"]
+            assert tuple(pixels[(y0 + y1) // 2, (x0 + x1) // 2]) == COLOURS[answer]
+        elif kind == "count":
+            non_white = (pixels != 255).any(axis=2)
+            quadrants = [non_white[r : r + SIZE // 2, c : c + SIZE // 2].any() for r in (0, 28) for c in (0, 28)]
+            assert COUNTS[sum(quadrants)] == answer
+        elif kind == "presence":
+            colour, shape = question[len("<image>\nIs there a ") :].rstrip("?").split(" ")
+            visible = {tuple(pixels[(o["box"][1] + o["box"][3]) // 2, (o["box"][0] + o["box"][2]) // 2])
+                       for o in objects if o["shape"] == shape}
+            assert (COLOURS[colour] in visible) == (answer == "yes")
+    assert kinds == {"colour", "shape", "position", "count", "presence"}
+
+
+def test_splits_from_different_seeds_differ(tmp_path: Path) -> None:
+    a = json.loads(write_split(tmp_path / "a", "train", 20, seed=1).read_text())
+    b = json.loads(write_split(tmp_path / "b", "val", 20, seed=2).read_text())
+    assert [r["toy"] for r in a] != [r["toy"] for r in b]
+
+
+def test_cell_labels_follow_the_boxes() -> None:
+    objects = [{"box": (0, 0, 27, 27), "colour": "red", "shape": "square"}]
+    colours, shapes = cell_labels(objects, grid=4, cell=14.0)
+    assert colours[:2] == [1 + sorted(COLOURS).index("red")] * 2 and colours[2] == 0 and colours[4] != 0
+    assert sum(1 for s in shapes if s) == 4
+
+
+def item(group: str, answer: str, paths: list[str], target: int = 1) -> EvalItem:
+    return EvalItem(id=answer, group=group, images=[], prompt="", answer=answer, image_paths=paths, target=target)
+
+
+def test_scoring_known_predictions_with_error_classes() -> None:
+    scenes = {"a.png": [{"colour": "red", "shape": "circle", "position": "top left"}],
+              "b.png": [{"colour": "blue", "shape": "circle", "position": "top right"}]}
+    items = [item("sequence N=2", "red", ["a.png", "b.png"]) for _ in range(4)] + [item("single", "red", ["a.png"])]
+    predictions = ["Red.", "blue", "green", "circle", "red"]
+    table = score(items, predictions, scenes)
+    row = table["sequence N=2"]
+    assert row["n"] == 4 and row["accuracy"] == 25.0
+    assert row["distractor %"] == 25.0 and row["in no image %"] == 25.0 and row["other %"] == 25.0
+    assert table["single"]["accuracy"] == 100.0
+
+
+def image_b64(colour: tuple[int, int, int]) -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", (20, 20), colour).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_vlmevalkit_tsv_with_several_images(tmp_path: Path) -> None:
+    two = str([image_b64((255, 0, 0)), image_b64((0, 0, 255))])
+    rows = ["index\tquestion\tA\tB\tC\tD\tanswer\timage",
+            f"1\tWhich image is red?\tthe first\tthe second\t\t\tA\t{two}",
+            f"2\tWhat colour?\tred\tgreen\tblue\tblack\tC\t{image_b64((0, 0, 255))}"]
+    path = tmp_path / "bench.tsv"
+    path.write_text("\n".join(rows) + "\n")
+    items = tsv_items(path)
+    assert len(items[0].images) == 2 and items[0].prompt.startswith("<image>\n<image>\nWhich image is red?")
+    assert "C. blue" in items[1].prompt and items[0].options == {"A": "the first", "B": "the second"}
+    table = score(items, ["A", "(B) green"], None)
+    assert table["tsv:bench"] == {"n": 2, "accuracy": 50.0}
+    assert option_letter("blue", items[1].options) == "C" and option_letter("no idea", items[1].options) is None
+
+
+def sft_config(tmp_path: Path, files: list[str], epochs: int) -> SFTJobConfig:
+    cfg = OmegaConf.structured(SFTJobConfig)
+    cfg.model = toy_model_config()
+    cfg.data.merge_with({"files": files, "image_root": str(tmp_path / "images"), "out_dir": str(tmp_path),
+                         "batch_size": 16, "max_length": 256})
+    cfg.optim.lr = 1e-3
+    cfg.trainer = {"max_epochs": epochs, "accelerator": "cpu", "devices": 1, "enable_progress_bar": False,
+                   "enable_model_summary": False}
+    cfg.run_dir = str(tmp_path / "sft")
+    return cfg  # type: ignore[return-value]
+
+
+def test_short_sft_lowers_the_answer_loss(tmp_path: Path) -> None:
+    source = write_split(tmp_path, "train", 96, seed=3)
+    cfg = sft_config(tmp_path, [str(source)], epochs=4)
+    adapter = build_adapter(cfg.model)
+    loader, _ = sft_loaders(adapter, cfg.data, seed=0)
+    batch = next(iter(loader))
+    with torch.no_grad():
+        before = SFTModule(adapter, cfg.optim).model(**batch).loss.item()
+    exported = run_sft(cfg, adapter)
+    reloaded = build_adapter(toy_model_config(str(exported)))
+    with torch.no_grad():
+        after = reloaded.model(**batch).loss.item()
+    assert after < before - 0.5
+
+
+def test_base_recipe_runs_at_small_scale(tmp_path: Path) -> None:
+    base = build_base(tmp_path, train_scenes=64, eval_scenes=8, multi_share=0.25, vision_epochs=1, sft_epochs=1,
+                      progress=False)
+    recipe = json.loads((tmp_path / "base_recipe.json").read_text())
+    assert recipe["multi_records"] > 0 and 0 <= recipe["vision_patch_accuracy"] <= 1
+    adapter = build_adapter(toy_model_config(str(base)))
+    assert adapter.base_model.config.text_config.num_hidden_layers == 3
+    assert (tmp_path / "test.json").is_file() and (tmp_path / "train_sequences" / "records.jsonl").is_file()
+
+
+@pytest.mark.parametrize("bad", ['[{"id": 1, "conversations": []}]'])
+def test_sft_reader_counts_bad_records(tmp_path: Path, bad: str) -> None:
+    source = write_split(tmp_path, "train", 10, seed=3)
+    broken = tmp_path / "broken.json"
+    broken.write_text(bad)
+    cfg = sft_config(tmp_path, [str(source), str(broken)], epochs=1)
+    cfg.data.max_bad_fraction = 0.5
+    loader, _ = sft_loaders(build_adapter(cfg.model), cfg.data, seed=0)
+    assert len(loader.dataset) == 10
