@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 from peft import PeftModel
@@ -34,3 +37,55 @@ class ExportModel(L.Callback):
         model.save_pretrained(target)
         self.adapter.processor_for_saving().save_pretrained(target)
         self.exported = target
+
+
+class BeforeAfterEval(L.Callback):
+    """Evaluates the model when training starts (the base) and when it ends (the policy), on rank 0.
+
+    Writes ``eval_before_after.json`` / ``.md`` into the run directory and logs ``eval/<group>/before|after``.
+    """
+
+    def __init__(self, adapter: ModelAdapter, items: Sequence[Any], run_dir: Path, batch_size: int,
+                 max_new_tokens: int, scenes: dict[str, Any] | None) -> None:
+        self.adapter = adapter
+        self.items = items
+        self.run_dir = run_dir
+        self.batch_size = batch_size
+        self.max_new_tokens = max_new_tokens
+        self.scenes = scenes
+        self.tables: dict[str, dict[str, dict[str, float]]] = {}
+
+    def _evaluate(self, name: str, trainer: L.Trainer) -> None:
+        from miadpo.evaluate import evaluate, multi_image_mean
+
+        was_training = self.adapter.model.training
+        table, _ = evaluate(self.adapter, self.items, self.batch_size, self.max_new_tokens, self.scenes)
+        self.adapter.model.train(was_training)
+        mean = multi_image_mean(table)
+        if mean is not None:
+            table["multi-image mean"] = {"n": sum(r["n"] for g, r in table.items() if " N=" in g), "accuracy": mean}
+        self.tables[name] = table
+        if trainer.logger is not None:
+            trainer.logger.log_metrics({f"eval/{group}/{name}": row["accuracy"] for group, row in table.items()},
+                                       step=trainer.global_step)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self._evaluate("before", trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        self._evaluate("after", trainer)
+        (self.run_dir / "eval_before_after.json").write_text(json.dumps(self.tables, indent=1))
+        (self.run_dir / "eval_before_after.md").write_text(self.markdown())
+
+    def markdown(self) -> str:
+        before, after = self.tables["before"], self.tables["after"]
+        lines = ["| group | n | before | after | Δ | in no image % before → after |", "|---|---|---|---|---|---|"]
+        for group, row in before.items():
+            new = after[group]
+            nothing = (f"{row['in no image %']:.1f} → {new['in no image %']:.1f}" if "in no image %" in row else "")
+            lines.append(f"| {group} | {int(row['n'])} | {row['accuracy']:.1f} | {new['accuracy']:.1f} | "
+                         f"{new['accuracy'] - row['accuracy']:+.1f} | {nothing} |")
+        return "\n".join(lines) + "\n"

@@ -257,6 +257,20 @@ class CheckpointConfig:
 
 
 @dataclass
+class EvalConfig:
+    files: list[str] = field(default_factory=list)  # LLaVA-format test files (augmented records too)
+    tsv: list[str] = field(default_factory=list)  # VLMEvalKit-style multiple-choice TSVs
+    image_root: str = "data/images"
+    out_dir: str = "data/miadpo"
+    toy_source: str | None = None  # toy source JSON: classify wrong answers (distractor / in no image)
+    batch_size: int = 16
+    max_new_tokens: int = 16
+    wandb: bool = False
+    wandb_project: str = "miadpo"
+    wandb_mode: str = "${oc.env:WANDB_MODE,offline}"
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -268,6 +282,8 @@ class TrainConfig:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
+    # Evaluated before and after training when eval.files or eval.tsv are set.
+    eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 42
     run_dir: str = "${hydra:runtime.output_dir}"
     # Resume from a Lightning checkpoint.
@@ -322,20 +338,6 @@ class SFTJobConfig:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     seed: int = 42
     run_dir: str = "${hydra:runtime.output_dir}"
-
-
-@dataclass
-class EvalConfig:
-    files: list[str] = field(default_factory=list)  # LLaVA-format test files (augmented records too)
-    tsv: list[str] = field(default_factory=list)  # VLMEvalKit-style multiple-choice TSVs
-    image_root: str = "data/images"
-    out_dir: str = "data/miadpo"
-    toy_source: str | None = None  # toy source JSON: classify wrong answers (distractor / in no image)
-    batch_size: int = 16
-    max_new_tokens: int = 16
-    wandb: bool = False
-    wandb_project: str = "miadpo"
-    wandb_mode: str = "${oc.env:WANDB_MODE,offline}"
 
 
 @dataclass

@@ -23,11 +23,11 @@ from torch.utils.data import DataLoader, Dataset
 from miadpo.augment.source import iter_raw_records
 from miadpo.config import OptimConfig, SFTDataConfig, register_configs
 from miadpo.datamodule import load_image, split_train_val
+from miadpo.lightning_setup import build_strategy, check_trainer_args
 from miadpo.models import build_adapter
 from miadpo.models.base import ModelAdapter
 from miadpo.module import adamw_with_linear_schedule
 from miadpo.pairs import BadRecord, BadRecordReport, ImageRoots, PairRecord
-from miadpo.train import build_strategy, check_trainer_args
 
 log = logging.getLogger(__name__)
 register_configs()

@@ -5,27 +5,29 @@ Thin wiring: config → adapter → DPOModule + PairDataModule → lightning.Tra
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import hydra
 import lightning as L
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
-from lightning.pytorch.strategies import DDPStrategy, Strategy
 from omegaconf import DictConfig, OmegaConf
 
-from miadpo.callbacks import ExportModel
-from miadpo.config import LoggerName, StrategyConfig, register_configs
+from miadpo.callbacks import BeforeAfterEval, ExportModel
+from miadpo.config import register_configs
 from miadpo.datamodule import PairDataModule
+from miadpo.evaluate import llava_items, tsv_items
+from miadpo.lightning_setup import build_logger, build_strategy, check_trainer_args
 from miadpo.models import ModelAdapter, build_adapter
 from miadpo.module import DPOModule
+from miadpo.pairs import ImageRoots
 from miadpo.select.stage import run_selection
+from miadpo.toyworld.pipeline import ensure_toy_world
+from miadpo.toyworld.scenes import scene_index
 
 log = logging.getLogger(__name__)
 register_configs()
@@ -40,38 +42,6 @@ class TrainResult:
     wandb_run: Path | None
     metrics: dict[str, float]
     global_step: int
-
-
-def build_logger(cfg: DictConfig, run_dir: Path) -> Logger:
-    if LoggerName(cfg.logger.name) is LoggerName.csv:
-        return CSVLogger(save_dir=str(run_dir), name="csv")
-    mode = cfg.logger.mode
-    if mode not in ("online", "offline", "disabled"):
-        raise ValueError(f"logger.mode (or WANDB_MODE) must be online, offline or disabled, not {mode!r}")
-    return WandbLogger(
-        project=cfg.logger.project,
-        entity=cfg.logger.entity,
-        save_dir=str(run_dir),
-        offline=mode == "offline",
-        tags=list(cfg.logger.tags),
-        **({"mode": "disabled"} if mode == "disabled" else {}),
-    )
-
-
-def build_strategy(cfg: StrategyConfig) -> Strategy | str:
-    if cfg.name == "ddp":
-        return DDPStrategy(find_unused_parameters=cfg.find_unused_parameters)
-    return cfg.name
-
-
-def check_trainer_args(trainer_cfg: DictConfig) -> dict[str, Any]:
-    """``trainer.*`` as keyword arguments of lightning.Trainer; an unknown key is named."""
-    kwargs: dict[str, Any] = OmegaConf.to_container(trainer_cfg, resolve=True)  # type: ignore[assignment]
-    allowed = set(inspect.signature(L.Trainer.__init__).parameters) - {"self", "callbacks", "logger", "strategy"}
-    unknown = sorted(set(kwargs) - allowed)
-    if unknown:
-        raise ValueError(f"trainer.{unknown[0]} is not a lightning.Trainer argument (unknown: {unknown})")
-    return kwargs
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback], logger: Logger) -> L.Trainer:
@@ -102,10 +72,23 @@ def select_before_training(cfg: DictConfig, adapter: ModelAdapter) -> Path:
     return pairs
 
 
+def build_before_after(cfg: DictConfig, adapter: ModelAdapter, run_dir: Path) -> BeforeAfterEval | None:
+    """The before/after evaluation of ``eval.*``, or None when no evaluation set is configured."""
+    if not cfg.eval.files and not cfg.eval.tsv:
+        return None
+    roots = ImageRoots(Path(cfg.eval.image_root), Path(cfg.eval.out_dir))
+    items = [item for f in cfg.eval.files for item in llava_items(Path(f), roots)]
+    items += [item for f in cfg.eval.tsv for item in tsv_items(Path(f))]
+    scenes = scene_index(cfg.eval.toy_source) if cfg.eval.toy_source else None
+    return BeforeAfterEval(adapter, items, run_dir, cfg.eval.batch_size, cfg.eval.max_new_tokens, scenes)
+
+
 def train(cfg: DictConfig) -> TrainResult:
     """Run one DPO training job described by a composed config."""
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.run_dir)
+    if cfg.model.name == "toy_llava" and cfg.model.path and not Path(cfg.model.path).is_dir():
+        ensure_toy_world(cfg.model.path)
     adapter = build_adapter(cfg.model)
     if cfg.model.path is None:
         # A model built in code: save its weights with the run so the adapter is usable on its own.
@@ -128,7 +111,11 @@ def train(cfg: DictConfig) -> TrainResult:
     )
     export = ExportModel(adapter, run_dir, base_path)
     logger = build_logger(cfg, run_dir)
-    trainer = build_trainer(cfg, run_dir, [checkpoint, export, LearningRateMonitor("step")], logger)
+    callbacks: list[L.Callback] = [checkpoint, export, LearningRateMonitor("step")]
+    before_after = build_before_after(cfg, adapter, run_dir)
+    if before_after is not None:
+        callbacks.append(before_after)
+    trainer = build_trainer(cfg, run_dir, callbacks, logger)
     logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
 
@@ -148,6 +135,9 @@ def train(cfg: DictConfig) -> TrainResult:
             print(f"W&B run:         {wandb_run}  (sync with `wandb sync {wandb_run}`)")
         elif isinstance(logger, CSVLogger):
             print(f"CSV metrics:     {Path(logger.log_dir) / 'metrics.csv'}")
+        if before_after is not None and "after" in before_after.tables:
+            print(f"evaluation before/after ({run_dir / 'eval_before_after.md'}):")
+            print(before_after.markdown())
     return result
 
 

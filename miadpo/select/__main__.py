@@ -9,9 +9,9 @@ import lightning as L
 from omegaconf import DictConfig
 
 from miadpo.config import register_configs
+from miadpo.lightning_setup import build_strategy, check_trainer_args
 from miadpo.models import build_adapter
 from miadpo.select.stage import run_selection
-from miadpo.train import build_strategy, check_trainer_args
 
 register_configs()
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent.parent / "conf")
