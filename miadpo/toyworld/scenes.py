@@ -1,8 +1,8 @@
 """Toy world: seeded scenes of coloured shapes with VQA whose answers are known exactly.
 
-A scene is a 56 × 56 white image split into four 28 × 28 quadrants; 1–3 objects, each with its own shape and
-colour, sit in distinct quadrants. Every scene gets one question (colour, shape, position, count or presence)
-with a one- or two-word answer. Records are ordinary LLaVA format (``{id, image, conversations}``) plus a
+A scene is a 56 × 56 white image split into four 28 × 28 quadrants; one object (two scenes in three) or two
+objects, each with its own shape and colour, sit in distinct quadrants. Every scene gets one question
+(colour, shape, position, count or presence) with a one- or two-word answer. Records are ordinary LLaVA format (``{id, image, conversations}``) plus a
 ``toy`` field describing the scene, so the normal augmentation stage consumes them (source ``toy``) and the
 evaluator can tell a distractor's attribute from one that is in no image.
 """
@@ -62,7 +62,7 @@ def draw_object(draw: ImageDraw.ImageDraw, obj: ToyObject) -> None:
 
 
 def sample_scene(rng: random.Random) -> list[ToyObject]:
-    count = rng.choice((1, 2, 2, 3))
+    count = rng.choice((1, 1, 2))
     quadrants = rng.sample(range(4), count)
     shapes = rng.sample(SHAPES, count)
     colours = rng.sample(sorted(COLOURS), count)
