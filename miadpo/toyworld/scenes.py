@@ -2,9 +2,10 @@
 
 A scene is a 56 × 56 white image split into four 28 × 28 quadrants; one object (two scenes in three) or two
 objects, each with its own shape and colour, sit in distinct quadrants. Every scene gets one question
-(colour, shape, position, count or presence) with a one- or two-word answer. Records are ordinary LLaVA format (``{id, image, conversations}``) plus a
-``toy`` field describing the scene, so the normal augmentation stage consumes them (source ``toy``) and the
-evaluator can tell a distractor's attribute from one that is in no image.
+(colour, shape, position, count or presence) with a one- or two-word answer. Records are ordinary LLaVA
+format (``{id, image, conversations}``) plus a ``toy`` field describing the scene, so the normal augmentation
+stage consumes them (source ``toy``) and the evaluator can tell a distractor's attribute from one that is in
+no image.
 """
 
 from __future__ import annotations
