@@ -18,11 +18,11 @@ from miadpo.evaluate import EvalItem, option_letter, score, tsv_items
 from miadpo.models import build_adapter
 from miadpo.sft import SFTModule, run_sft, sft_loaders
 from miadpo.toyworld.base import build_base, cell_labels, toy_model_config
-from miadpo.toyworld.scenes import COLOURS, COUNTS, SIZE, write_split
+from miadpo.toyworld.scenes import ALL_QUESTIONS, COLOURS, COUNTS, SIZE, write_split
 
 
 def test_answers_agree_with_the_rendered_pixels(tmp_path: Path) -> None:
-    records = json.loads(write_split(tmp_path, "test", 200, seed=5).read_text())
+    records = json.loads(write_split(tmp_path, "test", 200, seed=5, question_weights=ALL_QUESTIONS).read_text())
     kinds = set()
     for record in records:
         pixels = np.asarray(Image.open(tmp_path / "images" / record["image"]))
@@ -41,8 +41,8 @@ def test_answers_agree_with_the_rendered_pixels(tmp_path: Path) -> None:
             left, top = (x0 + x1) / 2 < SIZE / 2, (y0 + y1) / 2 < SIZE / 2
             assert obj["position"] == f"{'top' if top else 'bottom'} {'left' if left else 'right'}"
         if kind == "colour":
-            shape = question.split("the ")[1].rstrip("?")
-            obj = next(o for o in objects if o["shape"] == shape)
+            position = question.split("at the ")[1].rstrip("?")
+            obj = next(o for o in objects if o["position"] == position)
             x0, y0, x1, y1 = obj["box"]
             assert tuple(pixels[(y0 + y1) // 2, (x0 + x1) // 2]) == COLOURS[answer]
         elif kind == "count":

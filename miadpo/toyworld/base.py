@@ -55,6 +55,7 @@ def augmented_sequences(out: Path, source: Path, name: str, seed: int) -> Path:
     data.formats = {"sequence": 1.0, "grid": 0.0, "pip": 0.0}
     data.augment.sequence.n_weights = {2: 1.0, 3: 1.0, 4: 1.0, 5: 0.0}
     data.augment.known_sources = ["toy"]
+    data.augment.workers = 1  # small splits: no pool start-up
     run_augmentation(data, seed, progress=False)
     return out / name / RECORDS_FILE
 
