@@ -68,6 +68,9 @@ def select_before_training(cfg: DictConfig, adapter: ModelAdapter) -> Path:
                           trainer_kwargs={"accelerator": cfg.trainer.get("accelerator", "auto"), "devices": 1,
                                           "enable_progress_bar": cfg.trainer.get("enable_progress_bar", True)})
     assert pairs is not None
+    if not pairs.read_text().strip():
+        raise ValueError(f"selection kept no pairs; see {pairs.parent / 'report.txt'} for why each candidate "
+                         "was dropped, and loosen selection.* accordingly")
     log.info("selection wrote %s", pairs)
     return pairs
 

@@ -153,3 +153,30 @@ def test_sft_reader_counts_bad_records(tmp_path: Path, bad: str) -> None:
     cfg.data.max_bad_fraction = 0.5
     loader, _ = sft_loaders(build_adapter(cfg.model), cfg.data, seed=0)
     assert len(loader.dataset) == 10
+
+
+def test_whole_toy_pipeline_at_small_scale(tmp_path: Path) -> None:
+    """Base → augment → select → DPO → before/after evaluation, through the real entry config."""
+    from conftest import compose_train
+
+    from miadpo.toyworld.pipeline import ensure_toy_world
+    from miadpo.train import train
+
+    out = tmp_path / "toyworld"
+    build_base(out, train_scenes=64, eval_scenes=12, multi_share=0.25, vision_epochs=1, sft_epochs=1,
+               progress=False)
+    ensure_toy_world(out / "base")  # existing base: only the evaluation sequences are added
+    assert (out / "test_sequences" / "records.jsonl").is_file()
+    overrides = ["model=toy_llava", f"model.path={out / 'base'}", "data=toy", f"data.source={out / 'train.json'}",
+                 f"data.image_root={out / 'images'}", f"data.out_dir={out / 'dpo'}", "data.augment.max_records=40",
+                 "selection.generation.max_new_tokens=4", "selection.generation.min_new_tokens=1",
+                 "selection.min_perplexity=0",
+                 "selection.thresholds.sequence={2:1,3:1,4:1,5:1}", "data.val_fraction=0", "trainer.max_steps=3",
+                 f"eval.files=[{out / 'test.json'},{out / 'test_sequences' / 'records.jsonl'}]",
+                 f"eval.toy_source={out / 'test.json'}", f"eval.image_root={out / 'images'}"]
+    result = train(compose_train(overrides, tmp_path))
+    tables = json.loads((result.run_dir / "eval_before_after.json").read_text())
+    assert set(tables) == {"before", "after"}
+    assert {"single", "multi-image mean"} <= set(tables["after"])
+    assert any(group.startswith("sequence N=") for group in tables["after"])
+    assert "in no image %" in tables["after"]["single"]
