@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw
 from miadpo.augment.formats import sequence_header
 from miadpo.config import SyntheticConfig
 from miadpo.pairs import ImageRoots, PairRecord, write_pairs
+from miadpo.toyworld.scenes import SHAPES, paint_shape
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -30,7 +31,6 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "black": (20, 20, 20),
     "gray": (128, 128, 128),
 }
-SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 
 
 def draw_shape(shape: str, colour: tuple[int, int, int], size: int, rng: random.Random) -> Image.Image:
@@ -39,22 +39,7 @@ def draw_shape(shape: str, colour: tuple[int, int, int], size: int, rng: random.
     draw = ImageDraw.Draw(image)
     extent = rng.randint(size // 3, size * 2 // 3)
     x0, y0 = rng.randint(0, size - extent), rng.randint(0, size - extent)
-    x1, y1 = x0 + extent, y0 + extent
-    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    if shape == "circle":
-        draw.ellipse((x0, y0, x1, y1), fill=colour)
-    elif shape == "square":
-        draw.rectangle((x0, y0, x1, y1), fill=colour)
-    elif shape == "triangle":
-        draw.polygon([(cx, y0), (x1, y1), (x0, y1)], fill=colour)
-    elif shape == "diamond":
-        draw.polygon([(cx, y0), (x1, cy), (cx, y1), (x0, cy)], fill=colour)
-    elif shape == "cross":
-        third = extent / 3
-        draw.rectangle((x0, y0 + third, x1, y1 - third), fill=colour)
-        draw.rectangle((x0 + third, y0, x1 - third, y1), fill=colour)
-    else:
-        raise ValueError(f"unknown shape {shape!r}")
+    paint_shape(draw, shape, (x0, y0, x0 + extent, y0 + extent), colour)
     return image
 
 

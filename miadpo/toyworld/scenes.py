@@ -46,24 +46,29 @@ class ToyObject:
     box: tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels
 
 
-def draw_object(draw: ImageDraw.ImageDraw, obj: ToyObject) -> None:
-    x0, y0, x1, y1 = obj.box
-    fill = COLOURS[obj.colour]
+def paint_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[float, float, float, float],
+                fill: tuple[int, int, int]) -> None:
+    """Fill one of SHAPES inside ``box`` (every shape covers the box centre)."""
+    x0, y0, x1, y1 = box
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    if obj.shape == "circle":
-        draw.ellipse(obj.box, fill=fill)
-    elif obj.shape == "square":
-        draw.rectangle(obj.box, fill=fill)
-    elif obj.shape == "triangle":
+    if shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "square":
+        draw.rectangle(box, fill=fill)
+    elif shape == "triangle":
         draw.polygon([(cx, y0), (x1, y1), (x0, y1)], fill=fill)
-    elif obj.shape == "diamond":
+    elif shape == "diamond":
         draw.polygon([(cx, y0), (x1, cy), (cx, y1), (x0, cy)], fill=fill)
-    elif obj.shape == "cross":
+    elif shape == "cross":
         third = (x1 - x0) / 3
         draw.rectangle((x0, y0 + third, x1, y1 - third), fill=fill)
         draw.rectangle((x0 + third, y0, x1 - third, y1), fill=fill)
     else:
-        raise ValueError(f"unknown shape {obj.shape!r}")
+        raise ValueError(f"unknown shape {shape!r}")
+
+
+def draw_object(draw: ImageDraw.ImageDraw, obj: ToyObject) -> None:
+    paint_shape(draw, obj.shape, obj.box, COLOURS[obj.colour])
 
 
 def sample_scene(rng: random.Random) -> list[ToyObject]:
