@@ -1,6 +1,6 @@
 """Toy-world ablation: base vs MIA-DPO vs random selection vs no post-selection, over several seeds.
 
-    python experiments/toyworld/run.py [--seeds 0 1 2] [--split test] [--extra dpo.beta=0.1 ...]
+    python experiments/toyworld/run.py [--seeds 0 1 2] [--split test] [--extra dpo.beta=0.1 ...] [--results PATH]
 
 Every arm trains with the real entry point (`miadpo.train`, config composed in process) from the same toy base;
 arms of one seed share the candidates cache (only the rules differ). Evaluation is on the toy split named by
@@ -33,7 +33,7 @@ METRICS = ("multi-image mean", "sequence N=2", "sequence N=3", "sequence N=4", "
 def run_arm(arm: str, seed: int, split: str, extra: list[str], work: Path) -> dict[str, dict[str, dict[str, float]]]:
     run_dir = work / f"{arm.replace(' ', '_')}-seed{seed}"
     overrides = ["model=toy_llava", "data=toy", f"seed={seed}", "logger=csv", "trainer.enable_progress_bar=false",
-                 f"run_dir={run_dir}",
+                 f"run_dir={run_dir}", f"data.out_dir=data/toyworld/dpo-seed{seed}",
                  f"eval.files=[data/toyworld/{split}.json,data/toyworld/{split}_sequences/records.jsonl]",
                  f"eval.toy_source=data/toyworld/{split}.json", *ARMS[arm], *extra]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
@@ -73,6 +73,7 @@ def main() -> None:
     parser.add_argument("--arms", nargs="+", default=list(ARMS))
     parser.add_argument("--extra", nargs="*", default=[])
     parser.add_argument("--work", default="outputs/toyworld")
+    parser.add_argument("--results", default=str(RESULTS / "toyworld"), help="writes <results>.md and .png")
     args = parser.parse_args()
     start = time.time()
     rows: dict[str, dict[str, list[float]]] = {}
@@ -101,9 +102,10 @@ def main() -> None:
                      f"{[round(d, 1) for d in diffs]}, mean {statistics.mean(diffs):+.1f}")
     text = "\n".join(lines) + "\n"
     print(text)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "toyworld.md").write_text(text)
-    plot(rows, RESULTS / "toyworld.png")
+    results = Path(args.results)
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.with_suffix(".md").write_text(text)
+    plot(rows, results.with_suffix(".png"))
 
 
 if __name__ == "__main__":
