@@ -19,18 +19,11 @@ from PIL import Image, ImageDraw
 from miadpo.augment.formats import sequence_header
 from miadpo.config import SyntheticConfig
 from miadpo.pairs import ImageRoots, PairRecord, write_pairs
+from miadpo.toyworld.scenes import COLOURS as TOY_COLOURS
 from miadpo.toyworld.scenes import SHAPES, paint_shape
 
-COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 30, 30),
-    "green": (30, 170, 60),
-    "blue": (40, 70, 220),
-    "yellow": (240, 210, 20),
-    "purple": (140, 50, 180),
-    "orange": (250, 140, 20),
-    "black": (20, 20, 20),
-    "gray": (128, 128, 128),
-}
+# The toy world's palette plus two colours it does not use.
+COLOURS: dict[str, tuple[int, int, int]] = {**TOY_COLOURS, "black": (20, 20, 20), "gray": (128, 128, 128)}
 
 
 def draw_shape(shape: str, colour: tuple[int, int, int], size: int, rng: random.Random) -> Image.Image:
