@@ -37,9 +37,10 @@ TOY_MODEL = {"hidden_size": 128, "intermediate_size": 256, "num_layers": 3, "num
 SPLIT_SEEDS = {"train": 1000, "val": 2000, "test": 3000}
 
 
-def toy_model_config(path: str | None = None) -> ModelConfig:
+def toy_model_config(path: str | None = None, llm_layers: int | None = None) -> ModelConfig:
     cfg = OmegaConf.structured(ModelConfig)
-    cfg.merge_with({"name": "toy_llava", "path": path, "tiny": TOY_MODEL, "lora": {"enabled": False},
+    tiny = {**TOY_MODEL, **({"num_layers": llm_layers} if llm_layers else {})}
+    cfg.merge_with({"name": "toy_llava", "path": path, "tiny": tiny, "lora": {"enabled": False},
                     "freeze_vision_tower": True, "freeze_projector": False, "freeze_llm": False})
     return cfg  # type: ignore[return-value]
 
@@ -117,14 +118,14 @@ def pretrain_vision(adapter: ModelAdapter, source: Path, image_root: Path, epoch
 
 def build_base(out: Path, train_scenes: int = 6000, eval_scenes: int = 400, multi_share: float = 0.15,
                vision_epochs: int = 6, sft_epochs: int = 3, lr: float = 1e-3, batch_size: int = 16, seed: int = 0,
-               progress: bool = True) -> Path:
+               progress: bool = True, llm_layers: int | None = None) -> Path:
     """Run every stage; returns the exported base model directory ``<out>/base``."""
     L.seed_everything(seed)
     out = Path(out)
     splits = write_splits(out, {"train": train_scenes, "val": eval_scenes, "test": eval_scenes})
     multi = augmented_sequences(out, splits["train"], "train_sequences", seed)
 
-    adapter = build_adapter(toy_model_config())
+    adapter = build_adapter(toy_model_config(llm_layers=llm_layers))
     patch_accuracy = pretrain_vision(adapter, splits["train"], out / "images", vision_epochs, seed=seed)
 
     records = [json.loads(line) for line in multi.read_text().splitlines()]
@@ -134,7 +135,7 @@ def build_base(out: Path, train_scenes: int = 6000, eval_scenes: int = 400, mult
     mix.write_text("".join(json.dumps(r) + "\n" for r in records[:keep]))
 
     cfg = OmegaConf.structured(SFTJobConfig)
-    cfg.model = toy_model_config()
+    cfg.model = toy_model_config(llm_layers=llm_layers)
     cfg.data.merge_with({"files": [str(splits["train"]), str(mix)], "image_root": str(out / "images"),
                          "out_dir": str(out / "train_sequences"), "batch_size": batch_size, "max_length": 512})
     cfg.optim.lr = lr
@@ -151,7 +152,8 @@ def build_base(out: Path, train_scenes: int = 6000, eval_scenes: int = 400, mult
     (out / "base_recipe.json").write_text(json.dumps({
         "train_scenes": train_scenes, "eval_scenes": eval_scenes, "multi_share": multi_share,
         "multi_records": keep, "vision_epochs": vision_epochs, "vision_patch_accuracy": patch_accuracy,
-        "sft_epochs": sft_epochs, "lr": lr, "batch_size": batch_size, "seed": seed, "model": TOY_MODEL,
+        "sft_epochs": sft_epochs, "lr": lr, "batch_size": batch_size, "seed": seed,
+        "model": dict(cfg.model.tiny),
     }, indent=2) + "\n")
     return base
 
@@ -166,9 +168,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sft-epochs", type=int, default=3)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--llm-layers", type=int, default=None, help="decoder layers (default 3)")
     args = parser.parse_args(argv)
     base = build_base(Path(args.out), args.train_scenes, args.eval_scenes, args.multi_share, args.vision_epochs,
-                      args.sft_epochs, args.lr, seed=args.seed)
+                      args.sft_epochs, args.lr, seed=args.seed, llm_layers=args.llm_layers)
     print(f"toy base model: {base.resolve()}")
 
 
