@@ -62,19 +62,15 @@ def run_mode(mode: str, batch_size: int, samples: int) -> dict[str, float]:
     layer = resolve_layer(adapter, None)
 
     def reference(batch_prompts: list) -> None:
-        batch = adapter.collate(batch_prompts, padding_side="left")
-        batch.pop("labels")
-        out = adapter.model.generate(**batch, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
-                                     output_attentions=True, return_dict_in_generate=True,
-                                     pad_token_id=adapter.tokenizer.pad_token_id)
+        out = adapter.model.generate(**adapter.generation_inputs(batch_prompts), max_new_tokens=NEW_TOKENS,
+                                     min_new_tokens=NEW_TOKENS, do_sample=False, output_attentions=True,
+                                     return_dict_in_generate=True, pad_token_id=adapter.tokenizer.pad_token_id)
         # what the reference read: one layer's rows of each decoding step, heads averaged
         _ = [step[layer][:, :, -1].mean(1) for step in out.attentions[1:]]
 
     def plain(batch_prompts: list) -> None:
-        batch = adapter.collate(batch_prompts, padding_side="left")
-        batch.pop("labels")
-        adapter.model.generate(**batch, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
-                               pad_token_id=adapter.tokenizer.pad_token_id)
+        adapter.model.generate(**adapter.generation_inputs(batch_prompts), max_new_tokens=NEW_TOKENS,
+                               min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=adapter.tokenizer.pad_token_id)
 
     def ours(batch_prompts: list) -> None:
         generated = generator.generate(batch_prompts)

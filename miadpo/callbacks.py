@@ -56,14 +56,11 @@ class BeforeAfterEval(L.Callback):
         self.tables: dict[str, dict[str, dict[str, float]]] = {}
 
     def _evaluate(self, name: str, trainer: L.Trainer) -> None:
-        from miadpo.evaluate import evaluate, multi_image_mean
+        from miadpo.evaluate import evaluate
 
         was_training = self.adapter.model.training
         table, _ = evaluate(self.adapter, self.items, self.batch_size, self.max_new_tokens, self.scenes)
         self.adapter.model.train(was_training)
-        mean = multi_image_mean(table)
-        if mean is not None:
-            table["multi-image mean"] = {"n": sum(r["n"] for g, r in table.items() if " N=" in g), "accuracy": mean}
         self.tables[name] = table
         if trainer.logger is not None:
             trainer.logger.log_metrics({f"eval/{group}/{name}": row["accuracy"] for group, row in table.items()},

@@ -60,11 +60,7 @@ class EvalItem:
 
 @torch.no_grad()
 def greedy_answers(adapter: ModelAdapter, items: Sequence[EvalItem], max_new_tokens: int) -> list[str]:
-    prompts = [adapter.encode(item.images, item.prompt) for item in items]
-    batch = adapter.collate(prompts, padding_side="left")
-    batch.pop("labels")
-    device = next(adapter.model.parameters()).device
-    batch = {k: v.to(device) for k, v in batch.items()}
+    batch = adapter.generation_inputs([adapter.encode(item.images, item.prompt) for item in items])
     output = adapter.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                     pad_token_id=adapter.tokenizer.pad_token_id,
                                     eos_token_id=adapter.tokenizer.eos_token_id)
@@ -156,7 +152,8 @@ def classify_error(item: EvalItem, prediction: str, scenes: dict[str, list[dict[
 
 def score(items: Sequence[EvalItem], predictions: Sequence[str], scenes: dict[str, list[dict[str, Any]]] | None
           ) -> dict[str, dict[str, float]]:
-    """Per group: n, accuracy, and for toy answers the shares of errors by class (of all answers)."""
+    """Per group: n, accuracy, and for toy answers the shares of errors by class (of all answers); with
+    multi-image groups, a "multi-image mean" row (each format × N group weighted equally)."""
     groups: dict[str, list[tuple[EvalItem, str]]] = defaultdict(list)
     for item, prediction in zip(items, predictions):
         groups[item.group].append((item, prediction))
@@ -176,6 +173,9 @@ def score(items: Sequence[EvalItem], predictions: Sequence[str], scenes: dict[st
             for name in ("distractor", "in no image", "other"):
                 row[f"{name} %"] = 100.0 * classes[name] / len(pairs)
         table[group] = row
+    mean = multi_image_mean(table)
+    if mean is not None:
+        table["multi-image mean"] = {"n": sum(r["n"] for g, r in table.items() if " N=" in g), "accuracy": mean}
     return table
 
 

@@ -300,6 +300,13 @@ class ModelAdapter(ABC):
             handle.remove()
         return captured["embeds"]
 
+    def generation_inputs(self, prompts: Sequence[EncodedSample]) -> dict[str, torch.Tensor]:
+        """Prompts as one left-padded batch for ``generate``, labels dropped, on the model's device."""
+        batch = self.collate(prompts, padding_side="left")
+        batch.pop("labels")
+        device = next(self.model.parameters()).device
+        return {k: v.to(device) for k, v in batch.items()}
+
     # ----- training set-up ------------------------------------------------------------------------
     def freeze(self, vision_tower: bool, projector: bool, llm: bool) -> None:
         flags = {"vision_tower": vision_tower, "projector": projector, "llm": llm}

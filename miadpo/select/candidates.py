@@ -119,7 +119,7 @@ class GeneratedAnswers:
 
 
 class CandidateGenerator:
-    """Batch of SelectionInputs → candidate dicts (generation + one teacher-forced capture pass)."""
+    """Batch of SelectionInputs → candidate dicts (one generation that also records the selection layer)."""
 
     def __init__(self, adapter: ModelAdapter, cfg: SelectionConfig, roots: ImageRoots, seed: int) -> None:
         self.adapter = adapter
@@ -146,10 +146,7 @@ class CandidateGenerator:
     def generate(self, prompts: Sequence[EncodedSample]) -> GeneratedAnswers:
         """Batched answers (left padding), their log-probs, and the selection layer's attention rows."""
         adapter, gen = self.adapter, self.cfg.generation
-        batch = adapter.collate(prompts, padding_side="left")
-        batch.pop("labels")
-        device = next(adapter.model.parameters()).device
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = adapter.generation_inputs(prompts)
         sampling = {"do_sample": True, "temperature": gen.temperature, "top_p": gen.top_p} if gen.do_sample else \
             {"do_sample": False}
         recorder = AttentionRecorder(prompt_mask=batch["attention_mask"])

@@ -8,33 +8,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
-from miadpo.evaluate import EvalItem, evaluate, llava_items, multi_image_mean
-from miadpo.models import build_adapter
-from miadpo.pairs import ImageRoots
-from miadpo.toyworld.base import augmented_sequences, toy_model_config
-from miadpo.toyworld.scenes import scene_index
-
-
-def toy_test_items(out: Path, split: str = "test", seed: int = 7) -> tuple[list[EvalItem], dict[str, Any]]:
-    """Single-image questions of a split plus its Sequence (N = 2–4) augmentation, with the scene index."""
-    source = out / f"{split}.json"
-    sequences = augmented_sequences(out, source, f"{split}_sequences", seed)
-    single = llava_items(source, ImageRoots(out / "images", out))
-    multi = llava_items(sequences, ImageRoots(out / "images", sequences.parent))
-    return single + multi, scene_index(source)
-
-
-def evaluate_model(model_dir: str | Path, out: Path, split: str = "test", batch_size: int = 32
-                   ) -> dict[str, dict[str, float]]:
-    adapter = build_adapter(toy_model_config(str(model_dir)))
-    items, scenes = toy_test_items(out, split)
-    table, _ = evaluate(adapter, items, batch_size=batch_size, max_new_tokens=4, scenes=scenes)
-    table["multi-image mean"] = {"n": sum(r["n"] for g, r in table.items() if " N=" in g),
-                                 "accuracy": multi_image_mean(table) or 0.0}
-    return table
-
+from miadpo.toyworld.base import augmented_sequences
 
 SHIPPED_BASE = Path(__file__).resolve().parent / "base_model"
 
