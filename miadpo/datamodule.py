@@ -25,10 +25,6 @@ from miadpo.synthetic import ensure_synthetic_pairs
 log = logging.getLogger(__name__)
 
 
-def image_roots(cfg: DataConfig) -> ImageRoots:
-    return ImageRoots(image_root=Path(cfg.image_root), out_dir=Path(cfg.out_dir))
-
-
 def load_image(path: Path) -> Image.Image:
     with Image.open(path) as image:
         return image.convert("RGB")
@@ -131,7 +127,7 @@ class PairDataModule(L.LightningDataModule):
         self.cfg = cfg
         self.adapter = adapter
         self.seed = seed
-        self.roots = image_roots(cfg)
+        self.roots = ImageRoots.of(cfg)
         self.train_set: PairDataset | None = None
         self.val_set: PairDataset | None = None
         self.report: BadRecordReport | None = None

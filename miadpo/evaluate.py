@@ -205,7 +205,7 @@ def multi_image_mean(table: dict[str, dict[str, float]]) -> float | None:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     adapter = build_adapter(cfg.model)
-    roots = ImageRoots(Path(cfg.eval.image_root), Path(cfg.eval.out_dir))
+    roots = ImageRoots.of(cfg.eval)
     items = [item for f in cfg.eval.files for item in llava_items(Path(f), roots)]
     items += [item for f in cfg.eval.tsv for item in tsv_items(Path(f))]
     scenes = scene_index(cfg.eval.toy_source) if cfg.eval.toy_source else None

@@ -63,6 +63,11 @@ class ImageRoots:
     image_root: Path
     out_dir: Path
 
+    @classmethod
+    def of(cls, cfg: Any) -> ImageRoots:
+        """The roots named by any config with ``image_root`` and ``out_dir`` (data, sft data, eval)."""
+        return cls(Path(cfg.image_root), Path(cfg.out_dir))
+
     def resolve(self, rel_path: str) -> Path:
         """Resolve a record path; raises ValueError for absolute paths or paths escaping their root."""
         if rel_path.startswith(COMPOSED_PREFIX):

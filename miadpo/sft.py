@@ -99,7 +99,7 @@ class SFTModule(L.LightningModule):
 
 
 def sft_loaders(adapter: ModelAdapter, data: SFTDataConfig, seed: int) -> tuple[DataLoader, DataLoader | None]:
-    roots = ImageRoots(Path(data.image_root), Path(data.out_dir))
+    roots = ImageRoots.of(data)
     report = BadRecordReport(data.on_bad_record, data.max_bad_fraction, stage="sft")
     records = read_sft_records(list(data.files), roots, report)
     train, val = split_train_val(records, data.val_fraction, seed)

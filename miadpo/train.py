@@ -79,7 +79,7 @@ def build_before_after(cfg: DictConfig, adapter: ModelAdapter, run_dir: Path) ->
     """The before/after evaluation of ``eval.*``, or None when no evaluation set is configured."""
     if not cfg.eval.files and not cfg.eval.tsv:
         return None
-    roots = ImageRoots(Path(cfg.eval.image_root), Path(cfg.eval.out_dir))
+    roots = ImageRoots.of(cfg.eval)
     items = [item for f in cfg.eval.files for item in llava_items(Path(f), roots)]
     items += [item for f in cfg.eval.tsv for item in tsv_items(Path(f))]
     scenes = scene_index(cfg.eval.toy_source) if cfg.eval.toy_source else None

@@ -7,8 +7,8 @@ import pytest
 from conftest import good_record
 
 from miadpo.config import DataConfig, TooLongPolicy
-from miadpo.datamodule import PairDataModule, apply_length_guard, image_roots, split_train_val
-from miadpo.pairs import BadRecordError, PairRecord
+from miadpo.datamodule import PairDataModule, apply_length_guard, split_train_val
+from miadpo.pairs import BadRecordError, ImageRoots, PairRecord
 
 
 def data_config(tmp_path: Path, pairs: Path, **overrides) -> DataConfig:
@@ -60,7 +60,7 @@ def test_too_long_multi_image_pair_is_truncated_or_skipped(adapter, tmp_path: Pa
 def test_prompt_longer_than_max_length_is_always_skipped(adapter, tmp_path: Path) -> None:
     record = good_record(tmp_path, 0, n_images=5)
     pair = PairRecord(record["id"], record["images"], record["prompt"], "a", "b")
-    roots = image_roots(DataConfig(image_root=str(tmp_path / "images")))
+    roots = ImageRoots.of(DataConfig(image_root=str(tmp_path / "images")))
     result = apply_length_guard([pair], roots, adapter, max_length=50, policy=TooLongPolicy.truncate_answer)
     assert not result.kept and "prompt with images" in result.skipped[0][1]
 

@@ -332,7 +332,7 @@ def run_augmentation(cfg: DataConfig, seed: int, workers: int | None = None, pro
     """Augment ``data.source`` into ``<data.out_dir>/records.jsonl`` (resuming a partial run)."""
     if not cfg.source:
         raise ValueError("data.source (LLaVA-format JSON) is required for augmentation")
-    roots = ImageRoots(Path(cfg.image_root), Path(cfg.out_dir))
+    roots = ImageRoots.of(cfg)
     out_dir = Path(cfg.out_dir)
     inputs = fingerprint(cfg, seed)
     _check_manifest(out_dir, inputs)

@@ -123,7 +123,7 @@ class SelectionStage:
         self.data = data
         self.selection = selection
         self.seed = seed
-        self.roots = ImageRoots(Path(data.image_root), Path(data.out_dir))
+        self.roots = ImageRoots.of(data)
 
     def prepare(self) -> tuple[Path, list[SelectionInput]]:
         """Augment if needed; fix the candidates directory; return it and every input (record order)."""
