@@ -60,6 +60,8 @@ class TinyModelConfig:
     patch_size: int = 14
     vocab_size: int = 512
     init_seed: int = 0
+    # Dynamic-resolution models: most tiles (crops) per image, or max pixels = tiles × image_size² (Qwen).
+    max_tiles: int = 4
 
 
 @dataclass

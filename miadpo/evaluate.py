@@ -63,7 +63,7 @@ def greedy_answers(adapter: ModelAdapter, items: Sequence[EvalItem], max_new_tok
     batch = adapter.generation_inputs([adapter.encode(item.images, item.prompt) for item in items])
     output = adapter.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                     pad_token_id=adapter.tokenizer.pad_token_id,
-                                    eos_token_id=adapter.tokenizer.eos_token_id)
+                                    eos_token_id=adapter.eos_token_id)
     return [adapter.tokenizer.decode(row, skip_special_tokens=True).strip()
             for row in output[:, batch["input_ids"].shape[1] :]]
 

@@ -14,6 +14,8 @@ class ChatTemplate:
     system: str
     user_prefix: str
     assistant_prefix: str
+    # Token that ends an answer, when it is not the tokenizer's EOS (chat models with turn-end tokens).
+    end_token: str | None = None
 
     def render(self, prompt: str) -> str:
         """Text that precedes the answer for a single-turn prompt."""
@@ -32,6 +34,11 @@ TEMPLATES: dict[str, ChatTemplate] = {
     "llava_v0": ChatTemplate("llava_v0", _LLAVA_SYSTEM, "###Human: ", "###Assistant:"),
     # The llava-hf chat template (no system prompt).
     "llava_hf": ChatTemplate("llava_hf", "", "USER: ", " ASSISTANT:"),
+    # ChatML as Qwen2-VL / Qwen2.5-VL render a single user turn (default system prompt); answers end with <|im_end|>.
+    "qwen2_vl": ChatTemplate("qwen2_vl", "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n",
+                             "<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n", "<|im_end|>"),
+    # ChatML without a system turn (InternVL-HF, LLaVA-OneVision).
+    "chatml": ChatTemplate("chatml", "", "<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n", "<|im_end|>"),
     # No wrapping at all (tests, plain language modelling).
     "plain": ChatTemplate("plain", "", "", "\n"),
 }

@@ -22,6 +22,7 @@ os.environ.setdefault("WANDB_SILENT", "true")
 torch.set_num_threads(2)
 
 REPO = Path(__file__).resolve().parent.parent
+TEST_DEFAULTS = {"model": "tiny_llava", "data": "synthetic"}
 PROMPT_HEADERS = {n: "".join(f"Image{k}: <image>\n" for k in range(1, n + 1)) for n in range(1, 6)}
 
 
@@ -46,7 +47,9 @@ def adapter(make_adapter: Callable[..., LlavaAdapter]) -> LlavaAdapter:
 
 def compose_train(overrides: list[str], tmp_path: Path) -> DictConfig:
     """The real entry config, composed in process, writing everything under ``tmp_path``."""
-    base = [f"run_dir={tmp_path / 'run'}", f"data.out_dir={tmp_path / 'data'}", "logger=csv",
+    # The tests' default job is the fast synthetic one (the entry's own default is the toy-world pipeline).
+    groups = [f"{g}={d}" for g, d in TEST_DEFAULTS.items() if not any(o.startswith(f"{g}=") for o in overrides)]
+    base = [*groups, f"run_dir={tmp_path / 'run'}", f"data.out_dir={tmp_path / 'data'}", "logger=csv",
             "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return compose(config_name="train", overrides=base + overrides)

@@ -18,6 +18,7 @@ from miadpo.evaluate import EvalItem, option_letter, score, tsv_items
 from miadpo.models import build_adapter
 from miadpo.sft import SFTModule, run_sft, sft_loaders
 from miadpo.toyworld.base import build_base, cell_labels, toy_model_config
+from miadpo.toyworld.pipeline import SHIPPED_BASE
 from miadpo.toyworld.scenes import ALL_QUESTIONS, COLOURS, COUNTS, SIZE, write_split
 
 
@@ -135,12 +136,19 @@ def test_short_sft_lowers_the_answer_loss(tmp_path: Path) -> None:
 
 
 def test_base_recipe_runs_at_small_scale(tmp_path: Path) -> None:
-    base = build_base(tmp_path, train_scenes=64, eval_scenes=8, multi_share=0.25, vision_epochs=1, sft_epochs=1,
-                      progress=False)
+    """The regeneration command of the shipped checkpoint, with its defaults, at a small scale."""
+    shipped = json.loads((SHIPPED_BASE / "base_recipe.json").read_text())
+    base = build_base(tmp_path, train_scenes=64, eval_scenes=8, vision_epochs=1, sft_epochs=1, progress=False)
     recipe = json.loads((tmp_path / "base_recipe.json").read_text())
     assert recipe["multi_records"] > 0 and 0 <= recipe["vision_patch_accuracy"] <= 1
+    # The command's defaults are the shipped recipe (only the scale was changed here).
+    for key in ("multi_share", "lr", "batch_size", "seed"):
+        assert recipe[key] == shipped[key], key
+    assert {k: recipe["model"][k] for k in shipped["model"]} == shipped["model"]
+    assert shipped["train_scenes"] == 6000 and shipped["sft_epochs"] == 6 and shipped["vision_epochs"] == 6
     adapter = build_adapter(toy_model_config(str(base)))
-    assert adapter.base_model.config.text_config.num_hidden_layers == 3
+    shipped_config = json.loads((SHIPPED_BASE / "config.json").read_text())
+    assert adapter.base_model.config.text_config.num_hidden_layers == shipped_config["text_config"]["num_hidden_layers"]
     assert (tmp_path / "test.json").is_file() and (tmp_path / "train_sequences" / "records.jsonl").is_file()
 
 

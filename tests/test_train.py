@@ -82,7 +82,8 @@ def run_module(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 def test_ddp_on_two_cpu_processes_then_merge(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    proc = run_module(["miadpo.train", "strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
+    proc = run_module(["miadpo.train", "model=tiny_llava", "data=synthetic", "strategy=ddp", "trainer.devices=2",
+                       "trainer.accelerator=cpu",
                        "trainer.max_steps=3", "logger=csv", "data.synthetic.num_pairs=24",
                        f"data.out_dir={tmp_path / 'data'}", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

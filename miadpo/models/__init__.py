@@ -14,8 +14,13 @@ from miadpo.models.base import (
     SampleTooLongError,
 )
 from miadpo.models.llava import LlavaAdapter
+from miadpo.models.qwen2_vl import Qwen25VLAdapter, QwenVLAdapter
 
-ADAPTERS: dict[str, type[ModelAdapter]] = {"llava": LlavaAdapter}
+ADAPTERS: dict[str, type[ModelAdapter]] = {
+    "llava": LlavaAdapter,
+    "qwen2_vl": QwenVLAdapter,
+    "qwen2_5_vl": Qwen25VLAdapter,
+}
 
 
 def build_adapter(cfg: ModelConfig) -> ModelAdapter:

@@ -70,8 +70,16 @@ class ImageGeometry:
     """Where one image's tokens sit in its span and which part of the image each token sees."""
 
     image_size: tuple[int, int]  # (width, height) of the original image
-    num_tokens: int  # length of the image's span in the sequence
+    num_tokens: int  # length of the image's span in the sequence (first to last image token)
     grids: tuple[PatchGrid, ...]
+    # Image-token ids inside the span, when the span also holds text markers (e.g. Idefics3's tile tags).
+    image_tokens: int | None = None
+    # Backbone-specific layout of the span (tile rows/cols, ...), used to render the placeholder text.
+    layout: tuple[int, ...] = ()
+
+    @property
+    def image_token_ids(self) -> int:
+        return self.num_tokens if self.image_tokens is None else self.image_tokens
 
     def token_coverage(self, box: Box) -> np.ndarray:
         """For each token of the span, the fraction of its cell inside ``box`` (0 for non-grid tokens)."""
@@ -168,8 +176,8 @@ class ModelAdapter(ABC):
         """Run the model's image preprocessing and compute each image's geometry."""
 
     @abstractmethod
-    def image_token_count(self, image_size: tuple[int, int]) -> int:
-        """Number of tokens an image of ``(width, height)`` occupies in the sequence."""
+    def image_geometry(self, image_size: tuple[int, int]) -> ImageGeometry:
+        """Tokens and geometry of an image of ``(width, height)``, from its size alone (no pixels needed)."""
 
     @abstractmethod
     def module_groups(self) -> dict[str, nn.Module]:
@@ -193,29 +201,38 @@ class ModelAdapter(ABC):
         """The self-attention module of one decoder layer (whose attention selection reads)."""
         return layer.self_attn
 
-    def image_placeholder(self, num_tokens: int) -> str:
-        """Text that stands for one image of ``num_tokens`` tokens (backbones with wrapper tokens override it)."""
-        return self.image_token * num_tokens
+    def plan_images(self, image_sizes: Sequence[tuple[int, int]]) -> list[ImageGeometry]:
+        """Geometries of all images of one prompt (backbones whose layout depends on the image count override)."""
+        return [self.image_geometry(size) for size in image_sizes]
 
-    def _prompt_ids(self, prompt: str, token_counts: Sequence[int]) -> list[int]:
+    def image_placeholder(self, geometry: ImageGeometry) -> str:
+        """Text that stands for one image (backbones with wrapper or marker tokens override it)."""
+        return self.image_token * geometry.num_tokens
+
+    @property
+    def eos_token_id(self) -> int:
+        """The token that ends an answer: the template's end token when it names one, else the tokenizer's EOS."""
+        token = self.template.end_token
+        return int(self.tokenizer.convert_tokens_to_ids(token)) if token else int(self.tokenizer.eos_token_id)
+
+    def _prompt_ids(self, prompt: str, geometries: Sequence[ImageGeometry]) -> list[int]:
         pieces = self.template.render(prompt).split(IMAGE_TOKEN)
-        if len(pieces) - 1 != len(token_counts):
-            raise ValueError(f"prompt has {len(pieces) - 1} {IMAGE_TOKEN} for {len(token_counts)} images")
+        if len(pieces) - 1 != len(geometries):
+            raise ValueError(f"prompt has {len(pieces) - 1} {IMAGE_TOKEN} for {len(geometries)} images")
         text = pieces[0]
-        for count, piece in zip(token_counts, pieces[1:]):
-            text += self.image_placeholder(count) + piece
+        for geometry, piece in zip(geometries, pieces[1:]):
+            text += self.image_placeholder(geometry) + piece
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         bos = self.tokenizer.bos_token_id
         return ([bos] if bos is not None else []) + list(ids)
 
     def _answer_ids(self, answer: str) -> list[int]:
         ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"]
-        return list(ids) + [self.tokenizer.eos_token_id]
+        return list(ids) + [self.eos_token_id]
 
     def count_tokens(self, prompt: str, answer: str, image_sizes: Sequence[tuple[int, int]]) -> tuple[int, int]:
         """(prompt length including image tokens, answer length including EOS) without image processing."""
-        counts = [self.image_token_count(size) for size in image_sizes]
-        return len(self._prompt_ids(prompt, counts)), len(self._answer_ids(answer))
+        return len(self._prompt_ids(prompt, self.plan_images(image_sizes))), len(self._answer_ids(answer))
 
     def encode(self, images: ProcessedImages | Sequence[Image.Image], prompt: str, answer: str | None = None,
                max_length: int | None = None) -> EncodedSample:
@@ -226,7 +243,7 @@ class ModelAdapter(ABC):
         """
         if not isinstance(images, ProcessedImages):
             images = self.process_images(images)
-        prompt_ids = self._prompt_ids(prompt, [g.num_tokens for g in images.geometries])
+        prompt_ids = self._prompt_ids(prompt, images.geometries)
         answer_ids = self._answer_ids(answer) if answer is not None else []
         if max_length is not None and len(prompt_ids) + len(answer_ids) > max_length:
             if len(prompt_ids) >= max_length:
@@ -249,16 +266,16 @@ class ModelAdapter(ABC):
 
     def _image_spans(self, prompt_ids: torch.Tensor, geometries: Sequence[ImageGeometry]) -> list[tuple[int, int]]:
         positions = (prompt_ids == self.image_token_id).nonzero().flatten().tolist()
-        expected = sum(g.num_tokens for g in geometries)
+        expected = sum(g.image_token_ids for g in geometries)
         if len(positions) != expected:
             raise ValueError(f"found {len(positions)} image tokens, expected {expected}")
         spans, cursor = [], 0
         for geometry in geometries:
-            start, end = positions[cursor], positions[cursor + geometry.num_tokens - 1] + 1
+            start, end = positions[cursor], positions[cursor + geometry.image_token_ids - 1] + 1
             if end - start != geometry.num_tokens:
-                raise ValueError("an image's tokens are not contiguous")
+                raise ValueError(f"an image's span is {end - start} tokens, its geometry says {geometry.num_tokens}")
             spans.append((start, end))
-            cursor += geometry.num_tokens
+            cursor += geometry.image_token_ids
         return spans
 
     def collate(self, samples: Sequence[EncodedSample], padding_side: str = "right") -> dict[str, torch.Tensor]:
@@ -278,10 +295,17 @@ class ModelAdapter(ABC):
             labels[row, cols] = sample.labels
             attention_mask[row, cols] = 1
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        batch.update(self.collate_images(samples))
+        return batch
+
+    def collate_images(self, samples: Sequence[EncodedSample]) -> dict[str, torch.Tensor]:
+        """The image inputs of a batch: per-sample tensors concatenated along the first dimension."""
+        batch: dict[str, torch.Tensor] = {}
         pixels = [s.pixel_values for s in samples if s.pixel_values is not None and len(s.pixel_values)]
         if pixels:
             batch["pixel_values"] = torch.cat(pixels, dim=0)
-        for key in samples[0].extra:
+        keys = {key for s in samples for key in s.extra}
+        for key in sorted(keys):
             batch[key] = torch.cat([s.extra[key] for s in samples if s.extra.get(key) is not None], dim=0)
         return batch
 

@@ -70,7 +70,7 @@ class LlavaAdapter(ModelAdapter):
             "llm": inner.language_model,
         }
 
-    def image_token_count(self, image_size: tuple[int, int]) -> int:
+    def _token_count(self) -> int:
         vision = self._config.vision_config
         patches = (vision.image_size // vision.patch_size) ** 2
         return patches + (1 if self._config.vision_feature_select_strategy == "full" else 0)
@@ -78,11 +78,15 @@ class LlavaAdapter(ModelAdapter):
     def _fill_colour(self) -> tuple[int, int, int]:
         return tuple(int(round(255 * m)) for m in self.image_processor.image_mean)
 
-    def _geometry(self, original: tuple[int, int], padded: tuple[int, int], offset: tuple[int, int]
-                  ) -> ImageGeometry:
+    def image_geometry(self, image_size: tuple[int, int]) -> ImageGeometry:
         """Map original pixels through pad → resize (shortest edge) → centre crop → patch cells."""
+        width, height = image_size
+        if self.cfg.pad_to_square:
+            side = max(width, height)
+            (pad_w, pad_h), offset = (side, side), ((side - width) // 2, (side - height) // 2)
+        else:
+            (pad_w, pad_h), offset = (width, height), (0, 0)
         processor = self.image_processor
-        pad_w, pad_h = padded
         size = processor.size
         short = size.get("shortest_edge")
         if short:
@@ -108,23 +112,17 @@ class LlavaAdapter(ModelAdapter):
             offset_x=(offset[0] * scale_x - left) / patch,
             offset_y=(offset[1] * scale_y - top) / patch,
         )
-        return ImageGeometry(image_size=original, num_tokens=self.image_token_count(original), grids=(grid,))
+        return ImageGeometry(image_size=image_size, num_tokens=self._token_count(), grids=(grid,))
 
     def process_images(self, images: Sequence[Image.Image]) -> ProcessedImages:
         if not images:
             return ProcessedImages(pixel_values=None, geometries=[])
-        prepared, geometries = [], []
-        for image in images:
-            image = image.convert("RGB")
-            offset = (0, 0)
-            if self.cfg.pad_to_square:
-                canvas, offset = pad_to_square(image, self._fill_colour())
-            else:
-                canvas = image
-            prepared.append(canvas)
-            geometries.append(self._geometry(image.size, canvas.size, offset))
+        prepared = [image.convert("RGB") for image in images]
+        if self.cfg.pad_to_square:
+            prepared = [pad_to_square(image, self._fill_colour())[0] for image in prepared]
         pixel_values = self.image_processor(images=prepared, return_tensors="pt")["pixel_values"]
-        return ProcessedImages(pixel_values=pixel_values.to(self.base_model.dtype), geometries=geometries)
+        return ProcessedImages(pixel_values=pixel_values.to(self.base_model.dtype),
+                               geometries=[self.image_geometry(image.size) for image in images])
 
     def processor_for_saving(self) -> LlavaProcessor:
         vision = self._config.vision_config

@@ -6,6 +6,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TypeVar
+
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
@@ -13,6 +16,7 @@ from transformers import (
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    PretrainedConfig,
     PreTrainedTokenizerFast,
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
@@ -22,6 +26,7 @@ from miadpo.pairs import IMAGE_TOKEN
 from miadpo.synthetic import COLOURS, SHAPES
 from miadpo.templates import TEMPLATES
 
+M = TypeVar("M")
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", IMAGE_TOKEN]
 
 _CORPUS_WORDS = (
@@ -43,25 +48,29 @@ def _corpus() -> list[str]:
     return lines
 
 
-def build_tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
-    """A deterministic byte-level BPE tokenizer with LLaVA-style special tokens."""
+def build_tiny_tokenizer(vocab_size: int = 512, special_tokens: Sequence[str] = SPECIAL_TOKENS,
+                         named: dict[str, str] | None = None, extra: dict[str, str] | None = None
+                         ) -> PreTrainedTokenizerFast:
+    """A deterministic byte-level BPE tokenizer trained in process.
+
+    ``special_tokens`` are added first (ids 0..); ``named`` sets bos/eos/unk/pad (LLaVA-style by default);
+    ``extra`` names further special tokens (``tokenizer.<name>`` and ``tokenizer.<name>_id``).
+    """
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=list(special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tokenizer.train_from_iterator(_corpus(), trainer)
+    names = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>", **(named or {})}
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        **names,
+        extra_special_tokens=extra if extra is not None else {"image_token": IMAGE_TOKEN},
     )
 
 
@@ -103,7 +112,11 @@ def build_tiny_llava(cfg: TinyModelConfig, tokenizer: PreTrainedTokenizerFast,
         image_seq_length=(cfg.image_size // cfg.patch_size) ** 2,
     )
     config._attn_implementation = attn_implementation
+    return seeded_init(LlavaForConditionalGeneration, config, cfg.init_seed)
+
+
+def seeded_init(model_class: type[M], config: PretrainedConfig, seed: int) -> M:
+    """Random weights that depend only on ``seed`` (the global RNG is left untouched)."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.init_seed)
-        model = LlavaForConditionalGeneration(config)
-    return model
+        torch.manual_seed(seed)
+        return model_class(config)

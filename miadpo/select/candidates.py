@@ -153,12 +153,12 @@ class CandidateGenerator:
         with capture_attention(adapter, self.layer, recorder):
             output = adapter.model.generate(
                 **batch, max_new_tokens=gen.max_new_tokens, min_new_tokens=gen.min_new_tokens,
-                pad_token_id=adapter.tokenizer.pad_token_id, eos_token_id=adapter.tokenizer.eos_token_id,
+                pad_token_id=adapter.tokenizer.pad_token_id, eos_token_id=adapter.eos_token_id,
                 output_logits=True, return_dict_in_generate=True, **sampling)
         prompt_width = batch["input_ids"].shape[1]
         tokens = output.sequences[:, prompt_width:]
         logps = torch.stack(output.logits, dim=1).float().log_softmax(-1).gather(-1, tokens[..., None])[..., 0]
-        eos, pad = adapter.tokenizer.eos_token_id, adapter.tokenizer.pad_token_id
+        eos, pad = adapter.eos_token_id, adapter.tokenizer.pad_token_id
         answers, sums, counts = [], [], []
         for row, row_logps in zip(tokens.tolist(), logps.cpu()):
             length = row.index(eos) if eos in row else len(row)

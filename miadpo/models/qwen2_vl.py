@@ -1,0 +1,191 @@
+"""Qwen2-VL and Qwen2.5-VL (dynamic resolution): ``qwen2_vl`` / ``qwen2_5_vl`` from weights, ``tiny_*`` in code.
+
+Each image is resized by ``smart_resize`` to multiples of ``patch × merge`` pixels within
+``[min_pixels, max_pixels]``, cut into 14-px patches, and every ``merge × merge`` block of patches becomes one
+``<|image_pad|>`` token, row-major over the merged grid (``image_grid_thw`` carries the grid). In the prompt an
+image is ``<|vision_start|>`` + its pad tokens + ``<|vision_end|>``. mRoPE position ids are computed by the model
+from ``mm_token_type_ids`` (1 on image tokens) and the attention mask, so left or right padding and a cut answer
+keep them right.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+from transformers import (
+    AutoTokenizer,
+    PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil, smart_resize
+
+from miadpo.config import ModelConfig, TinyModelConfig
+from miadpo.models.base import (
+    EncodedSample,
+    ImageGeometry,
+    ModelAdapter,
+    PatchGrid,
+    ProcessedImages,
+    check_weights_path,
+    torch_dtype,
+)
+from miadpo.models.tiny import build_tiny_tokenizer, seeded_init
+from miadpo.templates import get_template
+
+CHATML_SPECIALS = ["<|endoftext|>", "<unk>", "<|im_start|>", "<|im_end|>"]
+QWEN_SPECIALS = CHATML_SPECIALS + ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+CHATML_NAMES = {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "unk_token": "<unk>"}
+
+
+class ProcessorFiles:
+    """Tokenizer + image processor saved side by side (what ``from_config`` reads back).
+
+    transformers' multimodal processors for these models insist on a video processor, which needs torchvision;
+    the two parts are saved in their standard files instead.
+    """
+
+    def __init__(self, tokenizer: Any, image_processor: Any) -> None:
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        self.tokenizer.save_pretrained(directory)
+        self.image_processor.save_pretrained(directory)
+
+
+def load_tokenizer(path: str) -> PreTrainedTokenizerFast:
+    return AutoTokenizer.from_pretrained(path)
+
+
+class QwenVLAdapter(ModelAdapter):
+    """Adapter for Qwen2VLForConditionalGeneration (and, via :class:`Qwen25VLAdapter`, Qwen2.5-VL)."""
+
+    image_token = "<|image_pad|>"
+    model_class: type[nn.Module] = Qwen2VLForConditionalGeneration
+
+    @classmethod
+    def tiny_model(cls, tiny: TinyModelConfig, tokenizer: PreTrainedTokenizerFast, attn: str) -> nn.Module:
+        head_dim = tiny.hidden_size // tiny.num_heads
+        third = head_dim // 2 // 3
+        config = Qwen2VLConfig(
+            text_config=cls.tiny_text_config(tiny, tokenizer, [head_dim // 2 - 2 * third, third, third]),
+            vision_config={"depth": tiny.vision_layers, "embed_dim": tiny.vision_hidden_size,
+                           "hidden_size": tiny.hidden_size, "num_heads": 2, "mlp_ratio": 2,
+                           "patch_size": tiny.patch_size, "spatial_merge_size": 2, "temporal_patch_size": 2},
+            **cls.vision_token_ids(tokenizer),
+        )
+        config._attn_implementation = attn
+        return seeded_init(cls.model_class, config, tiny.init_seed)
+
+    @staticmethod
+    def tiny_text_config(tiny: TinyModelConfig, tokenizer: PreTrainedTokenizerFast, mrope: list[int]
+                         ) -> dict[str, Any]:
+        return {"vocab_size": len(tokenizer), "hidden_size": tiny.hidden_size,
+                "intermediate_size": tiny.intermediate_size, "num_hidden_layers": tiny.num_layers,
+                "num_attention_heads": tiny.num_heads, "num_key_value_heads": max(1, tiny.num_heads // 2),
+                "max_position_embeddings": 4096,
+                "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope},
+                "bos_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
+                "pad_token_id": tokenizer.pad_token_id}
+
+    @staticmethod
+    def vision_token_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
+        ids = tokenizer.convert_tokens_to_ids
+        return {"image_token_id": ids("<|image_pad|>"), "video_token_id": ids("<|video_pad|>"),
+                "vision_start_token_id": ids("<|vision_start|>"), "vision_end_token_id": ids("<|vision_end|>")}
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> QwenVLAdapter:
+        if cfg.path is None:
+            tiny = cfg.tiny
+            tokenizer = build_tiny_tokenizer(tiny.vocab_size, QWEN_SPECIALS, CHATML_NAMES, extra={})
+            merge = 2 * tiny.patch_size
+            image_processor = Qwen2VLImageProcessorPil(
+                min_pixels=merge * merge, max_pixels=tiny.image_size * tiny.image_size * tiny.max_tiles,
+                patch_size=tiny.patch_size, merge_size=2, temporal_patch_size=2)
+            model = cls.tiny_model(tiny, tokenizer, cfg.attn_implementation)
+        else:
+            path = check_weights_path(cfg)
+            tokenizer = load_tokenizer(path)
+            image_processor = Qwen2VLImageProcessorPil.from_pretrained(path)
+            model = cls.model_class.from_pretrained(path, dtype=torch_dtype(cfg.dtype),
+                                                    attn_implementation=cfg.attn_implementation)
+        model.to(torch_dtype(cfg.dtype))
+        return cls(model, tokenizer, image_processor, get_template(cfg.template), cfg)
+
+    def module_groups(self) -> dict[str, nn.Module]:
+        inner = self.base_model.model
+        # The patch merger (the projector) lives inside the vision tower: freezing applies the groups in this
+        # order, so the projector's switch decides for the merger.
+        return {"vision_tower": inner.visual, "projector": inner.visual.merger, "llm": inner.language_model}
+
+    def _resized(self, image_size: tuple[int, int]) -> tuple[int, int]:
+        processor = self.image_processor
+        factor = processor.patch_size * processor.merge_size
+        width, height = image_size
+        new_h, new_w = smart_resize(height, width, factor=factor, min_pixels=processor.size["shortest_edge"],
+                                    max_pixels=processor.size["longest_edge"])
+        return new_w, new_h
+
+    def image_geometry(self, image_size: tuple[int, int]) -> ImageGeometry:
+        new_w, new_h = self._resized(image_size)
+        cell = self.image_processor.patch_size * self.image_processor.merge_size  # pixels per token
+        grid = PatchGrid(rows=new_h // cell, cols=new_w // cell, token_offset=0,
+                         scale_x=new_w / image_size[0] / cell, scale_y=new_h / image_size[1] / cell,
+                         offset_x=0.0, offset_y=0.0)
+        return ImageGeometry(image_size=image_size, num_tokens=grid.rows * grid.cols, grids=(grid,))
+
+    def image_placeholder(self, geometry: ImageGeometry) -> str:
+        return "<|vision_start|>" + self.image_token * geometry.num_tokens + "<|vision_end|>"
+
+    def process_images(self, images: Sequence[Image.Image]) -> ProcessedImages:
+        if not images:
+            return ProcessedImages(pixel_values=None, geometries=[])
+        images = [image.convert("RGB") for image in images]
+        out = self.image_processor(images=images, return_tensors="pt")
+        geometries = [self.image_geometry(image.size) for image in images]
+        merge = self.image_processor.merge_size
+        for geometry, thw in zip(geometries, out["image_grid_thw"].tolist()):
+            if geometry.num_tokens != thw[1] * thw[2] // merge**2:
+                raise RuntimeError(f"image grid {thw} disagrees with the computed geometry {geometry.grids[0]}")
+        return ProcessedImages(pixel_values=out["pixel_values"].to(self.base_model.dtype), geometries=geometries,
+                               extra={"image_grid_thw": out["image_grid_thw"]})
+
+    def collate(self, samples: Sequence[EncodedSample], padding_side: str = "right") -> dict[str, torch.Tensor]:
+        batch = super().collate(samples, padding_side)
+        batch["mm_token_type_ids"] = (batch["input_ids"] == self.image_token_id).to(torch.int32)
+        return batch
+
+    def processor_for_saving(self) -> ProcessorFiles:
+        return ProcessorFiles(self.tokenizer, self.image_processor)
+
+
+class Qwen25VLAdapter(QwenVLAdapter):
+    """Qwen2.5-VL: the same token layout; a windowed-attention vision tower with an RMSNorm merger."""
+
+    model_class = Qwen2_5_VLForConditionalGeneration
+
+    @classmethod
+    def tiny_model(cls, tiny: TinyModelConfig, tokenizer: PreTrainedTokenizerFast, attn: str) -> nn.Module:
+        head_dim = tiny.hidden_size // tiny.num_heads
+        third = head_dim // 2 // 3
+        config = Qwen2_5_VLConfig(
+            text_config=cls.tiny_text_config(tiny, tokenizer, [head_dim // 2 - 2 * third, third, third]),
+            vision_config={"depth": tiny.vision_layers, "hidden_size": tiny.vision_hidden_size,
+                           "intermediate_size": 2 * tiny.vision_hidden_size, "num_heads": 2,
+                           "out_hidden_size": tiny.hidden_size, "patch_size": tiny.patch_size,
+                           "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 4 * tiny.patch_size,
+                           "fullatt_block_indexes": [tiny.vision_layers - 1]},
+            **cls.vision_token_ids(tokenizer),
+        )
+        config._attn_implementation = attn
+        return seeded_init(cls.model_class, config, tiny.init_seed)
+
