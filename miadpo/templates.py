@@ -39,6 +39,8 @@ TEMPLATES: dict[str, ChatTemplate] = {
                              "<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n", "<|im_end|>"),
     # ChatML without a system turn (InternVL-HF, LLaVA-OneVision).
     "chatml": ChatTemplate("chatml", "", "<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n", "<|im_end|>"),
+    # Idefics3 / SmolVLM: "User:<prompt><end_of_utterance>\nAssistant:" after the tokenizer's BOS.
+    "idefics3": ChatTemplate("idefics3", "", "User:", "<end_of_utterance>\nAssistant:", "<end_of_utterance>"),
     # No wrapping at all (tests, plain language modelling).
     "plain": ChatTemplate("plain", "", "", "\n"),
 }

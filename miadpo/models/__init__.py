@@ -13,13 +13,20 @@ from miadpo.models.base import (
     ProcessedImages,
     SampleTooLongError,
 )
+from miadpo.models.idefics3 import Idefics3Adapter, SmolVLMAdapter
+from miadpo.models.internvl import InternVLAdapter
 from miadpo.models.llava import LlavaAdapter
+from miadpo.models.llava_onevision import LlavaOnevisionAdapter
 from miadpo.models.qwen2_vl import Qwen25VLAdapter, QwenVLAdapter
 
 ADAPTERS: dict[str, type[ModelAdapter]] = {
     "llava": LlavaAdapter,
     "qwen2_vl": QwenVLAdapter,
     "qwen2_5_vl": Qwen25VLAdapter,
+    "internvl": InternVLAdapter,
+    "idefics3": Idefics3Adapter,
+    "smolvlm": SmolVLMAdapter,
+    "llava_onevision": LlavaOnevisionAdapter,
 }
 
 

@@ -42,7 +42,8 @@ class PatchGrid:
 
     Original-image pixel ``(x, y)`` lies at cell coordinates ``(x * scale_x + offset_x, y * scale_y +
     offset_y)``; cell ``(r, c)`` covers ``[c, c+1) × [r, r+1)`` and is the token at span position
-    ``token_offset + r * cols + c``.
+    ``token_offset + r * row_stride + c`` (``row_stride`` > ``cols`` when each row ends with extra tokens, e.g.
+    LLaVA-OneVision's newline token).
     """
 
     rows: int
@@ -52,6 +53,7 @@ class PatchGrid:
     scale_y: float
     offset_x: float
     offset_y: float
+    row_stride: int | None = None
 
     def coverage(self, box: Box) -> np.ndarray:
         """Fraction of each cell's area inside ``box``, shape (rows, cols)."""
@@ -63,6 +65,11 @@ class PatchGrid:
         overlap_x = np.clip(np.minimum(cols + 1, cx1) - np.maximum(cols, cx0), 0.0, 1.0)
         overlap_y = np.clip(np.minimum(rows + 1, cy1) - np.maximum(rows, cy0), 0.0, 1.0)
         return np.outer(overlap_y, overlap_x)
+
+    def token_positions(self) -> np.ndarray:
+        """Span position of every cell, shape (rows, cols)."""
+        stride = self.row_stride or self.cols
+        return self.token_offset + np.arange(self.rows)[:, None] * stride + np.arange(self.cols)[None, :]
 
 
 @dataclass(frozen=True)
@@ -85,8 +92,7 @@ class ImageGeometry:
         """For each token of the span, the fraction of its cell inside ``box`` (0 for non-grid tokens)."""
         weights = np.zeros(self.num_tokens, dtype=np.float64)
         for grid in self.grids:
-            flat = grid.coverage(box).reshape(-1)
-            weights[grid.token_offset : grid.token_offset + flat.size] = flat
+            weights[grid.token_positions()] = grid.coverage(box)
         return weights
 
     def token_mask(self, box: Box, min_coverage: float = 0.5) -> np.ndarray:
@@ -118,6 +124,22 @@ class EncodedSample:
     @property
     def answer_length(self) -> int:
         return int(self.input_ids.numel()) - self.prompt_length
+
+
+class ProcessorFiles:
+    """Tokenizer + image processor saved side by side in their standard files.
+
+    transformers' multimodal processors for the newer families insist on a video processor, which needs
+    torchvision; adapters of those families save (and load) the two parts instead.
+    """
+
+    def __init__(self, tokenizer: Any, image_processor: Any) -> None:
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        self.tokenizer.save_pretrained(directory)
+        self.image_processor.save_pretrained(directory)
 
 
 class SampleTooLongError(ValueError):

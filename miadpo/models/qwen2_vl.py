@@ -11,7 +11,6 @@ keep them right.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,35 +33,16 @@ from miadpo.models.base import (
     ModelAdapter,
     PatchGrid,
     ProcessedImages,
+    ProcessorFiles,
     check_weights_path,
     torch_dtype,
 )
-from miadpo.models.tiny import build_tiny_tokenizer, seeded_init
+from miadpo.models.tiny import build_tiny_tokenizer, seeded_init, tiny_text_config
 from miadpo.templates import get_template
 
 CHATML_SPECIALS = ["<|endoftext|>", "<unk>", "<|im_start|>", "<|im_end|>"]
 QWEN_SPECIALS = CHATML_SPECIALS + ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 CHATML_NAMES = {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "unk_token": "<unk>"}
-
-
-class ProcessorFiles:
-    """Tokenizer + image processor saved side by side (what ``from_config`` reads back).
-
-    transformers' multimodal processors for these models insist on a video processor, which needs torchvision;
-    the two parts are saved in their standard files instead.
-    """
-
-    def __init__(self, tokenizer: Any, image_processor: Any) -> None:
-        self.tokenizer = tokenizer
-        self.image_processor = image_processor
-
-    def save_pretrained(self, directory: str | Path) -> None:
-        self.tokenizer.save_pretrained(directory)
-        self.image_processor.save_pretrained(directory)
-
-
-def load_tokenizer(path: str) -> PreTrainedTokenizerFast:
-    return AutoTokenizer.from_pretrained(path)
 
 
 class QwenVLAdapter(ModelAdapter):
@@ -73,10 +53,8 @@ class QwenVLAdapter(ModelAdapter):
 
     @classmethod
     def tiny_model(cls, tiny: TinyModelConfig, tokenizer: PreTrainedTokenizerFast, attn: str) -> nn.Module:
-        head_dim = tiny.hidden_size // tiny.num_heads
-        third = head_dim // 2 // 3
         config = Qwen2VLConfig(
-            text_config=cls.tiny_text_config(tiny, tokenizer, [head_dim // 2 - 2 * third, third, third]),
+            text_config=qwen_text_config(tiny, tokenizer),
             vision_config={"depth": tiny.vision_layers, "embed_dim": tiny.vision_hidden_size,
                            "hidden_size": tiny.hidden_size, "num_heads": 2, "mlp_ratio": 2,
                            "patch_size": tiny.patch_size, "spatial_merge_size": 2, "temporal_patch_size": 2},
@@ -84,17 +62,6 @@ class QwenVLAdapter(ModelAdapter):
         )
         config._attn_implementation = attn
         return seeded_init(cls.model_class, config, tiny.init_seed)
-
-    @staticmethod
-    def tiny_text_config(tiny: TinyModelConfig, tokenizer: PreTrainedTokenizerFast, mrope: list[int]
-                         ) -> dict[str, Any]:
-        return {"vocab_size": len(tokenizer), "hidden_size": tiny.hidden_size,
-                "intermediate_size": tiny.intermediate_size, "num_hidden_layers": tiny.num_layers,
-                "num_attention_heads": tiny.num_heads, "num_key_value_heads": max(1, tiny.num_heads // 2),
-                "max_position_embeddings": 4096,
-                "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope},
-                "bos_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
-                "pad_token_id": tokenizer.pad_token_id}
 
     @staticmethod
     def vision_token_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
@@ -114,7 +81,7 @@ class QwenVLAdapter(ModelAdapter):
             model = cls.tiny_model(tiny, tokenizer, cfg.attn_implementation)
         else:
             path = check_weights_path(cfg)
-            tokenizer = load_tokenizer(path)
+            tokenizer = AutoTokenizer.from_pretrained(path)
             image_processor = Qwen2VLImageProcessorPil.from_pretrained(path)
             model = cls.model_class.from_pretrained(path, dtype=torch_dtype(cfg.dtype),
                                                     attn_implementation=cfg.attn_implementation)
@@ -175,10 +142,8 @@ class Qwen25VLAdapter(QwenVLAdapter):
 
     @classmethod
     def tiny_model(cls, tiny: TinyModelConfig, tokenizer: PreTrainedTokenizerFast, attn: str) -> nn.Module:
-        head_dim = tiny.hidden_size // tiny.num_heads
-        third = head_dim // 2 // 3
         config = Qwen2_5_VLConfig(
-            text_config=cls.tiny_text_config(tiny, tokenizer, [head_dim // 2 - 2 * third, third, third]),
+            text_config=qwen_text_config(tiny, tokenizer),
             vision_config={"depth": tiny.vision_layers, "hidden_size": tiny.vision_hidden_size,
                            "intermediate_size": 2 * tiny.vision_hidden_size, "num_heads": 2,
                            "out_hidden_size": tiny.hidden_size, "patch_size": tiny.patch_size,
@@ -189,3 +154,10 @@ class Qwen25VLAdapter(QwenVLAdapter):
         config._attn_implementation = attn
         return seeded_init(cls.model_class, config, tiny.init_seed)
 
+
+def qwen_text_config(tiny: TinyModelConfig, tokenizer: PreTrainedTokenizerFast) -> dict[str, Any]:
+    """Tiny decoder config with an mRoPE split (temporal, height, width) that sums to half the head size."""
+    half = tiny.hidden_size // tiny.num_heads // 2
+    section = [half - 2 * (half // 3), half // 3, half // 3]
+    return tiny_text_config(tiny, tokenizer,
+                            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section})

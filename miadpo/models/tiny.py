@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -113,6 +113,15 @@ def build_tiny_llava(cfg: TinyModelConfig, tokenizer: PreTrainedTokenizerFast,
     )
     config._attn_implementation = attn_implementation
     return seeded_init(LlavaForConditionalGeneration, config, cfg.init_seed)
+
+
+def tiny_text_config(cfg: TinyModelConfig, tokenizer: PreTrainedTokenizerFast, **extra: Any) -> dict[str, Any]:
+    """Decoder sizes of a tiny model (Llama/Qwen2-style text config keys), special ids from the tokenizer."""
+    return {"vocab_size": len(tokenizer), "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+            "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+            "num_key_value_heads": max(1, cfg.num_heads // 2), "max_position_embeddings": 4096,
+            "bos_token_id": tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.pad_token_id,
+            "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id, **extra}
 
 
 def seeded_init(model_class: type[M], config: PretrainedConfig, seed: int) -> M:

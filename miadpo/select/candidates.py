@@ -211,8 +211,7 @@ def attention_maps(prompt: EncodedSample, column_attention: np.ndarray) -> list[
     maps, offset = [], 0
     for (start, end), geometry in zip(prompt.image_spans, prompt.geometries):
         values = column_attention[offset : offset + end - start]
-        maps.append({"grids": [{"rows": g.rows, "cols": g.cols,
-                                "values": values[g.token_offset : g.token_offset + g.rows * g.cols].tolist()}
+        maps.append({"grids": [{"rows": g.rows, "cols": g.cols, "values": values[g.token_positions()].ravel().tolist()}
                                for g in geometry.grids]})
         offset += end - start
     return maps

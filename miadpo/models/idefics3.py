@@ -1,0 +1,210 @@
+"""Idefics3 and SmolVLM (image splitting): ``idefics3`` / ``smolvlm`` from weights, ``tiny_*`` built in code.
+
+An image is resized so its longest edge is ``size.longest_edge``, then up to multiples of the tile size
+``max_image_size.longest_edge`` and split into ``rows × cols`` tiles (row-major), followed by a global view of
+the whole image; a small image is only the global view. Every tile's patch features are pixel-shuffled by
+``scale_factor`` into ``image_seq_len`` tokens (a row-major grid). In the prompt each tile is
+``<fake_token_around_image><row_r_col_c>`` + its ``<image>`` tokens, rows end with a newline, and the global view is
+``\\n<fake_token_around_image><global-img>`` + tokens + ``<fake_token_around_image>``. The span of an image runs from
+its first to its last ``<image>`` token, tile tags included.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+from transformers import (
+    AutoTokenizer,
+    Idefics3Config,
+    Idefics3ForConditionalGeneration,
+    PreTrainedTokenizerFast,
+    SmolVLMConfig,
+    SmolVLMForConditionalGeneration,
+)
+from transformers.models.idefics3 import image_processing_pil_idefics3 as idefics3_images
+from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+
+from miadpo.config import ModelConfig, TinyModelConfig
+from miadpo.models.base import (
+    EncodedSample,
+    ImageGeometry,
+    ModelAdapter,
+    PatchGrid,
+    ProcessedImages,
+    ProcessorFiles,
+    check_weights_path,
+    torch_dtype,
+)
+from miadpo.models.tiny import build_tiny_tokenizer, seeded_init, tiny_text_config
+from miadpo.templates import get_template
+
+FAKE, GLOBAL = "<fake_token_around_image>", "<global-img>"
+TILE_TAGS = [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
+IDEFICS3_SPECIALS = ["<pad>", "<unk>", "<|begin_of_text|>", "<end_of_utterance>", FAKE, "<image>", GLOBAL, *TILE_TAGS]
+IDEFICS3_NAMES = {"bos_token": "<|begin_of_text|>", "eos_token": "<end_of_utterance>", "pad_token": "<pad>",
+                  "unk_token": "<unk>"}
+
+
+def split_size(image_size: tuple[int, int], longest_edge: int, tile: int) -> tuple[int, int]:
+    """(width, height) the image is resized to before splitting: longest edge, then multiples of ``tile``."""
+    width, height = image_size
+    height, width = idefics3_images._resize_output_size_rescale_to_max_len(height, width, max_len=longest_edge)
+    height, width = idefics3_images._resize_output_size_scale_below_upper_bound(
+        height, width, max_len=idefics3_images.MAX_IMAGE_SIZE)
+    aspect = width / height
+    if width >= height:
+        width = math.ceil(width / tile) * tile
+        height = math.ceil(int(width / aspect) / tile) * tile
+    else:
+        height = math.ceil(height / tile) * tile
+        width = math.ceil(int(height * aspect) / tile) * tile
+    return width, height
+
+
+class Idefics3Adapter(ModelAdapter):
+    """Adapter for Idefics3ForConditionalGeneration (and, via :class:`SmolVLMAdapter`, SmolVLM)."""
+
+    image_token = "<image>"
+    model_class: type[nn.Module] = Idefics3ForConditionalGeneration
+    config_class: type = Idefics3Config
+    image_processor_class: type = Idefics3ImageProcessorPil
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> Idefics3Adapter:
+        if cfg.path is None:
+            tiny = cfg.tiny
+            tokenizer = build_tiny_tokenizer(tiny.vocab_size, IDEFICS3_SPECIALS, IDEFICS3_NAMES, extra={})
+            image_processor = cls.image_processor_class(
+                size={"longest_edge": 2 * tiny.image_size}, max_image_size={"longest_edge": tiny.image_size},
+                do_image_splitting=True)
+            model = cls.tiny_model(tiny, tokenizer, cfg.attn_implementation)
+        else:
+            path = check_weights_path(cfg)
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            image_processor = cls.image_processor_class.from_pretrained(path)
+            model = cls.model_class.from_pretrained(path, dtype=torch_dtype(cfg.dtype),
+                                                    attn_implementation=cfg.attn_implementation)
+        model.to(torch_dtype(cfg.dtype))
+        return cls(model, tokenizer, image_processor, get_template(cfg.template), cfg)
+
+    @classmethod
+    def tiny_model(cls, tiny: TinyModelConfig, tokenizer: PreTrainedTokenizerFast, attn: str) -> nn.Module:
+        config = cls.config_class(
+            text_config={"model_type": "llama", **tiny_text_config(tiny, tokenizer)},
+            vision_config={"hidden_size": tiny.vision_hidden_size, "intermediate_size": 2 * tiny.vision_hidden_size,
+                           "num_hidden_layers": tiny.vision_layers, "num_attention_heads": 2,
+                           "image_size": tiny.image_size, "patch_size": tiny.patch_size},
+            scale_factor=2, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        config._attn_implementation = attn
+        return seeded_init(cls.model_class, config, tiny.init_seed)
+
+    def module_groups(self) -> dict[str, nn.Module]:
+        inner = self.base_model.model
+        return {"vision_tower": inner.vision_model, "projector": inner.connector, "llm": inner.text_model}
+
+    @property
+    def _tile(self) -> int:
+        return self.image_processor.max_image_size["longest_edge"]
+
+    @property
+    def _tile_cells(self) -> int:
+        config = self.base_model.config
+        return config.vision_config.image_size // config.vision_config.patch_size // config.scale_factor
+
+    def _tiles(self, image_size: tuple[int, int]) -> tuple[int, int, tuple[int, int]]:
+        """(rows, cols, resized (width, height)); rows = cols = 0 when the image is only its global view."""
+        tile = self._tile
+        if not self.image_processor.do_image_splitting:
+            return 0, 0, (tile, tile)
+        width, height = split_size(image_size, self.image_processor.size["longest_edge"], tile)
+        if width > tile or height > tile:
+            return height // tile, width // tile, (width, height)
+        return 0, 0, (tile, tile)
+
+    def image_geometry(self, image_size: tuple[int, int]) -> ImageGeometry:
+        rows, cols, _ = self._tiles(image_size)
+        width, height = image_size
+        cells = self._tile_cells
+        offsets, span = self._layout(rows, cols)
+        grids = [PatchGrid(rows=cells, cols=cells, token_offset=offsets[k], scale_x=cols * cells / width,
+                           scale_y=rows * cells / height, offset_x=-(k % cols) * cells, offset_y=-(k // cols) * cells)
+                 for k in range(rows * cols)]
+        grids.append(PatchGrid(rows=cells, cols=cells, token_offset=offsets[-1], scale_x=cells / width,
+                               scale_y=cells / height, offset_x=0.0, offset_y=0.0))
+        return ImageGeometry(image_size=image_size, num_tokens=span, grids=tuple(grids),
+                             image_tokens=len(grids) * cells * cells, layout=(rows, cols))
+
+    def _layout(self, rows: int, cols: int) -> tuple[list[int], int]:
+        cache: dict[tuple[int, int], tuple[list[int], int]] = self.__dict__.setdefault("_layouts", {})
+        if (rows, cols) not in cache:
+            cache[rows, cols] = tile_offsets(self.tokenizer, self.image_token_id, self._placeholder(rows, cols))
+        return cache[rows, cols]
+
+    def _placeholder(self, rows: int, cols: int) -> str:
+        tokens = self.image_token * self._tile_cells ** 2
+        text = "".join("".join(f"{FAKE}<row_{r + 1}_col_{c + 1}>{tokens}" for c in range(cols)) + "\n"
+                       for r in range(rows))
+        return text + ("\n" if rows else "") + f"{FAKE}{GLOBAL}{tokens}{FAKE}"
+
+    def image_placeholder(self, geometry: ImageGeometry) -> str:
+        return self._placeholder(*geometry.layout)
+
+    def process_images(self, images: Sequence[Image.Image]) -> ProcessedImages:
+        if not images:
+            return ProcessedImages(pixel_values=None, geometries=[])
+        images = [image.convert("RGB") for image in images]
+        out = self.image_processor(images=[images], return_row_col_info=True, return_tensors="pt")
+        geometries = [self.image_geometry(image.size) for image in images]
+        for geometry, rows, cols in zip(geometries, out["rows"][0], out["cols"][0]):
+            if geometry.layout != (rows, cols):
+                raise RuntimeError(f"image processor split {rows}×{cols}; the geometry says {geometry.layout}")
+        return ProcessedImages(pixel_values=out["pixel_values"].to(self.base_model.dtype), geometries=geometries,
+                               extra={"pixel_attention_mask": out["pixel_attention_mask"]})
+
+    def collate_images(self, samples: Sequence[EncodedSample]) -> dict[str, torch.Tensor]:
+        """Per-sample tiles padded to the batch's most tiles with all-zero images (the model drops them)."""
+        with_images = [s for s in samples if s.pixel_values is not None]
+        if not with_images:
+            return {}
+        most = max(s.pixel_values.shape[1] for s in with_images)  # type: ignore[union-attr]
+        reference = with_images[0]
+        pixels = reference.pixel_values.new_zeros((len(samples), most, *reference.pixel_values.shape[2:]))
+        mask_shape = reference.extra["pixel_attention_mask"].shape[2:]
+        masks = torch.zeros((len(samples), most, *mask_shape), dtype=torch.long)
+        for row, sample in enumerate(samples):
+            if sample.pixel_values is not None:
+                count = sample.pixel_values.shape[1]
+                pixels[row, :count] = sample.pixel_values[0]
+                masks[row, :count] = sample.extra["pixel_attention_mask"][0]
+        return {"pixel_values": pixels, "pixel_attention_mask": masks}
+
+    def processor_for_saving(self) -> ProcessorFiles:
+        return ProcessorFiles(self.tokenizer, self.image_processor)
+
+
+class SmolVLMAdapter(Idefics3Adapter):
+    """SmolVLM: Idefics3's token layout with its own image processor and model class."""
+
+    model_class = SmolVLMForConditionalGeneration
+    config_class = SmolVLMConfig
+    image_processor_class = SmolVLMImageProcessorPil
+
+
+def tile_offsets(tokenizer: Any, image_token_id: int, text: str) -> tuple[list[int], int]:
+    """Offsets of each tile's token run from the image's first ``<image>`` token, and the span length.
+
+    The placeholder starts and ends with special tokens, so its tokenization does not depend on the text around it.
+    """
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    positions = [i for i, t in enumerate(ids) if t == image_token_id]
+    first = positions[0]
+    starts = [p - first for k, p in enumerate(positions) if k == 0 or positions[k - 1] != p - 1]
+    return starts, positions[-1] - first + 1

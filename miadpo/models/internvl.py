@@ -1,0 +1,132 @@
+"""InternVL (transformers-native ``InternVLForConditionalGeneration``): ``internvl`` from weights, ``tiny_internvl``.
+
+Each image is cut into ``cols × rows`` tiles of the vision tower's size, the grid whose aspect ratio is closest
+to the image's within ``[min_patches, max_patches]`` tiles (row-major), plus a thumbnail of the whole image when
+there is more than one tile. Every tile gives ``image_seq_length`` tokens: its patch features pixel-shuffled by
+``downsample_ratio`` into a row-major grid. In the prompt an image is ``<img>`` + its tokens + ``</img>``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from PIL import Image
+from torch import nn
+from transformers import (
+    AutoTokenizer,
+    InternVLConfig,
+    InternVLForConditionalGeneration,
+    PreTrainedTokenizerFast,
+)
+from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import (
+    GotOcr2ImageProcessorPil,
+    get_optimal_tiled_canvas,
+)
+
+from miadpo.config import ModelConfig, TinyModelConfig
+from miadpo.models.base import (
+    ImageGeometry,
+    ModelAdapter,
+    PatchGrid,
+    ProcessedImages,
+    ProcessorFiles,
+    check_weights_path,
+    torch_dtype,
+)
+from miadpo.models.qwen2_vl import CHATML_NAMES, CHATML_SPECIALS
+from miadpo.models.tiny import build_tiny_tokenizer, seeded_init, tiny_text_config
+from miadpo.templates import get_template
+
+INTERNVL_SPECIALS = CHATML_SPECIALS + ["<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
+
+
+class InternVLAdapter(ModelAdapter):
+    """Adapter for InternVLForConditionalGeneration (InternVL 2.5 / 3 in the transformers layout)."""
+
+    image_token = "<IMG_CONTEXT>"
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> InternVLAdapter:
+        if cfg.path is None:
+            tiny = cfg.tiny
+            tokenizer = build_tiny_tokenizer(tiny.vocab_size, INTERNVL_SPECIALS, CHATML_NAMES, extra={})
+            image_processor = GotOcr2ImageProcessorPil(
+                size={"height": tiny.image_size, "width": tiny.image_size}, crop_to_patches=True, min_patches=1,
+                max_patches=tiny.max_tiles)
+            model = tiny_internvl(tiny, tokenizer, cfg.attn_implementation)
+        else:
+            path = check_weights_path(cfg)
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            image_processor = GotOcr2ImageProcessorPil.from_pretrained(path)
+            model = InternVLForConditionalGeneration.from_pretrained(
+                path, dtype=torch_dtype(cfg.dtype), attn_implementation=cfg.attn_implementation)
+        model.to(torch_dtype(cfg.dtype))
+        return cls(model, tokenizer, image_processor, get_template(cfg.template), cfg)
+
+    def module_groups(self) -> dict[str, nn.Module]:
+        inner = self.base_model.model
+        return {"vision_tower": inner.vision_tower, "projector": inner.multi_modal_projector,
+                "llm": inner.language_model}
+
+    @property
+    def _tile(self) -> int:
+        return self.image_processor.size["height"]
+
+    @property
+    def _tile_cells(self) -> int:
+        """Token rows (= columns) of one tile after pixel shuffle."""
+        config = self.base_model.config
+        patch = config.vision_config.patch_size
+        patch = patch[0] if isinstance(patch, (list, tuple)) else patch
+        return int(self._tile // patch * config.downsample_ratio)
+
+    def image_geometry(self, image_size: tuple[int, int]) -> ImageGeometry:
+        width, height = image_size
+        processor, tile, cells = self.image_processor, self._tile, self._tile_cells
+        cols, rows = 1, 1
+        if processor.crop_to_patches and processor.max_patches > 1:
+            cols, rows = get_optimal_tiled_canvas((height, width), (tile, tile), processor.min_patches,
+                                                  processor.max_patches)
+        per_tile = cells * cells
+        scale_x, scale_y = cols * cells / width, rows * cells / height  # cells per original pixel
+        grids = [PatchGrid(rows=cells, cols=cells, token_offset=k * per_tile, scale_x=scale_x, scale_y=scale_y,
+                           offset_x=-(k % cols) * cells, offset_y=-(k // cols) * cells)
+                 for k in range(cols * rows)]
+        if cols * rows > 1:  # the thumbnail: the whole image squeezed into one tile
+            grids.append(PatchGrid(rows=cells, cols=cells, token_offset=len(grids) * per_tile,
+                                   scale_x=cells / width, scale_y=cells / height, offset_x=0.0, offset_y=0.0))
+        return ImageGeometry(image_size=image_size, num_tokens=len(grids) * per_tile, grids=tuple(grids),
+                             layout=(cols, rows))
+
+    def image_placeholder(self, geometry: ImageGeometry) -> str:
+        return "<img>" + self.image_token * geometry.num_tokens + "</img>"
+
+    def process_images(self, images: Sequence[Image.Image]) -> ProcessedImages:
+        if not images:
+            return ProcessedImages(pixel_values=None, geometries=[])
+        images = [image.convert("RGB") for image in images]
+        out = self.image_processor(images=images, crop_to_patches=self.image_processor.crop_to_patches,
+                                   return_tensors="pt")
+        geometries = [self.image_geometry(image.size) for image in images]
+        for geometry, tiles in zip(geometries, out["num_patches"]):
+            if len(geometry.grids) != int(tiles):
+                raise RuntimeError(f"image processor made {int(tiles)} tiles; the geometry has {len(geometry.grids)}")
+        return ProcessedImages(pixel_values=out["pixel_values"].to(self.base_model.dtype), geometries=geometries)
+
+    def processor_for_saving(self) -> ProcessorFiles:
+        return ProcessorFiles(self.tokenizer, self.image_processor)
+
+
+def tiny_internvl(tiny: TinyModelConfig, tokenizer: PreTrainedTokenizerFast, attn: str) -> nn.Module:
+    config = InternVLConfig(
+        text_config={"model_type": "qwen2", **tiny_text_config(tiny, tokenizer)},
+        vision_config={"hidden_size": tiny.vision_hidden_size, "intermediate_size": 2 * tiny.vision_hidden_size,
+                       "num_hidden_layers": tiny.vision_layers, "num_attention_heads": 2,
+                       "image_size": [tiny.image_size, tiny.image_size],
+                       "patch_size": [tiny.patch_size, tiny.patch_size]},
+        image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
+        image_seq_length=(tiny.image_size // tiny.patch_size) ** 2 // 4,
+        downsample_ratio=0.5,
+    )
+    config._attn_implementation = attn
+    return seeded_init(InternVLForConditionalGeneration, config, tiny.init_seed)
