@@ -9,11 +9,15 @@ serving. The base defaults to the path recorded in the adapter (``base_model_nam
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 
 import transformers
 from peft import PeftConfig, PeftModel
-from transformers import AutoConfig, AutoProcessor
+from transformers import AutoConfig
+
+NOT_PROCESSOR_FILES = {"config.json", "generation_config.json", "adapter_config.json", "README.md",
+                       "model.safetensors.index.json"}
 
 
 def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base: str | None = None) -> Path:
@@ -30,9 +34,17 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base: str | None
     model = model_class.from_pretrained(base_path, dtype=config.dtype)
     merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     merged.save_pretrained(out_dir)
-    processor_source = adapter_dir if (adapter_dir / "processor_config.json").is_file() else base_path
-    AutoProcessor.from_pretrained(processor_source).save_pretrained(out_dir)
+    source = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else Path(base_path)
+    copy_processor_files(source, out_dir)
     return out_dir
+
+
+def copy_processor_files(source: Path, out_dir: Path) -> None:
+    """Tokenizer, image processor and chat template files, copied as they are (no processor class is loaded:
+    several families' processors need torchvision for their video part)."""
+    for path in sorted(source.iterdir()):
+        if path.is_file() and path.name not in NOT_PROCESSOR_FILES and path.suffix not in (".safetensors", ".bin"):
+            shutil.copy2(path, out_dir / path.name)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -38,6 +38,9 @@ from miadpo.models.tiny import build_tiny_tokenizer, seeded_init, tiny_text_conf
 from miadpo.templates import get_template
 
 INTERNVL_SPECIALS = CHATML_SPECIALS + ["<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
+# The named tokens InternVL-hf tokenizers carry (transformers' InternVLProcessor reads them).
+INTERNVL_NAMED = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+                  "video_token": "<video>"}
 
 
 class InternVLAdapter(ModelAdapter):
@@ -49,7 +52,7 @@ class InternVLAdapter(ModelAdapter):
     def from_config(cls, cfg: ModelConfig) -> InternVLAdapter:
         if cfg.path is None:
             tiny = cfg.tiny
-            tokenizer = build_tiny_tokenizer(tiny.vocab_size, INTERNVL_SPECIALS, CHATML_NAMES, extra={})
+            tokenizer = build_tiny_tokenizer(tiny.vocab_size, INTERNVL_SPECIALS, CHATML_NAMES, extra=INTERNVL_NAMED)
             image_processor = GotOcr2ImageProcessorPil(
                 size={"height": tiny.image_size, "width": tiny.image_size}, crop_to_patches=True, min_patches=1,
                 max_patches=tiny.max_tiles)

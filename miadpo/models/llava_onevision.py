@@ -53,7 +53,8 @@ class LlavaOnevisionAdapter(ModelAdapter):
     def from_config(cls, cfg: ModelConfig) -> LlavaOnevisionAdapter:
         if cfg.path is None:
             tiny = cfg.tiny
-            tokenizer = build_tiny_tokenizer(tiny.vocab_size, ONEVISION_SPECIALS, CHATML_NAMES, extra={})
+            tokenizer = build_tiny_tokenizer(tiny.vocab_size, ONEVISION_SPECIALS, CHATML_NAMES,
+                                             extra={"image_token": "<image>", "video_token": "<video>"})
             side = tiny.image_size
             pinpoints = [[side * r, side * c] for r in range(1, 3) for c in range(1, 3)]
             image_processor = LlavaOnevisionImageProcessorPil(size={"height": side, "width": side},

@@ -73,7 +73,8 @@ class QwenVLAdapter(ModelAdapter):
     def from_config(cls, cfg: ModelConfig) -> QwenVLAdapter:
         if cfg.path is None:
             tiny = cfg.tiny
-            tokenizer = build_tiny_tokenizer(tiny.vocab_size, QWEN_SPECIALS, CHATML_NAMES, extra={})
+            tokenizer = build_tiny_tokenizer(tiny.vocab_size, QWEN_SPECIALS, CHATML_NAMES,
+                                             extra={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"})
             merge = 2 * tiny.patch_size
             image_processor = Qwen2VLImageProcessorPil(
                 min_pixels=merge * merge, max_pixels=tiny.image_size * tiny.image_size * tiny.max_tiles,

@@ -1,0 +1,307 @@
+"""The same checks on every adapter of the model zoo, each on its tiny in-code configuration."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import compose_train
+from hydra import compose, initialize_config_dir
+from peft import PeftModel
+from PIL import Image
+
+from miadpo.config import DPOConfig, OptimConfig
+from miadpo.datamodule import PairCollator
+from miadpo.models import IGNORE_INDEX, ModelAdapter, ModelWeightsNotFoundError, SampleTooLongError, build_adapter
+from miadpo.module import DPOModule
+from miadpo.train import CONFIG_DIR, train
+
+ZOO = ["tiny_llava", "tiny_qwen2_vl", "tiny_qwen2_5_vl", "tiny_idefics3", "tiny_smolvlm", "tiny_internvl",
+       "tiny_llava_onevision"]
+REAL = {"qwen2_vl": "Qwen/Qwen2-VL-7B-Instruct", "qwen2_5_vl": "Qwen/Qwen2.5-VL-7B-Instruct",
+        "idefics3": "HuggingFaceM4/Idefics3-8B-Llama3", "smolvlm": "HuggingFaceTB/SmolVLM-Instruct",
+        "internvl": "OpenGVLab/InternVL3-8B-hf", "llava_onevision": "llava-hf/llava-onevision-qwen2-7b-ov-hf"}
+# Sizes chosen so that the dynamic models tile or resize them differently (wide, tall, square).
+SIZES = [(64, 32), (40, 90), (48, 48), (90, 50), (30, 70)]
+
+
+def model_cfg(name: str):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name="train", overrides=[f"model={name}"]).model
+
+
+@pytest.fixture(scope="module", params=ZOO)
+def zoo_name(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def zoo(zoo_name: str) -> ModelAdapter:
+    torch.manual_seed(0)
+    return build_adapter(model_cfg(zoo_name))
+
+
+def images(n: int, seed: int = 0) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for w, h in SIZES[:n]]
+
+
+def prompt(n: int) -> str:
+    return "".join(f"Image{k}: <image>\n" for k in range(1, n + 1)) + "What colour is the square in Image1?"
+
+
+def test_forward_backward_with_1_3_5_images_and_a_mixed_batch(zoo: ModelAdapter) -> None:
+    zoo.prepare_for_training()
+    samples = [zoo.encode(images(n, seed=n), prompt(n), "It is red.") for n in (1, 3, 5)]
+    for batch in [zoo.collate([s]) for s in samples] + [zoo.collate(samples)]:
+        zoo.model.zero_grad()
+        loss = zoo.model(**batch).loss
+        assert torch.isfinite(loss)
+        loss.backward()
+        grads = [p.grad for n, p in zoo.model.named_parameters() if "lora_" in n]
+        assert grads and all(g is not None for g in grads)
+        assert any(float(g.abs().sum()) > 0 for g in grads)
+
+
+def test_labels_are_the_answer_and_its_end_token_only(zoo: ModelAdapter) -> None:
+    sample = zoo.encode(images(2), prompt(2), "It is red.")
+    answer = zoo.tokenizer("It is red.", add_special_tokens=False)["input_ids"] + [zoo.eos_token_id]
+    kept = sample.labels[sample.labels != IGNORE_INDEX].tolist()
+    assert kept == answer
+    assert (sample.labels[: sample.prompt_length] == IGNORE_INDEX).all()
+
+
+def test_count_tokens_agrees_with_encode(zoo: ModelAdapter) -> None:
+    for n in (1, 2, 4):
+        picture = images(n)
+        sample = zoo.encode(picture, prompt(n), "Blue.")
+        assert zoo.count_tokens(prompt(n), "Blue.", [im.size for im in picture]) == (
+            sample.prompt_length, sample.answer_length)
+
+
+@pytest.mark.parametrize("n_images", [2, 3])
+def test_perturbing_image_i_changes_embeddings_only_inside_its_span(zoo: ModelAdapter, n_images: int) -> None:
+    picture = images(n_images)
+    base = zoo.encode(picture, prompt(n_images), "Red.")
+    reference = zoo.input_embeddings(zoo.collate([base]))[0]
+    for i, (start, end) in enumerate(base.image_spans):
+        changed = list(picture)
+        changed[i] = Image.fromarray(255 - np.asarray(picture[i]))
+        embeds = zoo.input_embeddings(zoo.collate([zoo.encode(changed, prompt(n_images), "Red.")]))[0]
+        moved = (embeds - reference).abs().amax(-1) > 1e-6
+        inside = torch.zeros_like(moved)
+        inside[start:end] = True
+        assert moved[start:end].any(), f"image {i + 1}: nothing inside its span changed"
+        assert not moved[~inside].any(), f"image {i + 1}: embeddings outside its span changed"
+        grid_positions = np.concatenate([g.token_positions().ravel() for g in base.geometries[i].grids])
+        assert moved[start + torch.as_tensor(grid_positions)].all(), "a grid token did not change"
+
+
+def test_spans_cover_exactly_the_image_tokens(zoo: ModelAdapter) -> None:
+    sample = zoo.encode(images(3), prompt(3), "Red.")
+    is_image = sample.input_ids == zoo.image_token_id
+    covered = torch.zeros_like(is_image)
+    for (start, end), geometry in zip(sample.image_spans, sample.geometries):
+        covered[start:end] = True
+        assert int(is_image[start:end].sum()) == geometry.image_token_ids
+        positions = np.concatenate([g.token_positions().ravel() for g in geometry.grids])
+        assert is_image[start + torch.as_tensor(positions)].all(), "a grid cell points at a non-image token"
+    assert not (is_image & ~covered).any()
+
+
+def test_truncation_cuts_the_answer_never_the_images(zoo: ModelAdapter) -> None:
+    picture = images(2)
+    full = zoo.encode(picture, prompt(2), "The square is red and large.")
+    cut = zoo.encode(picture, prompt(2), "The square is red and large.", max_length=full.prompt_length + 2)
+    assert cut.prompt_length == full.prompt_length and cut.answer_length == 2
+    assert cut.image_spans == full.image_spans
+    with pytest.raises(SampleTooLongError):
+        zoo.encode(picture, prompt(2), "Red.", max_length=full.prompt_length - 1)
+    # Position ids (mRoPE for Qwen) stay right: the cut sequence's logits equal the full sequence's prefix.
+    with torch.no_grad():
+        long = zoo.model(**zoo.collate([full])).logits[0, : cut.input_ids.numel()]
+        short = zoo.model(**zoo.collate([cut])).logits[0]
+    assert torch.allclose(long, short, atol=1e-5)
+
+
+def test_right_and_left_padding_give_the_same_answer_logits(zoo: ModelAdapter) -> None:
+    long = zoo.encode(images(3), prompt(3), "Red.")
+    short = zoo.encode(images(1), prompt(1), "Red.")
+    with torch.no_grad():
+        alone = zoo.model(**zoo.collate([short])).logits[0]
+        right = zoo.model(**zoo.collate([long, short])).logits[1, : short.input_ids.numel()]
+        left = zoo.model(**zoo.collate([long, short], padding_side="left")).logits[1, -short.input_ids.numel():]
+    assert torch.allclose(alone, right, atol=1e-4) and torch.allclose(alone, left, atol=1e-4)
+
+
+def test_one_dpo_step_changes_the_lora_weights_and_nothing_else(zoo: ModelAdapter) -> None:
+    zoo.prepare_for_training()
+    module = DPOModule(zoo, DPOConfig(), OptimConfig(lr=1e-2, warmup_ratio=0.0))
+    items = []
+    for i, n in enumerate([1, 3]):
+        processed = zoo.process_images(images(n, seed=i))
+        items.append({"id": f"p{i}", "chosen": zoo.encode(processed, prompt(n), "Red."),
+                      "rejected": zoo.encode(processed, prompt(n), "Blue and green.")})
+    batch = PairCollator(zoo)(items)
+    before = {n: p.detach().clone() for n, p in zoo.model.named_parameters()}
+    optimizer = torch.optim.AdamW([p for p in zoo.model.parameters() if p.requires_grad], lr=1e-2)
+    optimizer.zero_grad()
+    module.training_step(batch, 0).backward()
+    optimizer.step()
+    after = dict(zoo.model.named_parameters())
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed and all("lora_" in n for n in changed)
+    assert any("lora_B" in n for n in changed)
+
+
+def test_generates_16_tokens(zoo: ModelAdapter) -> None:
+    prompts = [zoo.encode(images(n), prompt(n)) for n in (1, 3)]
+    out = zoo.model.generate(**zoo.generation_inputs(prompts), max_new_tokens=16, min_new_tokens=16,
+                             do_sample=False, pad_token_id=zoo.tokenizer.pad_token_id)
+    assert out.shape[1] == zoo.generation_inputs(prompts)["input_ids"].shape[1] + 16
+
+
+def test_saved_base_reloads_to_the_same_logits(zoo: ModelAdapter, zoo_name: str, tmp_path: Path) -> None:
+    zoo.save_base(tmp_path / "base")
+    cfg = model_cfg(zoo_name)
+    cfg.path = str(tmp_path / "base")
+    reloaded = build_adapter(cfg)
+    sample = zoo.encode(images(3), prompt(3), "Red.")
+    again = reloaded.encode(images(3), prompt(3), "Red.")
+    assert torch.equal(sample.input_ids, again.input_ids)
+    with torch.no_grad():
+        a = zoo.model(**zoo.collate([sample])).logits
+        b = reloaded.model(**reloaded.collate([again])).logits
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_train_entry_runs_three_steps(zoo_name: str, tmp_path: Path) -> None:
+    result = train(compose_train([f"model={zoo_name}", "trainer.max_steps=3", "data.synthetic.num_pairs=12",
+                                  "data.batch_size=2"], tmp_path))
+    assert result.global_step == 3
+    assert (result.run_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("name", sorted(REAL))
+def test_real_checkpoint_without_weights_names_the_path(name: str) -> None:
+    with pytest.raises(ModelWeightsNotFoundError) as info:
+        build_adapter(model_cfg(name))
+    message = str(info.value)
+    assert REAL[name] in message and "model.path=" in message and "huggingface-cli download" in message
+
+
+# (model, image sizes of one prompt, image index, pixel box, {span position: expected coverage}) worked out by
+# hand from each model's preprocessing; every other position of that image's span must be 0.
+GEOMETRY_CASES = [
+    # smart_resize(56, 112) = 56 × 112 → 2 × 4 tokens of 28 px; the last cell is token 7.
+    ("tiny_qwen2_vl", [(112, 56)], 0, (84, 28, 112, 56), {7: 1.0}),
+    ("tiny_qwen2_5_vl", [(112, 56)], 0, (0, 0, 28, 28), {0: 1.0}),
+    # 64 × 32 → 2 × 1 tiles of 32 px (2 × 2 tokens each) + thumbnail: the box is tile 1's first cell (token 4)
+    # and half of the thumbnail's cell (0, 1) (token 8 + 1).
+    ("tiny_internvl", [(64, 32)], 0, (32, 0, 48, 16), {4: 1.0, 9: 0.5}),
+    # Several images: each padded to 64 × 64 (16 px on top), 4 × 4 cells of 16 px; rows 16–32 of the image are
+    # rows 32–48 of the square: cell (2, 0) = token 8.
+    ("tiny_llava_onevision", [(64, 32), (32, 32)], 0, (0, 16, 16, 32), {8: 1.0}),
+    # One image (anyres): base 4 × 4 over 64 × 32 → half of cell (3, 3) = token 15; high-res grid 4 × 8 with a
+    # newline per row → cell (3, 7) = 16 + 3 × 9 + 7.
+    ("tiny_llava_onevision", [(64, 32)], 0, (56, 24, 64, 32), {15: 0.5, 50: 1.0}),
+]
+
+
+@pytest.mark.parametrize(("name", "sizes", "index", "box", "expected"), GEOMETRY_CASES)
+def test_pixel_box_maps_to_the_expected_tokens(name, sizes, index, box, expected) -> None:
+    adapter = build_adapter(model_cfg(name))
+    geometry = adapter.plan_images(sizes)[index]
+    coverage = geometry.token_coverage(box)
+    assert {int(i): round(float(coverage[i]), 6) for i in np.flatnonzero(coverage)} == expected
+
+
+@pytest.mark.parametrize("name", ["tiny_idefics3", "tiny_smolvlm"])
+def test_idefics3_tiles_map_boxes_past_their_tags(name: str) -> None:
+    """64 × 32 → 1 × 2 tiles (2 × 2 tokens each) + global view: the box is tile (1, 2)'s first cell."""
+    adapter = build_adapter(model_cfg(name))
+    picture = [Image.new("RGB", (64, 32))]
+    sample = adapter.encode(picture, prompt(1), "Red.")
+    geometry, (start, _) = sample.geometries[0], sample.image_spans[0]
+    assert geometry.layout == (1, 2)
+    coverage = geometry.token_coverage((32, 0, 48, 16))
+    hits = {int(i): float(coverage[i]) for i in np.flatnonzero(coverage)}
+    tile_two = geometry.grids[1].token_offset
+    assert hits == {tile_two: 1.0, geometry.grids[2].token_offset + 1: 0.5}
+    assert adapter.tokenizer.convert_ids_to_tokens(int(sample.input_ids[start + tile_two - 1])) == "<row_1_col_2>"
+
+
+def without_video(processor_class: type) -> type:
+    """transformers' processor minus its video processor (which needs torchvision), for comparison only."""
+
+    class ImagesOnly(processor_class):  # type: ignore[valid-type, misc]
+        def __init__(self, image_processor=None, tokenizer=None, **kwargs):
+            super().__init__(image_processor, tokenizer, None, **kwargs)
+
+    return ImagesOnly
+
+
+def reference_processor(name: str, adapter: ModelAdapter):
+    from transformers import Idefics3Processor, InternVLProcessor, LlavaOnevisionProcessor, Qwen2VLProcessor
+
+    config = adapter.base_model.config
+    if name == "tiny_idefics3":
+        vision = config.vision_config
+        seq = (vision.image_size // vision.patch_size) ** 2 // config.scale_factor**2
+        return Idefics3Processor(image_processor=adapter.image_processor, tokenizer=adapter.tokenizer,
+                                 image_seq_len=seq), "<image>"
+    if name in ("tiny_qwen2_vl", "tiny_qwen2_5_vl"):
+        return (without_video(Qwen2VLProcessor)(image_processor=adapter.image_processor, tokenizer=adapter.tokenizer),
+                "<|vision_start|><|image_pad|><|vision_end|>")
+    if name == "tiny_internvl":
+        return without_video(InternVLProcessor)(image_processor=adapter.image_processor, tokenizer=adapter.tokenizer,
+                                                image_seq_length=config.image_seq_length), "<IMG_CONTEXT>"
+    vision = config.vision_config
+    return without_video(LlavaOnevisionProcessor)(
+        image_processor=adapter.image_processor, tokenizer=adapter.tokenizer,
+        num_image_tokens=(vision.image_size // vision.patch_size) ** 2, vision_feature_select_strategy="full",
+        vision_aspect_ratio=config.vision_aspect_ratio), "<image>"
+
+
+@pytest.mark.parametrize("name", ["tiny_qwen2_vl", "tiny_qwen2_5_vl", "tiny_idefics3", "tiny_internvl",
+                                  "tiny_llava_onevision"])
+@pytest.mark.parametrize("n_images", [1, 3])
+def test_prompt_tokens_and_pixels_match_the_transformers_processor(name: str, n_images: int) -> None:
+    adapter = build_adapter(model_cfg(name))
+    processor, placeholder = reference_processor(name, adapter)
+    picture = images(n_images)
+    sample = adapter.encode(picture, prompt(n_images))
+    text = adapter.template.render(prompt(n_images)).replace("<image>", placeholder)
+    if adapter.tokenizer.bos_token:
+        text = adapter.tokenizer.bos_token + text
+    expected = processor(text=[text], images=[picture], return_tensors="pt", add_special_tokens=False)
+    assert expected["input_ids"][0].tolist() == sample.input_ids.tolist()
+    batch = adapter.collate([sample])
+    pixels = expected["pixel_values"]
+    if name == "tiny_llava_onevision" and n_images > 1:
+        pixels = pixels[:, :1]
+    assert torch.allclose(batch["pixel_values"], pixels.to(batch["pixel_values"].dtype))
+
+
+def test_merged_dynamic_model_reloads_through_its_adapter(tmp_path: Path) -> None:
+    from miadpo.merge import merge_adapter
+
+    result = train(compose_train(["model=tiny_qwen2_vl", "trainer.max_steps=2", "data.synthetic.num_pairs=8",
+                                  "data.batch_size=2", "optim.lr=5e-2"], tmp_path))
+    merged = merge_adapter(result.run_dir / "adapter", tmp_path / "merged")
+    cfg = model_cfg("tiny_qwen2_vl")
+    cfg.path = str(merged)
+    reloaded = build_adapter(cfg)
+    base_cfg = model_cfg("tiny_qwen2_vl")
+    base_cfg.path = str(result.run_dir / "base_model")
+    base = build_adapter(base_cfg)
+    sample = reloaded.encode(images(2), prompt(2), "Red.")
+    batch = reloaded.collate([sample])
+    with torch.no_grad():
+        merged_logits = reloaded.model(**batch).logits
+        base_logits = base.model(**batch).logits
+        policy_logits = PeftModel.from_pretrained(base.model, result.run_dir / "adapter")(**batch).logits
+    assert not torch.allclose(merged_logits, base_logits, atol=1e-4)  # the LoRA update is in the merged weights
+    assert torch.allclose(merged_logits, policy_logits, atol=1e-4)
