@@ -90,8 +90,10 @@ def train(cfg: DictConfig) -> TrainResult:
     """Run one DPO training job described by a composed config."""
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.run_dir)
-    if cfg.model.name == "toy_llava" and cfg.model.path and not Path(cfg.model.path).is_dir():
-        ensure_toy_world(cfg.model.path)
+    if cfg.data.name == "toy" and cfg.data.source and rank_zero_only.rank == 0:
+        # The toy world is generated on first use (and the shipped toy base copied to model.path).
+        toy_base = cfg.model.path if cfg.model.name == "toy_llava" and cfg.model.path else None
+        ensure_toy_world(Path(cfg.data.source).parent, toy_base)
     adapter = build_adapter(cfg.model)
     if cfg.model.path is None:
         # A model built in code: save its weights with the run so the adapter is usable on its own.

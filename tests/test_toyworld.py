@@ -173,7 +173,7 @@ def test_whole_toy_pipeline_at_small_scale(tmp_path: Path) -> None:
     out = tmp_path / "toyworld"
     build_base(out, train_scenes=64, eval_scenes=12, multi_share=0.25, vision_epochs=1, sft_epochs=1,
                progress=False)
-    ensure_toy_world(out / "base")  # existing base: only the evaluation sequences are added
+    ensure_toy_world(out, out / "base")  # existing base: only the evaluation sequences are added
     assert (out / "test_sequences" / "records.jsonl").is_file()
     overrides = ["model=toy_llava", f"model.path={out / 'base'}", "data=toy", f"data.source={out / 'train.json'}",
                  f"data.image_root={out / 'images'}", f"data.out_dir={out / 'dpo'}", "data.augment.max_records=40",

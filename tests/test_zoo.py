@@ -305,3 +305,35 @@ def test_merged_dynamic_model_reloads_through_its_adapter(tmp_path: Path) -> Non
         policy_logits = PeftModel.from_pretrained(base.model, result.run_dir / "adapter")(**batch).logits
     assert not torch.allclose(merged_logits, base_logits, atol=1e-4)  # the LoRA update is in the merged weights
     assert torch.allclose(merged_logits, policy_logits, atol=1e-4)
+
+
+def test_freeze_switches_leave_only_the_chosen_group_trainable(zoo_name: str) -> None:
+    cfg = model_cfg(zoo_name)
+    cfg.merge_with({"lora": {"enabled": False}, "freeze_vision_tower": True, "freeze_projector": False,
+                    "freeze_llm": True})
+    adapter = build_adapter(cfg)
+    adapter.prepare_for_training()
+    groups = adapter.module_groups()
+    projector = {id(p) for p in groups["projector"].parameters()}
+    in_groups = {id(p) for g in groups.values() for p in g.parameters()}
+    head = {id(p) for p in adapter.base_model.get_output_embeddings().parameters()}
+    trainable = [n for n, p in adapter.model.named_parameters() if p.requires_grad]
+    # Trainable: the projector and parameters outside every group and the LM head (e.g. OneVision's newline).
+    assert trainable and all(id(p) in projector or (id(p) not in in_groups and id(p) not in head)
+                             for p in adapter.model.parameters() if p.requires_grad), trainable
+    assert all(p.requires_grad for p in groups["projector"].parameters())
+    assert not any(p.requires_grad for p in adapter.base_model.get_output_embeddings().parameters())
+
+
+def test_gradient_checkpointing_and_lora_backward(zoo_name: str) -> None:
+    cfg = model_cfg(zoo_name)
+    cfg.merge_with({"gradient_checkpointing": True, "freeze_projector": False, "attn_implementation": "eager"})
+    adapter = build_adapter(cfg)
+    adapter.prepare_for_training()
+    assert adapter.base_model.is_gradient_checkpointing
+    assert adapter.base_model.config._attn_implementation == "eager"
+    adapter.model.train()
+    loss = adapter.model(**adapter.collate([adapter.encode(images(2), prompt(2), "Red.")])).loss
+    loss.backward()
+    projector = list(adapter.module_groups()["projector"].parameters())
+    assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in projector)

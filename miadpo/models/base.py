@@ -355,10 +355,22 @@ class ModelAdapter(ABC):
 
     # ----- training set-up ------------------------------------------------------------------------
     def freeze(self, vision_tower: bool, projector: bool, llm: bool) -> None:
+        """Freeze switches per group, applied in ``module_groups`` order. The LM head follows the LLM's switch;
+        any other parameter outside the groups (e.g. LLaVA-OneVision's newline embedding) the projector's."""
         flags = {"vision_tower": vision_tower, "projector": projector, "llm": llm}
+        seen: set[int] = set()
         for name, module in self.module_groups().items():
             for parameter in module.parameters():
                 parameter.requires_grad_(not flags[name])
+                seen.add(id(parameter))
+        head = self.base_model.get_output_embeddings()
+        for parameter in head.parameters() if head is not None else ():
+            if id(parameter) not in seen:
+                parameter.requires_grad_(not llm)
+                seen.add(id(parameter))
+        for parameter in self.base_model.parameters():
+            if id(parameter) not in seen:
+                parameter.requires_grad_(not projector)
 
     def module_name(self, module: nn.Module) -> str:
         for name, candidate in self.base_model.named_modules():

@@ -14,30 +14,30 @@ from miadpo.toyworld.base import augmented_sequences
 SHIPPED_BASE = Path(__file__).resolve().parent / "base_model"
 
 
-def ensure_toy_world(base_dir: str | Path) -> Path:
-    """Make ``<out>/base`` (``base_dir``) and the toy splits exist; ``out`` is the base's parent directory.
+def ensure_toy_world(out: str | Path, base_dir: str | Path | None = None) -> Path:
+    """Make the toy splits under ``out`` exist and, with ``base_dir``, the toy base model there.
 
     The splits are regenerated from their seeds when missing; the base is copied from the checkpoint shipped
-    with the package (made by ``python -m miadpo.toyworld.base``) or, without one, trained and cached.
+    with the package (made by ``python -m miadpo.toyworld.base``) or, without one, trained and cached in ``out``.
     """
     import shutil
 
     from miadpo.toyworld.base import SPLIT_SEEDS, build_base
     from miadpo.toyworld.scenes import write_split
 
-    base_dir = Path(base_dir)
-    out = base_dir.parent
-    recipe = json.loads((SHIPPED_BASE / "base_recipe.json").read_text()) if SHIPPED_BASE.is_dir() else None
-    if not base_dir.is_dir():
-        if recipe is None:
-            build_base(out)
-        else:
+    out = Path(out)
+    if base_dir is not None and not Path(base_dir).is_dir():
+        if SHIPPED_BASE.is_dir():
             shutil.copytree(SHIPPED_BASE, base_dir)
-    recipe = recipe or json.loads((out / "base_recipe.json").read_text())
+        else:
+            shutil.move(build_base(out), base_dir)
+    # Split sizes: those of a base built here, else those the shipped base was trained with.
+    recipe_file = next(f for f in (out / "base_recipe.json", SHIPPED_BASE / "base_recipe.json") if f.is_file())
+    recipe = json.loads(recipe_file.read_text())
     sizes = {"train": recipe["train_scenes"], "val": recipe["eval_scenes"], "test": recipe["eval_scenes"]}
     for split, count in sizes.items():
         if not (out / f"{split}.json").is_file():
             write_split(out, split, count, SPLIT_SEEDS[split])
     for split in ("val", "test"):
         augmented_sequences(out, out / f"{split}.json", f"{split}_sequences", seed=7)
-    return base_dir
+    return out
