@@ -218,12 +218,24 @@ class SelectionConfig:
 
 
 @dataclass
+class FastPathConfig:
+    """Exact speed-ups of the DPO step (each gives the same log-probs as the plain concatenated forward)."""
+
+    # The prompt and images run once per pair; chosen and rejected continue from its key/value cache.
+    # Off automatically under gradient checkpointing (which drops the cache).
+    shared_prefix: bool = True
+    # Frozen vision tower and projector: image features computed once per batch, shared by policy and reference.
+    shared_image_features: bool = True
+
+
+@dataclass
 class DPOConfig:
     loss: LossType = LossType.sigmoid
     beta: float = 0.1
     # epsilon of cdpo (label smoothing) and robust (assumed label-flip rate).
     label_smoothing: float = 0.0
     sft_weight: float = 0.0
+    fast: FastPathConfig = field(default_factory=FastPathConfig)
 
 
 @dataclass

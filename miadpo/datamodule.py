@@ -19,6 +19,7 @@ from miadpo.augment.runner import RECORDS_FILE, run_augmentation
 from miadpo.config import DataConfig, TooLongPolicy
 from miadpo.jsonl import read_jsonl
 from miadpo.models.base import EncodedSample, ModelAdapter
+from miadpo.pair_forward import shared_prefix_batch
 from miadpo.pairs import BadRecordError, BadRecordReport, ImageRoots, PairRecord, read_pairs
 from miadpo.synthetic import ensure_synthetic_pairs
 
@@ -104,29 +105,38 @@ class PairDataset(Dataset):
 
 
 class PairCollator:
-    """Batch of B pairs → one padded batch of 2B sequences: chosen rows first, then rejected."""
+    """Batch of B pairs → the layout its pair forward reads.
 
-    def __init__(self, adapter: ModelAdapter) -> None:
+    ``concatenated``: ``inputs``, one padded batch of 2B full sequences (chosen rows first, then rejected).
+    ``shared_prefix``: ``prompt`` (B left-padded prompts with their images) and ``answers`` (2B answer rows).
+    """
+
+    def __init__(self, adapter: ModelAdapter, layout: str = "concatenated") -> None:
+        if layout not in ("concatenated", "shared_prefix"):
+            raise ValueError(f"unknown pair batch layout {layout!r}")
         self.adapter = adapter
+        self.layout = layout
 
     def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         chosen: list[EncodedSample] = [item["chosen"] for item in items]
         rejected: list[EncodedSample] = [item["rejected"] for item in items]
-        return {
-            "ids": [item["id"] for item in items],
-            "num_pairs": len(items),
-            "inputs": self.adapter.collate(chosen + rejected),
-        }
+        batch: dict[str, Any] = {"ids": [item["id"] for item in items], "num_pairs": len(items)}
+        if self.layout == "shared_prefix":
+            batch.update(shared_prefix_batch(self.adapter, chosen, rejected))
+        else:
+            batch["inputs"] = self.adapter.collate(chosen + rejected)
+        return batch
 
 
 class PairDataModule(L.LightningDataModule):
     """Pairs from ``data.pairs`` (or the embedded synthetic set) → train/val dataloaders."""
 
-    def __init__(self, cfg: DataConfig, adapter: ModelAdapter, seed: int = 0) -> None:
+    def __init__(self, cfg: DataConfig, adapter: ModelAdapter, seed: int = 0, layout: str = "concatenated") -> None:
         super().__init__()
         self.cfg = cfg
         self.adapter = adapter
         self.seed = seed
+        self.layout = layout  # the batch layout of the DPO module's pair forward (see PairCollator)
         self.roots = ImageRoots.of(cfg)
         self.train_set: PairDataset | None = None
         self.val_set: PairDataset | None = None
@@ -175,7 +185,7 @@ class PairDataModule(L.LightningDataModule):
             batch_size=self.cfg.batch_size,
             shuffle=shuffle,
             num_workers=self.cfg.num_workers,
-            collate_fn=PairCollator(self.adapter),
+            collate_fn=PairCollator(self.adapter, self.layout),
             generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
             persistent_workers=self.cfg.num_workers > 0,
         )

@@ -9,8 +9,8 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any, Protocol
+from contextlib import contextmanager, nullcontext
+from typing import Any
 
 import lightning as L
 import torch
@@ -18,22 +18,15 @@ from peft import PeftModel
 from torch import nn
 from transformers import get_linear_schedule_with_warmup
 
-from miadpo.config import DPOConfig, OptimConfig
+from miadpo.config import DPOConfig, FastPathConfig, OptimConfig
 from miadpo.losses import PairLogps, build_loss, rewards
-from miadpo.models.base import IGNORE_INDEX, ModelAdapter
-
-
-def answer_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sequence sum of answer-token log-probs and the number of answer tokens.
-
-    ``logits[b, t]`` predicts token ``t + 1``; positions whose label is IGNORE_INDEX contribute nothing.
-    """
-    logits, labels = logits[:, :-1], labels[:, 1:]
-    mask = labels != IGNORE_INDEX
-    token_logps = torch.zeros(labels.shape, dtype=torch.float32, device=logits.device)
-    selected = torch.log_softmax(logits[mask].float(), dim=-1)
-    token_logps[mask] = selected.gather(-1, labels[mask].unsqueeze(-1)).squeeze(-1)
-    return token_logps.sum(-1), mask.sum(-1)
+from miadpo.models.base import ModelAdapter
+from miadpo.pair_forward import (
+    ConcatenatedPairForward,
+    PairForward,
+    SharedPrefixPairForward,
+    shared_image_features,
+)
 
 
 def adamw_with_linear_schedule(model: nn.Module, optim: OptimConfig, total_steps: int) -> dict[str, Any]:
@@ -48,19 +41,11 @@ def adamw_with_linear_schedule(model: nn.Module, optim: OptimConfig, total_steps
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-class PairForward(Protocol):
-    def __call__(self, model: nn.Module, batch: dict[str, Any]) -> PairLogps: ...
-
-
-class ConcatenatedPairForward:
-    """The plain path: chosen and rejected sequences, prompt and images included, run as one 2B batch."""
-
-    def __call__(self, model: nn.Module, batch: dict[str, Any]) -> PairLogps:
-        inputs = {k: v for k, v in batch["inputs"].items() if k != "labels"}
-        logits = model(**inputs, use_cache=False).logits
-        logps, counts = answer_logps(logits, batch["inputs"]["labels"])
-        n = batch["num_pairs"]
-        return PairLogps(logps[:n], logps[n:], counts[:n], counts[n:])
+def build_pair_forward(adapter: ModelAdapter, fast: FastPathConfig) -> PairForward:
+    """The shared-prefix forward where it applies (no gradient checkpointing), else the plain one."""
+    if fast.shared_prefix and not adapter.cfg.gradient_checkpointing:
+        return SharedPrefixPairForward(adapter)
+    return ConcatenatedPairForward()
 
 
 class DPOModule(L.LightningModule):
@@ -74,7 +59,11 @@ class DPOModule(L.LightningModule):
         self.dpo = dpo
         self.optim = optim
         self.loss_fn = build_loss(dpo)
-        self.pair_forward = pair_forward or ConcatenatedPairForward()
+        self.pair_forward = pair_forward or build_pair_forward(adapter, dpo.fast)
+        self.plain_forward = ConcatenatedPairForward()
+        cfg = adapter.cfg
+        self.share_image_features = dpo.fast.shared_image_features and cfg.freeze_vision_tower and \
+            cfg.freeze_projector
         if isinstance(self.policy, PeftModel):
             self.reference: nn.Module | None = None
         else:
@@ -95,17 +84,24 @@ class DPOModule(L.LightningModule):
         finally:
             self.policy.train(was_training)
 
+    def _forward_for(self, batch: dict[str, Any]) -> PairForward:
+        """The configured pair forward, or the plain one for a batch collated in the concatenated layout."""
+        if "inputs" in batch and self.pair_forward.layout != "concatenated":
+            return self.plain_forward
+        return self.pair_forward
+
     def policy_logps(self, batch: dict[str, Any]) -> PairLogps:
-        return self.pair_forward(self.policy, batch)
+        return self._forward_for(batch)(self.policy, batch)
 
     @torch.no_grad()
     def reference_logps(self, batch: dict[str, Any]) -> PairLogps:
         with self._reference_model() as reference:
-            return self.pair_forward(reference, batch)
+            return self._forward_for(batch)(reference, batch)
 
     def _step(self, batch: dict[str, Any], prefix: str) -> torch.Tensor:
-        policy = self.policy_logps(batch)
-        reference = self.reference_logps(batch)
+        with shared_image_features(self.policy) if self.share_image_features else nullcontext():
+            reference = self.reference_logps(batch)
+            policy = self.policy_logps(batch)
         losses = self.loss_fn(policy, reference)
         loss = losses.mean()
         if self.dpo.sft_weight:

@@ -107,7 +107,7 @@ def train(cfg: DictConfig) -> TrainResult:
     adapter.prepare_for_training()
 
     module = DPOModule(adapter, cfg.dpo, cfg.optim)
-    datamodule = PairDataModule(cfg.data, adapter, seed=cfg.seed)
+    datamodule = PairDataModule(cfg.data, adapter, seed=cfg.seed, layout=module.pair_forward.layout)
     checkpoint = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
         save_last=cfg.checkpoint.save_last,

@@ -12,7 +12,8 @@ from torch.utils.data import DataLoader
 from miadpo.config import DPOConfig, OptimConfig
 from miadpo.datamodule import PairCollator
 from miadpo.models import IGNORE_INDEX
-from miadpo.module import DPOModule, answer_logps
+from miadpo.module import DPOModule
+from miadpo.pair_forward import answer_logps
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 70, 220), "yellow": (240, 210, 20),
            "purple": (140, 50, 180)}

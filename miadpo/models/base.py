@@ -331,6 +331,11 @@ class ModelAdapter(ABC):
             batch[key] = torch.cat([s.extra[key] for s in samples if s.extra.get(key) is not None], dim=0)
         return batch
 
+    def prompt_position_ids(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Position ids of a (left-padded) batch, as the model computes them for right-padded rows: real tokens
+        count from 0. Shape (B, L); backbones with multi-axis positions (Qwen's mRoPE) return (axes, B, L)."""
+        return (batch["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
+
     @torch.no_grad()
     def input_embeddings(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The embeddings the LLM receives (text embeddings with image features merged in)."""

@@ -132,6 +132,13 @@ class QwenVLAdapter(ModelAdapter):
         batch["mm_token_type_ids"] = (batch["input_ids"] == self.image_token_id).to(torch.int32)
         return batch
 
+    def prompt_position_ids(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """mRoPE positions (3, B, L) from the model's own rule (image tokens on a 2-D grid, text on a line)."""
+        positions, _ = self.base_model.model.get_rope_index(
+            batch["input_ids"], batch["mm_token_type_ids"], image_grid_thw=batch.get("image_grid_thw"),
+            attention_mask=batch["attention_mask"])
+        return positions
+
     def processor_for_saving(self) -> ProcessorFiles:
         return ProcessorFiles(self.tokenizer, self.image_processor)
 

@@ -1,0 +1,147 @@
+"""Pair forwards: a batch of preference pairs → summed answer log-probs of chosen and rejected.
+
+Two exact implementations of the same quantity (``DPOModule`` and the loss never look inside them):
+
+- :class:`ConcatenatedPairForward` — the plain path every mainstream trainer uses: chosen and rejected as two
+  full sequences, prompt and images included, in one 2B batch.
+- :class:`SharedPrefixPairForward` — the prompt (images included) runs once per pair; its key/value cache, with
+  gradients flowing through it, is shared by the chosen and the rejected answer, which continue from it. The LM
+  head runs on the prompt's last position and the answer positions only.
+
+:func:`shared_image_features` makes the vision tower and projector run once per batch when they are frozen:
+the reference and the policy forward then share the image features.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from miadpo.losses import PairLogps
+from miadpo.models.base import IGNORE_INDEX, EncodedSample, ModelAdapter
+
+
+def answer_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence sum of answer-token log-probs and the number of answer tokens.
+
+    ``logits[b, t]`` predicts token ``t + 1``; positions whose label is IGNORE_INDEX contribute nothing.
+    """
+    return token_logps(logits[:, :-1], labels[:, 1:])
+
+
+def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum over positions of log p(labels[b, t] | logits[b, t]) where the label is not IGNORE_INDEX."""
+    mask = labels != IGNORE_INDEX
+    values = torch.zeros(labels.shape, dtype=torch.float32, device=logits.device)
+    selected = torch.log_softmax(logits[mask].float(), dim=-1)
+    values[mask] = selected.gather(-1, labels[mask].unsqueeze(-1)).squeeze(-1)
+    return values.sum(-1), mask.sum(-1)
+
+
+class PairForward(Protocol):
+    layout: str  # the batch layout it reads: "concatenated" or "shared_prefix" (see PairCollator)
+
+    def __call__(self, model: nn.Module, batch: dict[str, Any]) -> PairLogps: ...
+
+
+class ConcatenatedPairForward:
+    """The plain path: chosen and rejected sequences, prompt and images included, run as one 2B batch."""
+
+    layout = "concatenated"
+
+    def __call__(self, model: nn.Module, batch: dict[str, Any]) -> PairLogps:
+        inputs = {k: v for k, v in batch["inputs"].items() if k != "labels"}
+        logits = model(**inputs, use_cache=False).logits
+        logps, counts = answer_logps(logits, batch["inputs"]["labels"])
+        n = batch["num_pairs"]
+        return PairLogps(logps[:n], logps[n:], counts[:n], counts[n:])
+
+
+class SharedPrefixPairForward:
+    """Prompt once per pair (left-padded), then chosen and rejected continue from its key/value cache.
+
+    Exact: the same positions, masks and weights as the plain path, so the same log-probs up to floating-point
+    summation order. Position ids come from ``adapter.prompt_position_ids`` (mRoPE for Qwen).
+    """
+
+    layout = "shared_prefix"
+
+    def __init__(self, adapter: ModelAdapter) -> None:
+        self.adapter = adapter
+        # transformers 5.2x renamed ``past_key_values`` to ``cache``; older 5.x only know the former.
+        parameters = inspect.signature(adapter.base_model.forward).parameters
+        self.cache_argument = "cache" if "cache" in parameters else "past_key_values"
+
+    def __call__(self, model: nn.Module, batch: dict[str, Any]) -> PairLogps:
+        prompt, answers = batch["prompt"], batch["answers"]
+        positions = self.adapter.prompt_position_ids(prompt)
+        prefill = model(**prompt, position_ids=positions, use_cache=True, logits_to_keep=1)
+        cache = prefill.past_key_values
+        cache.batch_repeat_interleave(2)  # row 2i = pair i's chosen, row 2i + 1 = its rejected
+        batch_dim = positions.dim() - 2
+        length = answers["input_ids"].shape[1]
+        following = positions.amax(dim=-1, keepdim=True) + 1 + torch.arange(length, device=positions.device)
+        following = following.repeat_interleave(2, dim=batch_dim)
+        mask = torch.cat([prompt["attention_mask"].repeat_interleave(2, dim=0), answers["attention_mask"]], dim=1)
+        out = model(input_ids=answers["input_ids"], attention_mask=mask, position_ids=following,
+                    use_cache=False, **{self.cache_argument: cache})
+        first = prefill.logits[:, -1:].repeat_interleave(2, dim=0)  # predicts each answer's first token
+        logits = torch.cat([first, out.logits[:, :-1]], dim=1)
+        logps, counts = token_logps(logits, answers["labels"])
+        return PairLogps(logps[0::2], logps[1::2], counts[0::2], counts[1::2])
+
+
+def shared_prefix_batch(adapter: ModelAdapter, chosen: Sequence[EncodedSample], rejected: Sequence[EncodedSample]
+                        ) -> dict[str, Any]:
+    """Left-padded prompts (B rows) and right-padded answers (2B rows: chosen, rejected of each pair in turn)."""
+    prompts = []
+    for c, r in zip(chosen, rejected):
+        if c.prompt_length != r.prompt_length or not torch.equal(c.input_ids[: c.prompt_length],
+                                                                   r.input_ids[: r.prompt_length]):
+            raise ValueError("chosen and rejected of a pair must share their prompt")
+        prompts.append(EncodedSample(
+            input_ids=c.input_ids[: c.prompt_length], labels=c.labels[: c.prompt_length], image_spans=c.image_spans,
+            geometries=c.geometries, pixel_values=c.pixel_values, prompt_length=c.prompt_length, extra=c.extra))
+    prompt = adapter.collate(prompts, padding_side="left")
+    prompt.pop("labels")
+    rows = [s for pair in zip(chosen, rejected) for s in pair]
+    length = max(1, max(s.answer_length for s in rows))
+    ids = torch.full((len(rows), length), adapter.tokenizer.pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for row, sample in enumerate(rows):
+        answer = sample.input_ids[sample.prompt_length :]
+        ids[row, : answer.numel()] = answer
+        labels[row, : answer.numel()] = sample.labels[sample.prompt_length :]
+        mask[row, : answer.numel()] = 1
+    return {"prompt": prompt, "answers": {"input_ids": ids, "labels": labels, "attention_mask": mask}}
+
+
+@contextmanager
+def shared_image_features(model: nn.Module) -> Iterator[None]:
+    """Within the block, the first image-feature computation is remembered and returned to later calls.
+
+    For a frozen vision tower and projector only (the remembered features carry no gradient). Wraps the inner
+    model's ``get_image_features``, which every transformers VLM family routes its vision path through.
+    """
+    inner = getattr(model, "get_base_model", lambda: model)()
+    target = inner.model if hasattr(inner, "model") and hasattr(inner.model, "get_image_features") else inner
+    original = target.get_image_features
+    remembered: dict[str, Any] = {}
+
+    def once(*args: Any, **kwargs: Any) -> Any:
+        if "value" not in remembered:
+            with torch.no_grad():
+                remembered["value"] = original(*args, **kwargs)
+        return remembered["value"]
+
+    target.get_image_features = once
+    try:
+        yield
+    finally:
+        del target.get_image_features

@@ -1,0 +1,112 @@
+"""The DPO fast path equals the plain concatenated path: log-probs, loss and gradients (fp32)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+from miadpo.config import DPOConfig, FastPathConfig, OptimConfig
+from miadpo.datamodule import PairCollator
+from miadpo.models import build_adapter
+from miadpo.module import DPOModule
+from miadpo.pair_forward import ConcatenatedPairForward, SharedPrefixPairForward, shared_image_features
+from miadpo.train import CONFIG_DIR
+
+FAMILIES = ["tiny_llava", "tiny_qwen2_vl", "tiny_internvl", "tiny_idefics3", "tiny_llava_onevision"]
+SIZES = [(64, 32), (40, 90), (48, 48), (90, 50), (30, 70)]
+
+
+def adapter_for(name: str, **overrides):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"model={name}"]).model
+    cfg.merge_with(overrides)
+    torch.manual_seed(0)
+    adapter = build_adapter(cfg)
+    adapter.prepare_for_training()
+    for name_, parameter in adapter.model.named_parameters():  # LoRA B starts at 0: make the policy differ
+        if "lora_B" in name_:
+            torch.nn.init.normal_(parameter, std=0.02)
+    return adapter
+
+
+def pairs(adapter, image_counts: list[int]) -> list[dict]:
+    items = []
+    for i, n in enumerate(image_counts):
+        rng = np.random.default_rng(i)
+        images = adapter.process_images([Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+                                         for w, h in SIZES[:n]])
+        prompt = "".join(f"Image{k}: <image>\n" for k in range(1, n + 1)) + f"What is in Image{1 + i % n}?"
+        items.append({"id": f"p{i}", "chosen": adapter.encode(images, prompt, "a red square " * (1 + i % 3)),
+                      "rejected": adapter.encode(images, prompt, "blue")})
+    return items
+
+
+def step(module: DPOModule, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    module.policy.zero_grad()
+    loss = module.training_step(batch, 0)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in module.policy.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("image_counts", [[1], [5], [2, 4, 1]])
+def test_shared_prefix_equals_the_plain_path(name: str, image_counts: list[int]) -> None:
+    adapter = adapter_for(name)
+    items = pairs(adapter, image_counts)
+    dpo = DPOConfig(sft_weight=0.5)
+    plain = DPOModule(adapter, dpo, OptimConfig(), pair_forward=ConcatenatedPairForward())
+    fast = DPOModule(adapter, dpo, OptimConfig(), pair_forward=SharedPrefixPairForward(adapter))
+    plain_batch = PairCollator(adapter, "concatenated")(items)
+    fast_batch = PairCollator(adapter, "shared_prefix")(items)
+    a, b = plain.policy_logps(plain_batch), fast.policy_logps(fast_batch)
+    assert torch.equal(a.chosen_tokens, b.chosen_tokens) and torch.equal(a.rejected_tokens, b.rejected_tokens)
+    assert torch.allclose(a.chosen, b.chosen, atol=1e-5, rtol=1e-6)
+    assert torch.allclose(a.rejected, b.rejected, atol=1e-5, rtol=1e-6)
+    ref_a, ref_b = plain.reference_logps(plain_batch), fast.reference_logps(fast_batch)
+    assert torch.allclose(ref_a.chosen, ref_b.chosen, atol=1e-5, rtol=1e-6)
+    loss_a, grads_a = step(plain, plain_batch)
+    loss_b, grads_b = step(fast, fast_batch)
+    assert torch.allclose(loss_a, loss_b, atol=1e-5)
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    for key in grads_a:
+        assert torch.allclose(grads_a[key], grads_b[key], atol=1e-5, rtol=1e-4), key
+
+
+@pytest.mark.parametrize("name", ["tiny_llava", "tiny_qwen2_vl", "tiny_idefics3"])
+def test_shared_image_features_run_the_tower_once_and_change_nothing(name: str) -> None:
+    adapter = adapter_for(name)
+    batch = PairCollator(adapter, "shared_prefix")(pairs(adapter, [2, 3]))
+    tower = adapter.module_groups()["vision_tower"]
+    calls = []
+    handle = tower.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        alone = DPOModule(adapter, DPOConfig(fast=FastPathConfig(shared_image_features=False)), OptimConfig())
+        loss_a, grads_a = step(alone, batch)
+        separate = len(calls)
+        calls.clear()
+        shared = DPOModule(adapter, DPOConfig(), OptimConfig())
+        loss_b, grads_b = step(shared, batch)
+    finally:
+        handle.remove()
+    assert separate == 2 and len(calls) == 1
+    assert torch.allclose(loss_a, loss_b, atol=1e-6)
+    for key in grads_a:
+        assert torch.allclose(grads_a[key], grads_b[key], atol=1e-6), key
+
+
+def test_features_are_not_shared_when_the_projector_trains() -> None:
+    adapter = adapter_for("tiny_llava", freeze_projector=False)
+    module = DPOModule(adapter, DPOConfig(), OptimConfig())
+    assert not module.share_image_features
+    with shared_image_features(adapter.model):  # the context itself still restores the model afterwards
+        pass
+    assert "get_image_features" not in vars(adapter.base_model.model)
+
+
+def test_gradient_checkpointing_falls_back_to_the_plain_path() -> None:
+    adapter = adapter_for("tiny_llava", gradient_checkpointing=True)
+    module = DPOModule(adapter, DPOConfig(), OptimConfig())
+    assert isinstance(module.pair_forward, ConcatenatedPairForward)
