@@ -226,6 +226,10 @@ class FastPathConfig:
     shared_prefix: bool = True
     # Frozen vision tower and projector: image features computed once per batch, shared by policy and reference.
     shared_image_features: bool = True
+    # Reference log-probs computed once before training and kept on disk (miadpo/reference_cache.py).
+    reference_cache: bool = True
+    # null: <data.out_dir>/reference_logps
+    reference_cache_dir: str | None = None
 
 
 @dataclass

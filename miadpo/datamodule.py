@@ -21,6 +21,7 @@ from miadpo.jsonl import read_jsonl
 from miadpo.models.base import EncodedSample, ModelAdapter
 from miadpo.pair_forward import shared_prefix_batch
 from miadpo.pairs import BadRecordError, BadRecordReport, ImageRoots, PairRecord, read_pairs
+from miadpo.reference_cache import ReferenceCache, pair_key
 from miadpo.synthetic import ensure_synthetic_pairs
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,12 @@ class PairDataset(Dataset):
         self.roots = roots
         self.adapter = adapter
         self.max_length = max_length
+        self.keys: list[str] = []  # reference-cache keys, set by attach_reference
+        self.reference: ReferenceCache | None = None
+
+    def attach_reference(self, cache: ReferenceCache) -> None:
+        self.keys = [pair_key(record, self.roots) for record in self.records]
+        self.reference = cache
 
     def __len__(self) -> int:
         return len(self.records)
@@ -97,11 +104,16 @@ class PairDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.records[index]
         images = self.adapter.process_images([load_image(self.roots.resolve(p)) for p in record.images])
-        return {
+        item = {
             "id": record.id,
             "chosen": self.adapter.encode(images, record.prompt, record.chosen, self.max_length),
             "rejected": self.adapter.encode(images, record.prompt, record.rejected, self.max_length),
         }
+        if self.keys:
+            item["key"] = self.keys[index]
+            if self.reference is not None and item["key"] in self.reference:
+                item["reference"] = self.reference[item["key"]]
+        return item
 
 
 class PairCollator:
@@ -121,6 +133,11 @@ class PairCollator:
         chosen: list[EncodedSample] = [item["chosen"] for item in items]
         rejected: list[EncodedSample] = [item["rejected"] for item in items]
         batch: dict[str, Any] = {"ids": [item["id"] for item in items], "num_pairs": len(items)}
+        if all("key" in item for item in items):
+            batch["keys"] = [item["key"] for item in items]
+        if all("reference" in item for item in items):
+            # cached reference log-probs: columns chosen, rejected, chosen tokens, rejected tokens
+            batch["reference"] = torch.tensor([item["reference"] for item in items], dtype=torch.float32)
         if self.layout == "shared_prefix":
             batch.update(shared_prefix_batch(self.adapter, chosen, rejected))
         else:

@@ -52,7 +52,7 @@ class DPOModule(L.LightningModule):
     """Policy = ``adapter.model``; reference = the same network with LoRA disabled, or a frozen copy."""
 
     def __init__(self, adapter: ModelAdapter, dpo: DPOConfig, optim: OptimConfig,
-                 pair_forward: PairForward | None = None) -> None:
+                 pair_forward: PairForward | None = None, cached_reference: bool = False) -> None:
         super().__init__()
         self.adapter = adapter
         self.policy = adapter.model
@@ -64,8 +64,9 @@ class DPOModule(L.LightningModule):
         cfg = adapter.cfg
         self.share_image_features = dpo.fast.shared_image_features and cfg.freeze_vision_tower and \
             cfg.freeze_projector
-        if isinstance(self.policy, PeftModel):
-            self.reference: nn.Module | None = None
+        self.cached_reference = cached_reference
+        if isinstance(self.policy, PeftModel) or cached_reference:
+            self.reference: nn.Module | None = None  # LoRA disabled, or log-probs from the cache: no copy
         else:
             self.reference = copy.deepcopy(self.policy).requires_grad_(False).eval()
         # Checkpoints hold trainable weights only; the frozen rest is rebuilt from the model config.
@@ -95,6 +96,11 @@ class DPOModule(L.LightningModule):
 
     @torch.no_grad()
     def reference_logps(self, batch: dict[str, Any]) -> PairLogps:
+        if "reference" in batch:  # cached before training (miadpo.reference_cache)
+            cached = batch["reference"]
+            return PairLogps(cached[:, 0], cached[:, 1], cached[:, 2].long(), cached[:, 3].long())
+        if self.cached_reference:
+            raise RuntimeError("dpo.fast.reference_cache is on but a batch came without cached reference log-probs")
         with self._reference_model() as reference:
             return self._forward_for(batch)(reference, batch)
 

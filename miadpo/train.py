@@ -6,6 +6,7 @@ Thin wiring: config → adapter → DPOModule + PairDataModule → lightning.Tra
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,12 +20,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from miadpo.callbacks import BeforeAfterEval, ExportModel
 from miadpo.config import register_configs
-from miadpo.datamodule import PairDataModule
+from miadpo.datamodule import PairCollator, PairDataModule
 from miadpo.evaluate import llava_items, tsv_items
 from miadpo.lightning_setup import build_logger, build_strategy, check_trainer_args
 from miadpo.models import ModelAdapter, build_adapter
-from miadpo.module import DPOModule
+from miadpo.module import DPOModule, build_pair_forward
+from miadpo.pair_forward import PairForward
 from miadpo.pairs import ImageRoots
+from miadpo.reference_cache import ReferenceCache, fill_reference_cache, model_key
 from miadpo.select.stage import run_selection
 from miadpo.toyworld.pipeline import ensure_toy_world
 from miadpo.toyworld.scenes import scene_index
@@ -75,6 +78,20 @@ def select_before_training(cfg: DictConfig, adapter: ModelAdapter) -> Path:
     return pairs
 
 
+def cache_reference_logps(cfg: DictConfig, adapter: ModelAdapter, datamodule: PairDataModule,
+                          forward: PairForward) -> None:
+    """Reference log-probs of every train/val pair, computed once (only the pairs not cached yet)."""
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    root = Path(cfg.dpo.fast.reference_cache_dir or Path(cfg.data.out_dir) / "reference_logps")
+    cache = ReferenceCache(root / model_key(adapter, cfg.data), rank=int(os.environ.get("RANK", 0)))
+    datasets = [datamodule.train_set, datamodule.val_set]
+    for dataset in datasets:
+        dataset.attach_reference(cache)
+    fill_reference_cache(cache, datasets, adapter.model, forward, PairCollator(adapter, forward.layout),
+                         cfg.data.batch_size)
+
+
 def build_before_after(cfg: DictConfig, adapter: ModelAdapter, run_dir: Path) -> BeforeAfterEval | None:
     """The before/after evaluation of ``eval.*``, or None when no evaluation set is configured."""
     if not cfg.eval.files and not cfg.eval.tsv:
@@ -104,10 +121,12 @@ def train(cfg: DictConfig) -> TrainResult:
         base_path = cfg.model.path
     if cfg.data.pairs is None and cfg.data.source:
         cfg.data.pairs = str(select_before_training(cfg, adapter))
+    forward = build_pair_forward(adapter, cfg.dpo.fast)
+    datamodule = PairDataModule(cfg.data, adapter, seed=cfg.seed, layout=forward.layout)
+    if cfg.dpo.fast.reference_cache:
+        cache_reference_logps(cfg, adapter, datamodule, forward)  # before LoRA: the model is the reference
     adapter.prepare_for_training()
-
-    module = DPOModule(adapter, cfg.dpo, cfg.optim)
-    datamodule = PairDataModule(cfg.data, adapter, seed=cfg.seed, layout=module.pair_forward.layout)
+    module = DPOModule(adapter, cfg.dpo, cfg.optim, pair_forward=forward, cached_reference=cfg.dpo.fast.reference_cache)
     checkpoint = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
         save_last=cfg.checkpoint.save_last,

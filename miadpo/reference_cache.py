@@ -1,0 +1,117 @@
+"""Reference log-probs computed once per pair and kept on disk.
+
+The reference model never changes during DPO, so its answer log-probs are a function of the pair and of the
+reference itself. They are computed in one pass before training (only for pairs not yet cached) and stored in
+``<dpo.fast.reference_cache_dir>/<model key>/logps.<rank>.jsonl``. The model key hashes the base weights'
+identity, the adapter family, the chat template, the image preprocessing and the length policy; the pair key
+hashes the prompt, both answers and each image file's path, size and modification time. Runs and sweeps that
+share pairs and base model (β, loss, SFT weight, learning rate may differ) reuse them; training with the cache
+never builds or runs the reference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from miadpo.config import DataConfig
+from miadpo.jsonl import append_jsonl, read_jsonl, repair_tail
+from miadpo.models.base import ModelAdapter
+from miadpo.pairs import ImageRoots, PairRecord
+
+log = logging.getLogger(__name__)
+
+
+def digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def model_key(adapter: ModelAdapter, data: DataConfig) -> str:
+    """What the reference log-probs depend on besides the pair."""
+    from miadpo.select.candidates import weights_identity
+
+    processor = adapter.image_processor
+    return digest({
+        "weights": weights_identity(adapter), "family": adapter.cfg.family, "dtype": adapter.cfg.dtype,
+        "template": adapter.template, "pad_to_square": adapter.cfg.pad_to_square,
+        "image_processor": processor.to_dict() if hasattr(processor, "to_dict") else repr(processor),
+        "max_length": data.max_length, "on_too_long": str(data.on_too_long),
+    })
+
+
+def pair_key(record: PairRecord, roots: ImageRoots) -> str:
+    images = []
+    for path in record.images:
+        resolved = roots.resolve(path)
+        stat = resolved.stat()
+        images.append([str(resolved), stat.st_size, stat.st_mtime_ns])
+    return digest({"prompt": record.prompt, "chosen": record.chosen, "rejected": record.rejected, "images": images})
+
+
+class ReferenceCache:
+    """Reference log-probs by pair key: ``[chosen, rejected, chosen_tokens, rejected_tokens]``."""
+
+    def __init__(self, directory: str | Path, rank: int = 0) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.path = self.directory / f"logps.{rank}.jsonl"
+        self.values: dict[str, list[float]] = {}
+        for file in sorted(self.directory.glob("logps.*.jsonl")):
+            if file == self.path:
+                repair_tail(file)  # a run killed mid-write leaves at most one broken last line
+            for row in read_jsonl(file):
+                self.values[row["key"]] = row["logps"]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.values
+
+    def __getitem__(self, key: str) -> list[float]:
+        return self.values[key]
+
+    def add(self, rows: Sequence[tuple[str, list[float]]]) -> None:
+        for key, values in rows:
+            self.values[key] = values
+        with self.path.open("a", encoding="utf-8") as handle:
+            append_jsonl(handle, [{"key": key, "logps": values} for key, values in rows])
+
+
+@torch.no_grad()
+def fill_reference_cache(cache: ReferenceCache, datasets: Sequence[Any], reference: torch.nn.Module,
+                         forward: Any, collate: Any, batch_size: int) -> int:
+    """Compute and store the reference log-probs of every pair not yet cached; returns how many were computed."""
+    was_training = reference.training
+    reference.eval()
+    # The pass must not consume the global RNG (data loader seeds), so that LoRA initialisation and data order
+    # after it are those of a run without the cache.
+    try:
+        with torch.random.fork_rng(devices=[]):
+            computed = _fill(cache, datasets, reference, forward, collate, batch_size)
+    finally:
+        reference.train(was_training)
+    log.info("reference log-probs: %d computed, %d cached in %s", computed, len(cache.values) - computed,
+             cache.directory)
+    return computed
+
+
+def _fill(cache: ReferenceCache, datasets: Sequence[Any], reference: torch.nn.Module, forward: Any, collate: Any,
+          batch_size: int) -> int:
+    computed = 0
+    for dataset in datasets:
+        missing = [i for i, key in enumerate(dataset.keys) if key not in cache]
+        if not missing:
+            continue
+        loader = DataLoader(Subset(dataset, missing), batch_size=batch_size, collate_fn=collate)
+        for batch in loader:
+            logps = forward(reference, batch)
+            rows = zip(logps.chosen.tolist(), logps.rejected.tolist(), logps.chosen_tokens.tolist(),
+                       logps.rejected_tokens.tolist())
+            cache.add([(key, list(row)) for key, row in zip(batch["keys"], rows)])
+            computed += batch["num_pairs"]
+    return computed
