@@ -29,7 +29,7 @@ from miadpo.pair_forward import PairForward
 from miadpo.pairs import ImageRoots
 from miadpo.reference_cache import ReferenceCache, fill_reference_cache, model_key
 from miadpo.select.stage import run_selection
-from miadpo.toyworld.pipeline import ensure_toy_world
+from miadpo.toyworld.pipeline import ensure_toy_base, ensure_toy_world
 from miadpo.toyworld.scenes import scene_index
 
 log = logging.getLogger(__name__)
@@ -107,11 +107,12 @@ def train(cfg: DictConfig) -> TrainResult:
     """Run one DPO training job described by a composed config."""
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.run_dir)
-    if cfg.data.name == "toy" and cfg.data.source and rank_zero_only.rank == 0:
-        # The toy world is generated on first use (and the shipped toy base copied to model.path).
-        toy_base = cfg.model.path if cfg.model.name == "toy_llava" and cfg.model.path else None
-        ensure_toy_world(Path(cfg.data.source).parent, toy_base)
+    toy_data = cfg.data.name == "toy" and cfg.data.source and rank_zero_only.rank == 0
+    if toy_data and cfg.model.name == "toy_llava" and cfg.model.path:
+        ensure_toy_base(cfg.model.path, Path(cfg.data.source).parent)  # the shipped toy base, on first use
     adapter = build_adapter(cfg.model)
+    if toy_data:
+        ensure_toy_world(Path(cfg.data.source).parent)  # the toy splits, generated on first use
     if cfg.model.path is None:
         # A model built in code: save its weights with the run so the adapter is usable on its own.
         base_path = str((run_dir / "base_model").resolve())

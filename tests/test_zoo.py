@@ -185,9 +185,9 @@ def test_train_entry_runs_three_steps(zoo_name: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(REAL))
-def test_real_checkpoint_without_weights_names_the_path(name: str) -> None:
+def test_real_checkpoint_without_weights_names_the_path(name: str, tmp_path: Path) -> None:
     with pytest.raises(ModelWeightsNotFoundError) as info:
-        build_adapter(model_cfg(name))
+        train(compose_train([f"model={name}"], tmp_path))
     message = str(info.value)
     assert REAL[name] in message and "model.path=" in message and "huggingface-cli download" in message
 

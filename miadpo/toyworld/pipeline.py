@@ -20,17 +20,12 @@ def ensure_toy_world(out: str | Path, base_dir: str | Path | None = None) -> Pat
     The splits are regenerated from their seeds when missing; the base is copied from the checkpoint shipped
     with the package (made by ``python -m miadpo.toyworld.base``) or, without one, trained and cached in ``out``.
     """
-    import shutil
-
-    from miadpo.toyworld.base import SPLIT_SEEDS, build_base
+    from miadpo.toyworld.base import SPLIT_SEEDS
     from miadpo.toyworld.scenes import write_split
 
     out = Path(out)
-    if base_dir is not None and not Path(base_dir).is_dir():
-        if SHIPPED_BASE.is_dir():
-            shutil.copytree(SHIPPED_BASE, base_dir)
-        else:
-            shutil.move(build_base(out), base_dir)
+    if base_dir is not None:
+        ensure_toy_base(base_dir, out)
     # Split sizes: those of a base built here, else those the shipped base was trained with.
     recipe_file = next(f for f in (out / "base_recipe.json", SHIPPED_BASE / "base_recipe.json") if f.is_file())
     recipe = json.loads(recipe_file.read_text())
@@ -41,3 +36,18 @@ def ensure_toy_world(out: str | Path, base_dir: str | Path | None = None) -> Pat
     for split in ("val", "test"):
         augmented_sequences(out, out / f"{split}.json", f"{split}_sequences", seed=7)
     return out
+
+
+def ensure_toy_base(base_dir: str | Path, out: str | Path) -> Path:
+    """Copy the shipped toy base to ``base_dir`` if it is not there (without a shipped one, train it in ``out``)."""
+    import shutil
+
+    from miadpo.toyworld.base import build_base
+
+    base_dir = Path(base_dir)
+    if not base_dir.is_dir():
+        if SHIPPED_BASE.is_dir():
+            shutil.copytree(SHIPPED_BASE, base_dir)
+        else:
+            shutil.move(build_base(Path(out)), base_dir)
+    return base_dir
