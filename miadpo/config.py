@@ -11,6 +11,7 @@ from enum import Enum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
 
 
 class BadRecordPolicy(str, Enum):
@@ -369,6 +370,24 @@ class EvalJobConfig:
     run_dir: str = "${hydra:runtime.output_dir}"
 
 
+@dataclass
+class GenerateJobConfig:
+    """``python -m miadpo.generate``: answer one (multi-image) question with a base, adapter or merged model."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)  # unused; model configs may set it
+    # A peft adapter directory (e.g. <run>/adapter) applied on top of model.path; null = the model alone.
+    adapter: str | None = None
+    images: list[str] = field(default_factory=list)
+    # "<image>" marks where each image goes; without any, "Image{k}: <image>" lines are put before the prompt.
+    prompt: str = MISSING
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 42
+
+
 def register_configs() -> None:
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainConfig)
@@ -376,3 +395,4 @@ def register_configs() -> None:
     store.store(name="select_schema", node=SelectJobConfig)
     store.store(name="sft_schema", node=SFTJobConfig)
     store.store(name="evaluate_schema", node=EvalJobConfig)
+    store.store(name="generate_schema", node=GenerateJobConfig)

@@ -1,0 +1,70 @@
+"""Answer one multi-image question by hand: ``python -m miadpo.generate model=... images=[...] prompt=...``.
+
+Works with a base model (``model.path`` or a tiny in-code model), a base plus a peft adapter (``adapter=<dir>``)
+or a merged model (``model.path=<merged dir>``), through the same adapter interface as training and evaluation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig
+from peft import PeftModel
+
+from miadpo.config import register_configs
+from miadpo.datamodule import load_image
+from miadpo.models import ModelAdapter, build_adapter
+from miadpo.pairs import IMAGE_TOKEN
+from miadpo.toyworld.pipeline import ensure_toy_base
+
+register_configs()
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def with_image_markers(prompt: str, n_images: int) -> str:
+    """The prompt as given when it places its images; else one "Image{k}: <image>" line per image before it."""
+    found = prompt.count(IMAGE_TOKEN)
+    if found == n_images:
+        return prompt
+    if found:
+        raise ValueError(f"the prompt has {found} {IMAGE_TOKEN} markers for {n_images} images")
+    return "".join(f"Image{k}: {IMAGE_TOKEN}\n" for k in range(1, n_images + 1)) + prompt
+
+
+@torch.no_grad()
+def answer(adapter: ModelAdapter, image_paths: Sequence[str], prompt: str, max_new_tokens: int = 64,
+           do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0) -> str:
+    images = [load_image(Path(path)) for path in image_paths]
+    sample = adapter.encode(adapter.process_images(images), with_image_markers(prompt, len(images)))
+    inputs = adapter.generation_inputs([sample])
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {"do_sample": False}
+    adapter.model.eval()
+    output = adapter.model.generate(**inputs, max_new_tokens=max_new_tokens, eos_token_id=adapter.eos_token_id,
+                                    pad_token_id=adapter.tokenizer.pad_token_id, **sampling)
+    return adapter.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def load(cfg: DictConfig) -> ModelAdapter:
+    if cfg.model.name == "toy_llava" and cfg.model.path:
+        ensure_toy_base(cfg.model.path, Path(cfg.model.path).parent)
+    adapter = build_adapter(cfg.model)
+    if cfg.adapter:
+        if not (Path(cfg.adapter) / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"adapter={cfg.adapter!r} is not a peft adapter directory (no adapter_config.json)")
+        adapter.model = PeftModel.from_pretrained(adapter.model, cfg.adapter)
+    return adapter
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="generate")
+def main(cfg: DictConfig) -> None:
+    torch.manual_seed(cfg.seed)
+    text = answer(load(cfg), list(cfg.images), cfg.prompt, cfg.max_new_tokens, cfg.do_sample, cfg.temperature,
+                  cfg.top_p)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
