@@ -260,6 +260,9 @@ class LoggerConfig:
     # W&B mode: offline unless WANDB_MODE says otherwise.
     mode: str = "${oc.env:WANDB_MODE,offline}"
     tags: list[str] = field(default_factory=list)
+    # W&B run group and name (sweeps set them: one group per sweep, the job's overrides as its name).
+    group: str | None = None
+    run_name: str | None = None
 
 
 @dataclass

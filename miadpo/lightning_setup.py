@@ -26,6 +26,8 @@ def build_logger(cfg: DictConfig, run_dir: Path) -> Logger:
         save_dir=str(run_dir),
         offline=mode == "offline",
         tags=list(cfg.logger.tags),
+        group=cfg.logger.group,
+        name=cfg.logger.run_name,
         **({"mode": "disabled"} if mode == "disabled" else {}),
     )
 

@@ -5,6 +5,7 @@ Thin wiring: config → adapter → DPOModule + PairDataModule → lightning.Tra
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -152,6 +153,11 @@ def train(cfg: DictConfig) -> TrainResult:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     result = TrainResult(run_dir, last, export.exported, wandb_run, metrics, trainer.global_step)
     if trainer.is_global_zero:
+        # The final metrics (and the before/after evaluation) of this job, for sweep summaries.
+        evaluation = {f"eval/{group}/{moment}": row["accuracy"] for moment, table in
+                      (before_after.tables.items() if before_after is not None else []) for group, row in table.items()}
+        (run_dir / "metrics.json").write_text(json.dumps({"global_step": trainer.global_step, **metrics,
+                                                          **evaluation}, indent=1) + "\n")
         print(f"run directory:   {run_dir.resolve()}")
         print(f"checkpoint:      {last}")
         print(f"exported model:  {export.exported}")
