@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from peft import PeftModel
 
 from miadpo.models.base import ModelAdapter
@@ -25,6 +26,11 @@ class ExportModel(L.Callback):
         self.exported: Path | None = None
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        state_dict = None
+        if isinstance(trainer.strategy, FSDPStrategy | ModelParallelStrategy | DeepSpeedStrategy):
+            # Sharded parameters: gather the full state on rank 0 (a collective: every rank takes part).
+            full = trainer.strategy.lightning_module_state_dict()
+            state_dict = {k.removeprefix("policy."): v for k, v in full.items() if k.startswith("policy.")}
         if not trainer.is_global_zero:
             return
         model = self.adapter.model
@@ -34,7 +40,7 @@ class ExportModel(L.Callback):
                 peft_config.base_model_name_or_path = self.base_model_path
         else:
             target = self.run_dir / "model"
-        model.save_pretrained(target)
+        model.save_pretrained(target, **({"state_dict": state_dict} if state_dict is not None else {}))
         self.adapter.processor_for_saving().save_pretrained(target)
         self.exported = target
 

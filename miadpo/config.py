@@ -267,8 +267,15 @@ class LoggerConfig:
 
 @dataclass
 class StrategyConfig:
+    # auto | cpu | ddp | fsdp | deepspeed (conf/strategy/: deepspeed_zero2, deepspeed_zero3)
     name: str = "auto"
     find_unused_parameters: bool = False
+    # FSDP: FULL_SHARD | SHARD_GRAD_OP | NO_SHARD | HYBRID_SHARD (each decoder layer is one FSDP unit)
+    sharding_strategy: str = "FULL_SHARD"
+    # DeepSpeed ZeRO stage and offloading (GPU only)
+    stage: int = 2
+    offload_optimizer: bool = False
+    offload_parameters: bool = False
 
 
 @dataclass

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
-from lightning.pytorch.strategies import DDPStrategy, Strategy
+from lightning.pytorch.strategies import (
+    DDPStrategy,
+    DeepSpeedStrategy,
+    ModelParallelStrategy,
+    SingleDeviceStrategy,
+    Strategy,
+)
 from omegaconf import DictConfig, OmegaConf
 
 from miadpo.config import LoggerName, StrategyConfig
@@ -32,9 +40,25 @@ def build_logger(cfg: DictConfig, run_dir: Path) -> Logger:
     )
 
 
-def build_strategy(cfg: StrategyConfig) -> Strategy | str:
+def build_strategy(cfg: StrategyConfig, world_size: int = 1) -> Strategy | str:
+    """``strategy.*`` → a Lightning strategy (``world_size``: processes in all, for the FSDP mesh)."""
     if cfg.name == "ddp":
         return DDPStrategy(find_unused_parameters=cfg.find_unused_parameters)
+    if cfg.name == "cpu":
+        return SingleDeviceStrategy(device=torch.device("cpu"))
+    if cfg.name == "fsdp":
+        # PyTorch FSDP2 (fully_shard, applied by DPOModule.configure_model), which also runs on CPU processes
+        # (Lightning's FSDPStrategy and FSDP1 need a GPU). Checkpoints hold the full (gathered) state.
+        return ModelParallelStrategy(data_parallel_size=world_size, tensor_parallel_size=1,
+                                     save_distributed_checkpoint=False)
+    if cfg.name == "deepspeed":
+        if not torch.cuda.is_available():
+            raise ValueError(f"strategy=deepspeed_zero{cfg.stage} needs CUDA GPUs (Lightning's DeepSpeed strategy runs "
+                             "on GPUs only); on this machine use strategy=ddp or strategy=fsdp")
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ValueError("strategy=deepspeed_* needs the deepspeed package: pip install deepspeed")
+        return DeepSpeedStrategy(stage=cfg.stage, offload_optimizer=cfg.offload_optimizer,
+                                 offload_parameters=cfg.offload_parameters)
     return cfg.name
 
 

@@ -135,6 +135,18 @@ class DPOModule(L.LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         return self._step(batch, "val/")
 
+    def configure_model(self) -> None:
+        """Under ``strategy=fsdp`` (Lightning's ModelParallelStrategy): shard every decoder layer, then the rest."""
+        mesh = getattr(self, "_device_mesh", None)
+        if mesh is None:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        data_parallel = mesh["data_parallel"]
+        for layer in self.adapter.decoder_layers():
+            fully_shard(layer, mesh=data_parallel)
+        fully_shard(self.policy, mesh=data_parallel)
+
     def configure_optimizers(self) -> dict[str, Any]:
         return adamw_with_linear_schedule(self.policy, self.optim, int(self.trainer.estimated_stepping_batches))
 

@@ -51,7 +51,12 @@ class TrainResult:
 def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback], logger: Logger) -> L.Trainer:
     kwargs = check_trainer_args(cfg.trainer)
     kwargs.setdefault("default_root_dir", str(run_dir))
-    return L.Trainer(**kwargs, callbacks=callbacks, logger=logger, strategy=build_strategy(cfg.strategy))
+    if cfg.strategy.name == "cpu":
+        kwargs["accelerator"] = "cpu"
+    devices = kwargs.get("devices", 1)
+    world_size = (len(devices) if isinstance(devices, list) else int(devices)) * int(kwargs.get("num_nodes", 1))
+    strategy = build_strategy(cfg.strategy, world_size)
+    return L.Trainer(**kwargs, callbacks=callbacks, logger=logger, strategy=strategy)
 
 
 def is_single_process(cfg: DictConfig) -> bool:

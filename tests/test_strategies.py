@@ -1,0 +1,62 @@
+"""Hardware strategies: FSDP (fully_shard) on 2 CPU processes matches DDP; DeepSpeed without a GPU says so."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO
+from omegaconf import OmegaConf
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import LlavaForConditionalGeneration
+
+from miadpo.config import StrategyConfig
+from miadpo.lightning_setup import build_strategy
+
+
+def run_two_processes(strategy: str, tmp_path: Path) -> Path:
+    run_dir = tmp_path / strategy
+    args = [sys.executable, "-m", "miadpo.train", "model=tiny_llava", "data=synthetic", f"strategy={strategy}",
+            "trainer.devices=2", "trainer.accelerator=cpu", "trainer.max_steps=3", "logger=csv",
+            "data.synthetic.num_pairs=24", "optim.lr=5e-3", f"data.out_dir={tmp_path / 'data'}",
+            f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"}
+    proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+def test_fsdp_on_two_cpu_processes_saves_the_adapter_ddp_trains(tmp_path: Path) -> None:
+    fsdp, ddp = run_two_processes("fsdp", tmp_path), run_two_processes("ddp", tmp_path)
+    a = load_file(fsdp / "adapter" / "adapter_model.safetensors")
+    b = load_file(ddp / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and any("lora_B" in k for k in a)
+    assert max(float(a[k].abs().max()) for k in a if "lora_B" in k) > 0  # trained, gathered from the shards
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6), key
+    base = LlavaForConditionalGeneration.from_pretrained(fsdp / "base_model")
+    reloaded = PeftModel.from_pretrained(base, fsdp / "adapter")
+    assert any("lora_A" in n for n, _ in reloaded.named_parameters())
+    assert (fsdp / "checkpoints" / "last.ckpt").is_file()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_without_a_gpu_says_what_to_use(stage: int) -> None:
+    cfg = OmegaConf.structured(StrategyConfig(name="deepspeed", stage=stage))
+    with pytest.raises(ValueError, match=f"strategy=deepspeed_zero{stage} needs CUDA GPUs.*strategy=fsdp"):
+        build_strategy(cfg)
+
+
+def test_cpu_strategy_forces_the_cpu(tmp_path: Path) -> None:
+    from conftest import compose_train
+
+    from miadpo.train import train
+
+    result = train(compose_train(["strategy=cpu", "trainer.max_steps=1", "data.synthetic.num_pairs=8"], tmp_path))
+    assert result.global_step == 1
