@@ -283,6 +283,9 @@ class CheckpointConfig:
     every_n_train_steps: int | None = None
     save_last: bool = True
     save_top_k: int = 1
+    # Keep the best checkpoints by a logged metric (e.g. val/rewards/accuracies with mode max); null = the latest.
+    monitor: str | None = None
+    mode: str = "max"
 
 
 @dataclass

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any
@@ -127,7 +128,17 @@ class DPOModule(L.LightningModule):
         training = prefix == ""
         self.log_dict({prefix + k: v for k, v in metrics.items()}, batch_size=batch["num_pairs"],
                       prog_bar=False, on_step=training, on_epoch=not training, sync_dist=not training)
+        if training:
+            self._log_throughput(batch["num_pairs"])
         return loss
+
+    def _log_throughput(self, pairs: int) -> None:
+        """Pairs per second over the last training step (this process), shown in the progress bar."""
+        now = time.perf_counter()
+        last = getattr(self, "_last_step_time", None)
+        self._last_step_time = now
+        if last is not None and self._trainer is not None:
+            self.log("pairs_per_s", pairs / max(now - last, 1e-9), prog_bar=True, on_step=True, batch_size=pairs)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         return self._step(batch, "")

@@ -139,6 +139,8 @@ def train(cfg: DictConfig) -> TrainResult:
         save_last=cfg.checkpoint.save_last,
         save_top_k=cfg.checkpoint.save_top_k,
         every_n_train_steps=cfg.checkpoint.every_n_train_steps,
+        monitor=cfg.checkpoint.monitor,
+        mode=cfg.checkpoint.mode,
     )
     export = ExportModel(adapter, run_dir, base_path)
     logger = build_logger(cfg, run_dir)

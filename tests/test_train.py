@@ -107,3 +107,14 @@ def test_accumulation_precision_and_gradient_checkpointing_from_config(tmp_path:
     assert result.global_step == 2
     assert {"sft_loss", "rewards/margins"} <= set(result.metrics)
     assert torch.isfinite(torch.tensor(result.metrics["loss"]))
+
+
+def test_fast_dev_run_monitored_checkpoint_and_throughput(tmp_path: Path) -> None:
+    result = train(compose_train(["trainer.fast_dev_run=true"], tmp_path / "dev"))
+    assert result.global_step == 1
+    result = train(compose_train(FAST + ["trainer.max_steps=4", "data.val_fraction=0.25",
+                                         "trainer.val_check_interval=2", "checkpoint.monitor=val/rewards/accuracies",
+                                         "checkpoint.save_top_k=1"], tmp_path / "monitored"))
+    best = list((result.run_dir / "checkpoints").glob("epoch=*.ckpt"))
+    assert len(best) == 1 and (result.run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert result.metrics["pairs_per_s"] > 0
