@@ -155,6 +155,8 @@ class DataConfig:
     on_bad_record: BadRecordPolicy = BadRecordPolicy.skip
     max_bad_fraction: float = 0.01
     check_images: bool = True
+    # Sample pairs (with attention heat maps) in <run_dir>/data_report and the W&B table; 0 = no data report.
+    report_samples: int = 8
     val_fraction: float = 0.1
     max_length: int = 2048
     on_too_long: TooLongPolicy = TooLongPolicy.truncate_answer

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from miadpo.callbacks import BeforeAfterEval, ExportModel
 from miadpo.config import register_configs
+from miadpo.data_report import log_data_report, write_data_report
 from miadpo.datamodule import PairCollator, PairDataModule
 from miadpo.evaluate import llava_items, tsv_items
 from miadpo.lightning_setup import build_logger, build_strategy, check_trainer_args
@@ -98,6 +99,17 @@ def cache_reference_logps(cfg: DictConfig, adapter: ModelAdapter, datamodule: Pa
                          cfg.data.batch_size)
 
 
+def report_data(cfg: DictConfig, datamodule: PairDataModule, run_dir: Path, logger: Logger) -> None:
+    """Pair statistics, ratio histogram and sample pairs with attention heat maps (local files, and W&B)."""
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    assert datamodule.train_set is not None and datamodule.val_set is not None
+    records = datamodule.train_set.records + datamodule.val_set.records
+    report = write_data_report(records, datamodule.roots, datamodule.pairs_path(), run_dir, cfg.data.report_samples)
+    if isinstance(logger, WandbLogger) and cfg.logger.mode != "disabled":
+        log_data_report(logger.experiment, report)
+
+
 def build_before_after(cfg: DictConfig, adapter: ModelAdapter, run_dir: Path) -> BeforeAfterEval | None:
     """The before/after evaluation of ``eval.*``, or None when no evaluation set is configured."""
     if not cfg.eval.files and not cfg.eval.tsv:
@@ -144,6 +156,8 @@ def train(cfg: DictConfig) -> TrainResult:
     )
     export = ExportModel(adapter, run_dir, base_path)
     logger = build_logger(cfg, run_dir)
+    if cfg.data.report_samples and rank_zero_only.rank == 0:
+        report_data(cfg, datamodule, run_dir, logger)
     callbacks: list[L.Callback] = [checkpoint, export, LearningRateMonitor("step")]
     before_after = build_before_after(cfg, adapter, run_dir)
     if before_after is not None:

@@ -1,5 +1,6 @@
 """The real entry point: composed in process, plus one subprocess run each of DDP training and merging."""
 
+import json
 import os
 import subprocess
 import sys
@@ -118,3 +119,22 @@ def test_fast_dev_run_monitored_checkpoint_and_throughput(tmp_path: Path) -> Non
     best = list((result.run_dir / "checkpoints").glob("epoch=*.ckpt"))
     assert len(best) == 1 and (result.run_dir / "checkpoints" / "last.ckpt").is_file()
     assert result.metrics["pairs_per_s"] > 0
+
+
+def test_data_report_is_written_locally_and_to_the_offline_wandb_run(tmp_path: Path, pair_files) -> None:
+    from conftest import good_record
+
+    records = [good_record(tmp_path, i, n_images=2 + i % 2) for i in range(6)]
+    for i, record in enumerate(records):
+        record["meta"].update({"attention_ratio": 0.1 * i, "image_scores": [0.2, 0.1, 0.05][: len(record["images"])]})
+    pairs = pair_files(records)
+    overrides = ["trainer.max_steps=1", f"data.pairs={pairs}", f"data.image_root={tmp_path / 'images'}",
+                 "data.report_samples=3", "logger=wandb"]
+    result = train(compose_train(overrides, tmp_path))
+    report = result.run_dir / "data_report"
+    stats = json.loads((report / "stats.json").read_text())
+    assert stats["pairs"] == 6 and stats["pairs_by_format"] == {"sequence N=2": 3, "sequence N=3": 3}
+    assert stats["attention_ratio"]["histogram"] == [1, 1, 1, 1, 1, 1, 0, 0, 0, 0]
+    assert len(list(report.glob("sample_*.png"))) == 3 and (report / "ratio_histogram.png").is_file()
+    media = result.wandb_run / "files" / "media"
+    assert list((media / "table").rglob("*.table.json")) and list((media / "images").rglob("*.png"))
