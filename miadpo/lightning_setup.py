@@ -25,7 +25,7 @@ from miadpo.config import LoggerName, StrategyConfig
 def build_logger(cfg: DictConfig, run_dir: Path) -> Logger:
     if LoggerName(cfg.logger.name) is LoggerName.csv:
         return CSVLogger(save_dir=str(run_dir), name="csv")
-    mode = cfg.logger.mode
+    mode = {"dryrun": "offline"}.get(cfg.logger.mode, cfg.logger.mode)  # wandb's own older name, set after init
     if mode not in ("online", "offline", "disabled"):
         raise ValueError(f"logger.mode (or WANDB_MODE) must be online, offline or disabled, not {mode!r}")
     return WandbLogger(
