@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,7 +13,7 @@ from typing import Any
 import lightning as L
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from miadpo.augment.runner import RECORDS_FILE, run_augmentation
 from miadpo.config import DataConfig, TooLongPolicy
@@ -145,6 +145,41 @@ class PairCollator:
         return batch
 
 
+class EpochShuffleSampler(Sampler[int]):
+    """A fresh permutation each epoch drawn from (seed, epoch) alone, so that a resumed run sees the order an
+    uninterrupted one would; ``start`` skips the samples already trained on in a resumed epoch."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch, self.start = size, seed, 0, 0
+
+    def set_epoch(self, epoch: int) -> None:  # called by Lightning at every epoch start
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[int]:
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        start, self.start = self.start, 0
+        yield from order[start:]
+
+
+class ResumeDataOrder(L.Callback):
+    """On a run resumed inside an epoch, skip the batches of that epoch the checkpoint has already trained on.
+
+    The position comes from the restored step count: every epoch is ``len(loader)`` batches and each optimizer
+    step takes ``accumulate_grad_batches`` of them.
+    """
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        loader = trainer.train_dataloader
+        if not (isinstance(loader, DataLoader) and isinstance(loader.sampler, EpochShuffleSampler)):
+            return
+        done = trainer.global_step * trainer.accumulate_grad_batches - trainer.current_epoch * len(loader)
+        if 0 < done < len(loader):
+            loader.sampler.start = done * (loader.batch_size or 1)
+
+
 class PairDataModule(L.LightningDataModule):
     """Pairs from ``data.pairs`` (or the embedded synthetic set) → train/val dataloaders."""
 
@@ -200,10 +235,9 @@ class PairDataModule(L.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.cfg.batch_size,
-            shuffle=shuffle,
+            sampler=EpochShuffleSampler(len(dataset), self.seed) if shuffle else None,
             num_workers=self.cfg.num_workers,
             collate_fn=PairCollator(self.adapter, self.layout),
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
             persistent_workers=self.cfg.num_workers > 0,
         )
 

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from miadpo.callbacks import BeforeAfterEval, ExportModel
 from miadpo.config import register_configs
 from miadpo.data_report import log_data_report, write_data_report
-from miadpo.datamodule import PairCollator, PairDataModule
+from miadpo.datamodule import PairCollator, PairDataModule, ResumeDataOrder
 from miadpo.evaluate import llava_items, tsv_items
 from miadpo.lightning_setup import build_logger, build_strategy, check_trainer_args
 from miadpo.models import ModelAdapter, build_adapter
@@ -121,8 +121,8 @@ def build_before_after(cfg: DictConfig, adapter: ModelAdapter, run_dir: Path) ->
     return BeforeAfterEval(adapter, items, run_dir, cfg.eval.batch_size, cfg.eval.max_new_tokens, scenes)
 
 
-def train(cfg: DictConfig) -> TrainResult:
-    """Run one DPO training job described by a composed config."""
+def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> TrainResult:
+    """Run one DPO training job described by a composed config (``extra_callbacks``: added to the Trainer's)."""
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.run_dir)
     toy_data = cfg.data.name == "toy" and cfg.data.source and rank_zero_only.rank == 0
@@ -158,7 +158,8 @@ def train(cfg: DictConfig) -> TrainResult:
     logger = build_logger(cfg, run_dir)
     if cfg.data.report_samples and rank_zero_only.rank == 0:
         report_data(cfg, datamodule, run_dir, logger)
-    callbacks: list[L.Callback] = [checkpoint, export, LearningRateMonitor("step")]
+    callbacks: list[L.Callback] = [checkpoint, export, LearningRateMonitor("step"), ResumeDataOrder(),
+                                   *extra_callbacks]
     before_after = build_before_after(cfg, adapter, run_dir)
     if before_after is not None:
         callbacks.append(before_after)

@@ -6,10 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from conftest import REPO, compose_train
 from hydra.errors import ConfigCompositionException
+from safetensors.torch import load_file
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from miadpo.train import train
@@ -138,3 +140,34 @@ def test_data_report_is_written_locally_and_to_the_offline_wandb_run(tmp_path: P
     assert len(list(report.glob("sample_*.png"))) == 3 and (report / "ratio_histogram.png").is_file()
     media = result.wandb_run / "files" / "media"
     assert list((media / "table").rglob("*.table.json")) and list((media / "images").rglob("*.png"))
+
+
+class KillAt(L.Callback):
+    """Simulates a run killed in step ``step`` (Lightning runs checkpoint callbacks last, so the checkpoint of
+    the step before is on disk and this step's is not)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError("killed")
+
+
+def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_weights(tmp_path: Path) -> None:
+    # 24 pairs, batch 4 → 6 steps per epoch; the kill at step 4 is inside the first epoch, the run ends in the
+    # second, so both the in-epoch position and the next epoch's order must be restored.
+    common = ["trainer.max_steps=9", "data.synthetic.num_pairs=24", "data.batch_size=4", "data.val_fraction=0",
+              "checkpoint.every_n_train_steps=2", "optim.lr=5e-3"]
+    whole = train(compose_train(common, tmp_path / "whole"))
+    with pytest.raises(RuntimeError, match="killed"):
+        train(compose_train(common, tmp_path / "killed"), extra_callbacks=[KillAt(5)])
+    last = tmp_path / "killed" / "run" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["global_step"] == 4
+    resumed = train(compose_train(common + [f"ckpt_path={last}", f"run_dir={tmp_path / 'resumed'}"],
+                                  tmp_path / "killed"))
+    assert resumed.global_step == whole.global_step == 9
+    a = load_file(whole.exported / "adapter_model.safetensors")
+    b = load_file(resumed.exported / "adapter_model.safetensors")
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6), key
