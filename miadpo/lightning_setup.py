@@ -40,8 +40,27 @@ def build_logger(cfg: DictConfig, run_dir: Path) -> Logger:
     )
 
 
-def build_strategy(cfg: StrategyConfig, world_size: int = 1) -> Strategy | str:
-    """``strategy.*`` → a Lightning strategy (``world_size``: processes in all, for the FSDP mesh)."""
+def deepspeed_config(cfg: StrategyConfig, micro_batch: int, accumulate: int = 1, precision: str = "32-true",
+                     gradient_clipping: float | None = 1.0) -> dict[str, Any]:
+    """The DeepSpeed configuration of ``strategy=deepspeed_zero*`` (the Lightning strategy and raw
+    ``deepspeed.initialize`` use the same dictionary)."""
+    zero: dict[str, Any] = {"stage": cfg.stage}
+    if cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if cfg.offload_parameters and cfg.stage == 3:
+        zero["offload_param"] = {"device": "cpu"}
+    config: dict[str, Any] = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": accumulate,
+                              "zero_optimization": zero, "bf16": {"enabled": precision.startswith("bf16")},
+                              "fp16": {"enabled": precision.startswith("16")}}
+    if gradient_clipping:
+        config["gradient_clipping"] = gradient_clipping
+    return config
+
+
+def build_strategy(cfg: StrategyConfig, world_size: int = 1, micro_batch: int = 1, accumulate: int = 1,
+                   precision: str = "32-true") -> Strategy | str:
+    """``strategy.*`` → a Lightning strategy (``world_size``: processes in all, for the FSDP mesh; the rest for
+    DeepSpeed's configuration)."""
     if cfg.name == "ddp":
         return DDPStrategy(find_unused_parameters=cfg.find_unused_parameters)
     if cfg.name == "cpu":
@@ -57,8 +76,7 @@ def build_strategy(cfg: StrategyConfig, world_size: int = 1) -> Strategy | str:
                              "on GPUs only); on this machine use strategy=ddp or strategy=fsdp")
         if importlib.util.find_spec("deepspeed") is None:
             raise ValueError("strategy=deepspeed_* needs the deepspeed package: pip install deepspeed")
-        return DeepSpeedStrategy(stage=cfg.stage, offload_optimizer=cfg.offload_optimizer,
-                                 offload_parameters=cfg.offload_parameters)
+        return DeepSpeedStrategy(config=deepspeed_config(cfg, micro_batch, accumulate, precision))
     return cfg.name
 
 

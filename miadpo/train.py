@@ -56,7 +56,11 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback], l
         kwargs["accelerator"] = "cpu"
     devices = kwargs.get("devices", 1)
     world_size = (len(devices) if isinstance(devices, list) else int(devices)) * int(kwargs.get("num_nodes", 1))
-    strategy = build_strategy(cfg.strategy, world_size)
+    strategy = build_strategy(cfg.strategy, world_size, micro_batch=cfg.data.batch_size,
+                              accumulate=int(kwargs.get("accumulate_grad_batches", 1)),
+                              precision=str(kwargs.get("precision", "32-true")))
+    if cfg.strategy.name == "deepspeed":
+        kwargs.pop("gradient_clip_val", None)  # DeepSpeed clips by its own config (gradient_clipping)
     return L.Trainer(**kwargs, callbacks=callbacks, logger=logger, strategy=strategy)
 
 

@@ -60,3 +60,53 @@ def test_cpu_strategy_forces_the_cpu(tmp_path: Path) -> None:
 
     result = train(compose_train(["strategy=cpu", "trainer.max_steps=1", "data.synthetic.num_pairs=8"], tmp_path))
     assert result.global_step == 1
+
+
+DEEPSPEED_STEP = """
+import os, sys
+os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29533", "RANK": "0", "WORLD_SIZE": "1",
+                   "LOCAL_RANK": "0"})
+import torch, deepspeed
+from omegaconf import OmegaConf
+from miadpo.config import DPOConfig, ModelConfig, OptimConfig, StrategyConfig
+from miadpo.datamodule import PairCollator
+from miadpo.lightning_setup import deepspeed_config
+from miadpo.models import build_adapter
+from miadpo.module import DPOModule
+from PIL import Image
+torch.distributed.init_process_group("gloo")
+adapter = build_adapter(OmegaConf.structured(ModelConfig))
+adapter.prepare_for_training()
+module = DPOModule(adapter, DPOConfig(), OptimConfig())
+config = deepspeed_config(OmegaConf.structured(StrategyConfig(name="deepspeed", stage=STAGE)), micro_batch=2)
+params = [p for p in module.policy.parameters() if p.requires_grad]
+engine, *_ = deepspeed.initialize(model=module.policy, model_parameters=params, config=config,
+                                  optimizer=torch.optim.AdamW(params, lr=1e-2))
+items = []
+for i, n in enumerate([1, 3]):
+    images = adapter.process_images([Image.new("RGB", (40, 40), (60 * k, 90, 30)) for k in range(n)])
+    prompt = "".join(f"Image{k}: <image>\\n" for k in range(1, n + 1)) + "Which colour?"
+    items.append({"id": str(i), "chosen": adapter.encode(images, prompt, "Red."),
+                  "rejected": adapter.encode(images, prompt, "Blue and big.")})
+batch = PairCollator(adapter, module.pair_forward.layout)(items)
+before = {n: p.detach().clone() for n, p in module.policy.named_parameters() if p.requires_grad}
+loss = module.training_step(batch, 0)
+engine.backward(loss)
+engine.step()
+changed = [n for n, p in module.policy.named_parameters() if p.requires_grad and not torch.equal(before[n], p.detach())]
+print("changed", len(changed), "of", len(before), "lora_B changed", sum("lora_B" in n for n in changed))
+"""
+
+
+@pytest.mark.parametrize("stage", [2])
+def test_deepspeed_zero_config_takes_a_step_on_cpu_outside_lightning(stage: int, tmp_path: Path) -> None:
+    """The strategy's DeepSpeed configuration, with DeepSpeed itself on CPU (gloo): one DPO step moves LoRA."""
+    pytest.importorskip("deepspeed")
+    script = tmp_path / "step.py"
+    script.write_text(DEEPSPEED_STEP.replace("STAGE", str(stage)))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu"}
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    changed = proc.stdout.strip().splitlines()[-1].split()
+    assert changed[1] == changed[3] and int(changed[1]) > 0 and int(changed[-1]) > 0
