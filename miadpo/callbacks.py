@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from peft import PeftModel
 
@@ -82,6 +83,21 @@ class BeforeAfterEval(L.Callback):
         self._evaluate("after", trainer)
         (self.run_dir / "eval_before_after.json").write_text(json.dumps(self.tables, indent=1))
         (self.run_dir / "eval_before_after.md").write_text(self.markdown())
+        if isinstance(trainer.logger, WandbLogger) and getattr(trainer.logger.experiment.settings, "mode",
+                                                               "offline") != "disabled":
+            self._log_table(trainer.logger.experiment)
+
+    def _log_table(self, experiment: Any) -> None:
+        """The before/after table as a W&B table (one row per evaluation group)."""
+        import wandb
+
+        table = wandb.Table(columns=["group", "n", "before", "after", "delta", "in no image % before",
+                                     "in no image % after"])
+        for group, row in self.tables["before"].items():
+            new = self.tables["after"][group]
+            table.add_data(group, int(row["n"]), row["accuracy"], new["accuracy"], new["accuracy"] - row["accuracy"],
+                           row.get("in no image %"), new.get("in no image %"))
+        experiment.log({"eval/before_after": table})
 
     def markdown(self) -> str:
         before, after = self.tables["before"], self.tables["after"]

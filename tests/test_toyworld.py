@@ -181,8 +181,9 @@ def test_whole_toy_pipeline_at_small_scale(tmp_path: Path) -> None:
                  "selection.min_perplexity=0",
                  "selection.thresholds.sequence={2:1,3:1,4:1,5:1}", "data.val_fraction=0", "trainer.max_steps=3",
                  f"eval.files=[{out / 'test.json'},{out / 'test_sequences' / 'records.jsonl'}]",
-                 f"eval.toy_source={out / 'test.json'}", f"eval.image_root={out / 'images'}"]
+                 f"eval.toy_source={out / 'test.json'}", f"eval.image_root={out / 'images'}", "logger=wandb"]
     result = train(compose_train(overrides, tmp_path))
+    assert list((result.wandb_run / "files" / "media" / "table" / "eval").glob("before_after_*.table.json"))
     tables = json.loads((result.run_dir / "eval_before_after.json").read_text())
     assert set(tables) == {"before", "after"}
     assert {"single", "multi-image mean"} <= set(tables["after"])
