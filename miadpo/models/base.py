@@ -164,6 +164,16 @@ def check_weights_path(cfg: ModelConfig) -> str:
     )
 
 
+def from_local_weights(cfg: ModelConfig, model_class: Any, image_processor_class: Any) -> tuple[Any, Any, Any]:
+    """(model, tokenizer, image processor) from the directory at ``model.path`` (the families whose transformers
+    processor class needs torchvision: tokenizer and image processor are loaded on their own)."""
+    from transformers import AutoTokenizer
+
+    path = check_weights_path(cfg)
+    model = model_class.from_pretrained(path, dtype=torch_dtype(cfg.dtype), attn_implementation=cfg.attn_implementation)
+    return model, AutoTokenizer.from_pretrained(path), image_processor_class.from_pretrained(path)
+
+
 def torch_dtype(name: str) -> torch.dtype:
     try:
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]

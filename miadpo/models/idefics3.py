@@ -19,7 +19,6 @@ import torch
 from PIL import Image
 from torch import nn
 from transformers import (
-    AutoTokenizer,
     Idefics3Config,
     Idefics3ForConditionalGeneration,
     PreTrainedTokenizerFast,
@@ -38,7 +37,7 @@ from miadpo.models.base import (
     PatchGrid,
     ProcessedImages,
     ProcessorFiles,
-    check_weights_path,
+    from_local_weights,
     torch_dtype,
 )
 from miadpo.models.tiny import build_tiny_tokenizer, seeded_init, tiny_text_config
@@ -85,11 +84,7 @@ class Idefics3Adapter(ModelAdapter):
                 do_image_splitting=True)
             model = cls.tiny_model(tiny, tokenizer, cfg.attn_implementation)
         else:
-            path = check_weights_path(cfg)
-            tokenizer = AutoTokenizer.from_pretrained(path)
-            image_processor = cls.image_processor_class.from_pretrained(path)
-            model = cls.model_class.from_pretrained(path, dtype=torch_dtype(cfg.dtype),
-                                                    attn_implementation=cfg.attn_implementation)
+            model, tokenizer, image_processor = from_local_weights(cfg, cls.model_class, cls.image_processor_class)
         model.to(torch_dtype(cfg.dtype))
         return cls(model, tokenizer, image_processor, get_template(cfg.template), cfg)
 

@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from PIL import Image
 from torch import nn
 from transformers import (
-    AutoTokenizer,
     InternVLConfig,
     InternVLForConditionalGeneration,
     PreTrainedTokenizerFast,
@@ -30,7 +29,7 @@ from miadpo.models.base import (
     PatchGrid,
     ProcessedImages,
     ProcessorFiles,
-    check_weights_path,
+    from_local_weights,
     torch_dtype,
 )
 from miadpo.models.qwen2_vl import CHATML_NAMES, CHATML_SPECIALS
@@ -58,11 +57,8 @@ class InternVLAdapter(ModelAdapter):
                 max_patches=tiny.max_tiles)
             model = tiny_internvl(tiny, tokenizer, cfg.attn_implementation)
         else:
-            path = check_weights_path(cfg)
-            tokenizer = AutoTokenizer.from_pretrained(path)
-            image_processor = GotOcr2ImageProcessorPil.from_pretrained(path)
-            model = InternVLForConditionalGeneration.from_pretrained(
-                path, dtype=torch_dtype(cfg.dtype), attn_implementation=cfg.attn_implementation)
+            model, tokenizer, image_processor = from_local_weights(cfg, InternVLForConditionalGeneration,
+                                                                   GotOcr2ImageProcessorPil)
         model.to(torch_dtype(cfg.dtype))
         return cls(model, tokenizer, image_processor, get_template(cfg.template), cfg)
 

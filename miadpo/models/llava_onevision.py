@@ -16,7 +16,6 @@ import torch
 from PIL import Image
 from torch import nn
 from transformers import (
-    AutoTokenizer,
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
     PreTrainedTokenizerFast,
@@ -34,7 +33,7 @@ from miadpo.models.base import (
     PatchGrid,
     ProcessedImages,
     ProcessorFiles,
-    check_weights_path,
+    from_local_weights,
     torch_dtype,
 )
 from miadpo.models.qwen2_vl import CHATML_NAMES, CHATML_SPECIALS
@@ -61,11 +60,8 @@ class LlavaOnevisionAdapter(ModelAdapter):
                                                               image_grid_pinpoints=pinpoints)
             model = tiny_onevision(tiny, tokenizer, pinpoints, cfg.attn_implementation)
         else:
-            path = check_weights_path(cfg)
-            tokenizer = AutoTokenizer.from_pretrained(path)
-            image_processor = LlavaOnevisionImageProcessorPil.from_pretrained(path)
-            model = LlavaOnevisionForConditionalGeneration.from_pretrained(
-                path, dtype=torch_dtype(cfg.dtype), attn_implementation=cfg.attn_implementation)
+            model, tokenizer, image_processor = from_local_weights(cfg, LlavaOnevisionForConditionalGeneration,
+                                                                   LlavaOnevisionImageProcessorPil)
         if model.config.vision_feature_select_strategy != "full":
             raise ValueError("LLaVA-OneVision adapter expects vision_feature_select_strategy='full' (SigLIP, no CLS)")
         model.to(torch_dtype(cfg.dtype))

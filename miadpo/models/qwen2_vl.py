@@ -17,7 +17,6 @@ import torch
 from PIL import Image
 from torch import nn
 from transformers import (
-    AutoTokenizer,
     PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
@@ -34,7 +33,7 @@ from miadpo.models.base import (
     PatchGrid,
     ProcessedImages,
     ProcessorFiles,
-    check_weights_path,
+    from_local_weights,
     torch_dtype,
 )
 from miadpo.models.tiny import build_tiny_tokenizer, seeded_init, tiny_text_config
@@ -81,11 +80,7 @@ class QwenVLAdapter(ModelAdapter):
                 patch_size=tiny.patch_size, merge_size=2, temporal_patch_size=2)
             model = cls.tiny_model(tiny, tokenizer, cfg.attn_implementation)
         else:
-            path = check_weights_path(cfg)
-            tokenizer = AutoTokenizer.from_pretrained(path)
-            image_processor = Qwen2VLImageProcessorPil.from_pretrained(path)
-            model = cls.model_class.from_pretrained(path, dtype=torch_dtype(cfg.dtype),
-                                                    attn_implementation=cfg.attn_implementation)
+            model, tokenizer, image_processor = from_local_weights(cfg, cls.model_class, Qwen2VLImageProcessorPil)
         model.to(torch_dtype(cfg.dtype))
         return cls(model, tokenizer, image_processor, get_template(cfg.template), cfg)
 
