@@ -41,6 +41,9 @@ TEMPLATES: dict[str, ChatTemplate] = {
     "chatml": ChatTemplate("chatml", "", "<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n", "<|im_end|>"),
     # Idefics3 / SmolVLM: "User:<prompt><end_of_utterance>\nAssistant:" after the tokenizer's BOS.
     "idefics3": ChatTemplate("idefics3", "", "User:", "<end_of_utterance>\nAssistant:", "<end_of_utterance>"),
+    # InternLM-XComposer-2.5 (InternLM2 chat format, no system turn by default); answers end with [UNUSED_TOKEN_145].
+    "internlm_xc25": ChatTemplate("internlm_xc25", "", "[UNUSED_TOKEN_146]user\n",
+                                  "[UNUSED_TOKEN_145]\n[UNUSED_TOKEN_146]assistant\n", "[UNUSED_TOKEN_145]"),
     # No wrapping at all (tests, plain language modelling).
     "plain": ChatTemplate("plain", "", "", "\n"),
 }
