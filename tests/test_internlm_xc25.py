@@ -67,3 +67,111 @@ def test_chat_template_renders_the_known_conversation() -> None:
     assert text == ("[UNUSED_TOKEN_146]user\nImage1 <ImageHere>; Image2 <ImageHere>; Which is red?"
                     "[UNUSED_TOKEN_145]\n[UNUSED_TOKEN_146]assistant\n")
     assert get_template("internlm_xc25").end_token == "[UNUSED_TOKEN_145]"
+
+
+def tiny_decoder():
+    import torch
+
+    from miadpo.models.internlm_xc25.internlm2 import InternLM2Config, InternLM2Model
+
+    torch.manual_seed(0)
+    cfg = InternLM2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                          num_kv_heads=2, plora_r=4, plora_alpha=8, rope_theta=10000.0)
+    model = InternLM2Model(cfg).eval()
+    for name, parameter in model.named_parameters():
+        if "Plora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.2)
+    return cfg, model
+
+
+def test_checkpoint_parameter_names() -> None:
+    _, model = tiny_decoder()
+    names = set(model.state_dict())
+    layer = "layers.0."
+    for part in ("attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"):
+        assert {f"{layer}{part}.weight", f"{layer}{part}.Plora_A.weight", f"{layer}{part}.Plora_B.weight"} <= names
+    assert {"tok_embeddings.weight", "norm.weight", f"{layer}attention_norm.weight", f"{layer}ffn_norm.weight"} <= names
+    assert not any(name.endswith(".bias") for name in names)
+
+
+def test_partial_lora_acts_only_at_image_positions() -> None:
+    import torch
+
+    cfg, model = tiny_decoder()
+    x = torch.randn(2, 7, cfg.hidden_size)
+    im_mask = torch.zeros(2, 7, dtype=torch.bool)
+    im_mask[0, 2:5] = True
+    im_mask[1, 4:6] = True
+    linear = model.layers[0].attention.wqkv
+    with torch.no_grad():
+        moved = (linear(x, im_mask) - linear(x)).abs().amax(-1) > 0
+        assert torch.equal(moved, im_mask)
+        mask = torch.ones(2, 7, dtype=torch.long)
+        with_lora = model(x, mask, im_mask)
+        without = model(x, mask, None)
+    changed = (with_lora - without).abs().amax(-1) > 1e-6
+    assert changed[im_mask].all()
+    assert not changed[0, :2].any() and not changed[1, :4].any()  # causal: positions before the first image token
+
+
+def test_packed_wqkv_equals_separate_grouped_query_attention() -> None:
+    """Slice wqkv into per-group [query heads…, key, value] blocks and run textbook GQA: same output."""
+    import torch
+    from torch.nn import functional as F
+
+    from miadpo.models.internlm_xc25.internlm2 import rotate
+
+    cfg, model = tiny_decoder()
+    attention = model.layers[0].attention
+    x = torch.randn(1, 5, cfg.hidden_size)
+    positions = torch.arange(5)[None]
+    cos, sin = model.rotary(positions, x.dtype)
+    causal = torch.ones(5, 5, dtype=torch.bool).tril()[None, None]
+    group, d = cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
+    w = attention.wqkv.weight.view(cfg.num_kv_heads, group + 2, d, cfg.hidden_size)
+    heads = []
+    for h in range(cfg.num_heads):
+        kv = h // group
+        q = x @ w[kv, h % group].T
+        k, v = x @ w[kv, group].T, x @ w[kv, group + 1].T
+        q, k = rotate(q[:, None], cos, sin), rotate(k[:, None], cos, sin)
+        heads.append(F.scaled_dot_product_attention(q, k, v[:, None], attn_mask=causal))
+    expected = attention.wo(torch.cat(heads, dim=1).transpose(1, 2).reshape(1, 5, -1))
+    with torch.no_grad():
+        assert torch.allclose(attention(x, cos, sin, causal, None), expected, atol=1e-5)
+
+
+def test_vision_tokens_stitch_crops_row_major_with_separators() -> None:
+    """A tiny tower (56-px crops → 2 × 2 cells): each detail crop's pixels move only its own cells of the
+    stitched map; separator positions hold the projected separators; the count follows the layout."""
+    import torch
+    from transformers import CLIPVisionConfig
+
+    from miadpo.models.internlm_xc25.hd import HDLayout
+    from miadpo.models.internlm_xc25.vision import VisionEncoder
+
+    torch.manual_seed(0)
+    config = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=56, patch_size=14)
+    encoder = VisionEncoder(config, hidden_size=24).eval()
+    torch.nn.init.normal_(encoder.plora_sub_GN)
+    torch.nn.init.normal_(encoder.plora_glb_GN)
+    layout = HDLayout(size=(3, 2), resized=(3, 2), padded=(3, 2), rows=2, cols=3)
+    pixels = torch.randn(7, 3, 56, 56)
+    with torch.no_grad():
+        (tokens,) = encoder(pixels, [layout])
+        cells = 2
+        assert tokens.shape[0] == cells * (cells + 1) + 1 + layout.rows * cells * (layout.cols * cells + 1)
+        sub, glb = encoder.vision_proj(encoder.plora_sub_GN.view(1, -1)), encoder.vision_proj(
+            encoder.plora_glb_GN.view(1, -1))
+        detail_start, stride = cells * (cells + 1) + 1, layout.cols * cells + 1
+        assert torch.allclose(tokens[detail_start - 1], glb[0])
+        for row in range(layout.rows * cells):
+            assert torch.allclose(tokens[detail_start + row * stride + stride - 1], sub[0])
+        crop = 5  # row 1, col 2 of the 2 × 3 crop grid (pixel index 0 is the global view)
+        changed = pixels.clone()
+        changed[1 + crop] += 1.0
+        (moved,) = encoder(changed, [layout])
+    diff = (moved - tokens).abs().amax(-1) > 1e-6
+    expected = {detail_start + (1 * cells + r) * stride + 2 * cells + c for r in range(cells) for c in range(cells)}
+    assert set(torch.nonzero(diff).flatten().tolist()) == expected
