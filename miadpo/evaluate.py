@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import torch
 from omegaconf import DictConfig
 from PIL import Image
 
@@ -58,14 +57,8 @@ class EvalItem:
     options: dict[str, str] = field(default_factory=dict)
 
 
-@torch.no_grad()
 def greedy_answers(adapter: ModelAdapter, items: Sequence[EvalItem], max_new_tokens: int) -> list[str]:
-    batch = adapter.generation_inputs([adapter.encode(item.images, item.prompt) for item in items])
-    output = adapter.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                    pad_token_id=adapter.tokenizer.pad_token_id,
-                                    eos_token_id=adapter.eos_token_id)
-    return [adapter.tokenizer.decode(row, skip_special_tokens=True).strip()
-            for row in output[:, batch["input_ids"].shape[1] :]]
+    return adapter.generate_answers([adapter.encode(item.images, item.prompt) for item in items], max_new_tokens)
 
 
 def llava_items(path: Path, roots: ImageRoots) -> list[EvalItem]:

@@ -34,17 +34,13 @@ def with_image_markers(prompt: str, n_images: int) -> str:
     return "".join(f"Image{k}: {IMAGE_TOKEN}\n" for k in range(1, n_images + 1)) + prompt
 
 
-@torch.no_grad()
 def answer(adapter: ModelAdapter, image_paths: Sequence[str], prompt: str, max_new_tokens: int = 64,
            do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0) -> str:
     images = [load_image(Path(path)) for path in image_paths]
     sample = adapter.encode(adapter.process_images(images), with_image_markers(prompt, len(images)))
-    inputs = adapter.generation_inputs([sample])
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {"do_sample": False}
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {}
     adapter.model.eval()
-    output = adapter.model.generate(**inputs, max_new_tokens=max_new_tokens, eos_token_id=adapter.eos_token_id,
-                                    pad_token_id=adapter.tokenizer.pad_token_id, **sampling)
-    return adapter.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    return adapter.generate_answers([sample], max_new_tokens, **sampling)[0]
 
 
 def load(cfg: DictConfig) -> ModelAdapter:

@@ -28,7 +28,7 @@ from torch import nn
 
 from miadpo.config import LoraConfig, ModelConfig
 from miadpo.pairs import IMAGE_TOKEN
-from miadpo.templates import ChatTemplate
+from miadpo.templates import ChatTemplate, get_template
 
 log = logging.getLogger(__name__)
 
@@ -162,16 +162,6 @@ def check_weights_path(cfg: ModelConfig) -> str:
         f"Download them first (e.g. `huggingface-cli download {cfg.path} --local-dir /some/dir`) and pass "
         f"model.path=/some/dir, or set model.allow_download=true on a machine with hub access."
     )
-
-
-def from_local_weights(cfg: ModelConfig, model_class: Any, image_processor_class: Any) -> tuple[Any, Any, Any]:
-    """(model, tokenizer, image processor) from the directory at ``model.path`` (the families whose transformers
-    processor class needs torchvision: tokenizer and image processor are loaded on their own)."""
-    from transformers import AutoTokenizer
-
-    path = check_weights_path(cfg)
-    model = model_class.from_pretrained(path, dtype=torch_dtype(cfg.dtype), attn_implementation=cfg.attn_implementation)
-    return model, AutoTokenizer.from_pretrained(path), image_processor_class.from_pretrained(path)
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -368,6 +358,16 @@ class ModelAdapter(ABC):
         device = next(self.model.parameters()).device
         return {k: v.to(device) for k, v in batch.items()}
 
+    @torch.no_grad()
+    def generate_answers(self, prompts: Sequence[EncodedSample], max_new_tokens: int,
+                         **sampling: Any) -> list[str]:
+        """Decoded answers to a batch of prompts; greedy unless ``sampling`` (do_sample, temperature, top_p) says."""
+        batch = self.generation_inputs(prompts)
+        output = self.model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
+                                     eos_token_id=self.eos_token_id, **(sampling or {"do_sample": False}))
+        return [self.tokenizer.decode(row, skip_special_tokens=True).strip()
+                for row in output[:, batch["input_ids"].shape[1] :]]
+
     # ----- training set-up ------------------------------------------------------------------------
     def freeze(self, vision_tower: bool, projector: bool, llm: bool) -> None:
         """Freeze switches per group, applied in ``module_groups`` order. The LM head follows the LLM's switch;
@@ -437,3 +437,37 @@ class ModelAdapter(ABC):
         self.model.save_pretrained(directory)
         self.processor_for_saving().save_pretrained(directory)
         return directory
+
+
+class SeparatePartsAdapter(ModelAdapter):
+    """Base of the families whose transformers processor class needs torchvision (a video processor): their
+    tokenizer and PIL image processor are built, loaded and saved on their own (:class:`ProcessorFiles`).
+
+    A subclass names ``model_class`` and ``image_processor_class`` and builds its tiny variant in ``build_tiny``.
+    """
+
+    model_class: Any
+    image_processor_class: Any
+
+    @classmethod
+    @abstractmethod
+    def build_tiny(cls, cfg: ModelConfig) -> tuple[nn.Module, Any, Any]:
+        """(model, tokenizer, image processor) of the tiny in-code variant described by ``cfg.tiny``."""
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> ModelAdapter:
+        if cfg.path is None:
+            model, tokenizer, image_processor = cls.build_tiny(cfg)
+        else:
+            from transformers import AutoTokenizer
+
+            path = check_weights_path(cfg)
+            model = cls.model_class.from_pretrained(path, dtype=torch_dtype(cfg.dtype),
+                                                    attn_implementation=cfg.attn_implementation)
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            image_processor = cls.image_processor_class.from_pretrained(path)
+        model.to(torch_dtype(cfg.dtype))
+        return cls(model, tokenizer, image_processor, get_template(cfg.template), cfg)
+
+    def processor_for_saving(self) -> ProcessorFiles:
+        return ProcessorFiles(self.tokenizer, self.image_processor)

@@ -33,15 +33,11 @@ from miadpo.config import ModelConfig, TinyModelConfig
 from miadpo.models.base import (
     EncodedSample,
     ImageGeometry,
-    ModelAdapter,
     PatchGrid,
     ProcessedImages,
-    ProcessorFiles,
-    from_local_weights,
-    torch_dtype,
+    SeparatePartsAdapter,
 )
 from miadpo.models.tiny import build_tiny_tokenizer, seeded_init, tiny_text_config
-from miadpo.templates import get_template
 
 FAKE, GLOBAL = "<fake_token_around_image>", "<global-img>"
 TILE_TAGS = [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
@@ -66,27 +62,22 @@ def split_size(image_size: tuple[int, int], longest_edge: int, tile: int) -> tup
     return width, height
 
 
-class Idefics3Adapter(ModelAdapter):
+class Idefics3Adapter(SeparatePartsAdapter):
     """Adapter for Idefics3ForConditionalGeneration (and, via :class:`SmolVLMAdapter`, SmolVLM)."""
 
     image_token = "<image>"
-    model_class: type[nn.Module] = Idefics3ForConditionalGeneration
+    model_class = Idefics3ForConditionalGeneration
     config_class: type = Idefics3Config
-    image_processor_class: type = Idefics3ImageProcessorPil
+    image_processor_class = Idefics3ImageProcessorPil
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig) -> Idefics3Adapter:
-        if cfg.path is None:
-            tiny = cfg.tiny
-            tokenizer = build_tiny_tokenizer(tiny.vocab_size, IDEFICS3_SPECIALS, IDEFICS3_NAMES, extra={})
-            image_processor = cls.image_processor_class(
-                size={"longest_edge": 2 * tiny.image_size}, max_image_size={"longest_edge": tiny.image_size},
-                do_image_splitting=True)
-            model = cls.tiny_model(tiny, tokenizer, cfg.attn_implementation)
-        else:
-            model, tokenizer, image_processor = from_local_weights(cfg, cls.model_class, cls.image_processor_class)
-        model.to(torch_dtype(cfg.dtype))
-        return cls(model, tokenizer, image_processor, get_template(cfg.template), cfg)
+    def build_tiny(cls, cfg: ModelConfig) -> tuple[nn.Module, PreTrainedTokenizerFast, Any]:
+        tiny = cfg.tiny
+        tokenizer = build_tiny_tokenizer(tiny.vocab_size, IDEFICS3_SPECIALS, IDEFICS3_NAMES, extra={})
+        image_processor = cls.image_processor_class(
+            size={"longest_edge": 2 * tiny.image_size}, max_image_size={"longest_edge": tiny.image_size},
+            do_image_splitting=True)
+        return cls.tiny_model(tiny, tokenizer, cfg.attn_implementation), tokenizer, image_processor
 
     @classmethod
     def tiny_model(cls, tiny: TinyModelConfig, tokenizer: PreTrainedTokenizerFast, attn: str) -> nn.Module:
@@ -181,8 +172,6 @@ class Idefics3Adapter(ModelAdapter):
                 masks[row, :count] = sample.extra["pixel_attention_mask"][0]
         return {"pixel_values": pixels, "pixel_attention_mask": masks}
 
-    def processor_for_saving(self) -> ProcessorFiles:
-        return ProcessorFiles(self.tokenizer, self.image_processor)
 
 
 class SmolVLMAdapter(Idefics3Adapter):

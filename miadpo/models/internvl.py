@@ -25,16 +25,12 @@ from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import (
 from miadpo.config import ModelConfig, TinyModelConfig
 from miadpo.models.base import (
     ImageGeometry,
-    ModelAdapter,
     PatchGrid,
     ProcessedImages,
-    ProcessorFiles,
-    from_local_weights,
-    torch_dtype,
+    SeparatePartsAdapter,
 )
 from miadpo.models.qwen2_vl import CHATML_NAMES, CHATML_SPECIALS
 from miadpo.models.tiny import build_tiny_tokenizer, seeded_init, tiny_text_config
-from miadpo.templates import get_template
 
 INTERNVL_SPECIALS = CHATML_SPECIALS + ["<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
 # The named tokens InternVL-hf tokenizers carry (transformers' InternVLProcessor reads them).
@@ -42,25 +38,22 @@ INTERNVL_NAMED = {"start_image_token": "<img>", "end_image_token": "</img>", "co
                   "video_token": "<video>"}
 
 
-class InternVLAdapter(ModelAdapter):
+class InternVLAdapter(SeparatePartsAdapter):
     """Adapter for InternVLForConditionalGeneration (InternVL 2.5 / 3 in the transformers layout)."""
 
     image_token = "<IMG_CONTEXT>"
 
+    model_class = InternVLForConditionalGeneration
+    image_processor_class = GotOcr2ImageProcessorPil
+
     @classmethod
-    def from_config(cls, cfg: ModelConfig) -> InternVLAdapter:
-        if cfg.path is None:
-            tiny = cfg.tiny
-            tokenizer = build_tiny_tokenizer(tiny.vocab_size, INTERNVL_SPECIALS, CHATML_NAMES, extra=INTERNVL_NAMED)
-            image_processor = GotOcr2ImageProcessorPil(
-                size={"height": tiny.image_size, "width": tiny.image_size}, crop_to_patches=True, min_patches=1,
-                max_patches=tiny.max_tiles)
-            model = tiny_internvl(tiny, tokenizer, cfg.attn_implementation)
-        else:
-            model, tokenizer, image_processor = from_local_weights(cfg, InternVLForConditionalGeneration,
-                                                                   GotOcr2ImageProcessorPil)
-        model.to(torch_dtype(cfg.dtype))
-        return cls(model, tokenizer, image_processor, get_template(cfg.template), cfg)
+    def build_tiny(cls, cfg: ModelConfig) -> tuple[nn.Module, PreTrainedTokenizerFast, GotOcr2ImageProcessorPil]:
+        tiny = cfg.tiny
+        tokenizer = build_tiny_tokenizer(tiny.vocab_size, INTERNVL_SPECIALS, CHATML_NAMES, extra=INTERNVL_NAMED)
+        image_processor = GotOcr2ImageProcessorPil(
+            size={"height": tiny.image_size, "width": tiny.image_size}, crop_to_patches=True, min_patches=1,
+            max_patches=tiny.max_tiles)
+        return tiny_internvl(tiny, tokenizer, cfg.attn_implementation), tokenizer, image_processor
 
     def module_groups(self) -> dict[str, nn.Module]:
         inner = self.base_model.model
@@ -112,8 +105,6 @@ class InternVLAdapter(ModelAdapter):
                 raise RuntimeError(f"image processor made {int(tiles)} tiles; the geometry has {len(geometry.grids)}")
         return ProcessedImages(pixel_values=out["pixel_values"].to(self.base_model.dtype), geometries=geometries)
 
-    def processor_for_saving(self) -> ProcessorFiles:
-        return ProcessorFiles(self.tokenizer, self.image_processor)
 
 
 def tiny_internvl(tiny: TinyModelConfig, tokenizer: PreTrainedTokenizerFast, attn: str) -> nn.Module:

@@ -32,40 +32,39 @@ from miadpo.models.base import (
     ModelAdapter,
     PatchGrid,
     ProcessedImages,
-    ProcessorFiles,
-    from_local_weights,
-    torch_dtype,
+    SeparatePartsAdapter,
 )
 from miadpo.models.qwen2_vl import CHATML_NAMES, CHATML_SPECIALS
 from miadpo.models.tiny import build_tiny_tokenizer, seeded_init, tiny_text_config
-from miadpo.templates import get_template
 
 ONEVISION_SPECIALS = CHATML_SPECIALS + ["<image>", "<video>"]
 
 
-class LlavaOnevisionAdapter(ModelAdapter):
+class LlavaOnevisionAdapter(SeparatePartsAdapter):
     """Adapter for LlavaOnevisionForConditionalGeneration."""
 
     image_token = "<image>"
 
+    model_class = LlavaOnevisionForConditionalGeneration
+    image_processor_class = LlavaOnevisionImageProcessorPil
+
     @classmethod
-    def from_config(cls, cfg: ModelConfig) -> LlavaOnevisionAdapter:
-        if cfg.path is None:
-            tiny = cfg.tiny
-            tokenizer = build_tiny_tokenizer(tiny.vocab_size, ONEVISION_SPECIALS, CHATML_NAMES,
-                                             extra={"image_token": "<image>", "video_token": "<video>"})
-            side = tiny.image_size
-            pinpoints = [[side * r, side * c] for r in range(1, 3) for c in range(1, 3)]
-            image_processor = LlavaOnevisionImageProcessorPil(size={"height": side, "width": side},
-                                                              image_grid_pinpoints=pinpoints)
-            model = tiny_onevision(tiny, tokenizer, pinpoints, cfg.attn_implementation)
-        else:
-            model, tokenizer, image_processor = from_local_weights(cfg, LlavaOnevisionForConditionalGeneration,
-                                                                   LlavaOnevisionImageProcessorPil)
-        if model.config.vision_feature_select_strategy != "full":
+    def build_tiny(cls, cfg: ModelConfig) -> tuple[nn.Module, PreTrainedTokenizerFast, LlavaOnevisionImageProcessorPil]:
+        tiny = cfg.tiny
+        tokenizer = build_tiny_tokenizer(tiny.vocab_size, ONEVISION_SPECIALS, CHATML_NAMES,
+                                         extra={"image_token": "<image>", "video_token": "<video>"})
+        side = tiny.image_size
+        pinpoints = [[side * r, side * c] for r in range(1, 3) for c in range(1, 3)]
+        image_processor = LlavaOnevisionImageProcessorPil(size={"height": side, "width": side},
+                                                          image_grid_pinpoints=pinpoints)
+        return tiny_onevision(tiny, tokenizer, pinpoints, cfg.attn_implementation), tokenizer, image_processor
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> ModelAdapter:
+        adapter = super().from_config(cfg)
+        if adapter.base_model.config.vision_feature_select_strategy != "full":
             raise ValueError("LLaVA-OneVision adapter expects vision_feature_select_strategy='full' (SigLIP, no CLS)")
-        model.to(torch_dtype(cfg.dtype))
-        return cls(model, tokenizer, image_processor, get_template(cfg.template), cfg)
+        return adapter
 
     def module_groups(self) -> dict[str, nn.Module]:
         inner = self.base_model.model
@@ -138,8 +137,6 @@ class LlavaOnevisionAdapter(ModelAdapter):
         sizes = torch.cat([s.extra["image_sizes"] for s in samples if s.pixel_values is not None], dim=0)
         return {"pixel_values": torch.cat(padded, dim=0), "image_sizes": sizes, "batch_num_images": counts}
 
-    def processor_for_saving(self) -> ProcessorFiles:
-        return ProcessorFiles(self.tokenizer, self.image_processor)
 
 
 def tiny_onevision(tiny: TinyModelConfig, tokenizer: PreTrainedTokenizerFast, pinpoints: list[list[int]],

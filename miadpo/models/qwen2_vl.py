@@ -29,26 +29,23 @@ from miadpo.config import ModelConfig, TinyModelConfig
 from miadpo.models.base import (
     EncodedSample,
     ImageGeometry,
-    ModelAdapter,
     PatchGrid,
     ProcessedImages,
-    ProcessorFiles,
-    from_local_weights,
-    torch_dtype,
+    SeparatePartsAdapter,
 )
 from miadpo.models.tiny import build_tiny_tokenizer, seeded_init, tiny_text_config
-from miadpo.templates import get_template
 
 CHATML_SPECIALS = ["<|endoftext|>", "<unk>", "<|im_start|>", "<|im_end|>"]
 QWEN_SPECIALS = CHATML_SPECIALS + ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 CHATML_NAMES = {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "unk_token": "<unk>"}
 
 
-class QwenVLAdapter(ModelAdapter):
+class QwenVLAdapter(SeparatePartsAdapter):
     """Adapter for Qwen2VLForConditionalGeneration (and, via :class:`Qwen25VLAdapter`, Qwen2.5-VL)."""
 
     image_token = "<|image_pad|>"
-    model_class: type[nn.Module] = Qwen2VLForConditionalGeneration
+    model_class = Qwen2VLForConditionalGeneration
+    image_processor_class = Qwen2VLImageProcessorPil
 
     @classmethod
     def tiny_model(cls, tiny: TinyModelConfig, tokenizer: PreTrainedTokenizerFast, attn: str) -> nn.Module:
@@ -69,20 +66,15 @@ class QwenVLAdapter(ModelAdapter):
                 "vision_start_token_id": ids("<|vision_start|>"), "vision_end_token_id": ids("<|vision_end|>")}
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig) -> QwenVLAdapter:
-        if cfg.path is None:
-            tiny = cfg.tiny
-            tokenizer = build_tiny_tokenizer(tiny.vocab_size, QWEN_SPECIALS, CHATML_NAMES,
-                                             extra={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"})
-            merge = 2 * tiny.patch_size
-            image_processor = Qwen2VLImageProcessorPil(
-                min_pixels=merge * merge, max_pixels=tiny.image_size * tiny.image_size * tiny.max_tiles,
-                patch_size=tiny.patch_size, merge_size=2, temporal_patch_size=2)
-            model = cls.tiny_model(tiny, tokenizer, cfg.attn_implementation)
-        else:
-            model, tokenizer, image_processor = from_local_weights(cfg, cls.model_class, Qwen2VLImageProcessorPil)
-        model.to(torch_dtype(cfg.dtype))
-        return cls(model, tokenizer, image_processor, get_template(cfg.template), cfg)
+    def build_tiny(cls, cfg: ModelConfig) -> tuple[nn.Module, PreTrainedTokenizerFast, Qwen2VLImageProcessorPil]:
+        tiny = cfg.tiny
+        tokenizer = build_tiny_tokenizer(tiny.vocab_size, QWEN_SPECIALS, CHATML_NAMES,
+                                         extra={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"})
+        merge = 2 * tiny.patch_size
+        image_processor = Qwen2VLImageProcessorPil(
+            min_pixels=merge * merge, max_pixels=tiny.image_size * tiny.image_size * tiny.max_tiles,
+            patch_size=tiny.patch_size, merge_size=2, temporal_patch_size=2)
+        return cls.tiny_model(tiny, tokenizer, cfg.attn_implementation), tokenizer, image_processor
 
     def module_groups(self) -> dict[str, nn.Module]:
         inner = self.base_model.model
@@ -134,8 +126,6 @@ class QwenVLAdapter(ModelAdapter):
             attention_mask=batch["attention_mask"])
         return positions
 
-    def processor_for_saving(self) -> ProcessorFiles:
-        return ProcessorFiles(self.tokenizer, self.image_processor)
 
 
 class Qwen25VLAdapter(QwenVLAdapter):
