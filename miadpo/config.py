@@ -80,6 +80,12 @@ class ModelConfig:
     freeze_projector: bool = True
     freeze_llm: bool = False
     gradient_checkpointing: bool = False
+    # Run the tokenizer code shipped in the weights directory (InternLM-XC2.5's InternLM2 tokenizer lives there;
+    # the model itself is always ours).
+    trust_remote_code: bool = False
+    # InternLM-XC2.5: most 560-px crops per image when the prompt has one image / several images.
+    hd_num: int = 24
+    hd_num_multi: int = 6
     lora: LoraConfig = field(default_factory=LoraConfig)
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
 

@@ -19,7 +19,7 @@ from miadpo.module import DPOModule
 from miadpo.train import CONFIG_DIR, train
 
 ZOO = ["tiny_llava", "tiny_qwen2_vl", "tiny_qwen2_5_vl", "tiny_idefics3", "tiny_smolvlm", "tiny_internvl",
-       "tiny_llava_onevision"]
+       "tiny_llava_onevision", "tiny_internlm_xc25"]
 REAL = {"qwen2_vl": "Qwen/Qwen2-VL-7B-Instruct", "qwen2_5_vl": "Qwen/Qwen2.5-VL-7B-Instruct",
         "idefics3": "HuggingFaceM4/Idefics3-8B-Llama3", "smolvlm": "HuggingFaceTB/SmolVLM-Instruct",
         "internvl": "OpenGVLab/InternVL3-8B-hf", "llava_onevision": "llava-hf/llava-onevision-qwen2-7b-ov-hf"}
@@ -60,7 +60,7 @@ def test_forward_backward_with_1_3_5_images_and_a_mixed_batch(zoo: ModelAdapter)
         loss = zoo.model(**batch).loss
         assert torch.isfinite(loss)
         loss.backward()
-        grads = [p.grad for n, p in zoo.model.named_parameters() if "lora_" in n]
+        grads = [p.grad for n, p in zoo.model.named_parameters() if ".lora_" in n]
         assert grads and all(g is not None for g in grads)
         assert any(float(g.abs().sum()) > 0 for g in grads)
 
@@ -152,8 +152,8 @@ def test_one_dpo_step_changes_the_lora_weights_and_nothing_else(zoo: ModelAdapte
     optimizer.step()
     after = dict(zoo.model.named_parameters())
     changed = {n for n in before if not torch.equal(before[n], after[n])}
-    assert changed and all("lora_" in n for n in changed)
-    assert any("lora_B" in n for n in changed)
+    assert changed and all(".lora_" in n for n in changed)
+    assert any(".lora_B" in n for n in changed)
 
 
 def test_generates_16_tokens(zoo: ModelAdapter) -> None:

@@ -14,6 +14,7 @@ from miadpo.models.base import (
     SampleTooLongError,
 )
 from miadpo.models.idefics3 import Idefics3Adapter, SmolVLMAdapter
+from miadpo.models.internlm_xc25.adapter import InternLMXC25Adapter
 from miadpo.models.internvl import InternVLAdapter
 from miadpo.models.llava import LlavaAdapter
 from miadpo.models.llava_onevision import LlavaOnevisionAdapter
@@ -27,6 +28,7 @@ ADAPTERS: dict[str, type[ModelAdapter]] = {
     "idefics3": Idefics3Adapter,
     "smolvlm": SmolVLMAdapter,
     "llava_onevision": LlavaOnevisionAdapter,
+    "internlm_xc25": InternLMXC25Adapter,
 }
 
 

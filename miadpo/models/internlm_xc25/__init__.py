@@ -1,5 +1,6 @@
-"""InternLM-XComposer-2.5 for current transformers (issue 9, in progress).
+"""InternLM-XComposer-2.5, implemented here for current transformers (no hub remote code).
 
-Done: the HD crop scheme (hd.py), the InternLM2 decoder with Partial-LoRA (internlm2.py), the vision path
-(vision.py). Still to come: the full model, the checkpoint loader, the adapter and its configs.
+``hd.py`` the high-resolution crop scheme and image processor; ``internlm2.py`` the InternLM2 decoder with
+Partial-LoRA; ``vision.py`` the vision path; ``modeling.py`` the whole model; ``checkpoint.py`` loading the
+official weights by name; ``adapter.py`` the model adapter.
 """

@@ -1,42 +1,28 @@
 """The InternLM2 decoder of InternLM-XComposer-2.5, with its Partial-LoRA, written from the public description.
 
 Parameter names follow the checkpoint (``model.layers.{i}.attention.wqkv``, ``feed_forward.w1/w2/w3``,
-``attention_norm``, ``ffn_norm``, ``model.tok_embeddings``, ``model.norm``, ``output``), so its safetensors
-load by name.
+``attention_norm``, ``ffn_norm``, ``model.tok_embeddings``, ``model.norm``), so its tensors load by name.
 
 - ``wqkv`` packs, for each of the ``n_kv`` key/value groups, the group's ``n_heads / n_kv`` query heads, then
   its key head, then its value head (``head_dim`` features each).
 - Partial-LoRA: every linear layer of the decoder carries ``Plora_A`` (in → r) and ``Plora_B`` (r → out) applied
   only at image positions (``im_mask``): ``y = W x + s · B A x`` there, ``y = W x`` on text; ``s = alpha / r``.
-- RMSNorm in float32; rotary embedding on the two halves of each head (θ = ``rope_theta``), positions from
-  ``position_ids``; attention through ``scaled_dot_product_attention``.
+- RMSNorm in float32; rotary embedding on the two halves of each head (θ = ``rotary_base``; with
+  ``rotary_dynamic_factor = f`` θ grows as in dynamic NTK once a sequence is longer than
+  ``max_position_embeddings``: θ · (f·L/max − (f − 1))^(d/(d−2)), from the longest position of the call).
+  Attention goes through transformers' attention functions (``sdpa`` by default, ``eager`` defined here, or
+  the selection stage's capture), with a key/value cache for generation.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
-
-
-@dataclass
-class InternLM2Config:
-    vocab_size: int = 92544
-    hidden_size: int = 4096
-    intermediate_size: int = 14336
-    num_layers: int = 32
-    num_heads: int = 32
-    num_kv_heads: int = 8
-    rms_norm_eps: float = 1e-5
-    rope_theta: float = 1_000_000.0
-    plora_r: int = 256
-    plora_alpha: int = 256
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 
 class PartialLoRALinear(nn.Linear):
@@ -53,7 +39,7 @@ class PartialLoRALinear(nn.Linear):
         if im_mask is None or not bool(im_mask.any()):
             return out
         update = self.Plora_B(self.Plora_A(x[im_mask])) * self.scaling
-        return out.index_put((im_mask,), out[im_mask] + update)
+        return out.index_put((im_mask,), out[im_mask] + update.to(out.dtype))
 
 
 class RMSNorm(nn.Module):
@@ -72,81 +58,136 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos + torch.cat([-second, first], dim=-1) * sin
 
 
+def eager_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0,
+                            **_: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Explicit softmax attention; ``attention_mask`` is boolean (True = may attend). Returns (B, L, H, D)."""
+    key = key.repeat_interleave(module.num_key_value_groups, dim=1)
+    value = value.repeat_interleave(module.num_key_value_groups, dim=1)
+    scores = query @ key.transpose(-1, -2) * scaling
+    if attention_mask is not None:
+        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores.float(), dim=-1).to(query.dtype)
+    probs = F.dropout(probs, p=dropout, training=module.training)
+    return (probs @ value).transpose(1, 2).contiguous(), probs
+
+
+def attention_function(implementation: str | None) -> Any:
+    if implementation in (None, "eager"):
+        return eager_attention_forward
+    if implementation in ("sdpa", "miadpo_capture"):
+        return ALL_ATTENTION_FUNCTIONS[implementation]
+    raise ValueError(f"InternLM-XC2.5: attn_implementation must be sdpa or eager, not {implementation!r}")
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg: InternLM2Config) -> None:
+    def __init__(self, config: Any, layer_idx: int) -> None:
         super().__init__()
-        self.cfg = cfg
-        packed = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
-        self.wqkv = PartialLoRALinear(cfg.hidden_size, packed, cfg.plora_r, cfg.plora_alpha)
-        self.wo = PartialLoRALinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, cfg.plora_r, cfg.plora_alpha)
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.hidden_size // self.num_heads
+        self.num_key_value_groups = self.num_heads // self.num_kv_heads
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = True
+        packed = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+        r, alpha = config.plora_r, config.plora_alpha
+        self.wqkv = PartialLoRALinear(config.hidden_size, packed, r, alpha)
+        self.wo = PartialLoRALinear(self.num_heads * self.head_dim, config.hidden_size, r, alpha)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
-                im_mask: torch.Tensor | None) -> torch.Tensor:
-        cfg = self.cfg
+                im_mask: torch.Tensor | None, cache: Any = None) -> torch.Tensor:
         batch, length, _ = x.shape
-        group = cfg.num_heads // cfg.num_kv_heads
-        qkv = self.wqkv(x, im_mask).view(batch, length, cfg.num_kv_heads, group + 2, cfg.head_dim)
-        query = qkv[..., :group, :].reshape(batch, length, cfg.num_heads, cfg.head_dim).transpose(1, 2)
+        group = self.num_key_value_groups
+        qkv = self.wqkv(x, im_mask).view(batch, length, self.num_kv_heads, group + 2, self.head_dim)
+        query = qkv[..., :group, :].reshape(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
         key, value = qkv[..., -2, :].transpose(1, 2), qkv[..., -1, :].transpose(1, 2)
         query, key = rotate(query, cos, sin), rotate(key, cos, sin)
-        key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask)
-        return self.wo(out.transpose(1, 2).reshape(batch, length, -1), im_mask)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
+        attend = attention_function(self.config._attn_implementation)
+        out, _ = attend(self, query, key, value, mask, dropout=0.0, scaling=self.scaling)
+        return self.wo(out.reshape(batch, length, -1), im_mask)
 
 
 class FeedForward(nn.Module):
-    def __init__(self, cfg: InternLM2Config) -> None:
+    def __init__(self, config: Any) -> None:
         super().__init__()
-        r, alpha = cfg.plora_r, cfg.plora_alpha
-        self.w1 = PartialLoRALinear(cfg.hidden_size, cfg.intermediate_size, r, alpha)  # gate
-        self.w3 = PartialLoRALinear(cfg.hidden_size, cfg.intermediate_size, r, alpha)  # up
-        self.w2 = PartialLoRALinear(cfg.intermediate_size, cfg.hidden_size, r, alpha)  # down
+        r, alpha = config.plora_r, config.plora_alpha
+        self.w1 = PartialLoRALinear(config.hidden_size, config.intermediate_size, r, alpha)  # gate
+        self.w3 = PartialLoRALinear(config.hidden_size, config.intermediate_size, r, alpha)  # up
+        self.w2 = PartialLoRALinear(config.intermediate_size, config.hidden_size, r, alpha)  # down
 
     def forward(self, x: torch.Tensor, im_mask: torch.Tensor | None) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x, im_mask)) * self.w3(x, im_mask), im_mask)
 
 
-class DecoderLayer(nn.Module):
-    def __init__(self, cfg: InternLM2Config) -> None:
+class DecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: Any, layer_idx: int) -> None:
         super().__init__()
-        self.attention = Attention(cfg)
-        self.feed_forward = FeedForward(cfg)
-        self.attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attention = Attention(config, layer_idx)
+        self.feed_forward = FeedForward(config)
+        self.attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
-                im_mask: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin, mask, im_mask)
+                im_mask: torch.Tensor | None, past_key_values: Any = None) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask, im_mask, past_key_values)
         return x + self.feed_forward(self.ffn_norm(x), im_mask)
+
+
+def attention_mask_4d(attention_mask: torch.Tensor, query_length: int) -> torch.Tensor:
+    """(B, K) padding mask of all keys (cache + new tokens) → (B, 1, Q, K) boolean causal mask for the last
+    ``query_length`` positions. A padding query attends to itself, so no row is empty (no NaN)."""
+    keys = attention_mask.shape[1]
+    past = keys - query_length
+    query_pos = past + torch.arange(query_length, device=attention_mask.device)
+    key_pos = torch.arange(keys, device=attention_mask.device)
+    causal = key_pos[None, :] <= query_pos[:, None]
+    mask = causal[None, None] & attention_mask.bool()[:, None, None, :]
+    return mask | (key_pos[None, :] == query_pos[:, None])[None, None]
 
 
 class InternLM2Model(nn.Module):
     """Embeddings → decoder layers → final norm (``model.*`` in the checkpoint)."""
 
-    def __init__(self, cfg: InternLM2Config) -> None:
+    def __init__(self, config: Any) -> None:
         super().__init__()
-        self.cfg = cfg
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def rope_base(self, sequence_length: int) -> float:
+        """θ, grown by dynamic NTK scaling beyond ``max_position_embeddings`` when the config asks for it."""
+        config, base = self.config, float(self.config.rotary_base)
+        factor, limit = config.rotary_dynamic_factor, config.max_position_embeddings
+        if factor and sequence_length > limit:
+            dim = config.hidden_size // config.num_attention_heads
+            base *= (factor * sequence_length / limit - (factor - 1)) ** (dim / (dim - 2))
+        return base
 
     def rotary(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        dim = self.cfg.head_dim
-        inv_freq = 1.0 / self.cfg.rope_theta ** (torch.arange(0, dim, 2, device=position_ids.device).float() / dim)
+        dim = self.config.hidden_size // self.config.num_attention_heads
+        base = self.rope_base(int(position_ids.max()) + 1)
+        inv_freq = 1.0 / base ** (torch.arange(0, dim, 2, device=position_ids.device).float() / dim)
         angles = position_ids[..., None].float() * inv_freq
         angles = torch.cat([angles, angles], dim=-1)[:, None]  # (B, 1, L, dim)
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
-    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
-                im_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                im_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                past_key_values: Any = None) -> torch.Tensor:
+        """``attention_mask`` covers the cached positions and the new ones, (B, past + L)."""
         batch, length, _ = inputs_embeds.shape
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, past + length, dtype=torch.long, device=inputs_embeds.device)
         if position_ids is None:
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
         cos, sin = self.rotary(position_ids, inputs_embeds.dtype)
-        causal = torch.ones(length, length, dtype=torch.bool, device=inputs_embeds.device).tril()
-        mask = causal[None, None] & attention_mask.bool()[:, None, None, :]
-        mask = mask | torch.eye(length, dtype=torch.bool, device=mask.device)  # padded rows attend to themselves
+        mask = attention_mask_4d(attention_mask, length)
         hidden = inputs_embeds
         for layer in self.layers:
-            hidden = layer(hidden, cos, sin, mask, im_mask)
+            hidden = layer(hidden, cos, sin, mask, im_mask, past_key_values=past_key_values)
         return self.norm(hidden)

@@ -1,0 +1,139 @@
+"""The ``internlm_xc25`` adapter: our InternLM-XComposer-2.5 implementation behind the model adapter interface.
+
+In the prompt an image is ``<ImageHere>`` repeated once per token of its span (global view, separators,
+crops); the template is ``internlm_xc25``. The tokenizer is the checkpoint's (InternLM2, run from the weights
+directory with ``model.trust_remote_code``) with ``<ImageHere>`` added; the tiny variant builds a BPE tokenizer
+in code. LoRA (peft) goes on the decoder's own linear layers, never on the Partial-LoRA branches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+
+from miadpo.config import ModelConfig
+from miadpo.models.base import (
+    ImageGeometry,
+    ModelAdapter,
+    ProcessedImages,
+    ProcessorFiles,
+    check_weights_path,
+    torch_dtype,
+)
+from miadpo.models.internlm_xc25.checkpoint import load_model
+from miadpo.models.internlm_xc25.hd import HDImageProcessor, hd_geometry
+from miadpo.models.internlm_xc25.modeling import InternLMXComposer2Config, InternLMXComposer2ForCausalLM
+from miadpo.models.tiny import build_tiny_tokenizer, seeded_init
+from miadpo.templates import get_template
+
+IMAGE_HERE = "<ImageHere>"
+CHAT_TOKENS = ["[UNUSED_TOKEN_145]", "[UNUSED_TOKEN_146]"]  # end / start of a chat turn
+TINY_SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", *CHAT_TOKENS, IMAGE_HERE]
+
+
+class InternLMXC25Adapter(ModelAdapter):
+    """Adapter for :class:`InternLMXComposer2ForCausalLM`."""
+
+    image_token = IMAGE_HERE
+
+    def __init__(self, model: nn.Module, tokenizer: Any, image_processor: HDImageProcessor, template: Any,
+                 cfg: ModelConfig) -> None:
+        super().__init__(model, tokenizer, image_processor, template, cfg)
+        if self.image_token_id != model.config.image_token_id:
+            raise ValueError(f"model {cfg.name!r}: the tokenizer's {IMAGE_HERE} is id {self.image_token_id}, "
+                             f"the model expects {model.config.image_token_id}")
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> InternLMXC25Adapter:
+        dtype = torch_dtype(cfg.dtype)
+        if cfg.path is None:
+            model, tokenizer, image_processor = build_tiny_xc25(cfg)
+        else:
+            path = Path(check_weights_path(cfg))
+            if not path.is_dir():  # a hub id, allowed by model.allow_download
+                from huggingface_hub import snapshot_download
+
+                path = Path(snapshot_download(str(path)))
+            model = load_model(path, dtype, cfg.attn_implementation)
+            tokenizer = checkpoint_tokenizer(path, cfg.trust_remote_code, model.config.image_token_id)
+            image_processor = HDImageProcessor.from_pretrained(path)
+        image_processor.hd_num, image_processor.hd_num_multi = cfg.hd_num, cfg.hd_num_multi
+        model.to(dtype)
+        return cls(model, tokenizer, image_processor, get_template(cfg.template), cfg)
+
+    def plan_images(self, image_sizes: Sequence[tuple[int, int]]) -> list[ImageGeometry]:
+        """The crop budget depends on how many images the prompt has (``hd_num`` / ``hd_num_multi``)."""
+        return [hd_geometry(self.image_processor.layout(size, len(image_sizes))) for size in image_sizes]
+
+    def image_geometry(self, image_size: tuple[int, int]) -> ImageGeometry:
+        return self.plan_images([image_size])[0]
+
+    def process_images(self, images: Sequence[Image.Image]) -> ProcessedImages:
+        if not images:
+            return ProcessedImages(pixel_values=None, geometries=[])
+        pixels, layouts = self.image_processor(images)
+        grid = torch.tensor([[layout.rows, layout.cols] for layout in layouts], dtype=torch.long)
+        return ProcessedImages(pixel_values=pixels.to(self.base_model.dtype),
+                               geometries=[hd_geometry(layout) for layout in layouts], extra={"image_layout": grid})
+
+    def module_groups(self) -> dict[str, nn.Module]:
+        model = self.base_model
+        return {"vision_tower": model.vit, "projector": model.vision_proj, "llm": model.model}
+
+    def attention_module(self, layer: nn.Module) -> nn.Module:
+        return layer.attention
+
+    def default_lora_targets(self) -> str:
+        """The decoder's own linear layers (``wqkv``, ``wo``, ``w1``–``w3``), not their Partial-LoRA branches."""
+        prefix = self.module_name(self.module_groups()["llm"])
+        return rf"{prefix}\.layers\.\d+\.(attention\.(wqkv|wo)|feed_forward\.(w1|w2|w3))"
+
+    def processor_for_saving(self) -> ProcessorFiles:
+        return ProcessorFiles(self.tokenizer, self.image_processor)
+
+
+def checkpoint_tokenizer(path: Path, trust_remote_code: bool, image_token_id: int) -> Any:
+    """The directory's tokenizer with ``<ImageHere>`` (id ``image_token_id``) and a pad token."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except ValueError as error:
+        if trust_remote_code:
+            raise
+        raise ValueError(f"{path}: the InternLM2 tokenizer is code inside the weights directory; set "
+                         f"model.trust_remote_code=true to run it ({error})") from error
+    if IMAGE_HERE not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_HERE]})
+    if tokenizer.convert_tokens_to_ids(IMAGE_HERE) != image_token_id:
+        raise ValueError(f"{path}: {IMAGE_HERE} got id {tokenizer.convert_tokens_to_ids(IMAGE_HERE)}, the model "
+                         f"expects {image_token_id}")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    return tokenizer
+
+
+def build_tiny_xc25(cfg: ModelConfig) -> tuple[InternLMXComposer2ForCausalLM, Any, HDImageProcessor]:
+    """The architecture with random weights: ``tiny.image_size``-px crops of ``tiny.patch_size`` patches."""
+    tiny = cfg.tiny
+    patches = tiny.image_size // tiny.patch_size
+    if patches % 2 or tiny.image_size % tiny.patch_size:
+        raise ValueError("tiny_internlm_xc25: image_size / patch_size must be an even whole number (2 × 2 merge)")
+    tokenizer = build_tiny_tokenizer(tiny.vocab_size, TINY_SPECIALS, extra={"image_token": IMAGE_HERE})
+    config = InternLMXComposer2Config(
+        vocab_size=len(tokenizer), hidden_size=tiny.hidden_size, intermediate_size=tiny.intermediate_size,
+        num_hidden_layers=tiny.num_layers, num_attention_heads=tiny.num_heads,
+        num_key_value_heads=max(1, tiny.num_heads // 2), max_position_embeddings=4096, rotary_base=10000.0,
+        plora_r=8, plora_alpha=16, image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_HERE),
+        vision_config={"hidden_size": tiny.vision_hidden_size, "intermediate_size": 2 * tiny.vision_hidden_size,
+                       "num_hidden_layers": tiny.vision_layers, "num_attention_heads": 2,
+                       "image_size": tiny.image_size, "patch_size": tiny.patch_size, "hidden_act": "quick_gelu"},
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config._attn_implementation = cfg.attn_implementation
+    model = seeded_init(InternLMXComposer2ForCausalLM, config, tiny.init_seed)
+    return model, tokenizer, HDImageProcessor(crop_size=tiny.image_size, cells=patches // 2)
