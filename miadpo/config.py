@@ -409,6 +409,23 @@ class GenerateJobConfig:
     seed: int = 42
 
 
+@dataclass
+class VerifyJobConfig:
+    """``python -m miadpo.models.verify``: load real weights in our implementation, answer a fixed multi-image
+    prompt and, when the checkpoint's original remote code imports here, compare image features and logits."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)  # unused; model configs may set it
+    images: list[str] = field(default_factory=list)  # empty: two drawn images (a wide and a tall one)
+    prompt: str = "Image1 <image>; Image2 <image>; Which image shows a red square? Answer briefly."
+    # auto: the original model class from the weights directory (trust_remote_code) when it imports; none: skip.
+    reference: str = "auto"
+    max_new_tokens: int = 16
+    # Largest |logit difference| reported as a match (bf16 through 32 layers drifts by a few hundredths).
+    atol: float = 0.1
+    report: str | None = None  # also write the results as JSON here
+
+
 def register_configs() -> None:
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainConfig)
@@ -417,3 +434,4 @@ def register_configs() -> None:
     store.store(name="sft_schema", node=SFTJobConfig)
     store.store(name="evaluate_schema", node=EvalJobConfig)
     store.store(name="generate_schema", node=GenerateJobConfig)
+    store.store(name="verify_schema", node=VerifyJobConfig)

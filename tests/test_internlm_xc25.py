@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from torch.nn import functional as F
 
-from miadpo.models.internlm_xc25.hd import crops, hd_geometry, hd_image, hd_layout
+from miadpo.models.internlm_xc25.hd import HDImageProcessor, hd_geometry, hd_image, hd_layout
 from miadpo.templates import get_template
 
 # (size, hd_num) → (resized, padded, rows, cols, tokens), worked out by hand from the scheme:
@@ -36,17 +40,30 @@ def test_crop_layout_matches_hand_computed_values(size, hd_num, resized, padded,
 
 
 def test_pixels_are_padded_white_at_the_bottom_or_right() -> None:
-    wide, layout = hd_image(Image.new("RGB", (1000, 300), (200, 10, 10)), hd_num=6)
-    pixels = np.asarray(wide)
+    layout = hd_layout((1000, 300), 6)
+    pixels = np.asarray(hd_image(Image.new("RGB", (1000, 300), (200, 10, 10)), layout))
     assert pixels.shape == (560, 1120, 3)
     assert (pixels[:330] == (200, 10, 10)).all() and (pixels[340:] == 255).all()
-    views = crops(wide, layout)
-    assert len(views) == 1 + layout.rows * layout.cols and all(v.size == (560, 560) for v in views)
-    assert (np.asarray(views[2])[:300] == (200, 10, 10)).all()  # the right crop holds the image's right half
-    tall, _ = hd_image(Image.new("RGB", (300, 1000), (10, 10, 200)), hd_num=6)
-    pixels = np.asarray(tall)
-    assert pixels.shape == (1120, 560, 3)
-    assert (pixels[:, :330] == (10, 10, 200)).all() and (pixels[:, 340:] == 255).all()
+    tall = np.asarray(hd_image(Image.new("RGB", (300, 1000), (10, 10, 200)), hd_layout((300, 1000), 6)))
+    assert tall.shape == (1120, 560, 3)
+    assert (tall[:, :330] == (10, 10, 200)).all() and (tall[:, 340:] == 255).all()
+
+
+def test_views_are_the_bicubic_global_view_then_the_crops_row_major() -> None:
+    processor = HDImageProcessor(hd_num_multi=6)
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 1000, 3), dtype=np.uint8))
+    (canvas,), (layout,) = processor.canvases([picture, picture][:1])
+    views, _ = processor([picture])
+    assert views.shape == (1 + layout.rows * layout.cols, 3, 560, 560)
+    expected_global = F.interpolate(canvas[None], size=(560, 560), mode="bicubic", align_corners=False)[0]
+    assert torch.allclose(views[0], expected_global)
+    for k in range(layout.rows * layout.cols):
+        row, col = divmod(k, layout.cols)
+        assert torch.equal(views[1 + k], canvas[:, row * 560 : (row + 1) * 560, col * 560 : (col + 1) * 560])
+    white = (1.0 - torch.tensor(processor.image_mean)) / torch.tensor(processor.image_std)
+    assert torch.allclose(canvas[:, -1, -1], white)  # padding is white after normalisation
+    several, layouts = processor([picture, picture])
+    assert all(lay.rows * lay.cols <= 6 for lay in layouts)  # hd_num_multi for a prompt with several images
 
 
 def test_a_pixel_box_maps_to_global_and_detail_tokens() -> None:
@@ -69,14 +86,23 @@ def test_chat_template_renders_the_known_conversation() -> None:
     assert get_template("internlm_xc25").end_token == "[UNUSED_TOKEN_145]"
 
 
-def tiny_decoder():
-    import torch
+def tiny_config(**overrides):
+    from miadpo.models.internlm_xc25.modeling import InternLMXComposer2Config
 
-    from miadpo.models.internlm_xc25.internlm2 import InternLM2Config, InternLM2Model
+    values = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, plora_r=4, plora_alpha=8, rotary_base=10000.0, image_token_id=63,
+                  vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                                 "num_attention_heads": 2, "image_size": 28, "patch_size": 7})
+    config = InternLMXComposer2Config(**{**values, **overrides})
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def tiny_decoder():
+    from miadpo.models.internlm_xc25.internlm2 import InternLM2Model
 
     torch.manual_seed(0)
-    cfg = InternLM2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
-                          num_kv_heads=2, plora_r=4, plora_alpha=8, rope_theta=10000.0)
+    cfg = tiny_config()
     model = InternLM2Model(cfg).eval()
     for name, parameter in model.named_parameters():
         if "Plora_B" in name:
@@ -95,8 +121,6 @@ def test_checkpoint_parameter_names() -> None:
 
 
 def test_partial_lora_acts_only_at_image_positions() -> None:
-    import torch
-
     cfg, model = tiny_decoder()
     x = torch.randn(2, 7, cfg.hidden_size)
     im_mask = torch.zeros(2, 7, dtype=torch.bool)
@@ -116,9 +140,6 @@ def test_partial_lora_acts_only_at_image_positions() -> None:
 
 def test_packed_wqkv_equals_separate_grouped_query_attention() -> None:
     """Slice wqkv into per-group [query heads…, key, value] blocks and run textbook GQA: same output."""
-    import torch
-    from torch.nn import functional as F
-
     from miadpo.models.internlm_xc25.internlm2 import rotate
 
     cfg, model = tiny_decoder()
@@ -127,10 +148,11 @@ def test_packed_wqkv_equals_separate_grouped_query_attention() -> None:
     positions = torch.arange(5)[None]
     cos, sin = model.rotary(positions, x.dtype)
     causal = torch.ones(5, 5, dtype=torch.bool).tril()[None, None]
-    group, d = cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
-    w = attention.wqkv.weight.view(cfg.num_kv_heads, group + 2, d, cfg.hidden_size)
+    heads_, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+    group, d = heads_ // kv_heads, cfg.hidden_size // heads_
+    w = attention.wqkv.weight.view(kv_heads, group + 2, d, cfg.hidden_size)
     heads = []
-    for h in range(cfg.num_heads):
+    for h in range(heads_):
         kv = h // group
         q = x @ w[kv, h % group].T
         k, v = x @ w[kv, group].T, x @ w[kv, group + 1].T
@@ -142,36 +164,274 @@ def test_packed_wqkv_equals_separate_grouped_query_attention() -> None:
 
 
 def test_vision_tokens_stitch_crops_row_major_with_separators() -> None:
-    """A tiny tower (56-px crops → 2 × 2 cells): each detail crop's pixels move only its own cells of the
+    """A tiny tower (28-px crops → 2 × 2 cells): each detail crop's pixels move only its own cells of the
     stitched map; separator positions hold the projected separators; the count follows the layout."""
-    import torch
-    from transformers import CLIPVisionConfig
-
-    from miadpo.models.internlm_xc25.hd import HDLayout
-    from miadpo.models.internlm_xc25.vision import VisionEncoder
+    from miadpo.models.internlm_xc25.modeling import InternLMXComposer2ForCausalLM
 
     torch.manual_seed(0)
-    config = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                              image_size=56, patch_size=14)
-    encoder = VisionEncoder(config, hidden_size=24).eval()
-    torch.nn.init.normal_(encoder.plora_sub_GN)
-    torch.nn.init.normal_(encoder.plora_glb_GN)
-    layout = HDLayout(size=(3, 2), resized=(3, 2), padded=(3, 2), rows=2, cols=3)
-    pixels = torch.randn(7, 3, 56, 56)
+    model = InternLMXComposer2ForCausalLM(tiny_config()).eval()
+    rows, cols, cells = 2, 3, 2
+    grid = torch.tensor([[rows, cols]])
+    pixels = torch.randn(1 + rows * cols, 3, 28, 28)
     with torch.no_grad():
-        (tokens,) = encoder(pixels, [layout])
-        cells = 2
-        assert tokens.shape[0] == cells * (cells + 1) + 1 + layout.rows * cells * (layout.cols * cells + 1)
-        sub, glb = encoder.vision_proj(encoder.plora_sub_GN.view(1, -1)), encoder.vision_proj(
-            encoder.plora_glb_GN.view(1, -1))
-        detail_start, stride = cells * (cells + 1) + 1, layout.cols * cells + 1
+        (tokens,) = model.get_image_features(pixels, grid)
+        assert tokens.shape[0] == cells * (cells + 1) + 1 + rows * cells * (cols * cells + 1)
+        sub = model.vision_proj(model.plora_sub_GN.view(1, -1))
+        glb = model.vision_proj(model.plora_glb_GN.view(1, -1))
+        detail_start, stride = cells * (cells + 1) + 1, cols * cells + 1
         assert torch.allclose(tokens[detail_start - 1], glb[0])
-        for row in range(layout.rows * cells):
+        for row in range(cells):
+            assert torch.allclose(tokens[row * (cells + 1) + cells], sub[0])
+        for row in range(rows * cells):
             assert torch.allclose(tokens[detail_start + row * stride + stride - 1], sub[0])
-        crop = 5  # row 1, col 2 of the 2 × 3 crop grid (pixel index 0 is the global view)
+        crop = 5  # row 1, col 2 of the 2 × 3 crop grid (view 0 is the global view)
         changed = pixels.clone()
         changed[1 + crop] += 1.0
-        (moved,) = encoder(changed, [layout])
+        (moved,) = model.get_image_features(changed, grid)
     diff = (moved - tokens).abs().amax(-1) > 1e-6
     expected = {detail_start + (1 * cells + r) * stride + 2 * cells + c for r in range(cells) for c in range(cells)}
     assert set(torch.nonzero(diff).flatten().tolist()) == expected
+
+
+# ----- the whole model through its adapter ---------------------------------------------------------------
+@pytest.fixture
+def xc25():
+    from conftest import compose_train  # noqa: F401  (tests/ on the path)
+    from hydra import compose, initialize_config_dir
+
+    from miadpo.models import build_adapter
+    from miadpo.train import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["model=tiny_internlm_xc25"]).model
+    torch.manual_seed(0)
+    adapter = build_adapter(cfg)
+    adapter.model.eval()
+    return adapter
+
+
+def pictures(n: int) -> list[Image.Image]:
+    rng = np.random.default_rng(n)
+    sizes = [(64, 32), (40, 90), (48, 48), (90, 50), (30, 70)]
+    return [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for w, h in sizes[:n]]
+
+
+def question(n: int) -> str:
+    return "".join(f"Image{k} <image>; " for k in range(1, n + 1)) + "Which image is red?"
+
+
+def test_image_tokens_render_as_image_here_and_the_separators_are_image_positions(xc25) -> None:
+    sample = xc25.encode(pictures(2), question(2), "Image1.")
+    text = "".join(xc25.tokenizer.decode(sample.input_ids[: sample.prompt_length]).split())  # tiny BPE adds spaces
+    assert text.startswith("<s>[UNUSED_TOKEN_146]userImage1<ImageHere><ImageHere>")
+    assert text.endswith("Whichimageisred?[UNUSED_TOKEN_145][UNUSED_TOKEN_146]assistant")
+    im_mask = sample.input_ids == xc25.image_token_id
+    # Every position of every span (global rows, sub_GN, glb_GN, crops) is an image position: Partial-LoRA there.
+    for (start, end), geometry in zip(sample.image_spans, sample.geometries):
+        assert im_mask[start:end].all() and geometry.num_tokens == end - start
+        rows, cols = geometry.layout
+        assert end - start == 4 * (rows * cols + 1) + 1 + 2 * (rows + 1)
+    assert int(im_mask.sum()) == sum(end - start for start, end in sample.image_spans)
+
+
+def test_partial_lora_changes_the_model_only_from_the_first_image_token_on(xc25) -> None:
+    sample = xc25.encode(pictures(2), question(2), "Image1.")
+    batch = xc25.collate([sample])
+    model = xc25.base_model
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "Plora_B" in name:
+                parameter.normal_(std=0.05)
+        with_plora = model(**batch).logits[0]
+        for name, parameter in model.named_parameters():
+            if "Plora_B" in name:
+                parameter.zero_()
+        without = model(**batch).logits[0]
+    changed = (with_plora - without).abs().amax(-1) > 1e-6
+    first = sample.image_spans[0][0]
+    assert not changed[:first].any() and changed[first:].all()
+
+
+def test_cached_generation_equals_full_recomputation(xc25) -> None:
+    prompts = [xc25.encode(pictures(n), question(n)) for n in (1, 3)]
+    batch = xc25.generation_inputs(prompts)
+    with torch.no_grad():
+        out = xc25.model.generate(**batch, max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                                  pad_token_id=xc25.tokenizer.pad_token_id)
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        for _ in range(6):  # no cache: the whole sequence again at every step
+            logits = xc25.model(input_ids=ids, attention_mask=mask, pixel_values=batch["pixel_values"],
+                                image_layout=batch["image_layout"]).logits
+            ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    assert torch.equal(out, ids)
+
+
+def test_selection_capture_records_the_eager_attention_rows(xc25, monkeypatch) -> None:
+    """Rows recorded while generating on SDPA = the same rows of the eager softmax at that layer."""
+    import copy
+
+    import miadpo.models.internlm_xc25.internlm2 as internlm2
+    from miadpo.models import EncodedSample
+    from miadpo.select.capture import AttentionRecorder, capture_attention
+
+    prompts = [xc25.encode(pictures(n), question(n)) for n in (2, 1)]
+    batch = xc25.generation_inputs(prompts)
+    recorder = AttentionRecorder(prompt_mask=batch["attention_mask"])
+    original = internlm2.eager_attention_forward
+    with monkeypatch.context() as patch:
+        patch.setattr(internlm2, "eager_attention_forward", None)  # every layer must stay on SDPA
+        with capture_attention(xc25, 1, recorder), torch.no_grad():
+            out = xc25.model.generate(**batch, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                                      pad_token_id=xc25.tokenizer.pad_token_id)
+    config = xc25.base_model.config  # the capture switched one attention module, nothing else
+    assert config._attn_implementation == config.vision_config._attn_implementation == "sdpa"
+    eager = copy.deepcopy(xc25.base_model)
+    eager.config._attn_implementation = "eager"
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(module, *args, **kwargs):
+        output, probs = original(module, *args, **kwargs)
+        if module.layer_idx == 1:
+            seen["probs"] = probs
+        return output, probs
+
+    width = batch["input_ids"].shape[1]
+    for b, prompt in enumerate(prompts):
+        answer = out[b, width:]
+        full = xc25.collate([EncodedSample(torch.cat([prompt.input_ids, answer]), torch.cat([prompt.labels, answer]),
+                                           prompt.image_spans, prompt.geometries, prompt.pixel_values,
+                                           prompt.prompt_length, prompt.extra)])
+        full.pop("labels")
+        with monkeypatch.context() as patch, torch.no_grad():
+            patch.setattr(internlm2, "eager_attention_forward", keep)
+            eager(**full)
+        start = prompt.prompt_length - 1
+        columns = torch.cat([torch.arange(s, e) for s, e in prompt.image_spans])
+        expected = seen["probs"][0, :, start : start + 4][:, :, columns].mean(0)
+        padding = width - prompt.input_ids.numel()  # the recorder counts in left-padded coordinates
+        captured = recorder.rows(b, 4, columns + padding)
+        assert torch.allclose(captured, expected, atol=1e-5)
+
+
+def test_dynamic_ntk_grows_the_rotary_base_only_beyond_the_trained_length() -> None:
+    from miadpo.models.internlm_xc25.internlm2 import InternLM2Model
+
+    model = InternLM2Model(tiny_config(max_position_embeddings=100, rotary_dynamic_factor=2.0))
+    assert model.rope_base(100) == 10000.0
+    d = 8  # head dim of the tiny config
+    assert model.rope_base(200) == pytest.approx(10000.0 * (2.0 * 200 / 100 - 1.0) ** (d / (d - 2)))
+    assert InternLM2Model(tiny_config(max_position_embeddings=100, rotary_dynamic_factor=None)).rope_base(200) == 1e4
+
+
+# ----- loading the official checkpoint layout ------------------------------------------------------------
+def official_checkpoint(directory, tower_prefix: str = "vit.vision_tower.vision_model.", rename=None,
+                        positions: int | None = None):
+    """A synthetic checkpoint with the official names (CLIP under ``vision_model.``) and config.json."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from miadpo.models.internlm_xc25.checkpoint import TOWER_PREFIXES
+    from miadpo.models.internlm_xc25.modeling import InternLMXComposer2ForCausalLM
+
+    torch.manual_seed(1)
+    model = InternLMXComposer2ForCausalLM(tiny_config(vocab_size=64, image_token_id=64))
+    tensors = {}
+    for name, tensor in model.state_dict().items():
+        if name.startswith(TOWER_PREFIXES[1]) and not name.startswith(TOWER_PREFIXES[0]):
+            name = tower_prefix + name[len(TOWER_PREFIXES[1]):]
+        tensors[(rename or {}).get(name, name)] = tensor.clone()
+    if positions is not None:
+        key = next(k for k in tensors if k.endswith("embeddings.position_embedding.weight"))
+        tensors[key] = torch.randn(positions, tensors[key].shape[1])
+    directory.mkdir()
+    names = sorted(tensors)
+    save_file({k: tensors[k] for k in names[: len(names) // 2]}, directory / "model-00001-of-00002.safetensors")
+    save_file({k: tensors[k] for k in names[len(names) // 2 :]}, directory / "model-00002-of-00002.safetensors")
+    (directory / "config.json").write_text(json.dumps({
+        "model_type": "internlmxcomposer2", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0, "rope_scaling": {"type": "dynamic", "factor": 2.0},
+        "max_position_embeddings": 24576}))
+    return model, tensors
+
+
+def test_official_names_load_with_nothing_missing_or_unexpected(tmp_path, monkeypatch) -> None:
+    from miadpo.models.internlm_xc25 import checkpoint
+
+    monkeypatch.setattr(checkpoint, "CLIP_L14_560", tiny_config().vision_config.to_dict())
+    source, tensors = official_checkpoint(tmp_path / "official")
+    assert any(name.startswith("vit.vision_tower.vision_model.") for name in tensors)
+    assert all(checkpoint.is_checkpoint_name(name) for name in tensors)  # the table covers every name
+    model = checkpoint.load_model(tmp_path / "official", dtype=torch.float32)
+    assert model.config.plora_r == 4 and model.config.rotary_dynamic_factor == 2.0  # rank read off the tensors
+    for name, tensor in source.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+    ids = torch.tensor([[1, 5, 7, 9]])
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, source.eval()(input_ids=ids).logits)
+
+
+def test_a_renamed_or_reshaped_tensor_is_reported_by_name(tmp_path, monkeypatch) -> None:
+    from miadpo.models.internlm_xc25 import checkpoint
+
+    monkeypatch.setattr(checkpoint, "CLIP_L14_560", tiny_config().vision_config.to_dict())
+    official_checkpoint(tmp_path / "renamed", rename={"output.weight": "lm_head.weight"})
+    with pytest.raises(checkpoint.CheckpointMismatchError) as info:
+        checkpoint.load_model(tmp_path / "renamed", dtype=torch.float32)
+    message = str(info.value)
+    assert "missing from the checkpoint (1): output.weight" in message
+    assert "unexpected in the checkpoint (1): lm_head.weight" in message
+    official_checkpoint(tmp_path / "reshaped", rename={"model.norm.weight": "model.layers.0.ffn_norm.weight"})
+    with pytest.raises(checkpoint.CheckpointMismatchError, match="missing from the checkpoint \\(1\\): model.norm"):
+        checkpoint.load_model(tmp_path / "reshaped", dtype=torch.float32)
+
+
+def test_position_embeddings_of_another_resolution_are_interpolated(tmp_path, monkeypatch) -> None:
+    from miadpo.models.internlm_xc25 import checkpoint
+
+    monkeypatch.setattr(checkpoint, "CLIP_L14_560", tiny_config().vision_config.to_dict())
+    _, tensors = official_checkpoint(tmp_path / "small", positions=1 + 2 * 2)  # a 2 × 2 grid; the tower has 4 × 4
+    model = checkpoint.load_model(tmp_path / "small", dtype=torch.float32)
+    table = model.vit.vision_tower.state_dict()["embeddings.position_embedding.weight"] if hasattr(
+        model.vit.vision_tower, "embeddings") else model.vit.vision_tower.vision_model.embeddings.position_embedding.weight
+    source = tensors["vit.vision_tower.vision_model.embeddings.position_embedding.weight"]
+    assert table.shape == (17, 16) and torch.equal(table[0], source[0])
+    grid = table[1:].view(4, 4, 16)
+    assert torch.allclose(grid.mean((0, 1)), source[1:].mean(0), atol=0.5)  # a resize, not a copy or zeros
+    assert checkpoint.interpolate_positions(source, 5).equal(source)
+
+
+def test_saved_model_reloads_through_the_same_checked_loader(xc25, tmp_path) -> None:
+    from miadpo.models.internlm_xc25.checkpoint import load_model
+
+    xc25.save_base(tmp_path / "saved")
+    reloaded = load_model(tmp_path / "saved", dtype=torch.float32)
+    assert reloaded.state_dict().keys() == xc25.base_model.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), xc25.base_model.state_dict().values()))
+
+
+def test_train_entry_runs_three_steps_on_grid_data(tmp_path) -> None:
+    """``python -m miadpo.train model=tiny_internlm_xc25 data=grid trainer.max_steps=3`` as a user runs it
+    (augment → select with attention capture → DPO), on a small LLaVA-format source."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from test_augment import write_source
+
+    source = write_source(tmp_path, n_generated=8)
+    command = [sys.executable, "-m", "miadpo.train", "model=tiny_internlm_xc25", "data=grid", "trainer.max_steps=3",
+               f"data.source={source}", f"data.image_root={tmp_path / 'images'}", f"data.out_dir={tmp_path / 'data'}",
+               f"run_dir={tmp_path / 'run'}", "logger=csv", "data.batch_size=2", "data.num_workers=0",
+               "data.val_fraction=0", "data.max_bad_fraction=0.5", "selection.generation.max_new_tokens=6",
+               "selection.thresholds.grid={2:1,3:1,4:1,5:1,6:1,7:1,8:1,9:1}", "selection.min_perplexity=0",
+               "trainer.enable_progress_bar=false"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["global_step"] == 3
+    pairs = list((tmp_path / "data").glob("selection/*/pairs-*/pairs.jsonl"))
+    assert pairs and pairs[0].read_text().strip()
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()

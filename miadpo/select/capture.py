@@ -97,7 +97,8 @@ def capture_attention(adapter: ModelAdapter, layer: int, recorder: AttentionReco
     attention = adapter.attention_module(adapter.decoder_layers()[layer])
     original_config = attention.config
     config = copy.copy(original_config)
-    config._attn_implementation = CAPTURE_IMPLEMENTATION
+    # Only this config: a composite one (InternLM-XC2.5's) would otherwise pass it on to its vision sub-config.
+    config._attn_implementation = {"": CAPTURE_IMPLEMENTATION}
     attention._miadpo_capture = {"original": _original_attention(attention, original_config._attn_implementation),
                                  "recorder": recorder}
     attention.config = config

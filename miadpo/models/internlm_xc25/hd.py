@@ -135,17 +135,19 @@ class HDImageProcessor:
         hd_num = self.hd_num if image_count == 1 else self.hd_num_multi
         return hd_layout(size, hd_num, self.crop_size, self.cells)
 
-    def __call__(self, images: Sequence[Image.Image]) -> tuple[torch.Tensor, list[HDLayout]]:
-        """All views of all images, (Σ (1 + rows·cols), 3, crop, crop), and each image's layout."""
+    def canvases(self, images: Sequence[Image.Image]) -> tuple[list[torch.Tensor], list[HDLayout]]:
+        """Each image resized and padded as its layout says, CLIP-normalised: (3, H, W) tensors."""
         mean = torch.tensor(self.image_mean).view(3, 1, 1)
         std = torch.tensor(self.image_std).view(3, 1, 1)
-        views, layouts = [], []
-        for image in images:
-            layout = self.layout(image.size, len(images))
-            pixels = torch.from_numpy(np.asarray(hd_image(image, layout), dtype=np.float32) / 255.0)
-            views.append(hd_views((pixels.permute(2, 0, 1) - mean) / std, layout))
-            layouts.append(layout)
-        return torch.cat(views), layouts
+        layouts = [self.layout(image.size, len(images)) for image in images]
+        tensors = [(torch.from_numpy(np.asarray(hd_image(image, layout), dtype=np.float32) / 255.0).permute(2, 0, 1)
+                    - mean) / std for image, layout in zip(images, layouts)]
+        return tensors, layouts
+
+    def __call__(self, images: Sequence[Image.Image]) -> tuple[torch.Tensor, list[HDLayout]]:
+        """All views of all images, (Σ (1 + rows·cols), 3, crop, crop), and each image's layout."""
+        tensors, layouts = self.canvases(images)
+        return torch.cat([hd_views(canvas, layout) for canvas, layout in zip(tensors, layouts)]), layouts
 
     def save_pretrained(self, directory: str | Path) -> None:
         (Path(directory) / self.FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
