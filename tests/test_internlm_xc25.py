@@ -394,8 +394,7 @@ def test_position_embeddings_of_another_resolution_are_interpolated(tmp_path, mo
     monkeypatch.setattr(checkpoint, "CLIP_L14_560", tiny_config().vision_config.to_dict())
     _, tensors = official_checkpoint(tmp_path / "small", positions=1 + 2 * 2)  # a 2 × 2 grid; the tower has 4 × 4
     model = checkpoint.load_model(tmp_path / "small", dtype=torch.float32)
-    table = model.vit.vision_tower.state_dict()["embeddings.position_embedding.weight"] if hasattr(
-        model.vit.vision_tower, "embeddings") else model.vit.vision_tower.vision_model.embeddings.position_embedding.weight
+    table = next(t for n, t in model.state_dict().items() if n.endswith("embeddings.position_embedding.weight"))
     source = tensors["vit.vision_tower.vision_model.embeddings.position_embedding.weight"]
     assert table.shape == (17, 16) and torch.equal(table[0], source[0])
     grid = table[1:].view(4, 4, 16)
@@ -435,3 +434,88 @@ def test_train_entry_runs_three_steps_on_grid_data(tmp_path) -> None:
     pairs = list((tmp_path / "data").glob("selection/*/pairs-*/pairs.jsonl"))
     assert pairs and pairs[0].read_text().strip()
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+# ----- python -m miadpo.models.verify ------------------------------------------------------------------------
+class OriginalInterface(torch.nn.Module):
+    """Stand-in for the checkpoint's remote-code class, with its interface: ``vit(canvases, glb_GN, sub_GN)``
+    → (pre-projection features, lengths), ``vision_proj``, ``model(inputs_embeds, attention_mask, im_mask)`` →
+    output with ``last_hidden_state``, ``output``. Built on our modules (no remote code can run here)."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.inner = model
+        self.vision_proj, self.output = model.vision_proj, model.output
+        self.plora_glb_GN, self.plora_sub_GN = model.plora_glb_GN, model.plora_sub_GN
+        self.model = self.Decoder(model.model)
+
+    class Decoder(torch.nn.Module):
+        def __init__(self, decoder) -> None:
+            super().__init__()
+            self.decoder = decoder
+
+        def forward(self, inputs_embeds, attention_mask, im_mask):
+            from types import SimpleNamespace
+
+            return SimpleNamespace(last_hidden_state=self.decoder(inputs_embeds, attention_mask, im_mask))
+
+    def vit(self, canvases, glb_gn, sub_gn):
+        from miadpo.models.internlm_xc25.hd import HDLayout, hd_views
+        from miadpo.models.internlm_xc25.vision import layout_tokens, merge_2x2
+
+        crop = self.inner.config.vision_config.image_size
+        out = []
+        for canvas in canvases:
+            height, width = canvas.shape[-2:]
+            layout = HDLayout((width, height), (width, height), (width, height), height // crop, width // crop, crop,
+                              crop // self.inner.config.vision_config.patch_size // 2)
+            merged = merge_2x2(self.inner.vit(hd_views(canvas[0], layout)))
+            out.append(layout_tokens(merged, layout.rows, layout.cols, sub_gn, glb_gn))
+        return torch.cat(out)[None], [len(t) for t in out]
+
+
+def verify_config(tmp_path, *overrides):
+    from hydra import compose, initialize_config_dir
+
+    from miadpo.train import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name="verify", overrides=["model=tiny_internlm_xc25", "max_new_tokens=4",
+                                                        f"report={tmp_path / 'report.json'}", *overrides])
+
+
+def test_verify_compares_with_the_original_interface_and_catches_a_difference(tmp_path) -> None:
+    from miadpo.models import build_adapter
+    from miadpo.models.verify import verify
+
+    cfg = verify_config(tmp_path)
+    reference = OriginalInterface(build_adapter(cfg.model).base_model.eval())
+    result = verify(cfg, reference=reference)
+    assert result["image_features_max_abs_diff"] < 1e-5 and result["logits_max_abs_diff"] < 1e-4
+    # Two images → hd_num_multi 6: 960 × 540 → 3 × 28 px wide, 2 rows; 480 × 800 → 2 cols, 3 rows. 2 × 2 cells per
+    # crop: 4·(6 + 1) + 1 + 2·(2 + 1) = 35 and 4·(6 + 1) + 1 + 2·(3 + 1) = 37 tokens.
+    assert result["match"] and result["image_tokens"] == [35, 37]
+    with torch.no_grad():
+        reference.output.weight[:, :5] += 0.5
+        reference.plora_sub_GN += 0.5
+    result = verify(cfg, reference=reference)
+    assert result["logits_max_abs_diff"] > 0.01 and result["image_features_max_abs_diff"] > 0.01
+    assert not result["match"]
+    assert json.loads((tmp_path / "report.json").read_text())["match"] is False
+
+
+def test_verify_entry_on_a_saved_directory_reports_why_there_is_no_reference(xc25, tmp_path) -> None:
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    xc25.save_base(tmp_path / "weights")
+    command = [sys.executable, "-m", "miadpo.models.verify", "model=tiny_internlm_xc25",
+               f"model.path={tmp_path / 'weights'}", "max_new_tokens=4", f"report={tmp_path / 'report.json'}",
+               f"hydra.run.dir={tmp_path / 'hydra'}"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["reference"].startswith("original remote code not usable here")
+    assert "answer" in done.stdout and "match" not in report

@@ -22,7 +22,8 @@ ZOO = ["tiny_llava", "tiny_qwen2_vl", "tiny_qwen2_5_vl", "tiny_idefics3", "tiny_
        "tiny_llava_onevision", "tiny_internlm_xc25"]
 REAL = {"qwen2_vl": "Qwen/Qwen2-VL-7B-Instruct", "qwen2_5_vl": "Qwen/Qwen2.5-VL-7B-Instruct",
         "idefics3": "HuggingFaceM4/Idefics3-8B-Llama3", "smolvlm": "HuggingFaceTB/SmolVLM-Instruct",
-        "internvl": "OpenGVLab/InternVL3-8B-hf", "llava_onevision": "llava-hf/llava-onevision-qwen2-7b-ov-hf"}
+        "internvl": "OpenGVLab/InternVL3-8B-hf", "llava_onevision": "llava-hf/llava-onevision-qwen2-7b-ov-hf",
+        "internlm_xc25": "internlm/internlm-xcomposer2d5-7b"}
 # Sizes chosen so that the dynamic models tile or resize them differently (wide, tall, square).
 SIZES = [(64, 32), (40, 90), (48, 48), (90, 50), (30, 70)]
 

@@ -70,12 +70,13 @@ def compare_with_reference(adapter: ModelAdapter, reference: Any, images: Sequen
     canvases, _ = adapter.image_processor.canvases(images)
     features, _ = reference.vit([c[None].to(device, reference.vision_proj[0].weight.dtype) for c in canvases],
                                 reference.plora_glb_GN, reference.plora_sub_GN)
-    theirs_image = reference.vision_proj(features).reshape(-1, features.shape[-1]).float().cpu()
+    projected = reference.vision_proj(features)
+    theirs_image = projected.reshape(-1, projected.shape[-1]).float().cpu()
     ours_image = torch.cat(ours.get_image_features(batch["pixel_values"], batch["image_layout"])).float().cpu()
     embeds, im_mask = ours.embed(batch["input_ids"], batch["pixel_values"], batch["image_layout"])
     ours_logits = ours(inputs_embeds=embeds, im_mask=im_mask, attention_mask=batch["attention_mask"]).logits
-    hidden = _hidden(reference.model(inputs_embeds=embeds.to(device), attention_mask=batch["attention_mask"].to(device),
-                                     im_mask=im_mask.to(device)))
+    hidden = _hidden(reference.model(inputs_embeds=embeds.to(device), im_mask=im_mask.to(device),
+                                     attention_mask=batch["attention_mask"].to(device)))
     theirs_logits = reference.output(hidden)
     if theirs_image.shape != ours_image.shape:
         raise ValueError(f"image features: reference {tuple(theirs_image.shape)}, ours {tuple(ours_image.shape)}")

@@ -86,7 +86,7 @@ def read_tensors(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
     for path in weight_files(directory):
         if path.suffix == ".safetensors":
             with safe_open(str(path), framework="pt") as handle:
-                for name in handle.keys():
+                for name in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
                     yield name, handle.get_tensor(name)
         else:
             yield from torch.load(path, map_location="cpu", weights_only=True, mmap=True).items()
@@ -96,7 +96,7 @@ def tensor_shape(directory: Path, name: str) -> tuple[int, ...] | None:
     for path in weight_files(directory):
         if path.suffix == ".safetensors":
             with safe_open(str(path), framework="pt") as handle:
-                if name in handle.keys():
+                if name in handle.keys():  # noqa: SIM118
                     return tuple(handle.get_slice(name).get_shape())
         else:
             tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -121,7 +121,8 @@ def interpolate_positions(table: torch.Tensor, count: int) -> torch.Tensor:
     """(1 + g², C) class + grid position embeddings → (count, C), the grid resized bicubically."""
     old, new = int((table.shape[0] - 1) ** 0.5), int((count - 1) ** 0.5)
     if old * old + 1 != table.shape[0] or new * new + 1 != count:
-        raise CheckpointMismatchError(f"vision tower position embeddings: {table.shape[0]} rows is not 1 + a square grid")
+        raise CheckpointMismatchError(
+            f"vision tower position embeddings: {table.shape[0]} rows is not 1 + a square grid")
     grid = table[1:].float().reshape(1, old, old, -1).permute(0, 3, 1, 2)
     grid = F.interpolate(grid, size=(new, new), mode="bicubic", align_corners=False)
     return torch.cat([table[:1].float(), grid.permute(0, 2, 3, 1).reshape(new * new, -1)]).to(table.dtype)

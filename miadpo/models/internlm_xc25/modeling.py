@@ -42,7 +42,8 @@ class InternLMXComposer2Config(PretrainedConfig):
 
     def __init__(self, vocab_size: int = 92544, hidden_size: int = 4096, intermediate_size: int = 14336,
                  num_hidden_layers: int = 32, num_attention_heads: int = 32, num_key_value_heads: int = 8,
-                 rms_norm_eps: float = 1e-5, rotary_base: float = 1_000_000.0, rotary_dynamic_factor: float | None = 2.0,
+                 rms_norm_eps: float = 1e-5, rotary_base: float = 1_000_000.0,
+                 rotary_dynamic_factor: float | None = 2.0,
                  max_position_embeddings: int = 24576, plora_r: int = 256, plora_alpha: int = 256,
                  vision_config: dict | CLIPVisionConfig | None = None, image_token_id: int = 92544,
                  initializer_range: float = 0.02, **kwargs: Any) -> None:

@@ -36,9 +36,9 @@ def merge_2x2(features: torch.Tensor) -> torch.Tensor:
 
 def layout_tokens(merged: torch.Tensor, rows: int, cols: int, sub_gn: torch.Tensor, glb_gn: torch.Tensor
                   ) -> torch.Tensor:
-    """(1 + rows·cols, cells, cells, C) merged views of one image (crop grid ``rows × cols``) → its (tokens, C) sequence before projection:
-    the global view's rows each closed by ``sub_GN``, ``glb_GN``, the stitched crops' rows each closed by
-    ``sub_GN``."""
+    """(1 + rows·cols, cells, cells, C) merged views of one image (crop grid ``rows × cols``) → its (tokens, C)
+    sequence before projection: the global view's rows each closed by ``sub_GN``, ``glb_GN``, the stitched
+    crops' rows each closed by ``sub_GN``."""
     cells, channels = merged.shape[1], merged.shape[-1]
     row_end = sub_gn.reshape(1, 1, channels).to(merged.dtype)
     global_view = torch.cat([merged[0], row_end.expand(cells, 1, channels)], dim=1).reshape(-1, channels)
