@@ -9,9 +9,11 @@ serving. The base defaults to the path recorded in the adapter (``base_model_nam
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 from pathlib import Path
 
+import torch
 import transformers
 from peft import PeftConfig, PeftModel
 from transformers import AutoConfig
@@ -29,14 +31,25 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base: str | None
         raise FileNotFoundError(
             f"base weights {base_path!r} recorded in {adapter_dir} are not a local directory; pass --base PATH"
         )
-    config = AutoConfig.from_pretrained(base_path)
-    model_class = getattr(transformers, config.architectures[0])
-    model = model_class.from_pretrained(base_path, dtype=config.dtype)
+    model = load_base(Path(base_path))
     merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     merged.save_pretrained(out_dir)
     source = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else Path(base_path)
     copy_processor_files(source, out_dir)
     return out_dir
+
+
+def load_base(path: Path) -> torch.nn.Module:
+    """The base model of a directory: InternLM-XC2.5 (official or ours) through our checked loader, any other
+    family through its transformers class."""
+    from miadpo.models.internlm_xc25.checkpoint import is_xcomposer_directory, load_model
+
+    if is_xcomposer_directory(path):
+        config = json.loads((path / "config.json").read_text())
+        dtype = config.get("dtype") or config.get("torch_dtype") or "bfloat16"
+        return load_model(path, dtype=getattr(torch, dtype))
+    config = AutoConfig.from_pretrained(path)
+    return getattr(transformers, config.architectures[0]).from_pretrained(path, dtype=config.dtype)
 
 
 def copy_processor_files(source: Path, out_dir: Path) -> None:

@@ -286,16 +286,17 @@ def test_prompt_tokens_and_pixels_match_the_transformers_processor(name: str, n_
     assert torch.allclose(batch["pixel_values"], pixels.to(batch["pixel_values"].dtype))
 
 
-def test_merged_dynamic_model_reloads_through_its_adapter(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["tiny_qwen2_vl", "tiny_internlm_xc25"])
+def test_merged_dynamic_model_reloads_through_its_adapter(name: str, tmp_path: Path) -> None:
     from miadpo.merge import merge_adapter
 
-    result = train(compose_train(["model=tiny_qwen2_vl", "trainer.max_steps=2", "data.synthetic.num_pairs=8",
+    result = train(compose_train([f"model={name}", "trainer.max_steps=2", "data.synthetic.num_pairs=8",
                                   "data.batch_size=2", "optim.lr=5e-2"], tmp_path))
     merged = merge_adapter(result.run_dir / "adapter", tmp_path / "merged")
-    cfg = model_cfg("tiny_qwen2_vl")
+    cfg = model_cfg(name)
     cfg.path = str(merged)
     reloaded = build_adapter(cfg)
-    base_cfg = model_cfg("tiny_qwen2_vl")
+    base_cfg = model_cfg(name)
     base_cfg.path = str(result.run_dir / "base_model")
     base = build_adapter(base_cfg)
     sample = reloaded.encode(images(2), prompt(2), "Red.")

@@ -203,6 +203,15 @@ def official_config(values: dict, directory: Path) -> InternLMXComposer2Config:
         pad_token_id=values.get("pad_token_id"))
 
 
+def is_xcomposer_directory(directory: Path) -> bool:
+    """Whether ``directory/config.json`` describes InternLM-XC2.5 (the official layout or ours)."""
+    path = directory / "config.json"
+    if not path.is_file():
+        return False
+    model_type = json.loads(path.read_text()).get("model_type")
+    return model_type == InternLMXComposer2Config.model_type or model_type in OFFICIAL_MODEL_TYPES
+
+
 def load_config(directory: str | Path) -> InternLMXComposer2Config:
     directory = Path(directory)
     values = json.loads((directory / "config.json").read_text())
