@@ -36,7 +36,7 @@ class PartialLoRALinear(nn.Linear):
 
     def forward(self, x: torch.Tensor, im_mask: torch.Tensor | None = None) -> torch.Tensor:
         out = super().forward(x)
-        if im_mask is None or not bool(im_mask.any()):
+        if im_mask is None:  # the model passes None when a batch has no image token (no device sync here)
             return out
         update = self.Plora_B(self.Plora_A(x[im_mask])) * self.scaling
         return out.index_put((im_mask,), out[im_mask] + update.to(out.dtype))
