@@ -519,3 +519,19 @@ def test_verify_entry_on_a_saved_directory_reports_why_there_is_no_reference(xc2
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["reference"].startswith("original remote code not usable here")
     assert "answer" in done.stdout and "match" not in report
+
+
+def test_the_paper_run_shape_composes_and_validates() -> None:
+    from hydra import compose, initialize_config_dir
+
+    from miadpo.train import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["experiment=mia_dpo_internlm_xc25"])
+    assert (cfg.model.name, cfg.model.path, cfg.model.template) == (
+        "internlm_xc25", "internlm/internlm-xcomposer2d5-7b", "internlm_xc25")
+    assert dict(cfg.data.formats) == {"sequence": 1.0, "grid": 1.0, "pip": 1.0}
+    assert (cfg.dpo.loss, cfg.dpo.beta, cfg.dpo.sft_weight, cfg.optim.lr, cfg.trainer.max_epochs) == (
+        "sigmoid", 0.1, 0.0, 5e-5, 3)
+    effective_batch = cfg.data.batch_size * cfg.trainer.devices * cfg.trainer.accumulate_grad_batches
+    assert effective_batch == 64 and cfg.strategy.stage == 2 and cfg.trainer.precision == "bf16-mixed"
