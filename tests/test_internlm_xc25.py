@@ -535,3 +535,17 @@ def test_the_paper_run_shape_composes_and_validates() -> None:
         "sigmoid", 0.1, 0.0, 5e-5, 3)
     effective_batch = cfg.data.batch_size * cfg.trainer.devices * cfg.trainer.accumulate_grad_batches
     assert effective_batch == 64 and cfg.strategy.stage == 2 and cfg.trainer.precision == "bf16-mixed"
+
+
+def test_a_checkpoint_tokenizer_gets_image_here_after_its_vocabulary(tmp_path) -> None:
+    from miadpo.models.internlm_xc25.adapter import CHAT_TOKENS, checkpoint_tokenizer
+    from miadpo.models.tiny import build_tiny_tokenizer
+
+    plain = build_tiny_tokenizer(300, ["<unk>", "<s>", "</s>", *CHAT_TOKENS], named={"pad_token": None}, extra={})
+    plain.save_pretrained(tmp_path)
+    tokenizer = checkpoint_tokenizer(tmp_path, trust_remote_code=False, image_token_id=len(plain))
+    assert tokenizer.convert_tokens_to_ids("<ImageHere>") == len(plain) and tokenizer.pad_token is not None
+    ids = tokenizer("a<ImageHere><ImageHere>b", add_special_tokens=False)["input_ids"]
+    assert ids.count(len(plain)) == 2
+    with pytest.raises(ValueError, match="expects 7"):
+        checkpoint_tokenizer(tmp_path, trust_remote_code=False, image_token_id=7)

@@ -109,7 +109,7 @@ def checkpoint_tokenizer(path: Path, trust_remote_code: bool, image_token_id: in
         raise ValueError(f"{path}: the InternLM2 tokenizer is code inside the weights directory; set "
                          f"model.trust_remote_code=true to run it ({error})") from error
     if IMAGE_HERE not in tokenizer.get_vocab():
-        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_HERE]})
+        tokenizer.add_tokens([IMAGE_HERE], special_tokens=True)
     if tokenizer.convert_tokens_to_ids(IMAGE_HERE) != image_token_id:
         raise ValueError(f"{path}: {IMAGE_HERE} got id {tokenizer.convert_tokens_to_ids(IMAGE_HERE)}, the model "
                          f"expects {image_token_id}")

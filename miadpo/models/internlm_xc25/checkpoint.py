@@ -180,7 +180,8 @@ def load_checkpoint(model: InternLMXComposer2ForCausalLM, directory: str | Path)
 
 def official_config(values: dict, directory: Path) -> InternLMXComposer2Config:
     """Our config from the official ``config.json`` (InternLMXcomposer2Config); the Partial-LoRA rank is read
-    off the checkpoint's tensors, the vision tower is CLIP ViT-L/14 at 560 px."""
+    off the checkpoint's tensors (alpha = rank, i.e. scaling 1, as the public code sets 256 / 256), the vision
+    tower is CLIP ViT-L/14 at 560 px, ``<ImageHere>`` gets the first id after the vocabulary."""
     required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "rms_norm_eps")
     absent = [key for key in required if key not in values]
