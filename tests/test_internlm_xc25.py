@@ -90,7 +90,7 @@ def tiny_config(**overrides):
     from miadpo.models.internlm_xc25.modeling import InternLMXComposer2Config
 
     values = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, plora_r=4, plora_alpha=8, rotary_base=10000.0, image_token_id=63,
+                  num_key_value_heads=2, plora_r=4, plora_alpha=8, rotary_base=10000.0, image_placeholder_id=63,
                   vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
                                  "num_attention_heads": 2, "image_size": 28, "patch_size": 7})
     config = InternLMXComposer2Config(**{**values, **overrides})
@@ -336,7 +336,7 @@ def official_checkpoint(directory, tower_prefix: str = "vit.vision_tower.vision_
     from miadpo.models.internlm_xc25.modeling import InternLMXComposer2ForCausalLM
 
     torch.manual_seed(1)
-    model = InternLMXComposer2ForCausalLM(tiny_config(vocab_size=64, image_token_id=64))
+    model = InternLMXComposer2ForCausalLM(tiny_config(vocab_size=64, image_placeholder_id=64))
     tensors = {}
     for name, tensor in model.state_dict().items():
         if name.startswith(TOWER_PREFIXES[1]) and not name.startswith(TOWER_PREFIXES[0]):
@@ -549,3 +549,28 @@ def test_a_checkpoint_tokenizer_gets_image_here_after_its_vocabulary(tmp_path) -
     assert ids.count(len(plain)) == 2
     with pytest.raises(ValueError, match="expects 7"):
         checkpoint_tokenizer(tmp_path, trust_remote_code=False, image_token_id=7)
+
+
+def test_the_default_config_has_the_checkpoint_shapes_of_the_7b_model() -> None:
+    """Built on the meta device (no memory): InternLM2-7B with GQA 32/8, Partial-LoRA rank 256, CLIP-L/14 at
+    560 px (1 + 40² positions), 4096-wide separators and projector, untied 92,544-token head."""
+    from miadpo.models.internlm_xc25.checkpoint import is_checkpoint_name
+    from miadpo.models.internlm_xc25.modeling import InternLMXComposer2Config, InternLMXComposer2ForCausalLM
+
+    with torch.device("meta"):
+        shapes = {n: tuple(t.shape) for n, t in InternLMXComposer2ForCausalLM(InternLMXComposer2Config())
+                  .state_dict().items()}
+    layer = "model.layers.31."
+    expected = {
+        "model.tok_embeddings.weight": (92544, 4096), "output.weight": (92544, 4096),
+        f"{layer}attention.wqkv.weight": ((32 + 2 * 8) * 128, 4096), f"{layer}attention.wo.weight": (4096, 4096),
+        f"{layer}attention.wqkv.Plora_A.weight": (256, 4096), f"{layer}attention.wqkv.Plora_B.weight": (6144, 256),
+        f"{layer}feed_forward.w1.weight": (14336, 4096), f"{layer}feed_forward.w2.weight": (4096, 14336),
+        f"{layer}feed_forward.w2.Plora_A.weight": (256, 14336), f"{layer}ffn_norm.weight": (4096,),
+        "vision_proj.0.weight": (4096, 4096), "vision_proj.2.weight": (4096, 4096),
+        "plora_glb_GN": (1, 1, 4096), "plora_sub_GN": (1, 1, 1, 4096),
+    }
+    assert {name: shapes[name] for name in expected} == expected
+    positions = next(shape for name, shape in shapes.items() if name.endswith("position_embedding.weight"))
+    assert positions == (1 + 40 * 40, 1024)
+    assert "model.layers.32.ffn_norm.weight" not in shapes and all(is_checkpoint_name(n) for n in shapes)

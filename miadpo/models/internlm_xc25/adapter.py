@@ -44,9 +44,9 @@ class InternLMXC25Adapter(ModelAdapter):
     def __init__(self, model: nn.Module, tokenizer: Any, image_processor: HDImageProcessor, template: Any,
                  cfg: ModelConfig) -> None:
         super().__init__(model, tokenizer, image_processor, template, cfg)
-        if self.image_token_id != model.config.image_token_id:
+        if self.image_token_id != model.config.image_placeholder_id:
             raise ValueError(f"model {cfg.name!r}: the tokenizer's {IMAGE_HERE} is id {self.image_token_id}, "
-                             f"the model expects {model.config.image_token_id}")
+                             f"the model expects {model.config.image_placeholder_id}")
 
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> InternLMXC25Adapter:
@@ -60,7 +60,7 @@ class InternLMXC25Adapter(ModelAdapter):
 
                 path = Path(snapshot_download(str(path)))
             model = load_model(path, dtype, cfg.attn_implementation)
-            tokenizer = checkpoint_tokenizer(path, cfg.trust_remote_code, model.config.image_token_id)
+            tokenizer = checkpoint_tokenizer(path, cfg.trust_remote_code, model.config.image_placeholder_id)
             image_processor = HDImageProcessor.from_pretrained(path)
         image_processor.hd_num, image_processor.hd_num_multi = cfg.hd_num, cfg.hd_num_multi
         model.to(dtype)
@@ -129,7 +129,7 @@ def build_tiny_xc25(cfg: ModelConfig) -> tuple[InternLMXComposer2ForCausalLM, An
         vocab_size=len(tokenizer), hidden_size=tiny.hidden_size, intermediate_size=tiny.intermediate_size,
         num_hidden_layers=tiny.num_layers, num_attention_heads=tiny.num_heads,
         num_key_value_heads=max(1, tiny.num_heads // 2), max_position_embeddings=4096, rotary_base=10000.0,
-        plora_r=8, plora_alpha=16, image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_HERE),
+        plora_r=8, plora_alpha=16, image_placeholder_id=tokenizer.convert_tokens_to_ids(IMAGE_HERE),
         vision_config={"hidden_size": tiny.vision_hidden_size, "intermediate_size": 2 * tiny.vision_hidden_size,
                        "num_hidden_layers": tiny.vision_layers, "num_attention_heads": 2,
                        "image_size": tiny.image_size, "patch_size": tiny.patch_size, "hidden_act": "quick_gelu"},

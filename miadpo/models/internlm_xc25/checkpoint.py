@@ -199,7 +199,7 @@ def official_config(values: dict, directory: Path) -> InternLMXComposer2Config:
         rotary_dynamic_factor=float(scaling["factor"]) if dynamic else None,
         max_position_embeddings=values.get("max_position_embeddings", 32768),
         plora_r=plora[0] if plora else 256, plora_alpha=plora[0] if plora else 256,
-        vision_config=CLIP_L14_560, image_token_id=values["vocab_size"],
+        vision_config=CLIP_L14_560, image_placeholder_id=values["vocab_size"],
         bos_token_id=values.get("bos_token_id", 1), eos_token_id=values.get("eos_token_id", 2),
         pad_token_id=values.get("pad_token_id"))
 

@@ -4,8 +4,8 @@ Module names are the checkpoint's (``vit``, ``vision_proj``, ``plora_glb_GN``, `
 ``output``), so the official tensors load by name (``checkpoint.py``) and ``save_pretrained`` writes the same
 layout back.
 
-Inputs: ``input_ids`` in which every image token (separators included) is ``config.image_token_id``, all views
-of all images of the batch in ``pixel_values`` (global view then crops, image after image, row after row), and
+Inputs: ``input_ids`` in which every image token (separators included) is ``config.image_placeholder_id``, all
+views of all images of the batch in ``pixel_values`` (global view then crops, image after image, row after row), and
 each image's crop grid in ``image_layout`` (rows, cols). The image features replace the image tokens'
 embeddings in order, and ``im_mask`` (= the image-token positions) switches Partial-LoRA on there.
 """
@@ -45,7 +45,7 @@ class InternLMXComposer2Config(PretrainedConfig):
                  rms_norm_eps: float = 1e-5, rotary_base: float = 1_000_000.0,
                  rotary_dynamic_factor: float | None = 2.0,
                  max_position_embeddings: int = 24576, plora_r: int = 256, plora_alpha: int = 256,
-                 vision_config: dict | CLIPVisionConfig | None = None, image_token_id: int = 92544,
+                 vision_config: dict | CLIPVisionConfig | None = None, image_placeholder_id: int = 92544,
                  initializer_range: float = 0.02, **kwargs: Any) -> None:
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
@@ -62,7 +62,9 @@ class InternLMXComposer2Config(PretrainedConfig):
         if not isinstance(vision_config, CLIPVisionConfig):
             vision_config = CLIPVisionConfig(**(vision_config or CLIP_L14_560))
         self.vision_config = vision_config
-        self.image_token_id = image_token_id
+        # Not named *_token_id: for the official checkpoint it is past the vocabulary (92544) on purpose, as
+        # its embedding is never looked up; transformers would warn about such a token id.
+        self.image_placeholder_id = image_placeholder_id
         self.initializer_range = initializer_range
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(**kwargs)
@@ -120,7 +122,7 @@ class InternLMXComposer2ForCausalLM(PreTrainedModel, GenerationMixin):
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
               image_layout: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Text embeddings with the image features put at the image tokens, and the image-token mask."""
-        im_mask = input_ids == self.config.image_token_id
+        im_mask = input_ids == self.config.image_placeholder_id
         embeds = self.model.tok_embeddings(input_ids.masked_fill(im_mask, 0))
         if pixel_values is None:
             return embeds, im_mask
