@@ -314,6 +314,16 @@ def test_selection_capture_records_the_eager_attention_rows(xc25, monkeypatch) -
         assert torch.allclose(captured, expected, atol=1e-5)
 
 
+def test_an_unsupported_attention_implementation_fails_at_build_time() -> None:
+    from conftest import model_config
+
+    from miadpo.models import build_adapter
+
+    with pytest.raises(ValueError, match="sdpa or eager for InternLM-XC2.5, not 'flash_attention_2'"):
+        build_adapter(model_config(name="tiny_internlm_xc25", family="internlm_xc25", template="internlm_xc25",
+                                   attn_implementation="flash_attention_2"))
+
+
 def test_dynamic_ntk_grows_the_rotary_base_only_beyond_the_trained_length() -> None:
     from miadpo.models.internlm_xc25.internlm2 import InternLM2Model
 

@@ -50,6 +50,9 @@ class InternLMXC25Adapter(ModelAdapter):
 
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> InternLMXC25Adapter:
+        if cfg.attn_implementation not in ("sdpa", "eager"):
+            raise ValueError(f"model {cfg.name!r}: attn_implementation must be sdpa or eager for InternLM-XC2.5, "
+                             f"not {cfg.attn_implementation!r}")
         dtype = torch_dtype(cfg.dtype)
         if cfg.path is None:
             model, tokenizer, image_processor = build_tiny_xc25(cfg)
