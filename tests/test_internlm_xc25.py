@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_zoo import images as zoo_images
+from test_zoo import model_cfg
 from torch.nn import functional as F
 
 from miadpo.models.internlm_xc25.hd import HDImageProcessor, hd_geometry, hd_image, hd_layout
@@ -196,24 +198,16 @@ def test_vision_tokens_stitch_crops_row_major_with_separators() -> None:
 # ----- the whole model through its adapter ---------------------------------------------------------------
 @pytest.fixture
 def xc25():
-    from conftest import compose_train  # noqa: F401  (tests/ on the path)
-    from hydra import compose, initialize_config_dir
-
     from miadpo.models import build_adapter
-    from miadpo.train import CONFIG_DIR
 
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=["model=tiny_internlm_xc25"]).model
     torch.manual_seed(0)
-    adapter = build_adapter(cfg)
+    adapter = build_adapter(model_cfg("tiny_internlm_xc25"))
     adapter.model.eval()
     return adapter
 
 
 def pictures(n: int) -> list[Image.Image]:
-    rng = np.random.default_rng(n)
-    sizes = [(64, 32), (40, 90), (48, 48), (90, 50), (30, 70)]
-    return [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for w, h in sizes[:n]]
+    return zoo_images(n, seed=n)  # the zoo's wide / tall / square sizes
 
 
 def question(n: int) -> str:

@@ -72,8 +72,8 @@ def compare_with_reference(adapter: ModelAdapter, reference: Any, images: Sequen
                                 reference.plora_glb_GN, reference.plora_sub_GN)
     projected = reference.vision_proj(features)
     theirs_image = projected.reshape(-1, projected.shape[-1]).float().cpu()
-    ours_image = torch.cat(ours.get_image_features(batch["pixel_values"], batch["image_layout"])).float().cpu()
     embeds, im_mask = ours.embed(batch["input_ids"], batch["pixel_values"], batch["image_layout"])
+    ours_image = embeds[im_mask].float().cpu()  # the image features, in order (one vision pass, not two)
     ours_logits = ours(inputs_embeds=embeds, im_mask=im_mask, attention_mask=batch["attention_mask"]).logits
     hidden = _hidden(reference.model(inputs_embeds=embeds.to(device), im_mask=im_mask.to(device),
                                      attention_mask=batch["attention_mask"].to(device)))
