@@ -213,8 +213,10 @@ class SelectionConfig:
         "sequence": {2: 0.8, 3: 0.7, 4: 0.6, 5: 0.6},
         "grid": {2: 0.7, 3: 0.6, 4: 0.5, 5: 0.45, 6: 0.4, 7: 0.37, 8: 0.33, 9: 0.3},
         "pip": {1: 0.8},
+        "single": {1: 1.0},  # one image: the ratio is 1, the attention rule keeps every wrong answer
     })
-    operators: dict[str, str] = field(default_factory=lambda: {"sequence": "<=", "grid": "<", "pip": "<"})
+    operators: dict[str, str] = field(default_factory=lambda: {"sequence": "<=", "grid": "<", "pip": "<",
+                                                                "single": "<="})
     min_perplexity: float = 1.1
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     noise: dict[str, NoiseConfig] = field(default_factory=lambda: {
@@ -248,6 +250,9 @@ class DPOConfig:
     # epsilon of cdpo (label smoothing) and robust (assumed label-flip rate).
     label_smoothing: float = 0.0
     sft_weight: float = 0.0
+    # Weights of the reference model when it is not the policy's starting point (on-policy rounds with the
+    # original base as reference); needs dpo.fast.reference_cache. null: the policy's starting weights.
+    reference_path: str | None = None
     fast: FastPathConfig = field(default_factory=FastPathConfig)
 
 
@@ -310,6 +315,19 @@ class EvalConfig:
     wandb_mode: str = "${oc.env:WANDB_MODE,offline}"
 
 
+class RoundReference(str, Enum):
+    round_start = "round_start"  # each round's reference is the policy it starts from
+    base = "base"  # every round's reference is the original base model
+
+
+@dataclass
+class RoundsConfig:
+    """On-policy rounds: select with the current policy on a fresh augmentation seed, then DPO from it."""
+
+    count: int = 1
+    reference: RoundReference = RoundReference.round_start
+
+
 @dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -324,6 +342,7 @@ class TrainConfig:
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     # Evaluated before and after training when eval.files or eval.tsv are set.
     eval: EvalConfig = field(default_factory=EvalConfig)
+    rounds: RoundsConfig = field(default_factory=RoundsConfig)
     seed: int = 42
     run_dir: str = "${hydra:runtime.output_dir}"
     # Resume from a Lightning checkpoint.

@@ -71,8 +71,10 @@ def llava_items(path: Path, roots: ImageRoots) -> list[EvalItem]:
         image = record.get("image")
         paths = [] if image is None else ([image] if isinstance(image, str) else list(image))
         meta = record.get("meta") or {}
-        group = f"{meta['format']} N={meta['n_images']}" if meta else ("single" if len(paths) == 1 else
-                                                                         f"{len(paths)} images")
+        if meta and meta["format"] != "single":
+            group = f"{meta['format']} N={meta['n_images']}"
+        else:
+            group = "single" if len(paths) == 1 else f"{len(paths)} images"
         target = meta.get("target", 1)
         items.append(EvalItem(str(record["id"]), group, [load_image(roots.resolve(p)) for p in paths],
                               record["conversations"][0]["value"], record["conversations"][1]["value"],

@@ -3,7 +3,7 @@
 The reference model never changes during DPO, so its answer log-probs are a function of the pair and of the
 reference itself. They are computed in one pass before training (only for pairs not yet cached) and stored in
 ``<dpo.fast.reference_cache_dir>/<model key>/logps.<rank>.jsonl``. The model key hashes the base weights'
-identity, the adapter family, the chat template, the image preprocessing and the length policy; the pair key
+content, the adapter family, the chat template, the image preprocessing and the length policy; the pair key
 hashes the prompt, both answers and each image file's path, size and modification time. Runs and sweeps that
 share pairs and base model (β, loss, SFT weight, learning rate may differ) reuse them; training with the cache
 never builds or runs the reference.
@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Subset
 from miadpo.config import DataConfig
 from miadpo.jsonl import append_jsonl, read_jsonl, repair_tail
 from miadpo.models.base import ModelAdapter
+from miadpo.models.identity import weights_identity
 from miadpo.pairs import ImageRoots, PairRecord
 
 log = logging.getLogger(__name__)
@@ -35,11 +36,9 @@ def digest(value: Any) -> str:
 
 def model_key(adapter: ModelAdapter, data: DataConfig) -> str:
     """What the reference log-probs depend on besides the pair."""
-    from miadpo.select.candidates import weights_identity
-
     processor = adapter.image_processor
     return digest({
-        "weights": weights_identity(adapter), "family": adapter.cfg.family, "dtype": adapter.cfg.dtype,
+        "weights": weights_identity(adapter.cfg), "family": adapter.cfg.family, "dtype": adapter.cfg.dtype,
         "template": adapter.template, "pad_to_square": adapter.cfg.pad_to_square,
         "image_processor": processor.to_dict() if hasattr(processor, "to_dict") else repr(processor),
         "max_length": data.max_length, "on_too_long": str(data.on_too_long),

@@ -30,6 +30,7 @@ from miadpo.module import DPOModule, build_pair_forward
 from miadpo.pair_forward import PairForward
 from miadpo.pairs import ImageRoots
 from miadpo.reference_cache import ReferenceCache, fill_reference_cache, model_key
+from miadpo.rounds import run_rounds
 from miadpo.select.stage import run_selection
 from miadpo.toyworld.pipeline import ensure_toy_base, ensure_toy_world
 from miadpo.toyworld.scenes import scene_index
@@ -91,15 +92,21 @@ def select_before_training(cfg: DictConfig, adapter: ModelAdapter) -> Path:
 
 def cache_reference_logps(cfg: DictConfig, adapter: ModelAdapter, datamodule: PairDataModule,
                           forward: PairForward) -> None:
-    """Reference log-probs of every train/val pair, computed once (only the pairs not cached yet)."""
+    """Reference log-probs of every train/val pair, computed once (only the pairs not cached yet).
+
+    The reference is the policy's starting weights, or ``dpo.reference_path`` when set (built for this pass only).
+    """
     datamodule.prepare_data()
     datamodule.setup("fit")
+    reference = adapter
+    if cfg.dpo.reference_path is not None:
+        reference = build_adapter(OmegaConf.merge(cfg.model, {"path": cfg.dpo.reference_path}))  # type: ignore[arg-type]
     root = Path(cfg.dpo.fast.reference_cache_dir or Path(cfg.data.out_dir) / "reference_logps")
-    cache = ReferenceCache(root / model_key(adapter, cfg.data), rank=int(os.environ.get("RANK", 0)))
+    cache = ReferenceCache(root / model_key(reference, cfg.data), rank=int(os.environ.get("RANK", 0)))
     datasets = [datamodule.train_set, datamodule.val_set]
     for dataset in datasets:
         dataset.attach_reference(cache)
-    fill_reference_cache(cache, datasets, adapter.model, forward, PairCollator(adapter, forward.layout),
+    fill_reference_cache(cache, datasets, reference.model, forward, PairCollator(adapter, forward.layout),
                          cfg.data.batch_size)
 
 
@@ -127,6 +134,9 @@ def build_before_after(cfg: DictConfig, adapter: ModelAdapter, run_dir: Path) ->
 
 def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> TrainResult:
     """Run one DPO training job described by a composed config (``extra_callbacks``: added to the Trainer's)."""
+    if cfg.dpo.reference_path is not None and not cfg.dpo.fast.reference_cache:
+        raise ValueError("dpo.reference_path needs dpo.fast.reference_cache=true (the other reference is held "
+                         "in memory: the policy with LoRA disabled, or a copy of its starting weights)")
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.run_dir)
     toy_data = cfg.data.name == "toy" and cfg.data.source and rank_zero_only.rank == 0
@@ -148,6 +158,9 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> TrainR
     datamodule = PairDataModule(cfg.data, adapter, seed=cfg.seed, layout=forward.layout)
     if cfg.dpo.fast.reference_cache:
         cache_reference_logps(cfg, adapter, datamodule, forward)  # before LoRA: the model is the reference
+    # Training randomness (LoRA initialisation, dropout) starts from the seed whether the data stages above ran
+    # or were read from their caches (a data loader draws from the global generator even when it is empty).
+    L.seed_everything(cfg.seed, workers=True)
     adapter.prepare_for_training()
     module = DPOModule(adapter, cfg.dpo, cfg.optim, pair_forward=forward, cached_reference=cfg.dpo.fast.reference_cache)
     checkpoint = ModelCheckpoint(
@@ -200,7 +213,13 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> TrainR
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> None:
-    train(cfg)
+    if cfg.rounds.count > 1:
+        records = run_rounds(cfg, train)
+        print(f"rounds: {len(records)} (policies: {', '.join(r['policy'] for r in records)})")
+        print(f"evaluation per round ({Path(cfg.run_dir) / 'eval_rounds.md'}):")
+        print((Path(cfg.run_dir) / "eval_rounds.md").read_text())
+    else:
+        train(cfg)
 
 
 if __name__ == "__main__":

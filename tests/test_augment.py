@@ -354,3 +354,28 @@ def test_datamodule_runs_augmentation_when_output_is_missing(tmp_path: Path) -> 
     batches = list(module.predict_dataloader())
     assert sum(len(b) for b in batches) == len(PHOTOS) and len(batches[0]) == 5
     assert {"id", "image", "conversations", "meta"} <= set(batches[0][0])
+
+
+def test_single_format_keeps_the_source_question_as_a_single_image_prompt(tmp_path: Path) -> None:
+    """data.formats.single: the record as LLaVA asks it (one image, `<image>` leading the first turn)."""
+    from miadpo.evaluate import llava_items
+    from miadpo.select.candidates import selection_inputs
+
+    source = write_source(tmp_path, n_generated=3)
+    cfg = data_config(tmp_path, source, formats={"sequence": 1.0, "grid": 0.0, "pip": 0.0, "single": 1.0})
+    run_augmentation(cfg, seed=0, progress=False)
+    records = read_records(tmp_path / "out")
+    single = [r for r in records if r["meta"]["format"] == "single"]
+    assert single and len(single) < len(records)  # both formats drawn
+    for record in single:
+        assert record["image"] == record["meta"]["inputs"] and len(record["image"]) == 1
+        assert record["meta"]["n_images"] == 1 and record["meta"]["target"] == 1
+        first = record["conversations"][0]["value"]
+        assert first.startswith("<image>\n") and first.count("<image>") == 1
+    two_turns = next(r for r in single if r["id"].startswith("single") and len(r["conversations"]) == 4)
+    assert [t["value"] for t in two_turns["conversations"]] == ["<image>\nWhat is shown?", "A photo.", "Is it Large?",
+                                                                "Yes."]
+    inputs, skipped = selection_inputs(records, max_answer_chars=512)
+    assert not skipped and {i.format for i in inputs} == {"sequence", "single"}
+    groups = {item.group for item in llava_items(tmp_path / "out" / RECORDS_FILE, ImageRoots.of(cfg))}
+    assert "single" in groups and not any(g.startswith("single N=") for g in groups)  # not a multi-image group

@@ -66,3 +66,25 @@ def test_full_finetuning_with_the_cache_builds_no_reference_copy(make_adapter) -
     adapter = make_adapter(lora={"enabled": False})
     assert DPOModule(adapter, DPOConfig(), OptimConfig(), cached_reference=True).reference is None
     assert DPOModule(adapter, DPOConfig(), OptimConfig()).reference is not None
+
+
+def test_weights_identity_follows_content_not_names_and_sizes(tmp_path: Path) -> None:
+    """A merged round-1 policy has the base's file names and sizes: its identity (hence every cache key) differs."""
+    import os
+
+    from miadpo.config import ModelConfig
+    from miadpo.models.identity import weights_identity
+
+    weights = tmp_path / "policy"
+    weights.mkdir()
+    (weights / "config.json").write_text("{}")
+    (weights / "model.safetensors").write_bytes(b"\x00" * 64)
+    cfg = ModelConfig(path=str(weights))
+    before = weights_identity(cfg)
+    assert weights_identity(cfg) == before  # stable
+    stat = (weights / "model.safetensors").stat()
+    (weights / "model.safetensors").write_bytes(b"\x00" * 63 + b"\x01")  # same size...
+    os.utime(weights / "model.safetensors", ns=(stat.st_atime_ns, stat.st_mtime_ns))  # ...and modification time
+    after = weights_identity(cfg)
+    assert [f[:2] for f in after["files"]] == [f[:2] for f in before["files"]]
+    assert after != before

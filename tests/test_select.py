@@ -383,3 +383,27 @@ def test_multi_process_training_without_pairs_says_run_select_first(tmp_path: Pa
         train(cfg)
     assert not (tmp_path / "data" / "selection").exists()
 
+
+
+@pytest.mark.parametrize("share", [0.0, 0.25, 0.5])
+def test_calibrated_thresholds_remove_the_stated_share_of_wrong_answers(share: float) -> None:
+    from miadpo.select.rules import calibrate_thresholds
+
+    rng = np.random.default_rng(0)
+    cands = [candidate(i, "sequence", n, float(rng.uniform(0, 2 / n)))
+             for n in (2, 3, 4) for i in range(40 * n, 40 * n + 40)]
+    cands += [candidate(500 + i, "grid", 4, float(rng.uniform(0, 1))) for i in range(40)]
+    cands += [candidate(900, "sequence", 2, 0.99, answer="Red.", correct=True)]  # right answers do not count
+    cfg = selection_config()
+    thresholds = calibrate_thresholds(cands, cfg, share)
+    assert set(thresholds) == {"sequence", "grid"} and set(thresholds["sequence"]) == {2, 3, 4}
+    calibrated = selection_config(thresholds={**thresholds, "pip": {1: 0.8}})
+    report = select_pairs(cands, calibrated, 0).report
+    removed = sum(v for k, v in report["dropped"].items() if k.startswith("attention ratio"))
+    assert removed == round(share * 40) * 4  # the stated share in every (format, N) group
+    # The removed ones are those that looked hardest at the target.
+    kept = {p.id for p in select_pairs(cands, calibrated, 0).pairs}
+    for n in (2, 3, 4):
+        group = [c for c in cands if (c["format"], c["n_images"]) == ("sequence", n) and not c["correct"]]
+        assert max(c["ratio"] for c in group if c["id"] in kept) < min(
+            [c["ratio"] for c in group if c["id"] not in kept] or [9.0])

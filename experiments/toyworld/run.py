@@ -1,54 +1,145 @@
-"""Toy-world ablation: base vs MIA-DPO vs random selection vs no post-selection, over several seeds.
+"""Toy-world ablation: base vs MIA-DPO vs its controls, over several seeds, paired per seed.
 
-    python experiments/toyworld/run.py [--seeds 0 1 2] [--split test] [--extra dpo.beta=0.1 ...] [--results PATH]
+    python experiments/toyworld/run.py [--seeds 0 1 2] [--split test] [--arms ...] [--extra dpo.beta=0.1 ...]
+        [--sft-lr 5e-4] [--results PATH]
 
-Every arm trains with the real entry point (`miadpo.train`, config composed in process) from the same toy base;
-arms of one seed share the candidates cache (only the rules differ). Evaluation is on the toy split named by
---split (the recipe was chosen on `val`). Writes experiments/results/toyworld.md and toyworld.png.
+Arms (every one from the same toy base, through the real entry points with configs composed in process):
+- MIA-DPO: the toy recipe (`conf/data/toy.yaml`);
+- random selection: wrong answers drawn at random, as many per N as attention selection keeps;
+- no post-selection: every `selection.post.*` bound off;
+- SFT on chosen: plain SFT (`miadpo.sft`) on MIA-DPO's chosen answers (same train pairs, batch size and epochs,
+  hence the same steps; LoRA as in DPO), learning rate `--sft-lr` (tuned on val);
+- rounds: the recipe with `rounds.count=2` (on-policy: round 2 selects with round 1's policy).
+The arms of one seed share the augmented records and the candidates (only the rules differ). Evaluation is on
+the toy split named by --split (the recipe was chosen on `val`; the ablation is reported on `test`).
+Writes <results>.md, .json and .png (default experiments/results/toyworld.*).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
 from PIL import Image, ImageDraw
 
+from miadpo.evaluate import evaluate, llava_items
+from miadpo.models import build_adapter
+from miadpo.pairs import ImageRoots
+from miadpo.rounds import run_rounds
+from miadpo.sft import run_sft
+from miadpo.toyworld.scenes import scene_index
 from miadpo.train import CONFIG_DIR, train
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
+NO_POST = [f"selection.post.{k}=null" for k in ("perplexity_min", "perplexity_max", "length_ratio_min",
+                                                "length_ratio_max", "edit_similarity_min", "edit_similarity_max")]
 ARMS = {
     "MIA-DPO": ["selection=attention"],
     "random selection": ["selection=random"],
-    "no post-selection": ["selection=attention", "selection.post.length_ratio_min=null",
-                          "selection.post.length_ratio_max=null", "selection.post.edit_similarity_max=null"],
+    "no post-selection": ["selection=attention", *NO_POST],
+    "SFT on chosen": None,  # built from the MIA-DPO arm's pairs
+    "rounds (2)": ["selection=attention", "rounds.count=2"],
 }
 METRICS = ("multi-image mean", "sequence N=2", "sequence N=3", "sequence N=4", "single")
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
-def run_arm(arm: str, seed: int, split: str, extra: list[str], work: Path) -> dict[str, dict[str, dict[str, float]]]:
-    run_dir = work / f"{arm.replace(' ', '_')}-seed{seed}"
-    overrides = ["model=toy_llava", "data=toy", f"seed={seed}", "logger=csv", "trainer.enable_progress_bar=false",
-                 f"run_dir={run_dir}", f"data.out_dir=data/toyworld/dpo-seed{seed}",
-                 f"eval.files=[data/toyworld/{split}.json,data/toyworld/{split}_sequences/records.jsonl]",
-                 f"eval.toy_source=data/toyworld/{split}.json", *ARMS[arm], *extra]
+def compose_config(name: str, overrides: list[str]) -> DictConfig:
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides)
-    result = train(cfg)
-    return json.loads((result.run_dir / "eval_before_after.json").read_text())
+        return compose(config_name=name, overrides=overrides)
+
+
+def split_overrides(split: str, key: str = "eval") -> list[str]:
+    return [f"{key}.files=[data/toyworld/{split}.json,data/toyworld/{split}_sequences/records.jsonl]",
+            f"{key}.toy_source=data/toyworld/{split}.json"]
+
+
+def run_dpo_arm(arm: str, seed: int, split: str, extra: list[str], work: Path) -> dict[str, Any]:
+    """One DPO arm: its before/after tables, pairs file and selection report."""
+    run_dir = work / f"{arm.replace(' ', '_').replace('(', '').replace(')', '')}-seed{seed}"
+    overrides = ["model=toy_llava", "data=toy", f"seed={seed}", "logger=csv", "trainer.enable_progress_bar=false",
+                 "trainer.enable_model_summary=false", f"run_dir={run_dir}", f"data.out_dir={work}/data-seed{seed}",
+                 *split_overrides(split), *ARMS[arm], *extra]
+    cfg = compose_config("train", overrides)
+    if cfg.rounds.count > 1:
+        records = run_rounds(cfg, train)
+        tables = {"before": records[0]["evaluation"]["before"], "after": records[-1]["evaluation"]["after"]}
+        return {"tables": tables, "pairs": records[0]["pairs"], "cfg": cfg,
+                "per_round": [r["evaluation"]["after"]["multi-image mean"]["accuracy"] for r in records]}
+    train(cfg)
+    tables = json.loads((run_dir / "eval_before_after.json").read_text())
+    return {"tables": tables, "pairs": cfg.data.pairs, "cfg": cfg}
+
+
+def pairs_as_sft_records(pairs: Path, out: Path) -> Path:
+    """The chosen answers of a pair file as LLaVA records (first turn: prompt → chosen)."""
+    with out.open("w", encoding="utf-8") as handle:
+        for line in pairs.read_text().splitlines():
+            pair = json.loads(line)
+            handle.write(json.dumps({"id": pair["id"], "image": pair["images"], "conversations": [
+                {"from": "human", "value": pair["prompt"]}, {"from": "gpt", "value": pair["chosen"]}]}) + "\n")
+    return out
+
+
+def run_sft_arm(dpo_cfg: DictConfig, seed: int, split: str, lr: float, work: Path) -> dict[str, Any]:
+    """Plain SFT on the DPO arm's chosen answers with the same steps, then the same evaluation."""
+    run_dir = work / f"SFT_on_chosen-seed{seed}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    records = pairs_as_sft_records(Path(dpo_cfg.data.pairs), run_dir / "chosen.jsonl")
+    data = dpo_cfg.data
+    overrides = ["model=toy_llava", f"model.path={dpo_cfg.model.path}", f"data.files=[{records}]",
+                 f"data.image_root={data.image_root}", f"data.out_dir={data.out_dir}",
+                 f"data.batch_size={data.batch_size}", f"data.val_fraction={data.val_fraction}",
+                 f"data.max_length={data.max_length}", f"optim.lr={lr}", f"seed={seed}", f"run_dir={run_dir}",
+                 f"trainer.max_epochs={dpo_cfg.trainer.max_epochs}", "trainer.enable_progress_bar=false",
+                 "trainer.enable_model_summary=false", "trainer.accelerator=cpu"]
+    exported = run_sft(compose_config("sft", overrides))
+    cfg = compose_config("evaluate", ["model=toy_llava", f"model.path={exported}", *split_overrides(split),
+                                      "eval.image_root=data/toyworld/images", "eval.out_dir=data/toyworld"])
+    adapter = build_adapter(cfg.model)
+    items = [item for f in cfg.eval.files for item in llava_items(Path(f), ImageRoots.of(cfg.eval))]
+    table, _ = evaluate(adapter, items, cfg.eval.batch_size, dpo_cfg.eval.max_new_tokens,
+                        scene_index(cfg.eval.toy_source))
+    return {"tables": {"after": table}}
+
+
+def selection_stats(pairs: str) -> dict[str, Any]:
+    """Pairs kept and the attention rule's share of the wrong answers it removed (selection report)."""
+    report = json.loads((Path(pairs).parent / "report.json").read_text())
+    dropped = report["dropped"]
+    by_attention = sum(v for k, v in dropped.items() if k.startswith("attention ratio"))
+    not_wrong = sum(v for k, v in dropped.items() if k in ("answer matches the ground truth", "empty answer"))
+    wrong = report["candidates"] - not_wrong
+    kept = [json.loads(line) for line in Path(pairs).read_text().splitlines()]
+    return {"pairs": report["pairs"], "wrong answers": wrong, "removed by attention": by_attention,
+            "removed share %": 100.0 * by_attention / max(1, wrong),
+            "pair ids": sorted(f"{p['id']}|{p['rejected']}" for p in kept)}
 
 
 def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.1f}"
 
 
+def paired(a: list[float], b: list[float]) -> str:
+    """Per-seed differences a − b, their mean and a 95% t interval."""
+    diffs = [x - y for x, y in zip(a, b)]
+    mean = statistics.mean(diffs)
+    if len(diffs) < 2:
+        return f"{[round(d, 1) for d in diffs]}, mean {mean:+.1f}"
+    half = T_975.get(len(diffs) - 1, 1.96) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return f"per seed {[round(d, 1) for d in diffs]}, mean {mean:+.1f}, 95% CI [{mean - half:+.1f}, {mean + half:+.1f}]"
+
+
 def plot(rows: dict[str, dict[str, list[float]]], path: Path) -> None:
     """Bars of the multi-image mean and single-image accuracy per arm (mean over seeds)."""
-    width, height, margin = 720, 360, 50
+    width, height, margin = 900, 360, 50
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
     arms = list(rows)
@@ -72,15 +163,31 @@ def main() -> None:
     parser.add_argument("--split", default="test")
     parser.add_argument("--arms", nargs="+", default=list(ARMS))
     parser.add_argument("--extra", nargs="*", default=[])
+    parser.add_argument("--sft-lr", type=float, default=5e-4, help="learning rate of the SFT arm (tune on val)")
     parser.add_argument("--work", default="outputs/toyworld")
-    parser.add_argument("--results", default=str(RESULTS / "toyworld"), help="writes <results>.md and .png")
+    parser.add_argument("--results", default=str(RESULTS / "toyworld"), help="writes <results>.md/.json/.png")
     args = parser.parse_args()
+    if "SFT on chosen" in args.arms and "MIA-DPO" not in args.arms:
+        parser.error("the SFT arm trains on the MIA-DPO arm's pairs: include MIA-DPO")
     start = time.time()
     rows: dict[str, dict[str, list[float]]] = {}
     nothing: dict[str, list[float]] = {}
+    stats: dict[str, list[dict[str, Any]]] = {}
+    rounds: list[list[float]] = []
+    arms = ["MIA-DPO", *[a for a in args.arms if a != "MIA-DPO"]] if "MIA-DPO" in args.arms else args.arms
     for seed in args.seeds:
-        for position, arm in enumerate(args.arms):
-            tables = run_arm(arm, seed, args.split, args.extra, Path(args.work))
+        mia: dict[str, Any] | None = None
+        for position, arm in enumerate(arms):
+            if arm == "SFT on chosen":
+                assert mia is not None
+                outcome = run_sft_arm(mia["cfg"], seed, args.split, args.sft_lr, Path(args.work))
+            else:
+                outcome = run_dpo_arm(arm, seed, args.split, args.extra, Path(args.work))
+                stats.setdefault(arm, []).append(selection_stats(outcome["pairs"]))
+                mia = outcome if arm == "MIA-DPO" else mia
+                if "per_round" in outcome:
+                    rounds.append(outcome["per_round"])
+            tables = outcome["tables"]
             measured = [("after", arm)] + ([("before", "base")] if position == 0 else [])  # base once per seed
             for moment, name in measured:
                 arm_rows = rows.setdefault(name, {m: [] for m in METRICS})
@@ -88,26 +195,44 @@ def main() -> None:
                     arm_rows[m].append(tables[moment][m]["accuracy"])
                 multi = [tables[moment][g].get("in no image %", 0.0) for g in METRICS if " N=" in g]
                 nothing.setdefault(name, []).append(statistics.mean(multi))
+    minutes = (time.time() - start) / 60
     lines = ["# Toy world: seeded ablation\n",
-             f"Toy world ({args.split} split), seeds {args.seeds}, extra overrides {args.extra or 'none'}; "
-             f"{(time.time() - start) / 60:.1f} min on this machine. DPO recipe: `conf/data/toy.yaml` (chosen on the "
-             "val split, `toyworld_recipe_search.md`); mean ± std over seeds; each seed augments and selects its "
-             "own 2,000 records and its arms share the candidates.\n",
+             f"Toy world ({args.split} split), seeds {args.seeds}, extra overrides {args.extra or 'none'}, SFT arm lr "
+             f"{args.sft_lr}; {minutes:.1f} min on this machine. DPO recipe: `conf/data/toy.yaml` (chosen on the val "
+             "split, `toyworld_recipe_search.md`); mean ± std over seeds; each seed augments and selects its own "
+             "records and its arms share the candidates.\n",
              "| arm | " + " | ".join(METRICS) + " | in no image % (multi) |",
              "|---|" + "---|" * (len(METRICS) + 1)]
     for arm, metrics in rows.items():
         lines.append(f"| {arm} | " + " | ".join(mean_std(metrics[m]) for m in METRICS) +
                      f" | {mean_std(nothing.get(arm, [0.0]))} |")
-    if "MIA-DPO" in rows and "random selection" in rows:
-        ours, baseline = rows["MIA-DPO"]["multi-image mean"], rows["random selection"]["multi-image mean"]
-        diffs = [a - b for a, b in zip(ours, baseline)]
-        lines.append(f"\nPaired difference MIA-DPO − random (multi-image mean) per seed: "
-                     f"{[round(d, 1) for d in diffs]}, mean {statistics.mean(diffs):+.1f}")
+    lines.append("\nPaired per-seed differences (multi-image mean, then single):\n")
+    for arm, control in (("MIA-DPO", "base"), ("MIA-DPO", "SFT on chosen"), ("MIA-DPO", "random selection"),
+                         ("MIA-DPO", "no post-selection"), ("rounds (2)", "MIA-DPO")):
+        if arm in rows and control in rows:
+            for metric in ("multi-image mean", "single"):
+                lines.append(f"- {arm} − {control}, {metric}: {paired(rows[arm][metric], rows[control][metric])}")
+    lines.append("\nSelection per seed:\n")
+    for arm, per_seed in stats.items():
+        lines.append(f"- {arm}: pairs {[s['pairs'] for s in per_seed]}, wrong answers "
+                     f"{[s['wrong answers'] for s in per_seed]}, removed by the attention rule "
+                     f"{[s['removed by attention'] for s in per_seed]} "
+                     f"({[round(s['removed share %'], 1) for s in per_seed]} %)")
+    if "MIA-DPO" in stats and "no post-selection" in stats:
+        differ = [len(set(a["pair ids"]) ^ set(b["pair ids"])) for a, b in zip(stats["MIA-DPO"],
+                                                                                 stats["no post-selection"])]
+        lines.append(f"- pairs in only one of MIA-DPO / no post-selection, per seed: {differ}")
+    if rounds:
+        lines.append(f"- rounds: multi-image mean after each round, per seed: {rounds}")
     text = "\n".join(lines) + "\n"
     print(text)
     results = Path(args.results)
     results.parent.mkdir(parents=True, exist_ok=True)
     results.with_suffix(".md").write_text(text)
+    selection = {a: [{k: v for k, v in s.items() if k != "pair ids"} for s in p] for a, p in stats.items()}
+    results.with_suffix(".json").write_text(json.dumps({"rows": rows, "in_no_image": nothing, "rounds": rounds,
+                                                        "selection": selection, "args": vars(args),
+                                                        "minutes": minutes}, indent=1) + "\n")
     plot(rows, results.with_suffix(".png"))
 
 

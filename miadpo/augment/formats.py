@@ -1,5 +1,9 @@
 """The three augmentation formats: prompt rewriting and image composition (plain functions, no randomness).
 
+Beside them, ``single`` keeps a source record as the single-image question it is (the prompt in LLaVA's form
+``<image>\n<question>``): single-image pairs selected beside the multi-image ones, so that DPO also sees the
+prompts whose ability it must keep.
+
 Randomness (which companions, which N, which position) is decided by the planner; these functions turn a
 decision into conversations and pixels.
 """
@@ -65,6 +69,12 @@ def relabel(conversations: Sequence[dict[str, str]], first_prefix: str, later_pr
         else:
             out.append({"from": turn["from"], "value": turn["value"]})
     return out
+
+
+def single_conversations(conversations: Sequence[dict[str, str]]) -> Conversation:
+    """The record as one single-image question: ``<image>`` leads the first turn, later turns have none."""
+    return [{"from": t["from"], "value": (f"{IMAGE_TOKEN}\n" if i == 0 else "") + strip_image_marker(t["value"])}
+            if t["from"] == "human" else dict(t) for i, t in enumerate(conversations)]
 
 
 def sequence_header(n_images: int) -> str:

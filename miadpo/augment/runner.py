@@ -33,6 +33,7 @@ from miadpo.augment.formats import (
     pip_conversations,
     refusal_conversations,
     sequence_conversations,
+    single_conversations,
 )
 from miadpo.augment.source import SourceRecord, read_llava_source
 from miadpo.config import AugmentConfig, BadRecordPolicy, DataConfig, GridAugmentConfig
@@ -133,14 +134,14 @@ class Planner:
 
     def plan(self) -> list[Job]:
         weights = {f: float(w) for f, w in self.cfg.formats.items() if w > 0}
-        unknown = set(weights) - {"sequence", "grid", "pip"}
+        unknown = set(weights) - {"sequence", "grid", "pip", "single"}
         if unknown:
-            raise ValueError(f"data.formats has unknown formats {sorted(unknown)}; use sequence, grid, pip")
+            raise ValueError(f"data.formats has unknown formats {sorted(unknown)}; use sequence, grid, pip, single")
         jobs: list[Job] = []
         for record in self.records:
             allowed = dict(weights)
             if has_bbox(record.conversations):
-                allowed = {f: w for f, w in allowed.items() if f == "sequence"}
+                allowed = {f: w for f, w in allowed.items() if f in ("sequence", "single")}
             if not allowed:
                 self.skipped["bounding boxes in the text (excluded from grid and pip)"] += 1
                 continue
@@ -181,6 +182,10 @@ class Planner:
         n, target, inputs = drawn
         return self._job(record, "sequence", n, target, inputs,
                          sequence_conversations(record.conversations, n, target), [record.id])
+
+    def _single(self, record: SourceRecord) -> Job:
+        return self._job(record, "single", 1, 1, [record.image], single_conversations(record.conversations),
+                         [record.id])
 
     def _grid(self, record: SourceRecord) -> Job | None:
         grid: GridAugmentConfig = self.aug.grid

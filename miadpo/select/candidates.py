@@ -14,7 +14,6 @@ import string
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,7 +32,7 @@ from miadpo.select.capture import (
     sequence_ratio,
 )
 
-SELECTABLE_FORMATS = ("sequence", "grid", "pip")
+SELECTABLE_FORMATS = ("sequence", "grid", "pip", "single")
 _PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
 
 
@@ -197,7 +196,7 @@ class CandidateGenerator:
                ) -> tuple[float | None, list[float] | None]:
         if column_attention is None:
             return None, None
-        if item.format == "sequence":
+        if item.format in ("sequence", "single"):
             offsets = np.cumsum([0] + [end - start for start, end in prompt.image_spans])
             ratio, scores = sequence_ratio(column_attention, list(zip(offsets[:-1], offsets[1:])), item.target)
             return ratio, scores
@@ -215,14 +214,3 @@ def attention_maps(prompt: EncodedSample, column_attention: np.ndarray) -> list[
                                for g in geometry.grids]})
         offset += end - start
     return maps
-
-
-def weights_identity(adapter: ModelAdapter) -> dict[str, Any]:
-    """What identifies the base weights: the in-code recipe, or the files' names and sizes."""
-    cfg = adapter.cfg
-    if cfg.path is None:
-        return {"built_in_code": dict(cfg.tiny)}
-    path = Path(cfg.path)
-    if not path.is_dir():
-        return {"hub": cfg.path}
-    return {"files": sorted((p.name, p.stat().st_size) for p in path.iterdir() if p.is_file())}

@@ -10,6 +10,7 @@ draws as many pairs per (format, N) as attention selection keeps — the ablatio
 
 from __future__ import annotations
 
+import math
 import operator
 import random
 from collections import Counter, defaultdict
@@ -137,6 +138,35 @@ def select_pairs(candidates: Sequence[dict[str, Any]], cfg: SelectionConfig, see
                             sorted(Counter(group_key(c) for c, r in zip(candidates, reasons) if r == KEPT).items())},
     }
     return Selection(pairs, decisions, report)
+
+
+def calibrate_thresholds(candidates: Sequence[dict[str, Any]], cfg: SelectionConfig, removed_share: float
+                         ) -> dict[str, dict[int, float]]:
+    """Per (format, N) thresholds under which the attention rule removes ``removed_share`` of the wrong answers.
+
+    The reference thresholds were set for LLaVA-1.5's attention; another model spreads its attention otherwise
+    (a small model's ratios sit near 1/N, where 0.8 / 0.7 / 0.6 remove almost nothing). Among the wrong answers
+    that pass the other rules, the threshold is their ratio quantile at 1 − ``removed_share`` (read with the
+    format's operator), so the wrong answers that looked hardest at the target image are the ones removed.
+    Calibrate on candidates that are not the evaluation split.
+    """
+    if not 0 <= removed_share < 1:
+        raise ValueError(f"removed_share must be in [0, 1), got {removed_share}")
+    ratios: dict[tuple[str, int], list[float]] = defaultdict(list)
+    for candidate in candidates:
+        if rule_reason(candidate, cfg, use_attention=False) == KEPT and candidate["ratio"] is not None:
+            ratios[group_key(candidate)].append(float(candidate["ratio"]))
+    thresholds: dict[str, dict[int, float]] = defaultdict(dict)
+    for (fmt, n), values in sorted(ratios.items()):
+        values.sort()
+        keep = len(values) - round(removed_share * len(values))  # wrong answers kept: the lowest ratios
+        if keep >= len(values):
+            thresholds[fmt][n] = values[-1] if cfg.operators.get(fmt, "<") == "<=" else math.nextafter(values[-1], 2)
+        elif cfg.operators.get(fmt, "<") == "<=":
+            thresholds[fmt][n] = values[keep - 1] if keep else math.nextafter(values[0], -1)
+        else:
+            thresholds[fmt][n] = values[keep]
+    return {fmt: dict(by_n) for fmt, by_n in thresholds.items()}
 
 
 def report_text(report: dict[str, Any]) -> str:

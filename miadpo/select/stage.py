@@ -32,8 +32,9 @@ from miadpo.augment.runner import RECORDS_FILE, file_sha1, run_augmentation
 from miadpo.config import DataConfig, SelectionConfig
 from miadpo.jsonl import append_jsonl, completed_ids, read_jsonl
 from miadpo.models.base import ModelAdapter
+from miadpo.models.identity import weights_identity
 from miadpo.pairs import ImageRoots, write_pairs
-from miadpo.select.candidates import CandidateGenerator, SelectionInput, selection_inputs, weights_identity
+from miadpo.select.candidates import CandidateGenerator, SelectionInput, selection_inputs
 from miadpo.select.capture import resolve_layer
 from miadpo.select.rules import LLAMAFACTORY_DATASET_INFO, report_text, select_pairs, to_llamafactory, to_trl
 
@@ -56,14 +57,14 @@ def candidates_identity(adapter: ModelAdapter, data: DataConfig, selection: Sele
     return {
         "records_sha1": file_sha1(Path(data.out_dir) / RECORDS_FILE),
         "model": {"name": model.name, "family": model.family, "path": model.path, "dtype": model.dtype,
-                  "pad_to_square": model.pad_to_square, "weights": _plain(weights_identity(adapter))},
+                  "pad_to_square": model.pad_to_square, "weights": weights_identity(adapter.cfg)},
         "template": model.template,
         "generation": _plain(selection.generation),
         "noise": _plain(selection.noise),
         "layer": resolve_layer(adapter, selection.layer),
         "attention_maps": selection.save_attention_maps,
         "seed": seed,
-        "version": 1,
+        "version": 2,  # 2: weights identified by content
     }
 
 

@@ -1,0 +1,136 @@
+"""On-policy rounds: ``python -m miadpo.train rounds.count=R [rounds.reference=round_start|base]``.
+
+Round r (1-based) is one ordinary training job with
+- the policy that round r − 1 ended with as its model (round 1: ``model.path``), so selection asks the current
+  policy and DPO starts from it;
+- a fresh augmentation seed, ``seed + r − 1`` (round 1 is exactly the one-round job), and its own data
+  directory (``<data.out_dir>`` for round 1, ``<data.out_dir>/round<r>`` after);
+- as reference the round's start policy (``round_start``) or the original base (``base``, through the
+  reference cache).
+
+Each round writes its outputs under ``<run_dir>/round<r>/`` and, once its policy is exported (LoRA merged into
+``policy/``), ``round.json``. A rerun of the same command skips every round that has one, so a run killed
+between or inside rounds resumes at the first unfinished round. ``eval_rounds.md`` / ``.json`` hold the
+before/after evaluation of every round in one table.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from miadpo.merge import merge_adapter
+
+log = logging.getLogger(__name__)
+ROUND_FILE = "round.json"
+
+
+def round_config(cfg: DictConfig, round_index: int, policy: str | None, base: str | None) -> DictConfig:
+    """The training job of round ``round_index`` (1-based) starting from ``policy``."""
+    run_dir = Path(cfg.run_dir) / f"round{round_index}"
+    out_dir = Path(cfg.data.out_dir) if round_index == 1 else Path(cfg.data.out_dir) / f"round{round_index}"
+    changes: dict[str, Any] = {
+        "run_dir": str(run_dir),
+        "seed": int(cfg.seed) + round_index - 1,
+        "model": {"path": policy},
+        "data": {"out_dir": str(out_dir), "pairs": None},
+        "rounds": {"count": 1},
+        "ckpt_path": None,
+    }
+    if cfg.rounds.reference == "base" and round_index > 1:
+        changes["dpo"] = {"reference_path": base}
+    if cfg.logger.run_name:
+        changes["logger"] = {"run_name": f"{cfg.logger.run_name}-round{round_index}"}
+    return OmegaConf.merge(cfg, changes)  # type: ignore[return-value]
+
+
+def fingerprint(cfg: DictConfig) -> str:
+    """What a finished round's outputs depend on (its whole resolved config)."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def finished_round(run_dir: Path, cfg: DictConfig) -> dict[str, Any] | None:
+    """The record of a finished round, or None; a round finished under another config is an error."""
+    path = run_dir / ROUND_FILE
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    if record["fingerprint"] != fingerprint(cfg):
+        raise ValueError(f"{path} was written by a different configuration; use another run_dir (hydra.run.dir=...) "
+                         "or remove it to rerun that round")
+    if not Path(record["policy"]).is_dir():
+        raise FileNotFoundError(f"{path} names the policy {record['policy']}, which is missing")
+    return record
+
+
+def export_policy(exported: Path, base: str, run_dir: Path) -> Path:
+    """The round's policy as a standard transformers directory (LoRA merged into its start weights)."""
+    if not (exported / "adapter_config.json").is_file():
+        return exported  # full fine-tuning: the exported model is the policy
+    return merge_adapter(exported, run_dir / "policy", base=base)
+
+
+def run_rounds(cfg: DictConfig, train: Callable[[DictConfig], Any]) -> list[dict[str, Any]]:
+    """Run (or resume) ``cfg.rounds.count`` rounds with ``train`` (``miadpo.train.train``); one record per round."""
+    if cfg.data.pairs is not None or not cfg.data.source:
+        raise ValueError("rounds.count > 1 needs a source recipe (data.source, data.pairs=null): each round selects "
+                         "its pairs with the current policy")
+    records: list[dict[str, Any]] = []
+    policy, base = cfg.model.path, cfg.model.path
+    for index in range(1, int(cfg.rounds.count) + 1):
+        round_cfg = round_config(cfg, index, policy, base)
+        run_dir = Path(round_cfg.run_dir)
+        record = finished_round(run_dir, round_cfg)
+        if record is None:
+            identity = fingerprint(round_cfg)  # before training, which fills in data.pairs
+            log.info("round %d of %d: policy %s", index, cfg.rounds.count, policy or "built in code")
+            result = train(round_cfg)
+            start = policy or str(run_dir / "base_model")  # a model built in code is saved with its run
+            evaluation = run_dir / "eval_before_after.json"
+            record = {"round": index, "seed": int(round_cfg.seed), "start": start,
+                      "reference": round_cfg.dpo.reference_path or start,
+                      "policy": str(export_policy(Path(result.exported), start, run_dir)),
+                      "pairs": round_cfg.data.pairs, "global_step": result.global_step,
+                      "evaluation": json.loads(evaluation.read_text()) if evaluation.is_file() else None,
+                      "fingerprint": identity}
+            tmp = run_dir / (ROUND_FILE + ".tmp")
+            tmp.write_text(json.dumps(record, indent=1) + "\n")
+            tmp.replace(run_dir / ROUND_FILE)
+        else:
+            log.info("round %d of %d: finished before (%s), skipped", index, cfg.rounds.count, run_dir / ROUND_FILE)
+        records.append(record)
+        policy = record["policy"]
+        base = base or record["start"]
+    write_rounds_table(Path(cfg.run_dir), records)
+    return records
+
+
+def rounds_table(records: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    """Columns and rows: accuracy per group before round 1 and after every round, and the total change."""
+    tables = [r["evaluation"] for r in records]
+    if not tables or tables[0] is None:
+        return [], []
+    columns = ["group", "n", "base", *[f"after round {r['round']}" for r in records], "Δ total"]
+    rows = []
+    for group, row in tables[0]["before"].items():
+        after = [t["after"][group]["accuracy"] for t in tables]
+        rows.append([group, int(row["n"]), row["accuracy"], *after, after[-1] - row["accuracy"]])
+    return columns, rows
+
+
+def write_rounds_table(run_dir: Path, records: list[dict[str, Any]]) -> None:
+    columns, rows = rounds_table(records)
+    (run_dir / "eval_rounds.json").write_text(json.dumps({"columns": columns, "rows": rows,
+                                                          "rounds": records}, indent=1) + "\n")
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = [row[0], str(row[1]), *[f"{v:.1f}" for v in row[2:-1]], f"{row[-1]:+.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    (run_dir / "eval_rounds.md").write_text("\n".join(lines) + "\n" if rows else "")
