@@ -204,6 +204,12 @@ class PostSelectionConfig:
     edit_similarity_max: float | None = None
 
 
+class RightAnswerNegatives(str, Enum):
+    none = "none"
+    other_image = "other_image"
+    runner_up = "runner_up"
+
+
 @dataclass
 class SelectionConfig:
     name: str = "attention"  # attention | random (matched-count baseline that ignores attention)
@@ -225,6 +231,11 @@ class SelectionConfig:
         "pip": NoiseConfig(49.0, "whole"),
     })
     post: PostSelectionConfig = field(default_factory=PostSelectionConfig)
+    # Pairs also for the questions the model answers right (pairs otherwise come only from its failures), the
+    # rejected answer being, when it differs from the ground truth: other_image — the answer to the same question
+    # about another image (Sequence, Grid; the element-interference answer); runner_up — the model's own best
+    # answer that starts with another token than its greedy one (any format). One extra answer per such record.
+    right_answer_negatives: RightAnswerNegatives = RightAnswerNegatives.none
     save_attention_maps: bool = False
 
 

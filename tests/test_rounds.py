@@ -40,10 +40,10 @@ def policy_weights(record: dict) -> dict:
 
 
 def test_two_rounds_select_with_the_current_policy(toy_world: Path, tmp_path: Path) -> None:
-    cfg = compose_train(rounds_overrides(toy_world, tmp_path / "run"), tmp_path)
+    cfg = compose_train(rounds_overrides(toy_world, tmp_path / "run", "model.lora.enabled=true"), tmp_path)
     records = run_rounds(cfg, train)
     assert [r["round"] for r in records] == [1, 2] and [r["seed"] for r in records] == [42, 43]
-    # Round 2 starts from round 1's merged policy, selects with it and keeps round 1's start as reference.
+    # Round 2 starts from round 1's policy (its LoRA merged), selects with it and keeps its start as reference.
     assert records[1]["start"] == records[0]["policy"] == str(tmp_path / "run" / "round1" / "policy")
     assert records[1]["reference"] == records[1]["start"]
     manifests = [json.loads(next(Path(r["pairs"]).parents[1].glob("manifest.json")).read_text()) for r in records]
@@ -79,6 +79,7 @@ def test_rounds_resume_after_a_kill_between_rounds(toy_world: Path, tmp_path: Pa
 
     resumed = run_rounds(compose_train(overrides, tmp_path), counted)
     assert [Path(c).name for c in calls] == ["round1", "round2", "round2"]  # round 1 was not trained again
+    assert resumed[0]["policy"] == str(tmp_path / "run" / "round1" / "model")  # full fine-tuning: the export
     assert (tmp_path / "run" / "round1" / "round.json").stat().st_mtime_ns == round_one
     assert resumed[1]["reference"] == str(toy_world / "base")  # rounds.reference=base
     # The same as a run that was never interrupted.

@@ -407,3 +407,71 @@ def test_calibrated_thresholds_remove_the_stated_share_of_wrong_answers(share: f
         group = [c for c in cands if (c["format"], c["n_images"]) == ("sequence", n) and not c["correct"]]
         assert max(c["ratio"] for c in group if c["id"] in kept) < min(
             [c["ratio"] for c in group if c["id"] not in kept] or [9.0])
+
+
+def test_right_answer_pairs_reject_the_answer_about_another_image() -> None:
+    """Right answers get a pair when the same question about another image is answered differently."""
+    right = {"answer": "A red car.", "correct": True}
+
+    def negative(asked_about: int, answer: str, tokens: int) -> dict[str, Any]:
+        return {"kind": "other_image", "asked_about": asked_about, "answer": answer, "answer_tokens": tokens,
+                "perplexity": 1.5, "logp": -2.0}
+
+    cands = [candidate(0, "sequence", 3, 0.3),  # an ordinary wrong answer
+             candidate(1, "sequence", 3, 0.3, **right, negative=negative(2, "A green bus.", 4)),
+             candidate(2, "sequence", 3, 0.3, **right, negative=negative(1, "a red car", 3)),
+             candidate(3, "sequence", 3, 0.3, **right, negative=negative(3, "A long detour.", 12))]
+    cfg = selection_config(post={"length_ratio_max": 2.0})
+    result = select_pairs(cands, cfg, 0)
+    by_id = {p.id: p for p in result.pairs}
+    assert set(by_id) == {"c0", "c1-other_image"}
+    pair = by_id["c1-other_image"]
+    assert (pair.chosen, pair.rejected) == ("A red car.", "A green bus.")
+    assert pair.meta["selection"] == "other_image" and pair.meta["asked_about"] == 2
+    decisions = {d["id"]: d["decision"] for d in result.decisions}
+    assert decisions["c2-other_image"] == "other_image: same as the ground truth"
+    assert decisions["c3-other_image"] == "post: length ratio out of range"
+    assert result.report["right_answer_pairs"] == 1 and result.report["pairs_by_format"] == {"sequence N=3": 2}
+
+
+def test_retargeted_question_names_the_other_image_only_in_the_question() -> None:
+    from miadpo.augment.formats import retarget_question
+
+    prompt = sequence_conversations(QUESTION, 3, 2)[0]["value"]
+    expected = "Image1:<image>\nImage2:<image>\nImage3:<image>\nIn Image3, what colour is the box?"
+    assert retarget_question(prompt, 2, 3) == expected
+    grid = grid_conversations([(QUESTION, 4)])[0]["value"]
+    assert retarget_question(grid, 4, 1) == "<image>\nIn Image1, what colour is the box?"
+    with pytest.raises(ValueError, match="exactly once"):
+        retarget_question(prompt, 3, 1)
+
+
+@pytest.mark.parametrize("kind", ["runner_up", "other_image"])
+def test_right_answers_get_an_extra_answer_to_reject(tmp_path: Path, adapter, kind: str) -> None:
+    """selection.right_answer_negatives: right answers (here: ground truth = the model's own greedy answer) get
+    the runner-up answer (another first token, then greedy) or the answer about another image."""
+    from dataclasses import replace
+
+    roots = ImageRoots(tmp_path, tmp_path)
+    items = []
+    for i, n in enumerate((2, 3, 3)):
+        paths = []
+        for k in range(n):
+            colour_image((32, 32), (60 * k, 40 * i, 200)).save(tmp_path / f"{i}_{k}.png")
+            paths.append(f"{i}_{k}.png")
+        items.append(SelectionInput(f"r{i}", "sequence", n, 2, tuple(paths),
+                                    sequence_conversations(QUESTION, n, 2)[0]["value"], "Red.", None))
+    plain = CandidateGenerator(adapter, selection_config(generation={"max_new_tokens": 5}), roots, seed=0)
+    items = [replace(item, ground_truth=c["answer"]) for item, c in zip(items, plain(items))]
+    generator = CandidateGenerator(adapter, selection_config(generation={"max_new_tokens": 5},
+                                                             right_answer_negatives=kind), roots, seed=0)
+    candidates = generator(items)
+    assert all(c["correct"] for c in candidates)
+    for item, c in zip(items, candidates):
+        negative = c["negative"]
+        assert negative["kind"] == kind and negative["answer_tokens"] >= 1 and negative["perplexity"] >= 1.0
+        if kind == "runner_up":
+            assert negative["answer"] != c["answer"] and negative["asked_about"] is None  # another first token
+        else:
+            assert negative["asked_about"] in set(range(1, item.n_images + 1)) - {item.target}
+    assert [c["negative"] for c in generator(items)] == [c["negative"] for c in candidates]  # deterministic

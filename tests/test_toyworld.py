@@ -135,6 +135,18 @@ def test_short_sft_lowers_the_answer_loss(tmp_path: Path) -> None:
     assert after < before - 0.5
 
 
+def base_command_defaults() -> dict:
+    """The settings `python -m miadpo.toyworld.base` runs with when given no flags."""
+    from unittest import mock
+
+    from miadpo.toyworld import base
+
+    with mock.patch.object(base, "build_base", autospec=True, return_value=Path(".")) as build:
+        base.main([])
+    names = ["out", "train_scenes", "eval_scenes", "multi_share", "vision_epochs", "sft_epochs", "lr"]
+    return {**dict(zip(names, build.call_args.args)), **build.call_args.kwargs}
+
+
 def test_base_recipe_runs_at_small_scale(tmp_path: Path) -> None:
     """The regeneration command of the shipped checkpoint, with its defaults, at a small scale."""
     shipped = json.loads((SHIPPED_BASE / "base_recipe.json").read_text())
@@ -145,7 +157,9 @@ def test_base_recipe_runs_at_small_scale(tmp_path: Path) -> None:
     for key in ("multi_share", "lr", "batch_size", "seed"):
         assert recipe[key] == shipped[key], key
     assert {k: recipe["model"][k] for k in shipped["model"]} == shipped["model"]
-    assert shipped["train_scenes"] == 6000 and shipped["sft_epochs"] == 6 and shipped["vision_epochs"] == 6
+    command = base_command_defaults()
+    for key in ("train_scenes", "eval_scenes", "multi_share", "vision_epochs", "sft_epochs", "lr", "seed"):
+        assert command[key] == shipped[key], key
     adapter = build_adapter(toy_model_config(str(base)))
     shipped_config = json.loads((SHIPPED_BASE / "config.json").read_text())
     assert adapter.base_model.config.text_config.num_hidden_layers == shipped_config["text_config"]["num_hidden_layers"]

@@ -56,17 +56,18 @@ def compose_config(name: str, overrides: list[str]) -> DictConfig:
         return compose(config_name=name, overrides=overrides)
 
 
-def split_overrides(split: str, key: str = "eval") -> list[str]:
-    return [f"{key}.files=[data/toyworld/{split}.json,data/toyworld/{split}_sequences/records.jsonl]",
-            f"{key}.toy_source=data/toyworld/{split}.json"]
+def split_overrides(root: str, split: str) -> list[str]:
+    """Evaluation on the toy split ``split`` under ``root`` (single-image questions and their Sequence form)."""
+    return [f"eval.files=[{root}/{split}.json,{root}/{split}_sequences/records.jsonl]",
+            f"eval.toy_source={root}/{split}.json", f"eval.image_root={root}/images", f"eval.out_dir={root}"]
 
 
-def run_dpo_arm(arm: str, seed: int, split: str, extra: list[str], work: Path) -> dict[str, Any]:
+def run_dpo_arm(arm: str, seed: int, evaluation: list[str], extra: list[str], work: Path) -> dict[str, Any]:
     """One DPO arm: its before/after tables, pairs file and selection report."""
     run_dir = work / f"{arm.replace(' ', '_').replace('(', '').replace(')', '')}-seed{seed}"
     overrides = ["model=toy_llava", "data=toy", f"seed={seed}", "logger=csv", "trainer.enable_progress_bar=false",
                  "trainer.enable_model_summary=false", f"run_dir={run_dir}", f"data.out_dir={work}/data-seed{seed}",
-                 *split_overrides(split), *ARMS[arm], *extra]
+                 *evaluation, *ARMS[arm], *extra]
     cfg = compose_config("train", overrides)
     if cfg.rounds.count > 1:
         records = run_rounds(cfg, train)
@@ -88,21 +89,23 @@ def pairs_as_sft_records(pairs: Path, out: Path) -> Path:
     return out
 
 
-def run_sft_arm(dpo_cfg: DictConfig, seed: int, split: str, lr: float, work: Path) -> dict[str, Any]:
+def run_sft_arm(dpo_cfg: DictConfig, seed: int, evaluation: list[str], lr: float, work: Path) -> dict[str, Any]:
     """Plain SFT on the DPO arm's chosen answers with the same steps, then the same evaluation."""
     run_dir = work / f"SFT_on_chosen-seed{seed}"
     run_dir.mkdir(parents=True, exist_ok=True)
     records = pairs_as_sft_records(Path(dpo_cfg.data.pairs), run_dir / "chosen.jsonl")
     data = dpo_cfg.data
-    overrides = ["model=toy_llava", f"model.path={dpo_cfg.model.path}", f"data.files=[{records}]",
+    model = dpo_cfg.model
+    overrides = ["model=toy_llava", f"model.path={model.path}", f"model.lora.enabled={model.lora.enabled}",
+                 f"model.lora.r={model.lora.r}", f"model.freeze_projector={model.freeze_projector}",
+                 f"data.files=[{records}]",
                  f"data.image_root={data.image_root}", f"data.out_dir={data.out_dir}",
                  f"data.batch_size={data.batch_size}", f"data.val_fraction={data.val_fraction}",
                  f"data.max_length={data.max_length}", f"optim.lr={lr}", f"seed={seed}", f"run_dir={run_dir}",
                  f"trainer.max_epochs={dpo_cfg.trainer.max_epochs}", "trainer.enable_progress_bar=false",
                  "trainer.enable_model_summary=false", "trainer.accelerator=cpu"]
     exported = run_sft(compose_config("sft", overrides))
-    cfg = compose_config("evaluate", ["model=toy_llava", f"model.path={exported}", *split_overrides(split),
-                                      "eval.image_root=data/toyworld/images", "eval.out_dir=data/toyworld"])
+    cfg = compose_config("evaluate", ["model=toy_llava", f"model.path={exported}", *evaluation])
     adapter = build_adapter(cfg.model)
     items = [item for f in cfg.eval.files for item in llava_items(Path(f), ImageRoots.of(cfg.eval))]
     table, _ = evaluate(adapter, items, cfg.eval.batch_size, dpo_cfg.eval.max_new_tokens,
@@ -157,47 +160,12 @@ def plot(rows: dict[str, dict[str, list[float]]], path: Path) -> None:
     image.save(path)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--split", default="test")
-    parser.add_argument("--arms", nargs="+", default=list(ARMS))
-    parser.add_argument("--extra", nargs="*", default=[])
-    parser.add_argument("--sft-lr", type=float, default=5e-4, help="learning rate of the SFT arm (tune on val)")
-    parser.add_argument("--work", default="outputs/toyworld")
-    parser.add_argument("--results", default=str(RESULTS / "toyworld"), help="writes <results>.md/.json/.png")
-    args = parser.parse_args()
-    if "SFT on chosen" in args.arms and "MIA-DPO" not in args.arms:
-        parser.error("the SFT arm trains on the MIA-DPO arm's pairs: include MIA-DPO")
-    start = time.time()
-    rows: dict[str, dict[str, list[float]]] = {}
-    nothing: dict[str, list[float]] = {}
-    stats: dict[str, list[dict[str, Any]]] = {}
-    rounds: list[list[float]] = []
-    arms = ["MIA-DPO", *[a for a in args.arms if a != "MIA-DPO"]] if "MIA-DPO" in args.arms else args.arms
-    for seed in args.seeds:
-        mia: dict[str, Any] | None = None
-        for position, arm in enumerate(arms):
-            if arm == "SFT on chosen":
-                assert mia is not None
-                outcome = run_sft_arm(mia["cfg"], seed, args.split, args.sft_lr, Path(args.work))
-            else:
-                outcome = run_dpo_arm(arm, seed, args.split, args.extra, Path(args.work))
-                stats.setdefault(arm, []).append(selection_stats(outcome["pairs"]))
-                mia = outcome if arm == "MIA-DPO" else mia
-                if "per_round" in outcome:
-                    rounds.append(outcome["per_round"])
-            tables = outcome["tables"]
-            measured = [("after", arm)] + ([("before", "base")] if position == 0 else [])  # base once per seed
-            for moment, name in measured:
-                arm_rows = rows.setdefault(name, {m: [] for m in METRICS})
-                for m in METRICS:
-                    arm_rows[m].append(tables[moment][m]["accuracy"])
-                multi = [tables[moment][g].get("in no image %", 0.0) for g in METRICS if " N=" in g]
-                nothing.setdefault(name, []).append(statistics.mean(multi))
-    minutes = (time.time() - start) / 60
+def write_results(args: argparse.Namespace, seeds: list[int], minutes: float, rows: dict[str, dict[str, list[float]]],
+                  nothing: dict[str, list[float]], stats: dict[str, list[dict[str, Any]]],
+                  rounds: list[list[float]]) -> None:
+    """The table, paired differences and selection counts of the seeds run so far (.md, .json, .png)."""
     lines = ["# Toy world: seeded ablation\n",
-             f"Toy world ({args.split} split), seeds {args.seeds}, extra overrides {args.extra or 'none'}, SFT arm lr "
+             f"Toy world ({args.split} split), seeds {seeds}, extra overrides {args.extra or 'none'}, SFT arm lr "
              f"{args.sft_lr}; {minutes:.1f} min on this machine. DPO recipe: `conf/data/toy.yaml` (chosen on the val "
              "split, `toyworld_recipe_search.md`); mean ± std over seeds; each seed augments and selects its own "
              "records and its arms share the candidates.\n",
@@ -234,6 +202,50 @@ def main() -> None:
                                                         "selection": selection, "args": vars(args),
                                                         "minutes": minutes}, indent=1) + "\n")
     plot(rows, results.with_suffix(".png"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--arms", nargs="+", default=list(ARMS))
+    parser.add_argument("--extra", nargs="*", default=[])
+    parser.add_argument("--sft-lr", type=float, default=5e-4, help="learning rate of the SFT arm (tune on val)")
+    parser.add_argument("--work", default="outputs/toyworld")
+    parser.add_argument("--eval-root", default="data/toyworld", help="directory of the toy evaluation splits")
+    parser.add_argument("--results", default=str(RESULTS / "toyworld"), help="writes <results>.md/.json/.png")
+    args = parser.parse_args()
+    evaluation = split_overrides(args.eval_root, args.split)
+    if "SFT on chosen" in args.arms and "MIA-DPO" not in args.arms:
+        parser.error("the SFT arm trains on the MIA-DPO arm's pairs: include MIA-DPO")
+    start = time.time()
+    rows: dict[str, dict[str, list[float]]] = {}
+    nothing: dict[str, list[float]] = {}
+    stats: dict[str, list[dict[str, Any]]] = {}
+    rounds: list[list[float]] = []
+    arms = ["MIA-DPO", *[a for a in args.arms if a != "MIA-DPO"]] if "MIA-DPO" in args.arms else args.arms
+    for seed in args.seeds:
+        mia: dict[str, Any] | None = None
+        for position, arm in enumerate(arms):
+            if arm == "SFT on chosen":
+                assert mia is not None
+                outcome = run_sft_arm(mia["cfg"], seed, evaluation, args.sft_lr, Path(args.work))
+            else:
+                outcome = run_dpo_arm(arm, seed, evaluation, args.extra, Path(args.work))
+                stats.setdefault(arm, []).append(selection_stats(outcome["pairs"]))
+                mia = outcome if arm == "MIA-DPO" else mia
+                if "per_round" in outcome:
+                    rounds.append(outcome["per_round"])
+            tables = outcome["tables"]
+            measured = [("after", arm)] + ([("before", "base")] if position == 0 else [])  # base once per seed
+            for moment, name in measured:
+                arm_rows = rows.setdefault(name, {m: [] for m in METRICS})
+                for m in METRICS:
+                    arm_rows[m].append(tables[moment][m]["accuracy"])
+                multi = [tables[moment][g].get("in no image %", 0.0) for g in METRICS if " N=" in g]
+                nothing.setdefault(name, []).append(statistics.mean(multi))
+        write_results(args, args.seeds[: args.seeds.index(seed) + 1], (time.time() - start) / 60, rows, nothing,
+                      stats, rounds)  # after every seed: a stopped run keeps what it measured
 
 
 if __name__ == "__main__":

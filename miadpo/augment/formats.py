@@ -81,8 +81,21 @@ def sequence_header(n_images: int) -> str:
     return "".join(f"Image{i}:{IMAGE_TOKEN}\n" for i in range(1, n_images + 1))
 
 
+def question_prefix(target: int) -> str:
+    """How a Sequence or Grid question names its image (first turn)."""
+    return f"In Image{target}, "
+
+
+def retarget_question(prompt: str, target: int, other: int) -> str:
+    """The same first-turn question asked about image ``other`` instead of ``target`` (Sequence, Grid)."""
+    old = question_prefix(target)
+    if prompt.count(old) != 1:
+        raise ValueError(f"the prompt does not name Image{target} exactly once as {old!r}: {prompt!r}")
+    return prompt.replace(old, question_prefix(other))
+
+
 def sequence_conversations(conversations: Sequence[dict[str, str]], n_images: int, target: int) -> Conversation:
-    return relabel(conversations, sequence_header(n_images) + f"In Image{target}, ", f"In image{target}, ")
+    return relabel(conversations, sequence_header(n_images) + question_prefix(target), f"In image{target}, ")
 
 
 def grid_conversations(parts: Sequence[tuple[Sequence[dict[str, str]], int]]) -> Conversation:
@@ -90,7 +103,7 @@ def grid_conversations(parts: Sequence[tuple[Sequence[dict[str, str]], int]]) ->
     out: Conversation = []
     for number, (conversations, tile) in enumerate(parts):
         lead = f"{IMAGE_TOKEN}\n" if number == 0 else ""
-        out += relabel(conversations, f"{lead}In Image{tile}, ", f"In Image{tile}, ")
+        out += relabel(conversations, lead + question_prefix(tile), question_prefix(tile))
     return out
 
 

@@ -13,16 +13,17 @@ import re
 import string
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
+from miadpo.augment.formats import retarget_question
 from miadpo.config import NoiseConfig, SelectionConfig
 from miadpo.datamodule import load_image
-from miadpo.models.base import EncodedSample, ModelAdapter
+from miadpo.models.base import IGNORE_INDEX, EncodedSample, ModelAdapter
 from miadpo.pairs import ImageRoots
 from miadpo.select.capture import (
     AttentionRecorder,
@@ -33,6 +34,7 @@ from miadpo.select.capture import (
 )
 
 SELECTABLE_FORMATS = ("sequence", "grid", "pip", "single")
+INTERFERENCE_FORMATS = ("sequence", "grid")  # formats whose question names one of several images
 _PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
 
 
@@ -109,6 +111,7 @@ class GeneratedAnswers:
     counts: list[int]  # tokens scored
     recorder: AttentionRecorder
     prompt_width: int  # padded prompt length (left padding)
+    first_logps: torch.Tensor  # (batch, vocab): log-probs of the first answer token
 
     def image_rows(self, sample: int, prompt: EncodedSample) -> torch.Tensor:
         """Rows producing each answer token × the prompt's image-token columns (heads averaged)."""
@@ -156,7 +159,8 @@ class CandidateGenerator:
                 output_logits=True, return_dict_in_generate=True, **sampling)
         prompt_width = batch["input_ids"].shape[1]
         tokens = output.sequences[:, prompt_width:]
-        logps = torch.stack(output.logits, dim=1).float().log_softmax(-1).gather(-1, tokens[..., None])[..., 0]
+        all_logps = torch.stack(output.logits, dim=1).float().log_softmax(-1)
+        logps = all_logps.gather(-1, tokens[..., None])[..., 0]
         eos, pad = adapter.eos_token_id, adapter.tokenizer.pad_token_id
         answers, sums, counts = [], [], []
         for row, row_logps in zip(tokens.tolist(), logps.cpu()):
@@ -165,7 +169,7 @@ class CandidateGenerator:
             answers.append([t for t in row[:length] if t != pad])
             sums.append(float(row_logps[:scored].sum()))
             counts.append(scored)
-        return GeneratedAnswers(answers, sums, counts, recorder, prompt_width)
+        return GeneratedAnswers(answers, sums, counts, recorder, prompt_width, all_logps[:, 0].cpu())
 
     def __call__(self, items: Sequence[SelectionInput]) -> list[dict[str, Any]]:
         adapter = self.adapter
@@ -190,7 +194,59 @@ class CandidateGenerator:
             })
             if self.cfg.save_attention_maps and column_attention is not None:
                 candidates[-1]["attention_maps"] = attention_maps(prompt, column_attention)
+        if self.cfg.right_answer_negatives == "other_image":
+            self._add_other_image_answers(items, processed, candidates)
+        elif self.cfg.right_answer_negatives == "runner_up":
+            self._add_runner_up_answers(prompts, generated, candidates)
         return candidates
+
+    def _add_runner_up_answers(self, prompts: Sequence[EncodedSample], generated: GeneratedAnswers,
+                               candidates: list[dict[str, Any]]) -> None:
+        """For right answers: the greedy answer that starts with the model's second most likely first token —
+        its own strongest alternative (for a model torn between two images, the other image's answer)."""
+        asked = [b for b, c in enumerate(candidates) if c["correct"] and generated.answers[b]]
+        if not asked:
+            return
+        starts: list[tuple[int, float]] = []
+        for b in asked:
+            first = generated.first_logps[b].clone()
+            first[generated.answers[b][0]] = -math.inf
+            first[self.adapter.eos_token_id] = -math.inf
+            token = int(first.argmax())
+            starts.append((token, float(first[token])))
+        extended = [replace(prompts[b], input_ids=torch.cat([prompts[b].input_ids, torch.tensor([token])]),
+                            labels=torch.cat([prompts[b].labels, torch.tensor([IGNORE_INDEX])]))
+                    for b, (token, _) in zip(asked, starts)]
+        rest = self.generate(extended)
+        for b, (token, first_logp), tail, logp, count in zip(asked, starts, rest.answers, rest.logps, rest.counts):
+            answer = [token, *tail]
+            total = first_logp + logp
+            candidates[b]["negative"] = {
+                "kind": "runner_up", "asked_about": None,
+                "answer": self.adapter.tokenizer.decode(answer, skip_special_tokens=True).strip(),
+                "answer_tokens": len(answer), "logp": total, "perplexity": math.exp(-total / (count + 1))}
+
+    def _add_other_image_answers(self, items: Sequence[SelectionInput], processed: Sequence[Any],
+                          candidates: list[dict[str, Any]]) -> None:
+        """For right answers (Sequence, Grid): the answer to the same question about another image, drawn per
+        (seed, record) — the element-interference answer the pair will reject when it differs from the truth."""
+        asked = [(b, item) for b, item in enumerate(items) if candidates[b]["correct"] and item.n_images > 1
+                 and item.format in INTERFERENCE_FORMATS]
+        if not asked:
+            return
+        others = []
+        for _, item in asked:
+            choices = [k for k in range(1, item.n_images + 1) if k != item.target]
+            others.append(choices[int(record_rng(self.seed, f"{item.id}:other_image").integers(len(choices)))])
+        prompts = [self.adapter.encode(processed[b], retarget_question(item.prompt, item.target, other))
+                   for (b, item), other in zip(asked, others)]
+        generated = self.generate(prompts)
+        for (b, _), other, answer, logp, count in zip(asked, others, generated.answers, generated.logps,
+                                                      generated.counts):
+            candidates[b]["negative"] = {
+                "kind": "other_image", "asked_about": other,
+                "answer": self.adapter.tokenizer.decode(answer, skip_special_tokens=True).strip(),
+                "answer_tokens": len(answer), "logp": logp, "perplexity": math.exp(-logp / max(1, count))}
 
     def _ratio(self, item: SelectionInput, prompt: EncodedSample, column_attention: np.ndarray | None
                ) -> tuple[float | None, list[float] | None]:

@@ -22,6 +22,7 @@ from rapidfuzz import fuzz
 
 from miadpo.config import SelectionConfig
 from miadpo.pairs import PairRecord
+from miadpo.select.candidates import normalise_answer
 
 OPERATORS: dict[str, Callable[[float, float], bool]] = {"<": operator.lt, "<=": operator.le}
 KEPT = "kept"
@@ -117,6 +118,7 @@ def select_pairs(candidates: Sequence[dict[str, Any]], cfg: SelectionConfig, see
         raise ValueError(f"selection.name must be attention or random, not {cfg.name!r}")
 
     pairs, decisions = [], []
+    right = right_answer_pairs(candidates, cfg)
     for candidate, reason in zip(candidates, reasons):
         decisions.append({"id": candidate["id"], "format": candidate["format"], "n_images": candidate["n_images"],
                           "ratio": candidate["ratio"], "perplexity": candidate["perplexity"], "decision": reason})
@@ -129,13 +131,19 @@ def select_pairs(candidates: Sequence[dict[str, Any]], cfg: SelectionConfig, see
                       "image_scores": candidate["image_scores"], "perplexity": candidate["perplexity"],
                       "layer": candidate["layer"]},
             ))
+    for pair, decision in right:
+        decisions.append(decision)
+        if pair is not None:
+            pairs.append(pair)
+    reasons = reasons + [decision["decision"] for _, decision in right]
     report = {
         "selection": cfg.name,
         "candidates": len(candidates),
         "pairs": len(pairs),
         "dropped": dict(Counter(r for r in reasons if r != KEPT)),
         "pairs_by_format": {f"{fmt} N={n}": count for (fmt, n), count in
-                            sorted(Counter(group_key(c) for c, r in zip(candidates, reasons) if r == KEPT).items())},
+                            sorted(Counter((p.meta["format"], int(p.meta["n_images"])) for p in pairs).items())},
+        "right_answer_pairs": sum(1 for pair, _ in right if pair is not None),
     }
     return Selection(pairs, decisions, report)
 
@@ -169,8 +177,42 @@ def calibrate_thresholds(candidates: Sequence[dict[str, Any]], cfg: SelectionCon
     return {fmt: dict(by_n) for fmt, by_n in thresholds.items()}
 
 
+def right_answer_pairs(candidates: Sequence[dict[str, Any]], cfg: SelectionConfig
+                       ) -> list[tuple[PairRecord | None, dict[str, Any]]]:
+    """Pairs from right answers (``selection.right_answer_negatives``): chosen = the ground truth, rejected = the
+    extra answer (about another image, or the runner-up) when it differs; post-selection applies as to the others."""
+    out: list[tuple[PairRecord | None, dict[str, Any]]] = []
+    for candidate in candidates:
+        other = candidate.get("negative")
+        if other is None:
+            continue
+        pseudo = {**candidate, **{k: other[k] for k in ("answer", "answer_tokens", "perplexity")}}
+        if not other["answer"]:
+            reason = f"{other['kind']}: empty answer"
+        elif normalise_answer(other["answer"]) == normalise_answer(candidate["ground_truth"]):
+            reason = f"{other['kind']}: same as the ground truth"
+        else:
+            reason = post_reason(pseudo, cfg)
+        pair_id = f"{candidate['id']}-{other['kind']}"
+        decision = {"id": pair_id, "format": candidate["format"], "n_images": candidate["n_images"], "ratio": None,
+                    "perplexity": other["perplexity"], "decision": reason}
+        pair = None
+        if reason == KEPT:
+            pair = PairRecord(id=pair_id, images=list(candidate["images"]), prompt=candidate["prompt"],
+                              chosen=candidate["ground_truth"], rejected=other["answer"],
+                              meta={"format": candidate["format"], "n_images": candidate["n_images"],
+                                    "target": candidate["target"], "selection": other["kind"],
+                                    "asked_about": other["asked_about"], "attention_ratio": None,
+                                    "perplexity": other["perplexity"], "layer": candidate["layer"]})
+        out.append((pair, decision))
+    return out
+
+
 def report_text(report: dict[str, Any]) -> str:
     lines = [f"selection: {report['selection']}", f"candidates: {report['candidates']}", f"pairs: {report['pairs']}"]
+    if report.get("right_answer_pairs"):
+        lines.append(f"  of which from right answers (selection.right_answer_negatives): "
+                     f"{report['right_answer_pairs']}")
     lines += [f"  {key}: {count}" for key, count in report["pairs_by_format"].items()]
     lines.append("dropped:")
     lines += [f"  {reason}: {count}" for reason, count in sorted(report["dropped"].items())]

@@ -63,6 +63,7 @@ def candidates_identity(adapter: ModelAdapter, data: DataConfig, selection: Sele
         "noise": _plain(selection.noise),
         "layer": resolve_layer(adapter, selection.layer),
         "attention_maps": selection.save_attention_maps,
+        "right_answer_negatives": str(selection.right_answer_negatives),
         "seed": seed,
         "version": 2,  # 2: weights identified by content
     }

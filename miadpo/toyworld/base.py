@@ -17,6 +17,7 @@ Stages (all seeded):
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import random
 from pathlib import Path
@@ -118,7 +119,7 @@ def pretrain_vision(adapter: ModelAdapter, source: Path, image_root: Path, epoch
     return accuracy
 
 
-def build_base(out: Path, train_scenes: int = 6000, eval_scenes: int = 400, multi_share: float = 0.4,
+def build_base(out: Path, train_scenes: int = 6000, eval_scenes: int = 1000, multi_share: float = 0.4,
                vision_epochs: int = 6, sft_epochs: int = 6, lr: float = 1e-3, batch_size: int = 16, seed: int = 0,
                progress: bool = True, llm_layers: int | None = None) -> Path:
     """Run every stage; returns the exported base model directory ``<out>/base``."""
@@ -163,13 +164,10 @@ def build_base(out: Path, train_scenes: int = 6000, eval_scenes: int = 400, mult
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="data/toyworld")
-    parser.add_argument("--train-scenes", type=int, default=6000)
-    parser.add_argument("--eval-scenes", type=int, default=400)
-    parser.add_argument("--multi-share", type=float, default=0.4)
-    parser.add_argument("--vision-epochs", type=int, default=6)
-    parser.add_argument("--sft-epochs", type=int, default=6)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--seed", type=int, default=0)
+    # The command's defaults are build_base's (those of the shipped checkpoint).
+    defaults = {name: p.default for name, p in inspect.signature(build_base).parameters.items()}
+    for name in ("train_scenes", "eval_scenes", "multi_share", "vision_epochs", "sft_epochs", "lr", "seed"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(defaults[name]), default=defaults[name])
     parser.add_argument("--llm-layers", type=int, default=None, help="decoder layers (default 6)")
     args = parser.parse_args(argv)
     base = build_base(Path(args.out), args.train_scenes, args.eval_scenes, args.multi_share, args.vision_epochs,

@@ -7,6 +7,7 @@ grid tiles or as a pasted pic-in-pic at the tiny model's 56-px input).
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from miadpo.toyworld.base import augmented_sequences
@@ -31,7 +32,10 @@ def ensure_toy_world(out: str | Path, base_dir: str | Path | None = None) -> Pat
     recipe = json.loads(recipe_file.read_text())
     sizes = {"train": recipe["train_scenes"], "val": recipe["eval_scenes"], "test": recipe["eval_scenes"]}
     for split, count in sizes.items():
-        if not (out / f"{split}.json").is_file():
+        path = out / f"{split}.json"
+        if not path.is_file() or len(json.loads(path.read_text())) != count:
+            # Missing, or written for another recipe's split size: regenerate it and its augmented questions.
+            shutil.rmtree(out / f"{split}_sequences", ignore_errors=True)
             write_split(out, split, count, SPLIT_SEEDS[split])
     for split in ("val", "test"):
         augmented_sequences(out, out / f"{split}.json", f"{split}_sequences", seed=7)
@@ -40,8 +44,6 @@ def ensure_toy_world(out: str | Path, base_dir: str | Path | None = None) -> Pat
 
 def ensure_toy_base(base_dir: str | Path, out: str | Path) -> Path:
     """Copy the shipped toy base to ``base_dir`` if it is not there (without a shipped one, train it in ``out``)."""
-    import shutil
-
     from miadpo.toyworld.base import build_base
 
     base_dir = Path(base_dir)
