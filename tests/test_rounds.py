@@ -29,7 +29,8 @@ def rounds_overrides(out: Path, run_dir: Path, *extra: str) -> list[str]:
             f"data.image_root={out / 'images'}", f"data.out_dir={run_dir.parent / 'data'}",
             "data.augment.max_records=32", "selection.generation.max_new_tokens=4",
             "selection.generation.min_new_tokens=1", "selection.min_perplexity=0",
-            "selection.thresholds.sequence={2:1,3:1,4:1,5:1}", "data.val_fraction=0", "trainer.max_steps=2",
+            "selection.thresholds.sequence={2:1,3:1,4:1,5:1}", "selection.post.perplexity_max=null",
+            "data.val_fraction=0", "trainer.max_steps=2",
             "data.report_samples=0", f"eval.files=[{out / 'test.json'},{out / 'test_sequences' / 'records.jsonl'}]",
             f"eval.toy_source={out / 'test.json'}", f"eval.image_root={out / 'images'}", "rounds.count=2",
             f"run_dir={run_dir}", *extra]

@@ -193,7 +193,8 @@ def test_whole_toy_pipeline_at_small_scale(tmp_path: Path) -> None:
                  f"data.image_root={out / 'images'}", f"data.out_dir={out / 'dpo'}", "data.augment.max_records=40",
                  "selection.generation.max_new_tokens=4", "selection.generation.min_new_tokens=1",
                  "selection.min_perplexity=0",
-                 "selection.thresholds.sequence={2:1,3:1,4:1,5:1}", "data.val_fraction=0", "trainer.max_steps=3",
+                 "selection.thresholds.sequence={2:1,3:1,4:1,5:1}", "selection.post.perplexity_max=null",
+                 "data.val_fraction=0", "trainer.max_steps=3",
                  f"eval.files=[{out / 'test.json'},{out / 'test_sequences' / 'records.jsonl'}]",
                  f"eval.toy_source={out / 'test.json'}", f"eval.image_root={out / 'images'}", "logger=wandb"]
     result = train(compose_train(overrides, tmp_path))
