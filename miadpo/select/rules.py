@@ -6,6 +6,8 @@ Post-selection (§3), each filter counted: rejected-answer perplexity range, tok
 len(rejected)/len(chosen) range, rapidfuzz edit similarity between chosen and rejected bounds.
 ``selection.name=random`` ignores attention: among wrong answers that pass every other rule and filter, it
 draws as many pairs per (format, N) as attention selection keeps — the ablation the paper did not publish.
+With ``selection.right_answer_negatives``, right answers add pairs too (rejected: their extra answer), after the
+same post-selection; both selection names keep them.
 """
 
 from __future__ import annotations
