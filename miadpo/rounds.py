@@ -16,7 +16,6 @@ before/after evaluation of every round in one table.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from miadpo.merge import merge_adapter
+from miadpo.reference_cache import digest
 
 log = logging.getLogger(__name__)
 ROUND_FILE = "round.json"
@@ -52,8 +52,7 @@ def round_config(cfg: DictConfig, round_index: int, policy: str | None, base: st
 
 def fingerprint(cfg: DictConfig) -> str:
     """What a finished round's outputs depend on (its whole resolved config)."""
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return digest(OmegaConf.to_container(cfg, resolve=True))
 
 
 def finished_round(run_dir: Path, cfg: DictConfig) -> dict[str, Any] | None:
