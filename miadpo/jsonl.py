@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -40,3 +43,22 @@ def append_jsonl(handle: Any, records: Iterable[dict[str, Any]]) -> None:
     for record in records:
         handle.write(json.dumps(record, ensure_ascii=False) + "\n")
     handle.flush()
+
+
+@contextmanager
+def atomic_replace(path: Path) -> Iterator[Path]:
+    """A temporary file beside ``path``, unique to this writer, renamed onto ``path`` when the block succeeds.
+
+    Readers see the old file or the new one, never a part; concurrent writers of one file (two runs sharing a data
+    directory) each rename a complete copy of their own instead of racing on one temporary name.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.", suffix=".tmp")
+    os.close(handle)
+    tmp = Path(name)
+    try:
+        yield tmp
+        tmp.chmod(0o644)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)

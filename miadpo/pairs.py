@@ -28,6 +28,7 @@ from typing import Any
 from PIL import Image
 
 from miadpo.config import BadRecordPolicy
+from miadpo.jsonl import atomic_replace
 
 log = logging.getLogger(__name__)
 
@@ -231,13 +232,9 @@ def read_pairs(
 
 def write_pairs(path: str | Path, records: Iterable[PairRecord]) -> int:
     """Write pairs as JSONL (atomically: a temporary file renamed into place). Returns the count."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
     count = 0
-    with tmp.open("w", encoding="utf-8") as handle:
+    with atomic_replace(Path(path)) as tmp, tmp.open("w", encoding="utf-8") as handle:
         for record in records:
             handle.write(json.dumps(record.to_json(), ensure_ascii=False) + "\n")
             count += 1
-    tmp.replace(path)
     return count

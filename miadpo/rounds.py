@@ -24,6 +24,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from miadpo.jsonl import atomic_replace
 from miadpo.merge import merge_adapter
 from miadpo.reference_cache import digest
 
@@ -99,9 +100,8 @@ def run_rounds(cfg: DictConfig, train: Callable[[DictConfig], Any]) -> list[dict
                       "pairs": round_cfg.data.pairs, "global_step": result.global_step,
                       "evaluation": json.loads(evaluation.read_text()) if evaluation.is_file() else None,
                       "fingerprint": identity}
-            tmp = run_dir / (ROUND_FILE + ".tmp")
-            tmp.write_text(json.dumps(record, indent=1) + "\n")
-            tmp.replace(run_dir / ROUND_FILE)
+            with atomic_replace(run_dir / ROUND_FILE) as tmp:
+                tmp.write_text(json.dumps(record, indent=1) + "\n")
         else:
             log.info("round %d of %d: finished before (%s), skipped", index, cfg.rounds.count, run_dir / ROUND_FILE)
         records.append(record)

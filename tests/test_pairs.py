@@ -49,6 +49,21 @@ def test_write_then_read_round_trip(tmp_path: Path) -> None:
     assert records == [original]
 
 
+def test_concurrent_writers_of_one_pair_file_do_not_collide(tmp_path: Path) -> None:
+    """Two runs sharing a data directory rewrite the same pairs file at once (a multirun over β does)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rec = good_record(tmp_path, 0)
+    records = [PairRecord(f"p{i}", rec["images"], rec["prompt"], rec["chosen"], rec["rejected"], rec["meta"])
+               for i in range(300)]
+    path = tmp_path / "pairs" / "pairs.jsonl"
+    with ThreadPoolExecutor(4) as pool:
+        counts = list(pool.map(lambda _: write_pairs(path, records), range(40)))
+    assert counts == [300] * 40
+    assert [r.id for r in read(path, tmp_path)[0]] == [f"p{i}" for i in range(300)]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["pairs.jsonl"]  # no temporary file left behind
+
+
 def test_official_release_format_is_accepted(tmp_path: Path, pair_files) -> None:
     rec = good_record(tmp_path, 0, n_images=1)
     official_single = {"id": 7, "image": rec["images"][0], "prompt": "<image>\nWhat is it?",

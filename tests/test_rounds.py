@@ -25,7 +25,7 @@ def toy_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def rounds_overrides(out: Path, run_dir: Path, *extra: str) -> list[str]:
-    return ["model=toy_llava", f"model.path={out / 'base'}", "data=toy", f"data.source={out / 'train.json'}",
+    return ["model=toy_llava", f"model.path={out / 'base'}", "data=toy", f"data.source={out / 'pool.json'}",
             f"data.image_root={out / 'images'}", f"data.out_dir={run_dir.parent / 'data'}",
             "data.augment.max_records=32", "selection.generation.max_new_tokens=4",
             "selection.generation.min_new_tokens=1", "selection.min_perplexity=0",

@@ -189,12 +189,17 @@ def test_whole_toy_pipeline_at_small_scale(tmp_path: Path) -> None:
                progress=False)
     ensure_toy_world(out, out / "base")  # existing base: only the evaluation sequences are added
     assert (out / "test_sequences" / "records.jsonl").is_file()
-    overrides = ["model=toy_llava", f"model.path={out / 'base'}", "data=toy", f"data.source={out / 'train.json'}",
+    # The DPO source is a pool of fresh scenes, as many as the base's train split and none of them.
+    train_scenes = json.loads((out / "train.json").read_text())
+    pool_scenes = json.loads((out / "pool.json").read_text())
+    assert len(pool_scenes) == len(train_scenes)
+    assert not {json.dumps(r["toy"]) for r in pool_scenes} & {json.dumps(r["toy"]) for r in train_scenes}
+    overrides = ["model=toy_llava", f"model.path={out / 'base'}", "data=toy", f"data.source={out / 'pool.json'}",
                  f"data.image_root={out / 'images'}", f"data.out_dir={out / 'dpo'}", "data.augment.max_records=40",
                  "selection.generation.max_new_tokens=4", "selection.generation.min_new_tokens=1",
                  "selection.min_perplexity=0",
                  "selection.thresholds.sequence={2:1,3:1,4:1,5:1}", "selection.post.perplexity_max=null",
-                 "data.val_fraction=0", "trainer.max_steps=3",
+                 "data.val_fraction=0", "trainer.max_steps=3", "seed=0",
                  f"eval.files=[{out / 'test.json'},{out / 'test_sequences' / 'records.jsonl'}]",
                  f"eval.toy_source={out / 'test.json'}", f"eval.image_root={out / 'images'}", "logger=wandb"]
     result = train(compose_train(overrides, tmp_path))
@@ -204,3 +209,7 @@ def test_whole_toy_pipeline_at_small_scale(tmp_path: Path) -> None:
     assert {"single", "multi-image mean"} <= set(tables["after"])
     assert any(group.startswith("sequence N=") for group in tables["after"])
     assert "in no image %" in tables["after"]["single"]
+    # Augmented at the base's own seed, every DPO record is built from pool scenes only.
+    dpo_records = [json.loads(r) for r in (out / "dpo" / "records.jsonl").read_text().splitlines()]
+    assert dpo_records and all(i.startswith("toy/pool/") for r in dpo_records for i in r["image"])
+    assert Path(compose_train(["data=toy"], tmp_path).data.source).name == "pool.json"  # the shipped recipe

@@ -1,7 +1,7 @@
 """Toy-world ablation: base vs MIA-DPO vs its controls, over several seeds, paired per seed.
 
     python experiments/toyworld/run.py [--seeds 0 1 2] [--split test] [--arms ...] [--extra dpo.beta=0.1 ...]
-        [--sft-lr 5e-4] [--results PATH]
+        [--sft-lr 5e-4] [--data-dir '{work}/data-seed{seed}'] [--results PATH]
 
 Arms (every one from the same toy base, through the real entry points with configs composed in process):
 - MIA-DPO: the toy recipe (`conf/data/toy.yaml`);
@@ -10,14 +10,17 @@ Arms (every one from the same toy base, through the real entry points with confi
 - SFT on chosen: plain SFT (`miadpo.sft`) on MIA-DPO's chosen answers (same train pairs, batch size and epochs,
   hence the same steps; LoRA as in DPO), learning rate `--sft-lr` (tuned on val);
 - rounds: the recipe with `rounds.count=2` (on-policy: round 2 selects with round 1's policy).
-The arms of one seed share the augmented records and the candidates (only the rules differ). Evaluation is on
-the toy split named by --split (the recipe was chosen on `val`; the ablation is reported on `test`).
+The arms of one seed share the augmented records and the candidates (only the rules differ). An arm that already
+trained to the end with the same inputs (its `arm.json`) is not trained again, only evaluated on the split asked
+for: the recipe's val runs are the test ablation's MIA-DPO arm. Evaluation is on the toy split named by --split
+(the recipe was chosen on `val`; the ablation is reported on `test`).
 Writes <results>.md, .json and .png (default experiments/results/toyworld.*).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import statistics
@@ -62,20 +65,59 @@ def split_overrides(root: str, split: str) -> list[str]:
             f"eval.toy_source={root}/{split}.json", f"eval.image_root={root}/images", f"eval.out_dir={root}"]
 
 
-def run_dpo_arm(arm: str, seed: int, evaluation: list[str], extra: list[str], work: Path) -> dict[str, Any]:
-    """One DPO arm: its before/after tables, pairs file and selection report."""
+def evaluate_model(path: str | Path, evaluation: list[str], max_new_tokens: int, cache: Path) -> dict[str, Any]:
+    """The evaluation table of the model at ``path`` on the split of ``evaluation``, kept in ``cache``."""
+    key = hashlib.sha256(json.dumps([str(path), evaluation, max_new_tokens]).encode()).hexdigest()[:16]
+    cached = cache / f"eval-{key}.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())
+    cfg = compose_config("evaluate", ["model=toy_llava", f"model.path={path}", *evaluation])
+    adapter = build_adapter(cfg.model)
+    items = [item for f in cfg.eval.files for item in llava_items(Path(f), ImageRoots.of(cfg.eval))]
+    table, _ = evaluate(adapter, items, cfg.eval.batch_size, max_new_tokens, scene_index(cfg.eval.toy_source))
+    cache.mkdir(parents=True, exist_ok=True)
+    cached.write_text(json.dumps(table, indent=1) + "\n")
+    return table
+
+
+def finished_arm(run_dir: Path, key: dict[str, Any]) -> dict[str, Any] | None:
+    """What an arm that already trained to the end with the same inputs ``key`` left (``arm.json``), else None."""
+    finished = run_dir / "arm.json"
+    if finished.is_file():
+        done = json.loads(finished.read_text())
+        if done["key"] == key:
+            return done
+    return None
+
+
+def run_dpo_arm(arm: str, seed: int, evaluation: list[str], extra: list[str], work: Path, data_dir: str
+                ) -> dict[str, Any]:
+    """One DPO arm: its before/after tables, pairs file and selection report.
+
+    An arm already trained under the same overrides is not trained again; on another split it is re-evaluated.
+    """
     run_dir = work / f"{arm.replace(' ', '_').replace('(', '').replace(')', '')}-seed{seed}"
     overrides = ["model=toy_llava", "data=toy", f"seed={seed}", "logger=csv", "trainer.enable_progress_bar=false",
-                 "trainer.enable_model_summary=false", f"run_dir={run_dir}", f"data.out_dir={work}/data-seed{seed}",
-                 *evaluation, *ARMS[arm], *extra]
-    cfg = compose_config("train", overrides)
+                 "trainer.enable_model_summary=false", f"run_dir={run_dir}",
+                 f"data.out_dir={data_dir.format(work=work, seed=seed)}", *ARMS[arm], *extra]
+    cfg = compose_config("train", [*overrides, *evaluation])
     if cfg.rounds.count > 1:
         records = run_rounds(cfg, train)
         tables = {"before": records[0]["evaluation"]["before"], "after": records[-1]["evaluation"]["after"]}
         return {"tables": tables, "pairs": records[0]["pairs"], "cfg": cfg,
                 "per_round": [r["evaluation"]["after"]["multi-image mean"]["accuracy"] for r in records]}
-    train(cfg)
-    tables = json.loads((run_dir / "eval_before_after.json").read_text())
+    key = {"overrides": overrides}
+    done = finished_arm(run_dir, key)
+    if done is None:
+        result = train(cfg)
+        done = {"key": key, "evaluation": evaluation, "pairs": cfg.data.pairs, "exported": str(result.exported)}
+        (run_dir / "arm.json").write_text(json.dumps(done, indent=1) + "\n")
+    cfg.data.pairs = done["pairs"]
+    if done["evaluation"] == evaluation:
+        tables = json.loads((run_dir / "eval_before_after.json").read_text())
+    else:
+        tables = {moment: evaluate_model(path, evaluation, cfg.eval.max_new_tokens, work / "evaluations")
+                  for moment, path in (("before", cfg.model.path), ("after", done["exported"]))}
     return {"tables": tables, "pairs": cfg.data.pairs, "cfg": cfg}
 
 
@@ -91,25 +133,25 @@ def pairs_as_sft_records(pairs: Path, out: Path) -> Path:
 
 def run_sft_arm(dpo_cfg: DictConfig, seed: int, evaluation: list[str], lr: float, work: Path) -> dict[str, Any]:
     """Plain SFT on the DPO arm's chosen answers with the same steps, then the same evaluation."""
-    run_dir = work / f"SFT_on_chosen-seed{seed}"
+    run_dir = work / f"SFT_on_chosen-lr{lr:g}-seed{seed}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    records = pairs_as_sft_records(Path(dpo_cfg.data.pairs), run_dir / "chosen.jsonl")
     data = dpo_cfg.data
     model = dpo_cfg.model
     overrides = ["model=toy_llava", f"model.path={model.path}", f"model.lora.enabled={model.lora.enabled}",
                  f"model.lora.r={model.lora.r}", f"model.freeze_projector={model.freeze_projector}",
-                 f"data.files=[{records}]",
+                 f"data.files=[{run_dir / 'chosen.jsonl'}]",
                  f"data.image_root={data.image_root}", f"data.out_dir={data.out_dir}",
                  f"data.batch_size={data.batch_size}", f"data.val_fraction={data.val_fraction}",
                  f"data.max_length={data.max_length}", f"optim.lr={lr}", f"seed={seed}", f"run_dir={run_dir}",
                  f"trainer.max_epochs={dpo_cfg.trainer.max_epochs}", "trainer.enable_progress_bar=false",
                  "trainer.enable_model_summary=false", "trainer.accelerator=cpu"]
-    exported = run_sft(compose_config("sft", overrides))
-    cfg = compose_config("evaluate", ["model=toy_llava", f"model.path={exported}", *evaluation])
-    adapter = build_adapter(cfg.model)
-    items = [item for f in cfg.eval.files for item in llava_items(Path(f), ImageRoots.of(cfg.eval))]
-    table, _ = evaluate(adapter, items, cfg.eval.batch_size, dpo_cfg.eval.max_new_tokens,
-                        scene_index(cfg.eval.toy_source))
+    key = {"overrides": overrides, "pairs": str(data.pairs)}
+    done = finished_arm(run_dir, key)
+    if done is None:
+        pairs_as_sft_records(Path(data.pairs), run_dir / "chosen.jsonl")
+        done = {"key": key, "exported": str(run_sft(compose_config("sft", overrides)))}
+        (run_dir / "arm.json").write_text(json.dumps(done, indent=1) + "\n")
+    table = evaluate_model(done["exported"], evaluation, dpo_cfg.eval.max_new_tokens, work / "evaluations")
     return {"tables": {"after": table}}
 
 
@@ -213,6 +255,8 @@ def main() -> None:
     parser.add_argument("--sft-lr", type=float, default=5e-4, help="learning rate of the SFT arm (tune on val)")
     parser.add_argument("--work", default="outputs/toyworld")
     parser.add_argument("--eval-root", default="data/toyworld", help="directory of the toy evaluation splits")
+    parser.add_argument("--data-dir", default="{work}/data-seed{seed}",
+                        help="data.out_dir of a seed's records and selection ({work} and {seed} are filled in)")
     parser.add_argument("--results", default=str(RESULTS / "toyworld"), help="writes <results>.md/.json/.png")
     args = parser.parse_args()
     evaluation = split_overrides(args.eval_root, args.split)
@@ -231,7 +275,7 @@ def main() -> None:
                 assert mia is not None
                 outcome = run_sft_arm(mia["cfg"], seed, evaluation, args.sft_lr, Path(args.work))
             else:
-                outcome = run_dpo_arm(arm, seed, evaluation, args.extra, Path(args.work))
+                outcome = run_dpo_arm(arm, seed, evaluation, args.extra, Path(args.work), args.data_dir)
                 stats.setdefault(arm, []).append(selection_stats(outcome["pairs"]))
                 mia = outcome if arm == "MIA-DPO" else mia
                 if "per_round" in outcome:

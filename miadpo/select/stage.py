@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 
 from miadpo.augment.runner import RECORDS_FILE, file_sha1, run_augmentation
 from miadpo.config import DataConfig, SelectionConfig
-from miadpo.jsonl import append_jsonl, completed_ids, read_jsonl
+from miadpo.jsonl import append_jsonl, atomic_replace, completed_ids, read_jsonl
 from miadpo.models.base import ModelAdapter
 from miadpo.models.identity import weights_identity
 from miadpo.pairs import ImageRoots, write_pairs
@@ -175,10 +175,8 @@ class SelectionStage:
         if missing:
             raise RuntimeError(f"{len(missing)} candidates missing after generation (first: {missing[:3]})")
         candidates = [by_id[item.id] for item in inputs]
-        tmp = merged.with_suffix(".tmp")
-        with tmp.open("w", encoding="utf-8") as handle:
+        with atomic_replace(merged) as tmp, tmp.open("w", encoding="utf-8") as handle:
             append_jsonl(handle, candidates)
-        tmp.replace(merged)
         return candidates
 
     def apply_rules(self, directory: Path, candidates: Sequence[dict[str, Any]]) -> Path:

@@ -37,7 +37,10 @@ from miadpo.toyworld.scenes import COLOURS, SHAPES, SIZE, write_split
 
 TOY_MODEL = {"hidden_size": 128, "intermediate_size": 256, "num_layers": 6, "num_heads": 4,
              "vision_hidden_size": 64, "vision_layers": 2, "image_size": SIZE, "patch_size": 14, "vocab_size": 512}
-SPLIT_SEEDS = {"train": 1000, "val": 2000, "test": 3000}
+# ``pool``: scenes the base never sees (as many as the train split), the source of the toy DPO records. Drawing
+# them from the train split instead made a DPO run at the base's own seed re-augment, record for record, the
+# Sequence records the base was fine-tuned on (seed 0: base accuracy 67% on them against 59% on fresh ones).
+SPLIT_SEEDS = {"train": 1000, "val": 2000, "test": 3000, "pool": 4000}
 
 
 def toy_model_config(path: str | None = None, llm_layers: int | None = None) -> ModelConfig:

@@ -18,6 +18,9 @@ SHIPPED_BASE = Path(__file__).resolve().parent / "base_model"
 def ensure_toy_world(out: str | Path, base_dir: str | Path | None = None) -> Path:
     """Make the toy splits under ``out`` exist and, with ``base_dir``, the toy base model there.
 
+    Splits: ``train`` (what the base was trained on), ``val`` and ``test`` (evaluation, with their Sequence
+    questions) and ``pool`` (fresh scenes, as many as ``train``, that the DPO recipe augments).
+
     The splits are regenerated from their seeds when missing; the base is copied from the checkpoint shipped
     with the package (made by ``python -m miadpo.toyworld.base``) or, without one, trained and cached in ``out``.
     """
@@ -30,7 +33,8 @@ def ensure_toy_world(out: str | Path, base_dir: str | Path | None = None) -> Pat
     # Split sizes: those of a base built here, else those the shipped base was trained with.
     recipe_file = next(f for f in (out / "base_recipe.json", SHIPPED_BASE / "base_recipe.json") if f.is_file())
     recipe = json.loads(recipe_file.read_text())
-    sizes = {"train": recipe["train_scenes"], "val": recipe["eval_scenes"], "test": recipe["eval_scenes"]}
+    sizes = {"train": recipe["train_scenes"], "val": recipe["eval_scenes"], "test": recipe["eval_scenes"],
+             "pool": recipe["train_scenes"]}
     for split, count in sizes.items():
         path = out / f"{split}.json"
         if not path.is_file() or len(json.loads(path.read_text())) != count:
