@@ -33,6 +33,7 @@ from omegaconf import DictConfig
 from PIL import Image, ImageDraw
 
 from miadpo.evaluate import evaluate, llava_items
+from miadpo.jsonl import atomic_replace
 from miadpo.models import build_adapter
 from miadpo.pairs import ImageRoots
 from miadpo.rounds import run_rounds
@@ -75,8 +76,8 @@ def evaluate_model(path: str | Path, evaluation: list[str], max_new_tokens: int,
     adapter = build_adapter(cfg.model)
     items = [item for f in cfg.eval.files for item in llava_items(Path(f), ImageRoots.of(cfg.eval))]
     table, _ = evaluate(adapter, items, cfg.eval.batch_size, max_new_tokens, scene_index(cfg.eval.toy_source))
-    cache.mkdir(parents=True, exist_ok=True)
-    cached.write_text(json.dumps(table, indent=1) + "\n")
+    with atomic_replace(cached) as tmp:  # two ablation processes may evaluate the base at once
+        tmp.write_text(json.dumps(table, indent=1) + "\n")
     return table
 
 
