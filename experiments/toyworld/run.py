@@ -203,6 +203,14 @@ def plot(rows: dict[str, dict[str, list[float]]], path: Path) -> None:
     image.save(path)
 
 
+def ceiling_accuracy(path: Path, split: str) -> float | None:
+    """The ceiling model's multi-image mean on ``split`` (``ROOT:SPLIT``) from ceiling.py's JSON, if it has it."""
+    if not path.is_file():
+        return None
+    table = json.loads(path.read_text())["tables"].get(split)
+    return None if table is None else table["ceiling"]["multi-image mean"]["accuracy"]
+
+
 def write_results(args: argparse.Namespace, seeds: list[int], minutes: float, rows: dict[str, dict[str, list[float]]],
                   nothing: dict[str, list[float]], stats: dict[str, list[dict[str, Any]]],
                   rounds: list[list[float]]) -> None:
@@ -212,11 +220,19 @@ def write_results(args: argparse.Namespace, seeds: list[int], minutes: float, ro
              f"{args.sft_lr}; {minutes:.1f} min on this machine. DPO recipe: `conf/data/toy.yaml` (chosen on the val "
              "split, `toyworld_recipe_search.md`); mean ± std over seeds; each seed augments and selects its own "
              "records and its arms share the candidates.\n",
-             "| arm | " + " | ".join(METRICS) + " | in no image % (multi) |",
-             "|---|" + "---|" * (len(METRICS) + 1)]
+             "| arm | " + " | ".join(METRICS) + " | in no image % (multi) | base → ceiling gap closed |",
+             "|---|" + "---|" * (len(METRICS) + 2)]
+    ceiling = ceiling_accuracy(Path(args.ceiling), f"{args.eval_root}:{args.split}") if args.ceiling else None
     for arm, metrics in rows.items():
+        closed = "—"
+        if ceiling is not None and "base" in rows:
+            base = statistics.mean(rows["base"]["multi-image mean"])
+            closed = f"{100 * (statistics.mean(metrics['multi-image mean']) - base) / (ceiling - base):.0f}%"
         lines.append(f"| {arm} | " + " | ".join(mean_std(metrics[m]) for m in METRICS) +
-                     f" | {mean_std(nothing.get(arm, [0.0]))} |")
+                     f" | {mean_std(nothing.get(arm, [0.0]))} | {closed} |")
+    if ceiling is not None:
+        lines.append(f"\nCeiling: {ceiling:.1f} multi-image mean on this split (`{args.ceiling}`, "
+                     "`experiments/toyworld/ceiling.py`).")
     lines.append("\nPaired per-seed differences (multi-image mean, then single):\n")
     for arm, control in (("MIA-DPO", "base"), ("MIA-DPO", "SFT on chosen"), ("MIA-DPO", "random selection"),
                          ("MIA-DPO", "no post-selection"), ("rounds (2)", "MIA-DPO")):
@@ -259,6 +275,8 @@ def main() -> None:
     parser.add_argument("--data-dir", default="{work}/data-seed{seed}",
                         help="data.out_dir of a seed's records and selection ({work} and {seed} are filled in)")
     parser.add_argument("--results", default=str(RESULTS / "toyworld"), help="writes <results>.md/.json/.png")
+    parser.add_argument("--ceiling", default=str(RESULTS / "toyworld_ceiling.json"),
+                        help="ceiling.py's results: the share of the base → ceiling gap each arm closes")
     args = parser.parse_args()
     evaluation = split_overrides(args.eval_root, args.split)
     if "SFT on chosen" in args.arms and "MIA-DPO" not in args.arms:
