@@ -231,7 +231,7 @@ def write_results(args: argparse.Namespace, seeds: list[int], minutes: float, ro
         lines.append(f"| {arm} | " + " | ".join(mean_std(metrics[m]) for m in METRICS) +
                      f" | {mean_std(nothing.get(arm, [0.0]))} | {closed} |")
     if ceiling is not None:
-        lines.append(f"\nCeiling: {ceiling:.1f} multi-image mean on this split (`{args.ceiling}`, "
+        lines.append(f"\nCeiling: {ceiling:.1f} multi-image mean on this split (`{Path(args.ceiling).name}`, "
                      "`experiments/toyworld/ceiling.py`).")
     lines.append("\nPaired per-seed differences (multi-image mean, then single):\n")
     for arm, control in (("MIA-DPO", "base"), ("MIA-DPO", "SFT on chosen"), ("MIA-DPO", "random selection"),
