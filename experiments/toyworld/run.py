@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image, ImageDraw
 
 from miadpo.evaluate import evaluate, llava_items
@@ -81,6 +81,13 @@ def evaluate_model(path: str | Path, evaluation: list[str], max_new_tokens: int,
     return table
 
 
+def training_inputs(cfg: DictConfig) -> dict[str, Any]:
+    """The composed config without its evaluation settings: what an arm's trained model depends on."""
+    inputs = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    inputs.pop("eval", None)
+    return json.loads(json.dumps(inputs, default=str))
+
+
 def finished_arm(run_dir: Path, key: dict[str, Any]) -> dict[str, Any] | None:
     """What an arm that already trained to the end with the same inputs ``key`` left (``arm.json``), else None."""
     finished = run_dir / "arm.json"
@@ -95,7 +102,7 @@ def run_dpo_arm(arm: str, seed: int, evaluation: list[str], extra: list[str], wo
                 ) -> dict[str, Any]:
     """One DPO arm: its before/after tables, pairs file and selection report.
 
-    An arm already trained under the same overrides is not trained again; on another split it is re-evaluated.
+    An arm already trained with the same composed config is not trained again; on another split it is re-evaluated.
     """
     run_dir = work / f"{arm.replace(' ', '_').replace('(', '').replace(')', '')}-seed{seed}"
     overrides = ["model=toy_llava", "data=toy", f"seed={seed}", "logger=csv", "trainer.enable_progress_bar=false",
@@ -107,7 +114,7 @@ def run_dpo_arm(arm: str, seed: int, evaluation: list[str], extra: list[str], wo
         tables = {"before": records[0]["evaluation"]["before"], "after": records[-1]["evaluation"]["after"]}
         return {"tables": tables, "pairs": records[0]["pairs"], "cfg": cfg,
                 "per_round": [r["evaluation"]["after"]["multi-image mean"]["accuracy"] for r in records]}
-    key = {"overrides": overrides}
+    key = {"config": training_inputs(cfg)}  # a changed recipe file changes the key, unlike the overrides
     done = finished_arm(run_dir, key)
     if done is None:
         result = train(cfg)
@@ -146,11 +153,12 @@ def run_sft_arm(dpo_cfg: DictConfig, seed: int, evaluation: list[str], lr: float
                  f"data.max_length={data.max_length}", f"optim.lr={lr}", f"seed={seed}", f"run_dir={run_dir}",
                  f"trainer.max_epochs={dpo_cfg.trainer.max_epochs}", "trainer.enable_progress_bar=false",
                  "trainer.enable_model_summary=false", "trainer.accelerator=cpu"]
-    key = {"overrides": overrides, "pairs": str(data.pairs)}
+    cfg = compose_config("sft", overrides)
+    key = {"config": training_inputs(cfg), "pairs": str(data.pairs)}
     done = finished_arm(run_dir, key)
     if done is None:
         pairs_as_sft_records(Path(data.pairs), run_dir / "chosen.jsonl")
-        done = {"key": key, "exported": str(run_sft(compose_config("sft", overrides)))}
+        done = {"key": key, "exported": str(run_sft(cfg))}
         (run_dir / "arm.json").write_text(json.dumps(done, indent=1) + "\n")
     table = evaluate_model(done["exported"], evaluation, dpo_cfg.eval.max_new_tokens, work / "evaluations")
     return {"tables": {"after": table}}
