@@ -1,12 +1,13 @@
 """What the toy architecture reaches with ample multi-image supervision: the ceiling the DPO arms are measured against.
 
-    python experiments/toyworld/ceiling.py [--augment-seeds 100 101 102] [--epochs 2] [--lr 5e-4]
-        [--eval-root data/eval1000 --split val] [--results experiments/results/toyworld_ceiling]
+    python experiments/toyworld/ceiling.py [--augment-seeds 100 101] [--epochs 2] [--lr 5e-4]
+        [--eval data/eval1000:val data/toyworld:test] [--results experiments/results/toyworld_ceiling]
 
 The shipped toy base, fine-tuned further (full fine-tuning of the LLM, as the DPO recipe) on the ground truths of
 6,000 fresh Sequence records per augmentation seed (drawn from the pool split, like the DPO data) plus the
-single-image train split, then evaluated on the toy split(s) named. With three seeds that is 18,000 multi-image
-records against the 6,000 the DPO recipe augments and selects from: every record supervised with its ground truth.
+single-image train split, then evaluated on the toy split(s) named. With the two default seeds that is 12,000
+multi-image records against the 6,000 the DPO recipe augments and selects from, each supervised with its ground
+truth.
 Writes <results>.md and .json.
 """
 
@@ -17,24 +18,15 @@ import json
 import time
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
+from run import RESULTS, compose_config, evaluate_model, split_overrides  # the ablation script beside this one
 
 from miadpo.augment.runner import RECORDS_FILE, run_augmentation
-from miadpo.evaluate import evaluate, llava_items, multi_image_mean
-from miadpo.models import build_adapter
-from miadpo.pairs import ImageRoots
+from miadpo.evaluate import multi_image_mean
 from miadpo.sft import run_sft
 from miadpo.toyworld.pipeline import ensure_toy_world
-from miadpo.toyworld.scenes import scene_index
-from miadpo.train import CONFIG_DIR
 
-RESULTS = Path(__file__).resolve().parents[1] / "results"
 ROOT = Path("data/toyworld")
-
-
-def compose_config(name: str, overrides: list[str]):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(config_name=name, overrides=overrides)
+MAX_NEW_TOKENS = 8  # as the toy evaluation (conf/eval/toy.yaml)
 
 
 def augment_pool(seed: int, work: Path, records: int) -> Path:
@@ -45,20 +37,9 @@ def augment_pool(seed: int, work: Path, records: int) -> Path:
     return Path(cfg.data.out_dir) / RECORDS_FILE
 
 
-def evaluate_split(model_path: Path, root: str, split: str) -> dict[str, dict[str, float]]:
-    files = f"[{root}/{split}.json,{root}/{split}_sequences/records.jsonl]"
-    cfg = compose_config("evaluate", ["model=toy_llava", f"model.path={model_path}", f"eval.files={files}",
-                                      f"eval.toy_source={root}/{split}.json", f"eval.image_root={root}/images",
-                                      f"eval.out_dir={root}", "eval.batch_size=32", "eval.max_new_tokens=8"])
-    adapter = build_adapter(cfg.model)
-    items = [item for f in cfg.eval.files for item in llava_items(Path(f), ImageRoots.of(cfg.eval))]
-    table, _ = evaluate(adapter, items, cfg.eval.batch_size, cfg.eval.max_new_tokens, scene_index(cfg.eval.toy_source))
-    return table
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--augment-seeds", type=int, nargs="+", default=[100, 101, 102])
+    parser.add_argument("--augment-seeds", type=int, nargs="+", default=[100, 101])
     parser.add_argument("--records", type=int, default=6000, help="Sequence records per augmentation seed")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--lr", type=float, default=5e-4)
@@ -82,7 +63,8 @@ def main() -> None:
     tables = {}
     for spec in args.eval:
         root, split = spec.split(":")
-        tables[spec] = {"base": evaluate_split(base, root, split), "ceiling": evaluate_split(exported, root, split)}
+        tables[spec] = {name: evaluate_model(path, split_overrides(root, split), MAX_NEW_TOKENS, work / "evaluations")
+                        for name, path in (("base", base), ("ceiling", exported))}
     minutes = (time.time() - start) / 60
     groups = ("sequence N=2", "sequence N=3", "sequence N=4", "single")
     lines = ["# Toy world: the architecture's ceiling with ample multi-image supervision\n",

@@ -12,7 +12,6 @@ import hashlib
 import json
 import logging
 import multiprocessing
-import os
 import random
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -37,7 +36,7 @@ from miadpo.augment.formats import (
 )
 from miadpo.augment.source import SourceRecord, read_llava_source
 from miadpo.config import AugmentConfig, BadRecordPolicy, DataConfig, GridAugmentConfig
-from miadpo.jsonl import append_jsonl, completed_ids, read_jsonl
+from miadpo.jsonl import append_jsonl, atomic_replace, completed_ids, read_jsonl
 from miadpo.pairs import BadRecordError, BadRecordReport, ImageRoots
 
 log = logging.getLogger(__name__)
@@ -254,10 +253,8 @@ class Composer:
 
     def _save(self, image: Image.Image, fmt: str, job_id: str) -> str:
         path = self.roots.out_dir / "images" / fmt / f"{job_id}.jpg"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-        image.save(tmp, format="JPEG", quality=self.jpeg_quality)
-        tmp.replace(path)
+        with atomic_replace(path) as tmp:
+            image.save(tmp, format="JPEG", quality=self.jpeg_quality)
         return self.roots.composed(path)
 
     def __call__(self, job: Job) -> tuple[dict[str, Any] | None, str | None]:

@@ -227,7 +227,7 @@ class CandidateGenerator:
                 "answer_tokens": len(answer), "logp": total, "perplexity": math.exp(-total / (count + 1))}
 
     def _add_other_image_answers(self, items: Sequence[SelectionInput], processed: Sequence[Any],
-                          candidates: list[dict[str, Any]]) -> None:
+                                 candidates: list[dict[str, Any]]) -> None:
         """For right answers (Sequence, Grid): the answer to the same question about another image, drawn per
         (seed, record) — the element-interference answer the pair will reject when it differs from the truth."""
         asked = [(b, item) for b, item in enumerate(items) if candidates[b]["correct"] and item.n_images > 1
