@@ -99,6 +99,21 @@ def _decide(candidates: Sequence[dict[str, Any]], cfg: SelectionConfig, use_atte
     return reasons
 
 
+def _decision(record_id: str, candidate: dict[str, Any], ratio: float | None, perplexity: float,
+              reason: str) -> dict[str, Any]:
+    """One line of the selection's decision log."""
+    return {"id": record_id, "format": candidate["format"], "n_images": candidate["n_images"], "ratio": ratio,
+            "perplexity": perplexity, "decision": reason}
+
+
+def _pair(pair_id: str, candidate: dict[str, Any], rejected: str, meta: dict[str, Any]) -> PairRecord:
+    """The pair of a candidate: chosen = its ground truth, ``rejected`` as given, the candidate's layout in meta."""
+    return PairRecord(id=pair_id, images=list(candidate["images"]), prompt=candidate["prompt"],
+                      chosen=candidate["ground_truth"], rejected=rejected,
+                      meta={"format": candidate["format"], "n_images": candidate["n_images"],
+                            "target": candidate["target"], **meta, "layer": candidate["layer"]})
+
+
 def select_pairs(candidates: Sequence[dict[str, Any]], cfg: SelectionConfig, seed: int) -> Selection:
     """Apply the configured selection and post-selection to candidates (in their order)."""
     attention_reasons = _decide(candidates, cfg, use_attention=True)
@@ -122,17 +137,11 @@ def select_pairs(candidates: Sequence[dict[str, Any]], cfg: SelectionConfig, see
     pairs, decisions = [], []
     right = right_answer_pairs(candidates, cfg)
     for candidate, reason in zip(candidates, reasons):
-        decisions.append({"id": candidate["id"], "format": candidate["format"], "n_images": candidate["n_images"],
-                          "ratio": candidate["ratio"], "perplexity": candidate["perplexity"], "decision": reason})
+        decisions.append(_decision(candidate["id"], candidate, candidate["ratio"], candidate["perplexity"], reason))
         if reason == KEPT:
-            pairs.append(PairRecord(
-                id=candidate["id"], images=list(candidate["images"]), prompt=candidate["prompt"],
-                chosen=candidate["ground_truth"], rejected=candidate["answer"],
-                meta={"format": candidate["format"], "n_images": candidate["n_images"], "target": candidate["target"],
-                      "selection": cfg.name, "attention_ratio": candidate["ratio"],
-                      "image_scores": candidate["image_scores"], "perplexity": candidate["perplexity"],
-                      "layer": candidate["layer"]},
-            ))
+            pairs.append(_pair(candidate["id"], candidate, candidate["answer"],
+                               {"selection": cfg.name, "attention_ratio": candidate["ratio"],
+                                "image_scores": candidate["image_scores"], "perplexity": candidate["perplexity"]}))
     for pair, decision in right:
         decisions.append(decision)
         if pair is not None:
@@ -196,17 +205,12 @@ def right_answer_pairs(candidates: Sequence[dict[str, Any]], cfg: SelectionConfi
         else:
             reason = post_reason(pseudo, cfg)
         pair_id = f"{candidate['id']}-{other['kind']}"
-        decision = {"id": pair_id, "format": candidate["format"], "n_images": candidate["n_images"], "ratio": None,
-                    "perplexity": other["perplexity"], "decision": reason}
         pair = None
         if reason == KEPT:
-            pair = PairRecord(id=pair_id, images=list(candidate["images"]), prompt=candidate["prompt"],
-                              chosen=candidate["ground_truth"], rejected=other["answer"],
-                              meta={"format": candidate["format"], "n_images": candidate["n_images"],
-                                    "target": candidate["target"], "selection": other["kind"],
-                                    "asked_about": other["asked_about"], "attention_ratio": None,
-                                    "perplexity": other["perplexity"], "layer": candidate["layer"]})
-        out.append((pair, decision))
+            pair = _pair(pair_id, candidate, other["answer"],
+                         {"selection": other["kind"], "asked_about": other["asked_about"], "attention_ratio": None,
+                          "perplexity": other["perplexity"]})
+        out.append((pair, _decision(pair_id, candidate, None, other["perplexity"], reason)))
     return out
 
 
