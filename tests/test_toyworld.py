@@ -213,3 +213,29 @@ def test_whole_toy_pipeline_at_small_scale(tmp_path: Path) -> None:
     dpo_records = [json.loads(r) for r in (out / "dpo" / "records.jsonl").read_text().splitlines()]
     assert dpo_records and all(i.startswith("toy/pool/") for r in dpo_records for i in r["image"])
     assert Path(compose_train(["data=toy"], tmp_path).data.source).name == "pool.json"  # the shipped recipe
+
+
+def test_ablation_evaluation_cache_misses_for_a_model_retrained_in_place(tmp_path: Path) -> None:
+    """An arm retrained into the same directory (another recipe, same file names and sizes) is evaluated again."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "toyworld_run", Path(__file__).resolve().parents[1] / "experiments" / "toyworld" / "run.py")
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)
+    model = tmp_path / "MIA-DPO-seed0" / "model"
+    model.mkdir(parents=True)
+    weights = model / "model.safetensors"
+
+    def key(split: str = "test") -> str:
+        cfg = run.compose_config("evaluate", ["model=toy_llava", f"model.path={model}",
+                                              *run.split_overrides("data/toyworld", split)])
+        return run.evaluation_key(cfg, 6)
+
+    weights.write_bytes(b"\x00" * 64)
+    first = key()
+    assert key() == first
+    weights.write_bytes(b"\x01" * 64)  # same name, same size, other weights
+    assert key() != first
+    weights.write_bytes(b"\x00" * 64)
+    assert key() == first and key("val") != first

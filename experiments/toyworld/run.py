@@ -1,7 +1,7 @@
 """Toy-world ablation: base vs MIA-DPO vs its controls, over several seeds, paired per seed.
 
     python experiments/toyworld/run.py [--seeds 0 1 2] [--split test] [--arms ...] [--extra dpo.beta=0.1 ...]
-        [--sft-lr 1e-3] [--data-dir '{work}/data-seed{seed}'] [--results PATH]
+        [--sft-lr 5e-4] [--data-dir '{work}/data-seed{seed}'] [--results PATH]
 
 Arms (every one from the same toy base, through the real entry points with configs composed in process):
 - MIA-DPO: the toy recipe (`conf/data/toy.yaml`);
@@ -38,6 +38,7 @@ from PIL import Image, ImageDraw
 from miadpo.evaluate import evaluate, llava_items
 from miadpo.jsonl import atomic_replace
 from miadpo.models import build_adapter
+from miadpo.models.identity import weights_identity
 from miadpo.pairs import ImageRoots
 from miadpo.rounds import run_rounds
 from miadpo.sft import run_sft
@@ -70,13 +71,19 @@ def split_overrides(root: str, split: str) -> list[str]:
             f"eval.toy_source={root}/{split}.json", f"eval.image_root={root}/images", f"eval.out_dir={root}"]
 
 
+def evaluation_key(cfg: DictConfig, max_new_tokens: int) -> str:
+    """What an evaluation table depends on: the model's weights by content (a model retrained into the same
+    directory is a new model), the evaluation settings and the generation length."""
+    inputs = [weights_identity(cfg.model), OmegaConf.to_container(cfg.eval, resolve=True), max_new_tokens]
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def evaluate_model(path: str | Path, evaluation: list[str], max_new_tokens: int, cache: Path) -> dict[str, Any]:
     """The evaluation table of the model at ``path`` on the split of ``evaluation``, kept in ``cache``."""
-    key = hashlib.sha256(json.dumps([str(path), evaluation, max_new_tokens]).encode()).hexdigest()[:16]
-    cached = cache / f"eval-{key}.json"
+    cfg = compose_config("evaluate", ["model=toy_llava", f"model.path={path}", *evaluation])
+    cached = cache / f"eval-{evaluation_key(cfg, max_new_tokens)}.json"
     if cached.is_file():
         return json.loads(cached.read_text())
-    cfg = compose_config("evaluate", ["model=toy_llava", f"model.path={path}", *evaluation])
     adapter = build_adapter(cfg.model)
     items = [item for f in cfg.eval.files for item in llava_items(Path(f), ImageRoots.of(cfg.eval))]
     table, _ = evaluate(adapter, items, cfg.eval.batch_size, max_new_tokens, scene_index(cfg.eval.toy_source))
@@ -281,8 +288,8 @@ def main() -> None:
     parser.add_argument("--split", default="test")
     parser.add_argument("--arms", nargs="+", default=list(ARMS))
     parser.add_argument("--extra", nargs="*", default=[])
-    parser.add_argument("--sft-lr", type=float, default=1e-3,
-                        help="learning rate of the SFT arm (1e-3: tuned on val, toyworld_recipe_search.md)")
+    parser.add_argument("--sft-lr", type=float, default=5e-4,
+                        help="learning rate of the SFT arm (5e-4: tuned on val, toyworld_recipe_search.md)")
     parser.add_argument("--work", default="outputs/toyworld")
     parser.add_argument("--eval-root", default="data/toyworld", help="directory of the toy evaluation splits")
     parser.add_argument("--data-dir", default="{work}/data-seed{seed}",
