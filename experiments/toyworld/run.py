@@ -22,7 +22,6 @@ Writes <results>.md, .json and .png (default experiments/results/toyworld.*).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import re
@@ -40,6 +39,7 @@ from miadpo.jsonl import atomic_replace
 from miadpo.models import build_adapter
 from miadpo.models.identity import weights_identity
 from miadpo.pairs import ImageRoots
+from miadpo.reference_cache import digest
 from miadpo.rounds import run_rounds
 from miadpo.sft import run_sft
 from miadpo.toyworld.scenes import scene_index
@@ -74,8 +74,7 @@ def split_overrides(root: str, split: str) -> list[str]:
 def evaluation_key(cfg: DictConfig, max_new_tokens: int) -> str:
     """What an evaluation table depends on: the model's weights by content (a model retrained into the same
     directory is a new model), the evaluation settings and the generation length."""
-    inputs = [weights_identity(cfg.model), OmegaConf.to_container(cfg.eval, resolve=True), max_new_tokens]
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return digest([weights_identity(cfg.model), OmegaConf.to_container(cfg.eval, resolve=True), max_new_tokens])
 
 
 def evaluate_model(path: str | Path, evaluation: list[str], max_new_tokens: int, cache: Path) -> dict[str, Any]:
@@ -97,6 +96,12 @@ def training_inputs(cfg: DictConfig) -> dict[str, Any]:
     inputs = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     inputs.pop("eval", None)
     return json.loads(json.dumps(inputs, default=str))
+
+
+def write_arm(run_dir: Path, done: dict[str, Any]) -> None:
+    """Mark an arm as trained to the end (``arm.json``, replaced atomically so a kill never leaves half of it)."""
+    with atomic_replace(run_dir / "arm.json") as tmp:
+        tmp.write_text(json.dumps(done, indent=1) + "\n")
 
 
 def finished_arm(run_dir: Path, key: dict[str, Any]) -> dict[str, Any] | None:
@@ -130,7 +135,7 @@ def run_dpo_arm(arm: str, seed: int, evaluation: list[str], extra: list[str], wo
     if done is None:
         result = train(cfg)
         done = {"key": key, "evaluation": evaluation, "pairs": cfg.data.pairs, "exported": str(result.exported)}
-        (run_dir / "arm.json").write_text(json.dumps(done, indent=1) + "\n")
+        write_arm(run_dir, done)
     cfg.data.pairs = done["pairs"]
     if done["evaluation"] == evaluation:
         tables = json.loads((run_dir / "eval_before_after.json").read_text())
@@ -170,7 +175,7 @@ def run_sft_arm(dpo_cfg: DictConfig, seed: int, evaluation: list[str], lr: float
     if done is None:
         pairs_as_sft_records(Path(data.pairs), run_dir / "chosen.jsonl")
         done = {"key": key, "exported": str(run_sft(cfg))}
-        (run_dir / "arm.json").write_text(json.dumps(done, indent=1) + "\n")
+        write_arm(run_dir, done)
     table = evaluate_model(done["exported"], evaluation, dpo_cfg.eval.max_new_tokens, work / "evaluations")
     return {"tables": {"after": table}}
 
