@@ -15,6 +15,44 @@ from peft import PeftModel
 from miadpo.models.base import ModelAdapter
 
 
+class LogLastStep(L.Callback):
+    """Logs the last training step's metrics when Lightning did not (it logs every ``trainer.log_every_n_steps``
+    optimizer steps, so a run shorter than that logged no step at all, and a longer one lost its tail).
+
+    After every optimizer step that Lightning will not log, the step's metrics (the tensors, converted only at
+    the end) are kept; at the end of training they are logged at that step, as Lightning would have.
+    """
+
+    def __init__(self) -> None:
+        self._pending: tuple[int, dict[str, Any]] | None = None
+        self._seen_step = -1
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step = trainer.global_step  # optimizer steps so far, this batch's included
+        if step == self._seen_step:
+            return  # a batch accumulating gradients: Lightning logs the step's last batch
+        self._seen_step = step
+        every = trainer.log_every_n_steps
+        # Lightning's own rule (LoggerConnector.should_update_logs, checked right after this hook).
+        logged = every == 0 or step % every == 0 or trainer.should_stop or bool(trainer.fast_dev_run)
+        if logged:
+            self._pending = None
+            return
+        metrics = dict(trainer._logger_connector.metrics["log"])  # what Lightning would log at this step
+        self._pending = (step - 1, {**metrics, "epoch": trainer.current_epoch})
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._pending is None:
+            return
+        step, metrics = self._pending
+        self._pending = None
+        scalars = {k: float(v) for k, v in metrics.items()}
+        for logger in trainer.loggers:
+            logger.log_metrics(scalars, step=step)
+            logger.save()
+
+
 class ExportModel(L.Callback):
     """After fit (rank 0): a LoRA run writes ``<run_dir>/adapter`` (plain peft ``save_pretrained``, with the
     base weights' location recorded); a full fine-tune writes ``<run_dir>/model`` (a transformers directory).

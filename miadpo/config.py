@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -210,6 +211,11 @@ class RightAnswerNegatives(str, Enum):
     runner_up = "runner_up"
 
 
+class ExportImagePaths(str, Enum):
+    relative = "relative"  # relative to the pair directory (LLaMA-Factory's default media_dir)
+    absolute = "absolute"
+
+
 @dataclass
 class SelectionConfig:
     name: str = "attention"  # attention | random (matched-count baseline that ignores attention)
@@ -237,6 +243,9 @@ class SelectionConfig:
     # answer that starts with another token than its greedy one (any format). One extra answer per such record.
     right_answer_negatives: RightAnswerNegatives = RightAnswerNegatives.none
     save_attention_maps: bool = False
+    # Image paths in trl.jsonl / llamafactory.json: relative to the pair directory (survives moving the data
+    # tree) or absolute. Not a selection rule: the pair directory is the same either way.
+    export_image_paths: ExportImagePaths = ExportImagePaths.relative
 
 
 @dataclass
@@ -465,3 +474,16 @@ def register_configs() -> None:
     store.store(name="evaluate_schema", node=EvalJobConfig)
     store.store(name="generate_schema", node=GenerateJobConfig)
     store.store(name="verify_schema", node=VerifyJobConfig)
+
+
+def config_dir() -> str:
+    """The Hydra config root of every entry point (absolute path).
+
+    From a checkout (running from source or an editable install) it is the repository's ``conf/``, beside the
+    package; an installed wheel carries a copy of it as ``miadpo/conf`` (pyproject.toml maps ``conf/`` there).
+    """
+    package = Path(__file__).resolve().parent
+    checkout = package.parent
+    if (checkout / "pyproject.toml").is_file() and (checkout / "conf" / "train.yaml").is_file():
+        return str(checkout / "conf")
+    return str(package / "conf")

@@ -7,8 +7,10 @@ Open answers are scored by normalised exact match (case, punctuation and spaces 
 deterministic, grouped by format and N (single-image records form the group "single"). With a toy source, each
 wrong answer is classed: it names an attribute of a distractor image ("distractor", the element-interference
 error), something in no image ("in no image", the collapse detector), or another attribute of the target
-image ("other"). Multiple-choice TSVs (index, question, A–D, answer, image as base64 or a list of base64) are
-scored by the first option letter of the answer. Writes ``eval.json`` and ``eval.md`` into the run directory.
+image ("other"). Multiple-choice TSVs in VLMEvalKit's format are read, prompted and scored by VLMEvalKit's
+rules (``tsv_items``, ``option_letter``): base64 or shared images or image files, options A–Z, ``<image k>`` and
+``<image>`` markers in place, circular evaluation for MMBench-like names, per-category groups. Writes
+``eval.json`` and ``eval.md`` into the run directory.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import csv
 import io
 import json
 import re
+import string
 import sys
 from collections import defaultdict
 from collections.abc import Sequence
@@ -30,9 +33,9 @@ import hydra
 from omegaconf import DictConfig
 from PIL import Image
 
-from miadpo.augment.source import iter_raw_records
-from miadpo.config import register_configs
+from miadpo.config import config_dir, register_configs
 from miadpo.datamodule import load_image
+from miadpo.jsonl import iter_raw_records
 from miadpo.models import build_adapter
 from miadpo.models.base import ModelAdapter
 from miadpo.pairs import ImageRoots
@@ -40,8 +43,18 @@ from miadpo.select.candidates import normalise_answer
 from miadpo.toyworld.scenes import COLOURS, COUNTS, POSITIONS, SHAPES, scene_index
 
 register_configs()
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-OPTION_LETTERS = ("A", "B", "C", "D", "E", "F")
+CONFIG_DIR = config_dir()
+LETTERS = tuple(string.ascii_uppercase)  # option columns, in order
+IMAGE_MARKER = "<image>"
+NUMBERED_IMAGE = re.compile(r"<image (\d+)>")  # MMMU's references to the row's k-th image
+CIRCULAR_NAMES = ("mmbench", "ccbench", "circular", "mmcr")
+# pandas' default NA strings: VLMEvalKit reads TSVs with pd.read_csv, so these cells are NaN (empty) there.
+NA_CELLS = frozenset({"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN",
+                      "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"})
+REFUSALS = ("Sorry, I can't help with images of people yet.", "I can't process this file.",
+            "I'm sorry, but without the image provided", "Cannot determine the answer")
+ANSWER_SEPARATORS = str.maketrans(dict.fromkeys(".()[],:;!*#{}", " "))
+ANSWER_IS = re.compile(r"(?:correct\s+)?answer\s+is\s+\**([A-D])\**(?![A-Za-z])", re.IGNORECASE)
 csv.field_size_limit(sys.maxsize)
 
 
@@ -55,6 +68,8 @@ class EvalItem:
     image_paths: list[str] = field(default_factory=list)
     target: int = 1
     options: dict[str, str] = field(default_factory=dict)
+    extra_groups: tuple[str, ...] = ()  # further groups scored with this item ("tsv:<name>/<category>", ...)
+    circular_group: str | None = None  # circular TSVs: the index of the row this one rotates (index % 1e6)
 
 
 def greedy_answers(adapter: ModelAdapter, items: Sequence[EvalItem], max_new_tokens: int) -> list[str]:
@@ -82,36 +97,204 @@ def llava_items(path: Path, roots: ImageRoots) -> list[EvalItem]:
     return items
 
 
+def _missing(cell: str | None) -> bool:
+    """Whether a cell is empty, as pandas' ``read_csv`` (VLMEvalKit's TSV loader) reads it: "", "nan", "None"..."""
+    return cell is None or cell in NA_CELLS
+
+
+def _cell_list(cell: str) -> list[str]:
+    """VLMEvalKit's ``toliststr``: a cell written as a Python list literal is a list, any other cell one item."""
+    cell = cell.strip()
+    if len(cell) > 1 and cell[0] == "[" and cell[-1] == "]":
+        return [str(x) for x in ast.literal_eval(cell)]
+    return [cell]
+
+
 def _decode_images(cell: str) -> list[Image.Image]:
-    encoded = ast.literal_eval(cell) if cell.lstrip().startswith("[") else [cell]
-    return [Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB") for data in encoded]
+    return [Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB") for data in _cell_list(cell)]
+
+
+def _image_file(value: str, tsv: Path) -> Path:
+    """An ``image_path`` entry: absolute as given; relative to the TSV's folder, else to ``images/<stem>/`` beside
+    it (VLMEvalKit's ``$LMUData/images/<dataset>`` next to ``$LMUData/<dataset>.tsv``)."""
+    given = Path(value)
+    tried = [given] if given.is_absolute() else [tsv.parent / given, tsv.parent / "images" / tsv.stem / given]
+    for candidate in tried:
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"image_path {value!r} not found (tried {', '.join(str(p) for p in tried)})")
+
+
+def _image_cells(rows: list[tuple[int, dict[str, str]]], tsv: Path) -> dict[int, str]:
+    """Row number → its image cell, with index references replaced by the referenced row's cell."""
+    by_index = {(row.get("index") or "").strip(): row["image"] for _, row in rows}
+    cells = {}
+    for number, row in rows:
+        cell = row["image"]
+        if len(cell) <= 64:
+            target = by_index.get(cell.strip())
+            if target is None or len(target) <= 64:
+                raise ValueError(f"{tsv}:{number}: image cell {cell!r} is no image and names no row with one")
+            cell = target
+        cells[number] = cell
+    return cells
+
+
+def _place_images(text: str, images: list[Any]) -> tuple[str, list[Any]]:
+    """The prompt with one ``<image>`` marker per image, and the images in marker order (rules in tsv_items)."""
+    references = [int(k) for k in NUMBERED_IMAGE.findall(text)]
+    if references:
+        if IMAGE_MARKER in NUMBERED_IMAGE.sub("", text):
+            raise ValueError("the prompt mixes <image k> references and bare <image> markers")
+        if any(not 1 <= k <= len(images) for k in references):
+            raise ValueError(f"the prompt refers to images {references} but the row has {len(images)}")
+        return NUMBERED_IMAGE.sub(IMAGE_MARKER, text), [images[k - 1] for k in references]
+    markers = text.count(IMAGE_MARKER)
+    if markers:
+        segments = text.split(IMAGE_MARKER)
+        kept = min(markers, len(images))
+        return IMAGE_MARKER.join(segments[: kept + 1]) + "".join(segments[kept + 1 :]), images[:kept]
+    return f"{IMAGE_MARKER}\n" * len(images) + text, images
+
+
+def _mcq_text(row: dict[str, str], options: dict[str, str], muir: bool) -> str:
+    if muir:  # MUIRDataset.build_prompt
+        text = f"{row['question']}\n"
+        if options:
+            text += "\n".join(f"{k}. {v}" for k, v in options.items())
+            text += "\nAnswer with the option's letter from the given choices directly."
+        return text
+    text = "" if _missing(row.get("hint")) else f"Hint: {row['hint']}\n"  # ImageMCQDataset.build_prompt
+    text += f"Question: {row['question']}\n"
+    if options:
+        text += "Options:\n" + "".join(f"{k}. {v}\n" for k, v in options.items())
+        text += "Please select the correct answer from the options above. \n"
+    return text
+
+
+def is_circular(name: str) -> bool:
+    """VLMEvalKit's test (ImageMCQDataset.evaluate_heuristic): the dataset name holds one of these words."""
+    return any(word in name.lower() for word in CIRCULAR_NAMES)
 
 
 def tsv_items(path: Path) -> list[EvalItem]:
-    """VLMEvalKit multiple-choice layout: index, question, A, B, (C, D, ...), answer, image [, hint]."""
-    items = []
+    """The rows of a VLMEvalKit multiple-choice TSV, following VLMEvalKit's rules (read in open-compass/VLMEvalKit:
+    vlmeval/dataset/image_base.py, vlmeval/dataset/image_mcq.py, vlmeval/dataset/utils/multiple_choice.py,
+    vlmeval/smp/misc.py, vlmeval/smp/file.py). The dataset name is the file's stem.
+
+    - Cells: tab-separated with a header (``index``, ``question``, ``answer``, options, images, optional ``hint``,
+      ``category``, ``l2-category``, ``split``, ``g_index``); a cell pandas reads as NaN ("", "nan", "None", "NA",
+      ...) is empty. Options: every single capital letter column A–Z with a non-empty cell, in letter order.
+    - Images: an ``image`` cell is base64 or a list literal of base64 strings; a non-empty cell of at most 64
+      characters is the ``index`` of another row, whose (long) cell it shares (MMBench stores each image once).
+      With an ``image`` column, rows with an empty cell are skipped (``skip_noimg``). Without one, ``image_path``
+      (a path or a list literal of paths) names files: absolute as given, relative to the TSV's folder, else to
+      ``images/<stem>/`` beside it (VLMEvalKit reads them relative to the working directory or ``$LMUData/images/
+      <dataset>``); a missing file is an error naming file:row. With both columns the base64 ``image`` is used.
+    - Prompt: ImageMCQDataset.build_prompt, ``Hint: <hint>\\n`` (if any) ``Question: <question>\\nOptions:\\nA.
+      <A>\\n...Please select the correct answer from the options above. \\n`` (no Options part without options);
+      for the dataset ``MUIRBench``, MUIRDataset's ``<question>\\nA. <A>\\n...\\nAnswer with the option's letter
+      from the given choices directly.`` (no hint).
+    - Image placement (our ``<image>`` marker stands for one image). ``<image k>`` references (MMMU,
+      MMMUDataset.split_MMMU): each becomes a marker for image k, so images follow the order of the references,
+      an image referenced twice is given twice and an unreferenced one is dropped. Else bare ``<image>`` markers
+      (MUIRBench, MUIRDataset.split_MUIR): the i-th marker is the i-th image, markers beyond the images are
+      removed, images beyond the markers dropped. Else one marker per image before the text, in cell order.
+      VLMEvalKit does either split only for those datasets; we do it for any TSV whose prompt holds markers.
+    - MMMU (``MMMU`` in the name; MMMU_preproc): a row with no option A is an open question scored as the
+      options {A: <answer>, B: "Other Answers"} (the prompt keeps no options), and a non-letter answer is "A".
+    - Circular evaluation (``mmbench``, ``ccbench``, ``circular`` or ``mmcr`` in the name, any case): ``index`` is
+      an integer and the group is ``g_index`` if given, else ``index % 1e6``; ``score`` counts a group right
+      only if all its rows are, over groups with a row whose index is the group (that row gives the category).
+    - Groups: ``tsv:<stem>``, and ``tsv:<stem>/<value>`` for the ``category`` and ``l2-category`` values and
+      ``tsv:<stem>/split=<value>`` for ``split`` values (VLMEvalKit's report_acc).
+    """
     with path.open(newline="", encoding="utf-8") as handle:
-        for row_number, row in enumerate(csv.DictReader(handle, delimiter="\t"), start=2):
-            try:
-                images = _decode_images(row["image"])
-                options = {k: row[k] for k in OPTION_LETTERS if row.get(k) not in (None, "", "nan")}
-                hint = f"Hint: {row['hint']}\n" if row.get("hint") not in (None, "", "nan") else ""
-                lines = "\n".join(f"{k}. {v}" for k, v in options.items())
-                prompt = ("<image>\n" * len(images) + f"{hint}{row['question']}\nOptions:\n{lines}\n"
-                          "Answer with the option's letter from the given choices directly.")
-                items.append(EvalItem(str(row["index"]), f"tsv:{path.stem}", images, prompt, row["answer"].strip(),
-                                      options=options))
-            except (KeyError, ValueError, OSError) as exc:
-                raise ValueError(f"{path}:{row_number}: {exc}") from exc
+        reader = csv.DictReader(handle, delimiter="\t")
+        rows = list(reader)
+        columns = set(reader.fieldnames or ())
+    name = path.stem
+    circular, mmmu, muir = is_circular(name), "MMMU" in name, name == "MUIRBench"
+    if "image" in columns:
+        kept = [(n, row) for n, row in enumerate(rows, start=2) if not _missing(row["image"])]
+        cells = _image_cells(kept, path)
+        numbered = [(n, row, cells[n]) for n, row in kept]
+    elif "image_path" in columns:
+        numbered = [(n, row, None) for n, row in enumerate(rows, start=2)]
+    else:
+        raise ValueError(f"{path}: no image or image_path column")
+    items, mains = [], {}
+    for row_number, row, cell in numbered:
+        try:
+            if cell is not None:
+                images = _decode_images(cell)
+            else:
+                images = [load_image(_image_file(p, path)) for p in _cell_list(row["image_path"])]
+            options = {k: row[k] for k in LETTERS if k in columns and not _missing(row[k])}
+            answer = row["answer"].strip()
+            prompt, images = _place_images(_mcq_text(row, options, muir), images)
+            if mmmu and "A" not in options:
+                options = {"A": answer, "B": "Other Answers"}
+            if mmmu and answer not in LETTERS:
+                answer = "A"
+            index, group = row["index"].strip(), None
+            if circular:
+                index = str(int(index))
+                group = str(int(row["g_index"]) if not _missing(row.get("g_index")) else int(index) % 1_000_000)
+            extra = [f"tsv:{name}/{row[c]}" for c in ("category", "l2-category") if not _missing(row.get(c))]
+            extra += [f"tsv:{name}/split={row['split']}"] if not _missing(row.get("split")) else []
+            item = EvalItem(index, f"tsv:{name}", images, prompt, answer, options=options,
+                            extra_groups=tuple(dict.fromkeys(extra)), circular_group=group)
+            if circular and group == index:
+                mains[index] = item
+            items.append(item)
+        except (KeyError, ValueError, OSError, SyntaxError, TypeError, AttributeError) as exc:
+            raise ValueError(f"{path}:{row_number}: {exc}") from exc
+    for item in items:  # a rotation is reported under its main row's category, as VLMEvalKit reports data_main
+        if item.circular_group in mains:
+            item.extra_groups = mains[item.circular_group].extra_groups
     return items
 
 
 def option_letter(answer: str, options: dict[str, str]) -> str | None:
-    """The option an answer picks: a leading letter ("B", "B.", "(B)"), else the option text it names."""
-    match = re.match(r"\s*\(?([A-F])(?:[).:\s]|$)", answer)
-    if match and match.group(1) in options:
-        return match.group(1)
-    named = [k for k, v in options.items() if normalise_answer(v) and normalise_answer(v) in normalise_answer(answer)]
+    """The option an answer picks, or None: VLMEvalKit's exact-matching extraction ``can_infer`` (read in
+    open-compass/VLMEvalKit: vlmeval/utils/matching_util.py, and its use in vlmeval/dataset/utils/multiple_choice.py).
+
+    1. A refusal ("Cannot determine the answer", "I can't process this file.", ...) picks nothing (VLMEvalKit's
+       "Z"), with no text fallback.
+    2. Letters: ``.()[],:;!*#{}`` become spaces and the answer is split on whitespace. If exactly one option letter
+       is a token (case-sensitive: "b" alone is no letter) and its first occurrence is among the last four tokens,
+       that is the option ("B", "(B) green", "Answer: B", "The answer is C"; not "A cat sits on the mat").
+       With no option letter and a "Z" token it picks nothing.
+    3. Else "answer is X" / "correct answer is **X**", any case, for X in A–D ("the answer is b." → B); unlike
+       VLMEvalKit we require X to end the word, so "the answer is apple" is not A.
+    4. Else the option text: if the answer is at most twice the length of all option texts together, and exactly
+       one option's text occurs in it (case ignored), that option.
+    """
+    letter = _letter_of(answer, list(options))
+    if letter == "Z" and "Z" not in options:
+        return None
+    return letter or _option_named(answer, options)
+
+
+def _letter_of(answer: str, letters: list[str]) -> str | None:
+    if any(refusal in answer for refusal in REFUSALS):
+        return "Z"
+    tokens = answer.translate(ANSWER_SEPARATORS).split()
+    named = [k for k in letters if k in tokens]
+    if len(named) == 1 and tokens.index(named[0]) >= len(tokens) - 4:
+        return named[0]
+    if not named and "Z" in tokens:
+        return "Z"
+    match = ANSWER_IS.search(answer)
+    return match.group(1).upper() if match and match.group(1).upper() in letters else None
+
+
+def _option_named(answer: str, options: dict[str, str]) -> str | None:
+    lowered = answer.lower()
+    if len(lowered) > 2 * sum(len(v) for v in options.values()):
+        return None
+    named = [k for k, v in options.items() if v.lower() in lowered]
     return named[0] if len(named) == 1 else None
 
 
@@ -145,25 +328,43 @@ def classify_error(item: EvalItem, prediction: str, scenes: dict[str, list[dict[
     return "other"
 
 
+def circular_accuracy(pairs: Sequence[tuple[EvalItem, bool]]) -> tuple[int, float]:
+    """Groups and their accuracy: a group (the rows sharing ``circular_group``) is right only if all its rows are;
+    only groups holding their main row (index == group) count, as in VLMEvalKit's mcq_circular_eval."""
+    rows: dict[str | None, list[bool]] = defaultdict(list)
+    for item, ok in pairs:
+        rows[item.circular_group].append(ok)
+    mains = {item.circular_group for item, _ in pairs if item.id == item.circular_group}
+    return len(mains), 100.0 * sum(all(rows[g]) for g in mains) / max(len(mains), 1)
+
+
 def score(items: Sequence[EvalItem], predictions: Sequence[str], scenes: dict[str, list[dict[str, Any]]] | None
           ) -> dict[str, dict[str, float]]:
     """Per group: n, accuracy, and for toy answers the shares of errors by class (of all answers); with
-    multi-image groups, a "multi-image mean" row (each format × N group weighted equally)."""
+    multi-image groups, a "multi-image mean" row (each format × N group weighted equally). An item counts in
+    its group and in its ``extra_groups``. Groups of circular items are scored per circular group: n groups,
+    accuracy of groups, and "row accuracy" over all their rows (VLMEvalKit's "vanilla all")."""
     groups: dict[str, list[tuple[EvalItem, str]]] = defaultdict(list)
     for item, prediction in zip(items, predictions):
-        groups[item.group].append((item, prediction))
+        for group in (item.group, *item.extra_groups):
+            groups[group].append((item, prediction))
     table: dict[str, dict[str, float]] = {}
     for group, pairs in sorted(groups.items()):
-        correct, classes = 0, defaultdict(int)
+        results, classes = [], defaultdict(int)
         for item, prediction in pairs:
             if item.options:
                 ok = option_letter(prediction, item.options) == item.answer
             else:
                 ok = normalise_answer(prediction) == normalise_answer(item.answer)
-            correct += ok
+            results.append((item, ok))
             if not ok and scenes is not None and not item.options:
                 classes[classify_error(item, prediction, scenes)] += 1
-        row = {"n": len(pairs), "accuracy": 100.0 * correct / len(pairs)}
+        correct = sum(ok for _, ok in results)
+        if any(item.circular_group is not None for item, _ in results):
+            n, accuracy = circular_accuracy(results)
+            row = {"n": n, "accuracy": accuracy, "row accuracy": 100.0 * correct / len(pairs)}
+        else:
+            row = {"n": len(pairs), "accuracy": 100.0 * correct / len(pairs)}
         if scenes is not None and not pairs[0][0].options:
             for name in ("distractor", "in no image", "other"):
                 row[f"{name} %"] = 100.0 * classes[name] / len(pairs)
@@ -216,8 +417,9 @@ def main(cfg: DictConfig) -> None:
         run = wandb.init(project=cfg.eval.wandb_project, dir=str(run_dir), mode=cfg.eval.wandb_mode,
                          job_type="evaluate")
         run.log({f"eval/{group}/{k}": v for group, row in table.items() for k, v in row.items()})
-        run.log({"eval/table": wandb.Table(columns=["group", *next(iter(table.values()))],
-                                           data=[[g, *r.values()] for g, r in table.items()])})
+        columns = list(dict.fromkeys(k for row in table.values() for k in row))
+        run.log({"eval/table": wandb.Table(columns=["group", *columns],
+                                           data=[[g, *(r.get(c) for c in columns)] for g, r in table.items()])})
         run.finish()
     print(table_markdown(table))
     print(f"results: {run_dir.resolve() / 'eval.json'}")

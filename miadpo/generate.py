@@ -14,14 +14,14 @@ import torch
 from omegaconf import DictConfig
 from peft import PeftModel
 
-from miadpo.config import register_configs
+from miadpo.config import config_dir, register_configs
 from miadpo.datamodule import load_image
 from miadpo.models import ModelAdapter, build_adapter
 from miadpo.pairs import IMAGE_TOKEN
 from miadpo.toyworld.pipeline import ensure_toy_base
 
 register_configs()
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONFIG_DIR = config_dir()
 
 
 def with_image_markers(prompt: str, n_images: int) -> str:

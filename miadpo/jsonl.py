@@ -1,4 +1,5 @@
-"""JSONL helpers shared by the stages: line-at-a-time appends that survive a kill, and resume bookkeeping."""
+"""JSON(L) helpers shared by the stages: reading a JSON array or JSONL record by record, line-at-a-time appends
+that survive a kill, and resume bookkeeping."""
 
 from __future__ import annotations
 
@@ -7,8 +8,55 @@ import os
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+_WHITESPACE = " \t\r\n"
+
+
+@dataclass(frozen=True)
+class RawRecord:
+    index: int
+    line: int
+    value: Any = None
+    error: str | None = None
+
+
+def iter_raw_records(path: Path) -> Iterator[RawRecord]:
+    """Yield each top-level record of a JSON array or JSONL file with its line; decoding errors as records.
+
+    A JSON array is decoded record by record, so a file cut short still yields every record before the cut, and
+    the cut is reported with its line."""
+    text = path.read_text(encoding="utf-8")
+    start = len(text) - len(text.lstrip(_WHITESPACE))
+    if text[start : start + 1] != "[":
+        for index, (line_no, line) in enumerate((n, s) for n, s in enumerate(text.splitlines(), 1) if s.strip()):
+            try:
+                yield RawRecord(index, line_no, json.loads(line))
+            except json.JSONDecodeError as exc:
+                yield RawRecord(index, line_no, error=f"malformed JSON: {exc.msg}")
+        return
+    decoder = json.JSONDecoder()
+    pos, line, index = start + 1, 1 + text.count("\n", 0, start + 1), 0
+    while True:
+        while pos < len(text) and text[pos] in _WHITESPACE + ",":
+            line += text[pos] == "\n"
+            pos += 1
+        if pos >= len(text):
+            yield RawRecord(index, line, error="truncated JSON: the array is not closed")
+            return
+        if text[pos] == "]":
+            return
+        try:
+            value, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as exc:
+            yield RawRecord(index, line, error=f"malformed or truncated JSON ({exc.msg}); the rest of the file "
+                                              "cannot be read")
+            return
+        yield RawRecord(index, line, value)
+        line += text.count("\n", pos, end)
+        pos, index = end, index + 1
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

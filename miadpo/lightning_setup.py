@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +24,31 @@ from omegaconf import DictConfig, OmegaConf
 
 from miadpo.config import LoggerName, StrategyConfig
 
+# wandb's folders outside the run by default (~/.local/share/wandb, ~/.cache/wandb): the data folder holds the
+# artifact staging area, where an offline run keeps the files of its logged tables and images until `wandb sync`;
+# the cache folder, the artifact cache and wandb-core's logs. The config folder (user settings) is left alone.
+WANDB_RUN_FOLDERS = {"WANDB_DATA_DIR": "data", "WANDB_CACHE_DIR": "cache"}
+
+
+@contextmanager
+def wandb_files_in(run_dir: Path) -> Iterator[None]:
+    """Inside the block, every file wandb writes goes under ``<run_dir>/wandb/`` (the run's own folder, and
+    ``data/``, ``cache/`` beside it); the environment is restored after."""
+    saved = {name: os.environ.get(name) for name in WANDB_RUN_FOLDERS}
+    os.environ.update({name: str((run_dir / "wandb" / folder).resolve()) for name, folder in WANDB_RUN_FOLDERS.items()})
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
 
 def build_logger(cfg: DictConfig, run_dir: Path) -> Logger:
+    """The run's logger; create it (and log to it, and finish it) inside ``wandb_files_in(run_dir)`` so that W&B
+    keeps every file under the run directory."""
     if LoggerName(cfg.logger.name) is LoggerName.csv:
         return CSVLogger(save_dir=str(run_dir), name="csv")
     mode = {"dryrun": "offline"}.get(cfg.logger.mode, cfg.logger.mode)  # wandb's own older name, set after init

@@ -11,8 +11,10 @@ Path rule (one rule for every stage): a path that starts with ``@out/`` is a com
 under ``data.out_dir``; every other path is a source photograph and resolves under ``data.image_root``.
 Absolute paths and paths that leave their root (``..``) are rejected.
 
-The reader also accepts the official MIA-DPO release format (``image``: a path or a list of paths instead of
-``images``; no ``meta``).
+The reader also accepts the official MIA-DPO release as its generator scripts write it: a JSON array
+(``json.dump(..., indent=4)``) instead of JSONL; ``image`` (a path or a list of paths) instead of ``images``; no
+``meta``; ``<image-placeholder>`` as the image marker (read as ``<image>``); and the reference training code's rule
+for a single ``image`` string: any marker in the prompt is dropped and one ``<image>\n`` is prepended.
 """
 
 from __future__ import annotations
@@ -28,11 +30,12 @@ from typing import Any
 from PIL import Image
 
 from miadpo.config import BadRecordPolicy
-from miadpo.jsonl import atomic_replace
+from miadpo.jsonl import atomic_replace, iter_raw_records
 
 log = logging.getLogger(__name__)
 
 IMAGE_TOKEN = "<image>"
+RELEASE_IMAGE_TOKEN = "<image-placeholder>"  # the official release's marker
 COMPOSED_PREFIX = "@out/"
 FORMATS = ("sequence", "grid", "pip")
 
@@ -157,11 +160,11 @@ def parse_pair(obj: Any) -> PairRecord:
     if "id" not in obj:
         raise ValueError("field 'id' missing")
     images = obj.get("images", obj.get("image"))
-    if isinstance(images, str):
-        images = [images]
+    prompt = _check_text(obj, "prompt").replace(RELEASE_IMAGE_TOKEN, IMAGE_TOKEN)
+    if isinstance(images, str) and "images" not in obj:  # the reference training code's single-image rule
+        images, prompt = [images], IMAGE_TOKEN + "\n" + prompt.replace(IMAGE_TOKEN, "").strip()
     if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
         raise ValueError("field 'images' (or 'image') missing or not a list of paths")
-    prompt = _check_text(obj, "prompt")
     chosen = _check_text(obj, "chosen")
     rejected = _check_text(obj, "rejected")
     n_tokens = prompt.count(IMAGE_TOKEN)
@@ -192,38 +195,32 @@ def read_pairs(
     report: BadRecordReport,
     check_images: bool = True,
 ) -> list[PairRecord]:
-    """Read and validate a pair JSONL. Bad records go to ``report`` (skip or raise per its policy)."""
+    """Read and validate a pair file (JSONL, or a JSON array as the official release ships). Bad records go to
+    ``report`` (skip or raise per its policy)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"pair file not found: {path}")
     records: list[PairRecord] = []
     seen: set[str] = set()
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            report.total += 1
-            record_id = None
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                report.add(BadRecord(str(path), line_no, None, f"malformed JSON: {exc}"))
-                continue
-            if isinstance(obj, dict) and "id" in obj:
-                record_id = str(obj["id"])
-            try:
-                record = parse_pair(obj)
-                if record.id in seen:
-                    raise ValueError("duplicate id")
-                for rel in record.images:
-                    resolved = roots.resolve(rel)
-                    if check_images:
-                        check_image(resolved)
-            except ValueError as exc:
-                report.add(BadRecord(str(path), line_no, record_id, str(exc)))
-                continue
-            seen.add(record.id)
-            records.append(record)
+    for raw in iter_raw_records(path):
+        report.total += 1
+        obj = raw.value
+        record_id = str(obj["id"]) if isinstance(obj, dict) and "id" in obj else None
+        try:
+            if raw.error is not None:
+                raise ValueError(raw.error)
+            record = parse_pair(obj)
+            if record.id in seen:
+                raise ValueError("duplicate id")
+            for rel in record.images:
+                resolved = roots.resolve(rel)
+                if check_images:
+                    check_image(resolved)
+        except ValueError as exc:
+            report.add(BadRecord(str(path), raw.line, record_id, str(exc)))
+            continue
+        seen.add(record.id)
+        records.append(record)
     if report.total == 0:
         raise BadRecordError(f"pair file {path} holds no records")
     report.finish()

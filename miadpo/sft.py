@@ -20,9 +20,9 @@ from omegaconf import DictConfig
 from peft import PeftModel
 from torch.utils.data import DataLoader, Dataset
 
-from miadpo.augment.source import iter_raw_records
-from miadpo.config import OptimConfig, SFTDataConfig, register_configs
+from miadpo.config import OptimConfig, SFTDataConfig, config_dir, register_configs
 from miadpo.datamodule import load_image, split_train_val
+from miadpo.jsonl import iter_raw_records
 from miadpo.lightning_setup import build_strategy, check_trainer_args
 from miadpo.models import build_adapter
 from miadpo.models.base import ModelAdapter
@@ -31,7 +31,7 @@ from miadpo.pairs import BadRecord, BadRecordReport, ImageRoots, PairRecord
 
 log = logging.getLogger(__name__)
 register_configs()
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONFIG_DIR = config_dir()
 
 
 def read_sft_records(files: Sequence[str], roots: ImageRoots, report: BadRecordReport) -> list[PairRecord]:

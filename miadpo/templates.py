@@ -5,6 +5,7 @@ The answer is appended directly after ``render(prompt)`` and ends with the token
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 
@@ -20,6 +21,37 @@ class ChatTemplate:
     def render(self, prompt: str) -> str:
         """Text that precedes the answer for a single-turn prompt."""
         return f"{self.system}{self.user_prefix}{prompt}{self.assistant_prefix}"
+
+    def jinja(self, image_marker: str) -> str:
+        """The template as a transformers chat template (``apply_chat_template``), rendering exactly what miadpo
+        trains on: ``bos_token`` (when the tokenizer has one) + :meth:`render` of the user turn, each image content
+        block as ``image_marker``; an assistant turn is its text + the end token (the template's, else EOS), as
+        miadpo appends answers — tokenized apart from the prompt, as TRL and miadpo do; ``add_generation_prompt``
+        ends with the assistant prefix. A system message is refused: the template carries its own system text."""
+        def literal(text: str) -> str:
+            return json.dumps(text, ensure_ascii=False)
+
+        end = literal(self.end_token) if self.end_token else "eos_token"
+        content = ("{%- if message['content'] is string -%}{{ message['content'] }}{%- else -%}"
+                   "{%- for block in message['content'] -%}"
+                   f"{{%- if block['type'] == 'image' -%}}{{{{ {literal(image_marker)} }}}}"
+                   "{%- elif block['type'] == 'text' -%}{{ block['text'] }}{%- endif -%}"
+                   "{%- endfor -%}{%- endif -%}")
+        return (
+            "{%- if bos_token -%}{{ bos_token }}{%- endif -%}"
+            f"{{{{ {literal(self.system)} }}}}"
+            "{%- for message in messages -%}"
+            "{%- if message['role'] == 'user' -%}"
+            f"{{{{ {literal(self.user_prefix)} }}}}{content}"
+            "{%- elif message['role'] == 'assistant' -%}"
+            f"{{{{ {literal(self.assistant_prefix)} }}}}{content}{{{{ {end} }}}}"
+            "{%- else -%}"
+            f"{{{{ raise_exception('the {self.name} template takes user and assistant messages only, not ' + "
+            "message['role']) }}"
+            "{%- endif -%}"
+            "{%- endfor -%}"
+            f"{{%- if add_generation_prompt -%}}{{{{ {literal(self.assistant_prefix)} }}}}{{%- endif -%}}"
+        )
 
 
 _LLAVA_SYSTEM = (

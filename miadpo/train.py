@@ -9,6 +9,7 @@ import json
 import logging
 import os
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,12 +20,12 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
-from miadpo.callbacks import BeforeAfterEval, ExportModel
-from miadpo.config import register_configs
+from miadpo.callbacks import BeforeAfterEval, ExportModel, LogLastStep
+from miadpo.config import LoggerName, config_dir, register_configs
 from miadpo.data_report import log_data_report, write_data_report
 from miadpo.datamodule import PairCollator, PairDataModule, ResumeDataOrder
 from miadpo.evaluate import llava_items, tsv_items
-from miadpo.lightning_setup import build_logger, build_strategy, check_trainer_args
+from miadpo.lightning_setup import build_logger, build_strategy, check_trainer_args, wandb_files_in
 from miadpo.models import ModelAdapter, build_adapter
 from miadpo.module import DPOModule, build_pair_forward
 from miadpo.pair_forward import PairForward
@@ -37,7 +38,7 @@ from miadpo.toyworld.scenes import scene_index
 
 log = logging.getLogger(__name__)
 register_configs()
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONFIG_DIR = config_dir()
 
 
 @dataclass
@@ -150,8 +151,8 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> TrainR
         base_path = str((run_dir / "base_model").resolve())
         if rank_zero_only.rank == 0:
             adapter.save_base(base_path)
-    else:
-        base_path = cfg.model.path
+    else:  # recorded in the exported adapter: a local directory as an absolute path, resolvable from anywhere
+        base_path = str(Path(cfg.model.path).resolve()) if Path(cfg.model.path).is_dir() else cfg.model.path
     if cfg.data.pairs is None and cfg.data.source:
         cfg.data.pairs = str(select_before_training(cfg, adapter))
     forward = build_pair_forward(adapter, cfg.dpo.fast)
@@ -165,6 +166,10 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> TrainR
     module = DPOModule(adapter, cfg.dpo, cfg.optim, pair_forward=forward, cached_reference=cfg.dpo.fast.reference_cache)
     checkpoint = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
+        # epoch0-step3.ckpt: no "=" (Lightning's default epoch=0-step=3 is not a valid Hydra override value, so
+        # `ckpt_path=<it>` could not be passed on the command line).
+        filename="epoch{epoch}-step{step}",
+        auto_insert_metric_name=False,
         save_last=cfg.checkpoint.save_last,
         save_top_k=cfg.checkpoint.save_top_k,
         every_n_train_steps=cfg.checkpoint.every_n_train_steps,
@@ -172,22 +177,23 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> TrainR
         mode=cfg.checkpoint.mode,
     )
     export = ExportModel(adapter, run_dir, base_path)
-    logger = build_logger(cfg, run_dir)
-    if cfg.data.report_samples and rank_zero_only.rank == 0:
-        report_data(cfg, datamodule, run_dir, logger)
-    callbacks: list[L.Callback] = [checkpoint, export, LearningRateMonitor("step"), ResumeDataOrder(),
-                                   *extra_callbacks]
-    before_after = build_before_after(cfg, adapter, run_dir)
-    if before_after is not None:
-        callbacks.append(before_after)
-    trainer = build_trainer(cfg, run_dir, callbacks, logger)
-    logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-
     wandb_run = None
-    if isinstance(logger, WandbLogger) and trainer.is_global_zero and cfg.logger.mode != "disabled":
-        wandb_run = Path(logger.experiment.dir).parent
-        logger.experiment.finish()
+    with wandb_files_in(run_dir) if LoggerName(cfg.logger.name) is LoggerName.wandb else nullcontext():
+        logger = build_logger(cfg, run_dir)
+        if cfg.data.report_samples and rank_zero_only.rank == 0:
+            report_data(cfg, datamodule, run_dir, logger)
+        # LogLastStep first: its metrics reach the loggers before the other callbacks' end-of-training entries.
+        callbacks: list[L.Callback] = [LogLastStep(), checkpoint, export, LearningRateMonitor("step"),
+                                       ResumeDataOrder(), *extra_callbacks]
+        before_after = build_before_after(cfg, adapter, run_dir)
+        if before_after is not None:
+            callbacks.append(before_after)
+        trainer = build_trainer(cfg, run_dir, callbacks, logger)
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        if isinstance(logger, WandbLogger) and trainer.is_global_zero and cfg.logger.mode != "disabled":
+            wandb_run = Path(logger.experiment.dir).parent
+            logger.experiment.finish()
     last = Path(checkpoint.last_model_path) if checkpoint.last_model_path else None
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     result = TrainResult(run_dir, last, export.exported, wandb_run, metrics, trainer.global_step)

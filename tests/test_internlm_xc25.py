@@ -51,6 +51,21 @@ def test_pixels_are_padded_white_at_the_bottom_or_right() -> None:
     assert (tall[:, :330] == (10, 10, 200)).all() and (tall[:, 340:] == 255).all()
 
 
+@pytest.mark.parametrize(("size", "hd_num"), [((437, 1013), 6), ((1440, 1920), 24), ((1440, 1920), 1)])
+def test_a_portrait_image_is_transposed_resized_padded_and_transposed_back(size, hd_num) -> None:
+    """The original's order, pixel for pixel: PIL's two-pass resize rounds between passes, so resizing the
+    upright image gives other values."""
+    picture = Image.fromarray(np.random.default_rng(3).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+    layout = hd_layout(size, hd_num)
+    landscape = picture.transpose(Image.Transpose.TRANSPOSE)
+    canvas = Image.new("RGB", layout.padded[::-1], (255, 255, 255))
+    canvas.paste(landscape.resize(layout.resized[::-1], Image.BILINEAR), (0, 0))
+    expected = np.asarray(canvas.transpose(Image.Transpose.TRANSPOSE))
+    assert np.array_equal(np.asarray(hd_image(picture, layout)), expected)
+    upright = np.asarray(picture.resize(layout.resized, Image.BILINEAR))
+    assert not np.array_equal(upright, expected[: layout.resized[1], : layout.resized[0]])  # the order matters
+
+
 def test_views_are_the_bicubic_global_view_then_the_crops_row_major() -> None:
     processor = HDImageProcessor(hd_num_multi=6)
     picture = Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 1000, 3), dtype=np.uint8))
@@ -329,9 +344,13 @@ def test_dynamic_ntk_grows_the_rotary_base_only_beyond_the_trained_length() -> N
 
 
 # ----- loading the official checkpoint layout ------------------------------------------------------------
+TASK_LORAS = {"sft": 6, "dpo": 6, "web": 12}  # the released checkpoint's ranks are 256, 256, 512
+
+
 def official_checkpoint(directory, tower_prefix: str = "vit.vision_tower.vision_model.", rename=None,
-                        positions: int | None = None):
-    """A synthetic checkpoint with the official names (CLIP under ``vision_model.``) and config.json."""
+                        positions: int | None = None, extra: dict | None = None):
+    """A synthetic checkpoint with the official names (CLIP under ``vision_model.``), the task LoRAs of every
+    Partial-LoRA linear (``lora_sft/dpo/web_A/B``, unused by our model) and config.json."""
     import json
 
     from safetensors.torch import save_file
@@ -346,6 +365,12 @@ def official_checkpoint(directory, tower_prefix: str = "vit.vision_tower.vision_
         if name.startswith(TOWER_PREFIXES[1]) and not name.startswith(TOWER_PREFIXES[0]):
             name = tower_prefix + name[len(TOWER_PREFIXES[1]):]
         tensors[(rename or {}).get(name, name)] = tensor.clone()
+    for name, module in model.named_modules():
+        if hasattr(module, "Plora_A"):
+            for task, rank in TASK_LORAS.items():
+                tensors[f"{name}.lora_{task}_A.weight"] = torch.randn(rank, module.in_features)
+                tensors[f"{name}.lora_{task}_B.weight"] = torch.randn(module.out_features, rank)
+    tensors.update(extra or {})
     if positions is not None:
         key = next(k for k in tensors if k.endswith("embeddings.position_embedding.weight"))
         tensors[key] = torch.randn(positions, tensors[key].shape[1])
@@ -367,7 +392,8 @@ def test_official_names_load_with_nothing_missing_or_unexpected(tmp_path, monkey
     monkeypatch.setattr(checkpoint, "CLIP_L14_560", tiny_config().vision_config.to_dict())
     source, tensors = official_checkpoint(tmp_path / "official")
     assert any(name.startswith("vit.vision_tower.vision_model.") for name in tensors)
-    assert all(checkpoint.is_checkpoint_name(name) for name in tensors)  # the table covers every name
+    # the tables cover every name: loaded, or known and unused (the task LoRAs)
+    assert all(checkpoint.is_checkpoint_name(n) or checkpoint.unused_tensor_owner(n) for n in tensors)
     model = checkpoint.load_model(tmp_path / "official", dtype=torch.float32)
     assert model.config.plora_r == 4 and model.config.rotary_dynamic_factor == 2.0  # rank read off the tensors
     for name, tensor in source.state_dict().items():
@@ -375,6 +401,28 @@ def test_official_names_load_with_nothing_missing_or_unexpected(tmp_path, monkey
     ids = torch.tensor([[1, 5, 7, 9]])
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, source.eval()(input_ids=ids).logits)
+
+
+def test_task_loras_of_the_release_are_skipped_and_counted_never_unknown_names(tmp_path, monkeypatch, caplog) -> None:
+    from miadpo.models.internlm_xc25 import checkpoint
+    from miadpo.models.internlm_xc25.modeling import InternLMXComposer2ForCausalLM
+
+    monkeypatch.setattr(checkpoint, "CLIP_L14_560", tiny_config().vision_config.to_dict())
+    _, tensors = official_checkpoint(tmp_path / "official")
+    task_names = sorted(n for n in tensors if ".lora_" in n)
+    assert len(task_names) == 60  # 2 layers × 5 Partial-LoRA linears × (sft, dpo, web) × (A, B)
+    model = InternLMXComposer2ForCausalLM(checkpoint.load_config(tmp_path / "official"))
+    with caplog.at_level("DEBUG", logger=checkpoint.__name__):
+        report = checkpoint.load_checkpoint(model, tmp_path / "official")
+    assert sorted(report.skipped) == task_names
+    assert report.loaded == len(model.state_dict())
+    assert "skipped 60 task-LoRA tensors" in caplog.text
+    assert "model.layers.0.attention.wo.lora_dpo_A.weight" in caplog.text  # the names, at debug level
+    # a task LoRA of a linear the model lacks, or an unknown adapter name, is still an error
+    for name in ("model.layers.7.attention.wo.lora_dpo_A.weight", "model.layers.0.attention.wo.lora_foo_A.weight"):
+        official_checkpoint(tmp_path / name, extra={name: torch.zeros(6, 32)})
+        with pytest.raises(checkpoint.CheckpointMismatchError, match=f"unexpected in the checkpoint \\(1\\): {name}"):
+            checkpoint.load_model(tmp_path / name, dtype=torch.float32)
 
 
 def test_a_renamed_or_reshaped_tensor_is_reported_by_name(tmp_path, monkeypatch) -> None:
@@ -541,18 +589,103 @@ def test_the_paper_run_shape_composes_and_validates() -> None:
     assert effective_batch == 64 and cfg.strategy.stage == 2 and cfg.trainer.precision == "bf16-mixed"
 
 
+CORPUS = ["the red square is left of the blue disc", "which image shows a green triangle", "answer briefly",
+          "image one has two cats and image two has a dog", "what colour is the shape in the second picture"] * 20
+
+
+def sentencepiece_weights_directory(directory, vocab_size: int = 64):
+    """``tokenizer.model`` trained here (InternLM2's ids: unk 0, <s> 1, </s> 2; chat markers as user-defined
+    pieces), the official tokenizer_config.json, and a remote-code file that records being imported."""
+    import io
+
+    import sentencepiece as spm
+
+    from miadpo.models.internlm_xc25.adapter import CHAT_TOKENS
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS), model_writer=model, vocab_size=vocab_size,
+                                   model_type="bpe", user_defined_symbols=CHAT_TOKENS, character_coverage=1.0,
+                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+    directory.mkdir(exist_ok=True)
+    (directory / "tokenizer.model").write_bytes(model.getvalue())
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "auto_map": {"AutoTokenizer": ["tokenization_internlm2.InternLM2Tokenizer", None]},
+        "tokenizer_class": "InternLM2Tokenizer", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "</s>",
+        "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False}))
+    (directory / "tokenization_internlm2.py").write_text(
+        "import pathlib\npathlib.Path(__file__).with_name('EXECUTED').write_text('remote code ran')\n")
+    return spm.SentencePieceProcessor(model_proto=model.getvalue())
+
+
+def test_the_internlm2_tokenizer_is_read_from_tokenizer_model_without_running_its_code(tmp_path) -> None:
+    from miadpo.models.internlm_xc25.adapter import CHAT_TOKENS, IMAGE_HERE, checkpoint_tokenizer
+
+    sp = sentencepiece_weights_directory(tmp_path)
+    tokenizer = checkpoint_tokenizer(tmp_path, image_token_id=sp.get_piece_size())
+    assert not (tmp_path / "EXECUTED").exists()
+    for text in ["which image shows a green triangle", "the red disc,  and   two cats?",
+                 f"{CHAT_TOKENS[1]}user\nanswer briefly{CHAT_TOKENS[0]}\n{CHAT_TOKENS[1]}assistant\n"]:
+        assert tokenizer(text)["input_ids"] == [1, *sp.encode(text)]  # <s> + SentencePiece, as the original
+        assert tokenizer(text, add_special_tokens=False)["input_ids"] == sp.encode(text)
+    assert [tokenizer.convert_tokens_to_ids(t) for t in CHAT_TOKENS] == [sp.piece_to_id(t) for t in CHAT_TOKENS]
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token) == (1, 2, "</s>")
+    ids = tokenizer(f"image one{IMAGE_HERE}{IMAGE_HERE}a dog", add_special_tokens=False)["input_ids"]
+    assert ids == [*sp.encode("image one"), sp.get_piece_size(), sp.get_piece_size(), *sp.encode("a dog")]
+    assert tokenizer.decode(sp.encode("which image shows a green triangle")) == "which image shows a green triangle"
+    tokenizer.save_pretrained(tmp_path / "saved")  # our own save reloads the same way
+    again = checkpoint_tokenizer(tmp_path / "saved", image_token_id=sp.get_piece_size())
+    chat = f"{CHAT_TOKENS[1]}user\nanswer{IMAGE_HERE} briefly"
+    assert again(chat)["input_ids"] == tokenizer(chat)["input_ids"]
+
+
+def test_added_tokens_of_the_tokenizer_config_are_split_first_at_their_ids(tmp_path) -> None:
+    """As transformers' slow tokenizer (the original's base) treats ``added_tokens_decoder``: never split, the
+    text around them encoded on its own."""
+    from miadpo.models.internlm_xc25.adapter import CHAT_TOKENS, checkpoint_tokenizer
+
+    sp = sentencepiece_weights_directory(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["added_tokens_decoder"] = {str(sp.piece_to_id(t)): {"content": t, "special": True} for t in CHAT_TOKENS}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    tokenizer = checkpoint_tokenizer(tmp_path, image_token_id=sp.get_piece_size())
+    end, start = (sp.piece_to_id(t) for t in CHAT_TOKENS)
+    assert tokenizer(f"{CHAT_TOKENS[1]}user answer briefly{CHAT_TOKENS[0]}")["input_ids"] == [
+        1, start, *sp.encode("user answer briefly"), end]
+    config["added_tokens_decoder"] = {"7": {"content": "<extra>", "special": True}}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="recorded at id 7 but gets id 64"):
+        checkpoint_tokenizer(tmp_path, image_token_id=sp.get_piece_size())
+
+
+def test_the_official_checkpoint_loads_with_remote_code_off(tmp_path, monkeypatch) -> None:
+    """``model=internlm_xc25`` on a weights directory in the official layout, ``trust_remote_code=false``."""
+    from miadpo.models import build_adapter
+    from miadpo.models.internlm_xc25 import checkpoint
+
+    monkeypatch.setattr(checkpoint, "CLIP_L14_560", tiny_config().vision_config.to_dict())
+    official_checkpoint(tmp_path / "official")
+    sentencepiece_weights_directory(tmp_path / "official", vocab_size=64)
+    cfg = model_cfg("internlm_xc25")
+    cfg.path, cfg.trust_remote_code, cfg.dtype, cfg.lora.enabled = str(tmp_path / "official"), False, "float32", False
+    adapter = build_adapter(cfg)
+    assert not (tmp_path / "official" / "EXECUTED").exists()
+    sample = adapter.encode(zoo_images(2), "Image1 <image>; Image2 <image>; which image shows a dog?", "the first")
+    plans = adapter.plan_images([im.size for im in zoo_images(2)])
+    assert int((sample.input_ids == 64).sum()) == sum(plan.num_tokens for plan in plans)
+
+
 def test_a_checkpoint_tokenizer_gets_image_here_after_its_vocabulary(tmp_path) -> None:
     from miadpo.models.internlm_xc25.adapter import CHAT_TOKENS, checkpoint_tokenizer
     from miadpo.models.tiny import build_tiny_tokenizer
 
     plain = build_tiny_tokenizer(300, ["<unk>", "<s>", "</s>", *CHAT_TOKENS], named={"pad_token": None}, extra={})
     plain.save_pretrained(tmp_path)
-    tokenizer = checkpoint_tokenizer(tmp_path, trust_remote_code=False, image_token_id=len(plain))
+    tokenizer = checkpoint_tokenizer(tmp_path, image_token_id=len(plain))
     assert tokenizer.convert_tokens_to_ids("<ImageHere>") == len(plain) and tokenizer.pad_token is not None
     ids = tokenizer("a<ImageHere><ImageHere>b", add_special_tokens=False)["input_ids"]
     assert ids.count(len(plain)) == 2
     with pytest.raises(ValueError, match="expects 7"):
-        checkpoint_tokenizer(tmp_path, trust_remote_code=False, image_token_id=7)
+        checkpoint_tokenizer(tmp_path, image_token_id=7)
 
 
 def test_the_default_config_has_the_checkpoint_shapes_of_the_7b_model() -> None:

@@ -76,6 +76,34 @@ def test_official_release_format_is_accepted(tmp_path: Path, pair_files) -> None
     assert not report.bad
 
 
+def test_the_official_release_reads_as_its_generator_scripts_write_it(tmp_path: Path) -> None:
+    """A JSON array (``json.dump(..., indent=4)``), ``<image-placeholder>`` markers, ``image`` lists, the extra
+    ``gt`` key, and a single ``image`` string whose prompt has no marker (the reference trainer prepends one)."""
+    two, one = good_record(tmp_path, 0, n_images=2), good_record(tmp_path, 1, n_images=1)
+    release = [
+        {"id": "000000033471", "image": two["images"],
+         "prompt": "Image1: <image-placeholder>\nImage2: <image-placeholder>\nIn Image2, what colour is the bus?",
+         "chosen": "White and blue.", "rejected": "Red.", "gt": "White and blue."},
+        {"id": "A0001", "image": one["images"][0], "prompt": "What is the man holding?",
+         "chosen": "An umbrella.", "rejected": "A surfboard.", "gt": "An umbrella."},
+        {"id": "A0002", "image": one["images"][0], "prompt": "<image>\nWhat is it?", "chosen": "A cat.",
+         "rejected": "A dog.", "gt": "A cat."},
+        {"id": "bad", "image": two["images"], "prompt": "Image1: <image-placeholder>\nWhat?", "chosen": "a",
+         "rejected": "b", "gt": "a"},
+    ]
+    path = tmp_path / "duotu_74.json"
+    path.write_text(json.dumps(release, indent=4))
+    records, report = read(path, tmp_path)
+    assert [r.id for r in records] == ["000000033471", "A0001", "A0002"]
+    assert records[0].prompt == "Image1: <image>\nImage2: <image>\nIn Image2, what colour is the bus?"
+    assert records[0].images == two["images"]
+    assert records[1].prompt == "<image>\nWhat is the man holding?" and records[1].images == one["images"]
+    assert records[2].prompt == "<image>\nWhat is it?"
+    (bad,) = report.bad
+    first_line = path.read_text().splitlines().index('        "id": "bad",')  # 0-based: the line of the '{'
+    assert (bad.line, bad.id) == (first_line, "bad") and "prompt has 1 <image> for 2 images" in bad.reason
+
+
 def corrupt_record(tmp_path: Path) -> dict:
     record = good_record(tmp_path, 16)
     (tmp_path / "images" / record["images"][0]).write_bytes(b"\x89PNG not really")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,14 +22,14 @@ from PIL import Image
 from test_augment import PHOTOS, write_source
 
 from miadpo.augment.formats import compose_grid, compose_pip, grid_conversations, sequence_conversations
-from miadpo.config import DataConfig, GridAugmentConfig, SelectionConfig
+from miadpo.config import DataConfig, ExportImagePaths, GridAugmentConfig, SelectionConfig
 from miadpo.models.base import EncodedSample
-from miadpo.pairs import ImageRoots
+from miadpo.pairs import ImageRoots, PairRecord
 from miadpo.select import stage as stage_module
 from miadpo.select.candidates import CandidateGenerator, SelectionInput, add_noise, normalise_answer, record_rng
 from miadpo.select.capture import region_ratio, sequence_ratio
 from miadpo.select.rules import KEPT, edit_similarity, select_pairs
-from miadpo.select.stage import CANDIDATES_FILE, run_selection
+from miadpo.select.stage import CANDIDATES_FILE, run_selection, write_exports
 from miadpo.train import train
 
 QUESTION = [{"from": "human", "value": "<image>\nWhat colour is the box?"}, {"from": "gpt", "value": "Red."}]
@@ -283,11 +284,26 @@ def test_stage_writes_pairs_report_and_exports(adapter, tmp_path: Path) -> None:
     assert len(decisions) == len(candidates) and sum(d["decision"] == KEPT for d in decisions) == len(pairs)
     assert "pairs:" in (out / "report.txt").read_text()
     trl = [json.loads(line) for line in (out / "trl.jsonl").read_text().splitlines()]
-    assert trl[0]["prompt"][0]["role"] == "user" and all(Path(p).is_file() for p in trl[0]["images"])
+    assert trl[0]["prompt"][0]["role"] == "user" and all((out / p).is_file() for p in trl[0]["images"])
     assert sum(part["type"] == "image" for part in trl[0]["prompt"][0]["content"]) == len(trl[0]["images"])
     factory = json.loads((out / "llamafactory.json").read_text())
     assert factory[0]["chosen"]["from"] == "gpt" and factory[0]["conversations"][0]["value"] == pairs[0]["prompt"]
     assert json.loads((out / "dataset_info.json").read_text())["miadpo"]["ranking"] is True
+    # The exports survive a move of the data tree: image paths are relative to the pair directory
+    # (LLaMA-Factory's media_dir defaults to its dataset_dir), unless selection.export_image_paths=absolute.
+    moved = tmp_path.parent / f"{tmp_path.name}-moved"
+    shutil.copytree(tmp_path, moved)
+    moved_out = moved / out.relative_to(tmp_path)
+    for name in ("trl.jsonl", "llamafactory.json"):
+        text = (moved_out / name).read_text()
+        rows = [json.loads(line) for line in text.splitlines()] if name.endswith("jsonl") else json.loads(text)
+        paths = [p for row in rows for p in row["images"]]
+        assert paths and not any(Path(p).is_absolute() for p in paths)
+        assert all((moved_out / p).is_file() and (moved_out / p).resolve().is_relative_to(moved) for p in paths)
+    records = [PairRecord(**row) for row in pairs]
+    write_exports(out, records, ImageRoots.of(data), ExportImagePaths.absolute)
+    absolute = [json.loads(line)["images"] for line in (out / "trl.jsonl").read_text().splitlines()]
+    assert absolute[0] == [str((out / p).resolve()) for p in trl[0]["images"]]
 
 
 def test_changing_a_threshold_reuses_the_candidates(adapter, tmp_path: Path, monkeypatch) -> None:

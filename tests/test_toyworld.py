@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 from pathlib import Path
 
@@ -14,7 +12,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from miadpo.config import SFTJobConfig
-from miadpo.evaluate import EvalItem, option_letter, score, tsv_items
+from miadpo.evaluate import EvalItem, score
 from miadpo.models import build_adapter
 from miadpo.sft import SFTModule, run_sft, sft_loaders
 from miadpo.toyworld.base import build_base, cell_labels, toy_model_config
@@ -85,27 +83,6 @@ def test_scoring_known_predictions_with_error_classes() -> None:
     assert row["n"] == 4 and row["accuracy"] == 25.0
     assert row["distractor %"] == 25.0 and row["in no image %"] == 25.0 and row["other %"] == 25.0
     assert table["single"]["accuracy"] == 100.0
-
-
-def image_b64(colour: tuple[int, int, int]) -> str:
-    buffer = io.BytesIO()
-    Image.new("RGB", (20, 20), colour).save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
-def test_vlmevalkit_tsv_with_several_images(tmp_path: Path) -> None:
-    two = str([image_b64((255, 0, 0)), image_b64((0, 0, 255))])
-    rows = ["index\tquestion\tA\tB\tC\tD\tanswer\timage",
-            f"1\tWhich image is red?\tthe first\tthe second\t\t\tA\t{two}",
-            f"2\tWhat colour?\tred\tgreen\tblue\tblack\tC\t{image_b64((0, 0, 255))}"]
-    path = tmp_path / "bench.tsv"
-    path.write_text("\n".join(rows) + "\n")
-    items = tsv_items(path)
-    assert len(items[0].images) == 2 and items[0].prompt.startswith("<image>\n<image>\nWhich image is red?")
-    assert "C. blue" in items[1].prompt and items[0].options == {"A": "the first", "B": "the second"}
-    table = score(items, ["A", "(B) green"], None)
-    assert table["tsv:bench"] == {"n": 2, "accuracy": 50.0}
-    assert option_letter("blue", items[1].options) == "C" and option_letter("no idea", items[1].options) is None
 
 
 def sft_config(tmp_path: Path, files: list[str], epochs: int) -> SFTJobConfig:

@@ -118,7 +118,7 @@ def test_fast_dev_run_monitored_checkpoint_and_throughput(tmp_path: Path) -> Non
     result = train(compose_train(FAST + ["trainer.max_steps=4", "data.val_fraction=0.25",
                                          "trainer.val_check_interval=2", "checkpoint.monitor=val/rewards/accuracies",
                                          "checkpoint.save_top_k=1"], tmp_path / "monitored"))
-    best = list((result.run_dir / "checkpoints").glob("epoch=*.ckpt"))
+    best = list((result.run_dir / "checkpoints").glob("epoch*-step*.ckpt"))
     assert len(best) == 1 and (result.run_dir / "checkpoints" / "last.ckpt").is_file()
     assert result.metrics["pairs_per_s"] > 0
 
@@ -171,3 +171,45 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_weights(tmp_path: P
     b = load_file(resumed.exported / "adapter_model.safetensors")
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-6), key
+
+
+def test_a_step_checkpoint_resumes_from_a_command_line_override(tmp_path: Path) -> None:
+    first = train(compose_train(FAST + ["trainer.max_steps=3"], tmp_path / "first"))
+    (step_checkpoint,) = (first.run_dir / "checkpoints").glob("epoch*.ckpt")
+    run_dir = tmp_path / "resumed"
+    proc = run_module(["miadpo.train", "model=tiny_llava", "data=synthetic", "logger=csv", "trainer.max_steps=5",
+                       "data.synthetic.num_pairs=24", "trainer.enable_progress_bar=false",
+                       f"data.out_dir={tmp_path / 'first' / 'data'}", f"hydra.run.dir={run_dir}",
+                       f"ckpt_path={step_checkpoint}"], cwd=tmp_path)
+    # Lightning's default name, epoch=0-step=3.ckpt, fails here: "=" is not allowed in an override's value.
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((run_dir / "metrics.json").read_text())["global_step"] == 5
+    assert step_checkpoint.name == "epoch0-step3.ckpt"
+
+
+def test_offline_wandb_run_keeps_its_files_in_the_run_directory(tmp_path: Path, monkeypatch) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    for name in ("XDG_DATA_HOME", "XDG_CACHE_HOME", "WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    # The data report's table of images is what wandb stages (copies aside until `wandb sync`).
+    result = train(compose_train(FAST + ["trainer.max_steps=1", "logger=wandb", "logger.mode=offline",
+                                         "data.report_samples=2"], tmp_path))
+    assert result.wandb_run is not None
+    assert not [p for p in home.rglob("*") if "wandb" in p.parts], "wandb wrote outside the run directory"
+    staged = [p for p in (result.run_dir / "wandb" / "data" / "artifacts" / "staging").iterdir() if p.is_file()]
+    assert staged
+    assert "WANDB_DATA_DIR" not in os.environ and "WANDB_CACHE_DIR" not in os.environ  # restored after the run
+
+
+@pytest.mark.parametrize(("max_steps", "every", "logged"), [(3, 50, [2]), (4, 2, [1, 3]), (5, 2, [1, 3, 4])])
+def test_the_last_step_is_logged(tmp_path: Path, max_steps: int, every: int, logged: list[int]) -> None:
+    import csv
+
+    result = train(compose_train(["data.synthetic.num_pairs=24", f"trainer.max_steps={max_steps}",
+                                  f"trainer.log_every_n_steps={every}"], tmp_path))
+    with (result.run_dir / "csv" / "version_0" / "metrics.csv").open() as handle:
+        rows = [row for row in csv.DictReader(handle) if row.get("loss")]
+    assert [int(row["step"]) for row in rows] == logged
+    assert all(row["rewards/margins"] for row in rows)

@@ -178,6 +178,29 @@ def test_saved_base_reloads_to_the_same_logits(zoo: ModelAdapter, zoo_name: str,
     assert torch.allclose(a, b, atol=1e-5)
 
 
+def test_the_saved_chat_template_renders_miadpos_prompt_and_ids(zoo: ModelAdapter, tmp_path: Path) -> None:
+    """Every family's saved tokenizer carries a chat template (transformers' ``apply_chat_template``) that renders
+    the prompt miadpo trains on; each image marker expanded to the image's tokens gives miadpo's input ids."""
+    from transformers import AutoTokenizer
+
+    zoo.save_base(tmp_path / "base")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "base")
+    text, pictures = prompt(3), images(3)
+    pieces = text.split("<image>")
+    content = [{"type": "text", "text": pieces[0]}]
+    for piece in pieces[1:]:
+        content += [{"type": "image"}, {"type": "text", "text": piece}]
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                             tokenize=False)
+    assert rendered == (tokenizer.bos_token or "") + zoo.template.render(text.replace("<image>",
+                                                                                      zoo.chat_image_marker))
+    parts = rendered.split(zoo.chat_image_marker)
+    geometries = zoo.plan_images([picture.size for picture in pictures])
+    expanded = parts[0] + "".join(zoo.image_placeholder(g) + part for g, part in zip(geometries, parts[1:]))
+    sample = zoo.encode(pictures, text)
+    assert tokenizer(expanded, add_special_tokens=False)["input_ids"] == sample.input_ids.tolist()
+
+
 def test_train_entry_runs_three_steps(zoo_name: str, tmp_path: Path) -> None:
     result = train(compose_train([f"model={zoo_name}", "trainer.max_steps=3", "data.synthetic.num_pairs=12",
                                   "data.batch_size=2"], tmp_path))

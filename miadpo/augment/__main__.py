@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import hydra
 from omegaconf import DictConfig
 
 from miadpo.augment.runner import RECORDS_FILE, run_augmentation
-from miadpo.config import register_configs
+from miadpo.config import config_dir, register_configs
 
 register_configs()
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent.parent / "conf")
+CONFIG_DIR = config_dir()
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="augment")

@@ -1,22 +1,18 @@
 """Reading LLaVA-format single-image instruction data (``{id, image, conversations}``).
 
-Accepts a JSON array (as LLaVA-665k ships) or JSONL. A JSON array is decoded record by record, so a file cut
-short still yields every record before the cut, and the cut is reported with its line.
+Accepts a JSON array (as LLaVA-665k ships) or JSONL (``miadpo.jsonl.iter_raw_records``).
 """
 
 from __future__ import annotations
 
-import json
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from miadpo.config import AugmentConfig
+from miadpo.jsonl import RawRecord, iter_raw_records
 from miadpo.pairs import BadRecord, BadRecordReport, ImageRoots
-
-_WHITESPACE = " \t\r\n"
 
 
 @dataclass(frozen=True)
@@ -27,47 +23,6 @@ class SourceRecord:
     image: str  # path under data.image_root
     source: str  # coco, gqa, ocr_vqa, textvqa, vg, ...
     conversations: tuple[dict[str, str], ...]
-
-
-@dataclass(frozen=True)
-class RawRecord:
-    index: int
-    line: int
-    value: Any = None
-    error: str | None = None
-
-
-def iter_raw_records(path: Path) -> Iterator[RawRecord]:
-    """Yield each top-level record of a JSON array or JSONL file with its line; decoding errors as records."""
-    text = path.read_text(encoding="utf-8")
-    start = len(text) - len(text.lstrip(_WHITESPACE))
-    if text[start : start + 1] != "[":
-        for index, (line_no, line) in enumerate((n, s) for n, s in enumerate(text.splitlines(), 1) if s.strip()):
-            try:
-                yield RawRecord(index, line_no, json.loads(line))
-            except json.JSONDecodeError as exc:
-                yield RawRecord(index, line_no, error=f"malformed JSON: {exc.msg}")
-        return
-    decoder = json.JSONDecoder()
-    pos, line, index = start + 1, 1 + text.count("\n", 0, start + 1), 0
-    while True:
-        while pos < len(text) and text[pos] in _WHITESPACE + ",":
-            line += text[pos] == "\n"
-            pos += 1
-        if pos >= len(text):
-            yield RawRecord(index, line, error="truncated JSON: the array is not closed")
-            return
-        if text[pos] == "]":
-            return
-        try:
-            value, end = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as exc:
-            yield RawRecord(index, line, error=f"malformed or truncated JSON ({exc.msg}); the rest of the file "
-                                              "cannot be read")
-            return
-        yield RawRecord(index, line, value)
-        line += text.count("\n", pos, end)
-        pos, index = end, index + 1
 
 
 def _conversations(value: Any) -> tuple[dict[str, str], ...]:

@@ -133,12 +133,20 @@ class ProcessorFiles:
     torchvision; adapters of those families save (and load) the two parts instead.
     """
 
-    def __init__(self, tokenizer: Any, image_processor: Any) -> None:
+    def __init__(self, tokenizer: Any, image_processor: Any, chat_template: str | None = None) -> None:
         self.tokenizer = tokenizer
         self.image_processor = image_processor
+        self.chat_template = chat_template
 
     def save_pretrained(self, directory: str | Path) -> None:
-        self.tokenizer.save_pretrained(directory)
+        """Both parts; the chat template goes with the tokenizer (``tokenizer.apply_chat_template``)."""
+        previous = getattr(self.tokenizer, "chat_template", None)
+        if self.chat_template is not None:
+            self.tokenizer.chat_template = self.chat_template
+        try:
+            self.tokenizer.save_pretrained(directory)
+        finally:
+            self.tokenizer.chat_template = previous
         self.image_processor.save_pretrained(directory)
 
 
@@ -207,7 +215,7 @@ class ModelAdapter(ABC):
 
     @abstractmethod
     def processor_for_saving(self) -> Any:
-        """A transformers processor (tokenizer + image processor) saved beside the weights."""
+        """A transformers processor (tokenizer + image processor + :meth:`chat_template`) saved beside the weights."""
 
     # ----- shared machinery -----------------------------------------------------------------------
     @property
@@ -226,6 +234,16 @@ class ModelAdapter(ABC):
     def plan_images(self, image_sizes: Sequence[tuple[int, int]]) -> list[ImageGeometry]:
         """Geometries of all images of one prompt (backbones whose layout depends on the image count override)."""
         return [self.image_geometry(size) for size in image_sizes]
+
+    @property
+    def chat_image_marker(self) -> str:
+        """What the saved chat template writes for one image: the text the family's processor expands into the
+        image's tokens (families with wrapper tokens override it)."""
+        return self.image_token
+
+    def chat_template(self) -> str:
+        """The Jinja chat template saved with every exported model: renders exactly miadpo's prompt."""
+        return self.template.jinja(self.chat_image_marker)
 
     def image_placeholder(self, geometry: ImageGeometry) -> str:
         """Text that stands for one image (backbones with wrapper or marker tokens override it)."""
@@ -470,4 +488,4 @@ class SeparatePartsAdapter(ModelAdapter):
         return cls(model, tokenizer, image_processor, get_template(cfg.template), cfg)
 
     def processor_for_saving(self) -> ProcessorFiles:
-        return ProcessorFiles(self.tokenizer, self.image_processor)
+        return ProcessorFiles(self.tokenizer, self.image_processor, self.chat_template())

@@ -12,7 +12,7 @@ from typing import Any
 
 from PIL import Image
 from torch import nn
-from transformers import AutoProcessor, LlavaForConditionalGeneration, LlavaProcessor
+from transformers import AutoProcessor, LlavaForConditionalGeneration, LlavaImageProcessorPil, LlavaProcessor
 
 from miadpo.config import ModelConfig
 from miadpo.models.base import (
@@ -76,7 +76,8 @@ class LlavaAdapter(ModelAdapter):
         return patches + (1 if self._config.vision_feature_select_strategy == "full" else 0)
 
     def _fill_colour(self) -> tuple[int, int, int]:
-        return tuple(int(round(255 * m)) for m in self.image_processor.image_mean)
+        """``int(255 · mean)`` per channel: LLaVA-1.5's expand2square fill (and transformers' ``do_pad``)."""
+        return tuple(int(255 * m) for m in self.image_processor.image_mean)
 
     def image_geometry(self, image_size: tuple[int, int]) -> ImageGeometry:
         """Map original pixels through pad → resize (shortest edge) → centre crop → patch cells."""
@@ -125,11 +126,23 @@ class LlavaAdapter(ModelAdapter):
                                geometries=[self.image_geometry(image.size) for image in images])
 
     def processor_for_saving(self) -> LlavaProcessor:
+        """A LlavaProcessor that preprocesses as miadpo does: its image processor pads to square with the same
+        fill (``do_pad``), and its chat template renders miadpo's prompt with BOS."""
         vision = self._config.vision_config
         return LlavaProcessor(
-            image_processor=self.image_processor,
+            image_processor=saving_image_processor(self.image_processor, self.cfg.pad_to_square),
             tokenizer=self.tokenizer,
             patch_size=vision.patch_size,
             vision_feature_select_strategy=self._config.vision_feature_select_strategy,
             num_additional_image_tokens=1,
+            chat_template=self.chat_template(),
         )
+
+
+def saving_image_processor(processor: Any, pad_to_square: bool) -> LlavaImageProcessorPil:
+    """The CLIP settings of ``processor`` as transformers' LLaVA image processor, padding to square when miadpo
+    does (its fill is ``int(255 · mean)``, as LLaVA-1.5's ``expand2square``)."""
+    keys = ("do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale", "rescale_factor",
+            "do_normalize", "image_mean", "image_std", "do_convert_rgb")
+    settings = {key: getattr(processor, key) for key in keys if getattr(processor, key, None) is not None}
+    return LlavaImageProcessorPil(**settings, do_pad=pad_to_square)

@@ -98,6 +98,10 @@ class QwenVLAdapter(SeparatePartsAdapter):
                          offset_x=0.0, offset_y=0.0)
         return ImageGeometry(image_size=image_size, num_tokens=grid.rows * grid.cols, grids=(grid,))
 
+    @property
+    def chat_image_marker(self) -> str:
+        return "<|vision_start|>" + self.image_token + "<|vision_end|>"  # as Qwen2-VL's own template writes it
+
     def image_placeholder(self, geometry: ImageGeometry) -> str:
         return "<|vision_start|>" + self.image_token * geometry.num_tokens + "<|vision_end|>"
 

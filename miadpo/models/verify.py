@@ -23,13 +23,13 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image, ImageDraw
 
-from miadpo.config import register_configs
+from miadpo.config import config_dir, register_configs
 from miadpo.datamodule import load_image
 from miadpo.generate import with_image_markers
 from miadpo.models import ModelAdapter, build_adapter
 
 register_configs()
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent.parent / "conf")
+CONFIG_DIR = config_dir()
 log = logging.getLogger(__name__)
 
 

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import hydra
 import lightning as L
 from omegaconf import DictConfig
 
-from miadpo.config import register_configs
+from miadpo.config import config_dir, register_configs
 from miadpo.lightning_setup import build_strategy, check_trainer_args
 from miadpo.models import build_adapter
 from miadpo.select.stage import run_selection
 
 register_configs()
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent.parent / "conf")
+CONFIG_DIR = config_dir()
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="select")

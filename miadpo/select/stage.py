@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,11 +30,11 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from miadpo.augment.runner import RECORDS_FILE, file_sha1, run_augmentation
-from miadpo.config import DataConfig, SelectionConfig
+from miadpo.config import DataConfig, ExportImagePaths, SelectionConfig
 from miadpo.jsonl import append_jsonl, atomic_replace, completed_ids, read_jsonl
 from miadpo.models.base import ModelAdapter
 from miadpo.models.identity import weights_identity
-from miadpo.pairs import ImageRoots, write_pairs
+from miadpo.pairs import ImageRoots, PairRecord, write_pairs
 from miadpo.select.candidates import CandidateGenerator, SelectionInput, selection_inputs
 from miadpo.select.capture import resolve_layer
 from miadpo.select.rules import LLAMAFACTORY_DATASET_INFO, report_text, select_pairs, to_llamafactory, to_trl
@@ -189,15 +190,32 @@ class SelectionStage:
             append_jsonl(handle, result.decisions)
         (out / "report.json").write_text(json.dumps(result.report, indent=2) + "\n")
         (out / "report.txt").write_text(report_text(result.report))
-        absolute = [[str(self.roots.resolve(p)) for p in pair.images] for pair in result.pairs]
-        with (out / "trl.jsonl").open("w", encoding="utf-8") as handle:
-            append_jsonl(handle, [to_trl(p, paths) for p, paths in zip(result.pairs, absolute)])
-        (out / "llamafactory.json").write_text(json.dumps(
-            [to_llamafactory(p, paths) for p, paths in zip(result.pairs, absolute)], ensure_ascii=False, indent=1))
-        (out / "dataset_info.json").write_text(json.dumps(
-            {"miadpo": {"file_name": "llamafactory.json", **LLAMAFACTORY_DATASET_INFO}}, indent=2) + "\n")
+        write_exports(out, result.pairs, self.roots, ExportImagePaths(self.selection.export_image_paths))
         log.info("selection: %s", report_text(result.report).replace("\n", "; "))
         return out / PAIRS_FILE
+
+
+def write_exports(directory: Path, pairs: Sequence[PairRecord], roots: ImageRoots,
+                  image_paths: ExportImagePaths = ExportImagePaths.relative) -> None:
+    """``trl.jsonl`` and ``llamafactory.json`` + ``dataset_info.json`` of ``pairs`` into ``directory``.
+
+    Image paths are relative to ``directory`` by default (``os.path.relpath``: copy the data tree anywhere and
+    they still resolve; LLaMA-Factory resolves them with ``dataset_dir=<directory>``, whose default ``media_dir``
+    it is; a TRL user opens ``directory / path``), or absolute."""
+    directory = directory.resolve()
+
+    def image_path(rel: str) -> str:
+        resolved = roots.resolve(rel)
+        return str(resolved) if image_paths is ExportImagePaths.absolute else os.path.relpath(resolved, directory)
+
+    paths = [[image_path(p) for p in pair.images] for pair in pairs]
+    with atomic_replace(directory / "trl.jsonl") as tmp, tmp.open("w", encoding="utf-8") as handle:
+        append_jsonl(handle, [to_trl(p, images) for p, images in zip(pairs, paths)])
+    with atomic_replace(directory / "llamafactory.json") as tmp:
+        tmp.write_text(json.dumps([to_llamafactory(p, images) for p, images in zip(pairs, paths)],
+                                  ensure_ascii=False, indent=1), encoding="utf-8")
+    (directory / "dataset_info.json").write_text(json.dumps(
+        {"miadpo": {"file_name": "llamafactory.json", **LLAMAFACTORY_DATASET_INFO}}, indent=2) + "\n")
 
 
 def run_selection(adapter: ModelAdapter, data: DataConfig, selection: SelectionConfig, seed: int,

@@ -1,9 +1,9 @@
 """The ``internlm_xc25`` adapter: our InternLM-XComposer-2.5 implementation behind the model adapter interface.
 
 In the prompt an image is ``<ImageHere>`` repeated once per token of its span (global view, separators,
-crops); the template is ``internlm_xc25``. The tokenizer is the checkpoint's (InternLM2, run from the weights
-directory with ``model.trust_remote_code``) with ``<ImageHere>`` added; the tiny variant builds a BPE tokenizer
-in code. LoRA (peft) goes on the decoder's own linear layers, never on the Partial-LoRA branches.
+crops); the template is ``internlm_xc25``. The tokenizer is the checkpoint's InternLM2 SentencePiece model, read
+by our own class (no code of the weights directory runs), with ``<ImageHere>`` added; the tiny variant builds a
+BPE tokenizer in code. LoRA (peft) goes on the decoder's own linear layers, never on the Partial-LoRA branches.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from miadpo.models.base import (
 from miadpo.models.internlm_xc25.checkpoint import load_model
 from miadpo.models.internlm_xc25.hd import HDImageProcessor, hd_geometry
 from miadpo.models.internlm_xc25.modeling import InternLMXComposer2Config, InternLMXComposer2ForCausalLM
+from miadpo.models.internlm_xc25.tokenizer import VOCAB_FILE, load_internlm2_tokenizer
 from miadpo.models.tiny import build_tiny_tokenizer, seeded_init
 from miadpo.templates import get_template
 
@@ -63,7 +64,7 @@ class InternLMXC25Adapter(ModelAdapter):
 
                 path = Path(snapshot_download(str(path)))
             model = load_model(path, dtype, cfg.attn_implementation)
-            tokenizer = checkpoint_tokenizer(path, cfg.trust_remote_code, model.config.image_placeholder_id)
+            tokenizer = checkpoint_tokenizer(path, model.config.image_placeholder_id)
             image_processor = HDImageProcessor.from_pretrained(path)
         image_processor.hd_num, image_processor.hd_num_multi = cfg.hd_num, cfg.hd_num_multi
         model.to(dtype)
@@ -97,20 +98,21 @@ class InternLMXC25Adapter(ModelAdapter):
         return rf"{prefix}\.layers\.\d+\.(attention\.(wqkv|wo)|feed_forward\.(w1|w2|w3))"
 
     def processor_for_saving(self) -> ProcessorFiles:
-        return ProcessorFiles(self.tokenizer, self.image_processor)
+        return ProcessorFiles(self.tokenizer, self.image_processor, self.chat_template())
 
 
-def checkpoint_tokenizer(path: Path, trust_remote_code: bool, image_token_id: int) -> Any:
-    """The directory's tokenizer with ``<ImageHere>`` (id ``image_token_id``) and a pad token."""
-    from transformers import AutoTokenizer
+def checkpoint_tokenizer(path: Path, image_token_id: int) -> Any:
+    """The directory's tokenizer with ``<ImageHere>`` (id ``image_token_id``) and a pad token, loaded without
+    running any code of the directory: ``tokenizer.model`` (the checkpoint's InternLM2 SentencePiece model) through
+    our :class:`InternLM2Tokenizer`, else a ``tokenizer.json`` (our tiny models' saves)."""
+    if (path / VOCAB_FILE).is_file():
+        tokenizer = load_internlm2_tokenizer(path)
+    elif (path / "tokenizer.json").is_file():
+        from transformers import PreTrainedTokenizerFast
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except ValueError as error:
-        if trust_remote_code:
-            raise
-        raise ValueError(f"{path}: the InternLM2 tokenizer is code inside the weights directory; set "
-                         f"model.trust_remote_code=true to run it ({error})") from error
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+    else:
+        raise FileNotFoundError(f"{path}: no tokenizer.model (InternLM2 SentencePiece) or tokenizer.json")
     if IMAGE_HERE not in tokenizer.get_vocab():
         tokenizer.add_tokens([IMAGE_HERE], special_tokens=True)
     if tokenizer.convert_tokens_to_ids(IMAGE_HERE) != image_token_id:

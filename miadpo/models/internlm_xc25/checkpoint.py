@@ -19,7 +19,7 @@ import logging
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -53,6 +53,13 @@ CHECKPOINT_NAMES: tuple[tuple[str, str], ...] = (
 )
 # Buffers some checkpoints carry; recomputed here.
 IGNORED_NAMES = (r".*\.rotary_emb\.inv_freq", r"vit\.vision_tower\.(vision_model\.)?embeddings\.position_ids")
+# Tensors of the released checkpoint that this model does not use: skipped, counted in the load report.
+# (pattern, the linear they belong to (\1), where the public modeling code defines them)
+UNUSED_NAMES: tuple[tuple[str, str], ...] = (
+    (r"(model\.layers\.\d+\.(?:attention\.(?:wqkv|wo)|feed_forward\.w[123]))\.lora_(?:sft|dpo|web)_[AB]\.weight",
+     "build_mlp.py: PLoRA.lora_sft_A/B, lora_dpo_A/B (rank 256), lora_web_A/B (rank 512) — the article-writing "
+     "and webpage task adapters, applied only by the original's infer_mode='write' / 'web'"),
+)
 POSITION_EMBEDDING = "embeddings.position_embedding.weight"  # ends the tower's position table name
 # The CLIP tower's prefix in the checkpoint (transformers 4.x layout) and in current transformers.
 TOWER_PREFIXES = ("vit.vision_tower.vision_model.", "vit.vision_tower.")
@@ -132,6 +139,16 @@ def interpolate_positions(table: torch.Tensor, count: int) -> torch.Tensor:
 class LoadReport:
     loaded: int
     interpolated: list[str]
+    skipped: list[str] = field(default_factory=list)  # known tensors this model does not use (UNUSED_NAMES)
+
+
+def unused_tensor_owner(name: str) -> str | None:
+    """For a known-but-unused tensor (a task LoRA of a Partial-LoRA linear), the name of its linear's weight."""
+    for pattern, _ in UNUSED_NAMES:
+        match = re.fullmatch(pattern, name)
+        if match:
+            return f"{match.group(1)}.weight"
+    return None
 
 
 def _listing(names: list[str]) -> str:
@@ -141,15 +158,21 @@ def _listing(names: list[str]) -> str:
 
 def load_checkpoint(model: InternLMXComposer2ForCausalLM, directory: str | Path) -> LoadReport:
     """Copy every tensor of ``directory`` into the parameter of the same name; fail listing any name without
-    a partner on the other side or with another shape."""
+    a partner on the other side or with another shape. Known tensors the model does not use (the released
+    checkpoint's task LoRAs, ``UNUSED_NAMES``) are skipped and counted — only where their linear exists."""
     directory = Path(directory)
     expected = model.state_dict()
     filled: set[str] = set()
     unexpected: list[str] = []
     mismatched: list[str] = []
     interpolated: list[str] = []
+    skipped: list[str] = []
     for name, tensor in read_tensors(directory):
         if _match(name, IGNORED_NAMES):
+            continue
+        owner = unused_tensor_owner(name)
+        if owner is not None:
+            (skipped if owner in expected else unexpected).append(name)
             continue
         target_name = model_name(name, expected)
         if not is_checkpoint_name(name) or target_name not in expected:
@@ -175,7 +198,11 @@ def load_checkpoint(model: InternLMXComposer2ForCausalLM, directory: str | Path)
         raise CheckpointMismatchError(f"{directory}: checkpoint does not match InternLM-XC2.5; " + "; ".join(problems))
     for name in interpolated:
         log.info("%s: interpolated %s to the tower's %d positions", directory, name, expected[name].shape[0])
-    return LoadReport(loaded=len(filled), interpolated=interpolated)
+    if skipped:
+        log.info("%s: skipped %d task-LoRA tensors this model does not use (lora_sft / lora_dpo / lora_web)",
+                 directory, len(skipped))
+        log.debug("skipped: %s", ", ".join(skipped))
+    return LoadReport(loaded=len(filled), interpolated=interpolated, skipped=skipped)
 
 
 def official_config(values: dict, directory: Path) -> InternLMXComposer2Config:
@@ -242,5 +269,6 @@ def load_model(directory: str | Path, dtype: torch.dtype = torch.bfloat16,
     with no_init_weights(), default_dtype(dtype):
         model = InternLMXComposer2ForCausalLM(config)
     report = load_checkpoint(model, directory)
-    log.info("%s: loaded %d tensors into InternLM-XC2.5", directory, report.loaded)
+    log.info("%s: loaded %d tensors into InternLM-XC2.5 (%d unused skipped)", directory, report.loaded,
+             len(report.skipped))
     return model.eval()

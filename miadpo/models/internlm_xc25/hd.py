@@ -83,10 +83,19 @@ def hd_layout(size: tuple[int, int], hd_num: int, crop: int = CROP, cells: int =
 
 
 def hd_image(image: Image.Image, layout: HDLayout) -> Image.Image:
-    """The image resized as ``layout`` says on a white canvas, padded at the bottom (right for a portrait image)."""
-    canvas = Image.new("RGB", layout.padded, WHITE)
-    canvas.paste(image.convert("RGB").resize(layout.resized, Image.BILINEAR), (0, 0))
-    return canvas
+    """The image resized as ``layout`` says on a white canvas, padded at the bottom (right for a portrait image).
+
+    A portrait image is resized and padded as its landscape transpose, then transposed back, in the original's
+    order: PIL resizes in two passes and rounds between them, so resizing the upright image gives other pixels.
+    """
+    image = image.convert("RGB")
+    portrait = layout.size[0] < layout.size[1]
+    resized, padded = (layout.resized[::-1], layout.padded[::-1]) if portrait else (layout.resized, layout.padded)
+    if portrait:
+        image = image.transpose(Image.Transpose.TRANSPOSE)
+    canvas = Image.new("RGB", padded, WHITE)
+    canvas.paste(image.resize(resized, Image.BILINEAR), (0, 0))
+    return canvas.transpose(Image.Transpose.TRANSPOSE) if portrait else canvas
 
 
 def hd_views(canvas: torch.Tensor, layout: HDLayout) -> torch.Tensor:
