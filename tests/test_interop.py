@@ -69,6 +69,21 @@ def test_exported_processor_and_chat_template_reproduce_miadpos_inputs(exported,
     assert ids == expected.input_ids[expected.prompt_length :].tolist()
 
 
+def test_transformers_pipeline_answers_as_miadpo_does(exported) -> None:
+    """``pipeline("image-text-to-text")`` on a merged export: the same greedy answer as miadpo's generation."""
+    from transformers import pipeline
+
+    images = two_images()
+    cfg = model_cfg("tiny_llava")
+    cfg.path = str(exported["merged"])
+    ours = build_adapter(cfg)
+    expected = ours.generate_answers([ours.encode(images, PROMPT)], 4)[0]
+    pipe = pipeline("image-text-to-text", model=str(exported["merged"]))
+    output = pipe(text=user_message(images), generate_kwargs={"max_new_tokens": 4, "do_sample": False})
+    answer = output[0]["generated_text"][-1]
+    assert answer["role"] == "assistant" and answer["content"].strip() == expected.strip()
+
+
 def test_the_adapter_records_a_base_path_that_resolves_from_anywhere(exported, tmp_path, monkeypatch) -> None:
     config = json.loads((exported["adapter"] / "adapter_config.json").read_text())
     base = Path(config["base_model_name_or_path"])
