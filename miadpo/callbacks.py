@@ -13,6 +13,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelP
 from peft import PeftModel
 
 from miadpo.models.base import ModelAdapter
+from miadpo.module import nonfinite_names
 
 
 class LogLastStep(L.Callback):
@@ -56,7 +57,7 @@ class LogLastStep(L.Callback):
 class ExportModel(L.Callback):
     """After fit (rank 0): a LoRA run writes ``<run_dir>/adapter`` (plain peft ``save_pretrained``, with the
     base weights' location recorded); a full fine-tune writes ``<run_dir>/model`` (a transformers directory).
-    The processor is saved beside either."""
+    The processor is saved beside either. Non-finite weights are refused (nothing is written)."""
 
     def __init__(self, adapter: ModelAdapter, run_dir: Path, base_model_path: str) -> None:
         self.adapter = adapter
@@ -79,6 +80,15 @@ class ExportModel(L.Callback):
                 peft_config.base_model_name_or_path = self.base_model_path
         else:
             target = self.run_dir / "model"
+        trainable = state_dict.items() if state_dict is not None else (
+            (n, p) for n, p in model.named_parameters() if p.requires_grad)
+        bad = nonfinite_names(trainable)
+        if bad:
+            what = (f"the trainable weights are not finite ({len(bad)} tensors, e.g. {bad[0]}), so the export to "
+                    f"{target} is refused")
+            report = getattr(pl_module, "nonfinite_message", None)
+            raise FloatingPointError(report(what, trainer.global_step) if report is not None else
+                                     f"after step {trainer.global_step}: {what}")
         model.save_pretrained(target, **({"state_dict": state_dict} if state_dict is not None else {}))
         self.adapter.processor_for_saving().save_pretrained(target)
         self.exported = target

@@ -25,6 +25,15 @@ class TooLongPolicy(str, Enum):
     skip = "skip"
 
 
+class LargeImagePolicy(str, Enum):
+    downsize = "downsize"  # to max_image_pixels, aspect kept (counted and logged)
+    skip = "skip"  # the record is a bad record ("image too large")
+
+
+# Pixel cap of every image loaded (miadpo/images.py): well below PIL's decompression-bomb limit (~89 MP).
+DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
+
+
 class LossType(str, Enum):
     sigmoid = "sigmoid"
     cdpo = "cdpo"
@@ -135,6 +144,8 @@ class AugmentConfig:
     jpeg_quality: int = 95
     workers: int = 2
     chunk_size: int = 8
+    # Retry every skipped composition on the next run (by default only those whose input images changed).
+    retry_skipped: bool = False
     # Source of a record: the first path component of its image, or this field of the record when set.
     source_field: str | None = None
     # Accepted sources; empty accepts any.
@@ -152,6 +163,8 @@ class DataConfig:
     source: str | None = None
     # Source photographs; record paths without the composed prefix resolve here.
     image_root: str = "data/images"
+    # Symlinks inside image_root / out_dir may point anywhere (images/coco -> /mnt/coco); false: refuse them.
+    follow_symlinks: bool = True
     # A pair JSONL; when set, training uses it directly.
     pairs: str | None = None
     # Derived data and caches; record paths starting with "@out/" resolve here.
@@ -162,6 +175,10 @@ class DataConfig:
     on_bad_record: BadRecordPolicy = BadRecordPolicy.skip
     max_bad_fraction: float = 0.01
     check_images: bool = True
+    # Images above this many pixels are downsized to it (aspect kept) or, with on_large_image=skip, bad records;
+    # null: no cap (PIL's decompression-bomb limit still holds). The rules of every image: miadpo/images.py.
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+    on_large_image: LargeImagePolicy = LargeImagePolicy.downsize
     # Sample pairs (with attention heat maps) in <run_dir>/data_report and the W&B table; 0 = no data report.
     report_samples: int = 8
     val_fraction: float = 0.1
@@ -273,6 +290,9 @@ class DPOConfig:
     # Weights of the reference model when it is not the policy's starting point (on-policy rounds with the
     # original base as reference); needs dpo.fast.reference_cache. null: the policy's starting weights.
     reference_path: str | None = None
+    # Warn (once, with the step) when the policy's mean log-prob per chosen-answer token falls more than this many
+    # nats below the reference's: the model is collapsing (e.g. to uniform output). null: never.
+    collapse_warning_nats: float | None = 2.0
     fast: FastPathConfig = field(default_factory=FastPathConfig)
 
 
@@ -327,9 +347,16 @@ class EvalConfig:
     tsv: list[str] = field(default_factory=list)  # VLMEvalKit-style multiple-choice TSVs
     image_root: str = "data/images"
     out_dir: str = "data/miadpo"
+    follow_symlinks: bool = True  # symlinks inside image_root / out_dir may point anywhere
     toy_source: str | None = None  # toy source JSON: classify wrong answers (distractor / in no image)
     batch_size: int = 16
     max_new_tokens: int = 16
+    # A test record or TSV row with an unusable image: skipped (counted, listed under "skipped" in eval.json) or
+    # error; more than max_bad_fraction of them stops the evaluation. Pixel cap as data.max_image_pixels.
+    on_bad_record: BadRecordPolicy = BadRecordPolicy.skip
+    max_bad_fraction: float = 0.01
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+    on_large_image: LargeImagePolicy = LargeImagePolicy.downsize
     wandb: bool = False
     wandb_project: str = "miadpo"
     wandb_mode: str = "${oc.env:WANDB_MODE,offline}"
@@ -398,12 +425,17 @@ class SFTDataConfig:
     files: list[str] = field(default_factory=list)
     image_root: str = "data/images"
     out_dir: str = "data/miadpo"  # where "@out/" paths of augmented records resolve
+    follow_symlinks: bool = True  # symlinks inside image_root / out_dir may point anywhere
     max_length: int = 2048
     batch_size: int = 8
     val_fraction: float = 0.0
     num_workers: int = 0
     on_bad_record: BadRecordPolicy = BadRecordPolicy.skip
     max_bad_fraction: float = 0.01
+    # Each record's images are decoded at load (false: only opened), as data.check_images; pixel cap as data's.
+    check_images: bool = True
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+    on_large_image: LargeImagePolicy = LargeImagePolicy.downsize
 
 
 @dataclass
@@ -457,7 +489,8 @@ class VerifyJobConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)  # unused; model configs may set it
     images: list[str] = field(default_factory=list)  # empty: two drawn images (a wide and a tall one)
     prompt: str = "Image1 <image>; Image2 <image>; Which image shows a red square? Answer briefly."
-    # auto: the original model class from the weights directory (trust_remote_code) when it imports; none: skip.
+    # auto: the original model class from the weights directory when model.trust_remote_code=true and it imports,
+    # else reported why not; original: the same, but stop when it cannot run; none: skip.
     reference: str = "auto"
     max_new_tokens: int = 16
     # Largest |logit difference| reported as a match (bf16 through 32 layers drifts by a few hundredths).

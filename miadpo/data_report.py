@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from miadpo.datamodule import load_image
+from miadpo.images import load_record_image
 from miadpo.pairs import ImageRoots, PairRecord
 
 TILE = 160  # pixels per image in the sample strips
@@ -47,7 +47,7 @@ def heat_colour(share: float) -> tuple[int, int, int]:
 def sample_strip(record: PairRecord, roots: ImageRoots) -> Image.Image:
     """The pair's images side by side; under each, its share of the answer's image attention (heat bar), with
     the attention map over the image when selection saved one; the target image framed."""
-    images = [load_image(roots.resolve(p)).convert("RGB").resize((TILE, TILE)) for p in record.images]
+    images = [load_record_image(roots, p).resize((TILE, TILE)) for p in record.images]
     scores = record.meta.get("image_scores") or []
     total = sum(scores) or 1.0
     maps = record.meta.get("attention_maps") or []

@@ -6,30 +6,26 @@ import hashlib
 import logging
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from miadpo.augment.runner import RECORDS_FILE, run_augmentation
 from miadpo.config import DataConfig, TooLongPolicy
-from miadpo.jsonl import read_jsonl
+from miadpo.images import ImageError, ImageOptions, load_record_image, record_image_size
+from miadpo.images import load_image as load_image  # kept importable from here; the rules live in miadpo.images
+from miadpo.jsonl import iter_raw_records, read_jsonl
 from miadpo.models.base import EncodedSample, ModelAdapter
 from miadpo.pair_forward import shared_prefix_batch
-from miadpo.pairs import BadRecordError, BadRecordReport, ImageRoots, PairRecord, read_pairs
+from miadpo.pairs import BadRecord, BadRecordError, BadRecordReport, ImageRoots, PairRecord, read_pairs
 from miadpo.reference_cache import ReferenceCache, pair_key
 from miadpo.synthetic import ensure_synthetic_pairs
 
 log = logging.getLogger(__name__)
-
-
-def load_image(path: Path) -> Image.Image:
-    with Image.open(path) as image:
-        return image.convert("RGB")
 
 
 @dataclass
@@ -37,21 +33,26 @@ class LengthGuardResult:
     kept: list[PairRecord]
     truncated: list[str]  # ids whose longer answer will be cut to fit
     skipped: list[tuple[str, str]]  # (id, reason)
+    bad: list[tuple[str, str]] = field(default_factory=list)  # (id, reason): an image that cannot be opened
 
 
 def apply_length_guard(records: Sequence[PairRecord], roots: ImageRoots, adapter: ModelAdapter,
-                       max_length: int, policy: TooLongPolicy) -> LengthGuardResult:
+                       max_length: int, policy: TooLongPolicy, images: ImageOptions | None = None
+                       ) -> LengthGuardResult:
     """Decide, from token counts alone, which pairs fit ``max_length``.
 
     Image tokens are never cut: a pair whose prompt (with its images) does not fit is skipped; one whose
-    answer overflows is truncated on the answer side (``truncate_answer``) or skipped (``skip``).
+    answer overflows is truncated on the answer side (``truncate_answer``) or skipped (``skip``). Sizes are those
+    the loader gives (upright, capped: ``miadpo.images``); a pair with an image that cannot be opened (or is too
+    large under ``on_large_image=skip``) goes to ``bad``.
     """
     result = LengthGuardResult([], [], [])
     for record in records:
-        sizes = []
-        for rel in record.images:
-            with Image.open(roots.resolve(rel)) as image:
-                sizes.append(image.size)
+        try:
+            sizes = [record_image_size(roots, rel, images) for rel in record.images]
+        except ValueError as exc:  # ImageError, or a path refused by ImageRoots
+            result.bad.append((record.id, str(exc)))
+            continue
         prompt_len, chosen_len = adapter.count_tokens(record.prompt, record.chosen, sizes)
         _, rejected_len = adapter.count_tokens(record.prompt, record.rejected, sizes)
         total = prompt_len + max(chosen_len, rejected_len)
@@ -86,11 +87,12 @@ class PairDataset(Dataset):
     """Loads a pair's images once and encodes chosen and rejected against the same processed images."""
 
     def __init__(self, records: Sequence[PairRecord], roots: ImageRoots, adapter: ModelAdapter,
-                 max_length: int) -> None:
+                 max_length: int, images: ImageOptions | None = None) -> None:
         self.records = list(records)
         self.roots = roots
         self.adapter = adapter
         self.max_length = max_length
+        self.images = images or ImageOptions()
         self.keys: list[str] = []  # reference-cache keys, set by attach_reference
         self.reference: ReferenceCache | None = None
 
@@ -103,7 +105,11 @@ class PairDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.records[index]
-        images = self.adapter.process_images([load_image(self.roots.resolve(p)) for p in record.images])
+        try:
+            pictures = [load_record_image(self.roots, p, self.images) for p in record.images]
+        except ImageError as exc:  # checked at setup; changed on disk since
+            raise BadRecordError(f"pair {record.id}: {exc}") from exc
+        images = self.adapter.process_images(pictures)
         item = {
             "id": record.id,
             "chosen": self.adapter.encode(images, record.prompt, record.chosen, self.max_length),
@@ -190,6 +196,7 @@ class PairDataModule(L.LightningDataModule):
         self.seed = seed
         self.layout = layout  # the batch layout of the DPO module's pair forward (see PairCollator)
         self.roots = ImageRoots.of(cfg)
+        self.images = ImageOptions.of(cfg)
         self.train_set: PairDataset | None = None
         self.val_set: PairDataset | None = None
         self.report: BadRecordReport | None = None
@@ -214,9 +221,11 @@ class PairDataModule(L.LightningDataModule):
             return
         path = self.pairs_path()
         self.report = BadRecordReport(self.cfg.on_bad_record, self.cfg.max_bad_fraction, stage="pairs")
-        records = read_pairs(path, self.roots, self.report, check_images=self.cfg.check_images)
+        records = read_pairs(path, self.roots, self.report, self.cfg.check_images, self.images)
         self.guard = apply_length_guard(records, self.roots, self.adapter, self.cfg.max_length,
-                                        self.cfg.on_too_long)
+                                        self.cfg.on_too_long, self.images)
+        if self.guard.bad:
+            self._report_bad_images(path, self.guard.bad)
         if self.guard.truncated:
             log.warning("%d pairs have an answer cut to data.max_length=%d (first: %s)",
                         len(self.guard.truncated), self.cfg.max_length, self.guard.truncated[:3])
@@ -228,8 +237,18 @@ class PairDataModule(L.LightningDataModule):
                                  f"first skipped {self.guard.skipped[:3]}")
         train, val = split_train_val(self.guard.kept, self.cfg.val_fraction, self.seed)
         log.info("pairs: %d train, %d val from %s", len(train), len(val), path)
-        self.train_set = PairDataset(train, self.roots, self.adapter, self.cfg.max_length)
-        self.val_set = PairDataset(val, self.roots, self.adapter, self.cfg.max_length)
+        self.train_set = PairDataset(train, self.roots, self.adapter, self.cfg.max_length, self.images)
+        self.val_set = PairDataset(val, self.roots, self.adapter, self.cfg.max_length, self.images)
+
+    def _report_bad_images(self, path: Path, bad: Sequence[tuple[str, str]]) -> None:
+        """Pairs whose images the length guard could not open (unchecked by the reader, or too large under
+        ``on_large_image=skip``): bad records with their line, under ``data.on_bad_record``."""
+        assert self.report is not None
+        lines = {str(raw.value["id"]): raw.line for raw in iter_raw_records(path)
+                 if isinstance(raw.value, dict) and "id" in raw.value}
+        for record_id, reason in bad:
+            self.report.add(BadRecord(str(path), lines.get(record_id, 0), record_id, reason))
+        self.report.finish()
 
     def _loader(self, dataset: PairDataset, shuffle: bool) -> DataLoader:
         return DataLoader(

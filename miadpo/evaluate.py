@@ -9,8 +9,10 @@ wrong answer is classed: it names an attribute of a distractor image ("distracto
 error), something in no image ("in no image", the collapse detector), or another attribute of the target
 image ("other"). Multiple-choice TSVs in VLMEvalKit's format are read, prompted and scored by VLMEvalKit's
 rules (``tsv_items``, ``option_letter``): base64 or shared images or image files, options A–Z, ``<image k>`` and
-``<image>`` markers in place, circular evaluation for MMBench-like names, per-category groups. Writes
-``eval.json`` and ``eval.md`` into the run directory.
+``<image>`` markers in place, circular evaluation for MMBench-like names, per-category groups. Images are loaded by
+``miadpo.images`` (its rules and pixel cap); a record or row whose image cannot be used is skipped, counted and
+logged, or stops the run, by ``eval.on_bad_record`` / ``eval.max_bad_fraction``. Writes ``eval.json`` (table,
+predictions, ``skipped``: file:line (id): reason of each record left out) and ``eval.md`` into the run directory.
 """
 
 from __future__ import annotations
@@ -34,11 +36,11 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from miadpo.config import config_dir, register_configs
-from miadpo.datamodule import load_image
+from miadpo.images import CORRUPT, MISSING, ImageError, ImageOptions, load_image, load_record_image
 from miadpo.jsonl import iter_raw_records
 from miadpo.models import build_adapter
 from miadpo.models.base import ModelAdapter
-from miadpo.pairs import ImageRoots
+from miadpo.pairs import BadRecord, BadRecordError, BadRecordReport, ImageRoots
 from miadpo.select.candidates import normalise_answer
 from miadpo.toyworld.scenes import COLOURS, COUNTS, POSITIONS, SHAPES, scene_index
 
@@ -76,13 +78,20 @@ def greedy_answers(adapter: ModelAdapter, items: Sequence[EvalItem], max_new_tok
     return adapter.generate_answers([adapter.encode(item.images, item.prompt) for item in items], max_new_tokens)
 
 
-def llava_items(path: Path, roots: ImageRoots) -> list[EvalItem]:
-    """First question of each record; augmented records are grouped by format and N."""
+def llava_items(path: Path, roots: ImageRoots, report: BadRecordReport | None = None,
+                image_options: ImageOptions | None = None) -> list[EvalItem]:
+    """First question of each record; augmented records are grouped by format and N.
+
+    A record whose image cannot be used (``miadpo.images``: missing, corrupt, truncated, too large) goes to
+    ``report`` (skipped and counted, or raised, by its policy; the caller calls ``report.finish()``); without a
+    report it raises BadRecordError naming file:line (id) and the image."""
     items = []
     for raw in iter_raw_records(path):
         if raw.error is not None:
             raise ValueError(f"{path}:{raw.line}: {raw.error}")
         record = raw.value
+        if report is not None:
+            report.total += 1
         image = record.get("image")
         paths = [] if image is None else ([image] if isinstance(image, str) else list(image))
         meta = record.get("meta") or {}
@@ -91,7 +100,15 @@ def llava_items(path: Path, roots: ImageRoots) -> list[EvalItem]:
         else:
             group = "single" if len(paths) == 1 else f"{len(paths)} images"
         target = meta.get("target", 1)
-        items.append(EvalItem(str(record["id"]), group, [load_image(roots.resolve(p)) for p in paths],
+        try:
+            images = [load_record_image(roots, p, image_options) for p in paths]
+        except ValueError as exc:  # ImageError, or a path refused by ImageRoots
+            bad = BadRecord(str(path), raw.line, str(record.get("id")), str(exc))
+            if report is None:
+                raise BadRecordError(f"[eval] {bad}") from exc
+            report.add(bad)
+            continue
+        items.append(EvalItem(str(record["id"]), group, images,
                               record["conversations"][0]["value"], record["conversations"][1]["value"],
                               list(meta.get("inputs") or paths), target[0] if isinstance(target, list) else target))
     return items
@@ -110,19 +127,36 @@ def _cell_list(cell: str) -> list[str]:
     return [cell]
 
 
-def _decode_images(cell: str) -> list[Image.Image]:
-    return [Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB") for data in _cell_list(cell)]
+def _decode_images(cell: str, name: str = "image cell", image_options: ImageOptions | None = None
+                   ) -> list[Image.Image]:
+    """The base64 images of a cell, by the loader's rules; ImageError naming ``name`` if one cannot be used."""
+    images = []
+    for k, data in enumerate(_cell_list(cell), start=1):
+        label = f"{name} (image {k})"
+        try:
+            raw = base64.b64decode(data)
+        except ValueError as exc:
+            raise ImageError(CORRUPT, label, detail=f"not base64 ({exc})") from exc
+        images.append(load_image(io.BytesIO(raw), image_options, name=label))
+    return images
 
 
 def _image_file(value: str, tsv: Path) -> Path:
     """An ``image_path`` entry: absolute as given; relative to the TSV's folder, else to ``images/<stem>/`` beside
-    it (VLMEvalKit's ``$LMUData/images/<dataset>`` next to ``$LMUData/<dataset>.tsv``)."""
+    it (VLMEvalKit's ``$LMUData/images/<dataset>`` next to ``$LMUData/<dataset>.tsv``); ImageError if none is."""
     given = Path(value)
     tried = [given] if given.is_absolute() else [tsv.parent / given, tsv.parent / "images" / tsv.stem / given]
     for candidate in tried:
         if candidate.is_file():
             return candidate
-    raise FileNotFoundError(f"image_path {value!r} not found (tried {', '.join(str(p) for p in tried)})")
+    raise ImageError(MISSING, f"image_path {value!r} not found", f"tried {', '.join(str(p) for p in tried)}")
+
+
+def _row_images(row: dict[str, str], cell: str | None, tsv: Path, row_number: int,
+                image_options: ImageOptions | None) -> list[Image.Image]:
+    if cell is not None:
+        return _decode_images(cell, f"{tsv}:{row_number} image cell", image_options)
+    return [load_image(file, image_options) for file in (_image_file(p, tsv) for p in _cell_list(row["image_path"]))]
 
 
 def _image_cells(rows: list[tuple[int, dict[str, str]]], tsv: Path) -> dict[int, str]:
@@ -177,7 +211,8 @@ def is_circular(name: str) -> bool:
     return any(word in name.lower() for word in CIRCULAR_NAMES)
 
 
-def tsv_items(path: Path) -> list[EvalItem]:
+def tsv_items(path: Path, report: BadRecordReport | None = None, image_options: ImageOptions | None = None
+              ) -> list[EvalItem]:
     """The rows of a VLMEvalKit multiple-choice TSV, following VLMEvalKit's rules (read in open-compass/VLMEvalKit:
     vlmeval/dataset/image_base.py, vlmeval/dataset/image_mcq.py, vlmeval/dataset/utils/multiple_choice.py,
     vlmeval/smp/misc.py, vlmeval/smp/file.py). The dataset name is the file's stem.
@@ -190,7 +225,9 @@ def tsv_items(path: Path) -> list[EvalItem]:
       With an ``image`` column, rows with an empty cell are skipped (``skip_noimg``). Without one, ``image_path``
       (a path or a list literal of paths) names files: absolute as given, relative to the TSV's folder, else to
       ``images/<stem>/`` beside it (VLMEvalKit reads them relative to the working directory or ``$LMUData/images/
-      <dataset>``); a missing file is an error naming file:row. With both columns the base64 ``image`` is used.
+      <dataset>``). With both columns the base64 ``image`` is used. Images are decoded by ``miadpo.images``; a row
+      whose image cannot be used (a missing file, bad base64, a corrupt or too large image) goes to ``report``
+      (skipped and counted, or raised, by its policy; id = the row's ``index``), else is an error naming file:row.
     - Prompt: ImageMCQDataset.build_prompt, ``Hint: <hint>\\n`` (if any) ``Question: <question>\\nOptions:\\nA.
       <A>\\n...Please select the correct answer from the options above. \\n`` (no Options part without options);
       for the dataset ``MUIRBench``, MUIRDataset's ``<question>\\nA. <A>\\n...\\nAnswer with the option's letter
@@ -225,11 +262,18 @@ def tsv_items(path: Path) -> list[EvalItem]:
         raise ValueError(f"{path}: no image or image_path column")
     items, mains = [], {}
     for row_number, row, cell in numbered:
+        if report is not None:
+            report.total += 1
         try:
-            if cell is not None:
-                images = _decode_images(cell)
-            else:
-                images = [load_image(_image_file(p, path)) for p in _cell_list(row["image_path"])]
+            images = _row_images(row, cell, path, row_number, image_options)
+        except ImageError as exc:
+            if report is None:
+                raise ValueError(f"{path}:{row_number}: {exc}") from exc
+            report.add(BadRecord(str(path), row_number, (row.get("index") or "").strip() or None, str(exc)))
+            continue
+        except (KeyError, ValueError, SyntaxError, TypeError) as exc:
+            raise ValueError(f"{path}:{row_number}: {exc}") from exc
+        try:
             options = {k: row[k] for k in LETTERS if k in columns and not _missing(row[k])}
             answer = row["answer"].strip()
             prompt, images = _place_images(_mcq_text(row, options, muir), images)
@@ -398,18 +442,30 @@ def multi_image_mean(table: dict[str, dict[str, float]]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
-def main(cfg: DictConfig) -> None:
-    adapter = build_adapter(cfg.model)
-    roots = ImageRoots.of(cfg.eval)
-    items = [item for f in cfg.eval.files for item in llava_items(Path(f), roots)]
-    items += [item for f in cfg.eval.tsv for item in tsv_items(Path(f))]
+def eval_items(cfg: Any) -> tuple[list[EvalItem], BadRecordReport]:
+    """The items of ``eval.files`` and ``eval.tsv`` (an ``EvalConfig``) and the report of the records left out for
+    an unusable image, by ``eval.on_bad_record`` / ``eval.max_bad_fraction`` (``report.bad``: file:line (id):
+    reason)."""
+    roots, image_options = ImageRoots.of(cfg), ImageOptions.of(cfg)
+    report = BadRecordReport(cfg.on_bad_record, cfg.max_bad_fraction, stage="eval")
+    items = [item for f in cfg.files for item in llava_items(Path(f), roots, report, image_options)]
+    items += [item for f in cfg.tsv for item in tsv_items(Path(f), report, image_options)]
+    report.finish()
+    return items, report
+
+
+def run_evaluation(cfg: DictConfig, adapter: ModelAdapter | None = None) -> dict[str, Any]:
+    """Score the model of ``cfg.model`` (or ``adapter``) on ``cfg.eval``; writes ``eval.json`` and ``eval.md`` into
+    ``cfg.run_dir`` and returns what eval.json holds (table, predictions, skipped)."""
+    items, report = eval_items(cfg.eval)  # before the model loads: a bad record under "error" stops at once
+    adapter = adapter or build_adapter(cfg.model)
     scenes = scene_index(cfg.eval.toy_source) if cfg.eval.toy_source else None
     table, predictions = evaluate(adapter, items, cfg.eval.batch_size, cfg.eval.max_new_tokens, scenes)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "eval.json").write_text(json.dumps({"table": table, "predictions": dict(
-        zip([i.id for i in items], predictions))}, indent=1))
+    results = {"table": table, "predictions": dict(zip([i.id for i in items], predictions)),
+               "skipped": [str(bad) for bad in report.bad]}
+    (run_dir / "eval.json").write_text(json.dumps(results, indent=1))
     (run_dir / "eval.md").write_text(table_markdown(table))
     if cfg.eval.wandb:
         import wandb
@@ -422,7 +478,15 @@ def main(cfg: DictConfig) -> None:
                                            data=[[g, *(r.get(c) for c in columns)] for g, r in table.items()])})
         run.finish()
     print(table_markdown(table))
+    if report.bad:
+        print(f"skipped {len(report.bad)} of {report.total} records with an unusable image (listed in eval.json)")
     print(f"results: {run_dir.resolve() / 'eval.json'}")
+    return results
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    run_evaluation(cfg)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from peft import PeftModel
 
 from miadpo.config import config_dir, register_configs
-from miadpo.datamodule import load_image
+from miadpo.images import ImageOptions, load_image
 from miadpo.models import ModelAdapter, build_adapter
 from miadpo.pairs import IMAGE_TOKEN
 from miadpo.toyworld.pipeline import ensure_toy_base
@@ -35,8 +35,11 @@ def with_image_markers(prompt: str, n_images: int) -> str:
 
 
 def answer(adapter: ModelAdapter, image_paths: Sequence[str], prompt: str, max_new_tokens: int = 64,
-           do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0) -> str:
-    images = [load_image(Path(path)) for path in image_paths]
+           do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+           image_options: ImageOptions | None = None) -> str:
+    """The model's answer; the images are loaded by ``miadpo.images`` (an unusable one raises ImageError naming
+    the file and the reason: missing, corrupt or not an image, truncated, too large)."""
+    images = [load_image(Path(path), image_options) for path in image_paths]
     sample = adapter.encode(adapter.process_images(images), with_image_markers(prompt, len(images)))
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {}
     adapter.model.eval()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -15,29 +16,90 @@ from typing import Any
 _WHITESPACE = " \t\r\n"
 
 
+_BOM = b"\xef\xbb\xbf"
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")  # what ``errors="surrogateescape"`` makes of a byte that is not UTF-8
+
+
 @dataclass(frozen=True)
 class RawRecord:
     index: int
     line: int
-    value: Any = None
+    value: Any = None  # with ``error`` set: whatever could still be decoded (to name the id), never data
     error: str | None = None
+
+
+class _ByteOffsets:
+    """File byte offsets of positions in the decoded text, computed incrementally (positions asked in order)."""
+
+    def __init__(self, text: str, base: int) -> None:
+        self.text, self.pos, self.offset = text, 0, base
+
+    def __call__(self, at: int) -> int:
+        if at < self.pos:
+            self.pos, self.offset = 0, self.offset - len(self.text[:self.pos].encode("utf-8", "surrogateescape"))
+        self.offset += len(self.text[self.pos:at].encode("utf-8", "surrogateescape"))
+        self.pos = at
+        return self.offset
+
+
+def _not_utf8(text: str, at: int, line: int, line_start: int, offset: int) -> str:
+    """The reason for the undecodable byte at ``text[at]`` (a surrogate escape): its value, line, column and file
+    byte offset (``offset``); ``line_start`` is the index in ``text`` where ``line`` begins."""
+    byte = ord(text[at]) - 0xDC00
+    column = len(text[line_start:at].encode("utf-8", "surrogateescape")) + 1
+    return f"not UTF-8: byte 0x{byte:02x} at line {line}, column {column} (byte offset {offset})"
 
 
 def iter_raw_records(path: Path) -> Iterator[RawRecord]:
     """Yield each top-level record of a JSON array or JSONL file with its line; decoding errors as records.
 
     A JSON array is decoded record by record, so a file cut short still yields every record before the cut, and
-    the cut is reported with its line."""
-    text = path.read_text(encoding="utf-8")
+    the cut is reported with its line. Bytes that are not UTF-8 make their line (JSONL) or record (array) a bad
+    record naming the byte and its offset; the rest of the file still reads. A UTF-8 byte-order mark is ignored.
+    JSONL lines end at ``\\n`` only: U+2028 and the like inside a string (as ``ensure_ascii=False`` writes them)
+    stay part of their record."""
+    with path.open("rb") as handle:
+        head = handle.read(len(_BOM))
+        bom = len(_BOM) if head == _BOM else 0
+        handle.seek(bom)
+        first = handle.read(4096)
+        while first and not first.lstrip(_WHITESPACE.encode()):
+            more = handle.read(4096)
+            if not more:
+                break
+            first += more
+        is_array = first.lstrip(_WHITESPACE.encode())[:1] == b"["
+        handle.seek(bom)
+        if not is_array:
+            yield from _iter_jsonl(handle, bom)
+            return
+        text = handle.read().decode("utf-8", "surrogateescape")
+    yield from _iter_array(text, bom)
+
+
+def _iter_jsonl(handle: Any, offset: int) -> Iterator[RawRecord]:
+    index = 0
+    for line_no, data in enumerate(handle, 1):
+        start, offset = offset, offset + len(data)
+        if not data.strip():
+            continue
+        text = data.decode("utf-8", "surrogateescape")
+        error = None
+        bad = _NOT_UTF8.search(text)
+        if bad is not None:
+            error = _not_utf8(text, bad.start(), line_no, 0,
+                              start + len(text[:bad.start()].encode("utf-8", "surrogateescape")))
+        try:
+            value = json.loads(text if bad is None else _NOT_UTF8.sub("\ufffd", text))
+        except json.JSONDecodeError as exc:
+            value, error = None, error or f"malformed JSON: {exc.msg}"
+        yield RawRecord(index, line_no, value, error)
+        index += 1
+
+
+def _iter_array(text: str, byte_base: int) -> Iterator[RawRecord]:
     start = len(text) - len(text.lstrip(_WHITESPACE))
-    if text[start : start + 1] != "[":
-        for index, (line_no, line) in enumerate((n, s) for n, s in enumerate(text.splitlines(), 1) if s.strip()):
-            try:
-                yield RawRecord(index, line_no, json.loads(line))
-            except json.JSONDecodeError as exc:
-                yield RawRecord(index, line_no, error=f"malformed JSON: {exc.msg}")
-        return
-    decoder = json.JSONDecoder()
+    decoder, byte_offset = json.JSONDecoder(), _ByteOffsets(text, byte_base)
     pos, line, index = start + 1, 1 + text.count("\n", 0, start + 1), 0
     while True:
         while pos < len(text) and text[pos] in _WHITESPACE + ",":
@@ -51,12 +113,25 @@ def iter_raw_records(path: Path) -> Iterator[RawRecord]:
         try:
             value, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as exc:
-            yield RawRecord(index, line, error=f"malformed or truncated JSON ({exc.msg}); the rest of the file "
+            bad = _NOT_UTF8.search(text, pos, exc.pos + 1)
+            cause = exc.msg if bad is None else _not_utf8_in(text, bad.start(), line, pos, byte_offset)
+            yield RawRecord(index, line, error=f"malformed or truncated JSON ({cause}); the rest of the file "
                                               "cannot be read")
             return
-        yield RawRecord(index, line, value)
+        bad = _NOT_UTF8.search(text, pos, end)
+        if bad is None:
+            yield RawRecord(index, line, value)
+        else:  # the value is kept (bad bytes as U+FFFD) only to name the record
+            yield RawRecord(index, line, json.loads(_NOT_UTF8.sub("\ufffd", text[pos:end])),
+                            _not_utf8_in(text, bad.start(), line, pos, byte_offset))
         line += text.count("\n", pos, end)
         pos, index = end, index + 1
+
+
+def _not_utf8_in(text: str, at: int, line: int, pos: int, byte_offset: _ByteOffsets) -> str:
+    """:func:`_not_utf8` for a byte inside the record that starts at ``text[pos]`` on ``line``."""
+    line_start = text.rfind("\n", 0, at) + 1
+    return _not_utf8(text, at, line + text.count("\n", pos, at), line_start, byte_offset(at))
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

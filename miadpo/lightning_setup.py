@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import os
+import re
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -83,6 +85,16 @@ def deepspeed_config(cfg: StrategyConfig, micro_batch: int, accumulate: int = 1,
     return config
 
 
+def check_strategy(cfg: StrategyConfig) -> None:
+    """What :func:`build_strategy` needs of this machine (checked before any stage of a job runs)."""
+    if cfg.name == "deepspeed":
+        if not torch.cuda.is_available():
+            raise ValueError(f"strategy=deepspeed_zero{cfg.stage} needs CUDA GPUs (Lightning's DeepSpeed strategy runs "
+                             "on GPUs only); on this machine use strategy=ddp or strategy=fsdp")
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ValueError("strategy=deepspeed_* needs the deepspeed package: pip install deepspeed")
+
+
 def build_strategy(cfg: StrategyConfig, world_size: int = 1, micro_batch: int = 1, accumulate: int = 1,
                    precision: str = "32-true") -> Strategy | str:
     """``strategy.*`` → a Lightning strategy (``world_size``: processes in all, for the FSDP mesh; the rest for
@@ -97,11 +109,7 @@ def build_strategy(cfg: StrategyConfig, world_size: int = 1, micro_batch: int = 
         return ModelParallelStrategy(data_parallel_size=world_size, tensor_parallel_size=1,
                                      save_distributed_checkpoint=False)
     if cfg.name == "deepspeed":
-        if not torch.cuda.is_available():
-            raise ValueError(f"strategy=deepspeed_zero{cfg.stage} needs CUDA GPUs (Lightning's DeepSpeed strategy runs "
-                             "on GPUs only); on this machine use strategy=ddp or strategy=fsdp")
-        if importlib.util.find_spec("deepspeed") is None:
-            raise ValueError("strategy=deepspeed_* needs the deepspeed package: pip install deepspeed")
+        check_strategy(cfg)
         return DeepSpeedStrategy(config=deepspeed_config(cfg, micro_batch, accumulate, precision))
     return cfg.name
 
@@ -114,3 +122,35 @@ def check_trainer_args(trainer_cfg: DictConfig) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"trainer.{unknown[0]} is not a lightning.Trainer argument (unknown: {unknown})")
     return kwargs
+
+
+def check_checkpoint(path: str | Path, setting: str = "ckpt_path") -> None:
+    """``path`` is a Lightning checkpoint that loads as Lightning will load it (``torch.load`` with its default,
+    safe ``weights_only``), memory-mapped so that only its metadata is read; a directory (a DeepSpeed or
+    distributed checkpoint) is left to its strategy. Anything else is named as not a readable checkpoint (never with
+    torch's advice to load it unsafely, which does not mend a damaged file). Lightning's special values ("last",
+    "best", "hpc", "registry[:...]") and remote URLs are left to Lightning."""
+    text = str(path)
+    if text in ("last", "best", "hpc") or text.lower().split(":")[0] == "registry" or "://" in text:
+        return
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{setting}={path}: no such file")
+    if path.is_dir():
+        return
+    unreadable = f"{setting}={path} is not a readable Lightning checkpoint"
+    if not os.access(path, os.R_OK):
+        raise ValueError(f"{unreadable} (no permission to read it)")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{unreadable} (the file is empty)")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{unreadable} (not a PyTorch zip archive: truncated, corrupt or another kind of file)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", mmap=True)
+    except Exception as error:
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        reason = (f"it holds a Python object that a safe load refuses: {refused.group(1)}" if refused else
+                  f"truncated or corrupt: its contents do not load ({type(error).__name__})")
+        raise ValueError(f"{unreadable} ({reason})") from None
+    if not isinstance(checkpoint, dict) or not {"state_dict", "global_step"} <= set(checkpoint):
+        raise ValueError(f"{unreadable} (a PyTorch file without a Lightning checkpoint's state_dict and global_step)")

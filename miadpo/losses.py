@@ -7,6 +7,7 @@ losses; rewards ``β (log π − log π_ref)`` are computed from the summed log-
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -43,8 +44,8 @@ class PreferenceLoss(nn.Module, ABC):
 
     def __init__(self, beta: float) -> None:
         super().__init__()
-        if beta <= 0:
-            raise ValueError(f"dpo.beta must be positive, got {beta}")
+        if not math.isfinite(beta) or beta <= 0:
+            raise ValueError(f"dpo.beta must be a positive finite number, got {beta}")
         self.beta = beta
 
     @abstractmethod
@@ -107,6 +108,17 @@ def build_loss(cfg: DPOConfig) -> PreferenceLoss:
     if loss is LossType.ipo:
         return IPOLoss(cfg.beta)
     return HingeLoss(cfg.beta)
+
+
+def check_dpo(cfg: DPOConfig) -> None:
+    """The ``dpo.*`` settings, checked before any stage runs: the loss's own constraints (β > 0, ε of cdpo/robust),
+    a finite non-negative ``sft_weight`` and a positive ``collapse_warning_nats``; a bad one is named."""
+    build_loss(cfg)
+    if not math.isfinite(cfg.sft_weight) or cfg.sft_weight < 0:
+        raise ValueError(f"dpo.sft_weight must be a finite number >= 0, got {cfg.sft_weight}")
+    nats = cfg.collapse_warning_nats
+    if nats is not None and not (math.isfinite(nats) and nats > 0):
+        raise ValueError(f"dpo.collapse_warning_nats must be positive (or null: never warn), got {nats}")
 
 
 def rewards(policy: PairLogps, reference: PairLogps, beta: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,14 +7,16 @@ data code and the logging never look inside it, so a faster forward can be swapp
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy
 from peft import PeftModel
 from torch import nn
 from transformers import get_linear_schedule_with_warmup
@@ -28,6 +30,42 @@ from miadpo.pair_forward import (
     SharedPrefixPairForward,
     shared_image_features,
 )
+
+log = logging.getLogger(__name__)
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def check_optim(optim: OptimConfig) -> None:
+    """The ``optim.*`` settings AdamW and the schedule accept, checked before any stage runs (a bad one is named).
+
+    ``optim.lr`` must also keep AdamW's largest step, ``lr / (1 - betas[0])`` (the first, bias-corrected one),
+    within float32: beyond it the optimizer fails mid-run with an overflow that names no setting.
+    """
+    lr, betas = float(optim.lr), [float(b) for b in optim.betas]
+    if not math.isfinite(lr) or lr < 0:
+        raise ValueError(f"optim.lr must be a finite number >= 0, got {optim.lr}")
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise ValueError(f"optim.betas must be two numbers in [0, 1), got {list(optim.betas)}")
+    if lr / (1 - betas[0]) > FLOAT32_MAX:
+        raise ValueError(f"optim.lr={lr:g} is too large: AdamW's first step, optim.lr / (1 - optim.betas[0]) = "
+                         f"{lr / (1 - betas[0]):.3g}, overflows float32 (max {FLOAT32_MAX:.3g}); DPO learning rates "
+                         "are about 1e-6 to 1e-3")
+    for name in ("eps", "weight_decay"):
+        value = float(getattr(optim, name))
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"optim.{name} must be a finite number >= 0, got {value}")
+    if not 0 <= float(optim.warmup_ratio) <= 1:
+        raise ValueError(f"optim.warmup_ratio must be in [0, 1], got {optim.warmup_ratio}")
+
+
+def nonfinite_names(tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+    """Names of the tensors holding a NaN or an infinity (sharded DTensors are skipped: each rank holds a shard)."""
+    named = [(name, t) for name, t in tensors if isinstance(t, torch.Tensor) and not hasattr(t, "device_mesh")]
+    if not named:
+        return []
+    flags = [torch.isfinite(t).all() for _, t in named]
+    finite = torch.stack([f.to(flags[0].device) for f in flags]).tolist()  # one device-to-host copy
+    return [name for (name, _), ok in zip(named, finite) if not ok]
 
 
 def adamw_with_linear_schedule(model: nn.Module, optim: OptimConfig, total_steps: int) -> dict[str, Any]:
@@ -72,6 +110,11 @@ class DPOModule(L.LightningModule):
             self.reference = copy.deepcopy(self.policy).requires_grad_(False).eval()
         # Checkpoints hold trainable weights only; the frozen rest is rebuilt from the model config.
         self.strict_loading = False
+        # Training health, checked once per optimizer step (on_before_optimizer_step): per micro-batch since the
+        # last step, (loss, policy and reference mean log-prob per chosen-answer token).
+        self._health: list[torch.Tensor] = []
+        self._last_finite_loss: tuple[int, float] | None = None
+        self._collapse_warned = False
 
     @contextmanager
     def _reference_model(self) -> Iterator[nn.Module]:
@@ -130,6 +173,11 @@ class DPOModule(L.LightningModule):
                       prog_bar=False, on_step=training, on_epoch=not training, sync_dist=not training)
         if training:
             self._log_throughput(batch["num_pairs"])
+            if self._trainer is not None:
+                self._health.append(torch.stack([
+                    loss.detach().float(),
+                    policy.chosen.detach().float().sum() / policy.chosen_tokens.sum().clamp(min=1),
+                    reference.chosen.detach().float().sum() / reference.chosen_tokens.sum().clamp(min=1)]))
         return loss
 
     def _log_throughput(self, pairs: int) -> None:
@@ -145,6 +193,78 @@ class DPOModule(L.LightningModule):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         return self._step(batch, "val/")
+
+    # ----- training health: no non-finite step goes unnoticed, a collapsing policy is warned about -----------------
+    def _clipping(self) -> float | None:
+        strategy = self.trainer.strategy
+        if isinstance(strategy, DeepSpeedStrategy):  # DeepSpeed clips by its own configuration
+            return strategy.config.get("gradient_clipping")
+        return self.trainer.gradient_clip_val
+
+    def nonfinite_message(self, what: str, step: int) -> str:
+        """Why training stopped: ``what`` went non-finite at ``step``, the last finite loss, and the settings most
+        likely responsible."""
+        lr, beta, clip, precision = self.optim.lr, self.dpo.beta, self._clipping(), str(self.trainer.precision)
+        last = (f"last finite loss {self._last_finite_loss[1]:.6g} at step {self._last_finite_loss[0]}"
+                if self._last_finite_loss is not None else "last finite loss: none (no step before it)")
+        suspects = []
+        if lr > 1e-2:
+            suspects.append(f"optim.lr={lr:g} (DPO learning rates are about 1e-6 to 1e-3)")
+        if beta > 10:
+            suspects.append(f"dpo.beta={beta:g} (β times the log-prob margin overflows; usual β: 0.01 to 1)")
+        if not clip:
+            suspects.append(f"gradient clipping off (trainer.gradient_clip_val={clip}; the default clips at 1.0)")
+        if precision.startswith("16"):
+            suspects.append(f"trainer.precision={precision} (float16 overflows above 65504: try bf16-mixed or "
+                            "32-true)")
+        settings = (f"optim.lr={lr:g}, dpo.beta={beta:g}, trainer.gradient_clip_val={clip}, "
+                    f"trainer.precision={precision}")
+        return (f"training stopped at step {step}: {what}; {last}. No checkpoint or export holds non-finite weights. "
+                f"Most likely responsible: {'; '.join(suspects) or 'no single setting stands out'} ({settings})")
+
+    def _nonfinite_gradients(self, optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
+        """Whether a gradient holds a NaN or an infinity (None: not checked). Under float16 loss scaling an
+        infinite gradient is routine: the scaler skips that step and lowers the scale."""
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return None
+        flags = []
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                grad = param.grad
+                if grad is not None:
+                    grad = grad.to_local() if hasattr(grad, "to_local") else grad
+                    flags.append(~torch.isfinite(grad).all())
+        return torch.stack([f.to(flags[0].device) for f in flags]).any() if flags else None
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Stops at the first non-finite loss or gradient (every process decides alike, so none waits for another);
+        warns once when the policy's chosen answers fall far below the reference's (a collapsing model)."""
+        if not self._health:
+            return
+        health = torch.stack(self._health)
+        self._health = []
+        bad_loss = ~torch.isfinite(health[:, 0]).all()
+        bad_grads = self._nonfinite_gradients(optimizer)
+        bad_grads = bad_grads.to(bad_loss.device) if bad_grads is not None else torch.zeros_like(bad_loss)
+        # One device-to-host copy per optimizer step.
+        loss_bad, grads_bad, loss, policy_chosen, reference_chosen = torch.cat(
+            [torch.stack([bad_loss, bad_grads]).float(), health.mean(0)]).tolist()
+        step = self.trainer.global_step
+        if self.trainer.strategy.reduce_boolean_decision(bool(loss_bad or grads_bad), all=False):
+            what = ("the loss is not finite" if loss_bad else "a gradient is not finite (the loss still was)"
+                    if grads_bad else "another process's loss or gradient is not finite")
+            raise FloatingPointError(self.nonfinite_message(what, step))
+        self._last_finite_loss = (step, loss)
+        nats = self.dpo.collapse_warning_nats
+        if nats is not None and not self._collapse_warned and reference_chosen - policy_chosen > nats:
+            self._collapse_warned = True
+            if self.trainer.is_global_zero:
+                log.warning(
+                    "step %d: the policy's mean log-prob per chosen-answer token (%.3f) is %.2f nats below the "
+                    "reference's (%.3f), more than dpo.collapse_warning_nats=%g: the model is collapsing (e.g. to "
+                    "uniform output); check optim.lr=%g (and dpo.beta=%g). Warned once per run.", step,
+                    policy_chosen, reference_chosen - policy_chosen, reference_chosen, nats, self.optim.lr,
+                    self.dpo.beta)
 
     def configure_model(self) -> None:
         """Under ``strategy=fsdp`` (Lightning's ModelParallelStrategy): shard every decoder layer, then the rest."""
@@ -164,4 +284,10 @@ class DPOModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainable = {f"policy.{n}" for n, p in self.policy.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        bad = nonfinite_names(checkpoint["state_dict"].items())
+        if bad:  # raised before anything is written: no checkpoint with NaN weights
+            step = checkpoint.get("global_step", self.trainer.global_step)
+            raise FloatingPointError(self.nonfinite_message(
+                f"the trainable weights are not finite ({len(bad)} tensors, e.g. {bad[0]}), so the checkpoint is "
+                "refused", step))
 

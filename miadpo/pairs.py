@@ -9,7 +9,8 @@ A pair file is JSONL, one pair per line::
 
 Path rule (one rule for every stage): a path that starts with ``@out/`` is a composed image and resolves
 under ``data.out_dir``; every other path is a source photograph and resolves under ``data.image_root``.
-Absolute paths and paths that leave their root (``..``) are rejected.
+Absolute paths and paths with ``..`` components are rejected; a symlinked folder inside a root (``images/coco ->
+/mnt/coco``) is followed unless ``data.follow_symlinks=false``. ``chosen`` and ``rejected`` hold no image marker.
 
 The reader also accepts the official MIA-DPO release as its generator scripts write it: a JSON array
 (``json.dump(..., indent=4)``) instead of JSONL; ``image`` (a path or a list of paths) instead of ``images``; no
@@ -27,9 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
 from miadpo.config import BadRecordPolicy
+from miadpo.images import ImageOptions, check_record_image
 from miadpo.jsonl import atomic_replace, iter_raw_records
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,16 @@ log = logging.getLogger(__name__)
 IMAGE_TOKEN = "<image>"
 RELEASE_IMAGE_TOKEN = "<image-placeholder>"  # the official release's marker
 COMPOSED_PREFIX = "@out/"
+IMAGE_MARKERS = (IMAGE_TOKEN, RELEASE_IMAGE_TOKEN)
 FORMATS = ("sequence", "grid", "pip")
+
+
+def image_marker_in(text: str) -> str | None:
+    """The first image marker (``<image>`` or the release's ``<image-placeholder>``) found in ``text``, or None.
+
+    An answer must hold none: the marker would become an image token in the labels (or fail the model's count of
+    image features)."""
+    return next((marker for marker in IMAGE_MARKERS if marker in text), None)
 
 
 @dataclass
@@ -62,15 +71,21 @@ class PairRecord:
 
 @dataclass(frozen=True)
 class ImageRoots:
-    """Where the two kinds of record path live (see the module docstring)."""
+    """Where the two kinds of record path live (see the module docstring).
+
+    With ``follow_symlinks`` (``data.follow_symlinks``, the default) a symlink inside a root may point anywhere
+    (``images/coco -> /mnt/coco``); without, a path whose real location leaves its root is refused. Either way a
+    record path must be relative and free of ``..`` components (checked on the text, before any link is followed).
+    """
 
     image_root: Path
     out_dir: Path
+    follow_symlinks: bool = True
 
     @classmethod
     def of(cls, cfg: Any) -> ImageRoots:
         """The roots named by any config with ``image_root`` and ``out_dir`` (data, sft data, eval)."""
-        return cls(Path(cfg.image_root), Path(cfg.out_dir))
+        return cls(Path(cfg.image_root), Path(cfg.out_dir), bool(getattr(cfg, "follow_symlinks", True)))
 
     def resolve(self, rel_path: str) -> Path:
         """Resolve a record path; raises ValueError for absolute paths or paths escaping their root."""
@@ -81,13 +96,23 @@ class ImageRoots:
         if not rest or os.path.isabs(rest) or Path(rest).is_absolute():
             raise ValueError(f"image path {rel_path!r} must be relative to its root")
         root = root.resolve()
-        resolved = (root / rest).resolve()
+        if ".." in Path(rest).parts:
+            raise ValueError(f"image path {rel_path!r} escapes its root {root} ('..' is not allowed)")
+        path = root / rest
+        if self.follow_symlinks:
+            return path
+        resolved = path.resolve()
         if not resolved.is_relative_to(root):
-            raise ValueError(f"image path {rel_path!r} escapes its root {root}")
+            raise ValueError(f"image path {rel_path!r} leaves its root {root} through a symlink (to {resolved}; "
+                             "data.follow_symlinks=false)")
         return resolved
 
     def composed(self, path: Path) -> str:
-        """The record path of a file written under ``out_dir``."""
+        """The record path of a file written under ``out_dir`` (also through a symlinked folder in it)."""
+        for file, root in ((os.path.abspath(path), os.path.abspath(self.out_dir)),
+                           (os.path.abspath(path), self.out_dir.resolve())):
+            if Path(file).is_relative_to(root):
+                return COMPOSED_PREFIX + Path(file).relative_to(root).as_posix()
         return COMPOSED_PREFIX + path.resolve().relative_to(self.out_dir.resolve()).as_posix()
 
 
@@ -167,6 +192,9 @@ def parse_pair(obj: Any) -> PairRecord:
         raise ValueError("field 'images' (or 'image') missing or not a list of paths")
     chosen = _check_text(obj, "chosen")
     rejected = _check_text(obj, "rejected")
+    for key, answer in (("chosen", chosen), ("rejected", rejected)):
+        if (marker := image_marker_in(answer)) is not None:
+            raise ValueError(f"image marker in an answer: {key!r} of record {str(obj['id'])!r} holds {marker!r}")
     n_tokens = prompt.count(IMAGE_TOKEN)
     if n_tokens != len(images):
         raise ValueError(f"image count mismatch: prompt has {n_tokens} {IMAGE_TOKEN} for {len(images)} images")
@@ -178,22 +206,12 @@ def parse_pair(obj: Any) -> PairRecord:
     return PairRecord(str(obj["id"]), images, prompt, chosen, rejected, meta)
 
 
-def check_image(path: Path) -> None:
-    """Raise ValueError if the file is missing, unreadable or not a decodable image."""
-    if not path.is_file():
-        raise ValueError(f"image not found: {path}")
-    try:
-        with Image.open(path) as im:
-            im.load()
-    except Exception as exc:  # PIL raises many types for corrupt data
-        raise ValueError(f"unreadable or corrupt image: {path} ({exc})") from exc
-
-
 def read_pairs(
     path: str | Path,
     roots: ImageRoots,
     report: BadRecordReport,
     check_images: bool = True,
+    image_options: ImageOptions | None = None,
 ) -> list[PairRecord]:
     """Read and validate a pair file (JSONL, or a JSON array as the official release ships). Bad records go to
     ``report`` (skip or raise per its policy)."""
@@ -213,9 +231,10 @@ def read_pairs(
             if record.id in seen:
                 raise ValueError("duplicate id")
             for rel in record.images:
-                resolved = roots.resolve(rel)
-                if check_images:
-                    check_image(resolved)
+                if check_images:  # decoded by the one image loader: errors name the path and the root searched
+                    check_record_image(roots, rel, image_options)
+                else:
+                    roots.resolve(rel)
         except ValueError as exc:
             report.add(BadRecord(str(path), raw.line, record_id, str(exc)))
             continue

@@ -7,6 +7,10 @@ content, the adapter family, the chat template, the image preprocessing and the 
 hashes the prompt, both answers and each image file's path, size and modification time. Runs and sweeps that
 share pairs and base model (β, loss, SFT weight, learning rate may differ) reuse them; training with the cache
 never builds or runs the reference.
+
+Each rank appends to its own shard only while holding that shard's lock (``logps.<rank>.lock``, see
+:mod:`miadpo.locks`): a second run filling the same shard fails at once naming the holder. A run whose pairs are
+all cached only reads, without the lock, and ignores a last line another run is still writing.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +27,8 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from miadpo.config import DataConfig
-from miadpo.jsonl import append_jsonl, read_jsonl, repair_tail
+from miadpo.jsonl import append_jsonl, repair_tail
+from miadpo.locks import stage_lock
 from miadpo.models.base import ModelAdapter
 from miadpo.models.identity import weights_identity
 from miadpo.pairs import ImageRoots, PairRecord
@@ -38,7 +44,8 @@ def model_key(adapter: ModelAdapter, data: DataConfig) -> str:
     """What the reference log-probs depend on besides the pair."""
     processor = adapter.image_processor
     return digest({
-        "weights": weights_identity(adapter.cfg), "family": adapter.cfg.family, "dtype": adapter.cfg.dtype,
+        "weights": weights_identity(adapter.cfg, adapter.model), "family": adapter.cfg.family,
+        "dtype": adapter.cfg.dtype,
         "template": adapter.template, "pad_to_square": adapter.cfg.pad_to_square,
         "image_processor": processor.to_dict() if hasattr(processor, "to_dict") else repr(processor),
         "max_length": data.max_length, "on_too_long": str(data.on_too_long),
@@ -54,6 +61,12 @@ def pair_key(record: PairRecord, roots: ImageRoots) -> str:
     return digest({"prompt": record.prompt, "chosen": record.chosen, "rejected": record.rejected, "images": images})
 
 
+def _complete_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a shard, without a last line cut short (a crash, or another run writing it right now)."""
+    data = path.read_bytes()
+    return [json.loads(line) for line in data[: data.rfind(b"\n") + 1].decode("utf-8").splitlines() if line.strip()]
+
+
 class ReferenceCache:
     """Reference log-probs by pair key: ``[chosen, rejected, chosen_tokens, rejected_tokens]``."""
 
@@ -61,12 +74,27 @@ class ReferenceCache:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.path = self.directory / f"logps.{rank}.jsonl"
+        self.lock_path = self.directory / f"logps.{rank}.lock"
         self.values: dict[str, list[float]] = {}
+        self._writing = False
+        self.reload()
+
+    def reload(self) -> None:
         for file in sorted(self.directory.glob("logps.*.jsonl")):
-            if file == self.path:
-                repair_tail(file)  # a run killed mid-write leaves at most one broken last line
-            for row in read_jsonl(file):
+            for row in _complete_rows(file):
                 self.values[row["key"]] = row["logps"]
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        """Hold this rank's shard for appending (fails at once if another run holds it)."""
+        with stage_lock(self.lock_path, "the reference cache"):
+            repair_tail(self.path)  # a run killed mid-write leaves at most one broken last line
+            self.reload()  # rows the previous holder added since this cache was read
+            self._writing = True
+            try:
+                yield
+            finally:
+                self._writing = False
 
     def __contains__(self, key: str) -> bool:
         return key in self.values
@@ -75,6 +103,8 @@ class ReferenceCache:
         return self.values[key]
 
     def add(self, rows: Sequence[tuple[str, list[float]]]) -> None:
+        if not self._writing:
+            raise RuntimeError("ReferenceCache.add outside ReferenceCache.writing()")
         for key, values in rows:
             self.values[key] = values
         with self.path.open("a", encoding="utf-8") as handle:
@@ -101,6 +131,14 @@ def fill_reference_cache(cache: ReferenceCache, datasets: Sequence[Any], referen
 
 def _fill(cache: ReferenceCache, datasets: Sequence[Any], reference: torch.nn.Module, forward: Any, collate: Any,
           batch_size: int) -> int:
+    if all(key in cache for dataset in datasets for key in dataset.keys):
+        return 0  # everything cached: read only, no lock
+    with cache.writing():
+        return _fill_missing(cache, datasets, reference, forward, collate, batch_size)
+
+
+def _fill_missing(cache: ReferenceCache, datasets: Sequence[Any], reference: torch.nn.Module, forward: Any,
+                  collate: Any, batch_size: int) -> int:
     computed = 0
     for dataset in datasets:
         missing = [i for i, key in enumerate(dataset.keys) if key not in cache]

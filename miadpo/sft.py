@@ -21,21 +21,27 @@ from peft import PeftModel
 from torch.utils.data import DataLoader, Dataset
 
 from miadpo.config import OptimConfig, SFTDataConfig, config_dir, register_configs
-from miadpo.datamodule import load_image, split_train_val
+from miadpo.datamodule import split_train_val
+from miadpo.images import ImageError, ImageOptions, check_record_image, load_record_image
 from miadpo.jsonl import iter_raw_records
 from miadpo.lightning_setup import build_strategy, check_trainer_args
 from miadpo.models import build_adapter
 from miadpo.models.base import ModelAdapter
 from miadpo.module import adamw_with_linear_schedule
-from miadpo.pairs import BadRecord, BadRecordReport, ImageRoots, PairRecord
+from miadpo.pairs import BadRecord, BadRecordError, BadRecordReport, ImageRoots, PairRecord, image_marker_in
 
 log = logging.getLogger(__name__)
 register_configs()
 CONFIG_DIR = config_dir()
 
 
-def read_sft_records(files: Sequence[str], roots: ImageRoots, report: BadRecordReport) -> list[PairRecord]:
-    """First turn of every record of every file, as (images, prompt, answer); bad records to ``report``."""
+def read_sft_records(files: Sequence[str], roots: ImageRoots, report: BadRecordReport,
+                     image_options: ImageOptions | None = None, check_images: bool = True) -> list[PairRecord]:
+    """First turn of every record of every file, as (images, prompt, answer); bad records to ``report``.
+
+    Each image is checked here, as the pair reader does: decoded (``check_images``; else only opened) by the loader
+    of ``miadpo.images``, so a missing, corrupt, truncated or (under ``on_large_image=skip``) too large image is a
+    bad record (file:line (id): reason) before training, not a crash mid-epoch."""
     records: list[PairRecord] = []
     for file in files:
         for raw in iter_raw_records(Path(file)):
@@ -52,8 +58,11 @@ def read_sft_records(files: Sequence[str], roots: ImageRoots, report: BadRecordR
                 prompt, answer = turns[0]["value"], turns[1]["value"]
                 if prompt.count("<image>") != len(images):
                     raise ValueError(f"{prompt.count('<image>')} <image> for {len(images)} images")
+                marker = image_marker_in(answer) if isinstance(answer, str) else None
+                if marker:
+                    raise ValueError(f"image marker in an answer: the gpt turn holds {marker!r}")
                 for rel in images:
-                    roots.resolve(rel)
+                    check_record_image(roots, rel, image_options, decode=check_images)
             except (ValueError, KeyError, IndexError, TypeError) as exc:
                 record_id = str(obj.get("id")) if isinstance(obj, dict) else None
                 report.add(BadRecord(file, raw.line, record_id, str(exc)))
@@ -64,15 +73,20 @@ def read_sft_records(files: Sequence[str], roots: ImageRoots, report: BadRecordR
 
 
 class SFTDataset(Dataset):
-    def __init__(self, records: Sequence[PairRecord], roots: ImageRoots, adapter: ModelAdapter, max_length: int):
+    def __init__(self, records: Sequence[PairRecord], roots: ImageRoots, adapter: ModelAdapter, max_length: int,
+                 image_options: ImageOptions | None = None):
         self.records, self.roots, self.adapter, self.max_length = list(records), roots, adapter, max_length
+        self.image_options = image_options or ImageOptions()
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> Any:
         record = self.records[index]
-        images = [load_image(self.roots.resolve(p)) for p in record.images]
+        try:
+            images = [load_record_image(self.roots, p, self.image_options) for p in record.images]
+        except ImageError as exc:  # checked at load; changed on disk since
+            raise BadRecordError(f"SFT record {record.id}: {exc}") from exc
         return self.adapter.encode(images, record.prompt, record.chosen, self.max_length)
 
 
@@ -101,11 +115,12 @@ class SFTModule(L.LightningModule):
 def sft_loaders(adapter: ModelAdapter, data: SFTDataConfig, seed: int) -> tuple[DataLoader, DataLoader | None]:
     roots = ImageRoots.of(data)
     report = BadRecordReport(data.on_bad_record, data.max_bad_fraction, stage="sft")
-    records = read_sft_records(list(data.files), roots, report)
+    image_options = ImageOptions.of(data)
+    records = read_sft_records(list(data.files), roots, report, image_options, data.check_images)
     train, val = split_train_val(records, data.val_fraction, seed)
 
     def loader(items: list[PairRecord], shuffle: bool) -> DataLoader:
-        return DataLoader(SFTDataset(items, roots, adapter, data.max_length), batch_size=data.batch_size,
+        return DataLoader(SFTDataset(items, roots, adapter, data.max_length, image_options), batch_size=data.batch_size,
                           shuffle=shuffle, num_workers=data.num_workers, collate_fn=adapter.collate,
                           generator=torch.Generator().manual_seed(seed) if shuffle else None)
 

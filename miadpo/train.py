@@ -24,12 +24,19 @@ from miadpo.callbacks import BeforeAfterEval, ExportModel, LogLastStep
 from miadpo.config import LoggerName, config_dir, register_configs
 from miadpo.data_report import log_data_report, write_data_report
 from miadpo.datamodule import PairCollator, PairDataModule, ResumeDataOrder
-from miadpo.evaluate import llava_items, tsv_items
-from miadpo.lightning_setup import build_logger, build_strategy, check_trainer_args, wandb_files_in
+from miadpo.evaluate import eval_items
+from miadpo.lightning_setup import (
+    build_logger,
+    build_strategy,
+    check_checkpoint,
+    check_strategy,
+    check_trainer_args,
+    wandb_files_in,
+)
+from miadpo.losses import check_dpo
 from miadpo.models import ModelAdapter, build_adapter
-from miadpo.module import DPOModule, build_pair_forward
+from miadpo.module import DPOModule, build_pair_forward, check_optim
 from miadpo.pair_forward import PairForward
-from miadpo.pairs import ImageRoots
 from miadpo.reference_cache import ReferenceCache, fill_reference_cache, model_key
 from miadpo.rounds import run_rounds
 from miadpo.select.stage import run_selection
@@ -126,18 +133,29 @@ def build_before_after(cfg: DictConfig, adapter: ModelAdapter, run_dir: Path) ->
     """The before/after evaluation of ``eval.*``, or None when no evaluation set is configured."""
     if not cfg.eval.files and not cfg.eval.tsv:
         return None
-    roots = ImageRoots.of(cfg.eval)
-    items = [item for f in cfg.eval.files for item in llava_items(Path(f), roots)]
-    items += [item for f in cfg.eval.tsv for item in tsv_items(Path(f))]
+    items, _ = eval_items(cfg.eval)  # records with an unusable image: skipped and counted, or stop (eval.*)
     scenes = scene_index(cfg.eval.toy_source) if cfg.eval.toy_source else None
     return BeforeAfterEval(adapter, items, run_dir, cfg.eval.batch_size, cfg.eval.max_new_tokens, scenes)
 
 
-def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> TrainResult:
-    """Run one DPO training job described by a composed config (``extra_callbacks``: added to the Trainer's)."""
+def check_job(cfg: DictConfig) -> None:
+    """Everything of the job that can be wrong without running it, checked before the model is built or any stage
+    (base saved, selection, reference pass) runs: the Trainer arguments, the strategy on this machine, the loss and
+    optimizer settings, and ``ckpt_path`` (a readable Lightning checkpoint). A bad setting is named."""
     if cfg.dpo.reference_path is not None and not cfg.dpo.fast.reference_cache:
         raise ValueError("dpo.reference_path needs dpo.fast.reference_cache=true (the other reference is held "
                          "in memory: the policy with LoRA disabled, or a copy of its starting weights)")
+    check_trainer_args(cfg.trainer)
+    check_strategy(cfg.strategy)
+    check_dpo(cfg.dpo)  # type: ignore[arg-type]
+    check_optim(cfg.optim)  # type: ignore[arg-type]
+    if cfg.ckpt_path is not None:
+        check_checkpoint(cfg.ckpt_path)
+
+
+def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> TrainResult:
+    """Run one DPO training job described by a composed config (``extra_callbacks``: added to the Trainer's)."""
+    check_job(cfg)
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.run_dir)
     toy_data = cfg.data.name == "toy" and cfg.data.source and rank_zero_only.rank == 0

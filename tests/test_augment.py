@@ -308,7 +308,8 @@ def test_bad_input_is_skipped_with_reasons(tmp_path: Path, caplog) -> None:
     assert summary.ineligible["text-only (no image)"] == 1
     skipped = [json.loads(line) for line in (tmp_path / "out" / SKIPPED_FILE).read_text().splitlines()]
     # The corrupt photo is skipped wherever it is used: as a target or as another record's background.
-    assert skipped and all("unreadable or corrupt image: coco/broken.jpg" in s["reason"] for s in skipped)
+    assert skipped and all(s["reason"].startswith("image corrupt or not an image: ")
+                           and "coco/broken.jpg" in s["reason"] for s in skipped)
     assert sum(summary.written.values()) + len(skipped) == len(PHOTOS) + 1
 
 

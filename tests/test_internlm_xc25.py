@@ -565,7 +565,7 @@ def test_verify_entry_on_a_saved_directory_reports_why_there_is_no_reference(xc2
     xc25.save_base(tmp_path / "weights")
     command = [sys.executable, "-m", "miadpo.models.verify", "model=tiny_internlm_xc25",
                f"model.path={tmp_path / 'weights'}", "max_new_tokens=4", f"report={tmp_path / 'report.json'}",
-               f"hydra.run.dir={tmp_path / 'hydra'}"]
+               f"hydra.run.dir={tmp_path / 'hydra'}", "model.trust_remote_code=true"]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())

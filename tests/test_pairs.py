@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from conftest import good_record
+from reliability import case
 
 from miadpo.config import BadRecordPolicy
 from miadpo.pairs import BadRecordError, BadRecordReport, ImageRoots, PairRecord, read_pairs, write_pairs
@@ -118,15 +119,35 @@ BAD_CASES = {
     "empty 'rejected'": lambda t: {**good_record(t, 12), "rejected": ""},
     "escapes its root": lambda t: {**good_record(t, 13), "images": ["../x.png", "r13_1.png"]},
     "must be relative": lambda t: {**good_record(t, 14), "images": ["/etc/hosts", "r14_1.png"]},
-    "image not found": lambda t: {**good_record(t, 15), "images": ["missing.png", "r15_1.png"]},
-    "corrupt image": lambda t: corrupt_record(t),
+    "image missing": lambda t: {**good_record(t, 15), "images": ["missing.png", "r15_1.png"]},
+    "image corrupt": lambda t: corrupt_record(t),
     "identical": lambda t: {**good_record(t, 17), "rejected": "The circle is red."},
     "not a JSON object": lambda t: "[1, 2]",
     "field 'id' missing": lambda t: {k: v for k, v in good_record(t, 18).items() if k != "id"},
 }
 
 
-@pytest.mark.parametrize("reason", sorted(BAD_CASES))
+# What each bad record is, as a user would meet it (rows of docs/reliability.md).
+BAD_CASE_INPUTS = {
+    "malformed JSON": "a line that is not valid JSON",
+    "image count mismatch": "a prompt whose `<image>` count differs from its images",
+    "empty 'chosen'": "an empty or blank chosen answer",
+    "empty 'rejected'": "an empty rejected answer",
+    "escapes its root": "an image path with `..` leaving its root",
+    "must be relative": "an absolute image path",
+    "image missing": "an image that does not exist",
+    "image corrupt": "an image file that does not decode",
+    "identical": "chosen and rejected identical",
+    "not a JSON object": "a line holding JSON that is not an object",
+    "field 'id' missing": "a record without `id`",
+}
+
+
+@pytest.mark.parametrize("reason", [
+    case("pair file", f"pairs-{reason.replace(chr(39), '').replace(' ', '-').lower()}", BAD_CASE_INPUTS[reason],
+         "that record is skipped and logged as `file:line (id=…): reason` (`data.on_bad_record=error` stops "
+         "there); the rest loads", reason)
+    for reason in sorted(BAD_CASES)])
 def test_each_bad_record_is_skipped_with_file_line_and_id(tmp_path: Path, pair_files, caplog, reason: str) -> None:
     good = [good_record(tmp_path, i) for i in range(3)]
     bad = BAD_CASES[reason](tmp_path)

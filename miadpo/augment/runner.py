@@ -3,7 +3,15 @@
 Every random decision is made by the planner from ``seed`` before any worker starts, and records are written
 in plan order, so the output is identical for any number of workers. Records go to
 ``<data.out_dir>/records.jsonl`` (failed compositions to ``skipped.jsonl``) one line at a time; a re-run skips
-the jobs already written. ``augment_manifest.json`` holds the fingerprint of what produced the directory.
+the jobs already written. ``augment_manifest.json`` holds the fingerprint of what produced the directory, and
+``augment_summary.json`` marks it finished (never written when no record was).
+
+Each skipped composition is stored with the size and modification time of its input files; a rerun retries
+those whose inputs changed (a fixed or restored image), or every skipped one with
+``data.augment.retry_skipped=true``, and leaves the finished records as they are (the file is put back in plan
+order, so the output is that of a clean run). A run that writes holds ``augment.lock`` in the output directory
+(:mod:`miadpo.locks`): a second, independent run fails at once naming the holder. A finished output is read
+without the lock.
 """
 
 from __future__ import annotations
@@ -36,7 +44,9 @@ from miadpo.augment.formats import (
 )
 from miadpo.augment.source import SourceRecord, read_llava_source
 from miadpo.config import AugmentConfig, BadRecordPolicy, DataConfig, GridAugmentConfig
-from miadpo.jsonl import append_jsonl, atomic_replace, completed_ids, read_jsonl
+from miadpo.images import ImageOptions, load_record_image
+from miadpo.jsonl import append_jsonl, atomic_replace, read_jsonl, repair_tail
+from miadpo.locks import stage_lock
 from miadpo.pairs import BadRecordError, BadRecordReport, ImageRoots
 
 log = logging.getLogger(__name__)
@@ -46,6 +56,7 @@ RECORDS_FILE = "records.jsonl"
 SKIPPED_FILE = "skipped.jsonl"
 MANIFEST_FILE = "augment_manifest.json"
 SUMMARY_FILE = "augment_summary.json"
+LOCK_FILE = "augment.lock"
 
 
 @dataclass
@@ -237,19 +248,12 @@ class Composer:
     grid: GridAugmentConfig
     pip_scale: float
     jpeg_quality: int
+    images: ImageOptions
 
     def _load(self, rel: str, draft: tuple[int, int] | None = None) -> Image.Image:
-        """Decode an input; with ``draft``, JPEG decoding may shrink by 2–8× while staying at least that size."""
-        path = self.roots.resolve(rel)
-        try:
-            with Image.open(path) as image:
-                if draft is not None:
-                    image.draft("RGB", draft)
-                return image.convert("RGB")
-        except FileNotFoundError:
-            raise ValueError(f"image not found: {rel}") from None
-        except Exception as exc:  # PIL raises many types for corrupt files
-            raise ValueError(f"unreadable or corrupt image: {rel} ({exc})") from exc
+        """Decode an input (``miadpo.images``); with ``draft``, JPEG decoding may shrink by 2–8× while staying at least
+        that size."""
+        return load_record_image(self.roots, rel, self.images, reduce_to=draft)  # ImageError names path and root
 
     def _save(self, image: Image.Image, fmt: str, job_id: str) -> str:
         path = self.roots.out_dir / "images" / fmt / f"{job_id}.jpg"
@@ -289,7 +293,7 @@ def file_sha1(path: Path) -> str:
 def fingerprint(cfg: DataConfig, seed: int) -> dict[str, Any]:
     """What determines the output: source content, seed, format mix and augmentation settings."""
     augment = OmegaConf.to_container(OmegaConf.structured(cfg.augment), resolve=True)
-    for key in ("workers", "chunk_size"):  # do not change the output
+    for key in ("workers", "chunk_size", "retry_skipped"):  # do not change the output
         augment.pop(key)  # type: ignore[union-attr]
     inputs = {
         "version": FORMAT_VERSION,
@@ -303,7 +307,7 @@ def fingerprint(cfg: DataConfig, seed: int) -> dict[str, Any]:
     return inputs
 
 
-def _check_manifest(out_dir: Path, inputs: dict[str, Any]) -> None:
+def _check_manifest(out_dir: Path, inputs: dict[str, Any], create: bool = True) -> None:
     manifest = out_dir / MANIFEST_FILE
     if manifest.is_file():
         previous = json.loads(manifest.read_text())
@@ -315,9 +319,72 @@ def _check_manifest(out_dir: Path, inputs: dict[str, Any]) -> None:
             )
     elif (out_dir / RECORDS_FILE).exists():
         raise FileExistsError(f"{out_dir / RECORDS_FILE} exists without {MANIFEST_FILE}; choose another data.out_dir")
-    else:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        manifest.write_text(json.dumps(inputs, indent=2, sort_keys=True) + "\n")
+    elif create:
+        with atomic_replace(manifest) as tmp:
+            tmp.write_text(json.dumps(inputs, indent=2, sort_keys=True) + "\n")
+
+
+def augmentation_finished(cfg: DataConfig, seed: int) -> bool:
+    """Whether ``data.out_dir`` holds a finished augmentation of this configuration (reads only)."""
+    out_dir = Path(cfg.out_dir)
+    manifest = out_dir / MANIFEST_FILE
+    if not (out_dir / SUMMARY_FILE).is_file() or not manifest.is_file() or not AugmentSummary.load(out_dir).written:
+        return False
+    return json.loads(manifest.read_text()).get("fingerprint") == fingerprint(cfg, seed)["fingerprint"]
+
+
+def input_files(roots: ImageRoots, inputs: Sequence[str]) -> dict[str, list[int] | None]:
+    """Size and modification time of each input image (None: missing or not resolvable), stored with a skip."""
+    files: dict[str, list[int] | None] = {}
+    for rel in inputs:
+        try:
+            stat = roots.resolve(rel).stat()
+            files[rel] = [stat.st_size, stat.st_mtime_ns]
+        except (OSError, ValueError):
+            files[rel] = None
+    return files
+
+
+def _skip_entries(path: Path) -> dict[str, dict[str, Any]]:
+    """The latest skip entry of each id (a retried composition that failed again appends a newer one)."""
+    return {str(entry["id"]): entry for entry in read_jsonl(path)}
+
+
+def _retry(entry: dict[str, Any], roots: ImageRoots) -> bool:
+    """A skipped composition whose input files changed since (or stored before their identity was)."""
+    files = entry.get("inputs")
+    return not isinstance(files, dict) or files != input_files(roots, list(files))
+
+
+def _raw_lines(path: Path) -> list[tuple[str, str]]:
+    """(id, line) of every record line of a JSONL file, the line kept byte for byte."""
+    if not path.exists():
+        return []
+    with path.open(encoding="utf-8") as handle:
+        return [(str(json.loads(line)["id"]), line) for line in handle if line.strip()]
+
+
+def _put_in_plan_order(records_path: Path, skipped_path: Path, order: dict[str, int]) -> None:
+    """Records in plan order (retried ones were appended last), each id once, and the latest skip entry of each
+    id not written; every line kept byte for byte, a file already so left alone."""
+    records, skipped = _raw_lines(records_path), _raw_lines(skipped_path)
+    first: dict[str, str] = {}
+    for record_id, line in records:
+        first.setdefault(record_id, line)
+    latest = {record_id: line for record_id, line in skipped if record_id not in first}
+    end = len(order)
+    for path, lines, kept in ((records_path, records, first), (skipped_path, skipped, latest)):
+        ordered = sorted(kept.items(), key=lambda item: order.get(item[0], end))
+        if ordered != lines:
+            with atomic_replace(path) as tmp, tmp.open("w", encoding="utf-8") as handle:
+                handle.writelines(line for _, line in ordered)
+
+
+def _finished(out_dir: Path, roots: ImageRoots, retry_all: bool) -> bool:
+    """A summary with records (an output without any is never finished) and no skipped composition to retry."""
+    if not (out_dir / SUMMARY_FILE).is_file() or not AugmentSummary.load(out_dir).written:
+        return False
+    return not any(retry_all or _retry(entry, roots) for entry in _skip_entries(out_dir / SKIPPED_FILE).values())
 
 
 def _ordered_results(composer: Composer, jobs: Sequence[Job], workers: int, chunk_size: int
@@ -331,15 +398,32 @@ def _ordered_results(composer: Composer, jobs: Sequence[Job], workers: int, chun
 
 def run_augmentation(cfg: DataConfig, seed: int, workers: int | None = None, progress: bool = True
                      ) -> AugmentSummary:
-    """Augment ``data.source`` into ``<data.out_dir>/records.jsonl`` (resuming a partial run)."""
+    """Augment ``data.source`` into ``<data.out_dir>/records.jsonl`` (resuming a partial run).
+
+    A finished output is read without the lock, unless skipped compositions are to be retried (their input
+    files changed, or ``data.augment.retry_skipped``); writing holds ``augment.lock`` (fails at once if another
+    run holds it)."""
     if not cfg.source:
         raise ValueError("data.source (LLaVA-format JSON) is required for augmentation")
     roots = ImageRoots.of(cfg)
     out_dir = Path(cfg.out_dir)
     inputs = fingerprint(cfg, seed)
-    _check_manifest(out_dir, inputs)
-    if (out_dir / SUMMARY_FILE).is_file():  # written only when a run finished
+    _check_manifest(out_dir, inputs, create=False)
+    retry_all = bool(getattr(cfg.augment, "retry_skipped", False))
+    if _finished(out_dir, roots, retry_all):
         return AugmentSummary.load(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with stage_lock(out_dir / LOCK_FILE, "the augmentation output"):
+        _check_manifest(out_dir, inputs)
+        return _augment(cfg, seed, roots, out_dir, workers, progress, retry_all)
+
+
+def _augment(cfg: DataConfig, seed: int, roots: ImageRoots, out_dir: Path, workers: int | None, progress: bool,
+             retry_all: bool) -> AugmentSummary:
+    """The stage proper, under the output directory's lock."""
+    if _finished(out_dir, roots, retry_all):
+        return AugmentSummary.load(out_dir)  # finished by another run meanwhile
+    (out_dir / SUMMARY_FILE).unlink(missing_ok=True)  # retrying: unfinished until this run finishes
     for stale in (out_dir / "images").glob("*/*.tmp"):
         stale.unlink()
 
@@ -352,35 +436,57 @@ def run_augmentation(cfg: DataConfig, seed: int, workers: int | None = None, pro
     jobs = planner.plan()
 
     records_path, skipped_path = out_dir / RECORDS_FILE, out_dir / SKIPPED_FILE
-    done = completed_ids(records_path, skipped_path)
-    todo = [job for job in jobs if job.id not in done]
+    for path in (records_path, skipped_path):
+        repair_tail(path)
+    done = {record_id for record_id, _ in _raw_lines(records_path)}
+    skips = _skip_entries(skipped_path)
+    retry_all = retry_all or not done  # nothing written yet (a run that wrote no record): retry every skip
+    todo = [job for job in jobs if job.id not in done
+            and (job.id not in skips or retry_all or _retry(skips[job.id], roots))]
+    retried = sum(1 for job in todo if job.id in skips)
+    if retried:
+        log.info("[augment] retrying %d skipped compositions%s", retried,
+                 "" if retry_all else " whose input images changed")
     summary = AugmentSummary(out_dir, ineligible=ineligible + planner.skipped, resumed=len(jobs) - len(todo))
-    composer = Composer(roots, cfg.augment.grid, cfg.augment.pip.scale, cfg.augment.jpeg_quality)
+    composer = Composer(roots, cfg.augment.grid, cfg.augment.pip.scale, cfg.augment.jpeg_quality,
+                        ImageOptions.of(cfg))
     n_workers = cfg.augment.workers if workers is None else workers
     strict = BadRecordPolicy(cfg.on_bad_record) is BadRecordPolicy.error
-    with records_path.open("a", encoding="utf-8") as out, skipped_path.open("a", encoding="utf-8") as skipped:
-        results = _ordered_results(composer, todo, n_workers, cfg.augment.chunk_size)
-        for job, (record, reason) in tqdm(zip(todo, results), total=len(todo), disable=not progress,
-                                          desc="augment", unit="record"):
-            if record is not None:
-                append_jsonl(out, [record])
-                continue
-            append_jsonl(skipped, [{"id": job.id, "source_ids": job.source_ids, "reason": reason}])
-            if strict:
-                raise BadRecordError(f"[augment] {cfg.source}:{job.source_line} (id={job.source_ids[0]}): "
-                                     f"{reason} (data.on_bad_record=error)")
-            log.warning("[augment] skipping %s (source %s:%d): %s", job.id, cfg.source, job.source_line, reason)
+    try:
+        with records_path.open("a", encoding="utf-8") as out, skipped_path.open("a", encoding="utf-8") as skipped:
+            results = _ordered_results(composer, todo, n_workers, cfg.augment.chunk_size)
+            for job, (record, reason) in tqdm(zip(todo, results), total=len(todo), disable=not progress,
+                                              desc="augment", unit="record"):
+                if record is not None:
+                    append_jsonl(out, [record])
+                    continue
+                append_jsonl(skipped, [{"id": job.id, "source_ids": job.source_ids, "reason": reason,
+                                        "inputs": input_files(roots, job.inputs)}])
+                if strict:
+                    raise BadRecordError(f"[augment] {cfg.source}:{job.source_line} (id={job.source_ids[0]}): "
+                                         f"{reason} (data.on_bad_record=error)")
+                log.warning("[augment] skipping %s (source %s:%d): %s", job.id, cfg.source, job.source_line, reason)
+    finally:
+        _put_in_plan_order(records_path, skipped_path, {job.id: i for i, job in enumerate(jobs)})
 
     for record in read_jsonl(records_path):
         summary.written[f"{record['meta']['format']} N={record['meta']['n_images']}"] += 1
-    for entry in read_jsonl(skipped_path):
+    failures = list(read_jsonl(skipped_path))
+    for entry in failures:
         summary.skipped[entry["reason"].split(":")[0]] += 1
     for reason, count in report_reasons(report).items():
         summary.skipped[reason] += count
-    failed = sum(1 for _ in read_jsonl(skipped_path))
+    if not summary.written:
+        reasons = dict(Counter(entry["reason"].split(":")[0] for entry in failures))
+        raise BadRecordError(
+            f"[augment] 0 records written from {cfg.source}: {len(jobs)} compositions planned, {len(failures)} "
+            f"failed ({reasons}; see {skipped_path}), not eligible: {dict(summary.ineligible)}. The output is not "
+            "marked finished: fix the inputs (data.source, data.image_root, data.formats) and rerun.")
+    failed = len(failures)
     if failed and failed / max(1, len(jobs)) > cfg.max_bad_fraction:
         raise BadRecordError(f"[augment] {failed} of {len(jobs)} compositions failed (> data.max_bad_fraction="
-                             f"{cfg.max_bad_fraction}); see {skipped_path}. Written records are kept.")
+                             f"{cfg.max_bad_fraction}); see {skipped_path}. Written records are kept; a rerun "
+                             "retries the compositions whose input images changed.")
     summary.save()
     return summary
 

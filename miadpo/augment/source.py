@@ -12,7 +12,7 @@ from typing import Any
 
 from miadpo.config import AugmentConfig
 from miadpo.jsonl import RawRecord, iter_raw_records
-from miadpo.pairs import BadRecord, BadRecordReport, ImageRoots
+from miadpo.pairs import IMAGE_TOKEN, RELEASE_IMAGE_TOKEN, BadRecord, BadRecordReport, ImageRoots, image_marker_in
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,9 @@ class SourceRecord:
     conversations: tuple[dict[str, str], ...]
 
 
-def _conversations(value: Any) -> tuple[dict[str, str], ...]:
+def _conversations(value: Any, record_id: str) -> tuple[dict[str, str], ...]:
+    """Alternating human/gpt turns. An answer (gpt turn) may hold no image marker; the questions together hold at
+    most the record's one (the release's ``<image-placeholder>`` reads as ``<image>``; the formats place their own)."""
     if not isinstance(value, list) or len(value) < 2:
         raise ValueError("conversations missing or shorter than one question and one answer")
     turns = []
@@ -35,7 +37,15 @@ def _conversations(value: Any) -> tuple[dict[str, str], ...]:
             raise ValueError(f"conversation turn {position} is not a {expected!r} turn with a text value")
         if not turn["value"].strip():
             raise ValueError(f"conversation turn {position} is empty")
-        turns.append({"from": expected, "value": turn["value"]})
+        text = turn["value"]
+        if expected == "gpt" and (marker := image_marker_in(text)) is not None:
+            raise ValueError(f"image marker in an answer: conversation turn {position} (gpt) of record "
+                             f"{record_id!r} holds {marker!r}")
+        turns.append({"from": expected, "value": text.replace(RELEASE_IMAGE_TOKEN, IMAGE_TOKEN)})
+    markers = sum(t["value"].count(IMAGE_TOKEN) for t in turns)
+    if markers > 1:
+        raise ValueError(f"image marker count: the questions of record {record_id!r} hold {markers} image markers "
+                         "for its one image")
     return tuple(turns)
 
 
@@ -59,7 +69,7 @@ def parse_source_record(raw: RawRecord, roots: ImageRoots, cfg: AugmentConfig) -
         raise ValueError("record without an image")
     if "id" not in obj:
         raise ValueError("field 'id' missing")
-    conversations = _conversations(obj.get("conversations"))
+    conversations = _conversations(obj.get("conversations"), str(obj["id"]))
     if cfg.source_field:
         if cfg.source_field not in obj:
             raise ValueError(f"field {cfg.source_field!r} (data.augment.source_field) missing")
@@ -77,8 +87,9 @@ def read_llava_source(path: str | Path, roots: ImageRoots, cfg: AugmentConfig, r
                       ) -> tuple[list[SourceRecord], Counter[str]]:
     """Eligible single-image records, plus counts of records set aside as ineligible (not bad).
 
-    Bad records (broken JSON, malformed conversations, unknown source, missing image file) go to ``report``,
-    which skips or raises per ``data.on_bad_record``.
+    Bad records (broken JSON, bytes that are not UTF-8, malformed conversations, an image marker in an answer or
+    more than one in the questions, unknown source, missing image file) go to ``report``, which skips or raises per
+    ``data.on_bad_record``.
     """
     path = Path(path)
     if not path.is_file():

@@ -1,43 +1,77 @@
 """What identifies a model's weights, for the caches keyed by them (selection candidates, reference log-probs).
 
 A weights directory is identified by the **content** of its files (SHA-256 of every file, by relative name), so
-a policy merged from a LoRA round — same file names, same sizes — never hits the base's caches. Hashing a 7B
-checkpoint takes seconds; digests are memoised per process by (path, size, mtime, ctime, inode), so a file
-rewritten in place (even with its size and modification time kept) is hashed again.
+a policy merged from a LoRA round — same file names, same sizes — never hits the base's caches. A model built in
+code (``model.path`` null) is identified by its recipe and the SHA-256 of its state dict, so weights changed in
+memory are another model; a hub model by its id and the commit it was loaded from.
+
+Hashing a 7B checkpoint takes seconds, so digests are memoised per process by the file's (path, device, inode,
+size, mtime, ctime). A rewrite can keep all of these when it lands within one timestamp tick of the hash (or on
+a filesystem with coarse timestamps), so a digest is memoised only for files of at least ``MEMO_MIN_BYTES`` whose
+last change is more than ``MEMO_MIN_AGE_NS`` old (any later change then moves the ctime); others are hashed
+every time.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from miadpo.config import ModelConfig
 
-_DIGESTS: dict[tuple[str, int, int, int, int], str] = {}
+MEMO_MIN_BYTES = 1 << 20
+MEMO_MIN_AGE_NS = 2_000_000_000
+_DIGESTS: dict[tuple[Any, ...], str] = {}
+
+
+def _signature(path: Path, stat: Any) -> tuple[Any, ...]:
+    return (str(path.resolve()), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
 
 
 def file_sha256(path: Path) -> str:
-    """SHA-256 of a file's bytes, memoised while the file's stat signature stays the same."""
-    stat = path.stat()
-    signature = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
-    if signature not in _DIGESTS:
-        digest = hashlib.sha256()
-        with path.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 24), b""):
-                digest.update(block)
+    """SHA-256 of a file's bytes, memoised while the file's stat signature stays the same (see the module doc)."""
+    before = path.stat()
+    signature = _signature(path, before)
+    if signature in _DIGESTS:
+        return _DIGESTS[signature]
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    after = path.stat()
+    settled = time.time_ns() - max(after.st_mtime_ns, after.st_ctime_ns) > MEMO_MIN_AGE_NS
+    if before.st_size >= MEMO_MIN_BYTES and settled and _signature(path, after) == signature:
         _DIGESTS[signature] = digest.hexdigest()
-    return _DIGESTS[signature]
+    return digest.hexdigest()
 
 
-def weights_identity(cfg: ModelConfig) -> dict[str, Any]:
-    """The in-code recipe (a model built from ``model.tiny``), the files' content, or the hub id."""
+def state_dict_sha256(model: torch.nn.Module) -> str:
+    """SHA-256 of a model's state dict: every tensor's name, dtype, shape and bytes."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def weights_identity(cfg: ModelConfig, model: torch.nn.Module | None = None) -> dict[str, Any]:
+    """The files' content; for a model built in code its recipe and (given ``model``) its state dict; for a hub
+    id the id and (given ``model``) the commit transformers loaded."""
     if cfg.path is None:
-        return {"built_in_code": dict(cfg.tiny)}
+        identity: dict[str, Any] = {"built_in_code": dict(cfg.tiny)}
+        if model is not None:
+            identity["state_sha256"] = state_dict_sha256(model)
+        return identity
     path = Path(cfg.path)
     if not path.is_dir():
-        return {"hub": cfg.path}
+        commit = getattr(getattr(model, "config", None), "_commit_hash", None)
+        return {"hub": cfg.path, **({"commit": commit} if commit else {})}
     files = sorted(p for p in path.rglob("*") if p.is_file() and not any(
         part.startswith(".") for part in p.relative_to(path).parts))
     return {"files": [[os.fspath(p.relative_to(path)), p.stat().st_size, file_sha256(p)] for p in files]}

@@ -3,11 +3,13 @@
 
 1. Loads the checkpoint through the adapter (every tensor checked by name; a mismatch stops here, listing names).
 2. Answers a fixed two-image prompt (drawn images unless ``images=[...]``) greedily and prints the answer.
-3. When ``reference=auto`` and the directory's original model class imports in this environment (hub remote
-   code, ``trust_remote_code``), feeds both implementations the same inputs and reports the largest difference
-   of the projected image features (their ``vit`` + ``vision_proj`` on the same normalised canvases) and of
-   the logits (their decoder and ``output`` on our input embeddings and image mask). When it does not import
-   — the usual case on current transformers — the reason is reported and the check ends after step 2.
+3. When ``reference=auto`` (or ``original``, which stops when it cannot), ``model.trust_remote_code=true`` (the
+   original class is Python code in the weights directory; without consent none of it runs and the report names
+   the files) and that class imports in this environment, feeds both implementations the same inputs and
+   reports the largest difference of the projected image features (their ``vit`` + ``vision_proj`` on the same
+   normalised canvases) and of the logits (their decoder and ``output`` on our input embeddings and image mask).
+   When it does not import — the usual case on current transformers — the reason is reported and the check ends
+   after step 2.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ from omegaconf import DictConfig
 from PIL import Image, ImageDraw
 
 from miadpo.config import config_dir, register_configs
-from miadpo.datamodule import load_image
 from miadpo.generate import with_image_markers
+from miadpo.images import load_image
 from miadpo.models import ModelAdapter, build_adapter
 
 register_configs()
@@ -42,8 +44,23 @@ def drawn_images() -> list[Image.Image]:
     return [wide, tall]
 
 
-def load_reference(path: str, dtype: torch.dtype) -> tuple[Any | None, str]:
-    """The checkpoint's original model class, or None and why it could not be used."""
+def remote_code_files(directory: Path) -> list[Path]:
+    """The Python files of ``directory`` that transformers would import for its ``auto_map`` (remote code)."""
+    config = directory / "config.json"
+    auto_map = json.loads(config.read_text()).get("auto_map", {}) if config.is_file() else {}
+    references = [v for value in auto_map.values() for v in (value if isinstance(value, list) else [value]) if v]
+    modules = dict.fromkeys(reference.split("--")[-1].rsplit(".", 1)[0] for reference in references)
+    return [directory / f"{module}.py" for module in modules]
+
+
+def load_reference(path: str, dtype: torch.dtype, trust_remote_code: bool) -> tuple[Any | None, str]:
+    """The checkpoint's original model class, or None and why it could not be used. Its code (the weights
+    directory's Python files) runs only with ``model.trust_remote_code=true``."""
+    files = remote_code_files(Path(path))
+    if not trust_remote_code:
+        named = ", ".join(str(f) for f in files) or f"the Python files of {path}"
+        return None, (f"original not run: comparing would execute {named} (remote code from the weights "
+                      "directory); set model.trust_remote_code=true to allow it")
     try:
         from transformers import AutoModel
 
@@ -101,8 +118,11 @@ def verify(cfg: DictConfig, reference: Any | None = None) -> dict[str, Any]:
     }
     if reference is None and cfg.model.family != "internlm_xc25":
         result["reference"] = "no reference comparison for this family (load and answer only)"
-    elif reference is None and cfg.reference == "auto":
-        reference, result["reference"] = load_reference(str(cfg.model.path), adapter.base_model.dtype)
+    elif reference is None and cfg.reference in ("auto", "original"):
+        reference, result["reference"] = load_reference(str(cfg.model.path), adapter.base_model.dtype,
+                                                        cfg.model.trust_remote_code)
+        if reference is None and cfg.reference == "original":
+            raise RuntimeError(f"verify reference=original: {result['reference']}")
     elif reference is None:
         result["reference"] = "skipped (reference=none)"
     if reference is not None:

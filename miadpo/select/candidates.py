@@ -14,6 +14,7 @@ import string
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,10 +22,11 @@ import torch
 from PIL import Image
 
 from miadpo.augment.formats import retarget_question
-from miadpo.config import NoiseConfig, SelectionConfig
-from miadpo.datamodule import load_image
+from miadpo.augment.runner import RECORDS_FILE
+from miadpo.config import DataConfig, NoiseConfig, SelectionConfig
+from miadpo.images import ImageError, ImageOptions, check_record_image, load_record_image
 from miadpo.models.base import IGNORE_INDEX, EncodedSample, ModelAdapter
-from miadpo.pairs import ImageRoots
+from miadpo.pairs import BadRecord, BadRecordError, BadRecordReport, ImageRoots
 from miadpo.select.capture import (
     AttentionRecorder,
     capture_attention,
@@ -57,12 +59,19 @@ class SelectionInput:
     box: tuple[float, ...] | None  # grid: the target tile; pip: the pasted box (pixels of the composed image)
 
 
-def selection_inputs(records: Sequence[dict[str, Any]], max_answer_chars: int
+def selection_inputs(records: Sequence[dict[str, Any]], max_answer_chars: int, data: DataConfig | None = None
                      ) -> tuple[list[SelectionInput], Counter[str]]:
-    """Turn augmented records into selection inputs; count the ones set aside and why."""
+    """Turn augmented records into selection inputs; count the ones set aside and why.
+
+    With ``data`` (the recipe whose ``records.jsonl`` these are), every image of a record to be answered is checked
+    by the loader of ``miadpo.images`` (decoded under ``data.check_images``, else opened): a record with a missing,
+    corrupt, truncated or (``on_large_image=skip``) too large image is a bad record (records.jsonl:line (id):
+    reason) under ``data.on_bad_record`` / ``data.max_bad_fraction``, counted under its reason; the others proceed.
+    """
     inputs: list[SelectionInput] = []
     skipped: Counter[str] = Counter()
-    for record in records:
+    checker = _ImageChecker(data) if data is not None else None
+    for line, record in enumerate(records, start=1):  # records.jsonl holds one record a line
         meta = record["meta"]
         fmt = meta["format"]
         if fmt not in SELECTABLE_FORMATS:
@@ -74,6 +83,9 @@ def selection_inputs(records: Sequence[dict[str, Any]], max_answer_chars: int
             continue
         target = meta["target"][0] if isinstance(meta["target"], list) else meta["target"]
         images = record["image"] if isinstance(record["image"], list) else [record["image"]]
+        if checker is not None and (reason := checker(line, str(record["id"]), images)) is not None:
+            skipped[reason] += 1
+            continue
         box = None
         if fmt == "grid":
             box = tuple(meta["layout"]["tiles"][target - 1])
@@ -81,7 +93,31 @@ def selection_inputs(records: Sequence[dict[str, Any]], max_answer_chars: int
             box = tuple(meta["layout"]["box"])
         inputs.append(SelectionInput(str(record["id"]), fmt, int(meta["n_images"]), int(target), tuple(images),
                                      question, answer, box))
+    if checker is not None:
+        checker.report.finish()
     return inputs, skipped
+
+
+class _ImageChecker:
+    """The images of augmented records, checked before generation; bad records to a "selection" report."""
+
+    def __init__(self, data: DataConfig) -> None:
+        self.roots = ImageRoots.of(data)
+        self.options = ImageOptions.of(data)
+        self.decode = bool(data.check_images)
+        self.file = str(Path(data.out_dir) / RECORDS_FILE)
+        self.report = BadRecordReport(data.on_bad_record, data.max_bad_fraction, stage="selection")
+
+    def __call__(self, line: int, record_id: str, images: Sequence[str]) -> str | None:
+        """None if every image is usable; else the reason (reported: raises under on_bad_record=error)."""
+        self.report.total += 1
+        try:
+            for rel in images:
+                check_record_image(self.roots, rel, self.options, decode=self.decode)
+        except ValueError as exc:  # ImageError, or a path refused by ImageRoots
+            self.report.add(BadRecord(self.file, line, record_id, str(exc)))
+            return str(exc).split(":")[0]
+        return None
 
 
 def add_noise(image: Image.Image, sigma: float, box: Sequence[float] | None, rng: np.random.Generator
@@ -123,15 +159,20 @@ class GeneratedAnswers:
 class CandidateGenerator:
     """Batch of SelectionInputs → candidate dicts (one generation that also records the selection layer)."""
 
-    def __init__(self, adapter: ModelAdapter, cfg: SelectionConfig, roots: ImageRoots, seed: int) -> None:
+    def __init__(self, adapter: ModelAdapter, cfg: SelectionConfig, roots: ImageRoots, seed: int,
+                 images: ImageOptions | None = None) -> None:
         self.adapter = adapter
         self.cfg = cfg
         self.roots = roots
         self.seed = seed
+        self.images = images or ImageOptions()  # the data recipe's pixel cap (ImageOptions.of(data))
         self.layer = resolve_layer(adapter, cfg.layer)
 
     def _images(self, item: SelectionInput) -> list[Image.Image]:
-        images = [load_image(self.roots.resolve(p)) for p in item.images]
+        try:
+            images = [load_record_image(self.roots, p, self.images) for p in item.images]
+        except ImageError as exc:  # selection_inputs(..., data) checks them first
+            raise BadRecordError(f"selection input {item.id}: {exc}") from exc
         noise: NoiseConfig | None = self.cfg.noise.get(item.format)
         if noise is None or noise.sigma <= 0:
             return images

@@ -1,6 +1,7 @@
 """Selection and post-selection: candidates → DPO pairs. Cheap, so thresholds can be swept freely.
 
-Selection (METHOD §2): keep a candidate when its answer is wrong (normalised comparison), its attention ratio
+Selection (METHOD §2): keep a candidate when its answer is wrong (normalised comparison) and holds no image marker
+(nor does its ground truth: either would put an image token into the labels), its attention ratio
 passes the per-format, per-N threshold with the format's operator, and its perplexity is above the minimum.
 Post-selection (§3), each filter counted: rejected-answer perplexity range, token length ratio
 len(rejected)/len(chosen) range, rapidfuzz edit similarity between chosen and rejected bounds.
@@ -23,11 +24,14 @@ from typing import Any
 from rapidfuzz import fuzz
 
 from miadpo.config import SelectionConfig
-from miadpo.pairs import PairRecord
+from miadpo.pairs import PairRecord, image_marker_in
 from miadpo.select.candidates import normalise_answer
 
 OPERATORS: dict[str, Callable[[float, float], bool]] = {"<": operator.lt, "<=": operator.le}
 KEPT = "kept"
+# An image marker (<image>, <image-placeholder>) in an answer would become an image token in the labels.
+IMAGE_MARKER_IN_ANSWER = "image marker in the generated answer"
+IMAGE_MARKER_IN_GROUND_TRUTH = "image marker in the ground truth"
 
 
 def edit_similarity(a: str, b: str) -> float:
@@ -51,6 +55,10 @@ def rule_reason(candidate: dict[str, Any], cfg: SelectionConfig, use_attention: 
     """Why the selection rule drops a candidate, or KEPT."""
     if not candidate["answer"]:
         return "empty answer"
+    if image_marker_in(candidate["ground_truth"]) is not None:
+        return IMAGE_MARKER_IN_GROUND_TRUTH
+    if image_marker_in(candidate["answer"]) is not None:
+        return IMAGE_MARKER_IN_ANSWER
     if candidate["correct"]:
         return "answer matches the ground truth"
     if not candidate["perplexity"] > cfg.min_perplexity:
@@ -200,6 +208,10 @@ def right_answer_pairs(candidates: Sequence[dict[str, Any]], cfg: SelectionConfi
         pseudo = {**candidate, **{k: other[k] for k in ("answer", "answer_tokens", "perplexity")}}
         if not other["answer"]:
             reason = f"{other['kind']}: empty answer"
+        elif image_marker_in(candidate["ground_truth"]) is not None:
+            reason = f"{other['kind']}: {IMAGE_MARKER_IN_GROUND_TRUTH}"
+        elif image_marker_in(other["answer"]) is not None:
+            reason = f"{other['kind']}: {IMAGE_MARKER_IN_ANSWER}"
         elif normalise_answer(other["answer"]) == normalise_answer(candidate["ground_truth"]):
             reason = f"{other['kind']}: same as the ground truth"
         else:

@@ -12,6 +12,11 @@ Layout under ``data.out_dir``::
 The candidates fingerprint covers the augmented records, the model and its weights, the template, the
 generation and noise settings, the layer and the seed; the rules fingerprint covers the thresholds, operators
 and post-selection bounds — so changing only a threshold reuses the candidates and generates nothing.
+
+While the candidates are not finished, rank 0 holds ``selection.lock`` in their directory (:mod:`miadpo.locks`)
+from before the predict loop starts the other ranks until the merge: a second, independent run of the same
+candidates fails at once naming the holder (its other ranks never start writing: they wait for its rank 0).
+Finished candidates are read by any number of runs without the lock.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +35,11 @@ from lightning.pytorch.callbacks import BasePredictionWriter, TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from miadpo.augment.runner import RECORDS_FILE, file_sha1, run_augmentation
+from miadpo.augment.runner import RECORDS_FILE, augmentation_finished, file_sha1, run_augmentation
 from miadpo.config import DataConfig, ExportImagePaths, SelectionConfig
+from miadpo.images import ImageOptions
 from miadpo.jsonl import append_jsonl, atomic_replace, completed_ids, read_jsonl
+from miadpo.locks import stage_lock
 from miadpo.models.base import ModelAdapter
 from miadpo.models.identity import weights_identity
 from miadpo.pairs import ImageRoots, PairRecord, write_pairs
@@ -41,6 +49,7 @@ from miadpo.select.rules import LLAMAFACTORY_DATASET_INFO, report_text, select_p
 
 log = logging.getLogger(__name__)
 CANDIDATES_FILE = "candidates.jsonl"
+LOCK_FILE = "selection.lock"
 PAIRS_FILE = "pairs.jsonl"
 
 
@@ -58,13 +67,14 @@ def candidates_identity(adapter: ModelAdapter, data: DataConfig, selection: Sele
     return {
         "records_sha1": file_sha1(Path(data.out_dir) / RECORDS_FILE),
         "model": {"name": model.name, "family": model.family, "path": model.path, "dtype": model.dtype,
-                  "pad_to_square": model.pad_to_square, "weights": weights_identity(adapter.cfg)},
+                  "pad_to_square": model.pad_to_square, "weights": weights_identity(adapter.cfg, adapter.model)},
         "template": model.template,
         "generation": _plain(selection.generation),
         "noise": _plain(selection.noise),
         "layer": resolve_layer(adapter, selection.layer),
         "attention_maps": selection.save_attention_maps,
         "right_answer_negatives": str(selection.right_answer_negatives),
+        "images": {"max_image_pixels": data.max_image_pixels, "on_large_image": str(data.on_large_image)},
         "seed": seed,
         "version": 2,  # 2: weights identified by content
     }
@@ -128,21 +138,39 @@ class SelectionStage:
         self.seed = seed
         self.roots = ImageRoots.of(data)
 
-    def prepare(self) -> tuple[Path, list[SelectionInput]]:
-        """Augment if needed; fix the candidates directory; return it and every input (record order)."""
-        if self.data.source or not (Path(self.data.out_dir) / RECORDS_FILE).exists():
+    def prepare(self, rank: int = 0) -> tuple[Path, list[SelectionInput]]:
+        """Augment if needed (rank 0); fix the candidates directory; return it and every input (record order).
+
+        Other ranks only read the augmentation: Lightning's launcher starts them once rank 0 finished it; ranks
+        started together with rank 0 (torchrun, srun) need it augmented beforehand."""
+        if rank != 0 and self.data.source and not augmentation_finished(self.data, self.seed):
+            raise RuntimeError(
+                f"rank {rank}: the augmentation in {self.data.out_dir} is not finished; rank 0 augments before the "
+                "predict loop starts the other ranks (trainer.devices=N), or run `python -m miadpo.augment` with "
+                "the same data.* and seed first when all ranks are started at once (torchrun, srun)")
+        if rank == 0 and (self.data.source or not (Path(self.data.out_dir) / RECORDS_FILE).exists()):
             run_augmentation(self.data, self.seed, progress=False)
         identity = candidates_identity(self.adapter, self.data, self.selection, self.seed)
         directory = Path(self.data.out_dir) / "selection" / _digest(identity)
         directory.mkdir(parents=True, exist_ok=True)
         manifest = directory / "manifest.json"
         if not manifest.exists():
-            manifest.write_text(json.dumps(identity, indent=2, sort_keys=True, default=str) + "\n")
+            with atomic_replace(manifest) as tmp:
+                tmp.write_text(json.dumps(identity, indent=2, sort_keys=True, default=str) + "\n")
         records = read_jsonl(Path(self.data.out_dir) / RECORDS_FILE)
-        inputs, skipped = selection_inputs(records, self.selection.generation.max_answer_chars)
+        inputs, skipped = selection_inputs(records, self.selection.generation.max_answer_chars, self.data)
         for reason, count in skipped.items():
             log.info("selection: %d records not selected on (%s)", count, reason)
         return directory, inputs
+
+    @contextmanager
+    def writing(self, directory: Path, rank: int) -> Iterator[None]:
+        """Rank 0 holds the candidates directory while the candidates are not finished (see the module doc)."""
+        if rank != 0 or (directory / CANDIDATES_FILE).exists():
+            yield
+            return
+        with stage_lock(directory / LOCK_FILE, "the selection candidates directory"):
+            yield
 
     def todo(self, directory: Path, inputs: Sequence[SelectionInput], rank: int, world_size: int
              ) -> list[SelectionInput]:
@@ -160,7 +188,7 @@ class SelectionStage:
         shard = self.todo(directory, inputs, trainer.global_rank, trainer.world_size)
         loader = DataLoader(shard, batch_size=self.selection.generation.batch_size, shuffle=False,
                             collate_fn=list)
-        generator = CandidateGenerator(self.adapter, self.selection, self.roots, self.seed)
+        generator = CandidateGenerator(self.adapter, self.selection, self.roots, self.seed, ImageOptions.of(self.data))
         trainer.predict(CandidatePredictor(generator), dataloaders=loader, return_predictions=False)
 
     def merge(self, directory: Path, inputs: Sequence[SelectionInput]) -> list[dict[str, Any]]:
@@ -186,10 +214,14 @@ class SelectionStage:
         out.mkdir(exist_ok=True)
         result = select_pairs(candidates, self.selection, self.seed)
         write_pairs(out / PAIRS_FILE, result.pairs)
-        with (out / "decisions.jsonl").open("w", encoding="utf-8") as handle:
+        # Runs applying the same rules to finished candidates (a sweep) may write these at once: each file is
+        # replaced whole, never written into by two runs.
+        with atomic_replace(out / "decisions.jsonl") as tmp, tmp.open("w", encoding="utf-8") as handle:
             append_jsonl(handle, result.decisions)
-        (out / "report.json").write_text(json.dumps(result.report, indent=2) + "\n")
-        (out / "report.txt").write_text(report_text(result.report))
+        with atomic_replace(out / "report.json") as tmp:
+            tmp.write_text(json.dumps(result.report, indent=2) + "\n")
+        with atomic_replace(out / "report.txt") as tmp:
+            tmp.write_text(report_text(result.report))
         write_exports(out, result.pairs, self.roots, ExportImagePaths(self.selection.export_image_paths))
         log.info("selection: %s", report_text(result.report).replace("\n", "; "))
         return out / PAIRS_FILE
@@ -214,8 +246,9 @@ def write_exports(directory: Path, pairs: Sequence[PairRecord], roots: ImageRoot
     with atomic_replace(directory / "llamafactory.json") as tmp:
         tmp.write_text(json.dumps([to_llamafactory(p, images) for p, images in zip(pairs, paths)],
                                   ensure_ascii=False, indent=1), encoding="utf-8")
-    (directory / "dataset_info.json").write_text(json.dumps(
-        {"miadpo": {"file_name": "llamafactory.json", **LLAMAFACTORY_DATASET_INFO}}, indent=2) + "\n")
+    with atomic_replace(directory / "dataset_info.json") as tmp:
+        tmp.write_text(json.dumps({"miadpo": {"file_name": "llamafactory.json", **LLAMAFACTORY_DATASET_INFO}},
+                                  indent=2) + "\n")
 
 
 def run_selection(adapter: ModelAdapter, data: DataConfig, selection: SelectionConfig, seed: int,
@@ -223,7 +256,8 @@ def run_selection(adapter: ModelAdapter, data: DataConfig, selection: SelectionC
     """The whole stage; returns the pairs file on rank 0 (None on other ranks).
 
     Rank 0 augments (if needed) before the predict loop starts the other ranks, which then find the
-    augmentation finished; each rank writes its own shard; rank 0 merges and applies the rules.
+    augmentation finished; each rank writes its own shard; rank 0 merges and applies the rules. Rank 0 holds the
+    candidates directory's lock from before the predict loop until the merge.
     """
     writer = ShardWriter()
     callbacks: list[L.Callback] = [writer]
@@ -232,10 +266,12 @@ def run_selection(adapter: ModelAdapter, data: DataConfig, selection: SelectionC
     trainer = L.Trainer(**trainer_kwargs, strategy=strategy, callbacks=callbacks, logger=False,
                         enable_checkpointing=False, use_distributed_sampler=False)
     stage = SelectionStage(adapter, data, selection, seed)
-    directory, inputs = stage.prepare()
+    directory, inputs = stage.prepare(trainer.global_rank)
     writer.directory = directory
-    stage.generate(trainer, directory, inputs)
-    trainer.strategy.barrier()
-    if trainer.global_rank != 0:
-        return None
-    return stage.apply_rules(directory, stage.merge(directory, inputs))
+    with stage.writing(directory, trainer.global_rank):
+        stage.generate(trainer, directory, inputs)
+        trainer.strategy.barrier()
+        if trainer.global_rank != 0:
+            return None
+        candidates = stage.merge(directory, inputs)
+    return stage.apply_rules(directory, candidates)
