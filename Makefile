@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 ARGS ?=
 
-.PHONY: install train test lint clean
+.PHONY: install train test test-fast lint clean
 
 install: $(VENV)/.installed
 
@@ -27,6 +27,10 @@ lint: install
 
 test: lint
 	$(BIN)/python -m pytest -q $(ARGS)
+
+# The fast subset (everything not marked slow) for the edit-test loop; CI runs `make test`.
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

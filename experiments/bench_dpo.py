@@ -85,8 +85,8 @@ def saved_bytes(counter: dict[str, int]):
 
 
 def our_step(fast: bool) -> Callable[[dict[str, int] | None], float]:
+    from miadpo.batch import PairCollator
     from miadpo.config import DPOConfig, FastPathConfig, OptimConfig
-    from miadpo.datamodule import PairCollator
     from miadpo.module import DPOModule
     from miadpo.pair_forward import ConcatenatedPairForward, SharedPrefixPairForward
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +12,8 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from peft import PeftModel
 
+from miadpo.export import NonFiniteWeightsError, export_model
 from miadpo.models.base import ModelAdapter
-from miadpo.module import nonfinite_names
 
 
 class LogLastStep(L.Callback):
@@ -74,24 +74,14 @@ class ExportModel(L.Callback):
         if not trainer.is_global_zero:
             return
         model = self.adapter.model
-        if isinstance(model, PeftModel):
-            target = self.run_dir / "adapter"
-            for peft_config in model.peft_config.values():
-                peft_config.base_model_name_or_path = self.base_model_path
-        else:
-            target = self.run_dir / "model"
-        trainable = state_dict.items() if state_dict is not None else (
-            (n, p) for n, p in model.named_parameters() if p.requires_grad)
-        bad = nonfinite_names(trainable)
-        if bad:
-            what = (f"the trainable weights are not finite ({len(bad)} tensors, e.g. {bad[0]}), so the export to "
-                    f"{target} is refused")
+        target = self.run_dir / ("adapter" if isinstance(model, PeftModel) else "model")
+        try:
+            self.exported = export_model(model, target, self.adapter.processor_for_saving(),
+                                         base_model_path=self.base_model_path, state_dict=state_dict)
+        except NonFiniteWeightsError as error:
             report = getattr(pl_module, "nonfinite_message", None)
-            raise FloatingPointError(report(what, trainer.global_step) if report is not None else
-                                     f"after step {trainer.global_step}: {what}")
-        model.save_pretrained(target, **({"state_dict": state_dict} if state_dict is not None else {}))
-        self.adapter.processor_for_saving().save_pretrained(target)
-        self.exported = target
+            raise NonFiniteWeightsError(report(str(error), trainer.global_step) if report is not None else
+                                        f"after step {trainer.global_step}: {error}") from None
 
 
 class BeforeAfterEval(L.Callback):
@@ -101,7 +91,9 @@ class BeforeAfterEval(L.Callback):
     """
 
     def __init__(self, adapter: ModelAdapter, items: Sequence[Any], run_dir: Path, batch_size: int,
-                 max_new_tokens: int, scenes: dict[str, Any] | None) -> None:
+                 max_new_tokens: int, scenes: dict[str, Any] | None, evaluate: Callable[..., Any]) -> None:
+        """``evaluate``: ``miadpo.evaluate.evaluate`` (passed in by the entry point that composes the stages)."""
+        self.evaluate = evaluate
         self.adapter = adapter
         self.items = items
         self.run_dir = run_dir
@@ -111,10 +103,8 @@ class BeforeAfterEval(L.Callback):
         self.tables: dict[str, dict[str, dict[str, float]]] = {}
 
     def _evaluate(self, name: str, trainer: L.Trainer) -> None:
-        from miadpo.evaluate import evaluate
-
         was_training = self.adapter.model.training
-        table, _ = evaluate(self.adapter, self.items, self.batch_size, self.max_new_tokens, self.scenes)
+        table, _ = self.evaluate(self.adapter, self.items, self.batch_size, self.max_new_tokens, self.scenes)
         self.adapter.model.train(was_training)
         self.tables[name] = table
         if trainer.logger is not None:

@@ -238,6 +238,8 @@ class SelectionConfig:
     name: str = "attention"  # attention | random (matched-count baseline that ignores attention)
     # Decoder layer whose attention is read; null = the middle layer.
     layer: int | None = None
+    # The reference thresholds of the attention ratio per format and N; N the reference lacked (grid 5, 7, 8)
+    # interpolated. Their one copy: conf/selection/*.yaml do not repeat them (a recipe may override some).
     thresholds: dict[str, dict[int, float]] = field(default_factory=lambda: {
         "sequence": {2: 0.8, 3: 0.7, 4: 0.6, 5: 0.6},
         "grid": {2: 0.7, 3: 0.6, 4: 0.5, 5: 0.45, 6: 0.4, 7: 0.37, 8: 0.33, 9: 0.3},
@@ -380,6 +382,8 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    # Picked by the recipe, never by the model config: train.yaml's optim=adamw, data=synthetic's optim=tiny,
+    # data=toy's lr, experiment=<name>'s own; optim=<name> on the command line wins.
     optim: OptimConfig = field(default_factory=OptimConfig)
     # Keyword arguments of lightning.Trainer (max_steps, devices, precision, ...).
     trainer: dict[str, Any] = field(default_factory=dict)
@@ -413,8 +417,6 @@ class SelectJobConfig:
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     trainer: dict[str, Any] = field(default_factory=dict)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
-    # Unused by selection; present because a model config may pick the optimizer that suits it.
-    optim: OptimConfig = field(default_factory=OptimConfig)
     seed: int = 42
 
 
@@ -457,7 +459,6 @@ class EvalJobConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)  # unused; model configs may set it
     seed: int = 42
     run_dir: str = "${hydra:runtime.output_dir}"
 
@@ -467,7 +468,6 @@ class GenerateJobConfig:
     """``python -m miadpo.generate``: answer one (multi-image) question with a base, adapter or merged model."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)  # unused; model configs may set it
     # A peft adapter directory (e.g. <run>/adapter) applied on top of model.path; null = the model alone.
     adapter: str | None = None
     images: list[str] = field(default_factory=list)
@@ -486,7 +486,6 @@ class VerifyJobConfig:
     prompt and, when the checkpoint's original remote code imports here, compare image features and logits."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)  # unused; model configs may set it
     images: list[str] = field(default_factory=list)  # empty: two drawn images (a wide and a tall one)
     prompt: str = "Image1 <image>; Image2 <image>; Which image shows a red square? Answer briefly."
     # auto: the original model class from the weights directory when model.trust_remote_code=true and it imports,

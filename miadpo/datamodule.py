@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,14 +15,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from miadpo.augment.runner import RECORDS_FILE, run_augmentation
+from miadpo.batch import PairCollator
 from miadpo.config import DataConfig, TooLongPolicy
 from miadpo.images import ImageError, ImageOptions, load_record_image, record_image_size
 from miadpo.images import load_image as load_image  # kept importable from here; the rules live in miadpo.images
 from miadpo.jsonl import iter_raw_records, read_jsonl
-from miadpo.models.base import EncodedSample, ModelAdapter
-from miadpo.pair_forward import shared_prefix_batch
-from miadpo.pairs import BadRecord, BadRecordError, BadRecordReport, ImageRoots, PairRecord, read_pairs
-from miadpo.reference_cache import ReferenceCache, pair_key
+from miadpo.models.base import ModelAdapter
+from miadpo.pairs import BadRecord, BadRecordError, BadRecordReport, ImageRoots, PairRecord, pair_key, read_pairs
 from miadpo.synthetic import ensure_synthetic_pairs
 
 log = logging.getLogger(__name__)
@@ -94,9 +93,10 @@ class PairDataset(Dataset):
         self.max_length = max_length
         self.images = images or ImageOptions()
         self.keys: list[str] = []  # reference-cache keys, set by attach_reference
-        self.reference: ReferenceCache | None = None
+        self.reference: Mapping[str, Sequence[float]] | None = None
 
-    def attach_reference(self, cache: ReferenceCache) -> None:
+    def attach_reference(self, cache: Mapping[str, Sequence[float]]) -> None:
+        """Serve each pair's cached reference log-probs (a ``miadpo.reference_cache.ReferenceCache``) with it."""
         self.keys = [pair_key(record, self.roots) for record in self.records]
         self.reference = cache
 
@@ -120,35 +120,6 @@ class PairDataset(Dataset):
             if self.reference is not None and item["key"] in self.reference:
                 item["reference"] = self.reference[item["key"]]
         return item
-
-
-class PairCollator:
-    """Batch of B pairs → the layout its pair forward reads.
-
-    ``concatenated``: ``inputs``, one padded batch of 2B full sequences (chosen rows first, then rejected).
-    ``shared_prefix``: ``prompt`` (B left-padded prompts with their images) and ``answers`` (2B answer rows).
-    """
-
-    def __init__(self, adapter: ModelAdapter, layout: str = "concatenated") -> None:
-        if layout not in ("concatenated", "shared_prefix"):
-            raise ValueError(f"unknown pair batch layout {layout!r}")
-        self.adapter = adapter
-        self.layout = layout
-
-    def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        chosen: list[EncodedSample] = [item["chosen"] for item in items]
-        rejected: list[EncodedSample] = [item["rejected"] for item in items]
-        batch: dict[str, Any] = {"ids": [item["id"] for item in items], "num_pairs": len(items)}
-        if all("key" in item for item in items):
-            batch["keys"] = [item["key"] for item in items]
-        if all("reference" in item for item in items):
-            # cached reference log-probs: columns chosen, rejected, chosen tokens, rejected tokens
-            batch["reference"] = torch.tensor([item["reference"] for item in items], dtype=torch.float32)
-        if self.layout == "shared_prefix":
-            batch.update(shared_prefix_batch(self.adapter, chosen, rejected))
-        else:
-            batch["inputs"] = self.adapter.collate(chosen + rejected)
-        return batch
 
 
 class EpochShuffleSampler(Sampler[int]):

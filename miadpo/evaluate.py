@@ -41,7 +41,7 @@ from miadpo.jsonl import iter_raw_records
 from miadpo.models import build_adapter
 from miadpo.models.base import ModelAdapter
 from miadpo.pairs import BadRecord, BadRecordError, BadRecordReport, ImageRoots
-from miadpo.select.candidates import normalise_answer
+from miadpo.text import normalise_answer
 from miadpo.toyworld.scenes import COLOURS, COUNTS, POSITIONS, SHAPES, scene_index
 
 register_configs()

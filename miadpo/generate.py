@@ -17,7 +17,7 @@ from peft import PeftModel
 from miadpo.config import config_dir, register_configs
 from miadpo.images import ImageOptions, load_image
 from miadpo.models import ModelAdapter, build_adapter
-from miadpo.pairs import IMAGE_TOKEN
+from miadpo.text import IMAGE_TOKEN
 from miadpo.toyworld.pipeline import ensure_toy_base
 
 register_configs()

@@ -9,26 +9,13 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from miadpo.batch import PairLogps
 from miadpo.config import DPOConfig, LossType
-
-
-@dataclass
-class PairLogps:
-    """Answer log-probs of a batch of pairs under one model: sums and token counts."""
-
-    chosen: torch.Tensor  # (B,) summed log-probs
-    rejected: torch.Tensor  # (B,)
-    chosen_tokens: torch.Tensor  # (B,) number of answer tokens
-    rejected_tokens: torch.Tensor  # (B,)
-
-    def detach(self) -> PairLogps:
-        return PairLogps(self.chosen.detach(), self.rejected.detach(), self.chosen_tokens, self.rejected_tokens)
 
 
 def _margin(policy: PairLogps, reference: PairLogps, average: bool = False) -> torch.Tensor:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -18,8 +17,7 @@ import transformers
 from peft import PeftConfig, PeftModel
 from transformers import AutoConfig
 
-NOT_PROCESSOR_FILES = {"config.json", "generation_config.json", "adapter_config.json", "README.md",
-                       "model.safetensors.index.json"}
+from miadpo.export import export_model
 
 
 def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base: str | None = None) -> Path:
@@ -31,12 +29,9 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base: str | None
         raise FileNotFoundError(
             f"base weights {base_path!r} recorded in {adapter_dir} are not a local directory; pass --base PATH"
         )
-    model = load_base(Path(base_path))
-    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
-    merged.save_pretrained(out_dir)
+    policy = PeftModel.from_pretrained(load_base(Path(base_path)), str(adapter_dir))
     source = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else Path(base_path)
-    copy_processor_files(source, out_dir)
-    return out_dir
+    return export_model(policy, out_dir, source, merge_lora=True)
 
 
 def load_base(path: Path) -> torch.nn.Module:
@@ -50,14 +45,6 @@ def load_base(path: Path) -> torch.nn.Module:
         return load_model(path, dtype=getattr(torch, dtype))
     config = AutoConfig.from_pretrained(path)
     return getattr(transformers, config.architectures[0]).from_pretrained(path, dtype=config.dtype)
-
-
-def copy_processor_files(source: Path, out_dir: Path) -> None:
-    """Tokenizer, image processor and chat template files, copied as they are (no processor class is loaded:
-    several families' processors need torchvision for their video part)."""
-    for path in sorted(source.iterdir()):
-        if path.is_file() and path.name not in NOT_PROCESSOR_FILES and path.suffix not in (".safetensors", ".bin"):
-            shutil.copy2(path, out_dir / path.name)
 
 
 def main(argv: list[str] | None = None) -> None:

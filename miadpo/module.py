@@ -10,7 +10,7 @@ import copy
 import logging
 import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
@@ -21,8 +21,10 @@ from peft import PeftModel
 from torch import nn
 from transformers import get_linear_schedule_with_warmup
 
+from miadpo.batch import PairLogps
 from miadpo.config import DPOConfig, FastPathConfig, OptimConfig
-from miadpo.losses import PairLogps, build_loss, rewards
+from miadpo.export import nonfinite_names
+from miadpo.losses import build_loss, rewards
 from miadpo.models.base import ModelAdapter
 from miadpo.pair_forward import (
     ConcatenatedPairForward,
@@ -56,16 +58,6 @@ def check_optim(optim: OptimConfig) -> None:
             raise ValueError(f"optim.{name} must be a finite number >= 0, got {value}")
     if not 0 <= float(optim.warmup_ratio) <= 1:
         raise ValueError(f"optim.warmup_ratio must be in [0, 1], got {optim.warmup_ratio}")
-
-
-def nonfinite_names(tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
-    """Names of the tensors holding a NaN or an infinity (sharded DTensors are skipped: each rank holds a shard)."""
-    named = [(name, t) for name, t in tensors if isinstance(t, torch.Tensor) and not hasattr(t, "device_mesh")]
-    if not named:
-        return []
-    flags = [torch.isfinite(t).all() for _, t in named]
-    finite = torch.stack([f.to(flags[0].device) for f in flags]).tolist()  # one device-to-host copy
-    return [name for (name, _), ok in zip(named, finite) if not ok]
 
 
 def adamw_with_linear_schedule(model: nn.Module, optim: OptimConfig, total_steps: int) -> dict[str, Any]:

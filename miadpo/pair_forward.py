@@ -15,15 +15,15 @@ the reference and the policy forward then share the image features.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from miadpo.losses import PairLogps
-from miadpo.models.base import IGNORE_INDEX, EncodedSample, ModelAdapter
+from miadpo.batch import PairLogps
+from miadpo.models.base import IGNORE_INDEX, ModelAdapter
 
 
 def answer_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,32 +94,6 @@ class SharedPrefixPairForward:
         logits = torch.cat([first, out.logits[:, :-1]], dim=1)
         logps, counts = token_logps(logits, answers["labels"])
         return PairLogps(logps[0::2], logps[1::2], counts[0::2], counts[1::2])
-
-
-def shared_prefix_batch(adapter: ModelAdapter, chosen: Sequence[EncodedSample], rejected: Sequence[EncodedSample]
-                        ) -> dict[str, Any]:
-    """Left-padded prompts (B rows) and right-padded answers (2B rows: chosen, rejected of each pair in turn)."""
-    prompts = []
-    for c, r in zip(chosen, rejected):
-        if c.prompt_length != r.prompt_length or not torch.equal(c.input_ids[: c.prompt_length],
-                                                                   r.input_ids[: r.prompt_length]):
-            raise ValueError("chosen and rejected of a pair must share their prompt")
-        prompts.append(EncodedSample(
-            input_ids=c.input_ids[: c.prompt_length], labels=c.labels[: c.prompt_length], image_spans=c.image_spans,
-            geometries=c.geometries, pixel_values=c.pixel_values, prompt_length=c.prompt_length, extra=c.extra))
-    prompt = adapter.collate(prompts, padding_side="left")
-    prompt.pop("labels")
-    rows = [s for pair in zip(chosen, rejected) for s in pair]
-    length = max(1, max(s.answer_length for s in rows))
-    ids = torch.full((len(rows), length), adapter.tokenizer.pad_token_id, dtype=torch.long)
-    labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for row, sample in enumerate(rows):
-        answer = sample.input_ids[sample.prompt_length :]
-        ids[row, : answer.numel()] = answer
-        labels[row, : answer.numel()] = sample.labels[sample.prompt_length :]
-        mask[row, : answer.numel()] = 1
-    return {"prompt": prompt, "answers": {"input_ids": ids, "labels": labels, "attention_mask": mask}}
 
 
 @contextmanager

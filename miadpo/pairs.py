@@ -29,24 +29,15 @@ from pathlib import Path
 from typing import Any
 
 from miadpo.config import BadRecordPolicy
+from miadpo.fingerprint import digest
 from miadpo.images import ImageOptions, check_record_image
 from miadpo.jsonl import atomic_replace, iter_raw_records
+from miadpo.text import IMAGE_TOKEN, RELEASE_IMAGE_TOKEN, image_marker_in
 
 log = logging.getLogger(__name__)
 
-IMAGE_TOKEN = "<image>"
-RELEASE_IMAGE_TOKEN = "<image-placeholder>"  # the official release's marker
 COMPOSED_PREFIX = "@out/"
-IMAGE_MARKERS = (IMAGE_TOKEN, RELEASE_IMAGE_TOKEN)
 FORMATS = ("sequence", "grid", "pip")
-
-
-def image_marker_in(text: str) -> str | None:
-    """The first image marker (``<image>`` or the release's ``<image-placeholder>``) found in ``text``, or None.
-
-    An answer must hold none: the marker would become an image token in the labels (or fail the model's count of
-    image features)."""
-    return next((marker for marker in IMAGE_MARKERS if marker in text), None)
 
 
 @dataclass
@@ -204,6 +195,16 @@ def parse_pair(obj: Any) -> PairRecord:
     if not isinstance(meta, dict):
         raise ValueError("field 'meta' is not an object")
     return PairRecord(str(obj["id"]), images, prompt, chosen, rejected, meta)
+
+
+def pair_key(record: PairRecord, roots: ImageRoots) -> str:
+    """A pair's content key (the reference cache's): prompt, answers and each image file's path, size, mtime."""
+    images = []
+    for path in record.images:
+        resolved = roots.resolve(path)
+        stat = resolved.stat()
+        images.append([str(resolved), stat.st_size, stat.st_mtime_ns])
+    return digest({"prompt": record.prompt, "chosen": record.chosen, "rejected": record.rejected, "images": images})
 
 
 def read_pairs(

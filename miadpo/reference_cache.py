@@ -15,7 +15,6 @@ all cached only reads, without the lock, and ignores a last line another run is 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Iterator, Sequence
@@ -27,17 +26,12 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from miadpo.config import DataConfig
+from miadpo.fingerprint import digest, weights_identity
 from miadpo.jsonl import append_jsonl, repair_tail
 from miadpo.locks import stage_lock
 from miadpo.models.base import ModelAdapter
-from miadpo.models.identity import weights_identity
-from miadpo.pairs import ImageRoots, PairRecord
 
 log = logging.getLogger(__name__)
-
-
-def digest(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
 def model_key(adapter: ModelAdapter, data: DataConfig) -> str:
@@ -50,15 +44,6 @@ def model_key(adapter: ModelAdapter, data: DataConfig) -> str:
         "image_processor": processor.to_dict() if hasattr(processor, "to_dict") else repr(processor),
         "max_length": data.max_length, "on_too_long": str(data.on_too_long),
     })
-
-
-def pair_key(record: PairRecord, roots: ImageRoots) -> str:
-    images = []
-    for path in record.images:
-        resolved = roots.resolve(path)
-        stat = resolved.stat()
-        images.append([str(resolved), stat.st_size, stat.st_mtime_ns])
-    return digest({"prompt": record.prompt, "chosen": record.chosen, "rejected": record.rejected, "images": images})
 
 
 def _complete_rows(path: Path) -> list[dict[str, Any]]:

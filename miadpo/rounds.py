@@ -24,9 +24,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from miadpo.fingerprint import digest
 from miadpo.jsonl import atomic_replace
 from miadpo.merge import merge_adapter
-from miadpo.reference_cache import digest
 
 log = logging.getLogger(__name__)
 ROUND_FILE = "round.json"

@@ -22,13 +22,15 @@ from torch.utils.data import DataLoader, Dataset
 
 from miadpo.config import OptimConfig, SFTDataConfig, config_dir, register_configs
 from miadpo.datamodule import split_train_val
+from miadpo.export import export_model
 from miadpo.images import ImageError, ImageOptions, check_record_image, load_record_image
 from miadpo.jsonl import iter_raw_records
 from miadpo.lightning_setup import build_strategy, check_trainer_args
 from miadpo.models import build_adapter
 from miadpo.models.base import ModelAdapter
 from miadpo.module import adamw_with_linear_schedule
-from miadpo.pairs import BadRecord, BadRecordError, BadRecordReport, ImageRoots, PairRecord, image_marker_in
+from miadpo.pairs import BadRecord, BadRecordError, BadRecordReport, ImageRoots, PairRecord
+from miadpo.text import image_marker_in
 
 log = logging.getLogger(__name__)
 register_configs()
@@ -127,18 +129,6 @@ def sft_loaders(adapter: ModelAdapter, data: SFTDataConfig, seed: int) -> tuple[
     return loader(train, True), (loader(val, False) if val else None)
 
 
-def export_model(adapter: ModelAdapter, directory: str | Path) -> Path:
-    """A standard transformers directory: weights (LoRA merged), config, tokenizer, processor."""
-    directory = Path(directory)
-    model = adapter.model
-    if isinstance(model, PeftModel):
-        model = model.merge_and_unload()
-        adapter.model = model
-    model.save_pretrained(directory)
-    adapter.processor_for_saving().save_pretrained(directory)
-    return directory
-
-
 def run_sft(cfg: DictConfig, adapter: ModelAdapter | None = None, callbacks: Sequence[L.Callback] = ()) -> Path:
     """Fine-tune and export; returns the exported model directory."""
     L.seed_everything(cfg.seed, workers=True)
@@ -152,7 +142,9 @@ def run_sft(cfg: DictConfig, adapter: ModelAdapter | None = None, callbacks: Seq
     trainer.fit(SFTModule(adapter, cfg.optim), train_loader, val_loader)
     out = Path(cfg.run_dir) / "model"
     if trainer.is_global_zero:
-        export_model(adapter, out)
+        if isinstance(adapter.model, PeftModel):
+            adapter.model = adapter.model.merge_and_unload()  # callers go on with the exported (merged) model
+        export_model(adapter.model, out, adapter.processor_for_saving())
         print(f"model: {out.resolve()}")
     return out
 

@@ -8,8 +8,6 @@ written under ``<data.out_dir>/synthetic/<fingerprint>/`` and referenced with th
 
 from __future__ import annotations
 
-import hashlib
-import json
 import random
 from dataclasses import fields
 from pathlib import Path
@@ -18,6 +16,7 @@ from PIL import Image, ImageDraw
 
 from miadpo.augment.formats import sequence_header
 from miadpo.config import SyntheticConfig
+from miadpo.fingerprint import digest
 from miadpo.pairs import ImageRoots, PairRecord, write_pairs
 from miadpo.toyworld.scenes import COLOURS as TOY_COLOURS
 from miadpo.toyworld.scenes import SHAPES, paint_shape
@@ -38,7 +37,7 @@ def draw_shape(shape: str, colour: tuple[int, int, int], size: int, rng: random.
 
 def _fingerprint(cfg: SyntheticConfig) -> str:
     settings = {f.name: getattr(cfg, f.name) for f in fields(SyntheticConfig)}
-    return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+    return digest(settings, "sha1", 10)
 
 
 def ensure_synthetic_pairs(cfg: SyntheticConfig, roots: ImageRoots) -> Path:

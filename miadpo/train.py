@@ -20,11 +20,12 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
+from miadpo.batch import PairCollator
 from miadpo.callbacks import BeforeAfterEval, ExportModel, LogLastStep
 from miadpo.config import LoggerName, config_dir, register_configs
 from miadpo.data_report import log_data_report, write_data_report
-from miadpo.datamodule import PairCollator, PairDataModule, ResumeDataOrder
-from miadpo.evaluate import eval_items
+from miadpo.datamodule import PairDataModule, ResumeDataOrder
+from miadpo.evaluate import eval_items, evaluate
 from miadpo.lightning_setup import (
     build_logger,
     build_strategy,
@@ -135,7 +136,7 @@ def build_before_after(cfg: DictConfig, adapter: ModelAdapter, run_dir: Path) ->
         return None
     items, _ = eval_items(cfg.eval)  # records with an unusable image: skipped and counted, or stop (eval.*)
     scenes = scene_index(cfg.eval.toy_source) if cfg.eval.toy_source else None
-    return BeforeAfterEval(adapter, items, run_dir, cfg.eval.batch_size, cfg.eval.max_new_tokens, scenes)
+    return BeforeAfterEval(adapter, items, run_dir, cfg.eval.batch_size, cfg.eval.max_new_tokens, scenes, evaluate)
 
 
 def check_job(cfg: DictConfig) -> None:

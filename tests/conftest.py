@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,43 @@ torch.set_num_threads(2)
 REPO = Path(__file__).resolve().parent.parent
 TEST_DEFAULTS = {"model": "tiny_llava", "data": "synthetic"}
 PROMPT_HEADERS = {n: "".join(f"Image{k}: <image>\n" for k in range(1, n + 1)) for n in range(1, 6)}
+
+
+# Where a run started from the checkout writes by default (hydra's outputs/, data.out_dir under data/).
+WATCHED = ("outputs", "data")
+
+
+def checkout_entries() -> set[str] | None:
+    """Untracked files under ``WATCHED`` (ignored ones included) and the checkout's untracked top-level entries, as
+    git lists them; ``None`` outside a git checkout."""
+    def status(*args: str) -> list[str]:
+        done = subprocess.run(["git", "status", "--porcelain", "--ignored", *args], cwd=REPO, capture_output=True,
+                              text=True, timeout=120)
+        if done.returncode != 0:
+            raise OSError(done.stderr)
+        # Only files git does not track (new ones); edits of tracked files are not a test's doing.
+        return [line[3:] for line in done.stdout.splitlines() if line[:2] in ("??", "!!")]
+
+    try:
+        watched = status("--untracked-files=all", "--", *WATCHED)
+        top = [p for p in status("--untracked-files=normal") if "/" not in p.rstrip("/")]
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return set(watched) | {p for p in top if p.rstrip("/") not in {".pytest_cache", "__pycache__"}}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_test_writes_into_the_checkout() -> Iterator[None]:
+    """Fails the session if a test created files in the checkout (outputs/, data/ or a new top-level entry): every
+    run writes under a tmp directory (``hydra.run.dir``, ``data.out_dir``, ``run_dir``, a tmp working directory).
+    Files already there (users' runs) are compared as sets before and after the session."""
+    before = checkout_entries()
+    yield
+    after = checkout_entries()
+    if before is None or after is None:
+        return
+    created = sorted(after - before)
+    assert not created, f"the tests wrote into the checkout {REPO}: {created[:20]}"
 
 
 def model_config(**overrides: Any) -> ModelConfig:

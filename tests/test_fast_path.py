@@ -8,8 +8,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
+from miadpo.batch import PairCollator
 from miadpo.config import DPOConfig, FastPathConfig, OptimConfig
-from miadpo.datamodule import PairCollator
 from miadpo.models import build_adapter
 from miadpo.module import DPOModule
 from miadpo.pair_forward import ConcatenatedPairForward, SharedPrefixPairForward, shared_image_features

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -463,6 +464,7 @@ def test_saved_model_reloads_through_the_same_checked_loader(xc25, tmp_path) -> 
     assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), xc25.base_model.state_dict().values()))
 
 
+@pytest.mark.slow
 def test_train_entry_runs_three_steps_on_grid_data(tmp_path) -> None:
     """``python -m miadpo.train model=tiny_internlm_xc25 data=grid trainer.max_steps=3`` as a user runs it
     (augment → select with attention capture → DPO), on a small LLaVA-format source."""
@@ -478,8 +480,9 @@ def test_train_entry_runs_three_steps_on_grid_data(tmp_path) -> None:
                f"run_dir={tmp_path / 'run'}", "logger=csv", "data.batch_size=2", "data.num_workers=0",
                "data.val_fraction=0", "data.max_bad_fraction=0.5", "selection.generation.max_new_tokens=6",
                "selection.thresholds.grid={2:1,3:1,4:1,5:1,6:1,7:1,8:1,9:1}", "selection.min_perplexity=0",
-               "trainer.enable_progress_bar=false"]
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+               "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path / 'hydra'}"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["global_step"] == 3
@@ -556,6 +559,7 @@ def test_verify_compares_with_the_original_interface_and_catches_a_difference(tm
     assert json.loads((tmp_path / "report.json").read_text())["match"] is False
 
 
+@pytest.mark.slow
 def test_verify_entry_on_a_saved_directory_reports_why_there_is_no_reference(xc25, tmp_path) -> None:
     import subprocess
     import sys
@@ -566,7 +570,8 @@ def test_verify_entry_on_a_saved_directory_reports_why_there_is_no_reference(xc2
     command = [sys.executable, "-m", "miadpo.models.verify", "model=tiny_internlm_xc25",
                f"model.path={tmp_path / 'weights'}", "max_new_tokens=4", f"report={tmp_path / 'report.json'}",
                f"hydra.run.dir={tmp_path / 'hydra'}", "model.trust_remote_code=true"]
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["reference"].startswith("original remote code not usable here")

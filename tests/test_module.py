@@ -9,8 +9,8 @@ from conftest import PROMPT_HEADERS, colour_image
 from peft import PeftModel
 from torch.utils.data import DataLoader
 
+from miadpo.batch import PairCollator
 from miadpo.config import DPOConfig, OptimConfig
-from miadpo.datamodule import PairCollator
 from miadpo.models import IGNORE_INDEX
 from miadpo.module import DPOModule
 from miadpo.pair_forward import answer_logps

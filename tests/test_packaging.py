@@ -34,6 +34,8 @@ HYDRA_ENTRIES = {
     "miadpo.models.verify": "model=tiny_llava",
     "miadpo.evaluate": "model=tiny_llava",
 }
+# Every test here builds the wheel or starts the installed scripts (subprocesses): slow.
+pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", "build")
 

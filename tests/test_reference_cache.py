@@ -73,7 +73,7 @@ def test_weights_identity_follows_content_not_names_and_sizes(tmp_path: Path) ->
     import os
 
     from miadpo.config import ModelConfig
-    from miadpo.models.identity import weights_identity
+    from miadpo.fingerprint import weights_identity
 
     weights = tmp_path / "policy"
     weights.mkdir()

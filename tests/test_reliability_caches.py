@@ -361,6 +361,7 @@ def start_holder(tmp_path: Path, stage: str) -> subprocess.Popen:
          "the second fails at once naming the holder; every log-prob is written once; once filled, it is read "
          "without a lock", "reference"),
 ])
+@pytest.mark.slow
 def test_a_second_writer_of_a_stage_directory_fails_naming_the_holder(tmp_path: Path, make_adapter, monkeypatch,
                                                                       stage: str) -> None:
     write_source(tmp_path)

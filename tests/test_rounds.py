@@ -40,6 +40,7 @@ def policy_weights(record: dict) -> dict:
     return load_file(str(Path(record["policy"]) / "model.safetensors"))
 
 
+@pytest.mark.slow
 def test_two_rounds_select_with_the_current_policy(toy_world: Path, tmp_path: Path) -> None:
     cfg = compose_train(rounds_overrides(toy_world, tmp_path / "run", "model.lora.enabled=true"), tmp_path)
     records = run_rounds(cfg, train)
@@ -60,6 +61,7 @@ def test_two_rounds_select_with_the_current_policy(toy_world: Path, tmp_path: Pa
     assert (tmp_path / "run" / "eval_rounds.md").read_text().startswith("| group | n | base |")
 
 
+@pytest.mark.slow
 def test_rounds_resume_after_a_kill_between_rounds(toy_world: Path, tmp_path: Path) -> None:
     calls: list[str] = []
 

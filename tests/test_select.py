@@ -6,10 +6,8 @@ import copy
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO, colour_image, compose_train
+from interrupt import INTERRUPTED, interrupted_command
 from omegaconf import OmegaConf
 from PIL import Image
 from test_augment import PHOTOS, write_source
@@ -26,10 +25,11 @@ from miadpo.config import DataConfig, ExportImagePaths, GridAugmentConfig, Selec
 from miadpo.models.base import EncodedSample
 from miadpo.pairs import ImageRoots, PairRecord
 from miadpo.select import stage as stage_module
-from miadpo.select.candidates import CandidateGenerator, SelectionInput, add_noise, normalise_answer, record_rng
+from miadpo.select.candidates import CandidateGenerator, SelectionInput, add_noise, record_rng
 from miadpo.select.capture import region_ratio, sequence_ratio
 from miadpo.select.rules import KEPT, edit_similarity, select_pairs
 from miadpo.select.stage import CANDIDATES_FILE, run_selection, write_exports
+from miadpo.text import normalise_answer
 from miadpo.train import train
 
 QUESTION = [{"from": "human", "value": "<image>\nWhat colour is the box?"}, {"from": "gpt", "value": "Red."}]
@@ -322,8 +322,12 @@ def test_changing_a_threshold_reuses_the_candidates(adapter, tmp_path: Path, mon
         run_selection(adapter, data, selection_config(generation={"max_new_tokens": 7}), 0, CPU)
 
 
-def run_select_cli(tmp_path: Path, source: Path, out: str, *extra: str) -> subprocess.Popen:
-    args = [sys.executable, "-m", "miadpo.select", "data=mix", f"data.source={source}",
+def run_select_cli(tmp_path: Path, source: Path, out: str, *extra: str, stop_after: int | None = None
+                   ) -> subprocess.Popen:
+    """``python -m miadpo.select``; with ``stop_after``, ended like a kill right after that many candidates."""
+    launch = ([sys.executable, "-m", "miadpo.select"] if stop_after is None
+              else interrupted_command("miadpo.select", "candidates.rank0.jsonl", stop_after))
+    args = [*launch, "data=mix", f"data.source={source}",
             f"data.image_root={tmp_path / 'images'}", f"data.out_dir={tmp_path / out}", "data.max_bad_fraction=0.5",
             "selection.generation.max_new_tokens=16", "selection.generation.batch_size=2",
             "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path / 'h' / out}",
@@ -337,21 +341,17 @@ def selected(out_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_killed_selection_resumes_to_the_same_pairs(tmp_path: Path) -> None:
     source = write_source(tmp_path, n_generated=40)
-    proc = run_select_cli(tmp_path, source, "killed")
-    deadline = time.time() + 180
-    shard = None
-    while time.time() < deadline and proc.poll() is None:
-        shards = list((tmp_path / "killed").glob("selection/*/candidates.rank0.jsonl"))
-        if shards and shards[0].read_bytes().count(b"\n") >= 6:
-            shard = shards[0]
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc = run_select_cli(tmp_path, source, "killed", stop_after=6)  # 3 batches of 2
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == INTERRUPTED, err.decode()[-2000:]
+    shards = list((tmp_path / "killed").glob("selection/*/candidates.rank0.jsonl"))
+    shard = shards[0] if shards else None
     assert shard is not None and not (shard.parent / CANDIDATES_FILE).exists(), "not interrupted half-way"
     done_before = shard.read_bytes().count(b"\n")
+    assert done_before == 6
     resumed = run_select_cli(tmp_path, source, "killed")
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err.decode()[-2000:]
@@ -364,6 +364,7 @@ def test_killed_selection_resumes_to_the_same_pairs(tmp_path: Path) -> None:
     assert len(ids) == len(set(ids)) == len(records) > done_before
 
 
+@pytest.mark.slow
 def test_two_ddp_processes_select_the_same_pairs_as_one(tmp_path: Path) -> None:
     source = write_source(tmp_path, n_generated=6)
     one = run_select_cli(tmp_path, source, "one")

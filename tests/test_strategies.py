@@ -31,6 +31,7 @@ def run_two_processes(strategy: str, tmp_path: Path) -> Path:
     return run_dir
 
 
+@pytest.mark.slow
 def test_fsdp_on_two_cpu_processes_saves_the_adapter_ddp_trains(tmp_path: Path) -> None:
     fsdp, ddp = run_two_processes("fsdp", tmp_path), run_two_processes("ddp", tmp_path)
     a = load_file(fsdp / "adapter" / "adapter_model.safetensors")
@@ -54,12 +55,30 @@ def test_deepspeed_without_a_gpu_says_what_to_use(stage: int) -> None:
 
 
 def test_cpu_strategy_forces_the_cpu(tmp_path: Path) -> None:
+    import lightning as L
     from conftest import compose_train
 
     from miadpo.train import train
 
-    result = train(compose_train(["strategy=cpu", "trainer.max_steps=1", "data.synthetic.num_pairs=8"], tmp_path))
+    class Devices(L.Callback):
+        """Where the step ran: the strategy's root device and the device of every parameter during the step."""
+
+        def __init__(self) -> None:
+            self.root: list[torch.device] = []
+            self.parameters: set[torch.device] = set()
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            self.root.append(trainer.strategy.root_device)
+            self.parameters |= {p.device for p in pl_module.parameters()}
+
+    devices = Devices()
+    # The trainer asks for a GPU: strategy=cpu must override it (without a GPU, the request alone would fail).
+    cfg = compose_train(["strategy=cpu", "trainer.accelerator=gpu", "trainer.max_steps=1",
+                         "data.synthetic.num_pairs=8"], tmp_path)
+    result = train(cfg, extra_callbacks=[devices])
     assert result.global_step == 1
+    assert devices.root == [torch.device("cpu")]
+    assert devices.parameters == {torch.device("cpu")}
 
 
 DEEPSPEED_STEP = """
@@ -69,7 +88,7 @@ os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29533", "RANK": "
 import torch, deepspeed
 from omegaconf import OmegaConf
 from miadpo.config import DPOConfig, ModelConfig, OptimConfig, StrategyConfig
-from miadpo.datamodule import PairCollator
+from miadpo.batch import PairCollator
 from miadpo.lightning_setup import deepspeed_config
 from miadpo.models import build_adapter
 from miadpo.module import DPOModule
@@ -99,6 +118,7 @@ print("changed", len(changed), "of", len(before), "lora_B changed", sum("lora_B"
 
 
 @pytest.mark.parametrize("stage", [2])
+@pytest.mark.slow
 def test_deepspeed_zero_config_takes_a_step_on_cpu_outside_lightning(stage: int, tmp_path: Path) -> None:
     """The strategy's DeepSpeed configuration, with DeepSpeed itself on CPU (gloo): one DPO step moves LoRA."""
     pytest.importorskip("deepspeed")

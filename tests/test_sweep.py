@@ -8,9 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import REPO
 
 
+@pytest.mark.slow
 def test_two_by_two_sweep_writes_a_summary_and_reuses_the_caches(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     args = [sys.executable, "-m", "miadpo.train", "-m", "--config-dir", str(REPO / "sweeps"), "--config-name", "beta",

@@ -97,6 +97,7 @@ def sft_config(tmp_path: Path, files: list[str], epochs: int) -> SFTJobConfig:
     return cfg  # type: ignore[return-value]
 
 
+@pytest.mark.slow
 def test_short_sft_lowers_the_answer_loss(tmp_path: Path) -> None:
     source = write_split(tmp_path, "train", 96, seed=3)
     cfg = sft_config(tmp_path, [str(source)], epochs=4)
@@ -124,6 +125,7 @@ def base_command_defaults() -> dict:
     return {**dict(zip(names, build.call_args.args)), **build.call_args.kwargs}
 
 
+@pytest.mark.slow
 def test_base_recipe_runs_at_small_scale(tmp_path: Path) -> None:
     """The regeneration command of the shipped checkpoint, with its defaults, at a small scale."""
     shipped = json.loads((SHIPPED_BASE / "base_recipe.json").read_text())
@@ -154,6 +156,7 @@ def test_sft_reader_counts_bad_records(tmp_path: Path, bad: str) -> None:
     assert len(loader.dataset) == 10
 
 
+@pytest.mark.slow
 def test_whole_toy_pipeline_at_small_scale(tmp_path: Path) -> None:
     """Base → augment → select → DPO → before/after evaluation, through the real entry config."""
     from conftest import compose_train

@@ -83,6 +83,7 @@ def run_module(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
+@pytest.mark.slow
 def test_ddp_on_two_cpu_processes_then_merge(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     proc = run_module(["miadpo.train", "model=tiny_llava", "data=synthetic", "strategy=ddp", "trainer.devices=2",
@@ -154,6 +155,7 @@ class KillAt(L.Callback):
             raise RuntimeError("killed")
 
 
+@pytest.mark.slow
 def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_weights(tmp_path: Path) -> None:
     # 24 pairs, batch 4 → 6 steps per epoch; the kill at step 4 is inside the first epoch, the run ends in the
     # second, so both the in-epoch position and the next epoch's order must be restored.
@@ -173,6 +175,7 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_weights(tmp_path: P
         assert torch.allclose(a[key], b[key], atol=1e-6), key
 
 
+@pytest.mark.slow
 def test_a_step_checkpoint_resumes_from_a_command_line_override(tmp_path: Path) -> None:
     first = train(compose_train(FAST + ["trainer.max_steps=3"], tmp_path / "first"))
     (step_checkpoint,) = (first.run_dir / "checkpoints").glob("epoch*.ckpt")

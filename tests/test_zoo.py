@@ -12,8 +12,8 @@ from hydra import compose, initialize_config_dir
 from peft import PeftModel
 from PIL import Image
 
+from miadpo.batch import PairCollator
 from miadpo.config import DPOConfig, OptimConfig
-from miadpo.datamodule import PairCollator
 from miadpo.models import IGNORE_INDEX, ModelAdapter, ModelWeightsNotFoundError, SampleTooLongError, build_adapter
 from miadpo.module import DPOModule
 from miadpo.train import CONFIG_DIR, train
@@ -157,11 +157,38 @@ def test_one_dpo_step_changes_the_lora_weights_and_nothing_else(zoo: ModelAdapte
     assert any(".lora_B" in n for n in changed)
 
 
+def greedy_by_full_forward(zoo: ModelAdapter, inputs: dict[str, torch.Tensor], steps: int) -> list[int]:
+    """Greedy decoding of one prompt without ``generate`` or a cache: a full forward pass over the prompt and the
+    tokens so far for each new token, ending at the end token."""
+    inputs = dict(inputs)
+    length = inputs["input_ids"].shape[1]
+    for _ in range(steps):
+        with torch.no_grad():
+            token = int(zoo.model(**inputs).logits[0, -1].argmax())
+        shape = inputs["input_ids"].shape
+        for key, value in inputs.items():  # per-token inputs grow by one text token (attention 1, others 0)
+            if value.dim() == 2 and value.shape == shape:
+                new = token if key == "input_ids" else int(key == "attention_mask")
+                inputs[key] = torch.cat([value, value.new_full((1, 1), new)], dim=1)
+        if token == zoo.eos_token_id:
+            break
+    return inputs["input_ids"][0, length:].tolist()
+
+
 def test_generates_16_tokens(zoo: ModelAdapter) -> None:
+    zoo.model.eval()
     prompts = [zoo.encode(images(n), prompt(n)) for n in (1, 3)]
     out = zoo.model.generate(**zoo.generation_inputs(prompts), max_new_tokens=16, min_new_tokens=16,
                              do_sample=False, pad_token_id=zoo.tokenizer.pad_token_id)
     assert out.shape[1] == zoo.generation_inputs(prompts)["input_ids"].shape[1] + 16
+    # Unforced, each prompt's greedy answer is the step-by-step argmax of the model, stopping at the end token.
+    for sample in prompts:
+        inputs = zoo.generation_inputs([sample])
+        alone = zoo.model.generate(**inputs, max_new_tokens=16, do_sample=False, eos_token_id=zoo.eos_token_id,
+                                   pad_token_id=zoo.tokenizer.pad_token_id)
+        produced = alone[0, inputs["input_ids"].shape[1]:].tolist()
+        assert produced and produced == greedy_by_full_forward(zoo, inputs, 16)
+        assert zoo.eos_token_id not in produced[:-1]
 
 
 def test_saved_base_reloads_to_the_same_logits(zoo: ModelAdapter, zoo_name: str, tmp_path: Path) -> None:

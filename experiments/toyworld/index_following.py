@@ -20,8 +20,8 @@ from hydra import compose, initialize_config_dir
 
 from miadpo.jsonl import read_jsonl
 from miadpo.models import build_adapter
-from miadpo.select.candidates import normalise_answer
 from miadpo.select.stage import CANDIDATES_FILE, run_selection
+from miadpo.text import normalise_answer
 from miadpo.train import CONFIG_DIR
 
 HEADER = """# Toy world: does the base follow "Image k"?

@@ -35,11 +35,10 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image, ImageDraw
 
 from miadpo.evaluate import evaluate, llava_items
+from miadpo.fingerprint import digest, weights_identity
 from miadpo.jsonl import atomic_replace
 from miadpo.models import build_adapter
-from miadpo.models.identity import weights_identity
 from miadpo.pairs import ImageRoots
-from miadpo.reference_cache import digest
 from miadpo.rounds import run_rounds
 from miadpo.sft import run_sft
 from miadpo.toyworld.scenes import scene_index

@@ -19,7 +19,7 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageFont
 
 from miadpo.config import GridAugmentConfig
-from miadpo.pairs import IMAGE_TOKEN
+from miadpo.text import IMAGE_TOKEN
 
 Conversation = list[dict[str, str]]
 

@@ -16,7 +16,6 @@ without the lock.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import multiprocessing
@@ -44,6 +43,7 @@ from miadpo.augment.formats import (
 )
 from miadpo.augment.source import SourceRecord, read_llava_source
 from miadpo.config import AugmentConfig, BadRecordPolicy, DataConfig, GridAugmentConfig
+from miadpo.fingerprint import digest, file_sha1
 from miadpo.images import ImageOptions, load_record_image
 from miadpo.jsonl import append_jsonl, atomic_replace, read_jsonl, repair_tail
 from miadpo.locks import stage_lock
@@ -282,14 +282,6 @@ class Composer:
         return {"id": job.id, "image": image_field, "conversations": job.conversations, "meta": meta}, None
 
 
-def file_sha1(path: Path) -> str:
-    digest = hashlib.sha1()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def fingerprint(cfg: DataConfig, seed: int) -> dict[str, Any]:
     """What determines the output: source content, seed, format mix and augmentation settings."""
     augment = OmegaConf.to_container(OmegaConf.structured(cfg.augment), resolve=True)
@@ -303,7 +295,7 @@ def fingerprint(cfg: DataConfig, seed: int) -> dict[str, Any]:
         "augment": augment,
     }
     inputs = json.loads(json.dumps(inputs, sort_keys=True))  # as stored: dict keys become strings
-    inputs["fingerprint"] = hashlib.sha1(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+    inputs["fingerprint"] = digest(inputs, "sha1", 16)
     return inputs
 
 

@@ -12,7 +12,8 @@ from typing import Any
 
 from miadpo.config import AugmentConfig
 from miadpo.jsonl import RawRecord, iter_raw_records
-from miadpo.pairs import IMAGE_TOKEN, RELEASE_IMAGE_TOKEN, BadRecord, BadRecordReport, ImageRoots, image_marker_in
+from miadpo.pairs import BadRecord, BadRecordReport, ImageRoots
+from miadpo.text import IMAGE_TOKEN, RELEASE_IMAGE_TOKEN, image_marker_in
 
 
 @dataclass(frozen=True)

@@ -27,8 +27,8 @@ from PIL import Image
 from torch import nn
 
 from miadpo.config import LoraConfig, ModelConfig
-from miadpo.pairs import IMAGE_TOKEN
 from miadpo.templates import ChatTemplate, get_template
+from miadpo.text import IMAGE_TOKEN
 
 log = logging.getLogger(__name__)
 

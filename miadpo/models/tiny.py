@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
@@ -22,9 +23,8 @@ from transformers import (
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from miadpo.config import TinyModelConfig
-from miadpo.pairs import IMAGE_TOKEN
-from miadpo.synthetic import COLOURS, SHAPES
 from miadpo.templates import TEMPLATES
+from miadpo.text import IMAGE_TOKEN
 
 M = TypeVar("M")
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", IMAGE_TOKEN]
@@ -37,25 +37,24 @@ _CORPUS_WORDS = (
     "four", "five", "six", "seven", "eight", "nine", "ten", "only", "images", "were", "given", "for", "central",
     "subplot", "please", "look", "at",
 )
+# The colour and shape names of the corpus sentences, in this order (the trained merges depend on it). They are the
+# synthetic data's names; kept here so that the model code does not depend on the data code.
+_CORPUS_COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "black", "gray")
+_CORPUS_SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 
 
 def _corpus() -> list[str]:
     lines = [t.render("question") for t in TEMPLATES.values()]
     lines += [f"Image{i}: In Image{i}, in image{i}," for i in range(1, 10)]
-    lines += [f"The {shape} is {colour}." for colour in COLOURS for shape in SHAPES]
-    lines += [f"What colour is the {shape}?" for shape in SHAPES]
+    lines += [f"The {shape} is {colour}." for colour in _CORPUS_COLOURS for shape in _CORPUS_SHAPES]
+    lines += [f"What colour is the {shape}?" for shape in _CORPUS_SHAPES]
     lines += [" ".join(_CORPUS_WORDS[i : i + 8]) for i in range(0, len(_CORPUS_WORDS), 4)]
     return lines
 
 
-def build_tiny_tokenizer(vocab_size: int = 512, special_tokens: Sequence[str] = SPECIAL_TOKENS,
-                         named: dict[str, str] | None = None, extra: dict[str, str] | None = None
-                         ) -> PreTrainedTokenizerFast:
-    """A deterministic byte-level BPE tokenizer trained in process.
-
-    ``special_tokens`` are added first (ids 0..); ``named`` sets bos/eos/unk/pad (LLaVA-style by default);
-    ``extra`` names further special tokens (``tokenizer.<name>`` and ``tokenizer.<name>_id``).
-    """
+@functools.lru_cache(maxsize=32)
+def _trained_bpe(vocab_size: int, special_tokens: tuple[str, ...]) -> str:
+    """The trained tokenizer's JSON, once per process for each (vocab size, special tokens)."""
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
     tokenizer.decoder = decoders.ByteLevel()
@@ -66,6 +65,19 @@ def build_tiny_tokenizer(vocab_size: int = 512, special_tokens: Sequence[str] = 
         show_progress=False,
     )
     tokenizer.train_from_iterator(_corpus(), trainer)
+    return tokenizer.to_str()
+
+
+def build_tiny_tokenizer(vocab_size: int = 512, special_tokens: Sequence[str] = SPECIAL_TOKENS,
+                         named: dict[str, str] | None = None, extra: dict[str, str] | None = None
+                         ) -> PreTrainedTokenizerFast:
+    """A deterministic byte-level BPE tokenizer trained in process (trained once per process; each call returns a
+    new tokenizer, so callers may add tokens to it).
+
+    ``special_tokens`` are added first (ids 0..); ``named`` sets bos/eos/unk/pad (LLaVA-style by default);
+    ``extra`` names further special tokens (``tokenizer.<name>`` and ``tokenizer.<name>_id``).
+    """
+    tokenizer = Tokenizer.from_str(_trained_bpe(vocab_size, tuple(special_tokens)))
     names = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>", **(named or {})}
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import re
-import string
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -34,15 +32,10 @@ from miadpo.select.capture import (
     resolve_layer,
     sequence_ratio,
 )
+from miadpo.text import normalise_answer
 
 SELECTABLE_FORMATS = ("sequence", "grid", "pip", "single")
 INTERFERENCE_FORMATS = ("sequence", "grid")  # formats whose question names one of several images
-_PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
-
-
-def normalise_answer(text: str) -> str:
-    """Case, punctuation and whitespace removed, for "answer ≠ ground truth"."""
-    return " ".join(_PUNCTUATION.sub(" ", text.lower()).split())
 
 
 @dataclass(frozen=True)

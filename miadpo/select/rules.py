@@ -24,8 +24,8 @@ from typing import Any
 from rapidfuzz import fuzz
 
 from miadpo.config import SelectionConfig
-from miadpo.pairs import PairRecord, image_marker_in
-from miadpo.select.candidates import normalise_answer
+from miadpo.pairs import PairRecord
+from miadpo.text import image_marker_in, normalise_answer
 
 OPERATORS: dict[str, Callable[[float, float], bool]] = {"<": operator.lt, "<=": operator.le}
 KEPT = "kept"

@@ -21,7 +21,6 @@ Finished candidates are read by any number of runs without the lock.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -35,13 +34,13 @@ from lightning.pytorch.callbacks import BasePredictionWriter, TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from miadpo.augment.runner import RECORDS_FILE, augmentation_finished, file_sha1, run_augmentation
+from miadpo.augment.runner import RECORDS_FILE, augmentation_finished, run_augmentation
 from miadpo.config import DataConfig, ExportImagePaths, SelectionConfig
+from miadpo.fingerprint import digest, file_sha1, weights_identity
 from miadpo.images import ImageOptions
 from miadpo.jsonl import append_jsonl, atomic_replace, completed_ids, read_jsonl
 from miadpo.locks import stage_lock
 from miadpo.models.base import ModelAdapter
-from miadpo.models.identity import weights_identity
 from miadpo.pairs import ImageRoots, PairRecord, write_pairs
 from miadpo.select.candidates import CandidateGenerator, SelectionInput, selection_inputs
 from miadpo.select.capture import resolve_layer
@@ -58,7 +57,7 @@ def _plain(node: Any) -> Any:
 
 
 def _digest(obj: Any) -> str:
-    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return digest(obj, "sha1", 16)
 
 
 def candidates_identity(adapter: ModelAdapter, data: DataConfig, selection: SelectionConfig, seed: int

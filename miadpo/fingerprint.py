@@ -1,4 +1,10 @@
-"""What identifies a model's weights, for the caches keyed by them (selection candidates, reference log-probs).
+"""Fingerprints of everything the caches are keyed by: weights, files and settings (one module for augmentation,
+selection, the reference cache and the synthetic data; every key it computes is the one earlier versions computed,
+so users' caches stay valid — ``tests/test_imports.py`` pins them).
+
+``digest(value, algorithm, length)``: a JSON value's hash (sort_keys; the reference cache uses SHA-256[:24], the
+selection directories SHA-1[:16], the augmentation and synthetic fingerprints SHA-1[:16] / [:10]).
+``file_sha1``: a source or records file's content. ``weights_identity``: a model's weights, as below.
 
 A weights directory is identified by the **content** of its files (SHA-256 of every file, by relative name), so
 a policy merged from a LoRA round — same file names, same sizes — never hits the base's caches. A model built in
@@ -15,6 +21,7 @@ every time.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 from pathlib import Path
@@ -27,6 +34,21 @@ from miadpo.config import ModelConfig
 MEMO_MIN_BYTES = 1 << 20
 MEMO_MIN_AGE_NS = 2_000_000_000
 _DIGESTS: dict[tuple[Any, ...], str] = {}
+
+
+def digest(value: Any, algorithm: str = "sha256", length: int = 24) -> str:
+    """Hex digest (first ``length`` characters) of ``value`` as sorted-key JSON (non-JSON values by ``str``)."""
+    text = json.dumps(value, sort_keys=True, default=str).encode()
+    return hashlib.new(algorithm, text).hexdigest()[:length]
+
+
+def file_sha1(path: Path) -> str:
+    """SHA-1 of a file's bytes (augmentation sources, augmented records)."""
+    sha = hashlib.sha1()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            sha.update(block)
+    return sha.hexdigest()
 
 
 def _signature(path: Path, stat: Any) -> tuple[Any, ...]:

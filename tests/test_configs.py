@@ -1,0 +1,215 @@
+"""Config inheritance: every entry config × every option of its groups composes as before the configs inherited.
+
+``tests/fixtures/composed_configs.json`` holds each composition (``OmegaConf.to_container(..., resolve=False)``)
+as recorded before the YAML files were rewritten to inherit (``defaults:`` lists inside group files) instead of
+copy. Every composition must still equal it, except the intended changes in ``expected`` below, each with its
+reason. ``MIADPO_REGEN_CONFIG_FIXTURE=1 pytest tests/test_configs.py`` rewrites the fixture from the configs as
+they are (only when a change of a composition is meant; say why in the commit).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from miadpo.config import config_dir, register_configs
+
+CONF = Path(config_dir())
+FIXTURE = Path(__file__).parent / "fixtures" / "composed_configs.json"
+REGENERATE = os.environ.get("MIADPO_REGEN_CONFIG_FIXTURE") == "1"
+TEST_DEFAULTS = ["model=tiny_llava", "data=synthetic"]  # tests/conftest.py: the tests' default job
+
+# The groups each entry config uses (its defaults list; train also composes experiment=<name>).
+ENTRY_GROUPS = {
+    "train": ["optim", "model", "data", "selection", "trainer", "strategy", "dpo", "experiment", "logger", "eval"],
+    "sft": ["optim", "model", "trainer", "strategy"],
+    "select": ["model", "data", "selection", "trainer", "strategy"],
+    "augment": ["data"],
+    "evaluate": ["model"],
+    "generate": ["model"],
+    "verify": ["model"],
+}
+# Entries that train; the others (select, evaluate, generate, verify) have no optim any more.
+TRAINING = {"train", "sft"}
+# The recipes whose optimizer (and everything else) must be exactly what users got before.
+UNCHANGED = [("train", []), ("train", TEST_DEFAULTS), ("train", ["experiment=mia_dpo_internlm_xc25"])]
+TRAIN_ONLY_DATA = {"toy", "synthetic"}  # data recipes that set training settings (eval / optim) too
+
+
+def options(group: str) -> list[str]:
+    """The selectable options of a config group: its YAML files, less the shared bases (``_*.yaml``)."""
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml") if not p.stem.startswith("_"))
+
+
+def cases() -> dict[str, list[tuple[str, ...]]]:
+    """Per entry, the override lists composed: the defaults, each group option alone (train: also on the tests'
+    default job), and for train every model with data=mix and data=synthetic (where the optimizer is decided)."""
+    out: dict[str, list[tuple[str, ...]]] = {}
+    for entry, groups in ENTRY_GROUPS.items():
+        bases = [(), tuple(TEST_DEFAULTS)] if entry == "train" else [()]
+        seen: list[tuple[str, ...]] = []
+        for base in bases:
+            for group, option in [(None, None)] + [(g, o) for g in groups for o in options(g)]:
+                overrides = tuple(o for o in base if not o.startswith(f"{group}=")) + ((f"{group}={option}",)
+                                                                                       if group else ())
+                if overrides not in seen:
+                    seen.append(overrides)
+        if entry == "train":  # grid / pip / sequence are mix's formats: covered above on toy_llava and tiny_llava
+            for model in options("model"):
+                for data in ("mix", "synthetic"):
+                    pair = (f"model={model}", f"data={data}")
+                    if pair not in seen:
+                        seen.append(pair)
+        out[entry] = seen
+    return out
+
+
+def key(entry: str, overrides: tuple[str, ...] | list[str]) -> str:
+    return f"{entry} {' '.join(overrides)}".strip()
+
+
+def composed(entry: str, overrides: tuple[str, ...] | list[str]) -> Any:
+    """The composition as JSON data (int keys become strings, enums their values), or the error's class."""
+    try:
+        cfg = compose(config_name=entry, overrides=list(overrides))
+    except Exception as error:  # a composition that fails is recorded too (it must keep failing)
+        return {"__error__": type(error).__name__, "message": str(error).splitlines()[0]}
+    return json.loads(json.dumps(OmegaConf.to_container(cfg, resolve=False)))
+
+
+@pytest.fixture(scope="module")
+def hydra_context():
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        yield
+
+
+@pytest.fixture(scope="module")
+def fixture(hydra_context) -> dict[str, Any]:
+    if REGENERATE:
+        data = {"options": {g: options(g) for g in sorted({g for gs in ENTRY_GROUPS.values() for g in gs})},
+                "configs": {key(e, o): composed(e, o) for e, cases_ in cases().items() for o in cases_}}
+        write_fixture(data)
+    return json.loads(FIXTURE.read_text())
+
+
+def write_fixture(data: dict[str, Any]) -> None:
+    """One composition a line (a readable diff when one changes)."""
+    lines = [f"{json.dumps(k)}: {json.dumps(v, sort_keys=True)}" for k, v in sorted(data["configs"].items())]
+    FIXTURE.parent.mkdir(parents=True, exist_ok=True)
+    FIXTURE.write_text('{"options": ' + json.dumps(data["options"], sort_keys=True) + ',\n"configs": {\n'
+                       + ",\n".join(lines) + "\n}}\n")
+
+
+def choice(overrides: tuple[str, ...] | list[str], group: str, default: str | None) -> str | None:
+    picked = [o.split("=", 1)[1] for o in overrides if o.startswith(f"{group}=")]
+    return picked[-1] if picked else default
+
+
+def expected(entry: str, overrides: tuple[str, ...], before: Any, recorded: dict[str, Any]) -> Any:
+    """What ``entry overrides`` must compose to now: the recorded composition, with the intended changes."""
+    if "__error__" in before:
+        return before
+    after = copy.deepcopy(before)
+    data = choice(overrides, "data", "toy" if entry == "train" else "mix")
+    if entry not in TRAINING:
+        # The optimizer is unused by selection, evaluation, generation and verification: no optim field or group
+        # any more (it was there only because model configs picked the optimizer).
+        after.pop("optim", None)
+        if entry == "select" and data == "synthetic":
+            # data=synthetic (pairs drawn in code, no source to augment or select from: the stage failed at run
+            # time) now picks the training optimizer, so only miadpo.train composes it — as data=toy already.
+            return {"__error__": "ConfigCompositionException"}
+    elif choice(overrides, "experiment", None) is None:
+        # The recipe picks the optimizer, not the model config: optim=<name> on the command line, else data=toy's
+        # settings (adamw and tiny differ only in lr, which toy sets: unchanged), data=synthetic → tiny (the
+        # random-weight smoke job, for any model), and adamw (the entry's default, the paper's) for every other
+        # train recipe and for sft. Before, each tiny_*/toy_llava model config picked optim=tiny for itself.
+        # experiment=<name> picks its own (unchanged).
+        raw = {name: recorded[key("sft", [f"optim={name}"])]["optim"] for name in options("optim")}
+        if choice(overrides, "optim", None) is not None or (entry == "train" and data == "toy"):
+            pass  # optim=<name> always won over the model's pick; data=toy sets lr over either
+        elif entry == "sft":
+            after["optim"] = raw["adamw"]
+        elif data == "synthetic":
+            after["optim"] = raw["tiny"]
+        elif data != "toy":
+            after["optim"] = raw["adamw"]
+    if entry == "augment" and data == "synthetic":
+        return {"__error__": "ConfigCompositionException"}  # as select data=synthetic above
+    return after
+
+
+def differences(a: Any, b: Any, path: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = [f"{path}.{k}: missing now" for k in a.keys() - b.keys()]
+        out += [f"{path}.{k}: new" for k in b.keys() - a.keys()]
+        for k in a.keys() & b.keys():
+            out += differences(a[k], b[k], f"{path}.{k}")
+        return out
+    return [] if a == b else [f"{path}: {a!r} -> {b!r}"]
+
+
+def normalised(value: Any) -> Any:
+    return {"__error__": value["__error__"]} if isinstance(value, dict) and "__error__" in value else value
+
+
+@pytest.mark.parametrize("entry", list(ENTRY_GROUPS))
+def test_every_composition_is_unchanged_but_for_the_intended_changes(entry: str, fixture: dict[str, Any]) -> None:
+    recorded = fixture["configs"]
+    problems = []
+    for overrides in cases()[entry]:
+        name = key(entry, overrides)
+        assert name in recorded, f"{name!r} is not in {FIXTURE.name}: regenerate it (MIADPO_REGEN_CONFIG_FIXTURE=1)"
+        want = normalised(expected(entry, overrides, recorded[name], recorded))
+        got = normalised(composed(entry, overrides))
+        if want != got:
+            problems.append(f"{name}: " + "; ".join(differences(want, got) or [f"{want} -> {got}"]))
+    assert not problems, "\n".join(problems)
+
+
+def test_the_recipes_that_matter_compose_exactly_as_before(fixture: dict[str, Any], hydra_context) -> None:
+    """The default train (toy world), the tests' default job and the paper's experiment: no difference at all,
+    their optimizer included."""
+    for entry, overrides in UNCHANGED:
+        assert composed(entry, overrides) == fixture["configs"][key(entry, overrides)], key(entry, overrides)
+    assert composed("train", TEST_DEFAULTS)["optim"]["lr"] == 1.0e-3  # tiny
+    assert composed("train", ["experiment=mia_dpo_internlm_xc25"])["optim"]["lr"] == 5.0e-5  # the paper's
+    assert composed("train", [])["optim"]["lr"] == 5.0e-4  # the toy recipe's
+
+
+def test_every_option_is_covered_by_the_fixture(fixture: dict[str, Any]) -> None:
+    for group, recorded in fixture["options"].items():
+        assert options(group) == recorded, f"conf/{group} options changed: regenerate {FIXTURE.name}"
+
+
+def test_no_model_config_picks_the_optimizer() -> None:
+    for path in sorted((CONF / "model").glob("*.yaml")):
+        assert "optim" not in path.read_text(), f"{path.name}: the recipe picks the optimizer, not the model"
+
+
+def content_lines(path: Path) -> list[str]:
+    return [line.rstrip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_no_yaml_file_repeats_five_lines_of_another() -> None:
+    """A block of ≥ 5 consecutive identical (non-blank) lines in two files is a copy: inherit it instead."""
+    block = 5
+    files = sorted(CONF.rglob("*.yaml"))
+    seen: dict[tuple[str, ...], Path] = {}
+    copies = []
+    for path in files:
+        lines = content_lines(path)
+        for i in range(len(lines) - block + 1):
+            window = tuple(lines[i:i + block])
+            first = seen.setdefault(window, path)
+            if first != path:
+                copies.append(f"{path.relative_to(CONF)} repeats {first.relative_to(CONF)}: " + " / ".join(window))
+    assert not copies, "\n".join(copies)
