@@ -1,6 +1,6 @@
 """Fingerprints of everything the caches are keyed by: weights, files and settings (one module for augmentation,
 selection, the reference cache and the synthetic data; every key it computes is the one earlier versions computed,
-so users' caches stay valid — ``tests/test_imports.py`` pins them).
+so users' caches stay valid — ``tests/test_fingerprint.py`` pins them).
 
 ``digest(value, algorithm, length)``: a JSON value's hash (sort_keys; the reference cache uses SHA-256[:24], the
 selection directories SHA-1[:16], the augmentation and synthetic fingerprints SHA-1[:16] / [:10]).
