@@ -35,6 +35,8 @@ import logging
 import math
 import warnings
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -175,10 +177,14 @@ class _Opened:
         if self.raw_target is not None:
             self._too_large()
 
-    def _quiet(self) -> _Silenced:
+    @contextmanager
+    def _quiet(self) -> Iterator[None]:
         """Silence PIL's DecompressionBombWarning when our own (stricter) cap governs."""
         cap = self.options.max_pixels
-        return _Silenced(bool(cap and cap <= (Image.MAX_IMAGE_PIXELS or 0)))
+        with warnings.catch_warnings():
+            if cap and cap <= (Image.MAX_IMAGE_PIXELS or 0):
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
 
     def _too_large(self) -> None:
         width, height = self.image.size
@@ -226,21 +232,6 @@ class _Opened:
     def close(self) -> None:
         if self.owned is not None:
             self.owned.close()
-
-
-class _Silenced:
-    def __init__(self, active: bool) -> None:
-        self.active = active
-        self.context = warnings.catch_warnings()
-
-    def __enter__(self) -> None:
-        if self.active:
-            self.context.__enter__()
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-
-    def __exit__(self, *args: Any) -> None:
-        if self.active:
-            self.context.__exit__(*args)
 
 
 def load_image(source: Source, options: ImageOptions | None = None, *, name: str | None = None,

@@ -14,8 +14,6 @@ from pathlib import Path
 from typing import Any
 
 _WHITESPACE = " \t\r\n"
-
-
 _BOM = b"\xef\xbb\xbf"
 _NOT_UTF8 = re.compile("[\udc80-\udcff]")  # what ``errors="surrogateescape"`` makes of a byte that is not UTF-8
 

@@ -30,7 +30,7 @@ from miadpo.models import build_adapter
 from miadpo.models.base import ModelAdapter
 from miadpo.module import adamw_with_linear_schedule
 from miadpo.pairs import BadRecord, BadRecordError, BadRecordReport, ImageRoots, PairRecord
-from miadpo.text import image_marker_in
+from miadpo.text import IMAGE_TOKEN, image_marker_in
 
 log = logging.getLogger(__name__)
 register_configs()
@@ -58,8 +58,8 @@ def read_sft_records(files: Sequence[str], roots: ImageRoots, report: BadRecordR
                 images = [] if image is None else ([image] if isinstance(image, str) else list(image))
                 turns = obj["conversations"]
                 prompt, answer = turns[0]["value"], turns[1]["value"]
-                if prompt.count("<image>") != len(images):
-                    raise ValueError(f"{prompt.count('<image>')} <image> for {len(images)} images")
+                if prompt.count(IMAGE_TOKEN) != len(images):
+                    raise ValueError(f"{prompt.count(IMAGE_TOKEN)} {IMAGE_TOKEN} for {len(images)} images")
                 marker = image_marker_in(answer) if isinstance(answer, str) else None
                 if marker:
                     raise ValueError(f"image marker in an answer: the gpt turn holds {marker!r}")
