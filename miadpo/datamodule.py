@@ -17,11 +17,20 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from miadpo.augment.runner import RECORDS_FILE, run_augmentation
 from miadpo.batch import PairCollator
 from miadpo.config import DataConfig, TooLongPolicy
-from miadpo.images import ImageError, ImageOptions, load_record_image, record_image_size
+from miadpo.images import ImageOptions, record_image_size
 from miadpo.images import load_image as load_image  # kept importable from here; the rules live in miadpo.images
 from miadpo.jsonl import iter_raw_records, read_jsonl
 from miadpo.models.base import ModelAdapter
-from miadpo.pairs import BadRecord, BadRecordError, BadRecordReport, ImageRoots, PairRecord, pair_key, read_pairs
+from miadpo.pairs import (
+    BadRecord,
+    BadRecordError,
+    BadRecordReport,
+    ImageRoots,
+    PairRecord,
+    load_record_images,
+    pair_key,
+    read_pairs,
+)
 from miadpo.synthetic import ensure_synthetic_pairs
 
 log = logging.getLogger(__name__)
@@ -105,10 +114,7 @@ class PairDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.records[index]
-        try:
-            pictures = [load_record_image(self.roots, p, self.images) for p in record.images]
-        except ImageError as exc:  # checked at setup; changed on disk since
-            raise BadRecordError(f"pair {record.id}: {exc}") from exc
+        pictures = load_record_images(self.roots, record.images, self.images, f"pair {record.id}")
         images = self.adapter.process_images(pictures)
         item = {
             "id": record.id,

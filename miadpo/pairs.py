@@ -23,14 +23,16 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 from miadpo.config import BadRecordPolicy
 from miadpo.fingerprint import digest
-from miadpo.images import ImageOptions, check_record_image
+from miadpo.images import ImageError, ImageOptions, check_record_image, load_record_image
 from miadpo.jsonl import atomic_replace, iter_raw_records
 from miadpo.text import IMAGE_TOKEN, RELEASE_IMAGE_TOKEN, image_marker_in
 
@@ -195,6 +197,16 @@ def parse_pair(obj: Any) -> PairRecord:
     if not isinstance(meta, dict):
         raise ValueError("field 'meta' is not an object")
     return PairRecord(str(obj["id"]), images, prompt, chosen, rejected, meta)
+
+
+def load_record_images(roots: ImageRoots, paths: Sequence[str], options: ImageOptions | None, owner: str
+                       ) -> list[Image.Image]:
+    """The images of one record, by the image loader. They were checked when the record was read, so an image that
+    fails now changed on disk since: ``BadRecordError`` naming ``owner`` (e.g. "pair <id>") and the reason."""
+    try:
+        return [load_record_image(roots, path, options) for path in paths]
+    except ImageError as exc:
+        raise BadRecordError(f"{owner}: {exc}") from exc
 
 
 def pair_key(record: PairRecord, roots: ImageRoots) -> str:

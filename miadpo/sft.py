@@ -23,13 +23,13 @@ from torch.utils.data import DataLoader, Dataset
 from miadpo.config import OptimConfig, SFTDataConfig, config_dir, register_configs
 from miadpo.datamodule import split_train_val
 from miadpo.export import export_model
-from miadpo.images import ImageError, ImageOptions, check_record_image, load_record_image
+from miadpo.images import ImageOptions, check_record_image
 from miadpo.jsonl import iter_raw_records
 from miadpo.lightning_setup import build_strategy, check_trainer_args
 from miadpo.models import build_adapter
 from miadpo.models.base import ModelAdapter
 from miadpo.module import adamw_with_linear_schedule
-from miadpo.pairs import BadRecord, BadRecordError, BadRecordReport, ImageRoots, PairRecord
+from miadpo.pairs import BadRecord, BadRecordReport, ImageRoots, PairRecord, load_record_images
 from miadpo.text import IMAGE_TOKEN, image_marker_in
 
 log = logging.getLogger(__name__)
@@ -85,10 +85,7 @@ class SFTDataset(Dataset):
 
     def __getitem__(self, index: int) -> Any:
         record = self.records[index]
-        try:
-            images = [load_record_image(self.roots, p, self.image_options) for p in record.images]
-        except ImageError as exc:  # checked at load; changed on disk since
-            raise BadRecordError(f"SFT record {record.id}: {exc}") from exc
+        images = load_record_images(self.roots, record.images, self.image_options, f"SFT record {record.id}")
         return self.adapter.encode(images, record.prompt, record.chosen, self.max_length)
 
 

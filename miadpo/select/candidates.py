@@ -22,9 +22,9 @@ from PIL import Image
 from miadpo.augment.formats import retarget_question
 from miadpo.augment.runner import RECORDS_FILE
 from miadpo.config import DataConfig, NoiseConfig, SelectionConfig
-from miadpo.images import ImageError, ImageOptions, check_record_image, load_record_image
+from miadpo.images import ImageOptions, check_record_image
 from miadpo.models.base import IGNORE_INDEX, EncodedSample, ModelAdapter
-from miadpo.pairs import BadRecord, BadRecordError, BadRecordReport, ImageRoots
+from miadpo.pairs import BadRecord, BadRecordReport, ImageRoots, load_record_images
 from miadpo.select.capture import (
     AttentionRecorder,
     capture_attention,
@@ -162,10 +162,7 @@ class CandidateGenerator:
         self.layer = resolve_layer(adapter, cfg.layer)
 
     def _images(self, item: SelectionInput) -> list[Image.Image]:
-        try:
-            images = [load_record_image(self.roots, p, self.images) for p in item.images]
-        except ImageError as exc:  # selection_inputs(..., data) checks them first
-            raise BadRecordError(f"selection input {item.id}: {exc}") from exc
+        images = load_record_images(self.roots, item.images, self.images, f"selection input {item.id}")
         noise: NoiseConfig | None = self.cfg.noise.get(item.format)
         if noise is None or noise.sigma <= 0:
             return images
