@@ -26,7 +26,7 @@ from PIL import Image
 
 from miadpo.augment.runner import RECORDS_FILE, run_augmentation
 from miadpo.config import DataConfig
-from miadpo.pairs import ImageRoots
+from miadpo.data.pairs import ImageRoots
 
 PHOTOS = ["astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field", "coins",
           "moon", "page", "clock", "brick", "colorwheel", "camera", "grass", "gravel", "retina"]

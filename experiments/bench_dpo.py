@@ -85,24 +85,24 @@ def saved_bytes(counter: dict[str, int]):
 
 
 def our_step(fast: bool) -> Callable[[dict[str, int] | None], float]:
-    from miadpo.batch import PairCollator
     from miadpo.config import DPOConfig, FastPathConfig, OptimConfig
-    from miadpo.module import DPOModule
-    from miadpo.pair_forward import ConcatenatedPairForward, SharedPrefixPairForward
+    from miadpo.data.dataset import EncodedPair
+    from miadpo.dpo.forward import ConcatenatedPairForward, SharedPrefixPairForward
+    from miadpo.dpo.module import DPOModule
 
     adapter = build_adapter()
     pairs = []
     for i in range(BATCH_PAIRS):
         texts = pair_texts(i)
         images = adapter.process_images(texts["images"])
-        pairs.append({"id": str(i), "chosen": adapter.encode(images, texts["prompt"], texts["chosen"]),
-                      "rejected": adapter.encode(images, texts["prompt"], texts["rejected"])})
-    forward = SharedPrefixPairForward(adapter) if fast else ConcatenatedPairForward()
-    batch = PairCollator(adapter, forward.layout)(pairs)
+        pairs.append(EncodedPair(str(i), adapter.encode(images, texts["prompt"], texts["chosen"]),
+                                 adapter.encode(images, texts["prompt"], texts["rejected"])))
+    forward = SharedPrefixPairForward(adapter) if fast else ConcatenatedPairForward(adapter)
+    batch = forward.collate(pairs)
     if fast:  # the reference cache: computed once with the base model, before LoRA, as miadpo.train does
         with torch.no_grad():
             reference = forward(adapter.model.eval(), batch)
-        batch["reference"] = torch.stack([reference.chosen, reference.rejected, reference.chosen_tokens.float(),
+        batch.reference = torch.stack([reference.chosen, reference.rejected, reference.chosen_tokens.float(),
                                           reference.rejected_tokens.float()], dim=1)
     adapter.prepare_for_training()
     dpo = DPOConfig(fast=FastPathConfig(shared_prefix=fast, shared_image_features=fast, reference_cache=fast))

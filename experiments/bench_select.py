@@ -39,8 +39,8 @@ def run_mode(mode: str, batch_size: int, samples: int) -> dict[str, float]:
 
     from miadpo.augment.formats import sequence_conversations
     from miadpo.config import ModelConfig, SelectionConfig
+    from miadpo.data.pairs import ImageRoots
     from miadpo.models import build_adapter
-    from miadpo.pairs import ImageRoots
     from miadpo.select.candidates import CandidateGenerator
     from miadpo.select.capture import resolve_layer
 

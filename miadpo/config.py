@@ -30,7 +30,7 @@ class LargeImagePolicy(str, Enum):
     skip = "skip"  # the record is a bad record ("image too large")
 
 
-# Pixel cap of every image loaded (miadpo/images.py): well below PIL's decompression-bomb limit (~89 MP).
+# Pixel cap of every image loaded (miadpo/data/images.py): well below PIL's decompression-bomb limit (~89 MP).
 DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
 
 
@@ -40,6 +40,21 @@ class LossType(str, Enum):
     robust = "robust"
     ipo = "ipo"
     hinge = "hinge"
+
+
+class ModelPreparation(str, Enum):
+    """What the pipeline does before it loads ``model.path`` (``miadpo.pipeline.prepare_model``)."""
+
+    none = "none"
+    toy_base = "toy_base"  # copy the toy base shipped with the package to model.path on first use
+
+
+class DataPreparation(str, Enum):
+    """How a data recipe makes its pairs when ``data.pairs`` is not set (``miadpo.pipeline.prepare_data``)."""
+
+    synthetic = "synthetic"  # draw the embedded synthetic pairs (data.synthetic)
+    select = "select"  # augment data.source, then select pairs with the model
+    toy_world = "toy_world"  # generate the toy world's splits (beside data.source) first, then as select
 
 
 class LoggerName(str, Enum):
@@ -81,6 +96,7 @@ class ModelConfig:
     family: str = "llava"
     # Local directory (or hub id when allow_download) of the weights; null builds the tiny model in code.
     path: str | None = None
+    prepare: ModelPreparation = ModelPreparation.none
     allow_download: bool = False
     template: str = "vicuna_v1"
     pad_to_square: bool = True
@@ -165,8 +181,9 @@ class DataConfig:
     image_root: str = "data/images"
     # Symlinks inside image_root / out_dir may point anywhere (images/coco -> /mnt/coco); false: refuse them.
     follow_symlinks: bool = True
-    # A pair JSONL; when set, training uses it directly.
+    # A pair JSONL; when set, training uses it directly; else the recipe's preparation step makes one.
     pairs: str | None = None
+    prepare: DataPreparation = DataPreparation.synthetic
     # Derived data and caches; record paths starting with "@out/" resolve here.
     out_dir: str = "data/miadpo"
     formats: dict[str, float] = field(
@@ -176,7 +193,7 @@ class DataConfig:
     max_bad_fraction: float = 0.01
     check_images: bool = True
     # Images above this many pixels are downsized to it (aspect kept) or, with on_large_image=skip, bad records;
-    # null: no cap (PIL's decompression-bomb limit still holds). The rules of every image: miadpo/images.py.
+    # null: no cap (PIL's decompression-bomb limit still holds). The rules of every image: miadpo/data/images.py.
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
     on_large_image: LargeImagePolicy = LargeImagePolicy.downsize
     # Sample pairs (with attention heat maps) in <run_dir>/data_report and the W&B table; 0 = no data report.
@@ -276,7 +293,7 @@ class FastPathConfig:
     shared_prefix: bool = True
     # Frozen vision tower and projector: image features computed once per batch, shared by policy and reference.
     shared_image_features: bool = True
-    # Reference log-probs computed once before training and kept on disk (miadpo/reference_cache.py).
+    # Reference log-probs computed once before training and kept on disk (miadpo/dpo/reference_cache.py).
     reference_cache: bool = True
     # null: <data.out_dir>/reference_logps
     reference_cache_dir: str | None = None

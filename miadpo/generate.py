@@ -15,10 +15,10 @@ from omegaconf import DictConfig
 from peft import PeftModel
 
 from miadpo.config import config_dir, register_configs
-from miadpo.images import ImageOptions, load_image
-from miadpo.models import ModelAdapter, build_adapter
+from miadpo.data.images import ImageOptions, load_image
+from miadpo.models import ModelAdapter
+from miadpo.pipeline import prepare_model
 from miadpo.text import IMAGE_TOKEN
-from miadpo.toyworld.pipeline import ensure_toy_base
 
 register_configs()
 CONFIG_DIR = config_dir()
@@ -37,7 +37,7 @@ def with_image_markers(prompt: str, n_images: int) -> str:
 def answer(adapter: ModelAdapter, image_paths: Sequence[str], prompt: str, max_new_tokens: int = 64,
            do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
            image_options: ImageOptions | None = None) -> str:
-    """The model's answer; the images are loaded by ``miadpo.images`` (an unusable one raises ImageError naming
+    """The model's answer; the images are loaded by ``miadpo.data.images`` (an unusable one raises ImageError naming
     the file and the reason: missing, corrupt or not an image, truncated, too large)."""
     images = [load_image(Path(path), image_options) for path in image_paths]
     sample = adapter.encode(adapter.process_images(images), with_image_markers(prompt, len(images)))
@@ -47,9 +47,7 @@ def answer(adapter: ModelAdapter, image_paths: Sequence[str], prompt: str, max_n
 
 
 def load(cfg: DictConfig) -> ModelAdapter:
-    if cfg.model.name == "toy_llava" and cfg.model.path:
-        ensure_toy_base(cfg.model.path, Path(cfg.model.path).parent)
-    adapter = build_adapter(cfg.model)
+    adapter = prepare_model(cfg.model)  # runs model.prepare (the toy base is copied on first use)
     if cfg.adapter:
         if not (Path(cfg.adapter) / "adapter_config.json").is_file():
             raise FileNotFoundError(f"adapter={cfg.adapter!r} is not a peft adapter directory (no adapter_config.json)")

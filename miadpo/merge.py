@@ -18,6 +18,7 @@ from peft import PeftConfig, PeftModel
 from transformers import AutoConfig
 
 from miadpo.export import export_model
+from miadpo.models.internlm_xc25.checkpoint import is_xcomposer_directory, load_model
 
 
 def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base: str | None = None) -> Path:
@@ -37,8 +38,6 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base: str | None
 def load_base(path: Path) -> torch.nn.Module:
     """The base model of a directory: InternLM-XC2.5 (official or ours) through our checked loader, any other
     family through its transformers class."""
-    from miadpo.models.internlm_xc25.checkpoint import is_xcomposer_directory, load_model
-
     if is_xcomposer_directory(path):
         config = json.loads((path / "config.json").read_text())
         dtype = config.get("dtype") or config.get("torch_dtype") or "bfloat16"

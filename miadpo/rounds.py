@@ -24,9 +24,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from miadpo.data.jsonl import atomic_replace
 from miadpo.fingerprint import digest
-from miadpo.jsonl import atomic_replace
 from miadpo.merge import merge_adapter
+from miadpo.text import markdown_table
 
 log = logging.getLogger(__name__)
 ROUND_FILE = "round.json"
@@ -128,8 +129,5 @@ def write_rounds_table(run_dir: Path, records: list[dict[str, Any]]) -> None:
     columns, rows = rounds_table(records)
     (run_dir / "eval_rounds.json").write_text(json.dumps({"columns": columns, "rows": rows,
                                                           "rounds": records}, indent=1) + "\n")
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        cells = [row[0], str(row[1]), *[f"{v:.1f}" for v in row[2:-1]], f"{row[-1]:+.1f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    (run_dir / "eval_rounds.md").write_text("\n".join(lines) + "\n" if rows else "")
+    cells = [[row[0], row[1], *[f"{v:.1f}" for v in row[2:-1]], f"{row[-1]:+.1f}"] for row in rows]
+    (run_dir / "eval_rounds.md").write_text(markdown_table(columns, cells) + "\n" if rows else "")

@@ -21,15 +21,15 @@ from peft import PeftModel
 from torch.utils.data import DataLoader, Dataset
 
 from miadpo.config import OptimConfig, SFTDataConfig, config_dir, register_configs
-from miadpo.datamodule import split_train_val
+from miadpo.data.dataset import split_train_val
+from miadpo.data.images import ImageOptions, check_record_image
+from miadpo.data.jsonl import iter_raw_records
+from miadpo.data.pairs import BadRecord, BadRecordReport, ImageRoots, PairRecord, load_record_images
+from miadpo.dpo.optim import adamw_with_linear_schedule
 from miadpo.export import export_model
-from miadpo.images import ImageOptions, check_record_image
-from miadpo.jsonl import iter_raw_records
 from miadpo.lightning_setup import build_strategy, check_trainer_args
 from miadpo.models import build_adapter
 from miadpo.models.base import ModelAdapter
-from miadpo.module import adamw_with_linear_schedule
-from miadpo.pairs import BadRecord, BadRecordReport, ImageRoots, PairRecord, load_record_images
 from miadpo.text import IMAGE_TOKEN, image_marker_in
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ def read_sft_records(files: Sequence[str], roots: ImageRoots, report: BadRecordR
     """First turn of every record of every file, as (images, prompt, answer); bad records to ``report``.
 
     Each image is checked here, as the pair reader does: decoded (``check_images``; else only opened) by the loader
-    of ``miadpo.images``, so a missing, corrupt, truncated or (under ``on_large_image=skip``) too large image is a
+    of ``miadpo.data.images``, so a missing, corrupt, truncated or (under ``on_large_image=skip``) too large image is a
     bad record (file:line (id): reason) before training, not a crash mid-epoch."""
     records: list[PairRecord] = []
     for file in files:

@@ -16,6 +16,8 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from miadpo.text import markdown_table
+
 log = logging.getLogger(__name__)
 
 DEFAULT_COLUMNS = ("loss", "val/loss", "val/rewards/accuracies", "val/rewards/margins",
@@ -40,12 +42,10 @@ def summarise(sweep_dir: Path, columns: tuple[str, ...] = DEFAULT_COLUMNS) -> tu
     varying = sorted(k for k in keys if len({r.get(k) for r in rows}) > 1)  # the swept keys, one column each
     present = [c for c in columns if any(c in r for r in rows)]
     header = ["job", *varying, *present, "status"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
-        cells = [f"{row[c]:.4g}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in header]
-        lines.append("| " + " | ".join(cells) + " |")
+    cells = [[f"{row[c]:.4g}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in header]
+             for row in rows]
     path = sweep_dir / "summary.md"
-    path.write_text(f"# Sweep summary: {sweep_dir}\n\n" + "\n".join(lines) + "\n")
+    path.write_text(f"# Sweep summary: {sweep_dir}\n\n" + markdown_table(header, cells) + "\n")
     with (sweep_dir / "summary.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=[*header, "overrides"], extrasaction="ignore")
         writer.writeheader()

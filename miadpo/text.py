@@ -1,9 +1,10 @@
-"""Text conventions every stage shares: the image marker of prompts and answer normalisation."""
+"""Text conventions every stage shares: the image marker of prompts, answer normalisation and markdown tables."""
 
 from __future__ import annotations
 
 import re
 import string
+from collections.abc import Iterable, Sequence
 
 IMAGE_TOKEN = "<image>"  # one per image, in order, in every prompt miadpo reads or writes
 RELEASE_IMAGE_TOKEN = "<image-placeholder>"  # the official MIA-DPO release's marker
@@ -22,3 +23,15 @@ def image_marker_in(text: str) -> str | None:
 def normalise_answer(text: str) -> str:
     """Case, punctuation and whitespace removed, for "answer ≠ ground truth" and exact-match scoring."""
     return " ".join(_PUNCTUATION.sub(" ", text.lower()).split())
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    """A markdown table: the header line, the ``|---|---|`` line, one line per row; no trailing newline.
+
+    Each cell is written as ``str(cell)`` between single spaces (``| a | 1.5 |``): numbers are formatted by the
+    caller. A None cell is a blank one, ``| |``; an empty string keeps its two spaces, ``|  |``.
+    """
+    def line(cells: Sequence[object]) -> str:
+        return "|" + "".join(" |" if cell is None else f" {str(cell)} |" for cell in cells)
+
+    return "\n".join([line(header), "|" + "---|" * len(header), *(line(row) for row in rows)])

@@ -3,7 +3,7 @@ N-th JSONL line appended to a file named FILE, as a kill would end it (``os._exi
 no flush beyond the one each append does), with the exit status ``INTERRUPTED``.
 
 A deterministic interruption point for the "killed half-way, then resumed" tests: the stages append their output
-with ``miadpo.jsonl.append_jsonl``, patched here before the stage's modules import it."""
+with ``miadpo.data.jsonl.append_jsonl``, patched here before the stage's modules import it."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def interrupted_command(module: str, name: str, after: int) -> list[str]:
 def main() -> None:
     module, name, limit, *args = sys.argv[1:]
     del sys.path[0]  # this folder: the stage runs as ``python -m`` would run it
-    import miadpo.jsonl as jsonl
+    import miadpo.data.jsonl as jsonl
 
     append = jsonl.append_jsonl
     written = 0

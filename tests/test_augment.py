@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from miadpo.augment import GRID_LAYOUTS, PIP_PHRASES, Planner, compose_grid, compose_pip, read_llava_source
+from miadpo.augment.datamodule import AugmentedRecordsDataModule
 from miadpo.augment.formats import (
     grid_conversations,
     has_bbox,
@@ -28,8 +29,7 @@ from miadpo.augment.formats import (
 )
 from miadpo.augment.runner import RECORDS_FILE, SKIPPED_FILE, run_augmentation
 from miadpo.config import DataConfig, GridAugmentConfig
-from miadpo.datamodule import AugmentedRecordsDataModule
-from miadpo.pairs import BadRecordError, BadRecordReport, ImageRoots
+from miadpo.data.pairs import BadRecordError, BadRecordReport, ImageRoots
 
 PHOTOS = ["astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field", "coins",
           "moon", "page", "clock", "brick", "colorwheel", "camera", "grass", "gravel", "retina"]
@@ -357,7 +357,7 @@ def test_datamodule_runs_augmentation_when_output_is_missing(tmp_path: Path) -> 
 
 def test_single_format_keeps_the_source_question_as_a_single_image_prompt(tmp_path: Path) -> None:
     """data.formats.single: the record as LLaVA asks it (one image, `<image>` leading the first turn)."""
-    from miadpo.evaluate import llava_items
+    from miadpo.eval.items import llava_items
     from miadpo.select.candidates import selection_inputs
 
     source = write_source(tmp_path, n_generated=3)

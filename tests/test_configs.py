@@ -144,6 +144,14 @@ def expected(entry: str, overrides: tuple[str, ...], before: Any, recorded: dict
             after["optim"] = raw["adamw"]
     if entry == "augment" and data == "synthetic":
         return {"__error__": "ConfigCompositionException"}  # as select data=synthetic above
+    # Recipes name their preparation steps (issue 17: no entry point branches on a config name): the toy base is
+    # copied by model.prepare=toy_base (was: model.name == "toy_llava"); the toy splits by data.prepare=toy_world
+    # (was: data.name == "toy"); pairs are drawn (synthetic) or selected (a source recipe) by data.prepare.
+    if isinstance(after.get("model"), dict):
+        after["model"]["prepare"] = "toy_base" if after["model"].get("name") == "toy_llava" else "none"
+    if isinstance(after.get("data"), dict) and entry not in ("sft",):
+        after["data"]["prepare"] = {"toy": "toy_world", "synthetic": "synthetic"}.get(after["data"].get("name"),
+                                                                                     "select")
     return after
 
 
@@ -177,9 +185,13 @@ def test_every_composition_is_unchanged_but_for_the_intended_changes(entry: str,
 
 def test_the_recipes_that_matter_compose_exactly_as_before(fixture: dict[str, Any], hydra_context) -> None:
     """The default train (toy world), the tests' default job and the paper's experiment: no difference at all,
-    their optimizer included."""
+    their optimizer included, besides the preparation steps the recipes now name (checked here too)."""
+    preparations = {(): ("toy_base", "toy_world"), tuple(TEST_DEFAULTS): ("none", "synthetic"),
+                    ("experiment=mia_dpo_internlm_xc25",): ("none", "select")}
     for entry, overrides in UNCHANGED:
-        assert composed(entry, overrides) == fixture["configs"][key(entry, overrides)], key(entry, overrides)
+        now = composed(entry, overrides)
+        assert (now["model"].pop("prepare"), now["data"].pop("prepare")) == preparations[tuple(overrides)]
+        assert now == fixture["configs"][key(entry, overrides)], key(entry, overrides)
     assert composed("train", TEST_DEFAULTS)["optim"]["lr"] == 1.0e-3  # tiny
     assert composed("train", ["experiment=mia_dpo_internlm_xc25"])["optim"]["lr"] == 5.0e-5  # the paper's
     assert composed("train", [])["optim"]["lr"] == 5.0e-4  # the toy recipe's

@@ -7,8 +7,9 @@ import pytest
 from conftest import good_record
 
 from miadpo.config import DataConfig, TooLongPolicy
-from miadpo.datamodule import PairDataModule, apply_length_guard, split_train_val
-from miadpo.pairs import BadRecordError, ImageRoots, PairRecord
+from miadpo.data.dataset import PairDataModule, apply_length_guard, split_train_val
+from miadpo.data.pairs import BadRecordError, ImageRoots, PairRecord
+from miadpo.dpo.forward import ConcatenatedPairForward
 
 
 def data_config(tmp_path: Path, pairs: Path, **overrides) -> DataConfig:
@@ -17,17 +18,22 @@ def data_config(tmp_path: Path, pairs: Path, **overrides) -> DataConfig:
     return DataConfig(**{**values, **overrides})
 
 
+def pair_datamodule(cfg: DataConfig, adapter) -> PairDataModule:
+    """The DataModule batching as the plain DPO forward reads (one padded batch of chosen then rejected rows)."""
+    return PairDataModule(cfg, adapter, ConcatenatedPairForward(adapter).collate)
+
+
 def test_batches_mix_image_counts(adapter, tmp_path: Path, pair_files) -> None:
     records = [good_record(tmp_path, i, n_images=n) for i, n in enumerate([1, 3, 5, 2])]
-    module = PairDataModule(data_config(tmp_path, pair_files(records)), adapter)
+    module = pair_datamodule(data_config(tmp_path, pair_files(records)), adapter)
     module.setup("fit")
     batch = next(iter(module.train_dataloader()))
-    inputs = batch["inputs"]
-    assert batch["num_pairs"] == 4 and inputs["input_ids"].shape[0] == 8
+    inputs = batch.inputs
+    assert batch.num_pairs == 4 and inputs["input_ids"].shape[0] == 8
     assert inputs["pixel_values"].shape[0] == 2 * (1 + 3 + 5 + 2)
     image_tokens = (inputs["input_ids"] == adapter.image_token_id).sum(1).tolist()
     by_id = {r["id"]: len(r["images"]) * 16 for r in records}
-    assert image_tokens == [by_id[i] for i in batch["ids"]] * 2
+    assert image_tokens == [by_id[i] for i in batch.ids] * 2
 
 
 def long_record(tmp_path: Path, index: int, answer_words: int) -> dict:
@@ -43,7 +49,7 @@ def test_too_long_multi_image_pair_is_truncated_or_skipped(adapter, tmp_path: Pa
     prompt_len, _ = adapter.count_tokens(records[-1]["prompt"], "x", [(32, 32)] * 5)
     max_length = prompt_len + 20  # the short pairs fit; the long answer does not; 5 × 16 image tokens do
     cfg = data_config(tmp_path, pair_files(records), max_length=max_length, on_too_long=policy)
-    module = PairDataModule(cfg, adapter)
+    module = pair_datamodule(cfg, adapter)
     with caplog.at_level(logging.WARNING):
         module.setup("fit")
     ids = [r.id for r in module.train_set.records]
@@ -53,8 +59,8 @@ def test_too_long_multi_image_pair_is_truncated_or_skipped(adapter, tmp_path: Pa
     else:
         assert ids == ["pair-0", "pair-1", "pair-2", "pair-9"] and module.guard.truncated == ["pair-9"]
         item = module.train_set[3]
-        assert item["chosen"].input_ids.numel() == max_length
-        assert len(item["chosen"].image_spans) == 5 and item["chosen"].answer_length == 20
+        assert item.chosen.input_ids.numel() == max_length
+        assert len(item.chosen.image_spans) == 5 and item.chosen.answer_length == 20
 
 
 def test_prompt_longer_than_max_length_is_always_skipped(adapter, tmp_path: Path) -> None:
@@ -67,13 +73,13 @@ def test_prompt_longer_than_max_length_is_always_skipped(adapter, tmp_path: Path
 
 def test_bad_records_are_skipped_and_counted_by_the_datamodule(adapter, tmp_path: Path, pair_files) -> None:
     records = [good_record(tmp_path, i) for i in range(4)] + ['{"id": "bad"']
-    module = PairDataModule(data_config(tmp_path, pair_files(records)), adapter)
+    module = pair_datamodule(data_config(tmp_path, pair_files(records)), adapter)
     module.setup("fit")
     assert len(module.train_set) == 4 and len(module.report.bad) == 1
 
 
 def test_only_bad_records_stop_the_run(adapter, tmp_path: Path, pair_files) -> None:
-    module = PairDataModule(data_config(tmp_path, pair_files(["{", "[]"])), adapter)
+    module = pair_datamodule(data_config(tmp_path, pair_files(["{", "[]"])), adapter)
     with pytest.raises(BadRecordError, match="2 of 2 records are bad"):
         module.setup("fit")
 
@@ -88,7 +94,7 @@ def test_split_is_deterministic_and_disjoint() -> None:
 
 
 def test_source_recipe_without_pairs_says_what_to_do(adapter, tmp_path: Path) -> None:
-    module = PairDataModule(DataConfig(name="grid", source="llava.json"), adapter)
+    module = pair_datamodule(DataConfig(name="grid", source="llava.json"), adapter)
     with pytest.raises(ValueError, match="data.pairs"):
-        module.prepare_data()
+        module.setup("fit")
 

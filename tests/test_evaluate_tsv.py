@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from miadpo.evaluate import EvalItem, option_letter, score, tsv_items
+from miadpo.eval.items import EvalItem, tsv_items
+from miadpo.eval.scoring import option_letter, score
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 PROMPT_END = "Please select the correct answer from the options above. \n"
@@ -45,7 +46,7 @@ def test_vlmevalkit_tsv_with_several_images(tmp_path: Path) -> None:
     items = tsv_items(path)
     assert len(items[0].images) == 2 and items[0].prompt.startswith("<image>\n<image>\nQuestion: Which image is red?")
     assert "C. blue" in items[1].prompt and items[0].options == {"A": "the first", "B": "the second"}
-    table = score(items, ["A", "(B) green"], None)
+    table = score(items, ["A", "(B) green"])
     assert table["tsv:bench"] == {"n": 2, "accuracy": 50.0}
     assert option_letter("blue", items[1].options) == "C" and option_letter("no idea", items[1].options) is None
 
@@ -93,7 +94,7 @@ def test_circular_dataset_scored_per_group(tmp_path: Path) -> None:
             rotation(1000002, "A", "colour"), rotation(2000002, "B", "shape")]
     predictions = ["A", "The answer is B", "C", "A", "C"]
     items = tsv_items(write_tsv(tmp_path / "MMBench_DEV_EN.tsv", rows))
-    table = score(items, predictions, None)
+    table = score(items, predictions)
     assert table["tsv:MMBench_DEV_EN"] == {"n": 2, "accuracy": 50.0, "row accuracy": 80.0}
     assert [item.circular_group for item in items] == ["1", "1", "2", "2", "2"]
     assert table["tsv:MMBench_DEV_EN/colour"] == {"n": 1, "accuracy": 100.0, "row accuracy": 100.0}
@@ -101,11 +102,11 @@ def test_circular_dataset_scored_per_group(tmp_path: Path) -> None:
     assert table["tsv:MMBench_DEV_EN/perception"]["n"] == 2
     # Without a circular name VLMEvalKit scores every row on its own, large indices or not.
     plain = tsv_items(write_tsv(tmp_path / "bench.tsv", rows))
-    assert score(plain, predictions, None)["tsv:bench"] == {"n": 5, "accuracy": 80.0}
+    assert score(plain, predictions)["tsv:bench"] == {"n": 5, "accuracy": 80.0}
     # A g_index column names the groups itself.
     grouped = [dict(row, index=i, g_index=g) for row, i, g in zip(rows, [5, 6, 7, 8, 9], [5, 5, 7, 7, 7])]
     items = tsv_items(write_tsv(tmp_path / "BLINK_circular.tsv", grouped))
-    assert score(items, predictions, None)["tsv:BLINK_circular"]["accuracy"] == 50.0
+    assert score(items, predictions)["tsv:BLINK_circular"]["accuracy"] == 50.0
 
 
 def test_inline_image_markers_are_used_in_place(tmp_path: Path) -> None:
@@ -167,7 +168,7 @@ def test_options_beyond_f_and_numbered_image_references(tmp_path: Path) -> None:
     # An open MMMU question: no options in the prompt, scored as A = the answer, B = "Other Answers".
     assert open_question.prompt == "Question: How many sides? <image>\n" and colours(open_question) == [RED]
     assert open_question.options == {"A": "6", "B": "Other Answers"} and open_question.answer == "A"
-    table = score([mcq, open_question], ["The answer is G", "It has 6 sides."], None)
+    table = score([mcq, open_question], ["The answer is G", "It has 6 sides."])
     assert table["tsv:MMMU_DEV_VAL"] == {"n": 2, "accuracy": 100.0}
     bad = write_tsv(tmp_path / "bad.tsv", [{"index": 1, "question": "See <image 4>", "A": "a", "B": "b",
                                             "answer": "A", "image": three}])
@@ -198,7 +199,7 @@ def test_category_and_split_groups(tmp_path: Path) -> None:
              "split": split, "image": image_b64(RED)}
             for i, (category, split) in enumerate([("colour", "dev"), ("colour", "val"), ("count", "val")])]
     items = tsv_items(write_tsv(tmp_path / "bench.tsv", rows))
-    table = score(items, ["A", "B", "A"], None)
+    table = score(items, ["A", "B", "A"])
     assert table["tsv:bench"]["n"] == 3
     assert table["tsv:bench/colour"] == {"n": 2, "accuracy": 50.0}
     assert table["tsv:bench/count"] == {"n": 1, "accuracy": 100.0}

@@ -8,11 +8,12 @@ import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from miadpo.batch import PairCollator
 from miadpo.config import DPOConfig, FastPathConfig, OptimConfig
+from miadpo.data.dataset import EncodedPair
+from miadpo.dpo.batch import PairBatch
+from miadpo.dpo.forward import ConcatenatedPairForward, SharedPrefixPairForward, shared_image_features
+from miadpo.dpo.module import DPOModule
 from miadpo.models import build_adapter
-from miadpo.module import DPOModule
-from miadpo.pair_forward import ConcatenatedPairForward, SharedPrefixPairForward, shared_image_features
 from miadpo.train import CONFIG_DIR
 
 FAMILIES = ["tiny_llava", "tiny_qwen2_vl", "tiny_internvl", "tiny_idefics3", "tiny_llava_onevision",
@@ -33,19 +34,19 @@ def adapter_for(name: str, **overrides):
     return adapter
 
 
-def pairs(adapter, image_counts: list[int]) -> list[dict]:
+def pairs(adapter, image_counts: list[int]) -> list[EncodedPair]:
     items = []
     for i, n in enumerate(image_counts):
         rng = np.random.default_rng(i)
         images = adapter.process_images([Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
                                          for w, h in SIZES[:n]])
         prompt = "".join(f"Image{k}: <image>\n" for k in range(1, n + 1)) + f"What is in Image{1 + i % n}?"
-        items.append({"id": f"p{i}", "chosen": adapter.encode(images, prompt, "a red square " * (1 + i % 3)),
-                      "rejected": adapter.encode(images, prompt, "blue")})
+        items.append(EncodedPair(f"p{i}", adapter.encode(images, prompt, "a red square " * (1 + i % 3)),
+                                 adapter.encode(images, prompt, "blue")))
     return items
 
 
-def step(module: DPOModule, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def step(module: DPOModule, batch: PairBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     module.policy.zero_grad()
     loss = module.training_step(batch, 0)
     loss.backward()
@@ -58,10 +59,9 @@ def test_shared_prefix_equals_the_plain_path(name: str, image_counts: list[int])
     adapter = adapter_for(name)
     items = pairs(adapter, image_counts)
     dpo = DPOConfig(sft_weight=0.5)
-    plain = DPOModule(adapter, dpo, OptimConfig(), pair_forward=ConcatenatedPairForward())
+    plain = DPOModule(adapter, dpo, OptimConfig(), pair_forward=ConcatenatedPairForward(adapter))
     fast = DPOModule(adapter, dpo, OptimConfig(), pair_forward=SharedPrefixPairForward(adapter))
-    plain_batch = PairCollator(adapter, "concatenated")(items)
-    fast_batch = PairCollator(adapter, "shared_prefix")(items)
+    plain_batch, fast_batch = plain.pair_forward.collate(items), fast.pair_forward.collate(items)
     a, b = plain.policy_logps(plain_batch), fast.policy_logps(fast_batch)
     assert torch.equal(a.chosen_tokens, b.chosen_tokens) and torch.equal(a.rejected_tokens, b.rejected_tokens)
     assert torch.allclose(a.chosen, b.chosen, atol=1e-5, rtol=1e-6)
@@ -79,7 +79,7 @@ def test_shared_prefix_equals_the_plain_path(name: str, image_counts: list[int])
 @pytest.mark.parametrize("name", ["tiny_llava", "tiny_qwen2_vl", "tiny_idefics3", "tiny_internlm_xc25"])
 def test_shared_image_features_run_the_tower_once_and_change_nothing(name: str) -> None:
     adapter = adapter_for(name)
-    batch = PairCollator(adapter, "shared_prefix")(pairs(adapter, [2, 3]))
+    batch = SharedPrefixPairForward(adapter).collate(pairs(adapter, [2, 3]))
     tower = adapter.module_groups()["vision_tower"]
     calls = []
     handle = tower.register_forward_hook(lambda *_: calls.append(1))

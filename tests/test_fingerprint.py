@@ -9,7 +9,7 @@ from pathlib import Path
 from miadpo.config import SyntheticConfig
 from miadpo.fingerprint import digest, file_sha1
 from miadpo.select.stage import _digest as selection_digest
-from miadpo.synthetic import _fingerprint as synthetic_fingerprint
+from miadpo.toyworld.synthetic import _fingerprint as synthetic_fingerprint
 
 VALUE = {"b": [1, 2.5, "x"], "a": {"c": None, "d": True}}
 

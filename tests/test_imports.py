@@ -5,6 +5,7 @@ code imports no data code."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 from conftest import REPO
@@ -12,27 +13,24 @@ from conftest import REPO
 PACKAGE = REPO / "miadpo"
 # Layers in pipeline order: a module may import its own layer and the ones above it, never one below.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("foundations", ("miadpo", "miadpo.config", "miadpo.text", "miadpo.jsonl", "miadpo.locks", "miadpo.fingerprint",
-                     "miadpo.templates", "miadpo.lightning_setup")),
-    ("pair record and images", ("miadpo.images", "miadpo.pairs")),
+    ("foundations", ("miadpo", "miadpo.config", "miadpo.text", "miadpo.fingerprint", "miadpo.locks",
+                     "miadpo.lightning_setup")),
     ("models", ("miadpo.models",)),
-    ("export", ("miadpo.export",)),
-    ("data sources", ("miadpo.toyworld.scenes",)),
+    ("data", ("miadpo.data",)),
+    ("toy scenes", ("miadpo.toyworld.scenes",)),
     ("augment", ("miadpo.augment",)),
-    ("synthetic pairs", ("miadpo.synthetic",)),
+    ("synthetic pairs", ("miadpo.toyworld.synthetic",)),
     ("select", ("miadpo.select",)),
-    ("DPO batch", ("miadpo.batch",)),
-    ("training data", ("miadpo.datamodule", "miadpo.data_report")),
-    ("pair forward", ("miadpo.pair_forward",)),
-    ("losses", ("miadpo.losses",)),
-    ("reference cache", ("miadpo.reference_cache",)),
-    ("DPO module", ("miadpo.module", "miadpo.callbacks")),
-    ("entry points and recipes", ("miadpo.evaluate", "miadpo.sft", "miadpo.merge", "miadpo.rounds", "miadpo.sweep",
-                                  "miadpo.generate", "miadpo.toyworld", "miadpo.train", "miadpo.models.verify",
-                                  "miadpo.augment.__main__", "miadpo.select.__main__")),
+    ("export", ("miadpo.export",)),
+    ("dpo", ("miadpo.dpo",)),
+    ("eval", ("miadpo.eval",)),
+    ("toy error classes", ("miadpo.toyworld.errors",)),
+    ("pipeline and entry points", ("miadpo.pipeline", "miadpo.train", "miadpo.evaluate", "miadpo.sft", "miadpo.merge",
+                                   "miadpo.rounds", "miadpo.sweep", "miadpo.generate", "miadpo.toyworld",
+                                   "miadpo.models.verify", "miadpo.augment.__main__", "miadpo.select.__main__")),
 ]
 # Model code may use only these (no pair records, images, datasets or stages).
-MODEL_MAY_IMPORT = ("miadpo.config", "miadpo.text", "miadpo.templates", "miadpo.fingerprint", "miadpo.models")
+MODEL_MAY_IMPORT = ("miadpo.config", "miadpo.text", "miadpo.models.templates", "miadpo.fingerprint", "miadpo.models")
 
 
 def module_name(path: Path) -> str:
@@ -51,21 +49,31 @@ def layer_of(module: str) -> int:
     return max(matches)[1]
 
 
-def imports_of(module: str) -> set[str]:
-    """The package modules ``module`` imports anywhere in its file (functions included)."""
-    path = MODULES[module]
+def package_imports(source: str, module: str, is_package: bool = False, local_only: bool = False) -> set[str]:
+    """The package modules imported anywhere in ``source`` (the text of ``module``), functions included;
+    ``local_only``: only the imports inside a function."""
+    tree = ast.parse(source)
+    nodes = ast.walk(tree)
+    if local_only:
+        functions = [f for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))]
+        nodes = (n for f in functions for n in ast.walk(f))
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in nodes:
         if isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names if alias.name.startswith("miadpo")}
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                package = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
+                package = module.split(".") if is_package else module.split(".")[:-1]
                 base = ".".join(package[: len(package) - node.level + 1] + ([base] if base else []))
             if base.startswith("miadpo"):
                 found |= {f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base for a in node.names}
     return found - {module}
+
+
+def imports_of(module: str, local_only: bool = False) -> set[str]:
+    path = MODULES[module]
+    return package_imports(path.read_text(), module, path.name == "__init__.py", local_only)
 
 
 GRAPH = {module: imports_of(module) for module in MODULES}
@@ -107,7 +115,60 @@ def test_model_code_imports_no_data_code() -> None:
 
 def test_the_checker_sees_backward_and_local_imports(tmp_path: Path) -> None:
     """The walk finds imports inside functions and in package __init__ files (the rules cannot pass vacuously)."""
-    assert "miadpo.evaluate" in GRAPH["miadpo.train"]  # module level
-    assert "miadpo.models.internlm_xc25.checkpoint" in GRAPH["miadpo.merge"]  # inside a function
+    assert "miadpo.pipeline" in GRAPH["miadpo.train"]  # module level
+    local = "def load():\n    from miadpo.models.internlm_xc25.checkpoint import load_model\n"
+    assert package_imports(local, "miadpo.merge", local_only=True) == {"miadpo.models.internlm_xc25.checkpoint"}
     assert "miadpo.augment.runner" in GRAPH["miadpo.augment"]  # a package __init__
     assert layer_of("miadpo.select.stage") > layer_of("miadpo.augment.runner")
+
+
+def test_no_function_local_import_of_package_code() -> None:
+    """Every package import is at module level, where the layer and cycle checks above see the real graph: no
+    import is hidden in a function to break a cycle (heavy optional dependencies are third-party, not ours)."""
+    local = {m: sorted(imports_of(m, local_only=True)) for m in MODULES}
+    assert not {m: t for m, t in local.items() if t}
+
+
+def modules_in(text: str) -> set[str]:
+    """``"base (the interface), tiny"`` → {"base", "tiny"}: the first word of each comma-separated item."""
+    return {item.split()[0] for item in text.split(",") if item.strip()}
+
+
+def readme_layout() -> dict[str, set[str]]:
+    """The README's Layout block: each entry under ``miadpo/`` → the names listed for it (a package's modules).
+
+    An entry line is indented two spaces: its names (``x.py``, ``pkg/``; several entry points share a line), then
+    two or more spaces and the description — for a package, its modules, continued on deeper-indented lines."""
+    block = (REPO / "README.md").read_text().split("## Layout", 1)[1].split("```")[1]
+    listed: dict[str, set[str]] = {}
+    package = None
+    for line in block.splitlines():
+        if line.startswith("    "):  # a package's description, continued
+            if package:
+                listed[package] |= modules_in(line)
+        elif line.startswith("  "):
+            names, description = (re.split(r"\s{2,}", line.strip(), maxsplit=1) + [""])[:2]
+            package = None
+            for name in names.split():
+                listed[name] = set()
+                if name.endswith("/"):
+                    package = name
+                    listed[name] = modules_in(description)
+        else:
+            package = None
+    return listed
+
+
+def test_the_readme_layout_matches_the_tree() -> None:
+    """Every module and package of miadpo/ is in the README's Layout, every listed one exists, and a package's
+    listed modules are exactly its files."""
+    listed = readme_layout()
+    top = {p.name + ("/" if p.is_dir() else "") for p in PACKAGE.iterdir()
+           if p.name != "__pycache__" and (p.is_dir() or p.suffix == ".py")}
+    assert set(listed) == top
+    for entry, names in listed.items():
+        if entry.endswith("/"):
+            directory = PACKAGE / entry
+            actual = {p.stem for p in directory.glob("*.py") if p.stem != "__init__"}
+            actual |= {p.name + "/" for p in directory.iterdir() if p.is_dir() and p.name != "__pycache__"}
+            assert names == actual, f"README Layout, {entry}: lists {sorted(names)}, the tree has {sorted(actual)}"

@@ -14,7 +14,7 @@ from test_zoo import model_cfg
 from torch.nn import functional as F
 
 from miadpo.models.internlm_xc25.hd import HDImageProcessor, hd_geometry, hd_image, hd_layout
-from miadpo.templates import get_template
+from miadpo.models.templates import get_template
 
 # (size, hd_num) → (resized, padded, rows, cols, tokens), worked out by hand from the scheme:
 # tokens = 400·(rows·cols + 1) + 1 + 20·(rows + 1).

@@ -14,9 +14,9 @@ from PIL import Image
 from test_zoo import model_cfg
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+from miadpo.data.pairs import BadRecordReport, ImageRoots, read_pairs
 from miadpo.merge import merge_adapter
 from miadpo.models import build_adapter
-from miadpo.pairs import BadRecordReport, ImageRoots, read_pairs
 from miadpo.select.stage import write_exports
 from miadpo.train import train
 

@@ -12,9 +12,9 @@ import math
 import pytest
 import torch
 
-from miadpo.batch import PairLogps
 from miadpo.config import DPOConfig, LossType
-from miadpo.losses import build_loss, rewards
+from miadpo.dpo.batch import PairLogps
+from miadpo.dpo.losses import build_loss, rewards
 
 POLICY = PairLogps(torch.tensor([-4.0]), torch.tensor([-6.0]), torch.tensor([2]), torch.tensor([3]))
 REFERENCE = PairLogps(torch.tensor([-5.0]), torch.tensor([-5.0]), torch.tensor([2]), torch.tensor([3]))

@@ -9,30 +9,30 @@ from conftest import PROMPT_HEADERS, colour_image
 from peft import PeftModel
 from torch.utils.data import DataLoader
 
-from miadpo.batch import PairCollator
 from miadpo.config import DPOConfig, OptimConfig
+from miadpo.data.dataset import EncodedPair
+from miadpo.dpo.batch import ConcatenatedBatch
+from miadpo.dpo.forward import ConcatenatedPairForward, answer_logps
+from miadpo.dpo.module import DPOModule
 from miadpo.models import IGNORE_INDEX
-from miadpo.module import DPOModule
-from miadpo.pair_forward import answer_logps
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 70, 220), "yellow": (240, 210, 20),
            "purple": (140, 50, 180)}
 
 
-def pair_item(adapter, n_images: int, index: int) -> dict:
+def pair_item(adapter, n_images: int, index: int) -> EncodedPair:
     names = list(COLOURS)
     colours = [names[(index + k) % len(names)] for k in range(n_images)]
     images = adapter.process_images([colour_image((48 + 8 * k, 48), COLOURS[c]) for k, c in enumerate(colours)])
     target = 1 + index % n_images
     prompt = PROMPT_HEADERS[n_images] + f"In Image{target}, what colour is the square?"
     wrong = colours[target % n_images] if n_images > 1 else "black"
-    return {"id": f"p{index}",
-            "chosen": adapter.encode(images, prompt, f"The square is {colours[target - 1]}."),
-            "rejected": adapter.encode(images, prompt, f"The square is {wrong} and large.")}
+    return EncodedPair(f"p{index}", adapter.encode(images, prompt, f"The square is {colours[target - 1]}."),
+                       adapter.encode(images, prompt, f"The square is {wrong} and large."))
 
 
-def batch_of(adapter, image_counts: list[int]) -> dict:
-    return PairCollator(adapter)([pair_item(adapter, n, i) for i, n in enumerate(image_counts)])
+def batch_of(adapter, image_counts: list[int]) -> ConcatenatedBatch:
+    return ConcatenatedPairForward(adapter).collate([pair_item(adapter, n, i) for i, n in enumerate(image_counts)])
 
 
 def direct_logp(model, sample) -> float:
@@ -52,13 +52,13 @@ def test_summed_answer_logps_match_a_direct_per_token_computation(adapter) -> No
     module = DPOModule(adapter, DPOConfig(), OptimConfig())
     counts = [1, 3, 5]
     items = [pair_item(adapter, n, i) for i, n in enumerate(counts)]
-    batch = PairCollator(adapter)(items)
+    batch = ConcatenatedPairForward(adapter).collate(items)
     with torch.no_grad():
         logps = module.policy_logps(batch)
     for row, item in enumerate(items):
-        assert logps.chosen[row].item() == pytest.approx(direct_logp(adapter.model, item["chosen"]), abs=1e-4)
-        assert logps.rejected[row].item() == pytest.approx(direct_logp(adapter.model, item["rejected"]), abs=1e-4)
-        assert logps.chosen_tokens[row].item() == item["chosen"].answer_length
+        assert logps.chosen[row].item() == pytest.approx(direct_logp(adapter.model, item.chosen), abs=1e-4)
+        assert logps.rejected[row].item() == pytest.approx(direct_logp(adapter.model, item.rejected), abs=1e-4)
+        assert logps.chosen_tokens[row].item() == item.chosen.answer_length
 
 
 def test_prompt_and_image_positions_contribute_nothing() -> None:
@@ -108,7 +108,7 @@ def test_thirty_steps_on_fixed_pairs_reach_full_accuracy(adapter, tmp_path: Path
     adapter.prepare_for_training()
     module = DPOModule(adapter, DPOConfig(beta=0.1), OptimConfig(lr=5e-3, warmup_ratio=0.0))
     items = [pair_item(adapter, n, i) for i, n in enumerate([2, 3, 4, 2])]
-    loader = DataLoader(items, batch_size=4, collate_fn=PairCollator(adapter))
+    loader = DataLoader(items, batch_size=4, collate_fn=ConcatenatedPairForward(adapter).collate)
     batch = next(iter(loader))
     before = module.reference_logps(batch)
     trainer = L.Trainer(max_steps=30, accelerator="cpu", logger=False, enable_checkpointing=False,

@@ -9,7 +9,7 @@ from conftest import good_record
 from reliability import case
 
 from miadpo.config import BadRecordPolicy
-from miadpo.pairs import BadRecordError, BadRecordReport, ImageRoots, PairRecord, read_pairs, write_pairs
+from miadpo.data.pairs import BadRecordError, BadRecordReport, ImageRoots, PairRecord, read_pairs, write_pairs
 
 
 def roots(tmp_path: Path) -> ImageRoots:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import compose_train
 
-from miadpo.module import DPOModule
+from miadpo.dpo.module import DPOModule
 from miadpo.train import train
 
 FAST = ["trainer.max_steps=4", "data.synthetic.num_pairs=16", "data.batch_size=4", "data.val_fraction=0.25"]

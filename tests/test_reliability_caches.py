@@ -23,9 +23,9 @@ from test_augment import PHOTOS, TWO_TURNS, data_config, write_source
 from miadpo.augment import runner
 from miadpo.augment.runner import RECORDS_FILE, SKIPPED_FILE, SUMMARY_FILE, run_augmentation
 from miadpo.config import DataConfig, SelectionConfig
+from miadpo.data.pairs import BadRecordError
+from miadpo.dpo.reference_cache import ReferenceCache, fill_reference_cache, model_key
 from miadpo.models import build_adapter
-from miadpo.pairs import BadRecordError
-from miadpo.reference_cache import ReferenceCache, fill_reference_cache, model_key
 from miadpo.select import stage as stage_module
 from miadpo.select.stage import CANDIDATES_FILE, candidates_identity, run_selection
 
@@ -47,18 +47,24 @@ class KeyedPairs(torch.utils.data.Dataset):
         return self.keys[index]
 
 
-def collate(keys: list[str]) -> dict[str, Any]:
-    return {"keys": list(keys), "num_pairs": len(keys)}
+class FakeForward:
+    """A pair forward over keys alone: log-probs computed from each key's number."""
+
+    def collate(self, keys: list[str]) -> SimpleNamespace:
+        return SimpleNamespace(keys=list(keys), num_pairs=len(keys))
+
+    def __call__(self, reference: torch.nn.Module, batch: SimpleNamespace) -> SimpleNamespace:
+        values = torch.tensor([float(int(key[1:])) for key in batch.keys])
+        return SimpleNamespace(chosen=-values, rejected=-2 * values, chosen_tokens=values + 1,
+                               rejected_tokens=values + 2)
 
 
-def fake_forward(reference: torch.nn.Module, batch: dict[str, Any]) -> SimpleNamespace:
-    values = torch.tensor([float(int(key[1:])) for key in batch["keys"]])
-    return SimpleNamespace(chosen=-values, rejected=-2 * values, chosen_tokens=values + 1, rejected_tokens=values + 2)
+fake_forward = FakeForward()
 
 
-def fill(directory: Path, keys: list[str], forward: Callable[..., Any] = fake_forward, rank: int = 0) -> int:
+def fill(directory: Path, keys: list[str], forward: FakeForward = fake_forward, rank: int = 0) -> int:
     cache = ReferenceCache(directory, rank=rank)
-    return fill_reference_cache(cache, [KeyedPairs(keys)], torch.nn.Linear(1, 1), forward, collate, batch_size=2)
+    return fill_reference_cache(cache, [KeyedPairs(keys)], torch.nn.Linear(1, 1), forward, batch_size=2)
 
 
 def cache_rows(directory: Path) -> list[str]:
@@ -329,11 +335,12 @@ def hold_selection(tmp_path: Path) -> None:
 def hold_reference(tmp_path: Path) -> None:
     hook = block_at(tmp_path, 2)
 
-    def slow(reference: torch.nn.Module, batch: dict[str, Any]) -> Any:
-        hook()
-        return fake_forward(reference, batch)
+    class Slow(FakeForward):
+        def __call__(self, reference: torch.nn.Module, batch: SimpleNamespace) -> SimpleNamespace:
+            hook()
+            return super().__call__(reference, batch)
 
-    fill(tmp_path / "ref", [f"k{i}" for i in range(6)], slow)
+    fill(tmp_path / "ref", [f"k{i}" for i in range(6)], Slow())
 
 
 HOLDERS = {"augment": hold_augment, "selection": hold_selection, "reference": hold_reference}

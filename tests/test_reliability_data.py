@@ -16,7 +16,7 @@ from test_augment import PHOTOS, TWO_TURNS, write_source
 
 from miadpo.augment import read_llava_source
 from miadpo.config import BadRecordPolicy, DataConfig, EvalConfig, SelectionConfig, SFTDataConfig
-from miadpo.pairs import BadRecordError, BadRecordReport, ImageRoots, read_pairs
+from miadpo.data.pairs import BadRecordError, BadRecordReport, ImageRoots, read_pairs
 from miadpo.select.rules import KEPT, select_pairs
 
 BOM = b"\xef\xbb\xbf"

@@ -1,4 +1,4 @@
-"""Images: one loader (``miadpo.images``) with every rule, and unusable images as bad records in every stage
+"""Images: one loader (``miadpo.data.images``) with every rule, and unusable images as bad records in every stage
 (training, SFT, selection, evaluation, generate)."""
 
 from __future__ import annotations
@@ -14,13 +14,15 @@ from omegaconf import OmegaConf
 from PIL import Image
 from reliability import case
 
-from miadpo import evaluate, images
+from miadpo import evaluate
 from miadpo.augment.formats import sequence_conversations
 from miadpo.config import DataConfig, EvalJobConfig, SelectionConfig, SFTDataConfig
-from miadpo.datamodule import PairDataModule, PairDataset
-from miadpo.evaluate import llava_items, tsv_items
+from miadpo.data import images
+from miadpo.data.dataset import PairDataModule, PairDataset
+from miadpo.data.pairs import BadRecordError, BadRecordReport, ImageRoots, PairRecord
+from miadpo.dpo.forward import ConcatenatedPairForward
+from miadpo.eval.items import llava_items, tsv_items
 from miadpo.generate import answer
-from miadpo.pairs import BadRecordError, BadRecordReport, ImageRoots, PairRecord
 from miadpo.select.candidates import CandidateGenerator, SelectionInput, selection_inputs
 from miadpo.sft import SFTDataset, read_sft_records, sft_loaders
 
@@ -130,7 +132,7 @@ def test_image_above_the_pixel_cap_is_downsized(tmp_path: Path, caplog: pytest.L
     Image.new("RGB", (400, 300), (10, 200, 30)).save(path)
     options = images.ImageOptions(max_pixels=10_000)
     before = images.COUNTS["downsized"]
-    with caplog.at_level(logging.WARNING, logger="miadpo.images"):
+    with caplog.at_level(logging.WARNING, logger="miadpo.data.images"):
         loaded = images.load_image(path, options)
         again = images.load_image(path, options)
     width, height = loaded.size
@@ -175,14 +177,14 @@ def test_unusable_image_errors_name_path_root_and_reason(tmp_path: Path, kind: s
 
 @pytest.mark.parametrize("value", [
     case("images", "one-loader-every-stage", "a 16-bit greyscale photo read by training, SFT, selection, evaluation "
-         "and generate", "the same 8-bit RGB image in each (one loader, miadpo.images)", 32768),
+         "and generate", "the same 8-bit RGB image in each (one loader, miadpo.data.images)", 32768),
 ])
 def test_every_stage_loads_through_the_one_loader(tmp_path: Path, adapter, value: int) -> None:
     Image.new("I;16", (8, 8), value).save(tmp_path / "grey.png")
     roots = ImageRoots(tmp_path, tmp_path)
     record = PairRecord("p", ["grey.png"], "<image>\nWhat?", "Grey.", "White.")
     seen = {
-        "training": PairDataset([record], roots, CapturingAdapter(), 64)[0]["chosen"],
+        "training": PairDataset([record], roots, CapturingAdapter(), 64)[0].chosen,
         "sft": SFTDataset([record], roots, CapturingAdapter(), 64)[0],
         "generate": answer(CapturingAdapter(), [str(tmp_path / "grey.png")], "What?"),
         "selection": CandidateGenerator(adapter, OmegaConf.structured(SelectionConfig), roots, 0)._images(
@@ -224,7 +226,7 @@ def test_pair_with_an_unusable_image_is_a_bad_record_at_setup(adapter, tmp_path:
                                                               reason: str) -> None:
     kind = "missing" if reason == "image missing" else "good"
     path = pair_file(tmp_path, ["good", "good", kind, "good"], [(32, 32), (32, 32), (100, 100), (32, 32)])
-    module = PairDataModule(train_data(tmp_path, path, **overrides), adapter)
+    module = PairDataModule(train_data(tmp_path, path, **overrides), adapter, ConcatenatedPairForward(adapter).collate)
     module.setup("fit")
     assert [r.id for r in module.train_set.records] == ["pair-0", "pair-1", "pair-3"]
     assert [(b.file, b.line, b.id) for b in module.report.bad] == [(str(path), 3, "pair-2")]
@@ -308,7 +310,7 @@ def test_selection_skips_a_record_with_an_unusable_image(adapter, tmp_path: Path
     cfg = OmegaConf.structured(SelectionConfig)
     cfg.generation.max_new_tokens = 2
     candidates = CandidateGenerator(adapter, cfg, ImageRoots.of(data), 0)(inputs)
-    assert [c["id"] for c in candidates] == ["seq-0", "seq-2"]
+    assert [c.id for c in candidates] == ["seq-0", "seq-2"]
 
 
 @pytest.mark.parametrize("kind", [

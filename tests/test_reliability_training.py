@@ -13,7 +13,7 @@ import torch
 from conftest import compose_train
 from reliability import case
 
-import miadpo.train as train_module
+import miadpo.pipeline as pipeline_module
 from miadpo.train import train
 
 FAST = ["trainer.max_steps=4", "data.synthetic.num_pairs=8", "data.report_samples=0"]
@@ -117,7 +117,7 @@ def nothing_expensive(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("an expensive stage ran before the job was validated")
 
     for name in ("build_adapter", "run_selection", "fill_reference_cache", "ensure_toy_base", "ensure_toy_world"):
-        monkeypatch.setattr(train_module, name, forbidden)
+        monkeypatch.setattr(pipeline_module, name, forbidden)
 
 
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="DeepSpeed runs where CUDA is available")
@@ -186,7 +186,7 @@ def test_an_unreadable_checkpoint_is_named(tmp_path: Path, monkeypatch, damage) 
     def forbidden(*args, **kwargs):
         raise AssertionError("an expensive stage ran before the checkpoint was checked")
 
-    monkeypatch.setattr(train_module, "build_adapter", forbidden)
+    monkeypatch.setattr(pipeline_module, "build_adapter", forbidden)
     with pytest.raises(ValueError) as raised:
         train(compose_train(FAST + [f"ckpt_path={bad}"], tmp_path / "resume"))
     message = str(raised.value)

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +23,12 @@ from test_augment import PHOTOS, write_source
 
 from miadpo.augment.formats import compose_grid, compose_pip, grid_conversations, sequence_conversations
 from miadpo.config import DataConfig, ExportImagePaths, GridAugmentConfig, SelectionConfig
-from miadpo.models.base import EncodedSample
-from miadpo.pairs import ImageRoots, PairRecord
+from miadpo.data.pairs import ImageRoots, PairRecord
+from miadpo.models.samples import EncodedSample
 from miadpo.select import stage as stage_module
 from miadpo.select.candidates import CandidateGenerator, SelectionInput, add_noise, record_rng
 from miadpo.select.capture import region_ratio, sequence_ratio
+from miadpo.select.records import Candidate, ExtraAnswer
 from miadpo.select.rules import KEPT, edit_similarity, select_pairs
 from miadpo.select.stage import CANDIDATES_FILE, run_selection, write_exports
 from miadpo.text import normalise_answer
@@ -141,12 +143,29 @@ def test_pip_ratio_hand_built(adapter) -> None:
 
 
 # ----- rules -------------------------------------------------------------------------------------------
-def candidate(index: int, fmt: str, n: int, ratio: float, **fields: Any) -> dict[str, Any]:
+def candidate(index: int, fmt: str, n: int, ratio: float, **fields: Any) -> Candidate:
     base = {"id": f"c{index}", "format": fmt, "n_images": n, "target": 1, "images": ["a.png"],
             "prompt": "<image>\nQ?", "ground_truth": "A red car.", "answer": "A blue bus.", "answer_tokens": 4,
             "ground_truth_tokens": 4, "perplexity": 3.0, "correct": False, "ratio": ratio, "image_scores": None,
             "layer": 1, "logp": -4.0}
-    return {**base, **fields}
+    return Candidate(**{**base, **fields})
+
+
+def test_candidate_records_read_back_to_the_same_line() -> None:
+    """candidates.jsonl lines (keys in their order, optional keys only when present) survive a read and a write."""
+    negative = {"kind": "runner_up", "asked_about": None, "answer": "Blue.", "answer_tokens": 2, "logp": -1.25,
+                "perplexity": 1.8682459574322223}
+    maps = [{"grids": [{"rows": 1, "cols": 2, "values": [0.1, 0.30000000000000004]}]}]
+    plain = candidate(0, "sequence", 2, 0.1234567890123, image_scores=[0.1, 1e-12], logp=-4.000000000000001).to_json()
+    for record in (plain, {**plain, "attention_maps": maps}, {**plain, "negative": negative},
+                   {**plain, "attention_maps": maps, "negative": negative}):
+        line = json.dumps(record, ensure_ascii=False)
+        assert json.dumps(Candidate.from_json(json.loads(line)).to_json(), ensure_ascii=False) == line
+    assert Candidate.from_json({**plain, "negative": negative}).negative == ExtraAnswer(**negative)
+    with pytest.raises(ValueError, match="unknown keys \\['extra'\\]"):
+        Candidate.from_json({**plain, "extra": 1})
+    with pytest.raises(ValueError, match="missing keys \\['layer'\\]"):
+        Candidate.from_json({k: v for k, v in plain.items() if k != "layer"})
 
 
 DEFAULT_THRESHOLDS = [("sequence", n, t) for n, t in {2: 0.8, 3: 0.7, 4: 0.6, 5: 0.6}.items()] + \
@@ -176,7 +195,7 @@ def test_operator_is_configurable_per_format() -> None:
 def test_correct_empty_and_confident_answers_are_not_pairs() -> None:
     cands = [candidate(0, "pip", 1, 0.1, answer="a RED car"), candidate(1, "pip", 1, 0.1, answer=""),
              candidate(2, "pip", 1, 0.1, perplexity=1.05), candidate(3, "pip", 1, 0.1)]
-    cands[0]["correct"] = normalise_answer(cands[0]["answer"]) == normalise_answer(cands[0]["ground_truth"])
+    cands[0].correct = normalise_answer(cands[0].answer) == normalise_answer(cands[0].ground_truth)
     result = select_pairs(cands, selection_config(), 0)
     assert [d["decision"] for d in result.decisions] == ["answer matches the ground truth", "empty answer",
                                                          "perplexity <= 1.1", KEPT]
@@ -197,7 +216,7 @@ def test_random_baseline_ignores_attention_and_matches_counts() -> None:
     # Reversing the ratios inside each group moves which ids attention keeps, not how many: random's draw
     # (same seed) must not move at all.
     reversed_ratios = [r for group in ((0.8, 0.99, 0.95, 0.9, 0.2, 0.1), (0.97, 0.95, 0.1)) for r in group]
-    shuffled = [dict(c, ratio=r) for c, r in zip(cands, reversed_ratios)]
+    shuffled = [replace(c, ratio=r) for c, r in zip(cands, reversed_ratios)]
     assert {p.id for p in select_pairs(shuffled, selection_config(), 0).pairs} != {p.id for p in attention.pairs}
     assert [p.id for p in select_pairs(shuffled, selection_config(name="random"), 3).pairs] == \
         [p.id for p in random_pairs[3].pairs]
@@ -253,9 +272,9 @@ def test_generation_does_not_depend_on_batch_composition(adapter, tmp_path: Path
     batched = generator(items)
     alone = [generator([item])[0] for item in items]
     for a, b in zip(batched, alone):
-        assert a["answer"] == b["answer"] and a["answer_tokens"] == 12
-        assert a["ratio"] == pytest.approx(b["ratio"], abs=1e-5) and a["logp"] == pytest.approx(b["logp"], abs=1e-4)
-        assert len(a["image_scores"]) == a["n_images"]
+        assert a.answer == b.answer and a.answer_tokens == 12
+        assert a.ratio == pytest.approx(b.ratio, abs=1e-5) and a.logp == pytest.approx(b.logp, abs=1e-4)
+        assert len(a.image_scores) == a.n_images
 
 
 # ----- the stage ----------------------------------------------------------------------------------------
@@ -276,7 +295,9 @@ def test_stage_writes_pairs_report_and_exports(adapter, tmp_path: Path) -> None:
     out = pairs_path.parent
     pairs = [json.loads(line) for line in pairs_path.read_text().splitlines()]
     report = json.loads((out / "report.json").read_text())
-    candidates = [json.loads(line) for line in (out.parent / CANDIDATES_FILE).read_text().splitlines()]
+    lines = (out.parent / CANDIDATES_FILE).read_text().splitlines()
+    candidates = [json.loads(line) for line in lines]
+    assert [json.dumps(Candidate.from_json(c).to_json(), ensure_ascii=False) for c in candidates] == lines
     records = (tmp_path / "out" / "records.jsonl").read_text().splitlines()
     assert report["candidates"] == len(candidates) == len(records) > len(PHOTOS)
     assert report["pairs"] == len(pairs) > 0
@@ -421,18 +442,18 @@ def test_calibrated_thresholds_remove_the_stated_share_of_wrong_answers(share: f
     # The removed ones are those that looked hardest at the target.
     kept = {p.id for p in select_pairs(cands, calibrated, 0).pairs}
     for n in (2, 3, 4):
-        group = [c for c in cands if (c["format"], c["n_images"]) == ("sequence", n) and not c["correct"]]
-        assert max(c["ratio"] for c in group if c["id"] in kept) < min(
-            [c["ratio"] for c in group if c["id"] not in kept] or [9.0])
+        group = [c for c in cands if (c.format, c.n_images) == ("sequence", n) and not c.correct]
+        assert max(c.ratio for c in group if c.id in kept) < min(
+            [c.ratio for c in group if c.id not in kept] or [9.0])
 
 
 def test_right_answer_pairs_reject_the_answer_about_another_image() -> None:
     """Right answers get a pair when the same question about another image is answered differently."""
     right = {"answer": "A red car.", "correct": True}
 
-    def negative(asked_about: int, answer: str, tokens: int) -> dict[str, Any]:
-        return {"kind": "other_image", "asked_about": asked_about, "answer": answer, "answer_tokens": tokens,
-                "perplexity": 1.5, "logp": -2.0}
+    def negative(asked_about: int, answer: str, tokens: int) -> ExtraAnswer:
+        return ExtraAnswer(kind="other_image", asked_about=asked_about, answer=answer, answer_tokens=tokens,
+                           perplexity=1.5, logp=-2.0)
 
     cands = [candidate(0, "sequence", 3, 0.3),  # an ordinary wrong answer
              candidate(1, "sequence", 3, 0.3, **right, negative=negative(2, "A green bus.", 4)),
@@ -467,8 +488,6 @@ def test_retargeted_question_names_the_other_image_only_in_the_question() -> Non
 def test_right_answers_get_an_extra_answer_to_reject(tmp_path: Path, adapter, kind: str) -> None:
     """selection.right_answer_negatives: right answers (here: ground truth = the model's own greedy answer) get
     the runner-up answer (another first token, then greedy) or the answer about another image."""
-    from dataclasses import replace
-
     roots = ImageRoots(tmp_path, tmp_path)
     items = []
     for i, n in enumerate((2, 3, 3)):
@@ -479,16 +498,16 @@ def test_right_answers_get_an_extra_answer_to_reject(tmp_path: Path, adapter, ki
         items.append(SelectionInput(f"r{i}", "sequence", n, 2, tuple(paths),
                                     sequence_conversations(QUESTION, n, 2)[0]["value"], "Red.", None))
     plain = CandidateGenerator(adapter, selection_config(generation={"max_new_tokens": 5}), roots, seed=0)
-    items = [replace(item, ground_truth=c["answer"]) for item, c in zip(items, plain(items))]
+    items = [replace(item, ground_truth=c.answer) for item, c in zip(items, plain(items))]
     generator = CandidateGenerator(adapter, selection_config(generation={"max_new_tokens": 5},
                                                              right_answer_negatives=kind), roots, seed=0)
     candidates = generator(items)
-    assert all(c["correct"] for c in candidates)
+    assert all(c.correct for c in candidates)
     for item, c in zip(items, candidates):
-        negative = c["negative"]
-        assert negative["kind"] == kind and negative["answer_tokens"] >= 1 and negative["perplexity"] >= 1.0
+        negative = c.negative
+        assert negative.kind == kind and negative.answer_tokens >= 1 and negative.perplexity >= 1.0
         if kind == "runner_up":
-            assert negative["answer"] != c["answer"] and negative["asked_about"] is None  # another first token
+            assert negative.answer != c.answer and negative.asked_about is None  # another first token
         else:
-            assert negative["asked_about"] in set(range(1, item.n_images + 1)) - {item.target}
-    assert [c["negative"] for c in generator(items)] == [c["negative"] for c in candidates]  # deterministic
+            assert negative.asked_about in set(range(1, item.n_images + 1)) - {item.target}
+    assert [c.negative for c in generator(items)] == [c.negative for c in candidates]  # deterministic

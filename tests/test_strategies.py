@@ -88,10 +88,10 @@ os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29533", "RANK": "
 import torch, deepspeed
 from omegaconf import OmegaConf
 from miadpo.config import DPOConfig, ModelConfig, OptimConfig, StrategyConfig
-from miadpo.batch import PairCollator
+from miadpo.data.dataset import EncodedPair
 from miadpo.lightning_setup import deepspeed_config
 from miadpo.models import build_adapter
-from miadpo.module import DPOModule
+from miadpo.dpo.module import DPOModule
 from PIL import Image
 torch.distributed.init_process_group("gloo")
 adapter = build_adapter(OmegaConf.structured(ModelConfig))
@@ -105,9 +105,9 @@ items = []
 for i, n in enumerate([1, 3]):
     images = adapter.process_images([Image.new("RGB", (40, 40), (60 * k, 90, 30)) for k in range(n)])
     prompt = "".join(f"Image{k}: <image>\\n" for k in range(1, n + 1)) + "Which colour?"
-    items.append({"id": str(i), "chosen": adapter.encode(images, prompt, "Red."),
-                  "rejected": adapter.encode(images, prompt, "Blue and big.")})
-batch = PairCollator(adapter, module.pair_forward.layout)(items)
+    items.append(EncodedPair(str(i), adapter.encode(images, prompt, "Red."),
+                             adapter.encode(images, prompt, "Blue and big.")))
+batch = module.pair_forward.collate(items)
 before = {n: p.detach().clone() for n, p in module.policy.named_parameters() if p.requires_grad}
 loss = module.training_step(batch, 0)
 engine.backward(loss)

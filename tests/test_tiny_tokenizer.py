@@ -10,7 +10,7 @@ from miadpo.models import tiny
 from miadpo.models.tiny import build_tiny_tokenizer
 
 # sha256 of ``backend_tokenizer.to_str()``, recorded from the tokenizer as it was trained before its corpus words
-# moved into miadpo/models/tiny.py (they came from miadpo.synthetic's COLOURS and SHAPES).
+# moved into miadpo/models/tiny.py (they came from miadpo.toyworld.synthetic's COLOURS and SHAPES).
 DEFAULT_SHA256 = "79da2b57e0218fc89f658306c7b1465a27ef9349cc2d9abf651e6b68f715ca24"
 CHATML_300_SHA256 = "fc58b5feeb9fef63c51ed013cbb18ed8a1cfcba3b1731b6fc395dc28f7ff69f5"
 
@@ -41,4 +41,4 @@ def test_the_model_code_does_not_import_the_data_code() -> None:
     tree = ast.parse(inspect.getsource(tiny))
     imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-    assert "miadpo.synthetic" not in imported
+    assert "miadpo.toyworld.synthetic" not in imported

@@ -12,10 +12,12 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from miadpo.config import SFTJobConfig
-from miadpo.evaluate import EvalItem, score
+from miadpo.eval.items import EvalItem
+from miadpo.eval.scoring import score
 from miadpo.models import build_adapter
 from miadpo.sft import SFTModule, run_sft, sft_loaders
 from miadpo.toyworld.base import build_base, cell_labels, toy_model_config
+from miadpo.toyworld.errors import ToyErrors
 from miadpo.toyworld.pipeline import SHIPPED_BASE
 from miadpo.toyworld.scenes import ALL_QUESTIONS, COLOURS, COUNTS, SIZE, write_split
 
@@ -78,7 +80,7 @@ def test_scoring_known_predictions_with_error_classes() -> None:
               "b.png": [{"colour": "blue", "shape": "circle", "position": "top right"}]}
     items = [item("sequence N=2", "red", ["a.png", "b.png"]) for _ in range(4)] + [item("single", "red", ["a.png"])]
     predictions = ["Red.", "blue", "green", "circle", "red"]
-    table = score(items, predictions, scenes)
+    table = score(items, predictions, ToyErrors(scenes))
     row = table["sequence N=2"]
     assert row["n"] == 4 and row["accuracy"] == 25.0
     assert row["distractor %"] == 25.0 and row["in no image %"] == 25.0 and row["other %"] == 25.0

@@ -12,10 +12,11 @@ from hydra import compose, initialize_config_dir
 from peft import PeftModel
 from PIL import Image
 
-from miadpo.batch import PairCollator
 from miadpo.config import DPOConfig, OptimConfig
+from miadpo.data.dataset import EncodedPair
+from miadpo.dpo.forward import ConcatenatedPairForward
+from miadpo.dpo.module import DPOModule
 from miadpo.models import IGNORE_INDEX, ModelAdapter, ModelWeightsNotFoundError, SampleTooLongError, build_adapter
-from miadpo.module import DPOModule
 from miadpo.train import CONFIG_DIR, train
 
 ZOO = ["tiny_llava", "tiny_qwen2_vl", "tiny_qwen2_5_vl", "tiny_idefics3", "tiny_smolvlm", "tiny_internvl",
@@ -143,9 +144,9 @@ def test_one_dpo_step_changes_the_lora_weights_and_nothing_else(zoo: ModelAdapte
     items = []
     for i, n in enumerate([1, 3]):
         processed = zoo.process_images(images(n, seed=i))
-        items.append({"id": f"p{i}", "chosen": zoo.encode(processed, prompt(n), "Red."),
-                      "rejected": zoo.encode(processed, prompt(n), "Blue and green.")})
-    batch = PairCollator(zoo)(items)
+        items.append(EncodedPair(f"p{i}", zoo.encode(processed, prompt(n), "Red."),
+                                 zoo.encode(processed, prompt(n), "Blue and green.")))
+    batch = ConcatenatedPairForward(zoo).collate(items)
     before = {n: p.detach().clone() for n, p in zoo.model.named_parameters()}
     optimizer = torch.optim.AdamW([p for p in zoo.model.parameters() if p.requires_grad], lr=1e-2)
     optimizer.zero_grad()

@@ -21,7 +21,7 @@ from pathlib import Path
 from run import RESULTS, compose_config, evaluate_model, split_overrides  # the ablation script beside this one
 
 from miadpo.augment.runner import RECORDS_FILE, run_augmentation
-from miadpo.evaluate import multi_image_mean
+from miadpo.eval.scoring import multi_image_mean
 from miadpo.sft import run_sft
 from miadpo.toyworld.pipeline import ensure_toy_world
 

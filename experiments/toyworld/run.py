@@ -34,14 +34,15 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image, ImageDraw
 
-from miadpo.evaluate import evaluate, llava_items
+from miadpo.data.jsonl import atomic_replace
+from miadpo.data.pairs import ImageRoots
+from miadpo.eval.items import llava_items
+from miadpo.eval.scoring import evaluate
 from miadpo.fingerprint import digest, weights_identity
-from miadpo.jsonl import atomic_replace
 from miadpo.models import build_adapter
-from miadpo.pairs import ImageRoots
 from miadpo.rounds import run_rounds
 from miadpo.sft import run_sft
-from miadpo.toyworld.scenes import scene_index
+from miadpo.toyworld.errors import ToyErrors
 from miadpo.train import CONFIG_DIR, train
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
@@ -84,7 +85,7 @@ def evaluate_model(path: str | Path, evaluation: list[str], max_new_tokens: int,
         return json.loads(cached.read_text())
     adapter = build_adapter(cfg.model)
     items = [item for f in cfg.eval.files for item in llava_items(Path(f), ImageRoots.of(cfg.eval))]
-    table, _ = evaluate(adapter, items, cfg.eval.batch_size, max_new_tokens, scene_index(cfg.eval.toy_source))
+    table, _ = evaluate(adapter, items, cfg.eval.batch_size, max_new_tokens, ToyErrors.of_source(cfg.eval.toy_source))
     with atomic_replace(cached) as tmp:  # two ablation processes may evaluate the base at once
         tmp.write_text(json.dumps(table, indent=1) + "\n")
     return table

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-from miadpo.jsonl import read_jsonl
+from miadpo.data.jsonl import read_jsonl
 from miadpo.models import build_adapter
 from miadpo.select.stage import CANDIDATES_FILE, run_selection
 from miadpo.train import CONFIG_DIR

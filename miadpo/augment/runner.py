@@ -43,11 +43,12 @@ from miadpo.augment.formats import (
 )
 from miadpo.augment.source import SourceRecord, read_llava_source
 from miadpo.config import AugmentConfig, BadRecordPolicy, DataConfig, GridAugmentConfig
+from miadpo.data.images import ImageOptions, load_record_image
+from miadpo.data.jsonl import append_jsonl, atomic_replace, read_jsonl, repair_tail
+from miadpo.data.pairs import BadRecordError, BadRecordReport, ImageRoots
 from miadpo.fingerprint import digest, file_sha1
-from miadpo.images import ImageOptions, load_record_image
-from miadpo.jsonl import append_jsonl, atomic_replace, read_jsonl, repair_tail
 from miadpo.locks import stage_lock
-from miadpo.pairs import BadRecordError, BadRecordReport, ImageRoots
+from miadpo.text import markdown_table
 
 log = logging.getLogger(__name__)
 
@@ -92,15 +93,14 @@ class AugmentSummary:
         return cls(out_dir, Counter(fields["written"]), Counter(fields["skipped"]), Counter(fields["ineligible"]))
 
     def table(self) -> str:
-        lines = ["| format | N | records |", "|---|---|---|"]
+        rows: list[list[object]] = []
         for key, count in sorted(self.written.items()):
             fmt, n = key.split(" N=")
-            lines.append(f"| {fmt} | {n} | {count} |")
-        lines.append(f"| total | | {sum(self.written.values())} |")
+            rows.append([fmt, n, count])
+        rows.append(["total", None, sum(self.written.values())])  # None: a blank cell, "| |"
         for title, counter in (("skipped", self.skipped), ("not eligible", self.ineligible)):
-            for reason, count in sorted(counter.items()):
-                lines.append(f"| {title}: {reason} | | {count} |")
-        return "\n".join(lines)
+            rows += [[f"{title}: {reason}", None, count] for reason, count in sorted(counter.items())]
+        return markdown_table(["format", "N", "records"], rows)
 
 
 def _choose_weighted(rng: random.Random, weights: dict[Any, float]) -> Any:
@@ -251,8 +251,8 @@ class Composer:
     images: ImageOptions
 
     def _load(self, rel: str, draft: tuple[int, int] | None = None) -> Image.Image:
-        """Decode an input (``miadpo.images``); with ``draft``, JPEG decoding may shrink by 2–8× while staying at least
-        that size."""
+        """Decode an input (``miadpo.data.images``); with ``draft``, JPEG decoding may shrink by 2–8× while staying at
+        least that size."""
         return load_record_image(self.roots, rel, self.images, reduce_to=draft)  # ImageError names path and root
 
     def _save(self, image: Image.Image, fmt: str, job_id: str) -> str:

@@ -1,6 +1,6 @@
 """Reading LLaVA-format single-image instruction data (``{id, image, conversations}``).
 
-Accepts a JSON array (as LLaVA-665k ships) or JSONL (``miadpo.jsonl.iter_raw_records``).
+Accepts a JSON array (as LLaVA-665k ships) or JSONL (``miadpo.data.jsonl.iter_raw_records``).
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from miadpo.config import AugmentConfig
-from miadpo.jsonl import RawRecord, iter_raw_records
-from miadpo.pairs import BadRecord, BadRecordReport, ImageRoots
+from miadpo.data.jsonl import RawRecord, iter_raw_records
+from miadpo.data.pairs import BadRecord, BadRecordReport, ImageRoots
 from miadpo.text import IMAGE_TOKEN, RELEASE_IMAGE_TOKEN, image_marker_in
 
 

@@ -3,22 +3,16 @@
 from __future__ import annotations
 
 from miadpo.config import ModelConfig
-from miadpo.models.base import (
-    IGNORE_INDEX,
-    EncodedSample,
-    ImageGeometry,
-    ModelAdapter,
-    ModelWeightsNotFoundError,
-    PatchGrid,
-    ProcessedImages,
-    SampleTooLongError,
-)
+from miadpo.models.base import ModelAdapter
+from miadpo.models.geometry import ImageGeometry, PatchGrid
 from miadpo.models.idefics3 import Idefics3Adapter, SmolVLMAdapter
 from miadpo.models.internlm_xc25.adapter import InternLMXC25Adapter
 from miadpo.models.internvl import InternVLAdapter
 from miadpo.models.llava import LlavaAdapter
 from miadpo.models.llava_onevision import LlavaOnevisionAdapter
+from miadpo.models.loading import ModelWeightsNotFoundError
 from miadpo.models.qwen2_vl import Qwen25VLAdapter, QwenVLAdapter
+from miadpo.models.samples import IGNORE_INDEX, EncodedSample, ProcessedImages, SampleTooLongError
 
 ADAPTERS: dict[str, type[ModelAdapter]] = {
     "llava": LlavaAdapter,

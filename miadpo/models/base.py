@@ -2,11 +2,14 @@
 
 An adapter owns a Hugging Face model, its tokenizer and image processor, and a chat template. It turns
 ``(images, prompt, answer)`` into model inputs whose labels mask everything but the answer, and reports for
-each image the positions of its tokens (``image_spans``) and its patch-grid geometry (``ImageGeometry``: how a
-pixel box of the original image maps to those tokens through the model's own preprocessing). It exposes the
-decoder layers (for attention capture), the module groups that can be frozen, and LoRA targets.
+each image the positions of its tokens (``image_spans``) and its patch-grid geometry (``ImageGeometry``,
+``geometry.py``: how a pixel box of the original image maps to those tokens through the model's own
+preprocessing). It exposes the decoder layers (for attention capture), the module groups that can be frozen,
+and LoRA targets. The containers it returns are in ``samples.py``; weight-path and dtype helpers in ``loading.py``.
 
-A new backbone implements the abstract methods of :class:`ModelAdapter`; everything else is shared.
+A new backbone implements the abstract methods of :class:`ModelAdapter` (its image processor call, its
+geometry, its saved processor) and overrides ``module_paths`` when its modules are laid out otherwise than
+LLaVA's; everything else is shared.
 """
 
 from __future__ import annotations
@@ -15,174 +18,35 @@ import logging
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-import numpy as np
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 from PIL import Image
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 
 from miadpo.config import LoraConfig, ModelConfig
-from miadpo.templates import ChatTemplate, get_template
+from miadpo.models.geometry import ImageGeometry
+from miadpo.models.loading import ProcessorFiles, check_weights_path, torch_dtype
+from miadpo.models.samples import IGNORE_INDEX, EncodedSample, ProcessedImages, SampleTooLongError
+from miadpo.models.templates import ChatTemplate, get_template
 from miadpo.text import IMAGE_TOKEN
 
 log = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100
-Box = tuple[float, float, float, float]  # (x0, y0, x1, y1) in original-image pixels
-
-
-@dataclass(frozen=True)
-class PatchGrid:
-    """One rectangular grid of image tokens: the whole image, or one tile/crop of it.
-
-    Original-image pixel ``(x, y)`` lies at cell coordinates ``(x * scale_x + offset_x, y * scale_y +
-    offset_y)``; cell ``(r, c)`` covers ``[c, c+1) × [r, r+1)`` and is the token at span position
-    ``token_offset + r * row_stride + c`` (``row_stride`` > ``cols`` when each row ends with extra tokens, e.g.
-    LLaVA-OneVision's newline token).
-    """
-
-    rows: int
-    cols: int
-    token_offset: int
-    scale_x: float
-    scale_y: float
-    offset_x: float
-    offset_y: float
-    row_stride: int | None = None
-
-    def coverage(self, box: Box) -> np.ndarray:
-        """Fraction of each cell's area inside ``box``, shape (rows, cols)."""
-        x0, y0, x1, y1 = box
-        cx0, cx1 = x0 * self.scale_x + self.offset_x, x1 * self.scale_x + self.offset_x
-        cy0, cy1 = y0 * self.scale_y + self.offset_y, y1 * self.scale_y + self.offset_y
-        cols = np.arange(self.cols)
-        rows = np.arange(self.rows)
-        overlap_x = np.clip(np.minimum(cols + 1, cx1) - np.maximum(cols, cx0), 0.0, 1.0)
-        overlap_y = np.clip(np.minimum(rows + 1, cy1) - np.maximum(rows, cy0), 0.0, 1.0)
-        return np.outer(overlap_y, overlap_x)
-
-    def token_positions(self) -> np.ndarray:
-        """Span position of every cell, shape (rows, cols)."""
-        stride = self.row_stride or self.cols
-        return self.token_offset + np.arange(self.rows)[:, None] * stride + np.arange(self.cols)[None, :]
-
-
-@dataclass(frozen=True)
-class ImageGeometry:
-    """Where one image's tokens sit in its span and which part of the image each token sees."""
-
-    image_size: tuple[int, int]  # (width, height) of the original image
-    num_tokens: int  # length of the image's span in the sequence (first to last image token)
-    grids: tuple[PatchGrid, ...]
-    # Image-token ids inside the span, when the span also holds text markers (e.g. Idefics3's tile tags).
-    image_tokens: int | None = None
-    # Backbone-specific layout of the span (tile rows/cols, ...), used to render the placeholder text.
-    layout: tuple[int, ...] = ()
-
-    @property
-    def image_token_ids(self) -> int:
-        return self.num_tokens if self.image_tokens is None else self.image_tokens
-
-    def token_coverage(self, box: Box) -> np.ndarray:
-        """For each token of the span, the fraction of its cell inside ``box`` (0 for non-grid tokens)."""
-        weights = np.zeros(self.num_tokens, dtype=np.float64)
-        for grid in self.grids:
-            weights[grid.token_positions()] = grid.coverage(box)
-        return weights
-
-    def token_mask(self, box: Box, min_coverage: float = 0.5) -> np.ndarray:
-        """Tokens whose cell lies at least ``min_coverage`` inside ``box``."""
-        return self.token_coverage(box) >= min_coverage
-
-
-@dataclass
-class ProcessedImages:
-    """Images after the model's preprocessing, ready to be shared by several encodings of one prompt."""
-
-    pixel_values: torch.Tensor | None
-    geometries: list[ImageGeometry]
-    extra: dict[str, torch.Tensor] = field(default_factory=dict)
-
-
-@dataclass
-class EncodedSample:
-    """One (images, prompt, answer) sequence as model inputs."""
-
-    input_ids: torch.Tensor  # (L,)
-    labels: torch.Tensor  # (L,), IGNORE_INDEX outside the answer
-    image_spans: list[tuple[int, int]]  # [start, end) of each image's tokens, in prompt order
-    geometries: list[ImageGeometry]
-    pixel_values: torch.Tensor | None
-    prompt_length: int
-    extra: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    @property
-    def answer_length(self) -> int:
-        return int(self.input_ids.numel()) - self.prompt_length
-
-
-class ProcessorFiles:
-    """Tokenizer + image processor saved side by side in their standard files.
-
-    transformers' multimodal processors for the newer families insist on a video processor, which needs
-    torchvision; adapters of those families save (and load) the two parts instead.
-    """
-
-    def __init__(self, tokenizer: Any, image_processor: Any, chat_template: str | None = None) -> None:
-        self.tokenizer = tokenizer
-        self.image_processor = image_processor
-        self.chat_template = chat_template
-
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Both parts; the chat template goes with the tokenizer (``tokenizer.apply_chat_template``)."""
-        previous = getattr(self.tokenizer, "chat_template", None)
-        if self.chat_template is not None:
-            self.tokenizer.chat_template = self.chat_template
-        try:
-            self.tokenizer.save_pretrained(directory)
-        finally:
-            self.tokenizer.chat_template = previous
-        self.image_processor.save_pretrained(directory)
-
-
-class SampleTooLongError(ValueError):
-    """The prompt (with its image tokens) alone does not fit in ``max_length``."""
-
-
-class ModelWeightsNotFoundError(FileNotFoundError):
-    """``model.path`` does not point at local weights and downloading is not allowed."""
-
-
-def check_weights_path(cfg: ModelConfig) -> str:
-    """Return the path to load from, or fail with instructions instead of a hub stack trace."""
-    assert cfg.path is not None
-    if Path(cfg.path).is_dir():
-        return cfg.path
-    if cfg.allow_download:
-        return cfg.path
-    raise ModelWeightsNotFoundError(
-        f"model {cfg.name!r}: weights not found at model.path={cfg.path!r} (not a local directory). "
-        f"Download them first (e.g. `huggingface-cli download {cfg.path} --local-dir /some/dir`) and pass "
-        f"model.path=/some/dir, or set model.allow_download=true on a machine with hub access."
-    )
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    try:
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-    except KeyError:
-        raise ValueError(f"model.dtype must be float32, bfloat16 or float16, not {name!r}") from None
 
 
 class ModelAdapter(ABC):
     """Base class of all backbones. Subclasses implement the abstract methods below."""
 
     image_token: str = IMAGE_TOKEN
+    # Where the freezable groups sit in the base model (dotted paths, in freezing order): transformers' LLaVA-style
+    # layout; families laid out otherwise override it.
+    module_paths: ClassVar[dict[str, str]] = {"vision_tower": "model.vision_tower",
+                                              "projector": "model.multi_modal_projector",
+                                              "llm": "model.language_model"}
 
     def __init__(self, model: nn.Module, tokenizer: Any, image_processor: Any, template: ChatTemplate,
                  cfg: ModelConfig) -> None:
@@ -202,22 +66,33 @@ class ModelAdapter(ABC):
         """Build model, tokenizer and image processor from ``conf/model/<name>.yaml``."""
 
     @abstractmethod
-    def process_images(self, images: Sequence[Image.Image]) -> ProcessedImages:
-        """Run the model's image preprocessing and compute each image's geometry."""
+    def pixel_inputs(self, images: list[Image.Image], geometries: list[ImageGeometry]
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The family's image processor on RGB images: pixel values and any extra model inputs (the step of
+        :meth:`process_images` that differs per family; it may check its output against ``geometries``)."""
 
     @abstractmethod
     def image_geometry(self, image_size: tuple[int, int]) -> ImageGeometry:
         """Tokens and geometry of an image of ``(width, height)``, from its size alone (no pixels needed)."""
 
     @abstractmethod
-    def module_groups(self) -> dict[str, nn.Module]:
-        """The freezable parts of the base model: keys ``vision_tower``, ``projector``, ``llm``."""
-
-    @abstractmethod
     def processor_for_saving(self) -> Any:
         """A transformers processor (tokenizer + image processor + :meth:`chat_template`) saved beside the weights."""
 
     # ----- shared machinery -----------------------------------------------------------------------
+    def module_groups(self) -> dict[str, nn.Module]:
+        """The freezable parts of the base model: keys ``vision_tower``, ``projector``, ``llm`` (``module_paths``)."""
+        return {group: self.base_model.get_submodule(path) for group, path in self.module_paths.items()}
+
+    def process_images(self, images: Sequence[Image.Image]) -> ProcessedImages:
+        """Run the model's image preprocessing (:meth:`pixel_inputs`) and compute each image's geometry."""
+        if not images:
+            return ProcessedImages(pixel_values=None, geometries=[])
+        rgb = [image.convert("RGB") for image in images]
+        geometries = self.plan_images([image.size for image in rgb])
+        pixel_values, extra = self.pixel_inputs(rgb, geometries)
+        return ProcessedImages(pixel_values=pixel_values.to(self.base_model.dtype), geometries=geometries, extra=extra)
+
     @property
     def base_model(self) -> nn.Module:
         """The transformers model without any peft wrapper."""
@@ -323,18 +198,14 @@ class ModelAdapter(ABC):
 
         Right padding for training and teacher-forced passes; left padding for batched generation.
         """
-        length = max(int(s.input_ids.numel()) for s in samples)
-        batch_size = len(samples)
-        input_ids = torch.full((batch_size, length), self.tokenizer.pad_token_id, dtype=torch.long)
-        labels = torch.full((batch_size, length), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((batch_size, length), dtype=torch.long)
-        for row, sample in enumerate(samples):
-            n = int(sample.input_ids.numel())
-            cols = slice(length - n, length) if padding_side == "left" else slice(0, n)
-            input_ids[row, cols] = sample.input_ids
-            labels[row, cols] = sample.labels
-            attention_mask[row, cols] = 1
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        def padded(rows: list[torch.Tensor], value: int) -> torch.Tensor:
+            return pad_sequence(rows, batch_first=True, padding_value=value, padding_side=padding_side).long()
+
+        batch = {
+            "input_ids": padded([s.input_ids for s in samples], self.tokenizer.pad_token_id),
+            "attention_mask": padded([torch.ones(int(s.input_ids.numel()), dtype=torch.long) for s in samples], 0),
+            "labels": padded([s.labels for s in samples], IGNORE_INDEX),
+        }
         batch.update(self.collate_images(samples))
         return batch
 

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from PIL import Image
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 from transformers import (
     Idefics3Config,
     Idefics3ForConditionalGeneration,
@@ -30,13 +31,9 @@ from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3I
 from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
 
 from miadpo.config import ModelConfig, TinyModelConfig
-from miadpo.models.base import (
-    EncodedSample,
-    ImageGeometry,
-    PatchGrid,
-    ProcessedImages,
-    SeparatePartsAdapter,
-)
+from miadpo.models.base import SeparatePartsAdapter
+from miadpo.models.geometry import ImageGeometry, PatchGrid
+from miadpo.models.samples import EncodedSample
 from miadpo.models.tiny import build_tiny_tokenizer, seeded_init, tiny_text_config
 
 FAKE, GLOBAL = "<fake_token_around_image>", "<global-img>"
@@ -69,6 +66,7 @@ class Idefics3Adapter(SeparatePartsAdapter):
     model_class = Idefics3ForConditionalGeneration
     config_class: type = Idefics3Config
     image_processor_class = Idefics3ImageProcessorPil
+    module_paths = {"vision_tower": "model.vision_model", "projector": "model.connector", "llm": "model.text_model"}
 
     @classmethod
     def build_tiny(cls, cfg: ModelConfig) -> tuple[nn.Module, PreTrainedTokenizerFast, Any]:
@@ -91,10 +89,6 @@ class Idefics3Adapter(SeparatePartsAdapter):
         )
         config._attn_implementation = attn
         return seeded_init(cls.model_class, config, tiny.init_seed)
-
-    def module_groups(self) -> dict[str, nn.Module]:
-        inner = self.base_model.model
-        return {"vision_tower": inner.vision_model, "projector": inner.connector, "llm": inner.text_model}
 
     @property
     def _tile(self) -> int:
@@ -143,34 +137,25 @@ class Idefics3Adapter(SeparatePartsAdapter):
     def image_placeholder(self, geometry: ImageGeometry) -> str:
         return self._placeholder(*geometry.layout)
 
-    def process_images(self, images: Sequence[Image.Image]) -> ProcessedImages:
-        if not images:
-            return ProcessedImages(pixel_values=None, geometries=[])
-        images = [image.convert("RGB") for image in images]
+    def pixel_inputs(self, images: list[Image.Image], geometries: list[ImageGeometry]
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         out = self.image_processor(images=[images], return_row_col_info=True, return_tensors="pt")
-        geometries = [self.image_geometry(image.size) for image in images]
         for geometry, rows, cols in zip(geometries, out["rows"][0], out["cols"][0]):
             if geometry.layout != (rows, cols):
                 raise RuntimeError(f"image processor split {rows}×{cols}; the geometry says {geometry.layout}")
-        return ProcessedImages(pixel_values=out["pixel_values"].to(self.base_model.dtype), geometries=geometries,
-                               extra={"pixel_attention_mask": out["pixel_attention_mask"]})
+        return out["pixel_values"], {"pixel_attention_mask": out["pixel_attention_mask"]}
 
     def collate_images(self, samples: Sequence[EncodedSample]) -> dict[str, torch.Tensor]:
         """Per-sample tiles padded to the batch's most tiles with all-zero images (the model drops them)."""
         with_images = [s for s in samples if s.pixel_values is not None]
         if not with_images:
             return {}
-        most = max(s.pixel_values.shape[1] for s in with_images)  # type: ignore[union-attr]
         reference = with_images[0]
-        pixels = reference.pixel_values.new_zeros((len(samples), most, *reference.pixel_values.shape[2:]))
-        mask_shape = reference.extra["pixel_attention_mask"].shape[2:]
-        masks = torch.zeros((len(samples), most, *mask_shape), dtype=torch.long)
-        for row, sample in enumerate(samples):
-            if sample.pixel_values is not None:
-                count = sample.pixel_values.shape[1]
-                pixels[row, :count] = sample.pixel_values[0]
-                masks[row, :count] = sample.extra["pixel_attention_mask"][0]
-        return {"pixel_values": pixels, "pixel_attention_mask": masks}
+        no_tiles, no_masks = reference.pixel_values[0, :0], reference.extra["pixel_attention_mask"][0, :0]
+        pixels = [no_tiles if s.pixel_values is None else s.pixel_values[0] for s in samples]
+        masks = [no_masks if s.pixel_values is None else s.extra["pixel_attention_mask"][0] for s in samples]
+        return {"pixel_values": pad_sequence(pixels, batch_first=True),
+                "pixel_attention_mask": pad_sequence(masks, batch_first=True).long()}
 
 
 

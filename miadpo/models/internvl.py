@@ -8,8 +8,7 @@ there is more than one tile. Every tile gives ``image_seq_length`` tokens: its p
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
+import torch
 from PIL import Image
 from torch import nn
 from transformers import (
@@ -23,12 +22,8 @@ from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import (
 )
 
 from miadpo.config import ModelConfig, TinyModelConfig
-from miadpo.models.base import (
-    ImageGeometry,
-    PatchGrid,
-    ProcessedImages,
-    SeparatePartsAdapter,
-)
+from miadpo.models.base import SeparatePartsAdapter
+from miadpo.models.geometry import ImageGeometry, PatchGrid
 from miadpo.models.qwen2_vl import CHATML_NAMES, CHATML_SPECIALS
 from miadpo.models.tiny import build_tiny_tokenizer, seeded_init, tiny_text_config
 
@@ -54,11 +49,6 @@ class InternVLAdapter(SeparatePartsAdapter):
             size={"height": tiny.image_size, "width": tiny.image_size}, crop_to_patches=True, min_patches=1,
             max_patches=tiny.max_tiles)
         return tiny_internvl(tiny, tokenizer, cfg.attn_implementation), tokenizer, image_processor
-
-    def module_groups(self) -> dict[str, nn.Module]:
-        inner = self.base_model.model
-        return {"vision_tower": inner.vision_tower, "projector": inner.multi_modal_projector,
-                "llm": inner.language_model}
 
     @property
     def _tile(self) -> int:
@@ -93,17 +83,14 @@ class InternVLAdapter(SeparatePartsAdapter):
     def image_placeholder(self, geometry: ImageGeometry) -> str:
         return "<img>" + self.image_token * geometry.num_tokens + "</img>"
 
-    def process_images(self, images: Sequence[Image.Image]) -> ProcessedImages:
-        if not images:
-            return ProcessedImages(pixel_values=None, geometries=[])
-        images = [image.convert("RGB") for image in images]
+    def pixel_inputs(self, images: list[Image.Image], geometries: list[ImageGeometry]
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         out = self.image_processor(images=images, crop_to_patches=self.image_processor.crop_to_patches,
                                    return_tensors="pt")
-        geometries = [self.image_geometry(image.size) for image in images]
         for geometry, tiles in zip(geometries, out["num_patches"]):
             if len(geometry.grids) != int(tiles):
                 raise RuntimeError(f"image processor made {int(tiles)} tiles; the geometry has {len(geometry.grids)}")
-        return ProcessedImages(pixel_values=out["pixel_values"].to(self.base_model.dtype), geometries=geometries)
+        return out["pixel_values"], {}
 
 
 

@@ -7,33 +7,25 @@ becomes ``image_seq_length`` tokens; the geometry follows pad → resize → cen
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
+import torch
 from PIL import Image
-from torch import nn
 from transformers import AutoProcessor, LlavaForConditionalGeneration, LlavaImageProcessorPil, LlavaProcessor
 
 from miadpo.config import ModelConfig
-from miadpo.models.base import (
-    ImageGeometry,
-    ModelAdapter,
-    PatchGrid,
-    ProcessedImages,
-    check_weights_path,
-    torch_dtype,
-)
+from miadpo.models.base import ModelAdapter
+from miadpo.models.geometry import ImageGeometry, PatchGrid, square_padding
+from miadpo.models.loading import check_weights_path, torch_dtype
+from miadpo.models.templates import get_template
 from miadpo.models.tiny import build_tiny_image_processor, build_tiny_llava, build_tiny_tokenizer
-from miadpo.templates import get_template
 
 
 def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> tuple[Image.Image, tuple[int, int]]:
     """Centre the image on a square canvas; returns the canvas and the paste offset (x, y)."""
-    width, height = image.size
-    if width == height:
+    if image.width == image.height:
         return image, (0, 0)
-    side = max(width, height)
-    offset = ((side - width) // 2, (side - height) // 2)
+    side, offset = square_padding(image.size)
     canvas = Image.new(image.mode, (side, side), fill)
     canvas.paste(image, offset)
     return canvas, offset
@@ -62,14 +54,6 @@ class LlavaAdapter(ModelAdapter):
     def _config(self) -> Any:
         return self.base_model.config
 
-    def module_groups(self) -> dict[str, nn.Module]:
-        inner = self.base_model.model
-        return {
-            "vision_tower": inner.vision_tower,
-            "projector": inner.multi_modal_projector,
-            "llm": inner.language_model,
-        }
-
     def _token_count(self) -> int:
         vision = self._config.vision_config
         patches = (vision.image_size // vision.patch_size) ** 2
@@ -83,8 +67,8 @@ class LlavaAdapter(ModelAdapter):
         """Map original pixels through pad → resize (shortest edge) → centre crop → patch cells."""
         width, height = image_size
         if self.cfg.pad_to_square:
-            side = max(width, height)
-            (pad_w, pad_h), offset = (side, side), ((side - width) // 2, (side - height) // 2)
+            side, offset = square_padding(image_size)
+            pad_w = pad_h = side
         else:
             (pad_w, pad_h), offset = (width, height), (0, 0)
         processor = self.image_processor
@@ -115,15 +99,11 @@ class LlavaAdapter(ModelAdapter):
         )
         return ImageGeometry(image_size=image_size, num_tokens=self._token_count(), grids=(grid,))
 
-    def process_images(self, images: Sequence[Image.Image]) -> ProcessedImages:
-        if not images:
-            return ProcessedImages(pixel_values=None, geometries=[])
-        prepared = [image.convert("RGB") for image in images]
+    def pixel_inputs(self, images: list[Image.Image], geometries: list[ImageGeometry]
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self.cfg.pad_to_square:
-            prepared = [pad_to_square(image, self._fill_colour())[0] for image in prepared]
-        pixel_values = self.image_processor(images=prepared, return_tensors="pt")["pixel_values"]
-        return ProcessedImages(pixel_values=pixel_values.to(self.base_model.dtype),
-                               geometries=[self.image_geometry(image.size) for image in images])
+            images = [pad_to_square(image, self._fill_colour())[0] for image in images]
+        return self.image_processor(images=images, return_tensors="pt")["pixel_values"], {}
 
     def processor_for_saving(self) -> LlavaProcessor:
         """A LlavaProcessor that preprocesses as miadpo does: its image processor pads to square with the same

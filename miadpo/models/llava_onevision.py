@@ -26,15 +26,10 @@ from transformers.models.llava_onevision.image_processing_pil_llava_onevision im
 )
 
 from miadpo.config import ModelConfig, TinyModelConfig
-from miadpo.models.base import (
-    EncodedSample,
-    ImageGeometry,
-    ModelAdapter,
-    PatchGrid,
-    ProcessedImages,
-    SeparatePartsAdapter,
-)
+from miadpo.models.base import ModelAdapter, SeparatePartsAdapter
+from miadpo.models.geometry import ImageGeometry, PatchGrid, square_padding
 from miadpo.models.qwen2_vl import CHATML_NAMES, CHATML_SPECIALS
+from miadpo.models.samples import EncodedSample
 from miadpo.models.tiny import build_tiny_tokenizer, seeded_init, tiny_text_config
 
 ONEVISION_SPECIALS = CHATML_SPECIALS + ["<image>", "<video>"]
@@ -66,11 +61,6 @@ class LlavaOnevisionAdapter(SeparatePartsAdapter):
             raise ValueError("LLaVA-OneVision adapter expects vision_feature_select_strategy='full' (SigLIP, no CLS)")
         return adapter
 
-    def module_groups(self) -> dict[str, nn.Module]:
-        inner = self.base_model.model
-        return {"vision_tower": inner.vision_tower, "projector": inner.multi_modal_projector,
-                "llm": inner.language_model}
-
     @property
     def _side(self) -> tuple[int, int]:
         """(tower input size in pixels, base-view tokens per side)."""
@@ -84,12 +74,11 @@ class LlavaOnevisionAdapter(SeparatePartsAdapter):
 
     def _base_view_geometry(self, image_size: tuple[int, int]) -> ImageGeometry:
         """Several images: each padded to square, resized to the tower's size; g × g tokens + one newline."""
-        width, height = image_size
         _, cells = self._side
-        square = max(width, height)
+        square, (left, top) = square_padding(image_size)
         scale = cells / square
         grid = PatchGrid(rows=cells, cols=cells, token_offset=0, scale_x=scale, scale_y=scale,
-                         offset_x=(square - width) // 2 * scale, offset_y=(square - height) // 2 * scale)
+                         offset_x=left * scale, offset_y=top * scale)
         return ImageGeometry(image_size=image_size, num_tokens=cells * cells + 1, grids=(grid,))
 
     def image_geometry(self, image_size: tuple[int, int]) -> ImageGeometry:
@@ -113,17 +102,13 @@ class LlavaOnevisionAdapter(SeparatePartsAdapter):
                          scale_y=rows / height, offset_x=0.0, offset_y=0.0, row_stride=cols + 1)
         return ImageGeometry(image_size=image_size, num_tokens=cells * cells + rows * (cols + 1), grids=(base, high))
 
-    def process_images(self, images: Sequence[Image.Image]) -> ProcessedImages:
-        if not images:
-            return ProcessedImages(pixel_values=None, geometries=[])
-        images = [image.convert("RGB") for image in images]
+    def pixel_inputs(self, images: list[Image.Image], geometries: list[ImageGeometry]
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         out = self.image_processor(images=[images], return_tensors="pt")
         pixels = out["pixel_values"]
         if len(images) > 1:
             pixels = pixels[:, :1]  # several images: only the base view is used
-        return ProcessedImages(pixel_values=pixels.to(self.base_model.dtype),
-                               geometries=self.plan_images([image.size for image in images]),
-                               extra={"image_sizes": out["image_sizes"]})
+        return pixels, {"image_sizes": out["image_sizes"]}
 
     def collate_images(self, samples: Sequence[EncodedSample]) -> dict[str, torch.Tensor]:
         """Views padded to the most views per image; ``batch_num_images`` holds each sample's image count."""

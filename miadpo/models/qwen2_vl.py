@@ -26,13 +26,9 @@ from transformers import (
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil, smart_resize
 
 from miadpo.config import ModelConfig, TinyModelConfig
-from miadpo.models.base import (
-    EncodedSample,
-    ImageGeometry,
-    PatchGrid,
-    ProcessedImages,
-    SeparatePartsAdapter,
-)
+from miadpo.models.base import SeparatePartsAdapter
+from miadpo.models.geometry import ImageGeometry, PatchGrid
+from miadpo.models.samples import EncodedSample
 from miadpo.models.tiny import build_tiny_tokenizer, seeded_init, tiny_text_config
 
 CHATML_SPECIALS = ["<|endoftext|>", "<unk>", "<|im_start|>", "<|im_end|>"]
@@ -46,6 +42,9 @@ class QwenVLAdapter(SeparatePartsAdapter):
     image_token = "<|image_pad|>"
     model_class = Qwen2VLForConditionalGeneration
     image_processor_class = Qwen2VLImageProcessorPil
+    # The patch merger (the projector) lives inside the vision tower: freezing applies the groups in this order,
+    # so the projector's switch decides for the merger.
+    module_paths = {"vision_tower": "model.visual", "projector": "model.visual.merger", "llm": "model.language_model"}
 
     @classmethod
     def tiny_model(cls, tiny: TinyModelConfig, tokenizer: PreTrainedTokenizerFast, attn: str) -> nn.Module:
@@ -76,12 +75,6 @@ class QwenVLAdapter(SeparatePartsAdapter):
             patch_size=tiny.patch_size, merge_size=2, temporal_patch_size=2)
         return cls.tiny_model(tiny, tokenizer, cfg.attn_implementation), tokenizer, image_processor
 
-    def module_groups(self) -> dict[str, nn.Module]:
-        inner = self.base_model.model
-        # The patch merger (the projector) lives inside the vision tower: freezing applies the groups in this
-        # order, so the projector's switch decides for the merger.
-        return {"vision_tower": inner.visual, "projector": inner.visual.merger, "llm": inner.language_model}
-
     def _resized(self, image_size: tuple[int, int]) -> tuple[int, int]:
         processor = self.image_processor
         factor = processor.patch_size * processor.merge_size
@@ -105,18 +98,14 @@ class QwenVLAdapter(SeparatePartsAdapter):
     def image_placeholder(self, geometry: ImageGeometry) -> str:
         return "<|vision_start|>" + self.image_token * geometry.num_tokens + "<|vision_end|>"
 
-    def process_images(self, images: Sequence[Image.Image]) -> ProcessedImages:
-        if not images:
-            return ProcessedImages(pixel_values=None, geometries=[])
-        images = [image.convert("RGB") for image in images]
+    def pixel_inputs(self, images: list[Image.Image], geometries: list[ImageGeometry]
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         out = self.image_processor(images=images, return_tensors="pt")
-        geometries = [self.image_geometry(image.size) for image in images]
         merge = self.image_processor.merge_size
         for geometry, thw in zip(geometries, out["image_grid_thw"].tolist()):
             if geometry.num_tokens != thw[1] * thw[2] // merge**2:
                 raise RuntimeError(f"image grid {thw} disagrees with the computed geometry {geometry.grids[0]}")
-        return ProcessedImages(pixel_values=out["pixel_values"].to(self.base_model.dtype), geometries=geometries,
-                               extra={"image_grid_thw": out["image_grid_thw"]})
+        return out["pixel_values"], {"image_grid_thw": out["image_grid_thw"]}
 
     def collate(self, samples: Sequence[EncodedSample], padding_side: str = "right") -> dict[str, torch.Tensor]:
         batch = super().collate(samples, padding_side)

@@ -23,7 +23,7 @@ from transformers import (
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from miadpo.config import TinyModelConfig
-from miadpo.templates import TEMPLATES
+from miadpo.models.templates import TEMPLATES
 from miadpo.text import IMAGE_TOKEN
 
 M = TypeVar("M")

@@ -26,8 +26,8 @@ from omegaconf import DictConfig
 from PIL import Image, ImageDraw
 
 from miadpo.config import config_dir, register_configs
+from miadpo.data.images import load_image
 from miadpo.generate import with_image_markers
-from miadpo.images import load_image
 from miadpo.models import ModelAdapter, build_adapter
 
 register_configs()

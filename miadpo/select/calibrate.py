@@ -16,7 +16,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from miadpo.config import SelectionConfig
-from miadpo.jsonl import read_jsonl
+from miadpo.select.records import read_candidates
 from miadpo.select.rules import calibrate_thresholds, group_key
 
 
@@ -32,14 +32,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not args.candidates.is_file():
         parser.error(f"{args.candidates}: no such candidates file")
-    candidates = read_jsonl(args.candidates)
+    candidates = read_candidates(args.candidates)
     cfg = OmegaConf.structured(SelectionConfig(min_perplexity=args.min_perplexity))
     thresholds = calibrate_thresholds(candidates, cfg, args.remove)  # type: ignore[arg-type]
     for fmt, by_n in thresholds.items():
         for n, threshold in by_n.items():
-            group = [c for c in candidates if group_key(c) == (fmt, n) and c["ratio"] is not None]
-            right = [c["ratio"] for c in group if c["correct"]]
-            wrong = [c["ratio"] for c in group if not c["correct"] and c["answer"]]
+            group = [c for c in candidates if group_key(c) == (fmt, n) and c.ratio is not None]
+            right = [c.ratio for c in group if c.correct]
+            wrong = [c.ratio for c in group if not c.correct and c.answer]
             print(f"{fmt} N={n}: threshold {threshold:.4f}; median ratio right {_median(right)} ({len(right)}), "
                   f"wrong {_median(wrong)} ({len(wrong)})")
     print("overrides: " + " ".join(f"selection.thresholds.{fmt}.{n}={t:.4f}"

@@ -22,9 +22,11 @@ from PIL import Image
 from miadpo.augment.formats import retarget_question
 from miadpo.augment.runner import RECORDS_FILE
 from miadpo.config import DataConfig, NoiseConfig, SelectionConfig
-from miadpo.images import ImageOptions, check_record_image
-from miadpo.models.base import IGNORE_INDEX, EncodedSample, ModelAdapter
-from miadpo.pairs import BadRecord, BadRecordReport, ImageRoots, load_record_images
+from miadpo.data.images import ImageOptions, check_record_image
+from miadpo.data.pairs import BadRecord, BadRecordReport, ImageRoots, load_record_images
+from miadpo.models.base import ModelAdapter
+from miadpo.models.logprobs import token_logprobs
+from miadpo.models.samples import IGNORE_INDEX, EncodedSample
 from miadpo.select.capture import (
     AttentionRecorder,
     capture_attention,
@@ -32,6 +34,7 @@ from miadpo.select.capture import (
     resolve_layer,
     sequence_ratio,
 )
+from miadpo.select.records import Candidate, ExtraAnswer
 from miadpo.text import normalise_answer
 
 SELECTABLE_FORMATS = ("sequence", "grid", "pip", "single")
@@ -57,7 +60,7 @@ def selection_inputs(records: Sequence[dict[str, Any]], max_answer_chars: int, d
     """Turn augmented records into selection inputs; count the ones set aside and why.
 
     With ``data`` (the recipe whose ``records.jsonl`` these are), every image of a record to be answered is checked
-    by the loader of ``miadpo.images`` (decoded under ``data.check_images``, else opened): a record with a missing,
+    by the loader of ``miadpo.data.images`` (decoded under ``data.check_images``, else opened): a record with a missing,
     corrupt, truncated or (``on_large_image=skip``) too large image is a bad record (records.jsonl:line (id):
     reason) under ``data.on_bad_record`` / ``data.max_bad_fraction``, counted under its reason; the others proceed.
     """
@@ -150,7 +153,7 @@ class GeneratedAnswers:
 
 
 class CandidateGenerator:
-    """Batch of SelectionInputs → candidate dicts (one generation that also records the selection layer)."""
+    """Batch of SelectionInputs → Candidates (one generation that also records the selection layer)."""
 
     def __init__(self, adapter: ModelAdapter, cfg: SelectionConfig, roots: ImageRoots, seed: int,
                  images: ImageOptions | None = None) -> None:
@@ -190,8 +193,7 @@ class CandidateGenerator:
                 output_logits=True, return_dict_in_generate=True, **sampling)
         prompt_width = batch["input_ids"].shape[1]
         tokens = output.sequences[:, prompt_width:]
-        all_logps = torch.stack(output.logits, dim=1).float().log_softmax(-1)
-        logps = all_logps.gather(-1, tokens[..., None])[..., 0]
+        logps = token_logprobs(torch.stack(output.logits, dim=1), tokens)
         eos, pad = adapter.eos_token_id, adapter.tokenizer.pad_token_id
         answers, sums, counts = [], [], []
         for row, row_logps in zip(tokens.tolist(), logps.cpu()):
@@ -200,9 +202,10 @@ class CandidateGenerator:
             answers.append([t for t in row[:length] if t != pad])
             sums.append(float(row_logps[:scored].sum()))
             counts.append(scored)
-        return GeneratedAnswers(answers, sums, counts, recorder, prompt_width, all_logps[:, 0].cpu())
+        first_logps = output.logits[0].float().log_softmax(-1).cpu()
+        return GeneratedAnswers(answers, sums, counts, recorder, prompt_width, first_logps)
 
-    def __call__(self, items: Sequence[SelectionInput]) -> list[dict[str, Any]]:
+    def __call__(self, items: Sequence[SelectionInput]) -> list[Candidate]:
         adapter = self.adapter
         processed = [adapter.process_images(self._images(item)) for item in items]
         prompts = [adapter.encode(images, item.prompt) for images, item in zip(processed, items)]
@@ -213,18 +216,18 @@ class CandidateGenerator:
             rows = generated.image_rows(b, prompt)
             column_attention = rows.mean(0).numpy() if len(answer) else None
             ratio, image_scores = self._ratio(item, prompt, column_attention)
-            candidates.append({
-                "id": item.id, "format": item.format, "n_images": item.n_images, "target": item.target,
-                "images": list(item.images), "prompt": item.prompt, "ground_truth": item.ground_truth,
-                "answer": text, "answer_tokens": len(answer),
-                "ground_truth_tokens": len(adapter.tokenizer(item.ground_truth, add_special_tokens=False)["input_ids"]),
-                "logp": generated.logps[b],
-                "perplexity": math.exp(-generated.logps[b] / max(1, generated.counts[b])),
-                "correct": normalise_answer(text) == normalise_answer(item.ground_truth),
-                "ratio": ratio, "image_scores": image_scores, "layer": self.layer,
-            })
+            candidates.append(Candidate(
+                id=item.id, format=item.format, n_images=item.n_images, target=item.target,
+                images=list(item.images), prompt=item.prompt, ground_truth=item.ground_truth,
+                answer=text, answer_tokens=len(answer),
+                ground_truth_tokens=len(adapter.tokenizer(item.ground_truth, add_special_tokens=False)["input_ids"]),
+                logp=generated.logps[b],
+                perplexity=math.exp(-generated.logps[b] / max(1, generated.counts[b])),
+                correct=normalise_answer(text) == normalise_answer(item.ground_truth),
+                ratio=ratio, image_scores=image_scores, layer=self.layer,
+            ))
             if self.cfg.save_attention_maps and column_attention is not None:
-                candidates[-1]["attention_maps"] = attention_maps(prompt, column_attention)
+                candidates[-1].attention_maps = attention_maps(prompt, column_attention)
         if self.cfg.right_answer_negatives == "other_image":
             self._add_other_image_answers(items, processed, candidates)
         elif self.cfg.right_answer_negatives == "runner_up":
@@ -232,10 +235,10 @@ class CandidateGenerator:
         return candidates
 
     def _add_runner_up_answers(self, prompts: Sequence[EncodedSample], generated: GeneratedAnswers,
-                               candidates: list[dict[str, Any]]) -> None:
+                               candidates: list[Candidate]) -> None:
         """For right answers: the greedy answer that starts with the model's second most likely first token —
         its own strongest alternative (for a model torn between two images, the other image's answer)."""
-        asked = [b for b, c in enumerate(candidates) if c["correct"] and generated.answers[b]]
+        asked = [b for b, c in enumerate(candidates) if c.correct and generated.answers[b]]
         if not asked:
             return
         starts: list[tuple[int, float]] = []
@@ -252,16 +255,16 @@ class CandidateGenerator:
         for b, (token, first_logp), tail, logp, count in zip(asked, starts, rest.answers, rest.logps, rest.counts):
             answer = [token, *tail]
             total = first_logp + logp
-            candidates[b]["negative"] = {
-                "kind": "runner_up", "asked_about": None,
-                "answer": self.adapter.tokenizer.decode(answer, skip_special_tokens=True).strip(),
-                "answer_tokens": len(answer), "logp": total, "perplexity": math.exp(-total / (count + 1))}
+            candidates[b].negative = ExtraAnswer(
+                kind="runner_up", asked_about=None,
+                answer=self.adapter.tokenizer.decode(answer, skip_special_tokens=True).strip(),
+                answer_tokens=len(answer), logp=total, perplexity=math.exp(-total / (count + 1)))
 
     def _add_other_image_answers(self, items: Sequence[SelectionInput], processed: Sequence[Any],
-                                 candidates: list[dict[str, Any]]) -> None:
+                                 candidates: list[Candidate]) -> None:
         """For right answers (Sequence, Grid): the answer to the same question about another image, drawn per
         (seed, record) — the element-interference answer the pair will reject when it differs from the truth."""
-        asked = [(b, item) for b, item in enumerate(items) if candidates[b]["correct"] and item.n_images > 1
+        asked = [(b, item) for b, item in enumerate(items) if candidates[b].correct and item.n_images > 1
                  and item.format in INTERFERENCE_FORMATS]
         if not asked:
             return
@@ -274,10 +277,10 @@ class CandidateGenerator:
         generated = self.generate(prompts)
         for (b, _), other, answer, logp, count in zip(asked, others, generated.answers, generated.logps,
                                                       generated.counts):
-            candidates[b]["negative"] = {
-                "kind": "other_image", "asked_about": other,
-                "answer": self.adapter.tokenizer.decode(answer, skip_special_tokens=True).strip(),
-                "answer_tokens": len(answer), "logp": logp, "perplexity": math.exp(-logp / max(1, count))}
+            candidates[b].negative = ExtraAnswer(
+                kind="other_image", asked_about=other,
+                answer=self.adapter.tokenizer.decode(answer, skip_special_tokens=True).strip(),
+                answer_tokens=len(answer), logp=logp, perplexity=math.exp(-logp / max(1, count)))
 
     def _ratio(self, item: SelectionInput, prompt: EncodedSample, column_attention: np.ndarray | None
                ) -> tuple[float | None, list[float] | None]:

@@ -17,14 +17,15 @@ import math
 import operator
 import random
 from collections import Counter, defaultdict
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from rapidfuzz import fuzz
 
 from miadpo.config import SelectionConfig
-from miadpo.pairs import PairRecord
+from miadpo.data.pairs import PairRecord
+from miadpo.select.records import Candidate
 from miadpo.text import image_marker_in, normalise_answer
 
 OPERATORS: dict[str, Callable[[float, float], bool]] = {"<": operator.lt, "<=": operator.le}
@@ -51,22 +52,22 @@ def threshold_for(cfg: SelectionConfig, fmt: str, n_images: int) -> tuple[Callab
     return OPERATORS[symbol], float(threshold)
 
 
-def rule_reason(candidate: dict[str, Any], cfg: SelectionConfig, use_attention: bool) -> str:
+def rule_reason(candidate: Candidate, cfg: SelectionConfig, use_attention: bool) -> str:
     """Why the selection rule drops a candidate, or KEPT."""
-    if not candidate["answer"]:
+    if not candidate.answer:
         return "empty answer"
-    if image_marker_in(candidate["ground_truth"]) is not None:
+    if image_marker_in(candidate.ground_truth) is not None:
         return IMAGE_MARKER_IN_GROUND_TRUTH
-    if image_marker_in(candidate["answer"]) is not None:
+    if image_marker_in(candidate.answer) is not None:
         return IMAGE_MARKER_IN_ANSWER
-    if candidate["correct"]:
+    if candidate.correct:
         return "answer matches the ground truth"
-    if not candidate["perplexity"] > cfg.min_perplexity:
+    if not candidate.perplexity > cfg.min_perplexity:
         return f"perplexity <= {cfg.min_perplexity}"
     if use_attention:
-        compare, threshold = threshold_for(cfg, candidate["format"], candidate["n_images"])
-        if not compare(candidate["ratio"], threshold):
-            return f"attention ratio not {cfg.operators.get(candidate['format'], '<')} {threshold}"
+        compare, threshold = threshold_for(cfg, candidate.format, candidate.n_images)
+        if not compare(candidate.ratio, threshold):  # type: ignore[arg-type]  # a non-empty answer has a ratio
+            return f"attention ratio not {cfg.operators.get(candidate.format, '<')} {threshold}"
     return KEPT
 
 
@@ -74,22 +75,27 @@ def _outside(value: float, low: float | None, high: float | None) -> bool:
     return (low is not None and value < low) or (high is not None and value > high)
 
 
-def post_reason(candidate: dict[str, Any], cfg: SelectionConfig) -> str:
+def post_reason(candidate: Candidate, cfg: SelectionConfig) -> str:
     """Why post-selection drops a selected candidate, or KEPT (filters applied in this order)."""
     post = cfg.post
-    if _outside(candidate["perplexity"], post.perplexity_min, post.perplexity_max):
+    if _outside(candidate.perplexity, post.perplexity_min, post.perplexity_max):
         return "post: perplexity out of range"
-    ratio = candidate["answer_tokens"] / max(1, candidate["ground_truth_tokens"])
+    ratio = candidate.answer_tokens / max(1, candidate.ground_truth_tokens)
     if _outside(ratio, post.length_ratio_min, post.length_ratio_max):
         return "post: length ratio out of range"
-    similarity = edit_similarity(candidate["ground_truth"], candidate["answer"])
+    similarity = edit_similarity(candidate.ground_truth, candidate.answer)
     if _outside(similarity, post.edit_similarity_min, post.edit_similarity_max):
         return "post: edit similarity out of range"
     return KEPT
 
 
-def group_key(candidate: dict[str, Any]) -> tuple[str, int]:
-    return candidate["format"], int(candidate["n_images"])
+def group_key(candidate: Candidate) -> tuple[str, int]:
+    return candidate.format, int(candidate.n_images)
+
+
+def as_candidates(candidates: Iterable[Candidate | Mapping[str, Any]]) -> list[Candidate]:
+    """Candidates, the ones given in their JSON form (a ``candidates.jsonl`` line) read with ``Candidate.from_json``."""
+    return [Candidate.of(c) for c in candidates]
 
 
 @dataclass
@@ -99,7 +105,7 @@ class Selection:
     report: dict[str, Any] = field(default_factory=dict)
 
 
-def _decide(candidates: Sequence[dict[str, Any]], cfg: SelectionConfig, use_attention: bool) -> list[str]:
+def _decide(candidates: Sequence[Candidate], cfg: SelectionConfig, use_attention: bool) -> list[str]:
     reasons = []
     for candidate in candidates:
         reason = rule_reason(candidate, cfg, use_attention)
@@ -107,23 +113,24 @@ def _decide(candidates: Sequence[dict[str, Any]], cfg: SelectionConfig, use_atte
     return reasons
 
 
-def _decision(record_id: str, candidate: dict[str, Any], ratio: float | None, perplexity: float,
+def _decision(record_id: str, candidate: Candidate, ratio: float | None, perplexity: float,
               reason: str) -> dict[str, Any]:
     """One line of the selection's decision log."""
-    return {"id": record_id, "format": candidate["format"], "n_images": candidate["n_images"], "ratio": ratio,
+    return {"id": record_id, "format": candidate.format, "n_images": candidate.n_images, "ratio": ratio,
             "perplexity": perplexity, "decision": reason}
 
 
-def _pair(pair_id: str, candidate: dict[str, Any], rejected: str, meta: dict[str, Any]) -> PairRecord:
+def _pair(pair_id: str, candidate: Candidate, rejected: str, meta: dict[str, Any]) -> PairRecord:
     """The pair of a candidate: chosen = its ground truth, ``rejected`` as given, the candidate's layout in meta."""
-    return PairRecord(id=pair_id, images=list(candidate["images"]), prompt=candidate["prompt"],
-                      chosen=candidate["ground_truth"], rejected=rejected,
-                      meta={"format": candidate["format"], "n_images": candidate["n_images"],
-                            "target": candidate["target"], **meta, "layer": candidate["layer"]})
+    return PairRecord(id=pair_id, images=list(candidate.images), prompt=candidate.prompt,
+                      chosen=candidate.ground_truth, rejected=rejected,
+                      meta={"format": candidate.format, "n_images": candidate.n_images,
+                            "target": candidate.target, **meta, "layer": candidate.layer})
 
 
-def select_pairs(candidates: Sequence[dict[str, Any]], cfg: SelectionConfig, seed: int) -> Selection:
-    """Apply the configured selection and post-selection to candidates (in their order)."""
+def select_pairs(candidates: Iterable[Candidate | Mapping[str, Any]], cfg: SelectionConfig, seed: int) -> Selection:
+    """Apply the configured selection and post-selection to candidates (in their order; dicts: their JSON form)."""
+    candidates = as_candidates(candidates)
     attention_reasons = _decide(candidates, cfg, use_attention=True)
     if cfg.name == "attention":
         reasons = attention_reasons
@@ -145,11 +152,11 @@ def select_pairs(candidates: Sequence[dict[str, Any]], cfg: SelectionConfig, see
     pairs, decisions = [], []
     right = right_answer_pairs(candidates, cfg)
     for candidate, reason in zip(candidates, reasons):
-        decisions.append(_decision(candidate["id"], candidate, candidate["ratio"], candidate["perplexity"], reason))
+        decisions.append(_decision(candidate.id, candidate, candidate.ratio, candidate.perplexity, reason))
         if reason == KEPT:
-            pairs.append(_pair(candidate["id"], candidate, candidate["answer"],
-                               {"selection": cfg.name, "attention_ratio": candidate["ratio"],
-                                "image_scores": candidate["image_scores"], "perplexity": candidate["perplexity"]}))
+            pairs.append(_pair(candidate.id, candidate, candidate.answer,
+                               {"selection": cfg.name, "attention_ratio": candidate.ratio,
+                                "image_scores": candidate.image_scores, "perplexity": candidate.perplexity}))
     for pair, decision in right:
         decisions.append(decision)
         if pair is not None:
@@ -167,22 +174,22 @@ def select_pairs(candidates: Sequence[dict[str, Any]], cfg: SelectionConfig, see
     return Selection(pairs, decisions, report)
 
 
-def calibrate_thresholds(candidates: Sequence[dict[str, Any]], cfg: SelectionConfig, removed_share: float
-                         ) -> dict[str, dict[int, float]]:
+def calibrate_thresholds(candidates: Iterable[Candidate | Mapping[str, Any]], cfg: SelectionConfig,
+                         removed_share: float) -> dict[str, dict[int, float]]:
     """Per (format, N) thresholds under which the attention rule removes ``removed_share`` of the wrong answers.
 
     The reference thresholds were set for LLaVA-1.5's attention; another model spreads its attention otherwise
     (a small model's ratios sit near 1/N, where 0.8 / 0.7 / 0.6 remove almost nothing). Among the wrong answers
     that pass the other rules, the threshold is their ratio quantile at 1 − ``removed_share`` (read with the
     format's operator), so the wrong answers that looked hardest at the target image are the ones removed.
-    Calibrate on candidates that are not the evaluation split.
+    Calibrate on candidates that are not the evaluation split (dicts: their JSON form).
     """
     if not 0 <= removed_share < 1:
         raise ValueError(f"removed_share must be in [0, 1), got {removed_share}")
     ratios: dict[tuple[str, int], list[float]] = defaultdict(list)
-    for candidate in candidates:
-        if rule_reason(candidate, cfg, use_attention=False) == KEPT and candidate["ratio"] is not None:
-            ratios[group_key(candidate)].append(float(candidate["ratio"]))
+    for candidate in as_candidates(candidates):
+        if rule_reason(candidate, cfg, use_attention=False) == KEPT and candidate.ratio is not None:
+            ratios[group_key(candidate)].append(float(candidate.ratio))
     thresholds: dict[str, dict[int, float]] = defaultdict(dict)
     for (fmt, n), values in sorted(ratios.items()):
         values.sort()
@@ -196,33 +203,33 @@ def calibrate_thresholds(candidates: Sequence[dict[str, Any]], cfg: SelectionCon
     return {fmt: dict(by_n) for fmt, by_n in thresholds.items()}
 
 
-def right_answer_pairs(candidates: Sequence[dict[str, Any]], cfg: SelectionConfig
+def right_answer_pairs(candidates: Sequence[Candidate], cfg: SelectionConfig
                        ) -> list[tuple[PairRecord | None, dict[str, Any]]]:
     """Pairs from right answers (``selection.right_answer_negatives``): chosen = the ground truth, rejected = the
     extra answer (about another image, or the runner-up) when it differs; post-selection applies as to the others."""
     out: list[tuple[PairRecord | None, dict[str, Any]]] = []
     for candidate in candidates:
-        other = candidate.get("negative")
+        other = candidate.negative
         if other is None:
             continue
-        pseudo = {**candidate, **{k: other[k] for k in ("answer", "answer_tokens", "perplexity")}}
-        if not other["answer"]:
-            reason = f"{other['kind']}: empty answer"
-        elif image_marker_in(candidate["ground_truth"]) is not None:
-            reason = f"{other['kind']}: {IMAGE_MARKER_IN_GROUND_TRUTH}"
-        elif image_marker_in(other["answer"]) is not None:
-            reason = f"{other['kind']}: {IMAGE_MARKER_IN_ANSWER}"
-        elif normalise_answer(other["answer"]) == normalise_answer(candidate["ground_truth"]):
-            reason = f"{other['kind']}: same as the ground truth"
+        if not other.answer:
+            reason = f"{other.kind}: empty answer"
+        elif image_marker_in(candidate.ground_truth) is not None:
+            reason = f"{other.kind}: {IMAGE_MARKER_IN_GROUND_TRUTH}"
+        elif image_marker_in(other.answer) is not None:
+            reason = f"{other.kind}: {IMAGE_MARKER_IN_ANSWER}"
+        elif normalise_answer(other.answer) == normalise_answer(candidate.ground_truth):
+            reason = f"{other.kind}: same as the ground truth"
         else:
-            reason = post_reason(pseudo, cfg)
-        pair_id = f"{candidate['id']}-{other['kind']}"
+            reason = post_reason(replace(candidate, answer=other.answer, answer_tokens=other.answer_tokens,
+                                         perplexity=other.perplexity), cfg)
+        pair_id = f"{candidate.id}-{other.kind}"
         pair = None
         if reason == KEPT:
-            pair = _pair(pair_id, candidate, other["answer"],
-                         {"selection": other["kind"], "asked_about": other["asked_about"], "attention_ratio": None,
-                          "perplexity": other["perplexity"]})
-        out.append((pair, _decision(pair_id, candidate, None, other["perplexity"], reason)))
+            pair = _pair(pair_id, candidate, other.answer,
+                         {"selection": other.kind, "asked_about": other.asked_about, "attention_ratio": None,
+                          "perplexity": other.perplexity})
+        out.append((pair, _decision(pair_id, candidate, None, other.perplexity, reason)))
     return out
 
 

@@ -36,14 +36,15 @@ from torch.utils.data import DataLoader
 
 from miadpo.augment.runner import RECORDS_FILE, augmentation_finished, run_augmentation
 from miadpo.config import DataConfig, ExportImagePaths, SelectionConfig
+from miadpo.data.images import ImageOptions
+from miadpo.data.jsonl import append_jsonl, atomic_replace, completed_ids, read_jsonl
+from miadpo.data.pairs import ImageRoots, PairRecord, write_pairs
 from miadpo.fingerprint import digest, file_sha1, weights_identity
-from miadpo.images import ImageOptions
-from miadpo.jsonl import append_jsonl, atomic_replace, completed_ids, read_jsonl
 from miadpo.locks import stage_lock
 from miadpo.models.base import ModelAdapter
-from miadpo.pairs import ImageRoots, PairRecord, write_pairs
 from miadpo.select.candidates import CandidateGenerator, SelectionInput, selection_inputs
 from miadpo.select.capture import resolve_layer
+from miadpo.select.records import Candidate, read_candidates
 from miadpo.select.rules import LLAMAFACTORY_DATASET_INFO, report_text, select_pairs, to_llamafactory, to_trl
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ class CandidatePredictor(L.LightningModule):
     def transfer_batch_to_device(self, batch: Any, device: Any, dataloader_idx: int) -> Any:
         return batch  # records, not tensors: the generator moves what it builds
 
-    def predict_step(self, batch: list[SelectionInput], batch_idx: int) -> list[dict[str, Any]]:
+    def predict_step(self, batch: list[SelectionInput], batch_idx: int) -> list[Candidate]:
         return self.generator(batch)
 
 
@@ -112,9 +113,9 @@ class ShardWriter(BasePredictionWriter):
                            batch_indices: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         assert self.directory is not None
         with (self.directory / f"candidates.rank{trainer.global_rank}.jsonl").open("a", encoding="utf-8") as f:
-            append_jsonl(f, prediction)
+            append_jsonl(f, (c.to_json() for c in prediction))
         self.seen += len(prediction)
-        self.kept += sum(1 for c in prediction if c["answer"] and not c["correct"])
+        self.kept += sum(1 for c in prediction if c.answer and not c.correct)
 
 
 class CandidateProgress(TQDMProgressBar):
@@ -190,24 +191,24 @@ class SelectionStage:
         generator = CandidateGenerator(self.adapter, self.selection, self.roots, self.seed, ImageOptions.of(self.data))
         trainer.predict(CandidatePredictor(generator), dataloaders=loader, return_predictions=False)
 
-    def merge(self, directory: Path, inputs: Sequence[SelectionInput]) -> list[dict[str, Any]]:
+    def merge(self, directory: Path, inputs: Sequence[SelectionInput]) -> list[Candidate]:
         """All shards → candidates.jsonl in record order (rank 0, after every shard finished)."""
         merged = directory / CANDIDATES_FILE
         if merged.exists():
-            return read_jsonl(merged)
-        by_id: dict[str, dict[str, Any]] = {}
+            return read_candidates(merged)
+        by_id: dict[str, Candidate] = {}
         for shard in sorted(directory.glob("candidates.rank*.jsonl")):
-            for candidate in read_jsonl(shard):
-                by_id[candidate["id"]] = candidate
+            for candidate in read_candidates(shard):
+                by_id[candidate.id] = candidate
         missing = [item.id for item in inputs if item.id not in by_id]
         if missing:
             raise RuntimeError(f"{len(missing)} candidates missing after generation (first: {missing[:3]})")
         candidates = [by_id[item.id] for item in inputs]
         with atomic_replace(merged) as tmp, tmp.open("w", encoding="utf-8") as handle:
-            append_jsonl(handle, candidates)
+            append_jsonl(handle, (c.to_json() for c in candidates))
         return candidates
 
-    def apply_rules(self, directory: Path, candidates: Sequence[dict[str, Any]]) -> Path:
+    def apply_rules(self, directory: Path, candidates: Sequence[Candidate]) -> Path:
         """Selection + post-selection into pairs-<fingerprint>/; returns the pairs file."""
         out = directory / f"pairs-{_digest(rules_identity(self.selection, self.seed))}"
         out.mkdir(exist_ok=True)

@@ -10,7 +10,8 @@ import json
 import shutil
 from pathlib import Path
 
-from miadpo.toyworld.base import augmented_sequences
+from miadpo.toyworld.base import SPLIT_SEEDS, augmented_sequences, build_base
+from miadpo.toyworld.scenes import write_split
 
 SHIPPED_BASE = Path(__file__).resolve().parent / "base_model"
 
@@ -24,9 +25,6 @@ def ensure_toy_world(out: str | Path, base_dir: str | Path | None = None) -> Pat
     The splits are regenerated from their seeds when missing; the base is copied from the checkpoint shipped
     with the package (made by ``python -m miadpo.toyworld.base``) or, without one, trained and cached in ``out``.
     """
-    from miadpo.toyworld.base import SPLIT_SEEDS
-    from miadpo.toyworld.scenes import write_split
-
     out = Path(out)
     if base_dir is not None:
         ensure_toy_base(base_dir, out)
@@ -48,8 +46,6 @@ def ensure_toy_world(out: str | Path, base_dir: str | Path | None = None) -> Pat
 
 def ensure_toy_base(base_dir: str | Path, out: str | Path) -> Path:
     """Copy the shipped toy base to ``base_dir`` if it is not there (without a shipped one, train it in ``out``)."""
-    from miadpo.toyworld.base import build_base
-
     base_dir = Path(base_dir)
     if not base_dir.is_dir():
         if SHIPPED_BASE.is_dir():

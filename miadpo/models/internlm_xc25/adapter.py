@@ -17,20 +17,15 @@ from PIL import Image
 from torch import nn
 
 from miadpo.config import ModelConfig
-from miadpo.models.base import (
-    ImageGeometry,
-    ModelAdapter,
-    ProcessedImages,
-    ProcessorFiles,
-    check_weights_path,
-    torch_dtype,
-)
+from miadpo.models.base import ModelAdapter
+from miadpo.models.geometry import ImageGeometry
 from miadpo.models.internlm_xc25.checkpoint import load_model
 from miadpo.models.internlm_xc25.hd import HDImageProcessor, hd_geometry
 from miadpo.models.internlm_xc25.modeling import InternLMXComposer2Config, InternLMXComposer2ForCausalLM
 from miadpo.models.internlm_xc25.tokenizer import VOCAB_FILE, load_internlm2_tokenizer
+from miadpo.models.loading import ProcessorFiles, check_weights_path, torch_dtype
+from miadpo.models.templates import get_template
 from miadpo.models.tiny import build_tiny_tokenizer, seeded_init
-from miadpo.templates import get_template
 
 IMAGE_HERE = "<ImageHere>"
 CHAT_TOKENS = ["[UNUSED_TOKEN_145]", "[UNUSED_TOKEN_146]"]  # end / start of a chat turn
@@ -41,6 +36,7 @@ class InternLMXC25Adapter(ModelAdapter):
     """Adapter for :class:`InternLMXComposer2ForCausalLM`."""
 
     image_token = IMAGE_HERE
+    module_paths = {"vision_tower": "vit", "projector": "vision_proj", "llm": "model"}
 
     def __init__(self, model: nn.Module, tokenizer: Any, image_processor: HDImageProcessor, template: Any,
                  cfg: ModelConfig) -> None:
@@ -77,17 +73,11 @@ class InternLMXC25Adapter(ModelAdapter):
     def image_geometry(self, image_size: tuple[int, int]) -> ImageGeometry:
         return self.plan_images([image_size])[0]
 
-    def process_images(self, images: Sequence[Image.Image]) -> ProcessedImages:
-        if not images:
-            return ProcessedImages(pixel_values=None, geometries=[])
+    def pixel_inputs(self, images: list[Image.Image], geometries: list[ImageGeometry]
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         pixels, layouts = self.image_processor(images)
         grid = torch.tensor([[layout.rows, layout.cols] for layout in layouts], dtype=torch.long)
-        return ProcessedImages(pixel_values=pixels.to(self.base_model.dtype),
-                               geometries=[hd_geometry(layout) for layout in layouts], extra={"image_layout": grid})
-
-    def module_groups(self) -> dict[str, nn.Module]:
-        model = self.base_model
-        return {"vision_tower": model.vit, "projector": model.vision_proj, "llm": model.model}
+        return pixels, {"image_layout": grid}
 
     def attention_module(self, layer: nn.Module) -> nn.Module:
         return layer.attention

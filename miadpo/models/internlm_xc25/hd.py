@@ -29,14 +29,13 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.nn import functional as F
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-from miadpo.models.base import ImageGeometry, PatchGrid
+from miadpo.models.geometry import ImageGeometry, PatchGrid
 
 CROP = 560  # pixels per crop side
 CELLS = 20  # tokens per crop side after the 2 × 2 patch merge
 WHITE = (255, 255, 255)
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass(frozen=True)
@@ -87,6 +86,7 @@ def hd_image(image: Image.Image, layout: HDLayout) -> Image.Image:
 
     A portrait image is resized and padded as its landscape transpose, then transposed back, in the original's
     order: PIL resizes in two passes and rounds between them, so resizing the upright image gives other pixels.
+    (Not ``ImageOps.pad``: its ``contain`` rounds the height to nearest where the layout floors it.)
     """
     image = image.convert("RGB")
     portrait = layout.size[0] < layout.size[1]
@@ -135,8 +135,8 @@ class HDImageProcessor:
     cells: int = CELLS
     hd_num: int = 24
     hd_num_multi: int = 6
-    image_mean: tuple[float, ...] = field(default=CLIP_MEAN)
-    image_std: tuple[float, ...] = field(default=CLIP_STD)
+    image_mean: tuple[float, ...] = field(default=tuple(OPENAI_CLIP_MEAN))
+    image_std: tuple[float, ...] = field(default=tuple(OPENAI_CLIP_STD))
 
     FILE = "xcomposer_image_processor.json"
 

@@ -7,7 +7,7 @@ Parameter names follow the checkpoint (``model.layers.{i}.attention.wqkv``, ``fe
   its key head, then its value head (``head_dim`` features each).
 - Partial-LoRA: every linear layer of the decoder carries ``Plora_A`` (in → r) and ``Plora_B`` (r → out) applied
   only at image positions (``im_mask``): ``y = W x + s · B A x`` there, ``y = W x`` on text; ``s = alpha / r``.
-- RMSNorm in float32; rotary embedding on the two halves of each head (θ = ``rotary_base``; with
+- RMSNorm in float32; rotary embedding on the two halves of each head (``rotate_half``; θ = ``rotary_base``; with
   ``rotary_dynamic_factor = f`` θ grows as in dynamic NTK once a sequence is longer than
   ``max_position_embeddings``: θ · (f·L/max − (f − 1))^(d/(d−2)), from the longest position of the call).
   Attention goes through transformers' attention functions (``sdpa`` by default, ``eager`` defined here, or
@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import rotate_half
 
 
 class PartialLoRALinear(nn.Linear):
@@ -43,6 +44,7 @@ class PartialLoRALinear(nn.Linear):
 
 
 class RMSNorm(nn.Module):
+    # Not transformers' LlamaRMSNorm: the same forward, but it casts x to float32 once, which changes bf16 gradients.
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
@@ -54,8 +56,8 @@ class RMSNorm(nn.Module):
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    first, second = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-second, first], dim=-1) * sin
+    """Rotary embedding of ``x`` at the angles whose cosines and sines are given."""
+    return x * cos + rotate_half(x) * sin
 
 
 def eager_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -159,7 +161,11 @@ class InternLM2Model(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def rope_base(self, sequence_length: int) -> float:
-        """θ, grown by dynamic NTK scaling beyond ``max_position_embeddings`` when the config asks for it."""
+        """θ, grown by dynamic NTK scaling beyond ``max_position_embeddings`` when the config asks for it.
+
+        transformers' ``ROPE_INIT_FUNCTIONS["dynamic"]`` computes the same inverse frequencies bit for bit but does
+        not expose θ and needs a ``rope_parameters`` config, so the formula stays here.
+        """
         config, base = self.config, float(self.config.rotary_base)
         factor, limit = config.rotary_dynamic_factor, config.max_position_embeddings
         if factor and sequence_length > limit:

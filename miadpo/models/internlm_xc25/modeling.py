@@ -12,7 +12,6 @@ embeddings in order, and ``im_mask`` (= the image-token positions) switches Part
 
 from __future__ import annotations
 
-from dataclasses import fields
 from typing import Any
 
 import torch
@@ -24,9 +23,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from miadpo.models.internlm_xc25.internlm2 import InternLM2Model
 from miadpo.models.internlm_xc25.vision import VisionTower, layout_tokens, merge_2x2
-
-# transformers 5.2x names the output's cache ``cache``; earlier 5.x ``past_key_values``.
-CACHE_FIELD = "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithPast)} else "past_key_values"
+from miadpo.models.loading import CACHE_NAME
 
 # CLIP ViT-L/14 run at 560 px (internlm/internlm-xcomposer2d5-clip).
 CLIP_L14_560 = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
@@ -152,7 +149,7 @@ class InternLMXComposer2ForCausalLM(PreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: cache if use_cache else None})
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_NAME: cache if use_cache else None})
 
     def prepare_inputs_for_generation(self, input_ids: torch.Tensor, past_key_values: Any = None, cache: Any = None,
                                       attention_mask: torch.Tensor | None = None,

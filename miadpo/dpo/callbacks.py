@@ -14,6 +14,7 @@ from peft import PeftModel
 
 from miadpo.export import NonFiniteWeightsError, export_model
 from miadpo.models.base import ModelAdapter
+from miadpo.text import markdown_table
 
 
 class LogLastStep(L.Callback):
@@ -91,20 +92,21 @@ class BeforeAfterEval(L.Callback):
     """
 
     def __init__(self, adapter: ModelAdapter, items: Sequence[Any], run_dir: Path, batch_size: int,
-                 max_new_tokens: int, scenes: dict[str, Any] | None, evaluate: Callable[..., Any]) -> None:
-        """``evaluate``: ``miadpo.evaluate.evaluate`` (passed in by the entry point that composes the stages)."""
+                 max_new_tokens: int, classify: Callable[..., str] | None, evaluate: Callable[..., Any]) -> None:
+        """``evaluate``: ``miadpo.eval.scoring.evaluate`` and ``classify`` its optional error classifier (passed in by
+        the pipeline, which composes the stages)."""
         self.evaluate = evaluate
         self.adapter = adapter
         self.items = items
         self.run_dir = run_dir
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
-        self.scenes = scenes
+        self.classify = classify
         self.tables: dict[str, dict[str, dict[str, float]]] = {}
 
     def _evaluate(self, name: str, trainer: L.Trainer) -> None:
         was_training = self.adapter.model.training
-        table, _ = self.evaluate(self.adapter, self.items, self.batch_size, self.max_new_tokens, self.scenes)
+        table, _ = self.evaluate(self.adapter, self.items, self.batch_size, self.max_new_tokens, self.classify)
         self.adapter.model.train(was_training)
         self.tables[name] = table
         if trainer.logger is not None:
@@ -139,10 +141,11 @@ class BeforeAfterEval(L.Callback):
 
     def markdown(self) -> str:
         before, after = self.tables["before"], self.tables["after"]
-        lines = ["| group | n | before | after | Δ | in no image % before → after |", "|---|---|---|---|---|---|"]
+        rows = []
         for group, row in before.items():
             new = after[group]
             nothing = (f"{row['in no image %']:.1f} → {new['in no image %']:.1f}" if "in no image %" in row else "")
-            lines.append(f"| {group} | {int(row['n'])} | {row['accuracy']:.1f} | {new['accuracy']:.1f} | "
-                         f"{new['accuracy'] - row['accuracy']:+.1f} | {nothing} |")
-        return "\n".join(lines) + "\n"
+            rows.append([group, int(row["n"]), f"{row['accuracy']:.1f}", f"{new['accuracy']:.1f}",
+                         f"{new['accuracy'] - row['accuracy']:+.1f}", nothing])
+        header = ["group", "n", "before", "after", "Δ", "in no image % before → after"]
+        return markdown_table(header, rows) + "\n"

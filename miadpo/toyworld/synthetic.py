@@ -16,8 +16,8 @@ from PIL import Image, ImageDraw
 
 from miadpo.augment.formats import sequence_header
 from miadpo.config import SyntheticConfig
+from miadpo.data.pairs import ImageRoots, PairRecord, write_pairs
 from miadpo.fingerprint import digest
-from miadpo.pairs import ImageRoots, PairRecord, write_pairs
 from miadpo.toyworld.scenes import COLOURS as TOY_COLOURS
 from miadpo.toyworld.scenes import SHAPES, paint_shape
 

@@ -1,27 +1,25 @@
-"""Pairs → batches: validated loading, the truncation guard, the train/val split and the collator."""
+"""Pairs → encoded pairs: validated loading, the truncation guard, the train/val split and the DataModule.
+
+The DataModule batches with the collate function it is given (the DPO pair forward's own, ``miadpo.dpo.forward``).
+"""
 
 from __future__ import annotations
 
 import hashlib
 import logging
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from miadpo.augment.runner import RECORDS_FILE, run_augmentation
-from miadpo.batch import PairCollator
 from miadpo.config import DataConfig, TooLongPolicy
-from miadpo.images import ImageOptions, record_image_size
-from miadpo.images import load_image as load_image  # kept importable from here; the rules live in miadpo.images
-from miadpo.jsonl import iter_raw_records, read_jsonl
-from miadpo.models.base import ModelAdapter
-from miadpo.pairs import (
+from miadpo.data.images import ImageOptions, record_image_size
+from miadpo.data.jsonl import iter_raw_records
+from miadpo.data.pairs import (
     BadRecord,
     BadRecordError,
     BadRecordReport,
@@ -31,7 +29,8 @@ from miadpo.pairs import (
     pair_key,
     read_pairs,
 )
-from miadpo.synthetic import ensure_synthetic_pairs
+from miadpo.models.base import ModelAdapter
+from miadpo.models.samples import EncodedSample
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +50,7 @@ def apply_length_guard(records: Sequence[PairRecord], roots: ImageRoots, adapter
 
     Image tokens are never cut: a pair whose prompt (with its images) does not fit is skipped; one whose
     answer overflows is truncated on the answer side (``truncate_answer``) or skipped (``skip``). Sizes are those
-    the loader gives (upright, capped: ``miadpo.images``); a pair with an image that cannot be opened (or is too
+    the loader gives (upright, capped: ``miadpo.data.images``); a pair with an image that cannot be opened (or is too
     large under ``on_large_image=skip``) goes to ``bad``.
     """
     result = LengthGuardResult([], [], [])
@@ -91,6 +90,17 @@ def split_train_val(records: Sequence[PairRecord], val_fraction: float, seed: in
     return [r for r in records if r.id not in val_ids], [r for r in records if r.id in val_ids]
 
 
+@dataclass
+class EncodedPair:
+    """One pair ready to collate: chosen and rejected encoded against the same processed images."""
+
+    id: str
+    chosen: EncodedSample
+    rejected: EncodedSample
+    key: str | None = None  # reference-cache key (miadpo.fingerprint), when a cache is attached
+    reference: Sequence[float] | None = None  # the cached reference log-probs of the pair, when there are some
+
+
 class PairDataset(Dataset):
     """Loads a pair's images once and encodes chosen and rejected against the same processed images."""
 
@@ -105,27 +115,23 @@ class PairDataset(Dataset):
         self.reference: Mapping[str, Sequence[float]] | None = None
 
     def attach_reference(self, cache: Mapping[str, Sequence[float]]) -> None:
-        """Serve each pair's cached reference log-probs (a ``miadpo.reference_cache.ReferenceCache``) with it."""
+        """Serve each pair's cached reference log-probs (a ``miadpo.dpo.reference_cache.ReferenceCache``) with it."""
         self.keys = [pair_key(record, self.roots) for record in self.records]
         self.reference = cache
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, index: int) -> EncodedPair:
         record = self.records[index]
         pictures = load_record_images(self.roots, record.images, self.images, f"pair {record.id}")
         images = self.adapter.process_images(pictures)
-        item = {
-            "id": record.id,
-            "chosen": self.adapter.encode(images, record.prompt, record.chosen, self.max_length),
-            "rejected": self.adapter.encode(images, record.prompt, record.rejected, self.max_length),
-        }
-        if self.keys:
-            item["key"] = self.keys[index]
-            if self.reference is not None and item["key"] in self.reference:
-                item["reference"] = self.reference[item["key"]]
-        return item
+        key = self.keys[index] if self.keys else None
+        cached = key is not None and self.reference is not None and key in self.reference
+        reference = self.reference[key] if cached else None  # type: ignore[index]
+        return EncodedPair(record.id, self.adapter.encode(images, record.prompt, record.chosen, self.max_length),
+                           self.adapter.encode(images, record.prompt, record.rejected, self.max_length), key,
+                           reference)
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -164,14 +170,15 @@ class ResumeDataOrder(L.Callback):
 
 
 class PairDataModule(L.LightningDataModule):
-    """Pairs from ``data.pairs`` (or the embedded synthetic set) → train/val dataloaders."""
+    """Pairs from ``data.pairs`` → train/val dataloaders of batches made by ``collate`` (a pair forward's)."""
 
-    def __init__(self, cfg: DataConfig, adapter: ModelAdapter, seed: int = 0, layout: str = "concatenated") -> None:
+    def __init__(self, cfg: DataConfig, adapter: ModelAdapter, collate: Callable[[list[EncodedPair]], object],
+                 seed: int = 0) -> None:
         super().__init__()
         self.cfg = cfg
         self.adapter = adapter
+        self.collate = collate
         self.seed = seed
-        self.layout = layout  # the batch layout of the DPO module's pair forward (see PairCollator)
         self.roots = ImageRoots.of(cfg)
         self.images = ImageOptions.of(cfg)
         self.train_set: PairDataset | None = None
@@ -180,18 +187,10 @@ class PairDataModule(L.LightningDataModule):
         self.guard: LengthGuardResult | None = None
 
     def pairs_path(self) -> Path:
-        if self.cfg.pairs:
-            return Path(self.cfg.pairs)
-        if self.cfg.source:
-            raise ValueError(
-                f"data={self.cfg.name}: building pairs from data.source={self.cfg.source!r} needs the "
-                "selection stage (augmentation alone: `python -m miadpo.augment`); point data.pairs at a pair "
-                "JSONL instead"
-            )
-        return ensure_synthetic_pairs(self.cfg.synthetic, self.roots)
-
-    def prepare_data(self) -> None:
-        self.pairs_path()
+        if not self.cfg.pairs:
+            raise ValueError(f"data={self.cfg.name}: data.pairs is not set; point it at a pair JSONL, or let the "
+                             f"recipe's preparation step (data.prepare={self.cfg.prepare}) make one first")
+        return Path(self.cfg.pairs)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -233,7 +232,7 @@ class PairDataModule(L.LightningDataModule):
             batch_size=self.cfg.batch_size,
             sampler=EpochShuffleSampler(len(dataset), self.seed) if shuffle else None,
             num_workers=self.cfg.num_workers,
-            collate_fn=PairCollator(self.adapter, self.layout),
+            collate_fn=self.collate,
             persistent_workers=self.cfg.num_workers > 0,
         )
 
@@ -244,26 +243,3 @@ class PairDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         assert self.val_set is not None, "call setup() first"
         return self._loader(self.val_set, shuffle=False) if len(self.val_set) else []
-
-
-class AugmentedRecordsDataModule(L.LightningDataModule):
-    """Augmented multi-image records of a dataset recipe (``data.source`` + format mix).
-
-    ``prepare_data`` runs the augmentation stage when its output is missing or partial (it resumes), so the
-    selection stage can chain after it; ``predict_dataloader`` yields lists of record dicts.
-    """
-
-    def __init__(self, cfg: DataConfig, seed: int = 0) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.seed = seed
-        self.records: list[dict[str, Any]] = []
-
-    def prepare_data(self) -> None:
-        run_augmentation(self.cfg, self.seed, progress=False)
-
-    def setup(self, stage: str | None = None) -> None:
-        self.records = list(read_jsonl(Path(self.cfg.out_dir) / RECORDS_FILE))
-
-    def predict_dataloader(self) -> DataLoader:
-        return DataLoader(self.records, batch_size=self.cfg.batch_size, shuffle=False, collate_fn=list)

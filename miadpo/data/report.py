@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from miadpo.images import load_record_image
-from miadpo.pairs import ImageRoots, PairRecord
+from miadpo.data.images import load_record_image
+from miadpo.data.pairs import ImageRoots, PairRecord
 
 TILE = 160  # pixels per image in the sample strips
 

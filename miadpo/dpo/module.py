@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any
@@ -19,64 +17,28 @@ import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from peft import PeftModel
 from torch import nn
-from transformers import get_linear_schedule_with_warmup
 
-from miadpo.batch import PairLogps
 from miadpo.config import DPOConfig, FastPathConfig, OptimConfig
-from miadpo.export import nonfinite_names
-from miadpo.losses import build_loss, rewards
-from miadpo.models.base import ModelAdapter
-from miadpo.pair_forward import (
+from miadpo.dpo.batch import ConcatenatedBatch, PairBatch, PairLogps
+from miadpo.dpo.forward import (
     ConcatenatedPairForward,
     PairForward,
     SharedPrefixPairForward,
     shared_image_features,
 )
+from miadpo.dpo.losses import build_loss, rewards
+from miadpo.dpo.optim import adamw_with_linear_schedule
+from miadpo.export import nonfinite_names
+from miadpo.models.base import ModelAdapter
 
 log = logging.getLogger(__name__)
-FLOAT32_MAX = torch.finfo(torch.float32).max
-
-
-def check_optim(optim: OptimConfig) -> None:
-    """The ``optim.*`` settings AdamW and the schedule accept, checked before any stage runs (a bad one is named).
-
-    ``optim.lr`` must also keep AdamW's largest step, ``lr / (1 - betas[0])`` (the first, bias-corrected one),
-    within float32: beyond it the optimizer fails mid-run with an overflow that names no setting.
-    """
-    lr, betas = float(optim.lr), [float(b) for b in optim.betas]
-    if not math.isfinite(lr) or lr < 0:
-        raise ValueError(f"optim.lr must be a finite number >= 0, got {optim.lr}")
-    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
-        raise ValueError(f"optim.betas must be two numbers in [0, 1), got {list(optim.betas)}")
-    if lr / (1 - betas[0]) > FLOAT32_MAX:
-        raise ValueError(f"optim.lr={lr:g} is too large: AdamW's first step, optim.lr / (1 - optim.betas[0]) = "
-                         f"{lr / (1 - betas[0]):.3g}, overflows float32 (max {FLOAT32_MAX:.3g}); DPO learning rates "
-                         "are about 1e-6 to 1e-3")
-    for name in ("eps", "weight_decay"):
-        value = float(getattr(optim, name))
-        if not math.isfinite(value) or value < 0:
-            raise ValueError(f"optim.{name} must be a finite number >= 0, got {value}")
-    if not 0 <= float(optim.warmup_ratio) <= 1:
-        raise ValueError(f"optim.warmup_ratio must be in [0, 1], got {optim.warmup_ratio}")
-
-
-def adamw_with_linear_schedule(model: nn.Module, optim: OptimConfig, total_steps: int) -> dict[str, Any]:
-    """AdamW over the trainable parameters; linear warm-up (``optim.warmup_ratio``) then linear decay to 0."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("no trainable parameters: check model.freeze_* and model.lora")
-    optimizer = torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay, betas=tuple(optim.betas),
-                                  eps=optim.eps)
-    total = max(1, total_steps)
-    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(optim.warmup_ratio * total), total)
-    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
 def build_pair_forward(adapter: ModelAdapter, fast: FastPathConfig) -> PairForward:
     """The shared-prefix forward where it applies (no gradient checkpointing), else the plain one."""
     if fast.shared_prefix and not adapter.cfg.gradient_checkpointing:
         return SharedPrefixPairForward(adapter)
-    return ConcatenatedPairForward()
+    return ConcatenatedPairForward(adapter)
 
 
 class DPOModule(L.LightningModule):
@@ -91,7 +53,7 @@ class DPOModule(L.LightningModule):
         self.optim = optim
         self.loss_fn = build_loss(dpo)
         self.pair_forward = pair_forward or build_pair_forward(adapter, dpo.fast)
-        self.plain_forward = ConcatenatedPairForward()
+        self.plain_forward = ConcatenatedPairForward(adapter)
         cfg = adapter.cfg
         self.share_image_features = dpo.fast.shared_image_features and cfg.freeze_vision_tower and \
             cfg.freeze_projector
@@ -121,26 +83,28 @@ class DPOModule(L.LightningModule):
         finally:
             self.policy.train(was_training)
 
-    def _forward_for(self, batch: dict[str, Any]) -> PairForward:
-        """The configured pair forward, or the plain one for a batch collated in the concatenated layout."""
-        if "inputs" in batch and self.pair_forward.layout != "concatenated":
+    def _forward_for(self, batch: PairBatch) -> PairForward:
+        """The configured pair forward, or the plain one for a batch another forward collated (a ConcatenatedBatch)."""
+        if isinstance(batch, self.pair_forward.batch_type):
+            return self.pair_forward
+        if isinstance(batch, ConcatenatedBatch):
             return self.plain_forward
-        return self.pair_forward
+        raise TypeError(f"{type(self.pair_forward).__name__} cannot read a {type(batch).__name__}")
 
-    def policy_logps(self, batch: dict[str, Any]) -> PairLogps:
+    def policy_logps(self, batch: PairBatch) -> PairLogps:
         return self._forward_for(batch)(self.policy, batch)
 
     @torch.no_grad()
-    def reference_logps(self, batch: dict[str, Any]) -> PairLogps:
-        if "reference" in batch:  # cached before training (miadpo.reference_cache)
-            cached = batch["reference"]
-            return PairLogps(cached[:, 0], cached[:, 1], cached[:, 2].long(), cached[:, 3].long())
+    def reference_logps(self, batch: PairBatch) -> PairLogps:
+        cached = batch.cached_reference()  # computed before training (miadpo.dpo.reference_cache)
+        if cached is not None:
+            return cached
         if self.cached_reference:
             raise RuntimeError("dpo.fast.reference_cache is on but a batch came without cached reference log-probs")
         with self._reference_model() as reference:
             return self._forward_for(batch)(reference, batch)
 
-    def _step(self, batch: dict[str, Any], prefix: str) -> torch.Tensor:
+    def _step(self, batch: PairBatch, prefix: str) -> torch.Tensor:
         with shared_image_features(self.policy) if self.share_image_features else nullcontext():
             reference = self.reference_logps(batch)
             policy = self.policy_logps(batch)
@@ -149,7 +113,7 @@ class DPOModule(L.LightningModule):
         if self.dpo.sft_weight:
             sft = -policy.chosen.sum() / policy.chosen_tokens.sum().clamp(min=1)
             loss = loss + self.dpo.sft_weight * sft
-            self.log(f"{prefix}sft_loss", sft.detach(), batch_size=batch["num_pairs"])
+            self.log(f"{prefix}sft_loss", sft.detach(), batch_size=batch.num_pairs)
         chosen_rewards, rejected_rewards = rewards(policy, reference, self.dpo.beta)
         metrics = {
             "loss": loss.detach(),
@@ -161,29 +125,19 @@ class DPOModule(L.LightningModule):
             "logps/rejected": policy.rejected.detach().mean(),
         }
         training = prefix == ""
-        self.log_dict({prefix + k: v for k, v in metrics.items()}, batch_size=batch["num_pairs"],
+        self.log_dict({prefix + k: v for k, v in metrics.items()}, batch_size=batch.num_pairs,
                       prog_bar=False, on_step=training, on_epoch=not training, sync_dist=not training)
-        if training:
-            self._log_throughput(batch["num_pairs"])
-            if self._trainer is not None:
-                self._health.append(torch.stack([
-                    loss.detach().float(),
-                    policy.chosen.detach().float().sum() / policy.chosen_tokens.sum().clamp(min=1),
-                    reference.chosen.detach().float().sum() / reference.chosen_tokens.sum().clamp(min=1)]))
+        if training and self._trainer is not None:
+            self._health.append(torch.stack([
+                loss.detach().float(),
+                policy.chosen.detach().float().sum() / policy.chosen_tokens.sum().clamp(min=1),
+                reference.chosen.detach().float().sum() / reference.chosen_tokens.sum().clamp(min=1)]))
         return loss
 
-    def _log_throughput(self, pairs: int) -> None:
-        """Pairs per second over the last training step (this process), shown in the progress bar."""
-        now = time.perf_counter()
-        last = getattr(self, "_last_step_time", None)
-        self._last_step_time = now
-        if last is not None and self._trainer is not None:
-            self.log("pairs_per_s", pairs / max(now - last, 1e-9), prog_bar=True, on_step=True, batch_size=pairs)
-
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: PairBatch, batch_idx: int) -> torch.Tensor:
         return self._step(batch, "")
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def validation_step(self, batch: PairBatch, batch_idx: int) -> torch.Tensor:
         return self._step(batch, "val/")
 
     # ----- training health: no non-finite step goes unnoticed, a collapsing policy is warned about -----------------

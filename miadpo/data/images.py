@@ -264,7 +264,7 @@ def check_image(source: Source, options: ImageOptions | None = None, *, decode: 
 
 def resolve_record_image(roots: Any, rel: str) -> tuple[Path, str]:
     """A record path → (resolved path, "searched under <root name>=<root>"), by ``roots.resolve`` (an
-    ``miadpo.pairs.ImageRoots``: ValueError for absolute or escaping paths)."""
+    ``miadpo.data.pairs.ImageRoots``: ValueError for absolute or escaping paths)."""
     path = roots.resolve(rel)
     candidates = [(name, Path(getattr(roots, name)).resolve()) for name in ("image_root", "out_dir")]
     inside = [(name, root) for name, root in candidates if Path(path).is_relative_to(root)]

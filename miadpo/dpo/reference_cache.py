@@ -26,8 +26,9 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from miadpo.config import DataConfig
+from miadpo.data.jsonl import append_jsonl, repair_tail
+from miadpo.dpo.forward import PairForward
 from miadpo.fingerprint import digest, weights_identity
-from miadpo.jsonl import append_jsonl, repair_tail
 from miadpo.locks import stage_lock
 from miadpo.models.base import ModelAdapter
 
@@ -98,15 +99,16 @@ class ReferenceCache:
 
 @torch.no_grad()
 def fill_reference_cache(cache: ReferenceCache, datasets: Sequence[Any], reference: torch.nn.Module,
-                         forward: Any, collate: Any, batch_size: int) -> int:
-    """Compute and store the reference log-probs of every pair not yet cached; returns how many were computed."""
+                         forward: PairForward, batch_size: int) -> int:
+    """Compute and store the reference log-probs of every pair not yet cached (batches: ``forward.collate``);
+    returns how many were computed."""
     was_training = reference.training
     reference.eval()
     # The pass must not consume the global RNG (data loader seeds), so that LoRA initialisation and data order
     # after it are those of a run without the cache.
     try:
         with torch.random.fork_rng(devices=[]):
-            computed = _fill(cache, datasets, reference, forward, collate, batch_size)
+            computed = _fill(cache, datasets, reference, forward, batch_size)
     finally:
         reference.train(was_training)
     log.info("reference log-probs: %d computed, %d cached in %s", computed, len(cache.values) - computed,
@@ -114,26 +116,26 @@ def fill_reference_cache(cache: ReferenceCache, datasets: Sequence[Any], referen
     return computed
 
 
-def _fill(cache: ReferenceCache, datasets: Sequence[Any], reference: torch.nn.Module, forward: Any, collate: Any,
+def _fill(cache: ReferenceCache, datasets: Sequence[Any], reference: torch.nn.Module, forward: PairForward,
           batch_size: int) -> int:
     if all(key in cache for dataset in datasets for key in dataset.keys):
         return 0  # everything cached: read only, no lock
     with cache.writing():
-        return _fill_missing(cache, datasets, reference, forward, collate, batch_size)
+        return _fill_missing(cache, datasets, reference, forward, batch_size)
 
 
-def _fill_missing(cache: ReferenceCache, datasets: Sequence[Any], reference: torch.nn.Module, forward: Any,
-                  collate: Any, batch_size: int) -> int:
+def _fill_missing(cache: ReferenceCache, datasets: Sequence[Any], reference: torch.nn.Module,
+                  forward: PairForward, batch_size: int) -> int:
     computed = 0
     for dataset in datasets:
         missing = [i for i, key in enumerate(dataset.keys) if key not in cache]
         if not missing:
             continue
-        loader = DataLoader(Subset(dataset, missing), batch_size=batch_size, collate_fn=collate)
+        loader = DataLoader(Subset(dataset, missing), batch_size=batch_size, collate_fn=forward.collate)
         for batch in loader:
             logps = forward(reference, batch)
             rows = zip(logps.chosen.tolist(), logps.rejected.tolist(), logps.chosen_tokens.tolist(),
                        logps.rejected_tokens.tolist())
-            cache.add([(key, list(row)) for key, row in zip(batch["keys"], rows)])
-            computed += batch["num_pairs"]
+            cache.add([(key, list(row)) for key, row in zip(batch.keys, rows)])
+            computed += batch.num_pairs
     return computed

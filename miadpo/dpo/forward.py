@@ -14,16 +14,19 @@ the reference and the policy forward then share the image features.
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from miadpo.batch import PairLogps
-from miadpo.models.base import IGNORE_INDEX, ModelAdapter
+from miadpo.data.dataset import EncodedPair
+from miadpo.dpo.batch import ConcatenatedBatch, PairBatch, PairLogps, SharedPrefixBatch
+from miadpo.models.base import ModelAdapter
+from miadpo.models.loading import CACHE_NAME
+from miadpo.models.logprobs import token_logprobs
+from miadpo.models.samples import IGNORE_INDEX
 
 
 def answer_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,27 +41,36 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
     """Sum over positions of log p(labels[b, t] | logits[b, t]) where the label is not IGNORE_INDEX."""
     mask = labels != IGNORE_INDEX
     values = torch.zeros(labels.shape, dtype=torch.float32, device=logits.device)
-    selected = torch.log_softmax(logits[mask].float(), dim=-1)
-    values[mask] = selected.gather(-1, labels[mask].unsqueeze(-1)).squeeze(-1)
+    values[mask] = token_logprobs(logits[mask], labels[mask])
     return values.sum(-1), mask.sum(-1)
 
 
 class PairForward(Protocol):
-    layout: str  # the batch layout it reads: "concatenated" or "shared_prefix" (see PairCollator)
+    """A batch of pairs → answer log-probs; it collates the batch type it reads (``collate`` for data loaders)."""
 
-    def __call__(self, model: nn.Module, batch: dict[str, Any]) -> PairLogps: ...
+    batch_type: type[PairBatch]
+
+    def collate(self, pairs: Sequence[EncodedPair]) -> PairBatch: ...
+
+    def __call__(self, model: nn.Module, batch: Any) -> PairLogps: ...
 
 
 class ConcatenatedPairForward:
     """The plain path: chosen and rejected sequences, prompt and images included, run as one 2B batch."""
 
-    layout = "concatenated"
+    batch_type = ConcatenatedBatch
 
-    def __call__(self, model: nn.Module, batch: dict[str, Any]) -> PairLogps:
-        inputs = {k: v for k, v in batch["inputs"].items() if k != "labels"}
+    def __init__(self, adapter: ModelAdapter) -> None:
+        self.adapter = adapter
+
+    def collate(self, pairs: Sequence[EncodedPair]) -> ConcatenatedBatch:
+        return ConcatenatedBatch.collate(self.adapter, pairs)
+
+    def __call__(self, model: nn.Module, batch: ConcatenatedBatch) -> PairLogps:
+        inputs = {k: v for k, v in batch.inputs.items() if k != "labels"}
         logits = model(**inputs, use_cache=False).logits
-        logps, counts = answer_logps(logits, batch["inputs"]["labels"])
-        n = batch["num_pairs"]
+        logps, counts = answer_logps(logits, batch.inputs["labels"])
+        n = batch.num_pairs
         return PairLogps(logps[:n], logps[n:], counts[:n], counts[n:])
 
 
@@ -69,19 +81,19 @@ class SharedPrefixPairForward:
     summation order. Position ids come from ``adapter.prompt_position_ids`` (mRoPE for Qwen).
     """
 
-    layout = "shared_prefix"
+    batch_type = SharedPrefixBatch
 
     def __init__(self, adapter: ModelAdapter) -> None:
         self.adapter = adapter
-        # transformers 5.2x renamed ``past_key_values`` to ``cache``; older 5.x only know the former.
-        parameters = inspect.signature(adapter.base_model.forward).parameters
-        self.cache_argument = "cache" if "cache" in parameters else "past_key_values"
 
-    def __call__(self, model: nn.Module, batch: dict[str, Any]) -> PairLogps:
-        prompt, answers = batch["prompt"], batch["answers"]
+    def collate(self, pairs: Sequence[EncodedPair]) -> SharedPrefixBatch:
+        return SharedPrefixBatch.collate(self.adapter, pairs)
+
+    def __call__(self, model: nn.Module, batch: SharedPrefixBatch) -> PairLogps:
+        prompt, answers = batch.prompt, batch.answers
         positions = self.adapter.prompt_position_ids(prompt)
         prefill = model(**prompt, position_ids=positions, use_cache=True, logits_to_keep=1)
-        cache = prefill.past_key_values
+        cache = getattr(prefill, CACHE_NAME)
         cache.batch_repeat_interleave(2)  # row 2i = pair i's chosen, row 2i + 1 = its rejected
         batch_dim = positions.dim() - 2
         length = answers["input_ids"].shape[1]
@@ -89,7 +101,7 @@ class SharedPrefixPairForward:
         following = following.repeat_interleave(2, dim=batch_dim)
         mask = torch.cat([prompt["attention_mask"].repeat_interleave(2, dim=0), answers["attention_mask"]], dim=1)
         out = model(input_ids=answers["input_ids"], attention_mask=mask, position_ids=following,
-                    use_cache=False, **{self.cache_argument: cache})
+                    use_cache=False, **{CACHE_NAME: cache})
         first = prefill.logits[:, -1:].repeat_interleave(2, dim=0)  # predicts each answer's first token
         logits = torch.cat([first, out.logits[:, :-1]], dim=1)
         logps, counts = token_logps(logits, answers["labels"])

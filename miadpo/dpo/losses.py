@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from miadpo.batch import PairLogps
 from miadpo.config import DPOConfig, LossType
+from miadpo.dpo.batch import PairLogps
 
 
 def _margin(policy: PairLogps, reference: PairLogps, average: bool = False) -> torch.Tensor:

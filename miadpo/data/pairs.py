@@ -31,9 +31,9 @@ from typing import Any
 from PIL import Image
 
 from miadpo.config import BadRecordPolicy
+from miadpo.data.images import ImageError, ImageOptions, check_record_image, load_record_image
+from miadpo.data.jsonl import atomic_replace, iter_raw_records
 from miadpo.fingerprint import digest
-from miadpo.images import ImageError, ImageOptions, check_record_image, load_record_image
-from miadpo.jsonl import atomic_replace, iter_raw_records
 from miadpo.text import IMAGE_TOKEN, RELEASE_IMAGE_TOKEN, image_marker_in
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,1 @@
+"""Evaluation: items from test files and TSVs (``items``), greedy answers and per-group accuracy (``scoring``)."""

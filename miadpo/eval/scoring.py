@@ -1,0 +1,146 @@
+"""Scoring: greedy answers, VLMEvalKit's option-letter extraction, per-group accuracy and the markdown table.
+
+Open answers are scored by normalised exact match (case, punctuation and spaces ignored), multiple-choice ones by
+the option letter the answer names; groups are format × N (single-image records form the group "single"),
+TSV names and categories, and circular groups. An optional error classifier (the toy world's:
+``miadpo.toyworld.errors``) adds the share of each class of wrong answer.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Protocol
+
+from miadpo.eval.items import EvalItem
+from miadpo.models.base import ModelAdapter
+from miadpo.text import markdown_table, normalise_answer
+
+REFUSALS = ("Sorry, I can't help with images of people yet.", "I can't process this file.",
+            "I'm sorry, but without the image provided", "Cannot determine the answer")
+ANSWER_SEPARATORS = str.maketrans(dict.fromkeys(".()[],:;!*#{}", " "))
+ANSWER_IS = re.compile(r"(?:correct\s+)?answer\s+is\s+\**([A-D])\**(?![A-Za-z])", re.IGNORECASE)
+
+
+def greedy_answers(adapter: ModelAdapter, items: Sequence[EvalItem], max_new_tokens: int) -> list[str]:
+    return adapter.generate_answers([adapter.encode(item.images, item.prompt) for item in items], max_new_tokens)
+
+
+def option_letter(answer: str, options: dict[str, str]) -> str | None:
+    """The option an answer picks, or None: VLMEvalKit's exact-matching extraction ``can_infer`` (read in
+    open-compass/VLMEvalKit: vlmeval/utils/matching_util.py, and its use in vlmeval/dataset/utils/multiple_choice.py).
+
+    1. A refusal ("Cannot determine the answer", "I can't process this file.", ...) picks nothing (VLMEvalKit's
+       "Z"), with no text fallback.
+    2. Letters: ``.()[],:;!*#{}`` become spaces and the answer is split on whitespace. If exactly one option letter
+       is a token (case-sensitive: "b" alone is no letter) and its first occurrence is among the last four tokens,
+       that is the option ("B", "(B) green", "Answer: B", "The answer is C"; not "A cat sits on the mat").
+       With no option letter and a "Z" token it picks nothing.
+    3. Else "answer is X" / "correct answer is **X**", any case, for X in A–D ("the answer is b." → B); unlike
+       VLMEvalKit we require X to end the word, so "the answer is apple" is not A.
+    4. Else the option text: if the answer is at most twice the length of all option texts together, and exactly
+       one option's text occurs in it (case ignored), that option.
+    """
+    letter = _letter_of(answer, list(options))
+    if letter == "Z" and "Z" not in options:
+        return None
+    return letter or _option_named(answer, options)
+
+
+def _letter_of(answer: str, letters: list[str]) -> str | None:
+    if any(refusal in answer for refusal in REFUSALS):
+        return "Z"
+    tokens = answer.translate(ANSWER_SEPARATORS).split()
+    named = [k for k in letters if k in tokens]
+    if len(named) == 1 and tokens.index(named[0]) >= len(tokens) - 4:
+        return named[0]
+    if not named and "Z" in tokens:
+        return "Z"
+    match = ANSWER_IS.search(answer)
+    return match.group(1).upper() if match and match.group(1).upper() in letters else None
+
+
+def _option_named(answer: str, options: dict[str, str]) -> str | None:
+    lowered = answer.lower()
+    if len(lowered) > 2 * sum(len(v) for v in options.values()):
+        return None
+    named = [k for k, v in options.items() if v.lower() in lowered]
+    return named[0] if len(named) == 1 else None
+
+
+def circular_accuracy(pairs: Sequence[tuple[EvalItem, bool]]) -> tuple[int, float]:
+    """Groups and their accuracy: a group (the rows sharing ``circular_group``) is right only if all its rows are;
+    only groups holding their main row (index == group) count, as in VLMEvalKit's mcq_circular_eval."""
+    rows: dict[str | None, list[bool]] = defaultdict(list)
+    for item, ok in pairs:
+        rows[item.circular_group].append(ok)
+    mains = {item.circular_group for item, _ in pairs if item.id == item.circular_group}
+    return len(mains), 100.0 * sum(all(rows[g]) for g in mains) / max(len(mains), 1)
+
+
+class ErrorClassifier(Protocol):
+    """Names the class of a wrong open answer (one of ``classes``), e.g. ``miadpo.toyworld.errors.ToyErrors``."""
+
+    classes: tuple[str, ...]
+
+    def __call__(self, item: EvalItem, prediction: str) -> str: ...
+
+
+def score(items: Sequence[EvalItem], predictions: Sequence[str], classify: ErrorClassifier | None = None
+          ) -> dict[str, dict[str, float]]:
+    """Per group: n, accuracy, and with ``classify`` the shares of wrong open answers by class (of all answers); with
+    multi-image groups, a "multi-image mean" row (each format × N group weighted equally). An item counts in
+    its group and in its ``extra_groups``. Groups of circular items are scored per circular group: n groups,
+    accuracy of groups, and "row accuracy" over all their rows (VLMEvalKit's "vanilla all")."""
+    groups: dict[str, list[tuple[EvalItem, str]]] = defaultdict(list)
+    for item, prediction in zip(items, predictions):
+        for group in (item.group, *item.extra_groups):
+            groups[group].append((item, prediction))
+    table: dict[str, dict[str, float]] = {}
+    for group, pairs in sorted(groups.items()):
+        results, classes = [], defaultdict(int)
+        for item, prediction in pairs:
+            if item.options:
+                ok = option_letter(prediction, item.options) == item.answer
+            else:
+                ok = normalise_answer(prediction) == normalise_answer(item.answer)
+            results.append((item, ok))
+            if not ok and classify is not None and not item.options:
+                classes[classify(item, prediction)] += 1
+        correct = sum(ok for _, ok in results)
+        if any(item.circular_group is not None for item, _ in results):
+            n, accuracy = circular_accuracy(results)
+            row = {"n": n, "accuracy": accuracy, "row accuracy": 100.0 * correct / len(pairs)}
+        else:
+            row = {"n": len(pairs), "accuracy": 100.0 * correct / len(pairs)}
+        if classify is not None and not pairs[0][0].options:
+            for name in classify.classes:
+                row[f"{name} %"] = 100.0 * classes[name] / len(pairs)
+        table[group] = row
+    mean = multi_image_mean(table)
+    if mean is not None:
+        table["multi-image mean"] = {"n": sum(r["n"] for g, r in table.items() if " N=" in g), "accuracy": mean}
+    return table
+
+
+def evaluate(adapter: ModelAdapter, items: Sequence[EvalItem], batch_size: int = 16, max_new_tokens: int = 8,
+             classify: ErrorClassifier | None = None) -> tuple[dict[str, dict[str, float]], list[str]]:
+    """Greedy answers in batches of ``batch_size``, scored (``score``); returns the table and the predictions."""
+    adapter.model.eval()
+    predictions: list[str] = []
+    for start in range(0, len(items), batch_size):
+        predictions += greedy_answers(adapter, items[start : start + batch_size], max_new_tokens)
+    return score(items, predictions, classify), predictions
+
+
+def table_markdown(table: dict[str, dict[str, float]]) -> str:
+    columns = sorted({k for row in table.values() for k in row if k != "n"}, key=lambda k: (k != "accuracy", k))
+    rows = ([group, int(row["n"]), *(f"{row.get(c, 0.0):.1f}" for c in columns)] for group, row in table.items())
+    return markdown_table(["group", "n", *columns], rows) + "\n"
+
+
+def multi_image_mean(table: dict[str, dict[str, float]]) -> float | None:
+    """Mean accuracy over the multi-image groups (format × N), each group weighted equally."""
+    values = [row["accuracy"] for group, row in table.items() if " N=" in group]
+    return sum(values) / len(values) if values else None

@@ -1,0 +1,65 @@
+"""Loading and saving helpers shared by the families: the weights path check, dtype names, processor files, and
+transformers' name for the key/value cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from miadpo.config import ModelConfig
+
+# transformers 5.2x calls the key/value cache ``cache`` (forward argument and output field); earlier 5.x
+# ``past_key_values``.
+CACHE_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+class ModelWeightsNotFoundError(FileNotFoundError):
+    """``model.path`` does not point at local weights and downloading is not allowed."""
+
+
+def check_weights_path(cfg: ModelConfig) -> str:
+    """Return the path to load from, or fail with instructions instead of a hub stack trace."""
+    assert cfg.path is not None
+    if Path(cfg.path).is_dir():
+        return cfg.path
+    if cfg.allow_download:
+        return cfg.path
+    raise ModelWeightsNotFoundError(
+        f"model {cfg.name!r}: weights not found at model.path={cfg.path!r} (not a local directory). "
+        f"Download them first (e.g. `huggingface-cli download {cfg.path} --local-dir /some/dir`) and pass "
+        f"model.path=/some/dir, or set model.allow_download=true on a machine with hub access."
+    )
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    except KeyError:
+        raise ValueError(f"model.dtype must be float32, bfloat16 or float16, not {name!r}") from None
+
+
+class ProcessorFiles:
+    """Tokenizer + image processor saved side by side in their standard files.
+
+    transformers' multimodal processors for the newer families insist on a video processor, which needs
+    torchvision; adapters of those families save (and load) the two parts instead.
+    """
+
+    def __init__(self, tokenizer: Any, image_processor: Any, chat_template: str | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.chat_template = chat_template
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Both parts; the chat template goes with the tokenizer (``tokenizer.apply_chat_template``)."""
+        previous = getattr(self.tokenizer, "chat_template", None)
+        if self.chat_template is not None:
+            self.tokenizer.chat_template = self.chat_template
+        try:
+            self.tokenizer.save_pretrained(directory)
+        finally:
+            self.tokenizer.chat_template = previous
+        self.image_processor.save_pretrained(directory)

@@ -1,0 +1,276 @@
+"""The stages of a DPO job, each a function of the composed config, in the order ``miadpo.train`` runs them:
+
+1. ``check_job``        everything that can be wrong without running anything
+2. ``prepare_model``    the model's preparation step (``model.prepare``), then the adapter
+3. ``save_base``        the base weights the exported adapter refers to
+4. ``prepare_data``     the recipe's preparation step (``data.prepare``): synthetic pairs, or augment + select
+5. ``reference_pass``   the reference log-probs of every pair, cached before training
+6. ``report_data``      pair statistics and samples (local files and W&B)
+7. ``fit``              Lightning training, with the before/after evaluation and the export as callbacks, then
+   ``summarise``        metrics.json and the printed summary
+
+No stage branches on a config *name*: a recipe names its preparation steps in config.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from omegaconf import DictConfig, OmegaConf
+
+from miadpo.config import DataPreparation, LoggerName, ModelPreparation
+from miadpo.data.dataset import PairDataModule, ResumeDataOrder
+from miadpo.data.pairs import ImageRoots
+from miadpo.data.report import log_data_report, write_data_report
+from miadpo.dpo.batch import PairBatch
+from miadpo.dpo.callbacks import BeforeAfterEval, ExportModel, LogLastStep
+from miadpo.dpo.forward import PairForward
+from miadpo.dpo.losses import check_dpo
+from miadpo.dpo.module import DPOModule
+from miadpo.dpo.optim import check_optim
+from miadpo.dpo.reference_cache import ReferenceCache, fill_reference_cache, model_key
+from miadpo.eval.items import eval_items
+from miadpo.eval.scoring import evaluate
+from miadpo.lightning_setup import (
+    build_logger,
+    build_strategy,
+    check_checkpoint,
+    check_strategy,
+    check_trainer_args,
+    wandb_files_in,
+)
+from miadpo.models import ModelAdapter, build_adapter
+from miadpo.select.stage import run_selection
+from miadpo.toyworld.errors import ToyErrors
+from miadpo.toyworld.pipeline import ensure_toy_base, ensure_toy_world
+from miadpo.toyworld.synthetic import ensure_synthetic_pairs
+
+log = logging.getLogger(__name__)
+THROUGHPUT_WINDOW = 4  # batches averaged by the throughput meter (short: toy runs are a few dozen steps)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    checkpoint: Path | None
+    exported: Path | None
+    wandb_run: Path | None
+    metrics: dict[str, float]
+    global_step: int
+
+
+def check_job(cfg: DictConfig) -> None:
+    """Everything of the job that can be wrong without running it, checked before the model is built or any stage
+    (base saved, selection, reference pass) runs: the Trainer arguments, the strategy on this machine, the loss and
+    optimizer settings, and ``ckpt_path`` (a readable Lightning checkpoint). A bad setting is named."""
+    if cfg.dpo.reference_path is not None and not cfg.dpo.fast.reference_cache:
+        raise ValueError("dpo.reference_path needs dpo.fast.reference_cache=true (the other reference is held "
+                         "in memory: the policy with LoRA disabled, or a copy of its starting weights)")
+    check_trainer_args(cfg.trainer)
+    check_strategy(cfg.strategy)
+    check_dpo(cfg.dpo)  # type: ignore[arg-type]
+    check_optim(cfg.optim)  # type: ignore[arg-type]
+    if cfg.ckpt_path is not None:
+        check_checkpoint(cfg.ckpt_path)
+
+
+def prepare_model(model: DictConfig) -> ModelAdapter:
+    """Run ``model.prepare`` (on rank 0), then build the adapter of ``model``."""
+    if ModelPreparation(model.prepare) is ModelPreparation.toy_base and model.path and rank_zero_only.rank == 0:
+        ensure_toy_base(model.path, Path(model.path).parent)  # the shipped toy base, on first use
+    return build_adapter(model)  # type: ignore[arg-type]
+
+
+def save_base(cfg: DictConfig, adapter: ModelAdapter) -> str:
+    """Where the exported adapter's base weights are: a model built in code is saved with the run (so the adapter
+    is usable on its own); a local directory is recorded as an absolute path, resolvable from anywhere."""
+    if cfg.model.path is None:
+        base_path = str((Path(cfg.run_dir) / "base_model").resolve())
+        if rank_zero_only.rank == 0:
+            adapter.save_base(base_path)
+        return base_path
+    return str(Path(cfg.model.path).resolve()) if Path(cfg.model.path).is_dir() else cfg.model.path
+
+
+def is_single_process(cfg: DictConfig) -> bool:
+    devices = cfg.trainer.get("devices", 1)
+    one_device = devices in (1, "1") or (isinstance(devices, Sequence) and len(devices) == 1)
+    return one_device and cfg.trainer.get("num_nodes", 1) == 1
+
+
+def prepare_data(cfg: DictConfig, adapter: ModelAdapter) -> Path:
+    """Run the recipe's ``data.prepare`` step and return the pair file; sets ``data.pairs`` when it was unset."""
+    step = DataPreparation(cfg.data.prepare)
+    if step is DataPreparation.toy_world and rank_zero_only.rank == 0:
+        if not cfg.data.source:
+            raise ValueError("data.prepare=toy_world needs data.source (the toy pool split; the splits go beside it)")
+        ensure_toy_world(Path(cfg.data.source).parent)  # the toy splits, generated on first use
+    if not cfg.data.pairs:
+        if step is DataPreparation.synthetic:
+            pairs = ensure_synthetic_pairs(cfg.data.synthetic, ImageRoots.of(cfg.data))
+        else:
+            pairs = select_pairs(cfg, adapter)
+        cfg.data.pairs = str(pairs)
+    return Path(cfg.data.pairs)
+
+
+def select_pairs(cfg: DictConfig, adapter: ModelAdapter) -> Path:
+    """Augment ``data.source`` and select pairs with the model, in this process (single-process runs only)."""
+    if not cfg.data.source:
+        raise ValueError(f"data={cfg.data.name}: data.prepare={cfg.data.prepare} needs data.source (a LLaVA-format "
+                         "JSON to augment and select from), or point data.pairs at a pair JSONL")
+    if not is_single_process(cfg):
+        raise ValueError(
+            f"data={cfg.data.name} has no pairs yet and this training run is multi-process; run "
+            f"`python -m miadpo.select model={cfg.model.name} data={cfg.data.name}` first, then pass "
+            "data.pairs=<the printed pairs.jsonl>"
+        )
+    pairs = run_selection(adapter, cfg.data, cfg.selection, cfg.seed,
+                          trainer_kwargs={"accelerator": cfg.trainer.get("accelerator", "auto"), "devices": 1,
+                                          "enable_progress_bar": cfg.trainer.get("enable_progress_bar", True)})
+    assert pairs is not None
+    if not pairs.read_text().strip():
+        raise ValueError(f"selection kept no pairs; see {pairs.parent / 'report.txt'} for why each candidate "
+                         "was dropped, and loosen selection.* accordingly")
+    log.info("selection wrote %s", pairs)
+    return pairs
+
+
+def reference_pass(cfg: DictConfig, adapter: ModelAdapter, datamodule: PairDataModule, forward: PairForward) -> None:
+    """Reference log-probs of every train/val pair, computed once (only the pairs not cached yet).
+
+    The reference is the policy's starting weights, or ``dpo.reference_path`` when set (built for this pass only).
+    """
+    datamodule.setup("fit")
+    reference = adapter
+    if cfg.dpo.reference_path is not None:
+        reference = build_adapter(OmegaConf.merge(cfg.model, {"path": cfg.dpo.reference_path}))  # type: ignore[arg-type]
+    root = Path(cfg.dpo.fast.reference_cache_dir or Path(cfg.data.out_dir) / "reference_logps")
+    cache = ReferenceCache(root / model_key(reference, cfg.data), rank=int(os.environ.get("RANK", 0)))
+    datasets = [datamodule.train_set, datamodule.val_set]
+    for dataset in datasets:
+        dataset.attach_reference(cache)
+    fill_reference_cache(cache, datasets, reference.model, forward, cfg.data.batch_size)
+
+
+def report_data(cfg: DictConfig, datamodule: PairDataModule, logger: Logger) -> None:
+    """Pair statistics, ratio histogram and sample pairs with attention heat maps (local files, and W&B)."""
+    datamodule.setup("fit")
+    assert datamodule.train_set is not None and datamodule.val_set is not None
+    records = datamodule.train_set.records + datamodule.val_set.records
+    report = write_data_report(records, datamodule.roots, datamodule.pairs_path(), Path(cfg.run_dir),
+                               cfg.data.report_samples)
+    if isinstance(logger, WandbLogger) and cfg.logger.mode != "disabled":
+        log_data_report(logger.experiment, report)
+
+
+def before_after_eval(cfg: DictConfig, adapter: ModelAdapter) -> BeforeAfterEval | None:
+    """The before/after evaluation of ``eval.*``, or None when no evaluation set is configured."""
+    if not cfg.eval.files and not cfg.eval.tsv:
+        return None
+    items, _ = eval_items(cfg.eval)  # records with an unusable image: skipped and counted, or stop (eval.*)
+    classify = ToyErrors.of_source(cfg.eval.toy_source) if cfg.eval.toy_source else None
+    return BeforeAfterEval(adapter, items, Path(cfg.run_dir), cfg.eval.batch_size, cfg.eval.max_new_tokens, classify,
+                           evaluate)
+
+
+def build_trainer(cfg: DictConfig, callbacks: list[L.Callback], logger: Logger) -> L.Trainer:
+    kwargs = check_trainer_args(cfg.trainer)
+    kwargs.setdefault("default_root_dir", str(cfg.run_dir))
+    if cfg.strategy.name == "cpu":
+        kwargs["accelerator"] = "cpu"
+    devices = kwargs.get("devices", 1)
+    world_size = (len(devices) if isinstance(devices, list) else int(devices)) * int(kwargs.get("num_nodes", 1))
+    strategy = build_strategy(cfg.strategy, world_size, micro_batch=cfg.data.batch_size,
+                              accumulate=int(kwargs.get("accumulate_grad_batches", 1)),
+                              precision=str(kwargs.get("precision", "32-true")))
+    if cfg.strategy.name == "deepspeed":
+        kwargs.pop("gradient_clip_val", None)  # DeepSpeed clips by its own config (gradient_clipping)
+    return L.Trainer(**kwargs, callbacks=callbacks, logger=logger, strategy=strategy)
+
+
+def pairs_in(batch: PairBatch) -> int:
+    return batch.num_pairs
+
+
+def throughput_monitor() -> ThroughputMonitor:
+    """Lightning's throughput meter, counting pairs: ``train/device/samples_per_sec`` is pairs per second over the last
+    ``window_size`` training batches (with batches per second beside it), in the loggers."""
+    return ThroughputMonitor(batch_size_fn=pairs_in, window_size=THROUGHPUT_WINDOW)
+
+
+def checkpoint_callback(cfg: DictConfig) -> ModelCheckpoint:
+    return ModelCheckpoint(
+        dirpath=Path(cfg.run_dir) / "checkpoints",
+        # epoch0-step3.ckpt: no "=" (Lightning's default epoch=0-step=3 is not a valid Hydra override value, so
+        # `ckpt_path=<it>` could not be passed on the command line).
+        filename="epoch{epoch}-step{step}",
+        auto_insert_metric_name=False,
+        save_last=cfg.checkpoint.save_last,
+        save_top_k=cfg.checkpoint.save_top_k,
+        every_n_train_steps=cfg.checkpoint.every_n_train_steps,
+        monitor=cfg.checkpoint.monitor,
+        mode=cfg.checkpoint.mode,
+    )
+
+
+def fit(cfg: DictConfig, adapter: ModelAdapter, module: DPOModule, datamodule: PairDataModule, base_path: str,
+        extra_callbacks: Sequence[L.Callback] = ()) -> TrainResult:
+    """Train with Lightning (the data report first; the before/after evaluation and the export as callbacks), then
+    summarise on rank 0."""
+    run_dir = Path(cfg.run_dir)
+    checkpoint = checkpoint_callback(cfg)
+    export = ExportModel(adapter, run_dir, base_path)
+    wandb_run = None
+    with wandb_files_in(run_dir) if LoggerName(cfg.logger.name) is LoggerName.wandb else nullcontext():
+        logger = build_logger(cfg, run_dir)
+        if cfg.data.report_samples and rank_zero_only.rank == 0:
+            report_data(cfg, datamodule, logger)
+        # LogLastStep first: its metrics reach the loggers before the other callbacks' end-of-training entries.
+        callbacks: list[L.Callback] = [LogLastStep(), checkpoint, export, LearningRateMonitor("step"),
+                                       throughput_monitor(), ResumeDataOrder(), *extra_callbacks]
+        before_after = before_after_eval(cfg, adapter)
+        if before_after is not None:
+            callbacks.append(before_after)
+        trainer = build_trainer(cfg, callbacks, logger)
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        if isinstance(logger, WandbLogger) and trainer.is_global_zero and cfg.logger.mode != "disabled":
+            wandb_run = Path(logger.experiment.dir).parent
+            logger.experiment.finish()
+    last = Path(checkpoint.last_model_path) if checkpoint.last_model_path else None
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    result = TrainResult(run_dir, last, export.exported, wandb_run, metrics, trainer.global_step)
+    if trainer.is_global_zero:
+        summarise(result, before_after, logger, base_path)
+    return result
+
+
+def summarise(result: TrainResult, before_after: BeforeAfterEval | None, logger: Logger, base_path: str) -> None:
+    """metrics.json (the final metrics and the before/after evaluation, for sweep summaries) and the summary."""
+    run_dir = result.run_dir
+    evaluation = {f"eval/{group}/{moment}": row["accuracy"] for moment, table in
+                  (before_after.tables.items() if before_after is not None else []) for group, row in table.items()}
+    (run_dir / "metrics.json").write_text(json.dumps({"global_step": result.global_step, **result.metrics,
+                                                      **evaluation}, indent=1) + "\n")
+    print(f"run directory:   {run_dir.resolve()}")
+    print(f"checkpoint:      {result.checkpoint}")
+    print(f"exported model:  {result.exported}")
+    print(f"base weights:    {base_path}")
+    if result.wandb_run is not None:
+        print(f"W&B run:         {result.wandb_run}  (sync with `wandb sync {result.wandb_run}`)")
+    elif isinstance(logger, CSVLogger):
+        print(f"CSV metrics:     {Path(logger.log_dir) / 'metrics.csv'}")
+    if before_after is not None and "after" in before_after.tables:
+        print(f"evaluation before/after ({run_dir / 'eval_before_after.md'}):")
+        print(before_after.markdown())
