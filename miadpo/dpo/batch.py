@@ -56,6 +56,11 @@ class PairBatch:
                 "reference": torch.tensor(references, dtype=torch.float32)
                 if all(r is not None for r in references) else None}
 
+    @classmethod
+    def collate(cls, adapter: ModelAdapter, pairs: Sequence[EncodedPair]) -> PairBatch:
+        """The batch of ``pairs`` (each batch type collates its own layout)."""
+        raise NotImplementedError
+
     def cached_reference(self) -> PairLogps | None:
         if self.reference is None:
             return None

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
@@ -45,26 +45,26 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
     return values.sum(-1), mask.sum(-1)
 
 
-class PairForward(Protocol):
-    """A batch of pairs → answer log-probs; it collates the batch type it reads (``collate`` for data loaders)."""
+class PairForward:
+    """A batch of pairs → answer log-probs. Each forward reads its own ``batch_type``, which ``collate`` builds from
+    encoded pairs (the data loaders' collate function)."""
 
     batch_type: type[PairBatch]
-
-    def collate(self, pairs: Sequence[EncodedPair]) -> PairBatch: ...
-
-    def __call__(self, model: nn.Module, batch: Any) -> PairLogps: ...
-
-
-class ConcatenatedPairForward:
-    """The plain path: chosen and rejected sequences, prompt and images included, run as one 2B batch."""
-
-    batch_type = ConcatenatedBatch
 
     def __init__(self, adapter: ModelAdapter) -> None:
         self.adapter = adapter
 
-    def collate(self, pairs: Sequence[EncodedPair]) -> ConcatenatedBatch:
-        return ConcatenatedBatch.collate(self.adapter, pairs)
+    def collate(self, pairs: Sequence[EncodedPair]) -> PairBatch:
+        return self.batch_type.collate(self.adapter, pairs)
+
+    def __call__(self, model: nn.Module, batch: Any) -> PairLogps:
+        raise NotImplementedError
+
+
+class ConcatenatedPairForward(PairForward):
+    """The plain path: chosen and rejected sequences, prompt and images included, run as one 2B batch."""
+
+    batch_type = ConcatenatedBatch
 
     def __call__(self, model: nn.Module, batch: ConcatenatedBatch) -> PairLogps:
         inputs = {k: v for k, v in batch.inputs.items() if k != "labels"}
@@ -74,7 +74,7 @@ class ConcatenatedPairForward:
         return PairLogps(logps[:n], logps[n:], counts[:n], counts[n:])
 
 
-class SharedPrefixPairForward:
+class SharedPrefixPairForward(PairForward):
     """Prompt once per pair (left-padded), then chosen and rejected continue from its key/value cache.
 
     Exact: the same positions, masks and weights as the plain path, so the same log-probs up to floating-point
@@ -82,12 +82,6 @@ class SharedPrefixPairForward:
     """
 
     batch_type = SharedPrefixBatch
-
-    def __init__(self, adapter: ModelAdapter) -> None:
-        self.adapter = adapter
-
-    def collate(self, pairs: Sequence[EncodedPair]) -> SharedPrefixBatch:
-        return SharedPrefixBatch.collate(self.adapter, pairs)
 
     def __call__(self, model: nn.Module, batch: SharedPrefixBatch) -> PairLogps:
         prompt, answers = batch.prompt, batch.answers
