@@ -92,7 +92,8 @@ class TinyModelConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "tiny_llava"
+    # Every conf/model/*.yaml that is a model names itself; the shared bases (_*.yaml) leave it missing.
+    name: str = MISSING
     family: str = "llava"
     # Local directory (or hub id when allow_download) of the weights; null builds the tiny model in code.
     path: str | None = None

@@ -49,7 +49,7 @@ from miadpo.lightning_setup import (
     check_trainer_args,
     wandb_files_in,
 )
-from miadpo.models import ModelAdapter, build_adapter
+from miadpo.models import ModelAdapter, build_adapter, check_model_config
 from miadpo.select.stage import run_selection
 from miadpo.toyworld.errors import ToyErrors
 from miadpo.toyworld.pipeline import ensure_toy_base, ensure_toy_world
@@ -73,6 +73,7 @@ def check_job(cfg: DictConfig) -> None:
     """Everything of the job that can be wrong without running it, checked before the model is built or any stage
     (base saved, selection, reference pass) runs: the Trainer arguments, the strategy on this machine, the loss and
     optimizer settings, and ``ckpt_path`` (a readable Lightning checkpoint). A bad setting is named."""
+    check_model_config(cfg.model)  # type: ignore[arg-type]
     if cfg.dpo.reference_path is not None and not cfg.dpo.fast.reference_cache:
         raise ValueError("dpo.reference_path needs dpo.fast.reference_cache=true (the other reference is held "
                          "in memory: the policy with LoRA disabled, or a copy of its starting weights)")

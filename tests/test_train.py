@@ -78,6 +78,14 @@ def test_unknown_trainer_argument_is_named(tmp_path: Path) -> None:
         train(compose_train(["+trainer.max_stepz=3"], tmp_path))
 
 
+@pytest.mark.parametrize("base", ["_tiny_base", "_pretrained_base"])
+def test_picking_a_shared_model_base_fails_before_any_stage_runs(tmp_path: Path, base: str) -> None:
+    cfg = compose_train([f"model={base}"], tmp_path)
+    with pytest.raises(ValueError, match="model.name is missing: the chosen model config is a shared base"):
+        train(cfg)
+    assert not (Path(cfg.run_dir) / "base_model").exists()
+
+
 def run_module(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"}
     return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from omegaconf import DictConfig, OmegaConf
+
 from miadpo.config import ModelConfig
 from miadpo.models.base import ModelAdapter
 from miadpo.models.geometry import ImageGeometry, PatchGrid
@@ -26,7 +28,15 @@ ADAPTERS: dict[str, type[ModelAdapter]] = {
 }
 
 
+def check_model_config(cfg: ModelConfig) -> None:
+    """Fail on a model config that is a shared base (``conf/model/_*.yaml``, ``name: ???``), not a model."""
+    if isinstance(cfg, DictConfig) and OmegaConf.is_missing(cfg, "name"):
+        raise ValueError("model.name is missing: the chosen model config is a shared base (conf/model/_*.yaml), "
+                         "not a model; pick one that names itself, e.g. model=tiny_llava or model=llava15")
+
+
 def build_adapter(cfg: ModelConfig) -> ModelAdapter:
+    check_model_config(cfg)
     try:
         adapter_class = ADAPTERS[cfg.family]
     except KeyError:
@@ -46,4 +56,5 @@ __all__ = [
     "ProcessedImages",
     "SampleTooLongError",
     "build_adapter",
+    "check_model_config",
 ]
