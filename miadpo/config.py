@@ -362,9 +362,31 @@ class CheckpointConfig:
 
 
 @dataclass
+class BenchmarkDirs:
+    """Local directories of the paper's benchmarks as their authors publish them (``miadpo.eval.benchmarks``);
+    null: not evaluated."""
+
+    mmmu: str | None = None  # MMMU/MMMU (validation split)
+    blink: str | None = None  # BLINK-Benchmark/BLINK (val split)
+    mantis_eval: str | None = None  # TIGER-Lab/Mantis-Eval (test split)
+    nlvr2: str | None = None  # lil-lab/nlvr's nlvr2/ (eval.nlvr2_split + its image folder)
+    mvbench: str | None = None  # OpenGVLab/MVBench (json/ + video/)
+    muirbench: str | None = None  # MUIRBENCH/MUIRBENCH (test split)
+
+
+@dataclass
 class EvalConfig:
     files: list[str] = field(default_factory=list)  # LLaVA-format test files (augmented records too)
     tsv: list[str] = field(default_factory=list)  # VLMEvalKit-style multiple-choice TSVs
+    benchmarks: BenchmarkDirs = field(default_factory=BenchmarkDirs)
+    nlvr2_split: str = "dev"  # dev | test1 | test2
+    frames: int = 6  # MVBench: frames per video (6 × 576 tokens keeps a LLaVA-1.5 prompt inside 4,096)
+    frame_fps: float = 3.0  # MVBench videos given as folders of frames: their rate
+    # Prompt tokens (images included) an item may take; longer ones are skipped and counted. null: the model's
+    # context length less max_new_tokens.
+    max_length: int | None = None
+    progress: bool = True  # a progress bar over the batches
+    samples: int = 8  # items (images, question, prediction, answer) in the W&B table of samples
     image_root: str = "data/images"
     out_dir: str = "data/miadpo"
     follow_symlinks: bool = True  # symlinks inside image_root / out_dir may point anywhere
@@ -477,6 +499,9 @@ class EvalJobConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # Another run's eval.json: each group's accuracy difference (this − that) with a paired bootstrap 95%
+    # interval and a McNemar p-value over the items both answered.
+    compare: str | None = None
     seed: int = 42
     run_dir: str = "${hydra:runtime.output_dir}"
 

@@ -1,13 +1,18 @@
-"""Evaluation entry point: accuracy of a model on LLaVA-format test files and VLMEvalKit-style MCQ TSVs.
+"""Evaluation entry point: accuracy of a model on LLaVA-format test files, VLMEvalKit-style MCQ TSVs and the
+paper's benchmarks read from local files (``eval=paper``, ``miadpo.eval.benchmarks``).
 
     python -m miadpo.evaluate model=toy_llava model.path=... eval.files=[test.json,records.jsonl] \\
         eval.toy_source=test.json eval.tsv=[BLINK.tsv]
+    python -m miadpo.evaluate model=llava15 model.path=<policy> eval=paper eval.benchmarks.mmmu=<dir> ... \\
+        compare=<the base's eval.json>
 
-Items: ``miadpo.eval.items``; greedy answers and scoring: ``miadpo.eval.scoring``; with a toy source, each wrong
+Items: ``miadpo.eval.sets``; greedy answers and scoring: ``miadpo.eval.scoring``; with a toy source, each wrong
 answer is classed by ``miadpo.toyworld.errors`` (distractor / in no image / other). A record or row whose image
 cannot be used is skipped, counted and logged, or stops the run, by ``eval.on_bad_record`` /
-``eval.max_bad_fraction``. Writes ``eval.json`` (table, predictions, ``skipped``: file:line (id): reason of each
-record left out) and ``eval.md`` into the run directory.
+``eval.max_bad_fraction``; one whose prompt does not fit the model is skipped and counted. Writes ``eval.json``
+(table, predictions, ``correct``: per group each item's correctness, ``skipped``: file:line (id): reason of each
+item left out; with ``compare``, ``comparison``: per group Δ, paired bootstrap 95% interval, McNemar p) and
+``eval.md`` into the run directory; with ``eval.wandb``, the table and a table of sample items on W&B.
 """
 
 from __future__ import annotations
@@ -18,43 +23,91 @@ from typing import Any
 
 import hydra
 from omegaconf import DictConfig
+from PIL import Image, ImageOps
 
 from miadpo.config import config_dir, register_configs
-from miadpo.eval.items import eval_items
-from miadpo.eval.scoring import evaluate, table_markdown
+from miadpo.data.images import ImageOptions
+from miadpo.eval.compare import compare_correctness, comparison_markdown
+from miadpo.eval.scoring import Evaluation, evaluate, prompt_limit, table_markdown
+from miadpo.eval.sets import eval_items
 from miadpo.models import ModelAdapter, build_adapter
 from miadpo.toyworld.errors import ToyErrors
 
 register_configs()
 CONFIG_DIR = config_dir()
+THUMBNAIL = 160  # pixels, the side of each image in the W&B samples
+
+
+def load_correct(path: Path) -> dict[str, dict[str, bool]]:
+    """The per-item correctness of another run's eval.json; ValueError naming the file if it has none."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"compare={path}: not a readable eval.json ({exc})") from exc
+    if not isinstance(saved, dict) or "correct" not in saved:
+        raise ValueError(f"compare={path}: no per-item 'correct' results (an eval.json of an older miadpo?)")
+    return saved["correct"]
+
+
+def contact_sheet(images: list[Image.Image]) -> Image.Image:
+    """An item's images side by side, each fitted in a THUMBNAIL square."""
+    thumbs = [ImageOps.contain(image, (THUMBNAIL, THUMBNAIL)) for image in images]
+    sheet = Image.new("RGB", (THUMBNAIL * max(len(thumbs), 1), THUMBNAIL), "white")
+    for k, thumb in enumerate(thumbs):
+        sheet.paste(thumb, (k * THUMBNAIL, 0))
+    return sheet
+
+
+def log_wandb(cfg: DictConfig, run_dir: Path, evaluation: Evaluation) -> None:
+    import wandb
+
+    table = evaluation.table
+    run = wandb.init(project=cfg.eval.wandb_project, dir=str(run_dir), mode=cfg.eval.wandb_mode, job_type="evaluate")
+    run.log({f"eval/{group}/{k}": v for group, row in table.items() for k, v in row.items()})
+    columns = list(dict.fromkeys(k for row in table.values() for k in row))
+    run.log({"eval/table": wandb.Table(columns=["group", *columns],
+                                       data=[[g, *(r.get(c) for c in columns)] for g, r in table.items()])})
+    samples = wandb.Table(columns=["id", "group", "images", "question", "prediction", "answer"])
+    options = ImageOptions.of(cfg.eval)
+    for item, prediction in list(zip(evaluation.items, evaluation.predictions))[: cfg.eval.samples]:
+        samples.add_data(item.id, item.group, wandb.Image(contact_sheet(item.load_images(options))), item.prompt,
+                         prediction, item.answer)
+    run.log({"eval/samples": samples})
+    run.finish()
 
 
 def run_evaluation(cfg: DictConfig, adapter: ModelAdapter | None = None) -> dict[str, Any]:
     """Score the model of ``cfg.model`` (or ``adapter``) on ``cfg.eval``; writes ``eval.json`` and ``eval.md`` into
-    ``cfg.run_dir`` and returns what eval.json holds (table, predictions, skipped)."""
+    ``cfg.run_dir`` and returns what eval.json holds."""
+    other = load_correct(Path(cfg.compare)) if cfg.compare else None  # a bad compare file stops before the model
     items, report = eval_items(cfg.eval)  # before the model loads: a bad record under "error" stops at once
     adapter = adapter or build_adapter(cfg.model)
     classify = ToyErrors.of_source(cfg.eval.toy_source) if cfg.eval.toy_source else None
-    table, predictions = evaluate(adapter, items, cfg.eval.batch_size, cfg.eval.max_new_tokens, classify)
+    evaluation = evaluate(adapter, items, cfg.eval.batch_size, cfg.eval.max_new_tokens, classify,
+                          ImageOptions.of(cfg.eval), report,
+                          prompt_limit(adapter, cfg.eval.max_length, cfg.eval.max_new_tokens), cfg.eval.progress)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    results = {"table": table, "predictions": dict(zip([i.id for i in items], predictions)),
-               "skipped": [str(bad) for bad in report.bad]}
+    correct = evaluation.correct()
+    # Left out when read (report.bad), then when answered (evaluation.skipped: undecodable, too long).
+    skipped = [str(bad) for bad in report.bad if str(bad) not in evaluation.skipped] + evaluation.skipped
+    results: dict[str, Any] = {
+        "table": evaluation.table, "predictions": dict(zip([i.id for i in evaluation.items], evaluation.predictions)),
+        "correct": correct, "skipped": skipped}
+    markdown = table_markdown(evaluation.table)
+    if other is not None:
+        comparison = compare_correctness(other, correct, seed=int(cfg.seed))
+        results["comparison"] = {"other": str(cfg.compare), **{g: d.as_dict() for g, d in comparison.items()}}
+        markdown += f"\nThis run against {cfg.compare} (Δ = this − that):\n\n"
+        markdown += comparison_markdown(comparison, "that", "this")
     (run_dir / "eval.json").write_text(json.dumps(results, indent=1))
-    (run_dir / "eval.md").write_text(table_markdown(table))
+    (run_dir / "eval.md").write_text(markdown)
     if cfg.eval.wandb:
-        import wandb
-
-        run = wandb.init(project=cfg.eval.wandb_project, dir=str(run_dir), mode=cfg.eval.wandb_mode,
-                         job_type="evaluate")
-        run.log({f"eval/{group}/{k}": v for group, row in table.items() for k, v in row.items()})
-        columns = list(dict.fromkeys(k for row in table.values() for k in row))
-        run.log({"eval/table": wandb.Table(columns=["group", *columns],
-                                           data=[[g, *(r.get(c) for c in columns)] for g, r in table.items()])})
-        run.finish()
-    print(table_markdown(table))
-    if report.bad:
-        print(f"skipped {len(report.bad)} of {report.total} records with an unusable image (listed in eval.json)")
+        log_wandb(cfg, run_dir, evaluation)
+    print(markdown)
+    if results["skipped"]:
+        print(f"skipped {len(results['skipped'])} of {report.total} items (listed in eval.json)")
+    report.finish()
     print(f"results: {run_dir.resolve() / 'eval.json'}")
     return results
 

@@ -30,17 +30,19 @@ from omegaconf import DictConfig, OmegaConf
 
 from miadpo.config import DataPreparation, LoggerName, ModelPreparation
 from miadpo.data.dataset import PairDataModule, ResumeDataOrder
+from miadpo.data.images import ImageOptions
 from miadpo.data.pairs import ImageRoots
 from miadpo.data.report import log_data_report, write_data_report
 from miadpo.dpo.batch import PairBatch
-from miadpo.dpo.callbacks import BeforeAfterEval, ExportModel, LogLastStep
+from miadpo.dpo.callbacks import ExportModel, LogLastStep
 from miadpo.dpo.forward import PairForward
 from miadpo.dpo.losses import check_dpo
 from miadpo.dpo.module import DPOModule
 from miadpo.dpo.optim import check_optim
 from miadpo.dpo.reference_cache import ReferenceCache, fill_reference_cache, model_key
-from miadpo.eval.items import eval_items
-from miadpo.eval.scoring import evaluate
+from miadpo.eval.before_after import BeforeAfterEval
+from miadpo.eval.scoring import prompt_limit
+from miadpo.eval.sets import check_eval_set, eval_items, has_eval_set
 from miadpo.lightning_setup import (
     build_logger,
     build_strategy,
@@ -72,7 +74,8 @@ class TrainResult:
 def check_job(cfg: DictConfig) -> None:
     """Everything of the job that can be wrong without running it, checked before the model is built or any stage
     (base saved, selection, reference pass) runs: the Trainer arguments, the strategy on this machine, the loss and
-    optimizer settings, and ``ckpt_path`` (a readable Lightning checkpoint). A bad setting is named."""
+    optimizer settings, the benchmark directories of the evaluation set and ``ckpt_path`` (a readable Lightning
+    checkpoint). A bad setting is named."""
     check_model_config(cfg.model)  # type: ignore[arg-type]
     if cfg.dpo.reference_path is not None and not cfg.dpo.fast.reference_cache:
         raise ValueError("dpo.reference_path needs dpo.fast.reference_cache=true (the other reference is held "
@@ -81,6 +84,7 @@ def check_job(cfg: DictConfig) -> None:
     check_strategy(cfg.strategy)
     check_dpo(cfg.dpo)  # type: ignore[arg-type]
     check_optim(cfg.optim)  # type: ignore[arg-type]
+    check_eval_set(cfg.eval)
     if cfg.ckpt_path is not None:
         check_checkpoint(cfg.ckpt_path)
 
@@ -177,12 +181,13 @@ def report_data(cfg: DictConfig, datamodule: PairDataModule, logger: Logger) -> 
 
 def before_after_eval(cfg: DictConfig, adapter: ModelAdapter) -> BeforeAfterEval | None:
     """The before/after evaluation of ``eval.*``, or None when no evaluation set is configured."""
-    if not cfg.eval.files and not cfg.eval.tsv:
+    if not has_eval_set(cfg.eval):
         return None
-    items, _ = eval_items(cfg.eval)  # records with an unusable image: skipped and counted, or stop (eval.*)
+    items, report = eval_items(cfg.eval)  # records with an unusable image: skipped and counted, or stop (eval.*)
     classify = ToyErrors.of_source(cfg.eval.toy_source) if cfg.eval.toy_source else None
     return BeforeAfterEval(adapter, items, Path(cfg.run_dir), cfg.eval.batch_size, cfg.eval.max_new_tokens, classify,
-                           evaluate)
+                           ImageOptions.of(cfg.eval), report,
+                           prompt_limit(adapter, cfg.eval.max_length, cfg.eval.max_new_tokens))
 
 
 def build_trainer(cfg: DictConfig, callbacks: list[L.Callback], logger: Logger) -> L.Trainer:

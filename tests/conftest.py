@@ -65,7 +65,7 @@ def no_test_writes_into_the_checkout() -> Iterator[None]:
 
 
 def model_config(**overrides: Any) -> ModelConfig:
-    cfg = OmegaConf.structured(ModelConfig)
+    cfg = OmegaConf.structured(ModelConfig(name="tiny_llava"))
     cfg.merge_with(overrides)
     return cfg  # type: ignore[return-value]
 

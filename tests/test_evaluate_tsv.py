@@ -32,7 +32,7 @@ def write_tsv(path: Path, rows: list[dict[str, object]]) -> Path:
 
 
 def colours(item: EvalItem) -> list[tuple[int, int, int]]:
-    return [image.getpixel((0, 0)) for image in item.images]
+    return [image.getpixel((0, 0)) for image in item.load_images()]
 
 
 def test_vlmevalkit_tsv_with_several_images(tmp_path: Path) -> None:
@@ -44,7 +44,7 @@ def test_vlmevalkit_tsv_with_several_images(tmp_path: Path) -> None:
     path = tmp_path / "bench.tsv"
     path.write_text("\n".join(rows) + "\n")
     items = tsv_items(path)
-    assert len(items[0].images) == 2 and items[0].prompt.startswith("<image>\n<image>\nQuestion: Which image is red?")
+    assert len(items[0].sources) == 2 and items[0].prompt.startswith("<image>\n<image>\nQuestion: Which image is red?")
     assert "C. blue" in items[1].prompt and items[0].options == {"A": "the first", "B": "the second"}
     table = score(items, ["A", "(B) green"])
     assert table["tsv:bench"] == {"n": 2, "accuracy": 50.0}

@@ -191,7 +191,7 @@ def test_every_stage_loads_through_the_one_loader(tmp_path: Path, adapter, value
             SelectionInput("p", "single", 1, 1, ("grey.png",), "<image>\nWhat?", "Grey.", None)),
     }
     (tmp_path / "eval.jsonl").write_text(json.dumps({"id": "e", "image": "grey.png", "conversations": QUESTION}))
-    seen["evaluation"] = llava_items(tmp_path / "eval.jsonl", roots)[0].images
+    seen["evaluation"] = llava_items(tmp_path / "eval.jsonl", roots)[0].load_images()
     assert {stage: [im.getpixel((4, 4)) for im in pics] for stage, pics in seen.items()} == {
         stage: [(128, 128, 128)] for stage in seen}
 
@@ -327,6 +327,7 @@ def test_selection_stops_on_a_missing_image_under_error_policy(tmp_path: Path, k
 # ----- evaluation ---------------------------------------------------------------------------------------
 def eval_config(tmp_path: Path, **overrides: Any) -> EvalJobConfig:
     cfg = OmegaConf.structured(EvalJobConfig)
+    cfg.model.name = "tiny_llava"
     cfg.run_dir = str(tmp_path / "run")
     cfg.eval.merge_with({"image_root": str(tmp_path / "images"), "out_dir": str(tmp_path), "max_new_tokens": 2,
                          "max_bad_fraction": 0.5, **overrides})

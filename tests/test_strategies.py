@@ -94,7 +94,7 @@ from miadpo.models import build_adapter
 from miadpo.dpo.module import DPOModule
 from PIL import Image
 torch.distributed.init_process_group("gloo")
-adapter = build_adapter(OmegaConf.structured(ModelConfig))
+adapter = build_adapter(OmegaConf.structured(ModelConfig(name="tiny_llava")))
 adapter.prepare_for_training()
 module = DPOModule(adapter, DPOConfig(), OptimConfig())
 config = deepspeed_config(OmegaConf.structured(StrategyConfig(name="deepspeed", stage=STAGE)), micro_batch=2)

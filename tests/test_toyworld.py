@@ -72,7 +72,7 @@ def test_cell_labels_follow_the_boxes() -> None:
 
 
 def item(group: str, answer: str, paths: list[str], target: int = 1) -> EvalItem:
-    return EvalItem(id=answer, group=group, images=[], prompt="", answer=answer, image_paths=paths, target=target)
+    return EvalItem(id=answer, group=group, sources=[], prompt="", answer=answer, image_paths=paths, target=target)
 
 
 def test_scoring_known_predictions_with_error_classes() -> None:

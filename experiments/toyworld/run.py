@@ -85,7 +85,8 @@ def evaluate_model(path: str | Path, evaluation: list[str], max_new_tokens: int,
         return json.loads(cached.read_text())
     adapter = build_adapter(cfg.model)
     items = [item for f in cfg.eval.files for item in llava_items(Path(f), ImageRoots.of(cfg.eval))]
-    table, _ = evaluate(adapter, items, cfg.eval.batch_size, max_new_tokens, ToyErrors.of_source(cfg.eval.toy_source))
+    classify = ToyErrors.of_source(cfg.eval.toy_source)
+    table = evaluate(adapter, items, cfg.eval.batch_size, max_new_tokens, classify).table
     with atomic_replace(cached) as tmp:  # two ablation processes may evaluate the base at once
         tmp.write_text(json.dumps(table, indent=1) + "\n")
     return table

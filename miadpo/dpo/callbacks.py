@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from peft import PeftModel
 
 from miadpo.export import NonFiniteWeightsError, export_model
 from miadpo.models.base import ModelAdapter
-from miadpo.text import markdown_table
 
 
 class LogLastStep(L.Callback):
@@ -83,69 +79,3 @@ class ExportModel(L.Callback):
             report = getattr(pl_module, "nonfinite_message", None)
             raise NonFiniteWeightsError(report(str(error), trainer.global_step) if report is not None else
                                         f"after step {trainer.global_step}: {error}") from None
-
-
-class BeforeAfterEval(L.Callback):
-    """Evaluates the model when training starts (the base) and when it ends (the policy), on rank 0.
-
-    Writes ``eval_before_after.json`` / ``.md`` into the run directory and logs ``eval/<group>/before|after``.
-    """
-
-    def __init__(self, adapter: ModelAdapter, items: Sequence[Any], run_dir: Path, batch_size: int,
-                 max_new_tokens: int, classify: Callable[..., str] | None, evaluate: Callable[..., Any]) -> None:
-        """``evaluate``: ``miadpo.eval.scoring.evaluate`` and ``classify`` its optional error classifier (passed in by
-        the pipeline, which composes the stages)."""
-        self.evaluate = evaluate
-        self.adapter = adapter
-        self.items = items
-        self.run_dir = run_dir
-        self.batch_size = batch_size
-        self.max_new_tokens = max_new_tokens
-        self.classify = classify
-        self.tables: dict[str, dict[str, dict[str, float]]] = {}
-
-    def _evaluate(self, name: str, trainer: L.Trainer) -> None:
-        was_training = self.adapter.model.training
-        table, _ = self.evaluate(self.adapter, self.items, self.batch_size, self.max_new_tokens, self.classify)
-        self.adapter.model.train(was_training)
-        self.tables[name] = table
-        if trainer.logger is not None:
-            trainer.logger.log_metrics({f"eval/{group}/{name}": row["accuracy"] for group, row in table.items()},
-                                       step=trainer.global_step)
-
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.is_global_zero:
-            self._evaluate("before", trainer)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
-        self._evaluate("after", trainer)
-        (self.run_dir / "eval_before_after.json").write_text(json.dumps(self.tables, indent=1))
-        (self.run_dir / "eval_before_after.md").write_text(self.markdown())
-        if isinstance(trainer.logger, WandbLogger) and getattr(trainer.logger.experiment.settings, "mode",
-                                                               "offline") != "disabled":
-            self._log_table(trainer.logger.experiment)
-
-    def _log_table(self, experiment: Any) -> None:
-        """The before/after table as a W&B table (one row per evaluation group)."""
-        import wandb
-
-        table = wandb.Table(columns=["group", "n", "before", "after", "delta", "in no image % before",
-                                     "in no image % after"])
-        for group, row in self.tables["before"].items():
-            new = self.tables["after"][group]
-            table.add_data(group, int(row["n"]), row["accuracy"], new["accuracy"], new["accuracy"] - row["accuracy"],
-                           row.get("in no image %"), new.get("in no image %"))
-        experiment.log({"eval/before_after": table})
-
-    def markdown(self) -> str:
-        before, after = self.tables["before"], self.tables["after"]
-        rows = []
-        for group, row in before.items():
-            new = after[group]
-            nothing = (f"{row['in no image %']:.1f} → {new['in no image %']:.1f}" if "in no image %" in row else "")
-            rows.append([group, int(row["n"]), f"{row['accuracy']:.1f}", f"{new['accuracy']:.1f}",
-                         f"{new['accuracy'] - row['accuracy']:+.1f}", nothing])
-        header = ["group", "n", "before", "after", "Δ", "in no image % before → after"]
-        return markdown_table(header, rows) + "\n"

@@ -2,16 +2,15 @@
 
 Open questions keep their answer; multiple-choice rows are read, prompted and ordered by VLMEvalKit's rules
 (base64 or shared images or image files, options A–Z, ``<image k>`` and ``<image>`` markers in place, circular
-evaluation for MMBench-like names, per-category groups). Images are loaded by ``miadpo.data.images``; a record or
+evaluation for MMBench-like names, per-category groups). An item holds references to its images
+(``miadpo.eval.sources``), checked when read (file found, header readable) and decoded when answered; a record or
 row whose image cannot be used goes to the ``BadRecordReport`` (skipped and counted, or an error).
 """
 
 from __future__ import annotations
 
 import ast
-import base64
 import csv
-import io
 import re
 import string
 import sys
@@ -21,9 +20,10 @@ from typing import Any
 
 from PIL import Image
 
-from miadpo.data.images import CORRUPT, MISSING, ImageError, ImageOptions, load_image, load_record_image
+from miadpo.data.images import MISSING, ImageError, ImageOptions, resolve_record_image
 from miadpo.data.jsonl import iter_raw_records
 from miadpo.data.pairs import BadRecord, BadRecordError, BadRecordReport, ImageRoots
+from miadpo.eval.sources import EncodedImage, ImageFile, ImageSource, load_sources
 
 LETTERS = tuple(string.ascii_uppercase)  # option columns, in order
 IMAGE_MARKER = "<image>"
@@ -38,15 +38,34 @@ csv.field_size_limit(sys.maxsize)
 @dataclass
 class EvalItem:
     id: str
-    group: str  # "single", "sequence N=3", "tsv:<name>", ...
-    images: list[Image.Image]
+    group: str  # "single", "sequence N=3", "tsv:<name>", "mmmu", ...
+    sources: list[ImageSource]  # the images in prompt order (a video source gives several frames)
     prompt: str
-    answer: str
+    answer: str  # an option letter when ``options``, else the open answer
     image_paths: list[str] = field(default_factory=list)
     target: int = 1
     options: dict[str, str] = field(default_factory=dict)
     extra_groups: tuple[str, ...] = ()  # further groups scored with this item ("tsv:<name>/<category>", ...)
     circular_group: str | None = None  # circular TSVs: the index of the row this one rotates (index % 1e6)
+    where: str = ""  # file:line of the record, for messages
+
+    def load_images(self, options: ImageOptions | None = None) -> list[Image.Image]:
+        """The decoded images (``miadpo.data.images``); ImageError if one cannot be."""
+        return load_sources(self.sources, options or ImageOptions())
+
+    def bad(self, reason: str) -> BadRecord:
+        """This item as a bad record (file:line (id): reason)."""
+        file, _, line = self.where.rpartition(":")
+        return BadRecord(file or self.where, int(line) if line.isdigit() else 0, self.id, reason)
+
+
+def record_image(roots: ImageRoots, rel: str, options: ImageOptions) -> ImageFile:
+    """A record's image path as a checked source (ImageError or ValueError if missing, unreadable or outside the
+    roots)."""
+    path, where = resolve_record_image(roots, rel)
+    source = ImageFile(path, where)
+    source.check(options)
+    return source
 
 
 def llava_items(path: Path, roots: ImageRoots, report: BadRecordReport | None = None,
@@ -56,7 +75,7 @@ def llava_items(path: Path, roots: ImageRoots, report: BadRecordReport | None = 
     A record whose image cannot be used (``miadpo.data.images``: missing, corrupt, truncated, too large) goes to
     ``report`` (skipped and counted, or raised, by its policy; the caller calls ``report.finish()``); without a
     report it raises BadRecordError naming file:line (id) and the image."""
-    items = []
+    items, options = [], image_options or ImageOptions()
     for raw in iter_raw_records(path):
         if raw.error is not None:
             raise ValueError(f"{path}:{raw.line}: {raw.error}")
@@ -72,16 +91,17 @@ def llava_items(path: Path, roots: ImageRoots, report: BadRecordReport | None = 
             group = "single" if len(paths) == 1 else f"{len(paths)} images"
         target = meta.get("target", 1)
         try:
-            images = [load_record_image(roots, p, image_options) for p in paths]
+            sources = [record_image(roots, p, options) for p in paths]
         except ValueError as exc:  # ImageError, or a path refused by ImageRoots
             bad = BadRecord(str(path), raw.line, str(record.get("id")), str(exc))
             if report is None:
                 raise BadRecordError(f"[eval] {bad}") from exc
             report.add(bad)
             continue
-        items.append(EvalItem(str(record["id"]), group, images,
+        items.append(EvalItem(str(record["id"]), group, sources,
                               record["conversations"][0]["value"], record["conversations"][1]["value"],
-                              list(meta.get("inputs") or paths), target[0] if isinstance(target, list) else target))
+                              list(meta.get("inputs") or paths), target[0] if isinstance(target, list) else target,
+                              where=f"{path}:{raw.line}"))
     return items
 
 
@@ -98,18 +118,14 @@ def _cell_list(cell: str) -> list[str]:
     return [cell]
 
 
-def _decode_images(cell: str, name: str = "image cell", image_options: ImageOptions | None = None
-                   ) -> list[Image.Image]:
-    """The base64 images of a cell, by the loader's rules; ImageError naming ``name`` if one cannot be used."""
-    images = []
+def _cell_sources(cell: str, name: str, options: ImageOptions) -> list[ImageSource]:
+    """The base64 images of a cell as checked sources; ImageError naming ``name`` if one cannot be used."""
+    sources: list[ImageSource] = []
     for k, data in enumerate(_cell_list(cell), start=1):
-        label = f"{name} (image {k})"
-        try:
-            raw = base64.b64decode(data)
-        except ValueError as exc:
-            raise ImageError(CORRUPT, label, detail=f"not base64 ({exc})") from exc
-        images.append(load_image(io.BytesIO(raw), image_options, name=label))
-    return images
+        source = EncodedImage(data, f"{name} (image {k})", base64=True)
+        source.check(options)
+        sources.append(source)
+    return sources
 
 
 def _image_file(value: str, tsv: Path) -> Path:
@@ -124,10 +140,13 @@ def _image_file(value: str, tsv: Path) -> Path:
 
 
 def _row_images(row: dict[str, str], cell: str | None, tsv: Path, row_number: int,
-                image_options: ImageOptions | None) -> list[Image.Image]:
+                options: ImageOptions) -> list[ImageSource]:
     if cell is not None:
-        return _decode_images(cell, f"{tsv}:{row_number} image cell", image_options)
-    return [load_image(file, image_options) for file in (_image_file(p, tsv) for p in _cell_list(row["image_path"]))]
+        return _cell_sources(cell, f"{tsv}:{row_number} image cell", options)
+    sources = [ImageFile(_image_file(p, tsv)) for p in _cell_list(row["image_path"])]
+    for source in sources:
+        source.check(options)
+    return sources
 
 
 def _image_cells(rows: list[tuple[int, dict[str, str]]], tsv: Path) -> dict[int, str]:
@@ -145,7 +164,7 @@ def _image_cells(rows: list[tuple[int, dict[str, str]]], tsv: Path) -> dict[int,
     return cells
 
 
-def _place_images(text: str, images: list[Any]) -> tuple[str, list[Any]]:
+def place_images(text: str, images: list[Any]) -> tuple[str, list[Any]]:
     """The prompt with one ``<image>`` marker per image, and the images in marker order (rules in tsv_items)."""
     references = [int(k) for k in NUMBERED_IMAGE.findall(text)]
     if references:
@@ -162,7 +181,8 @@ def _place_images(text: str, images: list[Any]) -> tuple[str, list[Any]]:
     return f"{IMAGE_MARKER}\n" * len(images) + text, images
 
 
-def _mcq_text(row: dict[str, str], options: dict[str, str], muir: bool) -> str:
+def mcq_text(row: dict[str, str], options: dict[str, str], muir: bool) -> str:
+    """VLMEvalKit's multiple-choice prompt (rules in ``tsv_items``); ``row`` holds ``question`` and maybe ``hint``."""
     if muir:  # MUIRDataset.build_prompt
         text = f"{row['question']}\n"
         if options:
@@ -231,7 +251,7 @@ def tsv_items(path: Path, report: BadRecordReport | None = None, image_options: 
         numbered = [(n, row, None) for n, row in enumerate(rows, start=2)]
     else:
         raise ValueError(f"{path}: no image or image_path column")
-    items, mains = [], {}
+    items, mains, image_options = [], {}, image_options or ImageOptions()
     for row_number, row, cell in numbered:
         if report is not None:
             report.total += 1
@@ -247,7 +267,7 @@ def tsv_items(path: Path, report: BadRecordReport | None = None, image_options: 
         try:
             options = {k: row[k] for k in LETTERS if k in columns and not _missing(row[k])}
             answer = row["answer"].strip()
-            prompt, images = _place_images(_mcq_text(row, options, muir), images)
+            prompt, images = place_images(mcq_text(row, options, muir), images)
             if mmmu and "A" not in options:
                 options = {"A": answer, "B": "Other Answers"}
             if mmmu and answer not in LETTERS:
@@ -259,7 +279,8 @@ def tsv_items(path: Path, report: BadRecordReport | None = None, image_options: 
             extra = [f"tsv:{name}/{row[c]}" for c in ("category", "l2-category") if not _missing(row.get(c))]
             extra += [f"tsv:{name}/split={row['split']}"] if not _missing(row.get("split")) else []
             item = EvalItem(index, f"tsv:{name}", images, prompt, answer, options=options,
-                            extra_groups=tuple(dict.fromkeys(extra)), circular_group=group)
+                            extra_groups=tuple(dict.fromkeys(extra)), circular_group=group,
+                            where=f"{path}:{row_number}")
             if circular and group == index:
                 mains[index] = item
             items.append(item)
@@ -269,15 +290,3 @@ def tsv_items(path: Path, report: BadRecordReport | None = None, image_options: 
         if item.circular_group in mains:
             item.extra_groups = mains[item.circular_group].extra_groups
     return items
-
-
-def eval_items(cfg: Any) -> tuple[list[EvalItem], BadRecordReport]:
-    """The items of ``eval.files`` and ``eval.tsv`` (an ``EvalConfig``) and the report of the records left out for
-    an unusable image, by ``eval.on_bad_record`` / ``eval.max_bad_fraction`` (``report.bad``: file:line (id):
-    reason)."""
-    roots, image_options = ImageRoots.of(cfg), ImageOptions.of(cfg)
-    report = BadRecordReport(cfg.on_bad_record, cfg.max_bad_fraction, stage="eval")
-    items = [item for f in cfg.files for item in llava_items(Path(f), roots, report, image_options)]
-    items += [item for f in cfg.tsv for item in tsv_items(Path(f), report, image_options)]
-    report.finish()
-    return items, report

@@ -1,9 +1,11 @@
 """Scoring: greedy answers, VLMEvalKit's option-letter extraction, per-group accuracy and the markdown table.
 
-Open answers are scored by normalised exact match (case, punctuation and spaces ignored), multiple-choice ones by
-the option letter the answer names; groups are format × N (single-image records form the group "single"),
-TSV names and categories, and circular groups. An optional error classifier (the toy world's:
-``miadpo.toyworld.errors``) adds the share of each class of wrong answer.
+Open answers are scored by normalised exact match (case, punctuation and spaces ignored; after a "Final Answer:"
+the model was asked for, the text after it), multiple-choice ones by the option letter the answer names; groups
+are format × N (single-image records form the group "single"), TSV and benchmark names and categories, and
+circular groups. An optional error classifier (the toy world's: ``miadpo.toyworld.errors``) adds the share of each
+class of wrong answer. ``evaluate`` decodes each batch's images only when it answers it: an item whose images
+cannot be decoded, or whose prompt does not fit the model (``max_length``), is skipped, counted and listed.
 """
 
 from __future__ import annotations
@@ -11,20 +13,24 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
+from tqdm import tqdm
+
+from miadpo.data.images import ImageError, ImageOptions
+from miadpo.data.pairs import BadRecordReport
 from miadpo.eval.items import EvalItem
 from miadpo.models.base import ModelAdapter
+from miadpo.models.samples import SampleTooLongError
 from miadpo.text import markdown_table, normalise_answer
 
 REFUSALS = ("Sorry, I can't help with images of people yet.", "I can't process this file.",
             "I'm sorry, but without the image provided", "Cannot determine the answer")
 ANSWER_SEPARATORS = str.maketrans(dict.fromkeys(".()[],:;!*#{}", " "))
 ANSWER_IS = re.compile(r"(?:correct\s+)?answer\s+is\s+\**([A-D])\**(?![A-Za-z])", re.IGNORECASE)
-
-
-def greedy_answers(adapter: ModelAdapter, items: Sequence[EvalItem], max_new_tokens: int) -> list[str]:
-    return adapter.generate_answers([adapter.encode(item.images, item.prompt) for item in items], max_new_tokens)
+FINAL_ANSWER = re.compile(r"final answer\s*:", re.IGNORECASE)
+POLARITY = {"yes": True, "true": True, "correct": True, "no": False, "false": False, "incorrect": False}
 
 
 def option_letter(answer: str, options: dict[str, str]) -> str | None:
@@ -39,13 +45,25 @@ def option_letter(answer: str, options: dict[str, str]) -> str | None:
        With no option letter and a "Z" token it picks nothing.
     3. Else "answer is X" / "correct answer is **X**", any case, for X in A–D ("the answer is b." → B); unlike
        VLMEvalKit we require X to end the word, so "the answer is apple" is not A.
-    4. Else the option text: if the answer is at most twice the length of all option texts together, and exactly
+    4. Yes/no options (two options whose texts are yes/no or true/false, any case, as NLVR2's True/False): the
+       first word of the answer if it says yes/true/correct or no/false/incorrect ("True.", "No, the left image
+       ..." → the option of that polarity). Not in VLMEvalKit, which has no such benchmark.
+    5. Else the option text: if the answer is at most twice the length of all option texts together, and exactly
        one option's text occurs in it (case ignored), that option.
     """
     letter = _letter_of(answer, list(options))
     if letter == "Z" and "Z" not in options:
         return None
-    return letter or _option_named(answer, options)
+    return letter or _polarity_option(answer, options) or _option_named(answer, options)
+
+
+def _polarity_option(answer: str, options: dict[str, str]) -> str | None:
+    polarities = {k: POLARITY.get(normalise_answer(v)) for k, v in options.items()}
+    if len(options) != 2 or None in polarities.values() or len(set(polarities.values())) != 2:
+        return None
+    words = normalise_answer(answer).split()
+    said = POLARITY.get(words[0]) if words else None
+    return next((k for k, p in polarities.items() if p is said), None) if said is not None else None
 
 
 def _letter_of(answer: str, letters: list[str]) -> str | None:
@@ -67,6 +85,19 @@ def _option_named(answer: str, options: dict[str, str]) -> str | None:
         return None
     named = [k for k, v in options.items() if v.lower() in lowered]
     return named[0] if len(named) == 1 else None
+
+
+def open_answer(prediction: str) -> str:
+    """The answer of an open question: the text after the last "Final Answer:" if the model wrote one (Mantis-Eval's
+    short-answer prompt asks for it), else the whole prediction."""
+    parts = FINAL_ANSWER.split(prediction)
+    return parts[-1].strip() if len(parts) > 1 else prediction
+
+
+def is_correct(item: EvalItem, prediction: str) -> bool:
+    if item.options:
+        return option_letter(prediction, item.options) == item.answer
+    return normalise_answer(open_answer(prediction)) == normalise_answer(item.answer)
 
 
 def circular_accuracy(pairs: Sequence[tuple[EvalItem, bool]]) -> tuple[int, float]:
@@ -101,10 +132,7 @@ def score(items: Sequence[EvalItem], predictions: Sequence[str], classify: Error
     for group, pairs in sorted(groups.items()):
         results, classes = [], defaultdict(int)
         for item, prediction in pairs:
-            if item.options:
-                ok = option_letter(prediction, item.options) == item.answer
-            else:
-                ok = normalise_answer(prediction) == normalise_answer(item.answer)
+            ok = is_correct(item, prediction)
             results.append((item, ok))
             if not ok and classify is not None and not item.options:
                 classes[classify(item, prediction)] += 1
@@ -124,14 +152,90 @@ def score(items: Sequence[EvalItem], predictions: Sequence[str], classify: Error
     return table
 
 
+def paired_units(items: Sequence[EvalItem], predictions: Sequence[str]) -> dict[str, dict[str, bool]]:
+    """Per group, each unit's correctness, for a paired comparison (``miadpo.eval.compare``): units are items (by
+    id; a repeated id is numbered ``id#2``, ...), or for a circular group the circular groups holding their main
+    row (right only if all their rows are)."""
+    units: dict[str, dict[str, bool]] = defaultdict(dict)
+    circular: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
+    mains: dict[str, set[str]] = defaultdict(set)
+    for item, prediction in zip(items, predictions):
+        ok = is_correct(item, prediction)
+        for group in (item.group, *item.extra_groups):
+            if item.circular_group is not None:
+                circular[group][item.circular_group].append(ok)
+                if item.id == item.circular_group:
+                    mains[group].add(item.id)
+                continue
+            unit, k = item.id, 1
+            while unit in units[group]:
+                k += 1
+                unit = f"{item.id}#{k}"
+            units[group][unit] = ok
+    for group, rows in circular.items():
+        units[group] = {g: all(rows[g]) for g in sorted(mains[group])}
+    return dict(units)
+
+
+def prompt_limit(adapter: ModelAdapter, max_length: int | None, max_new_tokens: int) -> int | None:
+    """The most prompt tokens an item may take: ``max_length`` if set, else the model's context length
+    (``max_position_embeddings`` of its text config) less the tokens it will generate; None if unknown."""
+    if max_length is not None:
+        return max_length
+    config = adapter.model.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    context = getattr(text_config, "max_position_embeddings", None)
+    return None if context is None else int(context) - max_new_tokens
+
+
+@dataclass
+class Evaluation:
+    """What ``evaluate`` gives: the table, the answered items and their predictions, and what it skipped."""
+
+    table: dict[str, dict[str, float]]
+    items: list[EvalItem]
+    predictions: list[str]
+    skipped: list[str] = field(default_factory=list)  # file:line (id): reason, of items not answered
+
+    def correct(self) -> dict[str, dict[str, bool]]:
+        return paired_units(self.items, self.predictions)
+
+
 def evaluate(adapter: ModelAdapter, items: Sequence[EvalItem], batch_size: int = 16, max_new_tokens: int = 8,
-             classify: ErrorClassifier | None = None) -> tuple[dict[str, dict[str, float]], list[str]]:
-    """Greedy answers in batches of ``batch_size``, scored (``score``); returns the table and the predictions."""
+             classify: ErrorClassifier | None = None, image_options: ImageOptions | None = None,
+             report: BadRecordReport | None = None, max_length: int | None = None,
+             progress: bool = False) -> Evaluation:
+    """Greedy answers in batches of ``batch_size``, scored (``score``).
+
+    Each batch's images are decoded when it is answered. An item whose image cannot be decoded goes to ``report``
+    (skipped and counted, or raised, by its policy; without a report it raises); one whose prompt is longer than
+    ``max_length`` tokens (image tokens included) is skipped and listed ("too long"), never cut."""
     adapter.model.eval()
+    options = image_options or ImageOptions()
+    answered: list[EvalItem] = []
     predictions: list[str] = []
-    for start in range(0, len(items), batch_size):
-        predictions += greedy_answers(adapter, items[start : start + batch_size], max_new_tokens)
-    return score(items, predictions, classify), predictions
+    skipped: list[str] = []
+    batches = range(0, len(items), batch_size)
+    for start in tqdm(batches, desc="evaluating", unit="batch", disable=not progress):
+        kept, prompts = [], []
+        for item in items[start : start + batch_size]:
+            try:
+                prompts.append(adapter.encode(item.load_images(options), item.prompt, max_length=max_length))
+            except ImageError as exc:
+                bad = item.bad(str(exc))
+                if report is None:
+                    raise
+                report.add(bad)
+                skipped.append(str(bad))
+                continue
+            except SampleTooLongError as exc:
+                skipped.append(str(item.bad(f"too long: {exc}")))
+                continue
+            kept.append(item)
+        if prompts:
+            predictions += adapter.generate_answers(prompts, max_new_tokens)
+            answered += kept
+    return Evaluation(score(answered, predictions, classify), answered, predictions, skipped)
 
 
 def table_markdown(table: dict[str, dict[str, float]]) -> str:

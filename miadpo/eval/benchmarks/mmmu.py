@@ -1,0 +1,69 @@
+"""MMMU (``MMMU/MMMU`` on the Hugging Face hub), validation split, prompted and scored as VLMEvalKit's MMMU_DEV_VAL.
+
+Published layout (huggingface.co/datasets/MMMU/MMMU: one config per subject; the columns as listed on its dataset
+card and read by lmms-eval's ``lmms_eval/tasks/mmmu/utils.py``): ``<Subject>/validation-00000-of-00001.parquet``
+for 30 subjects (Accounting, Art, ..., Sociology), 900 items, with the columns
+
+- ``id`` (``validation_<Subject>_<k>``), ``question`` (text with ``<image 1>`` … ``<image 7>`` references),
+- ``options`` (a string holding a Python list literal of the option texts; ``[]`` for open questions),
+- ``answer`` (the option letter; the answer text for open questions), ``question_type`` (``multiple-choice`` or
+  ``open``), ``image_1`` … ``image_7`` (image structs, null where unused), ``explanation``, ``img_type``,
+  ``topic_difficulty``, ``subfield``.
+
+Prompt (VLMEvalKit: ``ImageMCQDataset.build_prompt`` and ``MMMUDataset.split_MMMU`` in
+``vlmeval/dataset/image_mcq.py``): ``Question: <question>\\nOptions:\\nA. <A>\\n…Please select the correct answer
+from the options above. \\n``; each ``<image k>`` (in the question or an option) becomes the k-th image in place,
+an image referenced twice is given twice, one never referenced is left out. Open questions get no options in the
+prompt and are scored as VLMEvalKit's ``MMMU_preproc`` does: options {A: the answer, B: "Other Answers"}, answer A.
+Groups: ``MMMU`` and ``MMMU/<Subject>``.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+from typing import Any
+
+from miadpo.data.images import ImageOptions
+from miadpo.data.pairs import BadRecordReport
+from miadpo.eval.benchmarks.tables import BadRowError, collect, image_cell, split_files, table_rows, text_cell
+from miadpo.eval.items import LETTERS, EvalItem, mcq_text, place_images
+
+NAME = "MMMU"
+SPLIT = "validation"
+COLUMNS = ("id", "question", "options", "answer", "question_type", "image_1")
+SUBJECT = re.compile(r"^[a-z]+_(.+)_\d+$")
+
+
+def option_texts(cell: Any) -> list[str]:
+    """MMMU's ``options``: a list literal in a string (or a list)."""
+    values = ast.literal_eval(cell) if isinstance(cell, str) else cell
+    if not isinstance(values, list) or not all(isinstance(v, str | int | float) for v in values):
+        raise BadRowError(f"options {cell!r} is not a list of texts")
+    return [str(v) for v in values]
+
+
+def mmmu_item(row: dict[str, Any], file: Path, number: int, options: ImageOptions) -> EvalItem:
+    item_id = text_cell(row, "id")
+    texts = option_texts(row["options"])
+    choice = {LETTERS[i]: t for i, t in enumerate(texts)}
+    answer = str(row["answer"]).strip()
+    if row["question_type"] == "multiple-choice" and choice:
+        if answer not in choice:
+            raise BadRowError(f"answer {answer!r} is not one of the options {', '.join(choice)}")
+    else:
+        choice = {}
+    images = [image_cell(row[f"image_{k}"], file, f"{file}:{number} image_{k}", options)
+              for k in range(1, 8) if row.get(f"image_{k}") is not None]
+    prompt, placed = place_images(mcq_text({"question": text_cell(row, "question")}, choice, muir=False), images)
+    if not choice:  # MMMU_preproc: an open question scored as two options, the answer being A
+        choice, answer = {"A": answer, "B": "Other Answers"}, "A"
+    match = SUBJECT.match(item_id)
+    subject = match.group(1) if match else file.parent.name
+    return EvalItem(item_id, NAME, placed, prompt, answer, options=choice, extra_groups=(f"{NAME}/{subject}",))
+
+
+def read_mmmu(root: Path, report: BadRecordReport, options: ImageOptions) -> list[EvalItem]:
+    files = split_files(root, SPLIT, NAME)
+    return collect(table_rows(files, COLUMNS), lambda row, file, n: mmmu_item(row, file, n, options), report, "id")

@@ -1,0 +1,316 @@
+"""The paper's benchmarks read from fixtures in each published layout (MMMU, BLINK, Mantis-Eval, NLVR2, MuirBench,
+MVBench), their prompts, answers, groups and broken rows; lazy image decoding; the hub and datasets caches."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from miadpo.data.images import ImageOptions
+from miadpo.data.pairs import BadRecordError, BadRecordReport
+from miadpo.eval.benchmarks.blink import read_blink
+from miadpo.eval.benchmarks.mantis import read_mantis
+from miadpo.eval.benchmarks.mmmu import read_mmmu
+from miadpo.eval.benchmarks.muirbench import read_muirbench
+from miadpo.eval.benchmarks.mvbench import TASKS, read_mvbench
+from miadpo.eval.benchmarks.nlvr2 import read_nlvr2
+from miadpo.eval.items import EvalItem
+from miadpo.eval.scoring import is_correct, option_letter, score
+from miadpo.eval.sources import EncodedImage, segment_frames
+
+RED, GREEN, BLUE, GREY = (255, 0, 0), (0, 255, 0), (0, 0, 255), (128, 128, 128)
+VLMEVALKIT_END = "Please select the correct answer from the options above. \n"
+MANTIS_END = "\nAnswer with the option's letter from the given choices directly."
+
+
+def png(colour: tuple[int, int, int]) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def struct(colour: tuple[int, int, int] | None) -> dict[str, Any] | None:
+    """A ``datasets`` image cell as parquet stores it."""
+    return None if colour is None else {"bytes": png(colour), "path": None}
+
+
+def write_parquet(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def colours(item: EvalItem) -> list[tuple[int, int, int]]:
+    return [image.getpixel((0, 0)) for image in item.load_images()]
+
+
+def report(policy: str = "skip") -> BadRecordReport:
+    return BadRecordReport(policy, max_bad_fraction=1.0, stage="eval")
+
+
+# ----- MMMU -----------------------------------------------------------------------------------------------
+def mmmu_row(k: int, subject: str, **fields: Any) -> dict[str, Any]:
+    row = {"id": f"validation_{subject}_{k}", "question": "", "options": "[]", "explanation": "", "answer": "A",
+           "img_type": "['Photographs']", "topic_difficulty": "Easy", "question_type": "multiple-choice",
+           "subfield": "x", **{f"image_{i}": None for i in range(1, 8)}}
+    row.update(fields)
+    return row
+
+
+def mmmu_fixture(root: Path) -> Path:
+    write_parquet(root / "Art" / "validation-00000-of-00001.parquet", [
+        mmmu_row(1, "Art", question="Which colour is <image 2>? Compare <image 1>.",
+                 options="['red', 'the colour of <image 1>', 'blue']", answer="B",
+                 image_1=struct(RED), image_2=struct(GREEN)),
+        mmmu_row(2, "Art", question="How many? <image 1>", options="[]", answer="3", question_type="open",
+                 image_1=struct(BLUE)),
+        mmmu_row(3, "Art", question="Broken <image 1>", options="not a list", image_1=struct(RED)),
+    ])
+    write_parquet(root / "Math" / "validation-00000-of-00001.parquet", [
+        mmmu_row(1, "Math", question="<image 1> Sum?", options="['1', '2']", answer="A", image_1=struct(GREY))])
+    write_parquet(root / "Math" / "dev-00000-of-00001.parquet", [mmmu_row(9, "Math", image_1=struct(GREY))])
+    return root
+
+
+def test_mmmu_items_follow_vlmevalkit_and_a_broken_row_is_counted(tmp_path: Path) -> None:
+    bad = report()
+    items = read_mmmu(mmmu_fixture(tmp_path / "MMMU"), bad, ImageOptions())
+    assert [i.id for i in items] == ["validation_Art_1", "validation_Art_2", "validation_Math_1"]  # no dev split
+    choice, open_question, math = items
+    assert choice.prompt == ("Question: Which colour is <image>? Compare <image>.\nOptions:\nA. red\n"
+                             "B. the colour of <image>\nC. blue\n" + VLMEVALKIT_END)
+    assert colours(choice) == [GREEN, RED, RED]  # each <image k> in place, in the question and the options
+    assert choice.options == {"A": "red", "B": "the colour of <image 1>", "C": "blue"} and choice.answer == "B"
+    assert choice.group == "MMMU" and choice.extra_groups == ("MMMU/Art",)
+    assert open_question.prompt == "Question: How many? <image>\n"
+    assert open_question.options == {"A": "3", "B": "Other Answers"} and open_question.answer == "A"
+    assert is_correct(open_question, "3") and not is_correct(open_question, "4")
+    assert math.extra_groups == ("MMMU/Math",)
+    assert bad.total == 4 and len(bad.bad) == 1
+    assert str(bad.bad[0]).startswith(f"{tmp_path / 'MMMU' / 'Art' / 'validation-00000-of-00001.parquet'}:3 "
+                                      "(id=validation_Art_3): ")
+    with pytest.raises(BadRecordError, match=r"Art/validation-00000-of-00001\.parquet:3 \(id=validation_Art_3\)"):
+        read_mmmu(tmp_path / "MMMU", report("error"), ImageOptions())
+
+
+def test_a_missing_directory_split_or_column_is_named(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="MMMU: directory not found: .*nowhere"):
+        read_mmmu(tmp_path / "nowhere", report(), ImageOptions())
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"no 'validation' split under .*empty: looked for validation-\*"):
+        read_mmmu(tmp_path / "empty", report(), ImageOptions())
+    write_parquet(tmp_path / "cols" / "Art" / "validation-00000-of-00001.parquet", [{"id": "x", "question": "q"}])
+    with pytest.raises(ValueError, match=r"validation-00000-of-00001\.parquet: no column 'options', 'answer'"):
+        read_mmmu(tmp_path / "cols", report(), ImageOptions())
+    (tmp_path / "junk" / "Art").mkdir(parents=True)
+    (tmp_path / "junk" / "Art" / "validation-00000-of-00001.parquet").write_text("not parquet")
+    with pytest.raises(ValueError, match="not a readable parquet file"):
+        read_mmmu(tmp_path / "junk", report(), ImageOptions())
+
+
+# ----- BLINK ----------------------------------------------------------------------------------------------
+def blink_row(k: int, task: str, **fields: Any) -> dict[str, Any]:
+    row = {"idx": f"val_{task}_{k}", "question": "Which image is greener?", "sub_task": task,
+           "image_1": struct(RED), "image_2": struct(GREEN), "image_3": None, "image_4": None,
+           "choices": ["the first image", "the second image"], "answer": "(B)", "prompt": "(authors' prompt)",
+           "explanation": ""}
+    row.update(fields)
+    return row
+
+
+def test_blink_answers_in_parentheses_become_letters_and_images_go_first(tmp_path: Path) -> None:
+    write_parquet(tmp_path / "BLINK" / "Counting" / "val-00000-of-00001.parquet",
+                  [blink_row(1, "Counting"), blink_row(2, "Counting", answer="(E)")])
+    write_parquet(tmp_path / "BLINK" / "Counting" / "test-00000-of-00001.parquet", [blink_row(9, "Counting")])
+    bad = report()
+    (item,) = read_blink(tmp_path / "BLINK", bad, ImageOptions())
+    assert item.prompt == ("<image>\n<image>\nQuestion: Which image is greener?\nOptions:\nA. the first image\n"
+                           "B. the second image\n" + VLMEVALKIT_END)
+    assert colours(item) == [RED, GREEN] and item.answer == "B" and item.extra_groups == ("BLINK/Counting",)
+    assert len(bad.bad) == 1 and "answer '(E)' is not one of the options A, B" in str(bad.bad[0])
+
+
+def test_the_hub_cache_and_the_datasets_cache_are_read(tmp_path: Path) -> None:
+    hub = tmp_path / "hub" / "datasets--BLINK-Benchmark--BLINK"
+    write_parquet(hub / "snapshots" / "old" / "Jigsaw" / "val-00000-of-00001.parquet", [blink_row(1, "Jigsaw")])
+    write_parquet(hub / "snapshots" / "abc123" / "Jigsaw" / "val-00000-of-00001.parquet",
+                  [blink_row(1, "Jigsaw"), blink_row(2, "Jigsaw")])
+    (hub / "refs").mkdir()
+    (hub / "refs" / "main").write_text("abc123")
+    assert [i.id for i in read_blink(hub, report(), ImageOptions())] == ["val_Jigsaw_1", "val_Jigsaw_2"]
+    arrow = tmp_path / "datasets" / "BLINK-Benchmark___blink" / "Jigsaw" / "0.0.0" / "f00d" / "blink-val.arrow"
+    arrow.parent.mkdir(parents=True)
+    table = pa.Table.from_pylist([blink_row(7, "Jigsaw")])
+    with pa.OSFile(str(arrow), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    (item,) = read_blink(tmp_path / "datasets", report(), ImageOptions())
+    assert item.id == "val_Jigsaw_7" and colours(item) == [RED, GREEN]
+
+
+# ----- Mantis-Eval ----------------------------------------------------------------------------------------
+def test_mantis_prompts_follow_its_authors(tmp_path: Path) -> None:
+    rows = [
+        {"id": "m1", "question_type": "multi-choice", "question": "What differs in <image>?",
+         "images": [struct(RED), struct(GREEN)], "options": ["colour", "B. shape"], "answer": "(A)",
+         "data_source": "original dataset", "category": "difference description"},
+        {"id": "m2", "question_type": "short-answer", "question": "<image> Is it red?", "images": [struct(RED)],
+         "options": [], "answer": "Yes", "data_source": "original dataset", "category": "logical reasoning"},
+        {"id": "m3", "question_type": "essay", "question": "<image>", "images": [struct(RED)], "options": [],
+         "answer": "x", "data_source": "", "category": ""},
+    ]
+    write_parquet(tmp_path / "Mantis-Eval" / "mantis_eval" / "test-00000-of-00001.parquet", rows)
+    bad = report()
+    choice, short = read_mantis(tmp_path / "Mantis-Eval", bad, ImageOptions())
+    assert choice.prompt == "<image>What differs in <image>?\n (A) colour\n B. shape" + MANTIS_END
+    assert colours(choice) == [RED, GREEN] and choice.options == {"A": "colour", "B": "shape"}
+    assert choice.answer == "A"
+    assert set(choice.extra_groups) == {"Mantis-Eval/multi-choice", "Mantis-Eval/difference description"}
+    assert short.prompt == ("Given the images, answer the following short answer vqa question:\n"
+                            "Q: <image> Is it red?\n"
+                            'You can first give your analysis, and then give your final answer as "Final Answer:"')
+    assert is_correct(short, "The image shows a red square.\nFinal Answer: yes.")
+    assert not is_correct(short, "Final Answer: No")
+    assert len(bad.bad) == 1 and "question_type 'essay'" in str(bad.bad[0])
+
+
+# ----- NLVR2 ----------------------------------------------------------------------------------------------
+def test_nlvr2_left_and_right_images_statement_and_true_false(tmp_path: Path) -> None:
+    root = tmp_path / "nlvr2"
+    (root / "data").mkdir(parents=True)
+    (root / "dev").mkdir()
+    for pair, (left, right) in {"dev-850-0": (RED, GREEN), "dev-851-1": (BLUE, GREY)}.items():
+        Image.new("RGB", (8, 8), left).save(root / "dev" / f"{pair}-img0.png")
+        Image.new("RGB", (8, 8), right).save(root / "dev" / f"{pair}-img1.png")
+    lines = [
+        {"identifier": "dev-850-0-0", "sentence": "The left image is red.", "label": "True", "synset": "x"},
+        {"identifier": "dev-851-1-1", "sentence": "Both are green.", "label": "False", "synset": "x"},
+        "{not json",
+        {"identifier": "dev-852-0-0", "sentence": "Missing images.", "label": "True"},
+        {"identifier": "dev-850-0-1", "sentence": "Maybe.", "label": "maybe"},
+    ]
+    (root / "data" / "dev.json").write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines))
+    bad = report()
+    first, second = read_nlvr2(root, bad, ImageOptions(), "dev")
+    assert first.prompt == ("<image><image> Here is a statement about the images. Is it true or false?\n"
+                            "The left image is red.\n (A) True\n (B) False" + MANTIS_END)
+    assert colours(first) == [RED, GREEN] and first.answer == "A" and second.answer == "B"
+    assert [r.line for r in bad.bad] == [3, 4, 5]
+    assert "not JSON" in bad.bad[0].reason and "image missing" in bad.bad[1].reason
+    assert "label 'maybe'" in bad.bad[2].reason
+    for answer, right in [("True", True), ("Yes, it is.", True), ("(A)", True), ("False", False), ("No", False),
+                          ("B. False", False)]:
+        assert is_correct(first, answer) is right, answer
+    with pytest.raises(FileNotFoundError, match=r"no test1\.json in .*nlvr2"):
+        read_nlvr2(root, report(), ImageOptions(), "test1")
+
+
+# ----- MuirBench ------------------------------------------------------------------------------------------
+def test_muirbench_markers_in_question_and_options_take_the_images_in_order(tmp_path: Path) -> None:
+    rows = [{"idx": "1", "task": "Visual Retrieval", "image_relation": "Independent", "image_type": "photo",
+             "question": "Which picture matches <image>?", "options": ["<image>", "<image>", "None of these"],
+             "answer": "B", "image_list": [struct(RED), struct(GREEN), struct(RED)], "counterpart_idx": "2"}]
+    write_parquet(tmp_path / "MUIRBENCH" / "data" / "test-00000-of-00001.parquet", rows)
+    (item,) = read_muirbench(tmp_path / "MUIRBENCH", report(), ImageOptions())
+    assert item.prompt == ("Which picture matches <image>?\nA. <image>\nB. <image>\nC. None of these\n"
+                           "Answer with the option's letter from the given choices directly.")
+    assert colours(item) == [RED, GREEN, RED] and item.answer == "B"
+    assert set(item.extra_groups) == {"MuirBench/Visual Retrieval", "MuirBench/relation=Independent"}
+
+
+# ----- MVBench --------------------------------------------------------------------------------------------
+def test_mvbench_frames_are_segment_midpoints() -> None:
+    # Recomputed from the authors' get_index: 300 frames, 8 segments; a 2.0–6.5 s bound at 30 fps.
+    assert segment_frames(0, 299, 8, 30.0) == [18, 55, 93, 130, 168, 205, 242, 280]
+    assert segment_frames(0, 299, 8, 30.0, (2.0, 6.5)) == [68, 85, 102, 119, 136, 152, 169, 186]
+
+
+def grey_video(path: Path, frames: int, fps: int = 10) -> None:
+    """A video whose frame k is grey level 10·k (decoded back within a few levels)."""
+    av = pytest.importorskip("av")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        for k in range(frames):
+            frame = av.VideoFrame.from_image(Image.new("RGB", (32, 32), (10 * k,) * 3))
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+
+
+def mvbench_fixture(root: Path) -> Path:
+    for task, (stem, prefix, _, _) in TASKS.items():
+        examples: list[Any] = []
+        if task == "Action Antonym":
+            grey_video(root / "video" / prefix / "clip.mp4", 20)
+            examples = [{"video": "clip.mp4", "question": "What happens?", "candidates": ["fall", "rise"],
+                         "answer": "rise"},
+                        {"video": "clip.mp4", "question": "Broken", "candidates": ["a"], "answer": "b"}]
+        elif task == "Episodic Reasoning":
+            folder = root / "video" / prefix / "show_s01"
+            folder.mkdir(parents=True)
+            for k in range(1, 31):  # 10 s at 3 fps
+                Image.new("RGB", (8, 8), (k, k, k)).save(folder / f"{k:05d}.jpg", quality=100)
+            examples = [{"video": "show_s01", "question": "Who?", "candidates": ["x", "y", "z"], "answer": "z",
+                         "start": 2.0, "end": 8.0}]
+        (root / "json").mkdir(parents=True, exist_ok=True)
+        (root / "json" / f"{stem}.json").write_text(json.dumps(examples))
+    return root
+
+
+def test_mvbench_videos_and_frame_folders_give_sampled_frames(tmp_path: Path) -> None:
+    bad = report()
+    video, episode = read_mvbench(mvbench_fixture(tmp_path / "MVBench"), bad, ImageOptions(), frames=4)
+    assert video.prompt.startswith("Carefully watch the video") and video.prompt.count("<image>") == 4
+    assert video.prompt.endswith("<image>\nQuestion: What happens?\nOptions:\n(A) fall\n(B) rise\n"
+                                 "Only give the best option.")
+    assert video.answer == "B" and video.extra_groups == ("MVBench/Action Antonym",)
+    wanted = segment_frames(0, 19, 4, 10.0)  # [2, 7, 12, 17]
+    assert [abs(c[0] - 10 * k) <= 6 for c, k in zip(colours(video), wanted)] == [True] * 4
+    # The bound 2–8 s at 3 fps: frames 6–24 of 1…30.
+    assert [c[0] for c in colours(episode)] == pytest.approx(segment_frames(1, 30, 4, 3.0, (2.0, 8.0)), abs=2)
+    assert episode.answer == "C"
+    assert len(bad.bad) == 1 and "answer 'b' is none of the candidates" in str(bad.bad[0])
+    (tmp_path / "MVBench" / "json" / "moving_count.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"lacks 1 of the 20 task files: json/moving_count\.json"):
+        read_mvbench(tmp_path / "MVBench", report(), ImageOptions())
+
+
+# ----- lazy images ----------------------------------------------------------------------------------------
+def test_images_are_held_encoded_until_answered(tmp_path: Path) -> None:
+    write_parquet(tmp_path / "BLINK" / "Counting" / "val-00000-of-00001.parquet", [blink_row(1, "Counting")])
+    (item,) = read_blink(tmp_path / "BLINK", report(), ImageOptions())
+    assert all(isinstance(s, EncodedImage) and isinstance(s.data, bytes) for s in item.sources)
+    assert colours(item) == [RED, GREEN]
+
+
+# ----- answer extraction ----------------------------------------------------------------------------------
+@pytest.mark.parametrize(("answer", "letter"), [
+    ("(B)", "B"), ("B.", "B"), ("B", "B"), ("The answer is B", "B"), ("the answer is b.", "B"),
+    ("Answer: C", "C"), ("a blue square", "B"), ("It is the red one", "A"), ("I cannot tell", None),
+])
+def test_option_letter_cases(answer: str, letter: str | None) -> None:
+    assert option_letter(answer, {"A": "the red one", "B": "a blue square", "C": "green"}) == letter
+
+
+def test_yes_no_answers_to_true_false_options() -> None:
+    options = {"A": "False", "B": "True"}
+    assert [option_letter(a, options) for a in ["Yes.", "true", "No, it is not", "FALSE", "Maybe"]] == [
+        "B", "B", "A", "A", None]
+    assert option_letter("yes", {"A": "yes", "B": "maybe"}) == "A"  # not a yes/no pair: option text
+
+
+def test_per_category_and_overall_accuracy(tmp_path: Path) -> None:
+    write_parquet(tmp_path / "BLINK" / "Counting" / "val-00000-of-00001.parquet",
+                  [blink_row(1, "Counting"), blink_row(2, "Counting")])
+    write_parquet(tmp_path / "BLINK" / "Jigsaw" / "val-00000-of-00001.parquet", [blink_row(1, "Jigsaw")])
+    items = read_blink(tmp_path / "BLINK", report(), ImageOptions())
+    table = score(items, ["(B)", "A", "B"])
+    assert table["BLINK"] == {"n": 3, "accuracy": pytest.approx(200 / 3)}
+    assert table["BLINK/Counting"]["accuracy"] == 50.0 and table["BLINK/Jigsaw"]["accuracy"] == 100.0

@@ -1,0 +1,133 @@
+"""Paired comparison of two evaluations (bootstrap interval, McNemar), ``miadpo.evaluate compare=``, the
+before/after table of training, and the evaluation's per-batch image decoding and length guard."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import CONFIG_DIR, compose_train
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+from PIL import Image
+from test_benchmarks import BLUE, GREEN, RED, blink_row, png, write_parquet
+
+from miadpo.eval.compare import MEAN_ROW, compare_correctness, mcnemar_p
+from miadpo.evaluate import run_evaluation
+from miadpo.train import train
+
+
+def test_a_known_difference_gets_its_interval_and_p_value() -> None:
+    rng = np.random.default_rng(1)
+    n = 1000
+    before = rng.random(n) < 0.5
+    after = before.copy()
+    after[np.flatnonzero(~before)[:100]] = True  # 100 wrong answers made right: +10 points, nothing lost
+    a = {"bench": {str(i): bool(v) for i, v in enumerate(before)}}
+    b = {"bench": {str(i): bool(v) for i, v in enumerate(after)}}
+    row = compare_correctness(a, b)["bench"]
+    assert row.n == n and row.delta == pytest.approx(10.0)
+    # Per unit the difference is 0 or 1 (p = 0.1): standard error √(0.1·0.9/1000) = 0.95 points.
+    half_width = 1.96 * 100 * math.sqrt(0.1 * 0.9 / n)
+    assert row.low == pytest.approx(10.0 - half_width, abs=0.4) and row.high == pytest.approx(10 + half_width, abs=0.4)
+    assert row.mcnemar_p == pytest.approx(2 * 0.5**100)
+    same = compare_correctness(a, a)["bench"]
+    assert (same.delta, same.low, same.high, same.mcnemar_p) == (0.0, 0.0, 0.0, 1.0)
+    assert compare_correctness(a, b) == compare_correctness(a, b)  # seeded: the same on every run
+
+
+def test_a_no_difference_interval_covers_zero_and_units_in_one_only_are_left_out() -> None:
+    rng = np.random.default_rng(2)
+    a = {"x N=2": {str(i): bool(rng.random() < 0.6) for i in range(400)}}
+    b = {"x N=2": {str(i): bool(rng.random() < 0.6) for i in range(400)}}
+    b["x N=2"]["extra"] = True
+    del b["x N=2"]["0"]
+    table = compare_correctness(a, b)
+    row = table["x N=2"]
+    assert row.n == 399 and row.unpaired == 2 and row.low < 0 < row.high and row.mcnemar_p > 0.05
+    assert table[MEAN_ROW].delta == pytest.approx(row.delta) and table[MEAN_ROW].mcnemar_p is None
+
+
+def test_mcnemar_exact_p_values() -> None:
+    assert mcnemar_p(1, 9) == pytest.approx(2 * (1 + 10) / 1024)
+    assert mcnemar_p(5, 5) == 1.0 and mcnemar_p(0, 0) == 1.0
+    assert mcnemar_p(0, 20) == pytest.approx(2 * 0.5**20)
+
+
+def compose_evaluate(overrides: list[str], run_dir: Path) -> DictConfig:
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name="evaluate", overrides=[f"run_dir={run_dir}", "eval.max_new_tokens=2",
+                                                          "eval.progress=false", *overrides])
+
+
+def blink_dir(tmp_path: Path) -> Path:
+    truncated = png(BLUE)[:60]  # a readable header, pixels cut off: found only when decoded
+    rows = [blink_row(1, "Counting"), blink_row(2, "Counting", image_2=None),
+            blink_row(3, "Counting", image_2={"bytes": truncated, "path": None})]
+    write_parquet(tmp_path / "BLINK" / "Counting" / "val-00000-of-00001.parquet", rows)
+    return tmp_path / "BLINK"
+
+
+def test_evaluate_compares_with_another_run_and_skips_what_cannot_be_answered(tmp_path: Path) -> None:
+    bench = blink_dir(tmp_path)
+    first = run_evaluation(compose_evaluate([f"eval.benchmarks.blink={bench}", "eval.max_bad_fraction=0.5"],
+                                            tmp_path / "first"))
+    assert set(first["correct"]["BLINK"]) == {"val_Counting_1", "val_Counting_2"}
+    assert [s.split(" (id=")[1].split(")")[0] for s in first["skipped"]] == ["val_Counting_3"]
+    assert "image truncated" in first["skipped"][0] and first["table"]["BLINK"]["n"] == 2
+    second = run_evaluation(compose_evaluate([f"eval.benchmarks.blink={bench}", "eval.max_bad_fraction=0.5",
+                                              f"compare={tmp_path / 'first' / 'eval.json'}"], tmp_path / "second"))
+    row = second["comparison"]["BLINK"]
+    assert row["n"] == 2 and row["delta"] == 0.0 and row["mcnemar_p"] == 1.0  # the same model, greedy
+    markdown = (tmp_path / "second" / "eval.md").read_text()
+    assert "95% CI (paired bootstrap)" in markdown and "McNemar p" in markdown
+    assert json.loads((tmp_path / "second" / "eval.json").read_text())["comparison"]["other"].endswith("eval.json")
+    # Prompts longer than eval.max_length tokens are skipped and counted, never cut: with tiny_llava's 16 tokens
+    # an image, item 1 (two images) takes 160 tokens, item 2 (one) 142.
+    short = run_evaluation(compose_evaluate([f"eval.benchmarks.blink={bench}", "eval.max_bad_fraction=0.5",
+                                             "eval.max_length=150"], tmp_path / "short"))
+    assert list(short["correct"]["BLINK"]) == ["val_Counting_2"]
+    assert any("(id=val_Counting_1): too long" in s for s in short["skipped"])
+    (tmp_path / "old.json").write_text(json.dumps({"table": {}}))
+    with pytest.raises(ValueError, match=r"compare=.*old\.json: no per-item 'correct' results"):
+        run_evaluation(compose_evaluate([f"eval.benchmarks.blink={bench}", f"compare={tmp_path / 'old.json'}"],
+                                        tmp_path / "bad"))
+
+
+def test_training_before_after_table_carries_the_paired_interval(tmp_path: Path) -> None:
+    (tmp_path / "images").mkdir()
+    lines = []
+    for i, colour in enumerate([RED, GREEN, BLUE, RED]):
+        Image.new("RGB", (20, 20), colour).save(tmp_path / "images" / f"e{i}.png")
+        lines.append(json.dumps({"id": f"e{i}", "image": f"e{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": "red"}]}))
+    (tmp_path / "test.jsonl").write_text("\n".join(lines) + "\n")
+    result = train(compose_train(["trainer.max_steps=2", "data.synthetic.num_pairs=8",
+                                  f"eval.files=[{tmp_path / 'test.jsonl'}]", f"eval.image_root={tmp_path / 'images'}",
+                                  "eval.max_new_tokens=2"], tmp_path))
+    saved = json.loads((result.run_dir / "eval_before_after.json").read_text())
+    assert {"before", "after", "paired", "skipped"} <= set(saved)
+    paired = saved["paired"]["single"]
+    assert paired["n"] == 4 and paired["low"] <= paired["delta"] <= paired["high"]
+    change = saved["after"]["single"]["accuracy"] - saved["before"]["single"]["accuracy"]
+    assert paired["delta"] == pytest.approx(change)
+    header = (result.run_dir / "eval_before_after.md").read_text().splitlines()[0]
+    assert "95% CI" in header and "McNemar p" in header
+
+
+def test_a_missing_benchmark_directory_stops_training_before_any_stage(tmp_path: Path) -> None:
+    cfg = compose_train([f"eval.benchmarks.mmmu={tmp_path / 'nowhere'}"], tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"eval\.benchmarks\.mmmu: .*nowhere"):
+        train(cfg)
+    assert not (Path(cfg.run_dir) / "base_model").exists()
+
+
+def test_eval_paper_names_every_benchmark_directory() -> None:
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="evaluate", overrides=["eval=paper"])
+    dirs = cfg.eval.benchmarks
+    assert all(getattr(dirs, name) for name in ("mmmu", "blink", "mantis_eval", "nlvr2", "mvbench", "muirbench"))
+    assert cfg.eval.nlvr2_split == "test1" and cfg.eval.frames == 6
