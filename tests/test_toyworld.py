@@ -187,7 +187,12 @@ def test_whole_toy_pipeline_at_small_scale(tmp_path: Path) -> None:
     result = train(compose_train(overrides, tmp_path))
     assert list((result.wandb_run / "files" / "media" / "table" / "eval").glob("before_after_*.table.json"))
     tables = json.loads((result.run_dir / "eval_before_after.json").read_text())
-    assert set(tables) == {"before", "after"}
+    assert set(tables) == {"before", "after", "paired", "skipped"}
+    assert tables["skipped"] == []
+    paired = tables["paired"]["single"]
+    assert paired["accuracy_a"] == tables["before"]["single"]["accuracy"]
+    assert paired["accuracy_b"] == tables["after"]["single"]["accuracy"]
+    assert paired["low"] <= paired["delta"] <= paired["high"]
     assert {"single", "multi-image mean"} <= set(tables["after"])
     assert any(group.startswith("sequence N=") for group in tables["after"])
     assert "in no image %" in tables["after"]["single"]
