@@ -18,6 +18,7 @@ item left out; with ``compare``, ``comparison``: per group Δ, paired bootstrap 
 from __future__ import annotations
 
 import json
+from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,15 @@ def contact_sheet(images: list[Image.Image]) -> Image.Image:
     return sheet
 
 
+def sample_indices(groups: list[str], count: int) -> list[int]:
+    """Up to ``count`` item indices taken from each group in turn (first items first), so every benchmark shows."""
+    by_group: dict[str, list[int]] = {}
+    for index, group in enumerate(groups):
+        by_group.setdefault(group, []).append(index)
+    rounds = zip_longest(*by_group.values())
+    return [index for row in rounds for index in row if index is not None][:count]
+
+
 def log_wandb(cfg: DictConfig, run_dir: Path, evaluation: Evaluation) -> None:
     import wandb
 
@@ -69,7 +79,8 @@ def log_wandb(cfg: DictConfig, run_dir: Path, evaluation: Evaluation) -> None:
                                        data=[[g, *(r.get(c) for c in columns)] for g, r in table.items()])})
     samples = wandb.Table(columns=["id", "group", "images", "question", "prediction", "answer"])
     options = ImageOptions.of(cfg.eval)
-    for item, prediction in list(zip(evaluation.items, evaluation.predictions))[: cfg.eval.samples]:
+    for index in sample_indices([item.group for item in evaluation.items], cfg.eval.samples):
+        item, prediction = evaluation.items[index], evaluation.predictions[index]
         samples.add_data(item.id, item.group, wandb.Image(contact_sheet(item.load_images(options))), item.prompt,
                          prediction, item.answer)
     run.log({"eval/samples": samples})

@@ -13,7 +13,7 @@ from conftest import CONFIG_DIR, compose_train
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from PIL import Image
-from test_benchmarks import BLUE, GREEN, RED, blink_row, png, write_parquet
+from test_benchmarks import BLUE, GREEN, RED, blink_row, mmmu_fixture, png, write_parquet
 
 from miadpo.eval.compare import MEAN_ROW, compare_correctness, mcnemar_p
 from miadpo.evaluate import run_evaluation
@@ -131,3 +131,34 @@ def test_eval_paper_names_every_benchmark_directory() -> None:
     dirs = cfg.eval.benchmarks
     assert all(getattr(dirs, name) for name in ("mmmu", "blink", "mantis_eval", "nlvr2", "mvbench", "muirbench"))
     assert cfg.eval.nlvr2_split == "test1" and cfg.eval.frames == 6
+
+
+def test_wandb_samples_show_every_benchmark_with_images_question_prediction_and_answer(tmp_path: Path,
+                                                                                     monkeypatch) -> None:
+    monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb_data"))  # where W&B stages the table's artifact
+    blink = tmp_path / "BLINK"
+    write_parquet(blink / "Counting" / "val-00000-of-00001.parquet",
+                  [blink_row(1, "Counting"), blink_row(2, "Counting")])
+    mmmu = mmmu_fixture(tmp_path / "MMMU")
+    results = run_evaluation(compose_evaluate([f"eval.benchmarks.blink={blink}", f"eval.benchmarks.mmmu={mmmu}",
+                                               "eval.max_bad_fraction=0.5", "eval.wandb=true",
+                                               "eval.wandb_mode=offline", "eval.samples=3"], tmp_path / "run"))
+    [table_file] = (tmp_path / "run").glob("wandb/offline-run-*/files/media/table/eval/samples_*.table.json")
+    table = json.loads(table_file.read_text())
+    assert table["columns"] == ["id", "group", "images", "question", "prediction", "answer"]
+    rows = [dict(zip(table["columns"], row)) for row in table["data"]]
+    # Taken from each benchmark in turn, so the first benchmark's items do not fill the table.
+    assert [row["group"] for row in rows] == ["MMMU", "BLINK", "MMMU"]
+    assert [row["id"] for row in rows] == ["validation_Art_1", "val_Counting_1", "validation_Art_2"]
+    assert rows[0]["prediction"] == results["predictions"]["validation_Art_1"] and rows[0]["answer"] == "B"
+    assert rows[0]["question"].count("<image>") == 3  # MMMU's <image 2>, <image 1>, <image 1> in place
+    # The images travel in the table's artifact: one contact sheet per sample, the item's images side by side.
+    staged = [path for path in (tmp_path / "wandb_data").rglob("*") if path.is_file()]
+    sheets = []
+    for path in staged:
+        try:
+            with Image.open(path) as image:
+                sheets.append(image.size)
+        except OSError:
+            continue
+    assert sorted(sheets) == [(160, 160), (2 * 160, 160), (3 * 160, 160)]
