@@ -21,6 +21,7 @@ from miadpo.eval.benchmarks.mmmu import read_mmmu
 from miadpo.eval.benchmarks.muirbench import read_muirbench
 from miadpo.eval.benchmarks.mvbench import TASKS, read_mvbench
 from miadpo.eval.benchmarks.nlvr2 import read_nlvr2
+from miadpo.eval.compare import compare_correctness
 from miadpo.eval.items import EvalItem
 from miadpo.eval.scoring import is_correct, option_letter, score
 from miadpo.eval.sources import EncodedImage, segment_frames
@@ -314,3 +315,22 @@ def test_per_category_and_overall_accuracy(tmp_path: Path) -> None:
     table = score(items, ["(B)", "A", "B"])
     assert table["BLINK"] == {"n": 3, "accuracy": pytest.approx(200 / 3)}
     assert table["BLINK/Counting"]["accuracy"] == 50.0 and table["BLINK/Jigsaw"]["accuracy"] == 100.0
+
+
+def test_the_multi_image_mean_is_the_papers_average_of_its_benchmarks(tmp_path: Path) -> None:
+    write_parquet(tmp_path / "BLINK" / "Counting" / "val-00000-of-00001.parquet",
+                  [blink_row(1, "Counting"), blink_row(2, "Counting")])
+    mmmu = read_mmmu(mmmu_fixture(tmp_path / "MMMU"), report(), ImageOptions())
+    muir = EvalItem("m1", "MuirBench", [], "<q>", "A", options={"A": "x", "B": "y"},
+                    extra_groups=("MuirBench/Counting",))
+    items = [*read_blink(tmp_path / "BLINK", report(), ImageOptions()), *mmmu, muir]
+    # BLINK 1 of 2 right (50), MMMU 3 of 3 (100); MuirBench (100) and the categories are not in the paper's mean.
+    table = score(items, ["B", "A", "B", "3", "A", "A"])
+    assert table["BLINK"]["accuracy"] == 50.0 and table["MMMU"]["accuracy"] == 100.0
+    assert table["multi-image mean"] == {"n": 5, "accuracy": 75.0}
+    before = {"BLINK": {"1": False, "2": False}, "MMMU": {"1": True}, "MuirBench": {"1": False},
+              "BLINK/Counting": {"1": False, "2": False}}
+    after = {"BLINK": {"1": True, "2": True}, "MMMU": {"1": True}, "MuirBench": {"1": True},
+             "BLINK/Counting": {"1": True, "2": True}}
+    mean = compare_correctness(before, after)["multi-image mean"]
+    assert (mean.accuracy_a, mean.accuracy_b, mean.delta) == (50.0, 100.0, 50.0)  # BLINK +100, MMMU 0

@@ -10,9 +10,10 @@ Two models answered the same items; per item each was right or wrong. For a benc
     McNemar exact p-value: with n₁₀ units right only in a and n₀₁ right only in b,
         p = min(1, 2 · P[X ≤ min(n₁₀, n₀₁)]),  X ~ Binomial(n₁₀ + n₀₁, ½);  p = 1 without discordant units
 
-The "multi-image mean" row (format × N groups weighted equally) takes the mean of the groups' Δ, its interval
-from the same replicates (each group resampled on its own); it has no McNemar test. A unit in only one of the
-two evaluations (an item skipped in one of them) is left out of that benchmark's comparison and counted.
+The "multi-image mean" row (the groups of ``scoring.in_multi_image_mean``, weighted equally) takes the mean of
+the groups' Δ, its interval from the same replicates (each group resampled on its own); it has no McNemar test.
+A unit in only one of the two evaluations (an item skipped in one of them) is left out of that benchmark's
+comparison and counted.
 """
 
 from __future__ import annotations
@@ -23,9 +24,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from miadpo.eval.scoring import MEAN_ROW, in_multi_image_mean
 from miadpo.text import markdown_table
-
-MEAN_ROW = "multi-image mean"
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ def compare_correctness(a: Mapping[str, Mapping[str, bool]], b: Mapping[str, Map
                                100.0 * (right_b.mean() - right_a.mean()), float(low), float(high),
                                mcnemar_p(only_a, only_b), unpaired)
         table[group] = row
-        if " N=" in group:
+        if in_multi_image_mean(group):
             mean_parts.append(replicates)
             mean_groups.append(row)
     if mean_groups:

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from miadpo.data.images import ImageError, ImageOptions
 from miadpo.data.pairs import BadRecordReport
+from miadpo.eval.benchmarks import PAPER_AVERAGE
 from miadpo.eval.items import EvalItem
 from miadpo.models.base import ModelAdapter
 from miadpo.models.samples import SampleTooLongError
@@ -31,6 +32,7 @@ ANSWER_SEPARATORS = str.maketrans(dict.fromkeys(".()[],:;!*#{}", " "))
 ANSWER_IS = re.compile(r"(?:correct\s+)?answer\s+is\s+\**([A-D])\**(?![A-Za-z])", re.IGNORECASE)
 FINAL_ANSWER = re.compile(r"final answer\s*:", re.IGNORECASE)
 POLARITY = {"yes": True, "true": True, "correct": True, "no": False, "false": False, "incorrect": False}
+MEAN_ROW = "multi-image mean"
 
 
 def option_letter(answer: str, options: dict[str, str]) -> str | None:
@@ -121,7 +123,7 @@ class ErrorClassifier(Protocol):
 def score(items: Sequence[EvalItem], predictions: Sequence[str], classify: ErrorClassifier | None = None
           ) -> dict[str, dict[str, float]]:
     """Per group: n, accuracy, and with ``classify`` the shares of wrong open answers by class (of all answers); with
-    multi-image groups, a "multi-image mean" row (each format × N group weighted equally). An item counts in
+    multi-image groups, a "multi-image mean" row (``in_multi_image_mean``, each weighted equally). An item counts in
     its group and in its ``extra_groups``. Groups of circular items are scored per circular group: n groups,
     accuracy of groups, and "row accuracy" over all their rows (VLMEvalKit's "vanilla all")."""
     groups: dict[str, list[tuple[EvalItem, str]]] = defaultdict(list)
@@ -148,7 +150,8 @@ def score(items: Sequence[EvalItem], predictions: Sequence[str], classify: Error
         table[group] = row
     mean = multi_image_mean(table)
     if mean is not None:
-        table["multi-image mean"] = {"n": sum(r["n"] for g, r in table.items() if " N=" in g), "accuracy": mean}
+        table[MEAN_ROW] = {"n": sum(r["n"] for g, r in table.items() if in_multi_image_mean(g)),
+                                     "accuracy": mean}
     return table
 
 
@@ -244,7 +247,13 @@ def table_markdown(table: dict[str, dict[str, float]]) -> str:
     return markdown_table(["group", "n", *columns], rows) + "\n"
 
 
+def in_multi_image_mean(group: str) -> bool:
+    """Whether a group counts in the "multi-image mean" row: the format × N groups of augmented records, and the
+    paper's multi-image benchmarks (its average over MMMU, BLINK, Mantis-Eval, NLVR2 and MVBench)."""
+    return " N=" in group or group in PAPER_AVERAGE
+
+
 def multi_image_mean(table: dict[str, dict[str, float]]) -> float | None:
-    """Mean accuracy over the multi-image groups (format × N), each group weighted equally."""
-    values = [row["accuracy"] for group, row in table.items() if " N=" in group]
+    """Mean accuracy over the groups ``in_multi_image_mean``, each group weighted equally."""
+    values = [row["accuracy"] for group, row in table.items() if in_multi_image_mean(group)]
     return sum(values) / len(values) if values else None
