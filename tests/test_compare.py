@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -162,3 +163,17 @@ def test_wandb_samples_show_every_benchmark_with_images_question_prediction_and_
         except OSError:
             continue
     assert sorted(sheets) == [(160, 160), (2 * 160, 160), (3 * 160, 160)]
+
+
+def test_the_readme_benchmark_commands_compose(monkeypatch) -> None:
+    """Each ``python -m miadpo.<entry>`` line of the README's Benchmarks block is a valid set of overrides."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("## Benchmarks (`eval=paper`)")[1].split("```bash\n")[1].split("```")[0]
+    commands = [shlex.split(line.split("#")[0]) for line in block.replace("\\\n", " ").splitlines()
+                if line.startswith("python -m miadpo.")]
+    assert [c[2] for c in commands] == ["miadpo.evaluate", "miadpo.evaluate", "miadpo.train"]
+    monkeypatch.setenv("MIADPO_BENCHMARKS", "/data/benchmarks")
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        for command in commands:
+            cfg = compose(config_name=command[2].split(".")[1], overrides=command[3:])
+            assert cfg.eval.benchmarks.mvbench == "/data/benchmarks/MVBench" and cfg.model.name == "llava15"
