@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from miadpo.data.images import ImageOptions
+from miadpo.data.images import ImageError, ImageOptions
 from miadpo.data.pairs import BadRecordError, BadRecordReport
 from miadpo.eval.benchmarks.blink import read_blink
 from miadpo.eval.benchmarks.mantis import read_mantis
@@ -24,7 +24,7 @@ from miadpo.eval.benchmarks.nlvr2 import read_nlvr2
 from miadpo.eval.compare import compare_correctness
 from miadpo.eval.items import EvalItem
 from miadpo.eval.scoring import is_correct, option_letter, score
-from miadpo.eval.sources import EncodedImage, segment_frames
+from miadpo.eval.sources import EncodedImage, VideoFrames, segment_frames
 
 RED, GREEN, BLUE, GREY = (255, 0, 0), (0, 255, 0), (0, 0, 255), (128, 128, 128)
 VLMEVALKIT_END = "Please select the correct answer from the options above. \n"
@@ -281,6 +281,21 @@ def test_mvbench_videos_and_frame_folders_give_sampled_frames(tmp_path: Path) ->
     (tmp_path / "MVBench" / "json" / "moving_count.json").unlink()
     with pytest.raises(FileNotFoundError, match=r"lacks 1 of the 20 task files: json/moving_count\.json"):
         read_mvbench(tmp_path / "MVBench", report(), ImageOptions())
+
+
+def test_only_the_sampled_video_frames_are_converted_and_a_bound_outside_the_video_is_named(
+        tmp_path: Path, monkeypatch) -> None:
+    av = pytest.importorskip("av")
+    grey_video(tmp_path / "clip.mp4", 25)
+    converted = []
+    to_image = av.VideoFrame.to_image
+    monkeypatch.setattr(av.VideoFrame, "to_image", lambda frame, *a, **k: converted.append(1) or to_image(frame))
+    frames = VideoFrames(tmp_path / "clip.mp4", 3).load(ImageOptions())
+    wanted = segment_frames(0, 24, 3, 10.0)  # [4, 12, 20]
+    assert [abs(f.getpixel((0, 0))[0] - 10 * k) <= 6 for f, k in zip(frames, wanted)] == [True] * 3
+    assert len(converted) == 3  # a long video never sits decoded in memory
+    with pytest.raises(ImageError, match=r"clip\.mp4.*not in the video's 25 frames"):
+        VideoFrames(tmp_path / "clip.mp4", 3, bound=(10.0, 12.0)).load(ImageOptions())
 
 
 # ----- lazy images ----------------------------------------------------------------------------------------

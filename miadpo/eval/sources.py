@@ -20,7 +20,7 @@ import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from PIL import Image
 
@@ -114,16 +114,41 @@ class VideoFrames:
             raise ImportError("decoding videos needs PyAV: pip install 'miadpo[video]' (or give MVBench's frames "
                               "as folders of 00001.jpg, ...)") from exc
         try:
-            with av.open(str(self.path)) as container:
-                stream = container.streams.video[0]
-                fps = float(stream.average_rate or stream.guessed_rate or 1)
-                frames = [frame.to_image() for frame in container.decode(stream)]
+            total, fps = self._count(av)
+            wanted = segment_frames(0, total - 1, self.count, fps, self.bound)
+            kept, decoded = self._frames(av, set(wanted))
+            if len(kept) < len(set(wanted)) and 0 < decoded < total:  # the header over-counted its frames
+                wanted = segment_frames(0, decoded - 1, self.count, fps, self.bound)
+                kept, decoded = self._frames(av, set(wanted))
         except (av.FFmpegError, IndexError, ValueError) as exc:
             raise ImageError(CORRUPT, self.label, detail=f"video not decodable ({exc})") from exc
-        if not frames:
+        if decoded == 0:
             raise ImageError(CORRUPT, self.label, detail="video has no frames")
-        wanted = segment_frames(0, len(frames) - 1, self.count, fps, self.bound)
-        return [_as_loaded(frames[i], options) for i in wanted]
+        if len(kept) < len(set(wanted)):
+            raise ImageError(CORRUPT, self.label, detail=f"frames {sorted(set(wanted) - set(kept))} (of the bound "
+                             f"{self.bound} s) are not in the video's {decoded} frames")
+        return [_as_loaded(kept[i], options) for i in wanted]
+
+    def _count(self, av: Any) -> tuple[int, float]:
+        """The number of frames (the header's, else counted by decoding) and the frame rate."""
+        with av.open(str(self.path)) as container:
+            stream = container.streams.video[0]
+            fps = float(stream.average_rate or stream.guessed_rate or 1)
+            return stream.frames or sum(1 for _ in container.decode(stream)), fps
+
+    def _frames(self, av: Any, wanted: set[int]) -> tuple[dict[int, Image.Image], int]:
+        """The frames at the ``wanted`` indices as images (only those are converted and kept, so a long video
+        never sits decoded in memory) and how many frames were decoded, stopping after the last one wanted."""
+        kept: dict[int, Image.Image] = {}
+        decoded = 0
+        with av.open(str(self.path)) as container:
+            for index, frame in enumerate(container.decode(container.streams.video[0])):
+                decoded = index + 1
+                if index in wanted:
+                    kept[index] = frame.to_image()
+                    if len(kept) == len(wanted):
+                        break
+        return kept, decoded
 
 
 @dataclass(frozen=True)
