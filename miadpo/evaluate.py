@@ -31,6 +31,7 @@ from miadpo.data.images import ImageOptions
 from miadpo.eval.compare import compare_correctness, comparison_markdown
 from miadpo.eval.scoring import Evaluation, evaluate, prompt_limit, table_markdown
 from miadpo.eval.sets import eval_items
+from miadpo.lightning_setup import wandb_files_in
 from miadpo.models import ModelAdapter, build_adapter
 from miadpo.toyworld.errors import ToyErrors
 
@@ -69,22 +70,26 @@ def sample_indices(groups: list[str], count: int) -> list[int]:
 
 
 def log_wandb(cfg: DictConfig, run_dir: Path, evaluation: Evaluation) -> None:
+    """The table and ``eval.samples`` sample items on W&B; the run and the staged files of its tables (images
+    included) stay under ``<run_dir>/wandb`` (``lightning_setup.wandb_files_in``)."""
     import wandb
 
     table = evaluation.table
-    run = wandb.init(project=cfg.eval.wandb_project, dir=str(run_dir), mode=cfg.eval.wandb_mode, job_type="evaluate")
-    run.log({f"eval/{group}/{k}": v for group, row in table.items() for k, v in row.items()})
-    columns = list(dict.fromkeys(k for row in table.values() for k in row))
-    run.log({"eval/table": wandb.Table(columns=["group", *columns],
-                                       data=[[g, *(r.get(c) for c in columns)] for g, r in table.items()])})
-    samples = wandb.Table(columns=["id", "group", "images", "question", "prediction", "answer"])
-    options = ImageOptions.of(cfg.eval)
-    for index in sample_indices([item.group for item in evaluation.items], cfg.eval.samples):
-        item, prediction = evaluation.items[index], evaluation.predictions[index]
-        samples.add_data(item.id, item.group, wandb.Image(contact_sheet(item.load_images(options))), item.prompt,
-                         prediction, item.answer)
-    run.log({"eval/samples": samples})
-    run.finish()
+    with wandb_files_in(run_dir):
+        run = wandb.init(project=cfg.eval.wandb_project, dir=str(run_dir), mode=cfg.eval.wandb_mode,
+                         job_type="evaluate")
+        run.log({f"eval/{group}/{k}": v for group, row in table.items() for k, v in row.items()})
+        columns = list(dict.fromkeys(k for row in table.values() for k in row))
+        run.log({"eval/table": wandb.Table(columns=["group", *columns],
+                                           data=[[g, *(r.get(c) for c in columns)] for g, r in table.items()])})
+        samples = wandb.Table(columns=["id", "group", "images", "question", "prediction", "answer"])
+        options = ImageOptions.of(cfg.eval)
+        for index in sample_indices([item.group for item in evaluation.items], cfg.eval.samples):
+            item, prediction = evaluation.items[index], evaluation.predictions[index]
+            samples.add_data(item.id, item.group, wandb.Image(contact_sheet(item.load_images(options))),
+                             item.prompt, prediction, item.answer)
+        run.log({"eval/samples": samples})
+        run.finish()
 
 
 def run_evaluation(cfg: DictConfig, adapter: ModelAdapter | None = None) -> dict[str, Any]:

@@ -134,9 +134,7 @@ def test_eval_paper_names_every_benchmark_directory() -> None:
     assert cfg.eval.nlvr2_split == "test1" and cfg.eval.frames == 6
 
 
-def test_wandb_samples_show_every_benchmark_with_images_question_prediction_and_answer(tmp_path: Path,
-                                                                                     monkeypatch) -> None:
-    monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb_data"))  # where W&B stages the table's artifact
+def test_wandb_samples_show_every_benchmark_with_images_question_prediction_and_answer(tmp_path: Path) -> None:
     blink = tmp_path / "BLINK"
     write_parquet(blink / "Counting" / "val-00000-of-00001.parquet",
                   [blink_row(1, "Counting"), blink_row(2, "Counting")])
@@ -154,7 +152,7 @@ def test_wandb_samples_show_every_benchmark_with_images_question_prediction_and_
     assert rows[0]["prediction"] == results["predictions"]["validation_Art_1"] and rows[0]["answer"] == "B"
     assert rows[0]["question"].count("<image>") == 3  # MMMU's <image 2>, <image 1>, <image 1> in place
     # The images travel in the table's artifact: one contact sheet per sample, the item's images side by side.
-    staged = [path for path in (tmp_path / "wandb_data").rglob("*") if path.is_file()]
+    staged = [path for path in (tmp_path / "run" / "wandb" / "data").rglob("*") if path.is_file()]
     sheets = []
     for path in staged:
         try:
