@@ -294,8 +294,15 @@ class FastPathConfig:
     shared_prefix: bool = True
     # Frozen vision tower and projector: image features computed once per batch, shared by policy and reference.
     shared_image_features: bool = True
-    # Reference log-probs computed once before training and kept on disk (miadpo/dpo/reference_cache.py).
+    # Reference log-probs computed once per pair and kept on disk (miadpo/dpo/reference_cache.py): later epochs,
+    # resumed runs and sweep jobs read them.
     reference_cache: bool = True
+    # How the cache is filled. false: in the first epoch's steps, where the reference is computed anyway (sharing
+    # the prompt pass' image features). true: a separate pass before training, so no reference is held while
+    # training. null: the pre-pass for full fine-tuning (the in-step reference would be a frozen copy of the whole
+    # model in memory) and for dpo.reference_path (another model); in the step with LoRA (the policy with its
+    # adapter disabled is the reference, at no memory cost).
+    reference_prepass: bool | None = None
     # null: <data.out_dir>/reference_logps
     reference_cache_dir: str | None = None
 

@@ -4,7 +4,8 @@
 2. ``prepare_model``    the model's preparation step (``model.prepare``), then the adapter
 3. ``save_base``        the base weights the exported adapter refers to
 4. ``prepare_data``     the recipe's preparation step (``data.prepare``): synthetic pairs, or augment + select
-5. ``reference_pass``   the reference log-probs of every pair, cached before training
+5. ``reference_cache``  the reference log-probs on disk; ``reference_pass`` fills it before training where
+                        ``uses_reference_prepass`` (else the first epoch's steps fill it)
 6. ``report_data``      pair statistics and samples (local files and W&B)
 7. ``fit``              Lightning training, with the before/after evaluation and the export as callbacks, then
    ``summarise``        metrics.json and the printed summary
@@ -77,9 +78,10 @@ def check_job(cfg: DictConfig) -> None:
     optimizer settings, the benchmark directories of the evaluation set and ``ckpt_path`` (a readable Lightning
     checkpoint). A bad setting is named."""
     check_model_config(cfg.model)  # type: ignore[arg-type]
-    if cfg.dpo.reference_path is not None and not cfg.dpo.fast.reference_cache:
-        raise ValueError("dpo.reference_path needs dpo.fast.reference_cache=true (the other reference is held "
-                         "in memory: the policy with LoRA disabled, or a copy of its starting weights)")
+    if cfg.dpo.reference_path is not None and not (cfg.dpo.fast.reference_cache and uses_reference_prepass(cfg)):
+        raise ValueError("dpo.reference_path needs dpo.fast.reference_cache=true and the pre-pass "
+                         "(dpo.fast.reference_prepass not false): the reference held in memory during training is "
+                         "the policy with LoRA disabled, or a copy of its starting weights")
     check_trainer_args(cfg.trainer)
     check_strategy(cfg.strategy)
     check_dpo(cfg.dpo)  # type: ignore[arg-type]
@@ -151,21 +153,52 @@ def select_pairs(cfg: DictConfig, adapter: ModelAdapter) -> Path:
     return pairs
 
 
-def reference_pass(cfg: DictConfig, adapter: ModelAdapter, datamodule: PairDataModule, forward: PairForward) -> None:
-    """Reference log-probs of every train/val pair, computed once (only the pairs not cached yet).
+def uses_reference_prepass(cfg: DictConfig) -> bool:
+    """Whether the reference cache is filled before training (``dpo.fast.reference_prepass``; null: for full
+    fine-tuning and for ``dpo.reference_path``) rather than in the first epoch's steps."""
+    fast = cfg.dpo.fast
+    if fast.reference_prepass is not None:
+        return bool(fast.reference_prepass)
+    return cfg.dpo.reference_path is not None or not cfg.model.lora.enabled
 
-    The reference is the policy's starting weights, or ``dpo.reference_path`` when set (built for this pass only).
-    """
+
+def reference_cache(cfg: DictConfig, reference: ModelAdapter, datamodule: PairDataModule) -> ReferenceCache:
+    """The cache of ``reference``'s log-probs (``reference_adapter``; before LoRA is applied, the model key being
+    the reference's), attached to the train and val pairs."""
     datamodule.setup("fit")
-    reference = adapter
-    if cfg.dpo.reference_path is not None:
-        reference = build_adapter(OmegaConf.merge(cfg.model, {"path": cfg.dpo.reference_path}))  # type: ignore[arg-type]
     root = Path(cfg.dpo.fast.reference_cache_dir or Path(cfg.data.out_dir) / "reference_logps")
-    cache = ReferenceCache(root / model_key(reference, cfg.data), rank=int(os.environ.get("RANK", 0)))
-    datasets = [datamodule.train_set, datamodule.val_set]
-    for dataset in datasets:
+    cache = ReferenceCache(root / model_key(reference, cfg.data), rank=process_rank()[0])
+    for dataset in (datamodule.train_set, datamodule.val_set):
         dataset.attach_reference(cache)
-    fill_reference_cache(cache, datasets, reference.model, forward, cfg.data.batch_size)
+    return cache
+
+
+def reference_adapter(cfg: DictConfig, adapter: ModelAdapter) -> ModelAdapter:
+    """The reference: the policy's starting weights (``adapter``), or ``dpo.reference_path`` (for the cache key
+    and the pre-pass only)."""
+    if cfg.dpo.reference_path is None:
+        return adapter
+    return build_adapter(OmegaConf.merge(cfg.model, {"path": cfg.dpo.reference_path}))  # type: ignore[arg-type]
+
+
+def covers_all_pairs(cache: ReferenceCache, datamodule: PairDataModule) -> bool:
+    return cache.covers([key for dataset in (datamodule.train_set, datamodule.val_set) for key in dataset.keys])
+
+
+def process_rank() -> tuple[int, int]:
+    """(rank, world size) of processes started together (torchrun, srun); (0, 1) before Lightning's own launcher
+    starts its processes, which then find the pre-pass done."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))), world
+
+
+def reference_pass(cfg: DictConfig, reference: ModelAdapter, datamodule: PairDataModule, forward: PairForward,
+                   cache: ReferenceCache) -> None:
+    """Reference log-probs of every train/val pair not cached yet, before training (processes started together
+    share the work: ``fill_reference_cache``)."""
+    rank, world = process_rank()
+    fill_reference_cache(cache, [datamodule.train_set, datamodule.val_set], reference.model, forward,
+                         cfg.data.batch_size, rank=rank, world=world)
 
 
 def report_data(cfg: DictConfig, datamodule: PairDataModule, logger: Logger) -> None:

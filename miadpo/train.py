@@ -33,13 +33,21 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> TrainR
     pipeline.prepare_data(cfg, adapter)
     forward = build_pair_forward(adapter, cfg.dpo.fast)
     datamodule = PairDataModule(cfg.data, adapter, forward.collate, seed=cfg.seed)
-    if cfg.dpo.fast.reference_cache:
-        pipeline.reference_pass(cfg, adapter, datamodule, forward)  # before LoRA: the model is the reference
+    cache, cached_reference = None, False
+    if cfg.dpo.fast.reference_cache:  # before LoRA: the model is the reference
+        reference = pipeline.reference_adapter(cfg, adapter)
+        cache = pipeline.reference_cache(cfg, reference, datamodule)
+        if pipeline.uses_reference_prepass(cfg):
+            pipeline.reference_pass(cfg, reference, datamodule, forward, cache)
+        del reference
+        # Every pair cached (a pre-pass, an earlier run or epoch): no reference is built or run.
+        cached_reference = pipeline.covers_all_pairs(cache, datamodule)
     # Training randomness (LoRA initialisation, dropout) starts from the seed whether the data stages above ran
     # or were read from their caches (a data loader draws from the global generator even when it is empty).
     L.seed_everything(cfg.seed, workers=True)
     adapter.prepare_for_training()
-    module = DPOModule(adapter, cfg.dpo, cfg.optim, pair_forward=forward, cached_reference=cfg.dpo.fast.reference_cache)
+    module = DPOModule(adapter, cfg.dpo, cfg.optim, pair_forward=forward, cached_reference=cached_reference,
+                       reference_cache=cache)
     return pipeline.fit(cfg, adapter, module, datamodule, base_path, extra_callbacks)
 
 

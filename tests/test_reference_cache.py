@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import compose_train
+from safetensors.torch import load_file
 
 from miadpo.dpo.module import DPOModule
 from miadpo.train import train
@@ -44,20 +45,66 @@ def test_a_changed_pair_misses_only_itself(tmp_path: Path, pair_files) -> None:
     assert list(cached_rows(tmp_path).values()) == [7]
 
 
+def count_reference_runs(monkeypatch) -> list[int]:
+    """One entry per batch whose reference model ran in a training or validation step."""
+    runs: list[int] = []
+    original = DPOModule._reference_model
+
+    def counting(self):
+        runs.append(1)
+        return original(self)
+
+    monkeypatch.setattr(DPOModule, "_reference_model", counting)
+    return runs
+
+
+def trained_weights(result) -> dict[str, torch.Tensor]:
+    return {k: v for f in sorted(result.exported.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
 @pytest.mark.parametrize("lora", [True, False])
-def test_cached_run_matches_an_uncached_run_and_never_runs_the_reference(tmp_path: Path, lora: bool,
-                                                                         monkeypatch) -> None:
-    overrides = FAST + [f"model.lora.enabled={str(lora).lower()}", "data.val_fraction=0"]
-    plain = train(compose_train(overrides + ["dpo.fast.reference_cache=false", f"run_dir={tmp_path / 'a'}"],
-                                tmp_path / "a"))
+def test_in_step_filling_trains_as_the_prepass_and_as_no_cache_and_a_second_run_runs_no_reference(
+        tmp_path: Path, lora: bool, monkeypatch) -> None:
+    # 16 pairs, batch 4: 4 steps an epoch, 2 epochs.
+    overrides = FAST + ["trainer.max_steps=8", f"model.lora.enabled={str(lora).lower()}", "data.val_fraction=0",
+                        "optim.lr=5e-3"]
+    runs = count_reference_runs(monkeypatch)
+    results, reference_runs = {}, {}
+    for name, extra in [("none", ["dpo.fast.reference_cache=false"]), ("prepass", ["dpo.fast.reference_prepass=true"]),
+                        ("in_step", ["dpo.fast.reference_prepass=false"])]:
+        runs.clear()
+        results[name] = train(compose_train(overrides + extra + [f"run_dir={tmp_path / name}"], tmp_path / name))
+        reference_runs[name] = len(runs)
+    assert reference_runs == {"none": 8, "prepass": 0, "in_step": 4}  # in the step: the first epoch only
+    assert list(cached_rows(tmp_path / "in_step").values()) == [16]  # each pair once
+    weights = {name: trained_weights(result) for name, result in results.items()}
+    for name in ("prepass", "in_step"):
+        for key in ("loss", "rewards/margins", "logps/chosen"):
+            assert results[name].metrics[key] == pytest.approx(results["none"].metrics[key], abs=1e-6), (name, key)
+        for key, value in weights["none"].items():
+            assert torch.allclose(weights[name][key], value, atol=1e-6), (name, key)
+    # A second run on the same pairs builds no reference copy and runs no reference, in either mode.
+    built = []
+    init = DPOModule.__init__
+    monkeypatch.setattr(DPOModule, "__init__", lambda self, *a, **k: init(self, *a, **k) or built.append(self))
+    runs.clear()
+    again = train(compose_train(overrides + ["dpo.fast.reference_prepass=false", f"run_dir={tmp_path / 'again'}"],
+                                tmp_path / "in_step"))
+    assert runs == [] and built[-1].reference is None and built[-1].filling is None
+    assert list(cached_rows(tmp_path / "in_step").values()) == [16]
+    assert again.metrics["loss"] == pytest.approx(results["in_step"].metrics["loss"], abs=1e-6)
 
-    def no_reference(self):
-        raise AssertionError("the reference model ran although its log-probs are cached")
 
-    monkeypatch.setattr(DPOModule, "_reference_model", no_reference)
-    cached = train(compose_train(overrides + [f"run_dir={tmp_path / 'b'}"], tmp_path / "b"))
-    for key in ("loss", "rewards/margins", "logps/chosen"):
-        assert torch.isclose(torch.tensor(plain.metrics[key]), torch.tensor(cached.metrics[key]), atol=1e-5), key
+def test_full_finetuning_defaults_to_the_prepass_lora_to_the_step(tmp_path: Path) -> None:
+    from miadpo.pipeline import uses_reference_prepass
+
+    assert uses_reference_prepass(compose_train(["model.lora.enabled=false"], tmp_path))
+    assert not uses_reference_prepass(compose_train([], tmp_path))
+    assert uses_reference_prepass(compose_train([f"dpo.reference_path={tmp_path}"], tmp_path))
+    assert not uses_reference_prepass(compose_train(["model.lora.enabled=false", "dpo.fast.reference_prepass=false"],
+                                                    tmp_path))
+    with pytest.raises(ValueError, match="dpo.reference_path needs .*pre-pass"):
+        train(compose_train([f"dpo.reference_path={tmp_path}", "dpo.fast.reference_prepass=false"], tmp_path))
 
 
 def test_full_finetuning_with_the_cache_builds_no_reference_copy(make_adapter) -> None:
@@ -88,3 +135,27 @@ def test_weights_identity_follows_content_not_names_and_sizes(tmp_path: Path) ->
     after = weights_identity(cfg)
     assert [f[:2] for f in after["files"]] == [f[:2] for f in before["files"]]
     assert after != before
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_epoch_keeps_what_it_cached_and_the_resumed_run_computes_the_rest(
+        tmp_path: Path, monkeypatch) -> None:
+    from test_train import KillAt
+
+    # 24 pairs, batch 4: 6 steps an epoch. Killed after step 5 (checkpoint of step 4 on disk), resumed, 9 steps.
+    common = ["trainer.max_steps=9", "data.synthetic.num_pairs=24", "data.batch_size=4", "data.val_fraction=0",
+              "checkpoint.every_n_train_steps=2", "optim.lr=5e-3", "dpo.fast.reference_prepass=false"]
+    whole = train(compose_train(common, tmp_path / "whole"))
+    runs = count_reference_runs(monkeypatch)
+    with pytest.raises(RuntimeError, match="killed"):
+        train(compose_train(common, tmp_path / "killed"), extra_callbacks=[KillAt(5)])
+    assert len(runs) == 5 and list(cached_rows(tmp_path / "killed").values()) == [20]  # steps 1-5, kept
+    runs.clear()
+    last = tmp_path / "killed" / "run" / "checkpoints" / "last.ckpt"
+    resumed = train(compose_train(common + [f"ckpt_path={last}", f"run_dir={tmp_path / 'resumed'}"],
+                                  tmp_path / "killed"))
+    # Step 5's pairs were cached before the kill: only step 6 (the rest of the first epoch) runs the reference.
+    assert len(runs) == 1 and list(cached_rows(tmp_path / "killed").values()) == [24]
+    a, b = trained_weights(whole), trained_weights(resumed)
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6), key

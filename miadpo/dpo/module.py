@@ -28,6 +28,7 @@ from miadpo.dpo.forward import (
 )
 from miadpo.dpo.losses import build_loss, rewards
 from miadpo.dpo.optim import adamw_with_linear_schedule
+from miadpo.dpo.reference_cache import InStepFilling, ReferenceCache
 from miadpo.export import nonfinite_names
 from miadpo.models.base import ModelAdapter
 
@@ -42,10 +43,15 @@ def build_pair_forward(adapter: ModelAdapter, fast: FastPathConfig) -> PairForwa
 
 
 class DPOModule(L.LightningModule):
-    """Policy = ``adapter.model``; reference = the same network with LoRA disabled, or a frozen copy."""
+    """Policy = ``adapter.model``; reference = the same network with LoRA disabled, or a frozen copy.
+
+    ``reference_cache``: reference log-probs are read from it where it holds the pair; with ``cached_reference``
+    (filled by a pre-pass) it holds every pair and no reference is built, else the reference is computed in the
+    step for the pairs it lacks and written to it (``InStepFilling``)."""
 
     def __init__(self, adapter: ModelAdapter, dpo: DPOConfig, optim: OptimConfig,
-                 pair_forward: PairForward | None = None, cached_reference: bool = False) -> None:
+                 pair_forward: PairForward | None = None, cached_reference: bool = False,
+                 reference_cache: ReferenceCache | None = None) -> None:
         super().__init__()
         self.adapter = adapter
         self.policy = adapter.model
@@ -58,6 +64,9 @@ class DPOModule(L.LightningModule):
         self.share_image_features = dpo.fast.shared_image_features and cfg.freeze_vision_tower and \
             cfg.freeze_projector
         self.cached_reference = cached_reference
+        self.reference_cache = reference_cache
+        self.filling = InStepFilling(reference_cache) if reference_cache is not None and not cached_reference \
+            else None
         if isinstance(self.policy, PeftModel) or cached_reference:
             self.reference: nn.Module | None = None  # LoRA disabled, or log-probs from the cache: no copy
         else:
@@ -96,13 +105,21 @@ class DPOModule(L.LightningModule):
 
     @torch.no_grad()
     def reference_logps(self, batch: PairBatch) -> PairLogps:
-        cached = batch.cached_reference()  # computed before training (miadpo.dpo.reference_cache)
+        cached = batch.cached_reference()  # served with the pairs (miadpo.dpo.reference_cache)
+        if cached is None and batch.keys is not None and self.reference_cache is not None:
+            cached = self.reference_cache.lookup(batch.keys, self.device)  # cached after the loader read the pairs
         if cached is not None:
             return cached
         if self.cached_reference:
             raise RuntimeError("dpo.fast.reference_cache is on but a batch came without cached reference log-probs")
         with self._reference_model() as reference:
-            return self._forward_for(batch)(reference, batch)
+            logps = self._forward_for(batch)(reference, batch)
+        if self.filling is not None and batch.keys is not None:
+            self.filling.record(batch.keys, logps)
+        return logps
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        return [self.filling] if self.filling is not None else []
 
     def _step(self, batch: PairBatch, prefix: str) -> torch.Tensor:
         with shared_image_features(self.policy) if self.share_image_features else nullcontext():

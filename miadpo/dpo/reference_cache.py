@@ -1,35 +1,51 @@
 """Reference log-probs computed once per pair and kept on disk.
 
 The reference model never changes during DPO, so its answer log-probs are a function of the pair and of the
-reference itself. They are computed in one pass before training (only for pairs not yet cached) and stored in
-``<dpo.fast.reference_cache_dir>/<model key>/logps.<rank>.jsonl``. The model key hashes the base weights'
-content, the adapter family, the chat template, the image preprocessing and the length policy; the pair key
-hashes the prompt, both answers and each image file's path, size and modification time. Runs and sweeps that
-share pairs and base model (β, loss, SFT weight, learning rate may differ) reuse them; training with the cache
-never builds or runs the reference.
+reference itself. They are stored in ``<dpo.fast.reference_cache_dir>/<model key>/logps.<rank>.jsonl``. The model
+key hashes the base weights' content, the adapter family, the chat template, the image preprocessing and the length
+policy; the pair key hashes the prompt, both answers and each image file's path, size and modification time. Runs
+and sweeps that share pairs and base model (β, loss, SFT weight, learning rate may differ) reuse them; a run whose
+pairs are all cached never builds or runs the reference.
 
-Each rank appends to its own shard only while holding that shard's lock (``logps.<rank>.lock``, see
-:mod:`miadpo.locks`): a second run filling the same shard fails at once naming the holder. A run whose pairs are
-all cached only reads, without the lock, and ignores a last line another run is still writing.
+Two ways to fill it (``dpo.fast.reference_prepass``):
+
+- **in the step** (``InStepFilling``, the default with LoRA): the first time a pair is trained its reference
+  log-probs are computed in the training step, where the reference shares the prompt pass' image features, and
+  appended to the cache; later epochs, resumed runs and sweep jobs read them. Each process of a multi-process run
+  writes the pairs of its own batches to its own shard, so each pair is computed once across processes.
+- **a pre-pass** (``fill_reference_cache``, the default for full fine-tuning and for ``dpo.reference_path``): every
+  pair not yet cached, before training, so that no reference model is held during training. Processes started
+  together (torchrun, srun: ``RANK`` / ``WORLD_SIZE``) each compute the pairs of their hash share and wait for the
+  others' shards.
+
+Each process appends to its shard only while holding that shard's lock (``logps.<rank>.lock``, see
+:mod:`miadpo.locks`): a second pre-pass filling the same shard fails at once naming the holder; a training run that
+finds the shard held computes its reference in the step without writing it. Appends are flushed per batch, so a
+killed run loses at most the batch in flight. A run whose pairs are all cached only reads, without the lock, and
+ignores a last line another run is still writing.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
+import zlib
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 from torch.utils.data import DataLoader, Subset
 
 from miadpo.config import DataConfig
 from miadpo.data.jsonl import append_jsonl, repair_tail
+from miadpo.dpo.batch import PairLogps
 from miadpo.dpo.forward import PairForward
 from miadpo.fingerprint import digest, weights_identity
-from miadpo.locks import stage_lock
+from miadpo.locks import StageLocked, stage_lock
 from miadpo.models.base import ModelAdapter
 
 log = logging.getLogger(__name__)
@@ -59,11 +75,17 @@ class ReferenceCache:
     def __init__(self, directory: str | Path, rank: int = 0) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.path = self.directory / f"logps.{rank}.jsonl"
-        self.lock_path = self.directory / f"logps.{rank}.lock"
         self.values: dict[str, list[float]] = {}
         self._writing = False
+        self.use_shard(rank)
         self.reload()
+
+    def use_shard(self, rank: int) -> None:
+        """Append to ``logps.<rank>.jsonl`` (each process of a multi-process run writes its own)."""
+        if self._writing:
+            raise RuntimeError("ReferenceCache.use_shard while writing")
+        self.path = self.directory / f"logps.{rank}.jsonl"
+        self.lock_path = self.directory / f"logps.{rank}.lock"
 
     def reload(self) -> None:
         for file in sorted(self.directory.glob("logps.*.jsonl")):
@@ -88,6 +110,16 @@ class ReferenceCache:
     def __getitem__(self, key: str) -> list[float]:
         return self.values[key]
 
+    def covers(self, keys: Iterator[str] | Sequence[str]) -> bool:
+        return all(key in self.values for key in keys)
+
+    def lookup(self, keys: Sequence[str], device: torch.device | str = "cpu") -> PairLogps | None:
+        """The cached reference log-probs of a batch's pairs, or None unless every one is cached."""
+        if not self.covers(keys):
+            return None
+        rows = torch.tensor([self.values[key] for key in keys], dtype=torch.float32, device=device)
+        return PairLogps(rows[:, 0], rows[:, 1], rows[:, 2].long(), rows[:, 3].long())
+
     def add(self, rows: Sequence[tuple[str, list[float]]]) -> None:
         if not self._writing:
             raise RuntimeError("ReferenceCache.add outside ReferenceCache.writing()")
@@ -97,45 +129,115 @@ class ReferenceCache:
             append_jsonl(handle, [{"key": key, "logps": values} for key, values in rows])
 
 
+def logps_rows(keys: Sequence[str], logps: PairLogps) -> list[tuple[str, list[float]]]:
+    """Cache rows ``(key, [chosen, rejected, chosen_tokens, rejected_tokens])`` of a batch's log-probs."""
+    columns = (logps.chosen.float(), logps.rejected.float(), logps.chosen_tokens.float(), logps.rejected_tokens.float())
+    return [(key, list(row)) for key, row in zip(keys, torch.stack(columns, dim=1).tolist())]
+
+
+class InStepFilling(L.Callback):
+    """Appends the reference log-probs a training step computed to the cache, for the pairs it does not hold yet.
+
+    As a callback of the run (``DPOModule.configure_callbacks``) it writes this process' shard and closes it when
+    the run ends or fails. The shard's lock is taken at the first write and held until ``close``; if another run
+    holds it, this run goes on computing its reference in the step without writing (logged once)."""
+
+    def __init__(self, cache: ReferenceCache) -> None:
+        self.cache = cache
+        self.written = 0
+        self._stack: ExitStack | None = None
+        self._refused = False
+
+    def record(self, keys: Sequence[str], logps: PairLogps) -> None:
+        if self._refused or self.cache.covers(keys):
+            return
+        if self._stack is None:
+            stack = ExitStack()
+            try:
+                stack.enter_context(self.cache.writing())
+            except StageLocked as exc:
+                self._refused = True
+                log.warning("reference log-probs are computed in the step but not cached by this run: %s", exc)
+                return
+            self._stack = stack
+        rows = dict(row for row in logps_rows(keys, logps) if row[0] not in self.cache)  # a pair twice: once
+        if rows:
+            self.cache.add(list(rows.items()))
+            self.written += len(rows)
+
+    def close(self) -> None:
+        if self._stack is not None:
+            self._stack.close()
+            self._stack = None
+            log.info("reference log-probs: %d computed in the step and cached in %s", self.written,
+                     self.cache.directory)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.cache.use_shard(trainer.global_rank)  # each process appends to its own shard
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.close()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self.close()  # what was appended stays; the lock is released for a resumed run in this process
+
+
+def shard_of(key: str, world: int) -> int:
+    """The process of a ``world``-process pre-pass that computes ``key`` (a stable hash share)."""
+    return zlib.crc32(key.encode()) % world
+
+
 @torch.no_grad()
 def fill_reference_cache(cache: ReferenceCache, datasets: Sequence[Any], reference: torch.nn.Module,
-                         forward: PairForward, batch_size: int) -> int:
+                         forward: PairForward, batch_size: int, rank: int = 0, world: int = 1,
+                         wait_s: float = 3600.0) -> int:
     """Compute and store the reference log-probs of every pair not yet cached (batches: ``forward.collate``);
-    returns how many were computed."""
+    returns how many this process computed. With ``world`` > 1 processes started together, this one (``rank``)
+    computes the pairs of its share (``shard_of``) and then waits up to ``wait_s`` seconds for the others' shards."""
     was_training = reference.training
     reference.eval()
     # The pass must not consume the global RNG (data loader seeds), so that LoRA initialisation and data order
     # after it are those of a run without the cache.
     try:
         with torch.random.fork_rng(devices=[]):
-            computed = _fill(cache, datasets, reference, forward, batch_size)
+            computed = _fill(cache, datasets, reference, forward, batch_size, rank, world)
     finally:
         reference.train(was_training)
+    if world > 1:
+        _wait_for_shards(cache, datasets, wait_s)
     log.info("reference log-probs: %d computed, %d cached in %s", computed, len(cache.values) - computed,
              cache.directory)
     return computed
 
 
 def _fill(cache: ReferenceCache, datasets: Sequence[Any], reference: torch.nn.Module, forward: PairForward,
-          batch_size: int) -> int:
-    if all(key in cache for dataset in datasets for key in dataset.keys):
-        return 0  # everything cached: read only, no lock
-    with cache.writing():
-        return _fill_missing(cache, datasets, reference, forward, batch_size)
+          batch_size: int, rank: int, world: int) -> int:
+    def mine(dataset: Any) -> list[int]:
+        return [i for i, key in enumerate(dataset.keys) if key not in cache and shard_of(key, world) == rank]
 
-
-def _fill_missing(cache: ReferenceCache, datasets: Sequence[Any], reference: torch.nn.Module,
-                  forward: PairForward, batch_size: int) -> int:
+    if not any(mine(dataset) for dataset in datasets):
+        return 0  # everything (of this share) cached: read only, no lock
     computed = 0
-    for dataset in datasets:
-        missing = [i for i, key in enumerate(dataset.keys) if key not in cache]
-        if not missing:
-            continue
-        loader = DataLoader(Subset(dataset, missing), batch_size=batch_size, collate_fn=forward.collate)
-        for batch in loader:
-            logps = forward(reference, batch)
-            rows = zip(logps.chosen.tolist(), logps.rejected.tolist(), logps.chosen_tokens.tolist(),
-                       logps.rejected_tokens.tolist())
-            cache.add([(key, list(row)) for key, row in zip(batch.keys, rows)])
-            computed += batch.num_pairs
+    with cache.writing():
+        for dataset in datasets:
+            indices = mine(dataset)  # after the lock's reload
+            if not indices:
+                continue
+            loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, collate_fn=forward.collate)
+            for batch in loader:
+                cache.add(logps_rows(batch.keys, forward(reference, batch)))
+                computed += batch.num_pairs
     return computed
+
+
+def _wait_for_shards(cache: ReferenceCache, datasets: Sequence[Any], wait_s: float) -> None:
+    """Until every pair is cached (the other processes' shards complete), reading the shards again each second."""
+    deadline = time.monotonic() + wait_s
+    keys = [key for dataset in datasets for key in dataset.keys]
+    while not cache.covers(keys):
+        if time.monotonic() > deadline:
+            missing = sum(key not in cache for key in keys)
+            raise TimeoutError(f"reference pre-pass: {missing} pairs still missing from the other processes' shards "
+                               f"in {cache.directory} after {wait_s:.0f} s (did every rank start?)")
+        time.sleep(1.0)
+        cache.reload()
