@@ -1,6 +1,7 @@
-"""DPO step cost: our fast path vs our plain path vs TRL's DPOTrainer, same model, same 5-image pairs.
+"""DPO cost: our fast path vs our plain path vs TRL's DPOTrainer, same model, same pairs; per step and end to end.
 
     python experiments/bench_dpo.py [--steps 8] [--threads 1 2]        (needs `pip install -e ".[bench]"`)
+    python experiments/bench_dpo.py --end-to-end [--repeats 5]         (1 thread; both shapes)
 
 Workload: a LLaVA (CLIP tower 2 layers / hidden 64, Llama 4 layers / hidden 192, 2.1M parameters) whose
 images are 168 px → 144 tokens each; 5 images per prompt (~770 prompt tokens), answers of ~30 tokens; LoRA r8 on
@@ -12,6 +13,18 @@ every LLM linear layer; batch 2 pairs; fp32. Methods:
 Timing runs the three methods in one process with their steps interleaved (machine drift cancels) after one
 warm-up step each; peak RSS and saved-for-backward activation bytes are measured per method in a fresh process.
 Writes experiments/results/dpo_step.md.
+
+End to end (``--end-to-end``, experiments/results/dpo_end_to_end.md): seconds per pair of whole runs over the same
+8 pairs (4 batches) for 1 and 3 epochs, starting from an empty reference cache, every reference computation
+included, for two shapes (``SHAPES``: 5 images with ~30-token answers, 2 images with short answers). Methods:
+  fast (cache filled in the step) — epoch 1 computes the reference in the step (shared prompt pass and image
+          features) and writes it to the cache (``InStepFilling``); later epochs read it;
+  fast (pre-pass) — ``fill_reference_cache`` over the pairs first, then every epoch reads the cache;
+  fast (no cache) — the reference in every step, sharing the prompt's image features;
+  plain, trl — as above, the reference in every step (TRL cannot precompute reference log-probs for image data).
+Each repetition runs every method once (interleaved, each from a fresh empty cache; the order rotated from one
+repetition to the next, so no method always runs first) after one warm-up step on a batch outside the 8 pairs; a 1-epoch run is the first epoch of the 3-epoch run (the same work from an empty
+cache). Medians over the repetitions.
 """
 
 from __future__ import annotations
@@ -34,38 +47,54 @@ from typing import Any
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results" / "dpo_step.md"
+END_TO_END = Path(__file__).resolve().parent / "results" / "dpo_end_to_end.md"
 METHODS = ("fast", "plain", "trl")
+RUN_METHODS = ("fast (cache filled in the step)", "fast (pre-pass)", "fast (no cache)", "plain", "trl")
 BATCH_PAIRS, N_IMAGES, LORA_R = 2, 5, 8
+RUN_PAIRS, EPOCHS = 8, 3
+LONG_TAIL = "it sits in the middle of the image on a plain background"  # ~30 answer tokens with EOS
+# shape → (images per prompt, the words after the colour in each answer)
+SHAPES = {"5 images, ~30-token answers": (5, f" and {LONG_TAIL}"), "2 images, short answers": (2, "")}
+DEFAULT_SHAPE = "5 images, ~30-token answers"
 PALETTE = [(220, 30, 30), (30, 170, 60), (40, 70, 220), (240, 210, 20), (140, 50, 180), (20, 180, 190)]
 NAMES = ["red", "green", "blue", "yellow", "purple", "cyan"]
 
 
-def build_adapter():
+BENCH_TINY = {"image_size": 168, "patch_size": 14, "hidden_size": 192, "intermediate_size": 512, "num_layers": 4,
+              "num_heads": 4, "vision_hidden_size": 64, "vision_layers": 2}
+
+
+def build_adapter(tiny: dict[str, int] | None = None, dtype: str = "float32"):
+    """A LLaVA built in code with random weights: the benchmark's 2.1M-parameter one, or the sizes of ``tiny``."""
     from omegaconf import OmegaConf
 
     from miadpo.config import ModelConfig
     from miadpo.models import build_adapter as build
 
     cfg = OmegaConf.structured(ModelConfig)
-    cfg.merge_with({"name": "bench", "family": "llava", "lora": {"r": LORA_R, "alpha": 2 * LORA_R},
-                    "tiny": {"image_size": 168, "patch_size": 14, "hidden_size": 192, "intermediate_size": 512,
-                             "num_layers": 4, "num_heads": 4, "vision_hidden_size": 64, "vision_layers": 2}})
+    cfg.merge_with({"name": "bench", "family": "llava", "dtype": dtype, "lora": {"r": LORA_R, "alpha": 2 * LORA_R},
+                    "tiny": tiny or BENCH_TINY})
     torch.manual_seed(0)
     return build(cfg)
 
 
-def pair_texts(index: int) -> dict[str, Any]:
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def pair_texts(index: int, shape: str = DEFAULT_SHAPE) -> dict[str, Any]:
     from PIL import Image
 
-    colours = [(index + k) % len(PALETTE) for k in range(N_IMAGES)]
+    n_images, tail = SHAPES[shape]
+    colours = [(index + k) % len(PALETTE) for k in range(n_images)]
     images = [Image.new("RGB", (168, 168), PALETTE[c]) for c in colours]
-    target = 1 + index % N_IMAGES
-    prompt = "".join(f"Image{k}: <image>\n" for k in range(1, N_IMAGES + 1)) + \
+    target = 1 + index % n_images
+    prompt = "".join(f"Image{k}: <image>\n" for k in range(1, n_images + 1)) + \
         f"In Image{target}, what colour is the square and where is it?"
-    right, wrong = NAMES[colours[target - 1]], NAMES[colours[target % N_IMAGES]]
-    tail = "it sits in the middle of the image on a plain background"  # ~30 answer tokens with EOS
-    return {"images": images, "prompt": prompt, "chosen": f"The square is {right} and {tail}.",
-            "rejected": f"The square is {wrong} and {tail}."}
+    right, wrong = NAMES[colours[target - 1]], NAMES[colours[target % n_images]]
+    return {"images": images, "prompt": prompt, "chosen": f"The square is {right}{tail}.",
+            "rejected": f"The square is {wrong}{tail}."}
 
 
 @contextmanager
@@ -84,21 +113,20 @@ def saved_bytes(counter: dict[str, int]):
         yield
 
 
-def our_step(fast: bool) -> Callable[[dict[str, int] | None], float]:
+def our_step(fast: bool, adapter: Any = None, device: str = "cpu") -> Callable[[dict[str, int] | None], float]:
+    """One training step of our fast path (reference log-probs cached) or plain path, on ``adapter`` (default: the
+    benchmark's) moved to ``device``."""
+    from lightning.fabric.utilities import move_data_to_device
+
     from miadpo.config import DPOConfig, FastPathConfig, OptimConfig
-    from miadpo.data.dataset import EncodedPair
     from miadpo.dpo.forward import ConcatenatedPairForward, SharedPrefixPairForward
     from miadpo.dpo.module import DPOModule
 
-    adapter = build_adapter()
-    pairs = []
-    for i in range(BATCH_PAIRS):
-        texts = pair_texts(i)
-        images = adapter.process_images(texts["images"])
-        pairs.append(EncodedPair(str(i), adapter.encode(images, texts["prompt"], texts["chosen"]),
-                                 adapter.encode(images, texts["prompt"], texts["rejected"])))
+    adapter = adapter or build_adapter()
+    adapter.model.to(device)
+    pairs = encoded_pairs(adapter, DEFAULT_SHAPE, range(BATCH_PAIRS))
     forward = SharedPrefixPairForward(adapter) if fast else ConcatenatedPairForward(adapter)
-    batch = forward.collate(pairs)
+    batch = move_data_to_device(forward.collate(pairs), device)
     if fast:  # the reference cache: computed once with the base model, before LoRA, as miadpo.train does
         with torch.no_grad():
             reference = forward(adapter.model.eval(), batch)
@@ -120,31 +148,35 @@ def our_step(fast: bool) -> Callable[[dict[str, int] | None], float]:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+        synchronize(device)
         return time.perf_counter() - start
 
     return step
 
 
-def trl_step() -> Callable[[dict[str, int] | None], float]:
-    """One ``DPOTrainer.training_step`` (policy forward, reference forward with the adapter disabled, backward)."""
+def trl_trainer(shape: str, n_pairs: int, adapter: Any = None, device: str = "cpu") -> Any:
+    """``trl.DPOTrainer`` on the first ``n_pairs`` pairs of ``shape`` (plain model + peft_config, EOS appended: TRL
+    does not add it to vision data), its optimizer created; on ``adapter`` (default: the benchmark's), in bf16 when
+    the adapter's weights are."""
     os.environ.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
     from datasets import Dataset
     from peft import LoraConfig
     from trl import DPOConfig as TRLConfig
     from trl import DPOTrainer
 
-    adapter = build_adapter()
-    eos = adapter.tokenizer.eos_token  # TRL does not add EOS to vision data
+    adapter = adapter or build_adapter()
+    bf16 = adapter.model.dtype == torch.bfloat16
+    eos = adapter.tokenizer.eos_token
     rows: dict[str, list[Any]] = {"images": [], "prompt": [], "chosen": [], "rejected": []}
-    for i in range(BATCH_PAIRS):
-        texts = pair_texts(i)
+    for i in range(n_pairs):
+        texts = pair_texts(i, shape)
         rows["images"].append(texts["images"])
         rows["prompt"].append(texts["prompt"])
         rows["chosen"].append(" " + texts["chosen"] + eos)
         rows["rejected"].append(" " + texts["rejected"] + eos)
     args = TRLConfig(output_dir=tempfile.mkdtemp(prefix="trl_bench_"), per_device_train_batch_size=BATCH_PAIRS,
-                     learning_rate=1e-4, beta=0.1, max_length=None, bf16=False, fp16=False,
-                     gradient_checkpointing=False, report_to="none", save_strategy="no", use_cpu=True,
+                     learning_rate=1e-4, beta=0.1, max_length=None, bf16=bf16, fp16=False,
+                     gradient_checkpointing=False, report_to="none", save_strategy="no", use_cpu=device == "cpu",
                      dataloader_num_workers=0, lr_scheduler_type="constant", seed=0)
     lora = LoraConfig(r=LORA_R, lora_alpha=2 * LORA_R, lora_dropout=0.0, bias="none",
                       target_modules=adapter.default_lora_targets())
@@ -152,7 +184,13 @@ def trl_step() -> Callable[[dict[str, int] | None], float]:
                          processing_class=adapter.processor_for_saving(), peft_config=lora)
     trainer.create_optimizer()
     trainer.current_gradient_accumulation_steps = 1  # set by Trainer's own loop otherwise
-    batch = next(iter(trainer.get_train_dataloader()))  # collated once, like ours
+    return trainer
+
+
+def trl_step(adapter: Any = None, device: str = "cpu") -> Callable[[dict[str, int] | None], float]:
+    """One ``DPOTrainer.training_step`` (policy forward, reference forward with the adapter disabled, backward)."""
+    trainer = trl_trainer(DEFAULT_SHAPE, BATCH_PAIRS, adapter, device)
+    batch = next(iter(trainer.get_train_dataloader()))  # collated once, like ours (moved by the trainer)
 
     def step(counter: dict[str, int] | None = None) -> float:
         start = time.perf_counter()
@@ -163,9 +201,153 @@ def trl_step() -> Callable[[dict[str, int] | None], float]:
                 trainer.training_step(trainer.model, batch)
         trainer.optimizer.step()
         trainer.optimizer.zero_grad()
+        synchronize(device)
         return time.perf_counter() - start
 
     return step
+
+
+def encoded_pairs(adapter: Any, shape: str, indices: range | list[int]) -> list[Any]:
+    """The pairs of ``indices``, encoded as the pair dataset encodes them, each with a reference-cache key."""
+    from miadpo.data.dataset import EncodedPair
+
+    pairs = []
+    for i in indices:
+        texts = pair_texts(i, shape)
+        images = adapter.process_images(texts["images"])
+        pairs.append(EncodedPair(str(i), adapter.encode(images, texts["prompt"], texts["chosen"]),
+                                 adapter.encode(images, texts["prompt"], texts["rejected"]), key=f"{shape}/{i}"))
+    return pairs
+
+
+class KeyedPairs(list):
+    """The pairs as ``fill_reference_cache`` reads a dataset: items and their ``keys``."""
+
+    @property
+    def keys(self) -> list[str]:
+        return [pair.key for pair in self]
+
+
+class OurRun:
+    """Whole runs of one of our methods over the same pairs (``run``: seconds per epoch, from an empty cache)."""
+
+    def __init__(self, method: str, shape: str) -> None:
+        from miadpo.config import DPOConfig, FastPathConfig, OptimConfig
+        from miadpo.dpo.forward import ConcatenatedPairForward, SharedPrefixPairForward
+        from miadpo.dpo.module import DPOModule
+
+        self.method = method
+        self.adapter = build_adapter()
+        fast = method != "plain"
+        self.forward = SharedPrefixPairForward(self.adapter) if fast else ConcatenatedPairForward(self.adapter)
+        self.pairs = KeyedPairs(encoded_pairs(self.adapter, shape, range(RUN_PAIRS)))
+        self.batches = [self.forward.collate(self.pairs[i : i + BATCH_PAIRS])
+                        for i in range(0, RUN_PAIRS, BATCH_PAIRS)]
+        warm = self.forward.collate(encoded_pairs(self.adapter, shape, [100, 101]))
+        self.adapter.prepare_for_training()
+        self.dpo = DPOConfig(fast=FastPathConfig(shared_prefix=fast, shared_image_features=fast,
+                                                 reference_cache=method.startswith("fast (") and "no" not in method))
+        self.optim = OptimConfig(lr=1e-4)
+        self.optimizer = torch.optim.AdamW([p for p in self.adapter.model.parameters() if p.requires_grad], lr=1e-4)
+        # Warm-up (untimed): one forward and backward outside the measured pairs, weights left as they are.
+        warm_module = DPOModule(self.adapter, DPOConfig(fast=FastPathConfig(shared_prefix=fast,
+                                                                            shared_image_features=fast)),
+                                self.optim, pair_forward=self.forward)
+        warm_module.policy.train()
+        warm_module.training_step(warm, 0).backward()
+        self.optimizer.zero_grad()
+
+    def run(self, epochs: int) -> list[float]:
+        from miadpo.dpo.module import DPOModule
+        from miadpo.dpo.reference_cache import ReferenceCache, fill_reference_cache
+
+        cache = ReferenceCache(tempfile.mkdtemp(prefix="bench_reference_"))  # empty
+        prepass = self.method == "fast (pre-pass)"
+        module = DPOModule(self.adapter, self.dpo, self.optim, pair_forward=self.forward, cached_reference=prepass,
+                           reference_cache=cache if self.dpo.fast.reference_cache else None)
+        module.policy.train()
+        seconds = []
+        for epoch in range(epochs):
+            start = time.perf_counter()
+            if prepass and epoch == 0:  # the reference is the policy with its adapter disabled (the base)
+                with module.policy.disable_adapter():
+                    fill_reference_cache(cache, [self.pairs], module.policy, self.forward, BATCH_PAIRS)
+                module.policy.train()
+            for batch in self.batches:
+                module.training_step(batch, 0).backward()
+                self.optimizer.step()
+                self.optimizer.zero_grad()
+            seconds.append(time.perf_counter() - start)
+        if module.filling is not None:
+            assert module.filling.written == RUN_PAIRS, module.filling.written  # each pair once, in epoch 1
+            module.filling.close()
+        return seconds
+
+
+class TRLRun:
+    """Whole runs of ``trl.DPOTrainer`` over the same pairs: the reference recomputed in every step."""
+
+    def __init__(self, shape: str) -> None:
+        self.trainer = trl_trainer(shape, RUN_PAIRS)
+        self.batches = list(self.trainer.get_train_dataloader())
+        self.trainer.training_step(self.trainer.model, self.batches[0])  # warm-up (untimed)
+        self.trainer.optimizer.zero_grad()
+
+    def run(self, epochs: int) -> list[float]:
+        seconds = []
+        for _ in range(epochs):
+            start = time.perf_counter()
+            for batch in self.batches:
+                self.trainer.training_step(self.trainer.model, batch)
+                self.trainer.optimizer.step()
+                self.trainer.optimizer.zero_grad()
+            seconds.append(time.perf_counter() - start)
+        return seconds
+
+
+def end_to_end_worker(shape: str, repeats: int) -> dict[str, list[list[float]]]:
+    """Per method, the seconds of each epoch of each repetition (methods interleaved within a repetition)."""
+    runs = {m: TRLRun(shape) if m == "trl" else OurRun(m, shape) for m in RUN_METHODS}
+    seconds: dict[str, list[list[float]]] = {m: [] for m in RUN_METHODS}
+    for repeat in range(repeats):
+        order = RUN_METHODS[repeat % len(RUN_METHODS):] + RUN_METHODS[: repeat % len(RUN_METHODS)]
+        for method in order:  # each method in each position of the order as often (5 repetitions: once each)
+            seconds[method].append(runs[method].run(EPOCHS))
+    return seconds
+
+
+def end_to_end_table(shape: str, seconds: dict[str, list[list[float]]]) -> list[str]:
+    """Seconds per pair and pairs/s relative to TRL, for 1 epoch and for all EPOCHS, medians over repetitions."""
+    def per_pair(method: str, epochs: int) -> float:
+        return statistics.median(sum(run[:epochs]) for run in seconds[method]) / (RUN_PAIRS * epochs)
+
+    lines = [f"\n## {shape}\n", "| method | 1 epoch: s/pair | × TRL pairs/s | × fast (no cache) | "
+             f"{EPOCHS} epochs: s/pair | × TRL pairs/s | × fast (no cache) |", "|---|---|---|---|---|---|---|"]
+    for method in RUN_METHODS:
+        cells = []
+        for epochs in (1, EPOCHS):
+            t = per_pair(method, epochs)
+            no_cache = per_pair("fast (no cache)", epochs)
+            cells += [f"{t:.3f}", f"{per_pair('trl', epochs) / t:.2f}", f"{no_cache / t:.2f}"]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def end_to_end(repeats: int) -> None:
+    lines = ["# DPO runs end to end: fast path (three ways to get the reference) vs plain vs TRL DPOTrainer\n",
+             f"{platform.processor() or 'cpu'}, {os.cpu_count()} cores, torch {torch.__version__}, 1 torch thread; "
+             f"{RUN_PAIRS} pairs in batches of {BATCH_PAIRS}, 144 tokens an image, LoRA r{LORA_R}, fp32; whole runs "
+             f"from an empty reference cache, every reference computation included; medians of {repeats} "
+             "repetitions, the methods interleaved in each (order rotated). 1 epoch = the first epoch of the "
+             f"{EPOCHS}-epoch run.\n"]
+    raw = {}
+    for shape in SHAPES:
+        raw[shape] = run("--worker", "end-to-end", "--shape", shape, "--repeats", str(repeats), "--threads", "1")
+        lines += end_to_end_table(shape, raw[shape])
+        print("\n".join(lines))
+    END_TO_END.write_text("\n".join(lines) + "\n")
+    END_TO_END.with_suffix(".json").write_text(json.dumps(raw, indent=1))
+    print(f"\nwritten to {END_TO_END}")
 
 
 def build(method: str) -> Callable[[dict[str, int] | None], float]:
@@ -174,6 +356,9 @@ def build(method: str) -> Callable[[dict[str, int] | None], float]:
 
 def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
+    if args.worker == "end-to-end":
+        print(json.dumps(end_to_end_worker(args.shape, args.repeats)))
+        return
     if args.worker == "timing":
         steps = {m: build(m) for m in METHODS}
         for step in steps.values():
@@ -205,12 +390,18 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--worker", choices=["timing", "memory"], default=None)
+    parser.add_argument("--worker", choices=["timing", "memory", "end-to-end"], default=None)
     parser.add_argument("--method", choices=METHODS, default="fast")
+    parser.add_argument("--end-to-end", action="store_true", help="whole 1- and 3-epoch runs instead of steps")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--shape", choices=list(SHAPES), default=DEFAULT_SHAPE)
     args = parser.parse_args()
     if args.worker:
         args.threads = args.threads[0]
         worker(args)
+        return
+    if args.end_to_end:
+        end_to_end(args.repeats)
         return
     lines = ["# DPO step: fast path vs plain path vs TRL DPOTrainer\n",
              f"{platform.processor() or 'cpu'}, {os.cpu_count()} cores, torch {torch.__version__}; "

@@ -56,12 +56,17 @@ def is_new(entry: str, overrides: tuple[str, ...] | list[str]) -> bool:
             or (entry == "evaluate" and "eval" in picked))
 
 
-def with_issue_18(entry: str, composition: Any) -> Any:
-    """The issue 18 additions (EVAL_ADDED, evaluate's compare) applied to a recorded composition."""
+def with_later_additions(entry: str, composition: Any) -> Any:
+    """The keys added since the fixture was recorded, at their defaults, applied to a recorded composition: issue 18
+    (EVAL_ADDED, evaluate's compare), issue 19 (dpo.fast.reference_prepass: null, the old behaviour for full
+    fine-tuning; LoRA runs now fill the cache in the step, with the same losses and weights)."""
     if isinstance(composition.get("eval"), dict):
         composition["eval"] = {**copy.deepcopy(EVAL_ADDED), **composition["eval"]}
     if entry == "evaluate":
         composition.setdefault("compare", None)
+    fast = composition.get("dpo", {}).get("fast") if isinstance(composition.get("dpo"), dict) else None
+    if isinstance(fast, dict):
+        fast.setdefault("reference_prepass", None)
     return composition
 
 
@@ -174,7 +179,7 @@ def expected(entry: str, overrides: tuple[str, ...], before: Any, recorded: dict
     if isinstance(after.get("data"), dict) and entry not in ("sft",):
         after["data"]["prepare"] = {"toy": "toy_world", "synthetic": "synthetic"}.get(after["data"].get("name"),
                                                                                      "select")
-    return with_issue_18(entry, after)
+    return with_later_additions(entry, after)
 
 
 def differences(a: Any, b: Any, path: str = "") -> list[str]:
@@ -216,7 +221,7 @@ def test_the_recipes_that_matter_compose_exactly_as_before(fixture: dict[str, An
     for entry, overrides in UNCHANGED:
         now = composed(entry, overrides)
         assert (now["model"].pop("prepare"), now["data"].pop("prepare")) == preparations[tuple(overrides)]
-        assert now == with_issue_18(entry, copy.deepcopy(fixture["configs"][key(entry, overrides)])), \
+        assert now == with_later_additions(entry, copy.deepcopy(fixture["configs"][key(entry, overrides)])), \
             key(entry, overrides)
     assert composed("train", TEST_DEFAULTS)["optim"]["lr"] == 1.0e-3  # tiny
     assert composed("train", ["experiment=mia_dpo_internlm_xc25"])["optim"]["lr"] == 5.0e-5  # the paper's

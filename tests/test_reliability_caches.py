@@ -24,7 +24,7 @@ from miadpo.augment import runner
 from miadpo.augment.runner import RECORDS_FILE, SKIPPED_FILE, SUMMARY_FILE, run_augmentation
 from miadpo.config import DataConfig, SelectionConfig
 from miadpo.data.pairs import BadRecordError
-from miadpo.dpo.reference_cache import ReferenceCache, fill_reference_cache, model_key
+from miadpo.dpo.reference_cache import ReferenceCache, fill_reference_cache, model_key, shard_of
 from miadpo.models import build_adapter
 from miadpo.select import stage as stage_module
 from miadpo.select.stage import CANDIDATES_FILE, candidates_identity, run_selection
@@ -430,3 +430,28 @@ def test_readers_of_a_reference_cache_leave_a_writer_alone(tmp_path: Path, ranks
         writer.write(row[20:])
     assert sorted(cache_rows(directory)) == [*keys, "k9"]
     assert ReferenceCache(directory)["k9"] == [-9.0, -18.0, 10.0, 11.0]
+
+
+def test_processes_started_together_share_the_prepass_each_pair_once(tmp_path: Path) -> None:
+    """torchrun / srun ranks: each computes its hash share of the missing pairs, then waits for the others'."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    keys = [f"k{i}" for i in range(40)]
+
+    def rank_fill(rank: int) -> tuple[int, bool]:
+        cache = ReferenceCache(tmp_path / "ref", rank=rank)
+        computed = fill_reference_cache(cache, [KeyedPairs(keys)], torch.nn.Linear(1, 1), fake_forward,
+                                        batch_size=4, rank=rank, world=2, wait_s=60)
+        return computed, cache.covers(keys)
+
+    with ThreadPoolExecutor(2) as pool:
+        (first, first_all), (second, second_all) = pool.map(rank_fill, [0, 1])
+    rows = cache_rows(tmp_path / "ref")
+    assert first + second == len(rows) == len(set(rows)) == 40 and first > 0 and second > 0
+    assert first_all and second_all  # each rank trains with every pair's reference
+    assert {json.loads(line)["key"] for line in (tmp_path / "ref" / "logps.1.jsonl").read_text().splitlines()} \
+        == {k for k in keys if shard_of(k, 2) == 1}
+    alone = ReferenceCache(tmp_path / "alone", rank=0)
+    with pytest.raises(TimeoutError, match=r"missing from the other processes' shards .*\(did every rank start\?\)"):
+        fill_reference_cache(alone, [KeyedPairs(keys)], torch.nn.Linear(1, 1), fake_forward, batch_size=4, rank=0,
+                             world=2, wait_s=1)

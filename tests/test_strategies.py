@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -19,12 +20,12 @@ from miadpo.config import StrategyConfig
 from miadpo.lightning_setup import build_strategy
 
 
-def run_two_processes(strategy: str, tmp_path: Path) -> Path:
+def run_two_processes(strategy: str, tmp_path: Path, extra: tuple[str, ...] = ()) -> Path:
     run_dir = tmp_path / strategy
     args = [sys.executable, "-m", "miadpo.train", "model=tiny_llava", "data=synthetic", f"strategy={strategy}",
             "trainer.devices=2", "trainer.accelerator=cpu", "trainer.max_steps=3", "logger=csv",
             "data.synthetic.num_pairs=24", "optim.lr=5e-3", f"data.out_dir={tmp_path / 'data'}",
-            f"hydra.run.dir={run_dir}"]
+            f"hydra.run.dir={run_dir}", *extra]
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"}
     proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -44,6 +45,17 @@ def test_fsdp_on_two_cpu_processes_saves_the_adapter_ddp_trains(tmp_path: Path) 
     reloaded = PeftModel.from_pretrained(base, fsdp / "adapter")
     assert any("lora_A" in n for n, _ in reloaded.named_parameters())
     assert (fsdp / "checkpoints" / "last.ckpt").is_file()
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes_computes_each_pairs_reference_once(tmp_path: Path) -> None:
+    # 24 pairs, 4 a batch on each of 2 processes: 3 steps are one epoch, the reference computed in the step.
+    run_two_processes("ddp", tmp_path, ("data.val_fraction=0", "data.batch_size=4",
+                                        "dpo.fast.reference_prepass=false"))
+    shards = sorted((tmp_path / "data" / "reference_logps").glob("*/logps.*.jsonl"))
+    keys = {f.name: [json.loads(line)["key"] for line in f.read_text().splitlines()] for f in shards}
+    assert {name: len(rows) for name, rows in keys.items()} == {"logps.0.jsonl": 12, "logps.1.jsonl": 12}
+    assert len(set(keys["logps.0.jsonl"]) | set(keys["logps.1.jsonl"])) == 24  # each pair once, across processes
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
