@@ -23,8 +23,9 @@ included, for two shapes (``SHAPES``: 5 images with ~30-token answers, 2 images 
   fast (no cache) — the reference in every step, sharing the prompt's image features;
   plain, trl — as above, the reference in every step (TRL cannot precompute reference log-probs for image data).
 Each repetition runs every method once (interleaved, each from a fresh empty cache; the order rotated from one
-repetition to the next, so no method always runs first) after one warm-up step on a batch outside the 8 pairs; a 1-epoch run is the first epoch of the 3-epoch run (the same work from an empty
-cache). Medians over the repetitions.
+repetition to the next, so no method always runs first) after one warm-up step on a batch outside the 8 pairs;
+a 1-epoch run is the first epoch of the 3-epoch run (the same work from an empty cache). Medians over the
+repetitions.
 """
 
 from __future__ import annotations

@@ -34,9 +34,11 @@ if [[ $mode == fetch ]]; then
   for name in "${WHEELS[@]}"; do
     version=$("$PY" -m pip show "$name" 2>/dev/null | sed -n 's/^Version: //p')
     [[ -n $version ]] || { echo "gpu_check.sh: $name is not installed here (pip install -e '.[dev,bench]')" >&2; exit 1; }
+    # A wheel for CPython 3.12 on x86-64 Linux; a package published only as source (antlr4-python3-runtime 4.9.3,
+    # pure Python) is built into a wheel here.
     "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-      -d .whl "$name==$version"
+      -d .whl "$name==$version" 2>/dev/null || "$PY" -m pip wheel -q --no-deps -w .whl "$name==$version"
   done
   ls -la .whl
   exit 0
