@@ -44,7 +44,7 @@ if [[ $mode == fetch ]]; then
   exit 0
 fi
 
-if compgen -G ".whl/*.whl" > /dev/null; then
+if [[ $mode == gpu ]] && compgen -G ".whl/*.whl" > /dev/null; then  # the dry run uses this machine's packages
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/miadpo-site .whl/*.whl
   export PYTHONPATH="/tmp/miadpo-site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 else

@@ -90,6 +90,9 @@ def log_wandb(cfg: DictConfig, run_dir: Path, evaluation: Evaluation) -> None:
                              item.prompt, prediction, item.answer)
         run.log({"eval/samples": samples})
         run.finish()
+        # Reset wandb's process-wide state: a later offline run in this process (a training job's WandbLogger)
+        # would otherwise ask for an API key.
+        wandb.teardown()
 
 
 def run_evaluation(cfg: DictConfig, adapter: ModelAdapter | None = None) -> dict[str, Any]:
