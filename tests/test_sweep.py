@@ -28,7 +28,9 @@ def test_two_by_two_sweep_writes_a_summary_and_reuses_the_caches(tmp_path: Path)
                                                          ("0.3", "ipo")}
     assert all(float(r["loss"]) == float(r["loss"]) for r in rows)  # a number in every row
     assert "| job | dpo | dpo.beta |" in (sweep / "summary.md").read_text()
-    # The pairs were drawn once and the reference log-probs computed once, for all four jobs.
+    # The pairs were drawn once and each reference log-prob computed once, for all four jobs: in the first job's
+    # steps (LoRA fills the cache in the step), 2 steps × 2 pairs; the other jobs, same seed, read them.
     assert len(list((tmp_path / "data").rglob("pairs.jsonl"))) == 1
     logps = list((tmp_path / "data" / "reference_logps").rglob("logps.*.jsonl"))
-    assert len(logps) == 1 and len(logps[0].read_text().splitlines()) == 8
+    keys = [line.split('"key": "')[1][:24] for line in logps[0].read_text().splitlines()]
+    assert len(logps) == 1 and len(keys) == len(set(keys)) == 4
