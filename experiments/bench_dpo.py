@@ -131,8 +131,7 @@ def our_step(fast: bool, adapter: Any = None, device: str = "cpu") -> Callable[[
     if fast:  # the reference cache: computed once with the base model, before LoRA, as miadpo.train does
         with torch.no_grad():
             reference = forward(adapter.model.eval(), batch)
-        batch.reference = torch.stack([reference.chosen, reference.rejected, reference.chosen_tokens.float(),
-                                          reference.rejected_tokens.float()], dim=1)
+        batch.reference = reference.rows()
     adapter.prepare_for_training()
     dpo = DPOConfig(fast=FastPathConfig(shared_prefix=fast, shared_image_features=fast, reference_cache=fast))
     module = DPOModule(adapter, dpo, OptimConfig(lr=1e-4), pair_forward=forward, cached_reference=fast)

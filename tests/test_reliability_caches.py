@@ -24,6 +24,7 @@ from miadpo.augment import runner
 from miadpo.augment.runner import RECORDS_FILE, SKIPPED_FILE, SUMMARY_FILE, run_augmentation
 from miadpo.config import DataConfig, SelectionConfig
 from miadpo.data.pairs import BadRecordError
+from miadpo.dpo.batch import PairLogps
 from miadpo.dpo.reference_cache import ReferenceCache, fill_reference_cache, model_key, shard_of
 from miadpo.models import build_adapter
 from miadpo.select import stage as stage_module
@@ -53,10 +54,9 @@ class FakeForward:
     def collate(self, keys: list[str]) -> SimpleNamespace:
         return SimpleNamespace(keys=list(keys), num_pairs=len(keys))
 
-    def __call__(self, reference: torch.nn.Module, batch: SimpleNamespace) -> SimpleNamespace:
+    def __call__(self, reference: torch.nn.Module, batch: SimpleNamespace) -> PairLogps:
         values = torch.tensor([float(int(key[1:])) for key in batch.keys])
-        return SimpleNamespace(chosen=-values, rejected=-2 * values, chosen_tokens=values + 1,
-                               rejected_tokens=values + 2)
+        return PairLogps(chosen=-values, rejected=-2 * values, chosen_tokens=values + 1, rejected_tokens=values + 2)
 
 
 fake_forward = FakeForward()
@@ -336,7 +336,7 @@ def hold_reference(tmp_path: Path) -> None:
     hook = block_at(tmp_path, 2)
 
     class Slow(FakeForward):
-        def __call__(self, reference: torch.nn.Module, batch: SimpleNamespace) -> SimpleNamespace:
+        def __call__(self, reference: torch.nn.Module, batch: SimpleNamespace) -> PairLogps:
             hook()
             return super().__call__(reference, batch)
 

@@ -33,6 +33,17 @@ class PairLogps:
     def detach(self) -> PairLogps:
         return PairLogps(self.chosen.detach(), self.rejected.detach(), self.chosen_tokens, self.rejected_tokens)
 
+    def rows(self) -> torch.Tensor:
+        """``(B, 4)`` float rows ``[chosen, rejected, chosen_tokens, rejected_tokens]``, as the reference cache
+        stores them."""
+        return torch.stack([self.chosen.float(), self.rejected.float(), self.chosen_tokens.float(),
+                            self.rejected_tokens.float()], dim=1)
+
+    @classmethod
+    def from_rows(cls, rows: torch.Tensor) -> PairLogps:
+        """The inverse of ``rows``."""
+        return cls(rows[:, 0], rows[:, 1], rows[:, 2].long(), rows[:, 3].long())
+
 
 @dataclass(kw_only=True)
 class PairBatch:
@@ -62,10 +73,7 @@ class PairBatch:
         raise NotImplementedError
 
     def cached_reference(self) -> PairLogps | None:
-        if self.reference is None:
-            return None
-        cached = self.reference
-        return PairLogps(cached[:, 0], cached[:, 1], cached[:, 2].long(), cached[:, 3].long())
+        return None if self.reference is None else PairLogps.from_rows(self.reference)
 
 
 @dataclass(kw_only=True)

@@ -117,8 +117,8 @@ class ReferenceCache:
         """The cached reference log-probs of a batch's pairs, or None unless every one is cached."""
         if not self.covers(keys):
             return None
-        rows = torch.tensor([self.values[key] for key in keys], dtype=torch.float32, device=device)
-        return PairLogps(rows[:, 0], rows[:, 1], rows[:, 2].long(), rows[:, 3].long())
+        return PairLogps.from_rows(torch.tensor([self.values[key] for key in keys], dtype=torch.float32,
+                                                device=device))
 
     def add(self, rows: Sequence[tuple[str, list[float]]]) -> None:
         if not self._writing:
@@ -131,8 +131,7 @@ class ReferenceCache:
 
 def logps_rows(keys: Sequence[str], logps: PairLogps) -> list[tuple[str, list[float]]]:
     """Cache rows ``(key, [chosen, rejected, chosen_tokens, rejected_tokens])`` of a batch's log-probs."""
-    columns = (logps.chosen.float(), logps.rejected.float(), logps.chosen_tokens.float(), logps.rejected_tokens.float())
-    return [(key, list(row)) for key, row in zip(keys, torch.stack(columns, dim=1).tolist())]
+    return list(zip(keys, logps.rows().tolist()))
 
 
 class InStepFilling(L.Callback):
