@@ -151,6 +151,27 @@ class PipAugmentConfig:
     scale: float = 0.7  # target size relative to the background's width (or height, if too tall)
 
 
+class NegativeKind(str, Enum):
+    none = "none"
+    replace = "replace"
+    noise = "noise"
+
+
+@dataclass
+class ImageNegativesConfig:
+    """Image-side negatives (``rejected_images``): each record's images with only the asked-about image changed.
+
+    ``replace``: the target image (Sequence), tile (Grid), centre picture (Pic-in-Pic) or single image replaced by
+    another photograph of the same source with other pixels; ``noise``: Gaussian noise of std ``sigma`` on the
+    target region. Drawn per (seed, record id)."""
+
+    kind: NegativeKind = NegativeKind.none
+    sigma: float = 80.0
+    # Same-source photographs drawn as replacements, in order; the first whose pixels differ from the target's
+    # is used (a record whose every draw equals its target gets no negative).
+    tries: int = 4
+
+
 @dataclass
 class AugmentConfig:
     sequence: SequenceAugmentConfig = field(default_factory=SequenceAugmentConfig)
@@ -171,6 +192,7 @@ class AugmentConfig:
     skip_text_only: bool = True
     # Use only the first N source records (quick runs); null uses all.
     max_records: int | None = None
+    negatives: ImageNegativesConfig = field(default_factory=ImageNegativesConfig)
 
 
 @dataclass
@@ -320,6 +342,11 @@ class DPOConfig:
     # Warn (once, with the step) when the policy's mean log-prob per chosen-answer token falls more than this many
     # nats below the reference's: the model is collapsing (e.g. to uniform output). null: never.
     collapse_warning_nats: float | None = 2.0
+    # Image-side terms (pairs with rejected_images; data.augment.negatives): the conditional preference of the
+    # chosen answer with the original over the negative images, and the anchor on the chosen answer's reward.
+    conditional_weight: float = 0.0
+    anchor_weight: float = 0.0
+    anchor_delta: float = 0.0
     fast: FastPathConfig = field(default_factory=FastPathConfig)
 
 

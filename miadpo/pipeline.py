@@ -40,7 +40,7 @@ from miadpo.dpo.forward import PairForward
 from miadpo.dpo.losses import check_dpo
 from miadpo.dpo.module import DPOModule
 from miadpo.dpo.optim import check_optim
-from miadpo.dpo.reference_cache import ReferenceCache, fill_reference_cache, model_key
+from miadpo.dpo.reference_cache import ReferenceCache, dataset_needs, fill_reference_cache, model_key
 from miadpo.eval.before_after import BeforeAfterEval
 from miadpo.eval.scoring import prompt_limit
 from miadpo.eval.sets import check_eval_set, eval_items, has_eval_set
@@ -182,7 +182,8 @@ def reference_adapter(cfg: DictConfig, adapter: ModelAdapter) -> ModelAdapter:
 
 
 def covers_all_pairs(cache: ReferenceCache, datamodule: PairDataModule) -> bool:
-    return cache.covers([key for dataset in (datamodule.train_set, datamodule.val_set) for key in dataset.keys])
+    needs = [pair for dataset in (datamodule.train_set, datamodule.val_set) for pair in dataset_needs(dataset)]
+    return cache.covers([key for key, _ in needs], [need for _, need in needs])
 
 
 def process_rank() -> tuple[int, int]:

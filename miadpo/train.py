@@ -32,7 +32,8 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> TrainR
     base_path = pipeline.save_base(cfg, adapter)
     pipeline.prepare_data(cfg, adapter)
     forward = build_pair_forward(adapter, cfg.dpo.fast)
-    datamodule = PairDataModule(cfg.data, adapter, forward.collate, seed=cfg.seed)
+    datamodule = PairDataModule(cfg.data, adapter, forward.collate, seed=cfg.seed,
+                                image_negatives=cfg.dpo.conditional_weight > 0)
     cache, cached_reference = None, False
     if cfg.dpo.fast.reference_cache:  # before LoRA: the model is the reference
         reference = pipeline.reference_adapter(cfg, adapter)

@@ -59,7 +59,8 @@ def is_new(entry: str, overrides: tuple[str, ...] | list[str]) -> bool:
 def with_later_additions(entry: str, composition: Any) -> Any:
     """The keys added since the fixture was recorded, at their defaults, applied to a recorded composition: issue 18
     (EVAL_ADDED, evaluate's compare), issue 19 (dpo.fast.reference_prepass: null, the old behaviour for full
-    fine-tuning; LoRA runs now fill the cache in the step, with the same losses and weights)."""
+    fine-tuning; LoRA runs now fill the cache in the step, with the same losses and weights), issue 20 (image-side
+    negatives, off: data.augment.negatives and the dpo weights of the conditional and anchor terms at 0)."""
     if isinstance(composition.get("eval"), dict):
         composition["eval"] = {**copy.deepcopy(EVAL_ADDED), **composition["eval"]}
     if entry == "evaluate":
@@ -67,6 +68,12 @@ def with_later_additions(entry: str, composition: Any) -> Any:
     fast = composition.get("dpo", {}).get("fast") if isinstance(composition.get("dpo"), dict) else None
     if isinstance(fast, dict):
         fast.setdefault("reference_prepass", None)
+    if isinstance(composition.get("dpo"), dict):
+        for name, default in (("conditional_weight", 0.0), ("anchor_weight", 0.0), ("anchor_delta", 0.0)):
+            composition["dpo"].setdefault(name, default)
+    data = composition.get("data")
+    if isinstance(data, dict) and isinstance(data.get("augment"), dict):
+        data["augment"].setdefault("negatives", {"kind": "none", "sigma": 80.0, "tries": 4})
     return composition
 
 

@@ -11,7 +11,12 @@ Arms (every one from the same toy base, through the real entry points with confi
   dropped when three seeds showed its cost);
 - SFT on chosen: plain SFT (`miadpo.sft`) on MIA-DPO's chosen answers (same train pairs, batch size and epochs,
   hence the same steps; LoRA as in DPO), learning rate `--sft-lr` (tuned on val);
-- rounds: the recipe with `rounds.count=2` (on-policy: round 2 selects with round 1's policy).
+- rounds: the recipe with `rounds.count=2` (on-policy: round 2 selects with round 1's policy);
+- MIA-DPO + conditional (+ anchor): the recipe on records augmented with image-side negatives (each record's
+  asked-about image replaced by another pool scene, `data.augment.negatives.kind=replace`), trained with mDPO's
+  conditional preference term (`dpo.conditional_weight=1`) and, in the second arm, its anchor
+  (`dpo.anchor_weight=1`, δ = 0): mDPO's equal weighting, not tuned here. Their records live in
+  `<data dir>-negatives` (another augmentation); their selection is the MIA-DPO arm's (checked: pairs in only one).
 The arms of one seed share the augmented records and the candidates (only the rules differ). An arm that already
 trained to the end with the same inputs (its `arm.json`) is not trained again, only evaluated on the split asked
 for: the recipe's val runs are the test ablation's MIA-DPO arm. Evaluation is on the toy split named by --split
@@ -48,6 +53,7 @@ from miadpo.train import CONFIG_DIR, train
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 NO_POST = [f"selection.post.{k}=null" for k in ("perplexity_min", "perplexity_max", "length_ratio_min",
                                                 "length_ratio_max", "edit_similarity_min", "edit_similarity_max")]
+IMAGE_NEGATIVES = ["data.augment.negatives.kind=replace"]
 ARMS = {
     "MIA-DPO": ["selection=attention"],
     "random selection": ["selection=random"],
@@ -55,6 +61,9 @@ ARMS = {
     "perplexity ≤ 10": ["selection=attention", "selection.post.perplexity_max=10.0"],  # the previous toy recipe
     "SFT on chosen": None,  # built from the MIA-DPO arm's pairs
     "rounds (2)": ["selection=attention", "rounds.count=2"],
+    "MIA-DPO + conditional": ["selection=attention", *IMAGE_NEGATIVES, "dpo.conditional_weight=1.0"],
+    "MIA-DPO + conditional + anchor": ["selection=attention", *IMAGE_NEGATIVES, "dpo.conditional_weight=1.0",
+                                       "dpo.anchor_weight=1.0"],
 }
 METRICS = ("multi-image mean", "sequence N=2", "sequence N=3", "sequence N=4", "single")
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
@@ -122,9 +131,10 @@ def run_dpo_arm(arm: str, seed: int, evaluation: list[str], extra: list[str], wo
     An arm already trained with the same composed config is not trained again; on another split it is re-evaluated.
     """
     run_dir = work / f"{re.sub(r'[^A-Za-z0-9.-]+', '_', arm).strip('_')}-seed{seed}"
+    data_out = data_dir.format(work=work, seed=seed) + ("-negatives" if IMAGE_NEGATIVES[0] in ARMS[arm] else "")
     overrides = ["model=toy_llava", "data=toy", f"seed={seed}", "logger=csv", "trainer.enable_progress_bar=false",
-                 "trainer.enable_model_summary=false", f"run_dir={run_dir}",
-                 f"data.out_dir={data_dir.format(work=work, seed=seed)}", *ARMS[arm], *extra]
+                 "trainer.enable_model_summary=false", f"run_dir={run_dir}", f"data.out_dir={data_out}",
+                 *ARMS[arm], *extra]
     cfg = compose_config("train", [*overrides, *evaluation])
     if cfg.rounds.count > 1:
         records = run_rounds(cfg, train)
@@ -260,7 +270,9 @@ def write_results(args: argparse.Namespace, seeds: list[int], minutes: float, ro
                      "`experiments/toyworld/ceiling.py`).")
     lines.append("\nPaired per-seed differences (multi-image mean, then single):\n")
     for arm, control in (("MIA-DPO", "base"), ("MIA-DPO", "SFT on chosen"), ("MIA-DPO", "random selection"),
-                         ("MIA-DPO", "no post-selection"), ("MIA-DPO", "perplexity ≤ 10"), ("rounds (2)", "MIA-DPO")):
+                         ("MIA-DPO", "no post-selection"), ("MIA-DPO", "perplexity ≤ 10"), ("rounds (2)", "MIA-DPO"),
+                         ("MIA-DPO + conditional", "MIA-DPO"), ("MIA-DPO + conditional + anchor", "MIA-DPO"),
+                         ("MIA-DPO + conditional + anchor", "MIA-DPO + conditional")):
         if arm in rows and control in rows:
             for metric in ("multi-image mean", "single"):
                 lines.append(f"- {arm} − {control}, {metric}: {paired(rows[arm][metric], rows[control][metric])}")
@@ -270,7 +282,7 @@ def write_results(args: argparse.Namespace, seeds: list[int], minutes: float, ro
                      f"{[s['wrong answers'] for s in per_seed]}, removed by the attention rule "
                      f"{[s['removed by attention'] for s in per_seed]} "
                      f"({[round(s['removed share %'], 1) for s in per_seed]} %)")
-    for control in ("no post-selection", "perplexity ≤ 10"):
+    for control in ("no post-selection", "perplexity ≤ 10", "MIA-DPO + conditional"):
         if "MIA-DPO" in stats and control in stats:
             differ = [len(set(a["pair ids"]) ^ set(b["pair ids"])) for a, b in zip(stats["MIA-DPO"], stats[control])]
             lines.append(f"- pairs in only one of MIA-DPO / {control}, per seed: {differ}")

@@ -41,8 +41,17 @@ from miadpo.augment.formats import (
     sequence_conversations,
     single_conversations,
 )
+from miadpo.augment.negatives import (
+    NegativePlan,
+    negative_grid,
+    negative_pip,
+    noisy_image,
+    plan_negative,
+    same_pixels,
+    target_index,
+)
 from miadpo.augment.source import SourceRecord, read_llava_source
-from miadpo.config import AugmentConfig, BadRecordPolicy, DataConfig, GridAugmentConfig
+from miadpo.config import AugmentConfig, BadRecordPolicy, DataConfig, GridAugmentConfig, NegativeKind
 from miadpo.data.images import ImageOptions, load_record_image
 from miadpo.data.jsonl import append_jsonl, atomic_replace, read_jsonl, repair_tail
 from miadpo.data.pairs import BadRecordError, BadRecordReport, ImageRoots
@@ -73,6 +82,7 @@ class Job:
     source: str
     source_ids: list[str]
     source_line: int
+    negative: NegativePlan | None = None  # data.augment.negatives (miadpo.augment.negatives)
 
 
 @dataclass
@@ -131,6 +141,7 @@ class Planner:
         self.cfg = cfg
         self.aug: AugmentConfig = cfg.augment
         self.rng = random.Random(seed)
+        self.seed = seed
         self.images_by_source: dict[str, list[str]] = {}
         self.grid_records_by_source: dict[str, list[SourceRecord]] = {}
         for record in records:
@@ -158,6 +169,8 @@ class Planner:
             fmt = _choose_weighted(self.rng, allowed)
             job = getattr(self, f"_{fmt}")(record)
             if job is not None:
+                job.negative = plan_negative(self.aug.negatives, self.seed, job.id, job.format,
+                                             self.images_by_source[job.source], job.inputs)
                 jobs.append(job)
             if self.aug.refusal_fraction and self.rng.random() < self.aug.refusal_fraction:
                 refusal = self._refusal(record)
@@ -249,6 +262,7 @@ class Composer:
     pip_scale: float
     jpeg_quality: int
     images: ImageOptions
+    negative_sigma: float = 0.0  # data.augment.negatives.sigma (noise negatives)
 
     def _load(self, rel: str, draft: tuple[int, int] | None = None) -> Image.Image:
         """Decode an input (``miadpo.data.images``); with ``draft``, JPEG decoding may shrink by 2–8× while staying at
@@ -269,6 +283,7 @@ class Composer:
         except ValueError as exc:
             return None, str(exc)
         layout: dict[str, Any] | None = None
+        canvas: Image.Image | None = None
         if job.format == "grid":
             canvas, layout = compose_grid(images, self.grid)
             image_field: str | list[str] = self._save(canvas, "grid", job.id)
@@ -279,7 +294,45 @@ class Composer:
             image_field = list(job.inputs)
         meta = {"format": job.format, "n_images": job.n_images, "target": job.target, "source": job.source,
                 "source_ids": job.source_ids, "inputs": job.inputs, "layout": layout}
-        return {"id": job.id, "image": image_field, "conversations": job.conversations, "meta": meta}, None
+        record = {"id": job.id, "image": image_field, "conversations": job.conversations, "meta": meta}
+        if job.negative is not None:
+            built = self._negative(job, images, layout, canvas, draft)
+            if built is not None:
+                record["rejected_image"], meta["negative"] = built
+        return record, None
+
+    def _negative(self, job: Job, images: list[Image.Image], layout: dict[str, Any] | None,
+                  canvas: Image.Image | None, draft: tuple[int, int] | None
+                  ) -> tuple[str | list[str], dict[str, Any]] | None:
+        """The record's ``rejected_image`` (the shape of its ``image``) and its ``meta.negative``; None when no
+        drawn replacement has pixels other than the target's."""
+        plan = job.negative
+        assert plan is not None
+        index = target_index(job.format, job.target)
+        replacement, picture = None, None
+        if NegativeKind(plan.kind) is NegativeKind.replace:
+            for rel in plan.replacements:
+                try:
+                    candidate = self._load(rel, draft)
+                except ValueError:
+                    continue  # an unreadable photograph is not drawn
+                if not same_pixels(candidate, images[index]):
+                    replacement, picture = rel, candidate
+                    break
+            else:
+                return None
+        about = {"kind": plan.kind, "replacement": replacement}
+        if job.format in ("sequence", "single"):
+            swapped = replacement if replacement is not None else self._save(
+                noisy_image(images[index], plan, job.id, self.negative_sigma), f"{job.format}_negative", job.id)
+            return [swapped if i == index else rel for i, rel in enumerate(job.inputs)], about
+        assert layout is not None and canvas is not None
+        if job.format == "grid":
+            negative = negative_grid(images, canvas, layout, index, picture, plan, job.id, self.grid,
+                                     self.negative_sigma)
+        else:
+            negative = negative_pip(canvas, layout["box"], picture, plan, job.id, self.negative_sigma)
+        return self._save(negative, f"{job.format}_negative", job.id), about
 
 
 def fingerprint(cfg: DataConfig, seed: int) -> dict[str, Any]:
@@ -287,6 +340,8 @@ def fingerprint(cfg: DataConfig, seed: int) -> dict[str, Any]:
     augment = OmegaConf.to_container(OmegaConf.structured(cfg.augment), resolve=True)
     for key in ("workers", "chunk_size", "retry_skipped"):  # do not change the output
         augment.pop(key)  # type: ignore[union-attr]
+    if augment["negatives"]["kind"] == NegativeKind.none.value:  # type: ignore[index]
+        augment.pop("negatives")  # type: ignore[union-attr]  # off: the fingerprint of earlier versions
     inputs = {
         "version": FORMAT_VERSION,
         "source_sha1": file_sha1(Path(cfg.source)),
@@ -441,7 +496,7 @@ def _augment(cfg: DataConfig, seed: int, roots: ImageRoots, out_dir: Path, worke
                  "" if retry_all else " whose input images changed")
     summary = AugmentSummary(out_dir, ineligible=ineligible + planner.skipped, resumed=len(jobs) - len(todo))
     composer = Composer(roots, cfg.augment.grid, cfg.augment.pip.scale, cfg.augment.jpeg_quality,
-                        ImageOptions.of(cfg))
+                        ImageOptions.of(cfg), float(cfg.augment.negatives.sigma))
     n_workers = cfg.augment.workers if workers is None else workers
     strict = BadRecordPolicy(cfg.on_bad_record) is BadRecordPolicy.error
     try:

@@ -8,9 +8,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Protocol
 
 import lightning as L
 import torch
@@ -41,17 +42,20 @@ class LengthGuardResult:
     truncated: list[str]  # ids whose longer answer will be cut to fit
     skipped: list[tuple[str, str]]  # (id, reason)
     bad: list[tuple[str, str]] = field(default_factory=list)  # (id, reason): an image that cannot be opened
+    negatives_dropped: list[str] = field(default_factory=list)  # ids trained without their image-side negative
 
 
 def apply_length_guard(records: Sequence[PairRecord], roots: ImageRoots, adapter: ModelAdapter,
-                       max_length: int, policy: TooLongPolicy, images: ImageOptions | None = None
-                       ) -> LengthGuardResult:
+                       max_length: int, policy: TooLongPolicy, images: ImageOptions | None = None,
+                       image_negatives: bool = False) -> LengthGuardResult:
     """Decide, from token counts alone, which pairs fit ``max_length``.
 
     Image tokens are never cut: a pair whose prompt (with its images) does not fit is skipped; one whose
     answer overflows is truncated on the answer side (``truncate_answer``) or skipped (``skip``). Sizes are those
     the loader gives (upright, capped: ``miadpo.data.images``); a pair with an image that cannot be opened (or is too
-    large under ``on_large_image=skip``) goes to ``bad``.
+    large under ``on_large_image=skip``) goes to ``bad``. With ``image_negatives``, a pair whose chosen answer does not
+    fit whole after the negative prompt (another image size can mean other image tokens) keeps its text pair only
+    (``negatives_dropped``).
     """
     result = LengthGuardResult([], [], [])
     for record in records:
@@ -60,6 +64,15 @@ def apply_length_guard(records: Sequence[PairRecord], roots: ImageRoots, adapter
         except ValueError as exc:  # ImageError, or a path refused by ImageRoots
             result.bad.append((record.id, str(exc)))
             continue
+        if image_negatives and record.rejected_images is not None:
+            try:
+                negative_sizes = [record_image_size(roots, rel, images) for rel in record.rejected_images]
+            except ValueError as exc:
+                result.bad.append((record.id, f"rejected_images: {exc}"))
+                continue
+            if sum(adapter.count_tokens(record.prompt, record.chosen, negative_sizes)) > max_length:
+                record = replace(record, rejected_images=None)
+                result.negatives_dropped.append(record.id)
         prompt_len, chosen_len = adapter.count_tokens(record.prompt, record.chosen, sizes)
         _, rejected_len = adapter.count_tokens(record.prompt, record.rejected, sizes)
         total = prompt_len + max(chosen_len, rejected_len)
@@ -92,32 +105,47 @@ def split_train_val(records: Sequence[PairRecord], val_fraction: float, seed: in
 
 @dataclass
 class EncodedPair:
-    """One pair ready to collate: chosen and rejected encoded against the same processed images."""
+    """One pair ready to collate: chosen and rejected encoded against the same processed images; with image-side
+    negatives on, ``negative`` is the chosen answer encoded against the pair's ``rejected_images``."""
 
     id: str
     chosen: EncodedSample
     rejected: EncodedSample
     key: str | None = None  # reference-cache key (miadpo.fingerprint), when a cache is attached
     reference: Sequence[float] | None = None  # the cached reference log-probs of the pair, when there are some
+    negative: EncodedSample | None = None
+
+
+class ReferenceRows(Protocol):
+    """Where cached reference log-probs come from (``miadpo.dpo.reference_cache.ReferenceCache``)."""
+
+    def row(self, key: str, with_negative: bool = False) -> Sequence[float] | None:
+        """The pair's cached row, or None when it is not cached (or lacks the negative asked for)."""
 
 
 class PairDataset(Dataset):
-    """Loads a pair's images once and encodes chosen and rejected against the same processed images."""
+    """Loads a pair's images once and encodes chosen and rejected against the same processed images; with
+    ``image_negatives``, also the chosen answer against the pair's ``rejected_images`` (when it has them)."""
 
     def __init__(self, records: Sequence[PairRecord], roots: ImageRoots, adapter: ModelAdapter,
-                 max_length: int, images: ImageOptions | None = None) -> None:
+                 max_length: int, images: ImageOptions | None = None, image_negatives: bool = False) -> None:
         self.records = list(records)
         self.roots = roots
         self.adapter = adapter
         self.max_length = max_length
         self.images = images or ImageOptions()
+        self.image_negatives = image_negatives
         self.keys: list[str] = []  # reference-cache keys, set by attach_reference
-        self.reference: Mapping[str, Sequence[float]] | None = None
+        self.reference: ReferenceRows | None = None
 
-    def attach_reference(self, cache: Mapping[str, Sequence[float]]) -> None:
+    def attach_reference(self, cache: ReferenceRows) -> None:
         """Serve each pair's cached reference log-probs (a ``miadpo.dpo.reference_cache.ReferenceCache``) with it."""
         self.keys = [pair_key(record, self.roots) for record in self.records]
         self.reference = cache
+
+    def has_negative(self, index: int) -> bool:
+        """Whether pair ``index`` is trained with its image-side negative."""
+        return self.image_negatives and self.records[index].rejected_images is not None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -127,11 +155,19 @@ class PairDataset(Dataset):
         pictures = load_record_images(self.roots, record.images, self.images, f"pair {record.id}")
         images = self.adapter.process_images(pictures)
         key = self.keys[index] if self.keys else None
-        cached = key is not None and self.reference is not None and key in self.reference
-        reference = self.reference[key] if cached else None  # type: ignore[index]
+        with_negative = self.has_negative(index)
+        reference = None
+        if key is not None and self.reference is not None:
+            reference = self.reference.row(key, with_negative)
+        negative = None
+        if with_negative:
+            assert record.rejected_images is not None
+            others = load_record_images(self.roots, record.rejected_images, self.images, f"pair {record.id}")
+            negative = self.adapter.encode(self.adapter.process_images(others), record.prompt, record.chosen,
+                                           self.max_length)
         return EncodedPair(record.id, self.adapter.encode(images, record.prompt, record.chosen, self.max_length),
                            self.adapter.encode(images, record.prompt, record.rejected, self.max_length), key,
-                           reference)
+                           reference, negative)
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -173,8 +209,9 @@ class PairDataModule(L.LightningDataModule):
     """Pairs from ``data.pairs`` → train/val dataloaders of batches made by ``collate`` (a pair forward's)."""
 
     def __init__(self, cfg: DataConfig, adapter: ModelAdapter, collate: Callable[[list[EncodedPair]], object],
-                 seed: int = 0) -> None:
+                 seed: int = 0, image_negatives: bool = False) -> None:
         super().__init__()
+        self.image_negatives = image_negatives  # encode each pair's rejected_images too (dpo.conditional_weight > 0)
         self.cfg = cfg
         self.adapter = adapter
         self.collate = collate
@@ -199,7 +236,7 @@ class PairDataModule(L.LightningDataModule):
         self.report = BadRecordReport(self.cfg.on_bad_record, self.cfg.max_bad_fraction, stage="pairs")
         records = read_pairs(path, self.roots, self.report, self.cfg.check_images, self.images)
         self.guard = apply_length_guard(records, self.roots, self.adapter, self.cfg.max_length,
-                                        self.cfg.on_too_long, self.images)
+                                        self.cfg.on_too_long, self.images, self.image_negatives)
         if self.guard.bad:
             self._report_bad_images(path, self.guard.bad)
         if self.guard.truncated:
@@ -211,10 +248,28 @@ class PairDataModule(L.LightningDataModule):
         if not self.guard.kept:
             raise BadRecordError(f"no pair of {path} fits data.max_length={self.cfg.max_length}: "
                                  f"first skipped {self.guard.skipped[:3]}")
+        if self.image_negatives:
+            self._check_negatives(path, self.guard)
         train, val = split_train_val(self.guard.kept, self.cfg.val_fraction, self.seed)
         log.info("pairs: %d train, %d val from %s", len(train), len(val), path)
-        self.train_set = PairDataset(train, self.roots, self.adapter, self.cfg.max_length, self.images)
-        self.val_set = PairDataset(val, self.roots, self.adapter, self.cfg.max_length, self.images)
+        self.train_set = PairDataset(train, self.roots, self.adapter, self.cfg.max_length, self.images,
+                                     self.image_negatives)
+        self.val_set = PairDataset(val, self.roots, self.adapter, self.cfg.max_length, self.images,
+                                   self.image_negatives)
+
+    def _check_negatives(self, path: Path, guard: LengthGuardResult) -> None:
+        """The conditional term needs pairs with ``rejected_images``: none at all is an error naming the file; the
+        pairs without one are trained by the text term alone (counted)."""
+        with_negative = sum(1 for record in guard.kept if record.rejected_images is not None)
+        if not with_negative:
+            raise BadRecordError(
+                f"dpo.conditional_weight > 0 needs pairs with rejected_images, and no pair of {path} has one: build "
+                "them at augmentation (data.augment.negatives.kind=replace or noise) or set dpo.conditional_weight=0")
+        without = len(guard.kept) - with_negative
+        if without or guard.negatives_dropped:
+            log.warning("image-side negatives: %d of %d pairs have none (%d dropped: the negative prompt does not fit "
+                        "data.max_length); they are trained by the text term alone", without, len(guard.kept),
+                        len(guard.negatives_dropped))
 
     def _report_bad_images(self, path: Path, bad: Sequence[tuple[str, str]]) -> None:
         """Pairs whose images the length guard could not open (unchecked by the reader, or too large under

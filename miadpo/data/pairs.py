@@ -5,7 +5,11 @@ A pair file is JSONL, one pair per line::
     {"id": "seq-000017", "images": ["coco/train2017/000000123.jpg", "@out/grid/seq-000017.png"],
      "prompt": "Image1: <image>\\nImage2: <image>\\nIn Image2, what is the man holding?",
      "chosen": "A red umbrella.", "rejected": "A surfboard.",
+     "rejected_images": ["coco/train2017/000000123.jpg", "coco/train2017/000000456.jpg"],
      "meta": {"format": "sequence", "n_images": 2, "target": 2, ...}}
+
+``rejected_images`` (optional) is the image-side negative: ``images`` with only the image the question asks about
+changed (``data.augment.negatives``); the conditional preference term (``dpo.conditional_weight``) reads it.
 
 Path rule (one rule for every stage): a path that starts with ``@out/`` is a composed image and resolves
 under ``data.out_dir``; every other path is a source photograph and resolves under ``data.image_root``.
@@ -50,16 +54,21 @@ class PairRecord:
     chosen: str
     rejected: str
     meta: dict[str, Any] = field(default_factory=dict)
+    # The image-side negative: ``images`` with only the asked-about image changed (one path per image), or None.
+    rejected_images: list[str] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "id": self.id,
             "images": list(self.images),
             "prompt": self.prompt,
             "chosen": self.chosen,
             "rejected": self.rejected,
-            "meta": self.meta,
         }
+        if self.rejected_images is not None:
+            data["rejected_images"] = list(self.rejected_images)
+        data["meta"] = self.meta
+        return data
 
 
 @dataclass(frozen=True)
@@ -196,7 +205,15 @@ def parse_pair(obj: Any) -> PairRecord:
     meta = obj.get("meta") or {}
     if not isinstance(meta, dict):
         raise ValueError("field 'meta' is not an object")
-    return PairRecord(str(obj["id"]), images, prompt, chosen, rejected, meta)
+    negative = obj.get("rejected_images")
+    if negative is not None:
+        if not isinstance(negative, list) or not all(isinstance(p, str) and p for p in negative):
+            raise ValueError("field 'rejected_images' is not a list of paths")
+        if len(negative) != len(images):
+            raise ValueError(f"rejected_images has {len(negative)} paths for {len(images)} images")
+        if negative == images:
+            raise ValueError("rejected_images are the pair's own images")
+    return PairRecord(str(obj["id"]), images, prompt, chosen, rejected, meta, negative)
 
 
 def load_record_images(roots: ImageRoots, paths: Sequence[str], options: ImageOptions | None, owner: str
@@ -210,13 +227,22 @@ def load_record_images(roots: ImageRoots, paths: Sequence[str], options: ImageOp
 
 
 def pair_key(record: PairRecord, roots: ImageRoots) -> str:
-    """A pair's content key (the reference cache's): prompt, answers and each image file's path, size, mtime."""
-    images = []
-    for path in record.images:
-        resolved = roots.resolve(path)
-        stat = resolved.stat()
-        images.append([str(resolved), stat.st_size, stat.st_mtime_ns])
-    return digest({"prompt": record.prompt, "chosen": record.chosen, "rejected": record.rejected, "images": images})
+    """A pair's content key (the reference cache's): prompt, answers and each image file's path, size, mtime —
+    those of ``rejected_images`` too when the pair has them."""
+
+    def files(paths: Sequence[str]) -> list[list[Any]]:
+        out = []
+        for path in paths:
+            resolved = roots.resolve(path)
+            stat = resolved.stat()
+            out.append([str(resolved), stat.st_size, stat.st_mtime_ns])
+        return out
+
+    content: dict[str, Any] = {"prompt": record.prompt, "chosen": record.chosen, "rejected": record.rejected,
+                               "images": files(record.images)}
+    if record.rejected_images is not None:
+        content["rejected_images"] = files(record.rejected_images)
+    return digest(content)
 
 
 def read_pairs(
@@ -243,7 +269,7 @@ def read_pairs(
             record = parse_pair(obj)
             if record.id in seen:
                 raise ValueError("duplicate id")
-            for rel in record.images:
+            for rel in [*record.images, *(record.rejected_images or ())]:
                 if check_images:  # decoded by the one image loader: errors name the path and the root searched
                     check_record_image(roots, rel, image_options)
                 else:

@@ -4,6 +4,10 @@ Each pair forward (``miadpo.dpo.forward``) collates its own batch type: :class:`
 batch of 2B full sequences, chosen rows first) or :class:`SharedPrefixBatch` (B left-padded prompts with their
 images, 2B right-padded answer rows). ``PairLogps`` is what every forward returns and every loss
 (``miadpo.dpo.losses``) reads.
+
+Pairs with an image-side negative (``EncodedPair.negative``: the chosen answer against ``rejected_images``) add
+one sequence each — after the 2B rows of a concatenated batch, or as a prompt of its own after the B prompts of a
+shared-prefix batch — and ``has_negative`` marks them; their ``PairLogps.negative`` is log π(y_c | I′).
 """
 
 from __future__ import annotations
@@ -23,26 +27,42 @@ Inputs = dict[str, torch.Tensor]
 
 @dataclass
 class PairLogps:
-    """Answer log-probs of a batch of pairs under one model: sums and token counts."""
+    """Answer log-probs of a batch of pairs under one model: sums and token counts; for pairs with an image-side
+    negative (``has_negative``), the chosen answer's summed log-prob against the negative images (0 elsewhere)."""
 
     chosen: torch.Tensor  # (B,) summed log-probs
     rejected: torch.Tensor  # (B,)
     chosen_tokens: torch.Tensor  # (B,) number of answer tokens
     rejected_tokens: torch.Tensor  # (B,)
+    negative: torch.Tensor | None = None  # (B,) log π(y_c | I′) where has_negative, else 0
+    has_negative: torch.Tensor | None = None  # (B,) bool
 
     def detach(self) -> PairLogps:
-        return PairLogps(self.chosen.detach(), self.rejected.detach(), self.chosen_tokens, self.rejected_tokens)
+        return PairLogps(self.chosen.detach(), self.rejected.detach(), self.chosen_tokens, self.rejected_tokens,
+                         None if self.negative is None else self.negative.detach(), self.has_negative)
 
     def rows(self) -> torch.Tensor:
         """``(B, 4)`` float rows ``[chosen, rejected, chosen_tokens, rejected_tokens]``, as the reference cache
-        stores them."""
-        return torch.stack([self.chosen.float(), self.rejected.float(), self.chosen_tokens.float(),
-                            self.rejected_tokens.float()], dim=1)
+        stores them; ``(B, 5)`` with the negative log-prob last when the batch has negatives."""
+        columns = [self.chosen.float(), self.rejected.float(), self.chosen_tokens.float(), self.rejected_tokens.float()]
+        if self.negative is not None:
+            columns.append(self.negative.float())
+        return torch.stack(columns, dim=1)
 
     @classmethod
-    def from_rows(cls, rows: torch.Tensor) -> PairLogps:
-        """The inverse of ``rows``."""
-        return cls(rows[:, 0], rows[:, 1], rows[:, 2].long(), rows[:, 3].long())
+    def from_rows(cls, rows: torch.Tensor, has_negative: torch.Tensor | None = None) -> PairLogps:
+        """The inverse of ``rows`` (the 5th column read where ``has_negative``)."""
+        negative = None
+        if has_negative is not None:
+            negative = torch.where(has_negative, rows[:, 4], torch.zeros_like(rows[:, 0]))
+        return cls(rows[:, 0], rows[:, 1], rows[:, 2].long(), rows[:, 3].long(), negative, has_negative)
+
+
+def scatter_negative(values: torch.Tensor, has_negative: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` with the negatives' log-probs ``values`` (one per True of ``has_negative``, in order) and 0 elsewhere
+    (differentiable in ``values``)."""
+    out = torch.zeros(has_negative.shape, dtype=values.dtype, device=values.device)
+    return out.index_put((has_negative.nonzero(as_tuple=True)[0].to(values.device),), values)
 
 
 @dataclass(kw_only=True)
@@ -51,7 +71,8 @@ class PairBatch:
 
     ids: list[str]
     keys: list[str] | None = None  # reference-cache keys, when the dataset has a reference cache attached
-    reference: torch.Tensor | None = None  # (B, 4) cached reference: chosen, rejected, chosen/rejected tokens
+    reference: torch.Tensor | None = None  # (B, 4 or 5) cached reference: chosen, rejected, their tokens (negative)
+    has_negative: torch.Tensor | None = None  # (B,) bool: the pairs with an image-side negative (None: no pair has)
 
     @property
     def num_pairs(self) -> int:
@@ -59,13 +80,16 @@ class PairBatch:
 
     @classmethod
     def fields_of(cls, pairs: Sequence[EncodedPair]) -> dict[str, object]:
-        """ids, and the cache keys and cached reference log-probs when every pair has them."""
+        """ids, the negatives' mask, and the cache keys and cached reference log-probs when every pair has them."""
         keys = [p.key for p in pairs]
         references = [p.reference for p in pairs]
+        negatives = [p.negative is not None for p in pairs]
+        width = 5 if any(negatives) else 4
         return {"ids": [p.id for p in pairs],
                 "keys": keys if all(k is not None for k in keys) else None,
-                "reference": torch.tensor(references, dtype=torch.float32)
-                if all(r is not None for r in references) else None}
+                "reference": torch.tensor([[*r[:width], *[0.0] * (width - len(r))] for r in references],
+                                          dtype=torch.float32) if all(r is not None for r in references) else None,
+                "has_negative": torch.tensor(negatives) if any(negatives) else None}
 
     @classmethod
     def collate(cls, adapter: ModelAdapter, pairs: Sequence[EncodedPair]) -> PairBatch:
@@ -73,24 +97,26 @@ class PairBatch:
         raise NotImplementedError
 
     def cached_reference(self) -> PairLogps | None:
-        return None if self.reference is None else PairLogps.from_rows(self.reference)
+        return None if self.reference is None else PairLogps.from_rows(self.reference, self.has_negative)
 
 
 @dataclass(kw_only=True)
 class ConcatenatedBatch(PairBatch):
-    """One padded batch of 2B full sequences: the B chosen rows, then the B rejected rows."""
+    """One padded batch of 2B full sequences: the B chosen rows, then the B rejected rows (then the negatives')."""
 
     inputs: Inputs
 
     @classmethod
     def collate(cls, adapter: ModelAdapter, pairs: Sequence[EncodedPair]) -> ConcatenatedBatch:
         samples = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+        samples += negative_samples(pairs)
         return cls(inputs=adapter.collate(samples), **cls.fields_of(pairs))  # type: ignore[arg-type]
 
 
 @dataclass(kw_only=True)
 class SharedPrefixBatch(PairBatch):
-    """B left-padded prompts with their images and 2B right-padded answers (chosen, rejected of each pair)."""
+    """B left-padded prompts with their images and 2B right-padded answers (chosen, rejected of each pair); pairs
+    with a negative add their negative prompt after the B prompts and its chosen answer after the 2B answers."""
 
     prompt: Inputs
     answers: Inputs
@@ -103,19 +129,31 @@ class SharedPrefixBatch(PairBatch):
             if c.prompt_length != r.prompt_length or not torch.equal(c.input_ids[: c.prompt_length],
                                                                        r.input_ids[: r.prompt_length]):
                 raise ValueError("chosen and rejected of a pair must share their prompt")
-            prompts.append(EncodedSample(
-                input_ids=c.input_ids[: c.prompt_length], labels=c.labels[: c.prompt_length],
-                image_spans=c.image_spans, geometries=c.geometries, pixel_values=c.pixel_values,
-                prompt_length=c.prompt_length, extra=c.extra))
+            prompts.append(_prompt_of(c))
+        negatives = negative_samples(pairs)
+        prompts += [_prompt_of(n) for n in negatives]
         prompt = adapter.collate(prompts, padding_side="left")
         prompt.pop("labels")
-        rows = [sample for pair in pairs for sample in (pair.chosen, pair.rejected)]
+        rows = [sample for pair in pairs for sample in (pair.chosen, pair.rejected)] + negatives
         answer_ids = [s.input_ids[s.prompt_length:] for s in rows]
         ids = _pad(answer_ids, adapter.tokenizer.pad_token_id)
         labels = _pad([s.labels[s.prompt_length:] for s in rows], IGNORE_INDEX)
         mask = _pad([torch.ones(a.numel(), dtype=torch.long) for a in answer_ids], 0)
         return cls(prompt=prompt, answers={"input_ids": ids, "labels": labels, "attention_mask": mask},
                    **cls.fields_of(pairs))  # type: ignore[arg-type]
+
+
+def negative_samples(pairs: Sequence[EncodedPair]) -> list[EncodedSample]:
+    """The chosen answers against the negative images, of the pairs that have them (in pair order)."""
+    return [p.negative for p in pairs if p.negative is not None]
+
+
+def _prompt_of(sample: EncodedSample) -> EncodedSample:
+    """The prompt part of an encoded sequence (with its images)."""
+    n = sample.prompt_length
+    return EncodedSample(input_ids=sample.input_ids[:n], labels=sample.labels[:n], image_spans=sample.image_spans,
+                         geometries=sample.geometries, pixel_values=sample.pixel_values, prompt_length=n,
+                         extra=sample.extra)
 
 
 def _pad(rows: list[torch.Tensor], value: int) -> torch.Tensor:

@@ -8,6 +8,11 @@ Two exact implementations of the same quantity (``DPOModule`` and the loss never
   gradients flowing through it, is shared by the chosen and the rejected answer, which continue from it. The LM
   head runs on the prompt's last position and the answer positions only.
 
+A pair with an image-side negative adds the chosen answer against the negative images: one more sequence in the
+plain path; in the shared-prefix path a second prompt (the negative images change the key/value cache from the
+first replaced image on, and every image of a batch runs in the one vision pass) in the same prefill, whose chosen
+answer continues from it.
+
 :func:`shared_image_features` makes the vision tower and projector run once per batch when they are frozen:
 the reference and the policy forward then share the image features.
 """
@@ -22,7 +27,7 @@ import torch
 from torch import nn
 
 from miadpo.data.dataset import EncodedPair
-from miadpo.dpo.batch import ConcatenatedBatch, PairBatch, PairLogps, SharedPrefixBatch
+from miadpo.dpo.batch import ConcatenatedBatch, PairBatch, PairLogps, SharedPrefixBatch, scatter_negative
 from miadpo.models.base import ModelAdapter
 from miadpo.models.loading import CACHE_NAME
 from miadpo.models.logprobs import token_logprobs
@@ -71,7 +76,7 @@ class ConcatenatedPairForward(PairForward):
         logits = model(**inputs, use_cache=False).logits
         logps, counts = answer_logps(logits, batch.inputs["labels"])
         n = batch.num_pairs
-        return PairLogps(logps[:n], logps[n:], counts[:n], counts[n:])
+        return pair_logps(logps, counts, n, batch.has_negative)
 
 
 class SharedPrefixPairForward(PairForward):
@@ -88,18 +93,43 @@ class SharedPrefixPairForward(PairForward):
         positions = self.adapter.prompt_position_ids(prompt)
         prefill = model(**prompt, position_ids=positions, use_cache=True, logits_to_keep=1)
         cache = getattr(prefill, CACHE_NAME)
-        cache.batch_repeat_interleave(2)  # row 2i = pair i's chosen, row 2i + 1 = its rejected
+        n = batch.num_pairs
+        device = positions.device
+        # Answer row → its prompt: 2i and 2i + 1 (pair i's chosen, rejected) → prompt i; 2B + j → prompt B + j (the
+        # j-th negative's chosen answer). Without negatives, a plain repeat.
+        rows = torch.arange(n, device=device).repeat_interleave(2)
+        rows = torch.cat([rows, torch.arange(n, prompt["input_ids"].shape[0], device=device)])
+
+        def expand(tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
+            if batch.has_negative is None:
+                return tensor.repeat_interleave(2, dim=dim)
+            return tensor.index_select(dim, rows.to(tensor.device))
+
+        if batch.has_negative is None:
+            cache.batch_repeat_interleave(2)
+        else:
+            cache.batch_select_indices(rows)
         batch_dim = positions.dim() - 2
         length = answers["input_ids"].shape[1]
-        following = positions.amax(dim=-1, keepdim=True) + 1 + torch.arange(length, device=positions.device)
-        following = following.repeat_interleave(2, dim=batch_dim)
-        mask = torch.cat([prompt["attention_mask"].repeat_interleave(2, dim=0), answers["attention_mask"]], dim=1)
+        following = expand(positions.amax(dim=-1, keepdim=True) + 1 + torch.arange(length, device=device), batch_dim)
+        mask = torch.cat([expand(prompt["attention_mask"]), answers["attention_mask"]], dim=1)
         out = model(input_ids=answers["input_ids"], attention_mask=mask, position_ids=following,
                     use_cache=False, **{CACHE_NAME: cache})
-        first = prefill.logits[:, -1:].repeat_interleave(2, dim=0)  # predicts each answer's first token
+        first = expand(prefill.logits[:, -1:])  # predicts each answer's first token
         logits = torch.cat([first, out.logits[:, :-1]], dim=1)
         logps, counts = token_logps(logits, answers["labels"])
-        return PairLogps(logps[0::2], logps[1::2], counts[0::2], counts[1::2])
+        return pair_logps(logps, counts, n, batch.has_negative, interleaved=True)
+
+
+def pair_logps(logps: torch.Tensor, counts: torch.Tensor, n: int, has_negative: torch.Tensor | None,
+               interleaved: bool = False) -> PairLogps:
+    """Per-row sums and counts → ``PairLogps``: the first 2B rows hold chosen and rejected (chosen rows first, or
+    ``interleaved`` chosen, rejected of each pair), the rows after them the negatives' chosen answers."""
+    chosen, rejected = (slice(0, 2 * n, 2), slice(1, 2 * n, 2)) if interleaved else (slice(0, n), slice(n, 2 * n))
+    negative = None
+    if has_negative is not None:
+        negative = scatter_negative(logps[2 * n:], has_negative)
+    return PairLogps(logps[chosen], logps[rejected], counts[chosen], counts[rejected], negative, has_negative)
 
 
 @contextmanager

@@ -1,8 +1,10 @@
 """Preference losses over policy and reference log-probs of chosen (c) and rejected (r) answers.
 
-Every loss sees ``h = (log π(y_c) − log π(y_r)) − (log π_ref(y_c) − log π_ref(y_r))`` where log π(y) is the
+Every text loss sees ``h = (log π(y_c) − log π(y_r)) − (log π_ref(y_c) − log π_ref(y_r))`` where log π(y) is the
 sum of the answer tokens' log-probs (IPO: their mean, as the IPO paper defines it). Each returns per-pair
-losses; rewards ``β (log π − log π_ref)`` are computed from the summed log-probs for every loss.
+losses; rewards ``β (log π − log π_ref)`` are computed from the summed log-probs for every loss. The image-side
+terms (``ConditionalPreferenceLoss``, ``AnchorLoss``) are added to the text loss with ``dpo.conditional_weight`` and
+``dpo.anchor_weight``.
 """
 
 from __future__ import annotations
@@ -84,6 +86,35 @@ class HingeLoss(PreferenceLoss):
         return torch.relu(1 - self.beta * _margin(policy, reference))
 
 
+class ConditionalPreferenceLoss(PreferenceLoss):
+    """mDPO's conditional preference (Wang et al. 2024, §3): the chosen answer y_c preferred with the original images I
+    over the image-side negative I′ (the same prompt with the asked-about image changed), so that the answer's
+    likelihood has to come from that image:
+    ``L = −log σ(β[(log π(y_c|I) − log π_ref(y_c|I)) − (log π(y_c|I′) − log π_ref(y_c|I′))])``.
+    Per pair; 0 for the pairs without a negative (``PairLogps.has_negative``)."""
+
+    def forward(self, policy: PairLogps, reference: PairLogps) -> torch.Tensor:
+        if policy.negative is None or reference.negative is None or policy.has_negative is None:
+            return torch.zeros_like(policy.chosen)
+        margin = (policy.chosen - reference.chosen) - (policy.negative - reference.negative)
+        return torch.where(policy.has_negative, -F.logsigmoid(self.beta * margin), torch.zeros_like(margin))
+
+
+class AnchorLoss(PreferenceLoss):
+    """mDPO's reward anchor (Wang et al. 2024, §3): the chosen answer's implicit reward kept above δ, so that the
+    preference terms cannot be won by lowering the chosen answer's likelihood:
+    ``L = −log σ(β(log π(y_c|I) − log π_ref(y_c|I)) − δ)``."""
+
+    def __init__(self, beta: float, delta: float) -> None:
+        super().__init__(beta)
+        if not math.isfinite(delta):
+            raise ValueError(f"dpo.anchor_delta must be finite, got {delta}")
+        self.delta = delta
+
+    def forward(self, policy: PairLogps, reference: PairLogps) -> torch.Tensor:
+        return -F.logsigmoid(self.beta * (policy.chosen - reference.chosen) - self.delta)
+
+
 def build_loss(cfg: DPOConfig) -> PreferenceLoss:
     loss = LossType(cfg.loss)
     if loss is LossType.sigmoid:
@@ -99,10 +130,14 @@ def build_loss(cfg: DPOConfig) -> PreferenceLoss:
 
 def check_dpo(cfg: DPOConfig) -> None:
     """The ``dpo.*`` settings, checked before any stage runs: the loss's own constraints (β > 0, ε of cdpo/robust),
-    a finite non-negative ``sft_weight`` and a positive ``collapse_warning_nats``; a bad one is named."""
+    finite non-negative ``sft_weight`` / ``conditional_weight`` / ``anchor_weight``, a finite ``anchor_delta`` and a
+    positive ``collapse_warning_nats``; a bad one is named."""
     build_loss(cfg)
-    if not math.isfinite(cfg.sft_weight) or cfg.sft_weight < 0:
-        raise ValueError(f"dpo.sft_weight must be a finite number >= 0, got {cfg.sft_weight}")
+    for name in ("sft_weight", "conditional_weight", "anchor_weight"):
+        weight = getattr(cfg, name)
+        if not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"dpo.{name} must be a finite number >= 0, got {weight}")
+    AnchorLoss(cfg.beta, cfg.anchor_delta)
     nats = cfg.collapse_warning_nats
     if nats is not None and not (math.isfinite(nats) and nats > 0):
         raise ValueError(f"dpo.collapse_warning_nats must be positive (or null: never warn), got {nats}")

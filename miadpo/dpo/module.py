@@ -26,7 +26,7 @@ from miadpo.dpo.forward import (
     SharedPrefixPairForward,
     shared_image_features,
 )
-from miadpo.dpo.losses import build_loss, rewards
+from miadpo.dpo.losses import AnchorLoss, ConditionalPreferenceLoss, build_loss, rewards
 from miadpo.dpo.optim import adamw_with_linear_schedule
 from miadpo.dpo.reference_cache import InStepFilling, ReferenceCache
 from miadpo.export import nonfinite_names
@@ -58,6 +58,8 @@ class DPOModule(L.LightningModule):
         self.dpo = dpo
         self.optim = optim
         self.loss_fn = build_loss(dpo)
+        self.conditional = ConditionalPreferenceLoss(dpo.beta) if dpo.conditional_weight else None
+        self.anchor = AnchorLoss(dpo.beta, dpo.anchor_delta) if dpo.anchor_weight else None
         self.pair_forward = pair_forward or build_pair_forward(adapter, dpo.fast)
         self.plain_forward = ConcatenatedPairForward(adapter)
         cfg = adapter.cfg
@@ -107,7 +109,8 @@ class DPOModule(L.LightningModule):
     def reference_logps(self, batch: PairBatch) -> PairLogps:
         cached = batch.cached_reference()  # served with the pairs (miadpo.dpo.reference_cache)
         if cached is None and batch.keys is not None and self.reference_cache is not None:
-            cached = self.reference_cache.lookup(batch.keys, self.device)  # cached after the loader read the pairs
+            # cached after the loader read the pairs
+            cached = self.reference_cache.lookup(batch.keys, self.device, batch.has_negative)
         if cached is not None:
             return cached
         if self.cached_reference:
@@ -127,6 +130,8 @@ class DPOModule(L.LightningModule):
             policy = self.policy_logps(batch)
         losses = self.loss_fn(policy, reference)
         loss = losses.mean()
+        if self.conditional is not None or self.anchor is not None:
+            loss = loss + self._image_terms(policy, reference, losses, prefix, batch.num_pairs)
         if self.dpo.sft_weight:
             sft = -policy.chosen.sum() / policy.chosen_tokens.sum().clamp(min=1)
             loss = loss + self.dpo.sft_weight * sft
@@ -150,6 +155,32 @@ class DPOModule(L.LightningModule):
                 policy.chosen.detach().float().sum() / policy.chosen_tokens.sum().clamp(min=1),
                 reference.chosen.detach().float().sum() / reference.chosen_tokens.sum().clamp(min=1)]))
         return loss
+
+    def _image_terms(self, policy: PairLogps, reference: PairLogps, text: torch.Tensor, prefix: str,
+                     num_pairs: int) -> torch.Tensor:
+        """The weighted conditional and anchor terms (``miadpo.dpo.losses``), each logged apart from the text term,
+        with the chosen answer's rewards for the original and the negative images."""
+        training = prefix == ""
+        metrics = {"loss/text": text.detach().mean()}
+        total = torch.zeros((), device=text.device, dtype=text.dtype)
+        has = policy.has_negative
+        if self.conditional is not None and has is not None and bool(has.any()):
+            assert policy.negative is not None and reference.negative is not None
+            conditional = self.conditional(policy, reference)[has].mean()
+            total = total + self.dpo.conditional_weight * conditional
+            original = self.dpo.beta * (policy.chosen - reference.chosen).detach()[has]
+            negative = self.dpo.beta * (policy.negative - reference.negative).detach()[has]
+            metrics |= {"loss/conditional": conditional.detach(), "rewards/chosen_original_images": original.mean(),
+                        "rewards/chosen_negative_images": negative.mean(),
+                        "rewards/image_margins": (original - negative).mean(),
+                        "rewards/image_accuracies": (original > negative).float().mean()}
+        if self.anchor is not None:
+            anchor = self.anchor(policy, reference).mean()
+            total = total + self.dpo.anchor_weight * anchor
+            metrics["loss/anchor"] = anchor.detach()
+        self.log_dict({prefix + k: v for k, v in metrics.items()}, batch_size=num_pairs, on_step=training,
+                      on_epoch=not training, sync_dist=not training)
+        return total
 
     def training_step(self, batch: PairBatch, batch_idx: int) -> torch.Tensor:
         return self._step(batch, "")

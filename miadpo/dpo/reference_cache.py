@@ -3,7 +3,11 @@
 The reference model never changes during DPO, so its answer log-probs are a function of the pair and of the
 reference itself. They are stored in ``<dpo.fast.reference_cache_dir>/<model key>/logps.<rank>.jsonl``. The model
 key hashes the base weights' content, the adapter family, the chat template, the image preprocessing and the length
-policy; the pair key hashes the prompt, both answers and each image file's path, size and modification time. Runs
+policy; the pair key hashes the prompt, both answers and each image file's path, size and modification time (of the
+pair's ``rejected_images`` too). A row holds ``[chosen, rejected, chosen_tokens, rejected_tokens]`` and, once a run
+with the conditional term (``dpo.conditional_weight``) computed it, the chosen answer's log-prob against the negative
+images as a fifth value: a pair trained with its negative is cached only by a five-value row (a four-value one is a
+miss, recomputed and appended; the longer row of a key wins). Runs
 and sweeps that share pairs and base model (β, loss, SFT weight, learning rate may differ) reuse them; a run whose
 pairs are all cached never builds or runs the reference.
 
@@ -90,7 +94,12 @@ class ReferenceCache:
     def reload(self) -> None:
         for file in sorted(self.directory.glob("logps.*.jsonl")):
             for row in _complete_rows(file):
-                self.values[row["key"]] = row["logps"]
+                self._keep(row["key"], row["logps"])
+
+    def _keep(self, key: str, values: list[float]) -> None:
+        """A key's row; a row with the negative's log-prob is never replaced by one without."""
+        if len(values) >= len(self.values.get(key, ())):
+            self.values[key] = values
 
     @contextmanager
     def writing(self) -> Iterator[None]:
@@ -110,28 +119,58 @@ class ReferenceCache:
     def __getitem__(self, key: str) -> list[float]:
         return self.values[key]
 
-    def covers(self, keys: Iterator[str] | Sequence[str]) -> bool:
-        return all(key in self.values for key in keys)
-
-    def lookup(self, keys: Sequence[str], device: torch.device | str = "cpu") -> PairLogps | None:
-        """The cached reference log-probs of a batch's pairs, or None unless every one is cached."""
-        if not self.covers(keys):
+    def row(self, key: str, with_negative: bool = False) -> list[float] | None:
+        """The pair's cached row; None when it is not cached, or ``with_negative`` and the row lacks the negative."""
+        values = self.values.get(key)
+        if values is None or (with_negative and len(values) < 5):
             return None
-        return PairLogps.from_rows(torch.tensor([self.values[key] for key in keys], dtype=torch.float32,
-                                                device=device))
+        return values
+
+    def covers(self, keys: Iterator[str] | Sequence[str], with_negative: Sequence[bool] | None = None) -> bool:
+        """Whether every key is cached (with its negative's log-prob where ``with_negative``)."""
+        keys = list(keys)
+        needs = with_negative if with_negative is not None else [False] * len(keys)
+        return all(self.row(key, need) is not None for key, need in zip(keys, needs))
+
+    def lookup(self, keys: Sequence[str], device: torch.device | str = "cpu",
+               has_negative: torch.Tensor | None = None) -> PairLogps | None:
+        """The cached reference log-probs of a batch's pairs, or None unless every one is cached (the pairs marked
+        by ``has_negative`` with their negative's log-prob)."""
+        needs = [False] * len(keys) if has_negative is None else [bool(v) for v in has_negative.tolist()]
+        if not self.covers(keys, needs):
+            return None
+        width = 4 if has_negative is None else 5
+        rows = [[*self.values[key][:width], *[0.0] * (width - len(self.values[key]))] for key in keys]
+        return PairLogps.from_rows(torch.tensor(rows, dtype=torch.float32, device=device),
+                                   None if has_negative is None else has_negative.to(device))
 
     def add(self, rows: Sequence[tuple[str, list[float]]]) -> None:
         if not self._writing:
             raise RuntimeError("ReferenceCache.add outside ReferenceCache.writing()")
         for key, values in rows:
-            self.values[key] = values
+            self._keep(key, values)
         with self.path.open("a", encoding="utf-8") as handle:
             append_jsonl(handle, [{"key": key, "logps": values} for key, values in rows])
 
 
 def logps_rows(keys: Sequence[str], logps: PairLogps) -> list[tuple[str, list[float]]]:
-    """Cache rows ``(key, [chosen, rejected, chosen_tokens, rejected_tokens])`` of a batch's log-probs."""
-    return list(zip(keys, logps.rows().tolist()))
+    """Cache rows ``(key, [chosen, rejected, chosen_tokens, rejected_tokens])`` of a batch's log-probs, with the
+    negative's log-prob fifth for the pairs that have one."""
+    rows = logps.rows().tolist()
+    if logps.has_negative is None:
+        return list(zip(keys, rows))
+    return [(key, row if has else row[:4]) for key, row, has in zip(keys, rows, logps.has_negative.tolist())]
+
+
+def needs_negative(batch_or_logps: Any, size: int) -> list[bool]:
+    """Which of ``size`` pairs are trained with their image-side negative (``has_negative``; None: none)."""
+    has = batch_or_logps.has_negative
+    return [False] * size if has is None else [bool(v) for v in has.tolist()]
+
+
+def dataset_needs(dataset: Any) -> list[tuple[str, bool]]:
+    """(key, trained with its negative) of every pair of a ``PairDataset`` with a cache attached."""
+    return [(key, dataset.has_negative(i)) for i, key in enumerate(dataset.keys)]
 
 
 class InStepFilling(L.Callback):
@@ -148,7 +187,8 @@ class InStepFilling(L.Callback):
         self._refused = False
 
     def record(self, keys: Sequence[str], logps: PairLogps) -> None:
-        if self._refused or self.cache.covers(keys):
+        needs = needs_negative(logps, len(keys))
+        if self._refused or self.cache.covers(keys, needs):
             return
         if self._stack is None:
             stack = ExitStack()
@@ -159,7 +199,8 @@ class InStepFilling(L.Callback):
                 log.warning("reference log-probs are computed in the step but not cached by this run: %s", exc)
                 return
             self._stack = stack
-        rows = dict(row for row in logps_rows(keys, logps) if row[0] not in self.cache)  # a pair twice: once
+        rows = dict(row for row, need in zip(logps_rows(keys, logps), needs)
+                    if self.cache.row(row[0], need) is None)  # a pair twice in the batch: once
         if rows:
             self.cache.add(list(rows.items()))
             self.written += len(rows)
@@ -212,7 +253,8 @@ def fill_reference_cache(cache: ReferenceCache, datasets: Sequence[Any], referen
 def _fill(cache: ReferenceCache, datasets: Sequence[Any], reference: torch.nn.Module, forward: PairForward,
           batch_size: int, rank: int, world: int) -> int:
     def mine(dataset: Any) -> list[int]:
-        return [i for i, key in enumerate(dataset.keys) if key not in cache and shard_of(key, world) == rank]
+        return [i for i, (key, need) in enumerate(dataset_needs(dataset))
+                if cache.row(key, need) is None and shard_of(key, world) == rank]
 
     if not any(mine(dataset) for dataset in datasets):
         return 0  # everything (of this share) cached: read only, no lock
@@ -232,10 +274,11 @@ def _fill(cache: ReferenceCache, datasets: Sequence[Any], reference: torch.nn.Mo
 def _wait_for_shards(cache: ReferenceCache, datasets: Sequence[Any], wait_s: float) -> None:
     """Until every pair is cached (the other processes' shards complete), reading the shards again each second."""
     deadline = time.monotonic() + wait_s
-    keys = [key for dataset in datasets for key in dataset.keys]
-    while not cache.covers(keys):
+    needs = [pair for dataset in datasets for pair in dataset_needs(dataset)]
+    keys, with_negative = [key for key, _ in needs], [need for _, need in needs]
+    while not cache.covers(keys, with_negative):
         if time.monotonic() > deadline:
-            missing = sum(key not in cache for key in keys)
+            missing = sum(cache.row(key, need) is None for key, need in needs)
             raise TimeoutError(f"reference pre-pass: {missing} pairs still missing from the other processes' shards "
                                f"in {cache.directory} after {wait_s:.0f} s (did every rank start?)")
         time.sleep(1.0)

@@ -7,7 +7,6 @@ give each answer token's log-prob; nothing runs a second time.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections import Counter
 from collections.abc import Sequence
@@ -20,6 +19,7 @@ import torch
 from PIL import Image
 
 from miadpo.augment.formats import retarget_question
+from miadpo.augment.noise import add_noise, record_rng
 from miadpo.augment.runner import RECORDS_FILE
 from miadpo.config import DataConfig, NoiseConfig, SelectionConfig
 from miadpo.data.images import ImageOptions, check_record_image
@@ -53,6 +53,7 @@ class SelectionInput:
     prompt: str
     ground_truth: str
     box: tuple[float, ...] | None  # grid: the target tile; pip: the pasted box (pixels of the composed image)
+    rejected_images: tuple[str, ...] | None = None  # the image-side negative (data.augment.negatives), if any
 
 
 def selection_inputs(records: Sequence[dict[str, Any]], max_answer_chars: int, data: DataConfig | None = None
@@ -79,7 +80,10 @@ def selection_inputs(records: Sequence[dict[str, Any]], max_answer_chars: int, d
             continue
         target = meta["target"][0] if isinstance(meta["target"], list) else meta["target"]
         images = record["image"] if isinstance(record["image"], list) else [record["image"]]
-        if checker is not None and (reason := checker(line, str(record["id"]), images)) is not None:
+        negative = record.get("rejected_image")
+        rejected = None if negative is None else tuple(negative if isinstance(negative, list) else [negative])
+        if checker is not None and (reason := checker(line, str(record["id"]), [*images, *(rejected or ())])
+                                    ) is not None:
             skipped[reason] += 1
             continue
         box = None
@@ -88,7 +92,7 @@ def selection_inputs(records: Sequence[dict[str, Any]], max_answer_chars: int, d
         elif fmt == "pip":
             box = tuple(meta["layout"]["box"])
         inputs.append(SelectionInput(str(record["id"]), fmt, int(meta["n_images"]), int(target), tuple(images),
-                                     question, answer, box))
+                                     question, answer, box, rejected))
     if checker is not None:
         checker.report.finish()
     return inputs, skipped
@@ -114,26 +118,6 @@ class _ImageChecker:
             self.report.add(BadRecord(self.file, line, record_id, str(exc)))
             return str(exc).split(":")[0]
         return None
-
-
-def add_noise(image: Image.Image, sigma: float, box: Sequence[float] | None, rng: np.random.Generator
-              ) -> Image.Image:
-    """Gaussian noise of std ``sigma`` inside ``box`` (or everywhere), in float, clipped to [0, 255]."""
-    pixels = np.asarray(image.convert("RGB"), dtype=np.float32).copy()
-    if box is None:
-        region = (slice(None), slice(None))
-    else:
-        x0, y0, x1, y1 = (int(round(v)) for v in box)
-        region = (slice(y0, y1), slice(x0, x1))
-    patch = pixels[region]
-    pixels[region] = patch + rng.normal(0.0, sigma, size=patch.shape).astype(np.float32)
-    return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
-
-
-def record_rng(seed: int, record_id: str) -> np.random.Generator:
-    """A generator that depends only on (seed, record id): same noise whatever the batch or shard."""
-    digest = hashlib.sha256(f"{seed}:{record_id}".encode()).digest()
-    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
 @dataclass
@@ -225,6 +209,7 @@ class CandidateGenerator:
                 perplexity=math.exp(-generated.logps[b] / max(1, generated.counts[b])),
                 correct=normalise_answer(text) == normalise_answer(item.ground_truth),
                 ratio=ratio, image_scores=image_scores, layer=self.layer,
+                rejected_images=None if item.rejected_images is None else list(item.rejected_images),
             ))
             if self.cfg.save_attention_maps and column_attention is not None:
                 candidates[-1].attention_maps = attention_maps(prompt, column_attention)

@@ -2,9 +2,9 @@
 
 ``CandidateGenerator`` (``miadpo.select.candidates``) builds them, the rules (``miadpo.select.rules``) read them, the
 stage (``miadpo.select.stage``) appends them to per-rank shards and merges those into ``candidates.jsonl``.
-``to_json`` writes the keys in the order the file has always had (the optional ``attention_maps`` and ``negative``
-last, only when present) and the values as they are, so a record read back with ``from_json`` and written again gives
-the same line, and files written before these classes existed read back as they are.
+``to_json`` writes the keys in the order the file has always had (the optional ``attention_maps``, ``negative`` and
+``rejected_images`` last, only when present) and the values as they are, so a record read back with ``from_json``
+and written again gives the same line, and files written before these classes existed read back as they are.
 """
 
 from __future__ import annotations
@@ -80,6 +80,7 @@ class Candidate:
     layer: int  # the selection layer whose attention gave the ratio
     attention_maps: list[dict[str, Any]] | None = None
     negative: ExtraAnswer | None = None
+    rejected_images: list[str] | None = None  # the record's image-side negative (data.augment.negatives)
 
     def to_json(self) -> dict[str, Any]:
         """The ``candidates.jsonl`` line (as a dict): the optional keys only when set."""
@@ -92,12 +93,14 @@ class Candidate:
             data["attention_maps"] = self.attention_maps
         if self.negative is not None:
             data["negative"] = self.negative.to_json()
+        if self.rejected_images is not None:
+            data["rejected_images"] = self.rejected_images
         return data
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Candidate:
         """A line of ``candidates.jsonl`` (or of a rank's shard), as ``json.loads`` gives it."""
-        values = _fields_of(data, cls, _REQUIRED_FIELDS, ("attention_maps", "negative"))
+        values = _fields_of(data, cls, _REQUIRED_FIELDS, _OPTIONAL_FIELDS)
         if values.get("negative") is not None:
             values["negative"] = ExtraAnswer.from_json(values["negative"])
         return cls(**values)
@@ -108,7 +111,8 @@ class Candidate:
         return value if isinstance(value, Candidate) else cls.from_json(value)
 
 
-_REQUIRED_FIELDS = tuple(f.name for f in fields(Candidate) if f.name not in ("attention_maps", "negative"))
+_OPTIONAL_FIELDS = ("attention_maps", "negative", "rejected_images")
+_REQUIRED_FIELDS = tuple(f.name for f in fields(Candidate) if f.name not in _OPTIONAL_FIELDS)
 
 
 def read_candidates(path: Path) -> list[Candidate]:

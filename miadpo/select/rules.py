@@ -125,7 +125,8 @@ def _pair(pair_id: str, candidate: Candidate, rejected: str, meta: dict[str, Any
     return PairRecord(id=pair_id, images=list(candidate.images), prompt=candidate.prompt,
                       chosen=candidate.ground_truth, rejected=rejected,
                       meta={"format": candidate.format, "n_images": candidate.n_images,
-                            "target": candidate.target, **meta, "layer": candidate.layer})
+                            "target": candidate.target, **meta, "layer": candidate.layer},
+                      rejected_images=candidate.rejected_images)
 
 
 def select_pairs(candidates: Iterable[Candidate | Mapping[str, Any]], cfg: SelectionConfig, seed: int) -> Selection:
@@ -244,31 +245,37 @@ def report_text(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def to_trl(pair: PairRecord, image_paths: Sequence[str]) -> dict[str, Any]:
-    """TRL's conversational vision preference format (DPOTrainer with a processor)."""
+def to_trl(pair: PairRecord, image_paths: Sequence[str], rejected_paths: Sequence[str] | None = None
+           ) -> dict[str, Any]:
+    """TRL's conversational vision preference format (DPOTrainer with a processor). A pair's image-side negative goes
+    in an extra ``rejected_images`` column (ms-swift's name; TRL's DPOTrainer does not read it)."""
     content: list[dict[str, Any]] = []
     for index, piece in enumerate(pair.prompt.split("<image>")):
         if index:
             content.append({"type": "image"})
         if piece:
             content.append({"type": "text", "text": piece})
-    return {
+    row = {
         "id": pair.id,
         "images": list(image_paths),
         "prompt": [{"role": "user", "content": content}],
         "chosen": [{"role": "assistant", "content": [{"type": "text", "text": pair.chosen}]}],
         "rejected": [{"role": "assistant", "content": [{"type": "text", "text": pair.rejected}]}],
     }
+    return row if rejected_paths is None else {**row, "rejected_images": list(rejected_paths)}
 
 
-def to_llamafactory(pair: PairRecord, image_paths: Sequence[str]) -> dict[str, Any]:
-    """LLaMA-Factory's sharegpt preference format (``ranking: true``)."""
-    return {
+def to_llamafactory(pair: PairRecord, image_paths: Sequence[str], rejected_paths: Sequence[str] | None = None
+                    ) -> dict[str, Any]:
+    """LLaMA-Factory's sharegpt preference format (``ranking: true``); an image-side negative goes in an extra
+    ``rejected_images`` key, outside ``dataset_info.json``'s columns (LLaMA-Factory has no column for it)."""
+    row = {
         "conversations": [{"from": "human", "value": pair.prompt}],
         "chosen": {"from": "gpt", "value": pair.chosen},
         "rejected": {"from": "gpt", "value": pair.rejected},
         "images": list(image_paths),
     }
+    return row if rejected_paths is None else {**row, "rejected_images": list(rejected_paths)}
 
 
 LLAMAFACTORY_DATASET_INFO = {

@@ -241,11 +241,13 @@ def write_exports(directory: Path, pairs: Sequence[PairRecord], roots: ImageRoot
         return str(resolved) if image_paths is ExportImagePaths.absolute else os.path.relpath(resolved, directory)
 
     paths = [[image_path(p) for p in pair.images] for pair in pairs]
+    negatives = [None if pair.rejected_images is None else [image_path(p) for p in pair.rejected_images]
+                 for pair in pairs]
     with atomic_replace(directory / "trl.jsonl") as tmp, tmp.open("w", encoding="utf-8") as handle:
-        append_jsonl(handle, [to_trl(p, images) for p, images in zip(pairs, paths)])
+        append_jsonl(handle, [to_trl(p, images, rejected) for p, images, rejected in zip(pairs, paths, negatives)])
     with atomic_replace(directory / "llamafactory.json") as tmp:
-        tmp.write_text(json.dumps([to_llamafactory(p, images) for p, images in zip(pairs, paths)],
-                                  ensure_ascii=False, indent=1), encoding="utf-8")
+        rows = [to_llamafactory(p, images, rejected) for p, images, rejected in zip(pairs, paths, negatives)]
+        tmp.write_text(json.dumps(rows, ensure_ascii=False, indent=1), encoding="utf-8")
     with atomic_replace(directory / "dataset_info.json") as tmp:
         tmp.write_text(json.dumps({"miadpo": {"file_name": "llamafactory.json", **LLAMAFACTORY_DATASET_INFO}},
                                   indent=2) + "\n")
