@@ -3,6 +3,7 @@ fast path and their reference-cache rows."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import colour_image, compose_train, good_record
+from conftest import REPO, colour_image, compose_train, good_record
 from PIL import Image, ImageChops
 from test_augment import data_config, read_records, write_source
 from test_fast_path import adapter_for, pairs, step
@@ -34,12 +35,12 @@ ALL_FORMATS = {"sequence": 1.0, "grid": 1.0, "pip": 1.0, "single": 1.0}
 JPEG_BLOCK = 16  # a 4:2:0 JPEG re-encodes whole 16 × 16 blocks: the ones straddling the changed region differ
 
 
-def augment(tmp_path: Path, kind: str, out: str = "out", **augment_overrides: Any) -> list[dict[str, Any]]:
+def augment(tmp_path: Path, kind: str, out: str = "out", workers: int = 1) -> list[dict[str, Any]]:
     source = tmp_path / "llava.json"
     if not source.is_file():
         write_source(tmp_path, n_generated=6)
     cfg = data_config(tmp_path, source, out, formats=ALL_FORMATS, augment={
-        "negatives": {"kind": kind}, "grid": SMALL_GRID, "workers": 1, "known_sources": [], **augment_overrides})
+        "negatives": {"kind": kind}, "grid": SMALL_GRID, "workers": workers, "chunk_size": 2, "known_sources": []})
     run_augmentation(cfg, 3, progress=False)
     return read_records(tmp_path / out)
 
@@ -59,8 +60,8 @@ def within(bbox: tuple[int, int, int, int] | None, region: list[int], margin: in
 @pytest.mark.parametrize("kind", ["replace", "noise"])
 def test_negatives_are_deterministic_and_change_only_the_target(tmp_path: Path, kind: str) -> None:
     records = augment(tmp_path, kind)
-    again = augment(tmp_path, kind, out="again")
-    assert records == again  # the same records, negatives included, for the same (seed, record id)
+    again = augment(tmp_path, kind, out="again", workers=2)
+    assert records == again  # the same records, negatives included, for the same (seed, record id), any workers
     plain = augment(tmp_path, "none", out="plain")
     assert [{k: v for k, v in r.items() if k != "rejected_image"} | {"meta": {k: v for k, v in r["meta"].items()
             if k != "negative"}} for r in records] == plain  # the records themselves are those of a run without
@@ -337,3 +338,20 @@ def test_dataset_encodes_the_negative_only_when_asked(tmp_path: Path, pair_files
     item = PairDataset(records, roots, adapter, 512, image_negatives=True)[0]
     assert item.negative is not None and torch.equal(item.negative.input_ids, item.chosen.input_ids)
     assert not torch.equal(item.negative.pixel_values, item.chosen.pixel_values)
+
+
+def test_toy_ablation_arms_compose_with_their_negatives() -> None:
+    """experiments/toyworld/run.py: the image-side arms build negatives and train the terms; the others do neither."""
+    spec = importlib.util.spec_from_file_location("toy_ablation", REPO / "experiments" / "toyworld" / "run.py")
+    assert spec is not None and spec.loader is not None
+    ablation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablation)
+    seen = set()
+    for arm, overrides in ablation.ARMS.items():
+        if overrides is None:
+            continue
+        cfg = ablation.compose_config("train", ["model=toy_llava", "data=toy", *overrides])
+        image_terms = cfg.dpo.conditional_weight > 0
+        assert image_terms == (cfg.data.augment.negatives.kind == "replace"), arm
+        seen.add((image_terms, cfg.dpo.anchor_weight > 0))
+    assert seen == {(False, False), (True, False), (True, True)}

@@ -204,6 +204,15 @@ def selection_stats(pairs: str) -> dict[str, Any]:
             "pair ids": sorted(f"{p['id']}|{p['rejected']}" for p in kept)}
 
 
+def image_term_stats(run_dir: Path) -> dict[str, float]:
+    """The image-side terms at the last training step (``metrics.json``), for arms that train them."""
+    metrics_file = run_dir / "metrics.json"
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    return {name: metrics[key] for name, key in (("image accuracy", "rewards/image_accuracies"),
+                                                  ("image margin", "rewards/image_margins"),
+                                                  ("conditional loss", "loss/conditional")) if key in metrics}
+
+
 def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.1f}"
 
@@ -286,6 +295,12 @@ def write_results(args: argparse.Namespace, seeds: list[int], minutes: float, ro
         if "MIA-DPO" in stats and control in stats:
             differ = [len(set(a["pair ids"]) ^ set(b["pair ids"])) for a, b in zip(stats["MIA-DPO"], stats[control])]
             lines.append(f"- pairs in only one of MIA-DPO / {control}, per seed: {differ}")
+    for arm, per_seed in stats.items():
+        if per_seed and "image accuracy" in per_seed[0]:
+            lines.append(f"- {arm}, last training step: share of pairs whose chosen answer gains more reward with the "
+                         f"pair's images than with the negative {[round(s['image accuracy'], 3) for s in per_seed]}, "
+                         f"image reward margin {[round(s['image margin'], 3) for s in per_seed]}, conditional loss "
+                         f"{[round(s['conditional loss'], 3) for s in per_seed]} (per seed; one batch of 16 pairs)")
     if rounds:
         lines.append(f"- rounds: multi-image mean after each round, per seed: {rounds}")
     text = "\n".join(lines) + "\n"
@@ -333,7 +348,8 @@ def main() -> None:
                 outcome = run_sft_arm(mia["cfg"], seed, evaluation, args.sft_lr, Path(args.work))
             else:
                 outcome = run_dpo_arm(arm, seed, evaluation, args.extra, Path(args.work), args.data_dir)
-                stats.setdefault(arm, []).append(selection_stats(outcome["pairs"]))
+                stats.setdefault(arm, []).append(selection_stats(outcome["pairs"]) |
+                                                 image_term_stats(Path(outcome["cfg"].run_dir)))
                 mia = outcome if arm == "MIA-DPO" else mia
                 if "per_round" in outcome:
                     rounds.append(outcome["per_round"])

@@ -169,8 +169,10 @@ def needs_negative(batch_or_logps: Any, size: int) -> list[bool]:
 
 
 def dataset_needs(dataset: Any) -> list[tuple[str, bool]]:
-    """(key, trained with its negative) of every pair of a ``PairDataset`` with a cache attached."""
-    return [(key, dataset.has_negative(i)) for i, key in enumerate(dataset.keys)]
+    """(key, trained with its negative) of every pair of a dataset with cache keys (a ``PairDataset`` with a cache
+    attached; a dataset without ``has_negative`` has no negatives)."""
+    has_negative = getattr(dataset, "has_negative", lambda index: False)
+    return [(key, bool(has_negative(i))) for i, key in enumerate(dataset.keys)]
 
 
 class InStepFilling(L.Callback):
