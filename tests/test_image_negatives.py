@@ -19,8 +19,8 @@ from test_fast_path import adapter_for, pairs, step
 from test_select import CPU, selection_config
 
 from miadpo.augment.runner import fingerprint, run_augmentation
-from miadpo.config import DPOConfig, OptimConfig
-from miadpo.data.dataset import EncodedPair, PairDataset
+from miadpo.config import DPOConfig, OptimConfig, TooLongPolicy
+from miadpo.data.dataset import EncodedPair, PairDataset, apply_length_guard
 from miadpo.data.pairs import BadRecordError, BadRecordReport, ImageRoots, pair_key, parse_pair, read_pairs
 from miadpo.dpo.batch import PairLogps
 from miadpo.dpo.forward import ConcatenatedPairForward, SharedPrefixPairForward
@@ -296,16 +296,19 @@ def negative_pairs(tmp_path: Path, pair_files, count: int = 8) -> Path:
     return pair_files(records)
 
 
+@pytest.mark.parametrize("prepass", [True, False])
 def test_training_with_the_conditional_term_caches_and_reuses_the_negatives(tmp_path: Path, pair_files,
-                                                                          monkeypatch) -> None:
+                                                                          monkeypatch, prepass: bool) -> None:
+    """The pre-pass, or the first epoch's steps, cache each pair's five values; a second run needs no reference."""
     pairs_file = negative_pairs(tmp_path, pair_files)
     base = ["trainer.max_steps=4", "data.batch_size=4", "data.val_fraction=0", f"data.pairs={pairs_file}",
-            f"data.image_root={tmp_path / 'images'}", "trainer.max_epochs=2", "dpo.fast.reference_prepass=true"]
+            f"data.image_root={tmp_path / 'images'}", "trainer.max_epochs=2",
+            f"dpo.fast.reference_prepass={str(prepass).lower()}"]
     first = train(compose_train([*base, "dpo.conditional_weight=1.0", "dpo.anchor_weight=0.5"], tmp_path))
     assert first.global_step == 4
     rows = [json.loads(line) for f in (tmp_path / "data" / "reference_logps").glob("*/logps.*.jsonl")
             for line in f.read_text().splitlines()]
-    assert len(rows) == 8 and all(len(r["logps"]) == 5 for r in rows)  # the pre-pass computed every negative
+    assert len(rows) == 8 and all(len(r["logps"]) == 5 for r in rows)  # every pair once, with its negative
     metrics = (tmp_path / "run").rglob("metrics.csv")
     header = next(metrics).read_text().splitlines()[0]
     for name in ("loss/text", "loss/conditional", "loss/anchor", "rewards/chosen_negative_images"):
@@ -355,3 +358,17 @@ def test_toy_ablation_arms_compose_with_their_negatives() -> None:
         assert image_terms == (cfg.data.augment.negatives.kind == "replace"), arm
         seen.add((image_terms, cfg.dpo.anchor_weight > 0))
     assert seen == {(False, False), (True, False), (True, True)}
+
+
+def test_a_negative_that_would_cut_the_chosen_answer_is_dropped(tmp_path: Path, pair_files, adapter) -> None:
+    pairs_file = negative_pairs(tmp_path, pair_files, count=1)
+    roots = ImageRoots(tmp_path / "images", tmp_path / "out")
+    record = read_pairs(pairs_file, roots, BadRecordReport())[0]
+    prompt_len, chosen_len = adapter.count_tokens(record.prompt, record.chosen, [(32, 32), (32, 32)])
+    fits = apply_length_guard([record], roots, adapter, prompt_len + chosen_len + 8, TooLongPolicy.truncate_answer,
+                              image_negatives=True)
+    assert fits.negatives_dropped == [] and fits.kept[0].rejected_images == record.rejected_images
+    cut = apply_length_guard([record], roots, adapter, prompt_len + chosen_len - 1, TooLongPolicy.truncate_answer,
+                             image_negatives=True)
+    assert cut.negatives_dropped == [record.id] and cut.truncated == [record.id]
+    assert cut.kept[0].rejected_images is None  # trained by the text term alone, its answer cut as before

@@ -54,8 +54,8 @@ def apply_length_guard(records: Sequence[PairRecord], roots: ImageRoots, adapter
     answer overflows is truncated on the answer side (``truncate_answer``) or skipped (``skip``). Sizes are those
     the loader gives (upright, capped: ``miadpo.data.images``); a pair with an image that cannot be opened (or is too
     large under ``on_large_image=skip``) goes to ``bad``. With ``image_negatives``, a pair whose chosen answer does not
-    fit whole after the negative prompt (another image size can mean other image tokens) keeps its text pair only
-    (``negatives_dropped``).
+    fit whole after its prompt with either the images or the negative ones (other image sizes can mean other image
+    tokens) keeps its text pair only (``negatives_dropped``), so both terms score the same whole answer.
     """
     result = LengthGuardResult([], [], [])
     for record in records:
@@ -64,16 +64,17 @@ def apply_length_guard(records: Sequence[PairRecord], roots: ImageRoots, adapter
         except ValueError as exc:  # ImageError, or a path refused by ImageRoots
             result.bad.append((record.id, str(exc)))
             continue
+        prompt_len, chosen_len = adapter.count_tokens(record.prompt, record.chosen, sizes)
         if image_negatives and record.rejected_images is not None:
             try:
                 negative_sizes = [record_image_size(roots, rel, images) for rel in record.rejected_images]
             except ValueError as exc:
                 result.bad.append((record.id, f"rejected_images: {exc}"))
                 continue
-            if sum(adapter.count_tokens(record.prompt, record.chosen, negative_sizes)) > max_length:
+            negative_len = sum(adapter.count_tokens(record.prompt, record.chosen, negative_sizes))
+            if max(negative_len, prompt_len + chosen_len) > max_length:  # the same whole answer, or none
                 record = replace(record, rejected_images=None)
                 result.negatives_dropped.append(record.id)
-        prompt_len, chosen_len = adapter.count_tokens(record.prompt, record.chosen, sizes)
         _, rejected_len = adapter.count_tokens(record.prompt, record.rejected, sizes)
         total = prompt_len + max(chosen_len, rejected_len)
         if total <= max_length:
