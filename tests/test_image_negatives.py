@@ -166,6 +166,12 @@ def test_pair_record_rejected_images_are_checked_and_keyed(tmp_path: Path) -> No
                         (record["images"], "the pair's own images")):
         with pytest.raises(ValueError, match=reason):
             parse_pair({**record, "rejected_images": bad})
+    missing = tmp_path / "missing.jsonl"
+    missing.write_text(json.dumps(record) + "\n" + json.dumps({**record, "id": "p2",
+                                                               "rejected_images": ["gone.png", "other.png"]}) + "\n")
+    report = BadRecordReport(max_bad_fraction=0.5)
+    assert [p.id for p in read_pairs(missing, roots, report)] == [record["id"]]
+    assert report.bad[0].line == 2 and "gone.png" in report.bad[0].reason  # the negative's image is checked too
 
 
 # ----- the loss terms ----------------------------------------------------------------------------------------------
