@@ -1,10 +1,11 @@
 """Selection and post-selection: candidates → DPO pairs. Cheap, so thresholds can be swept freely.
 
-Selection (METHOD §2): keep a candidate when its answer is wrong (normalised comparison) and holds no image marker
-(nor does its ground truth: either would put an image token into the labels), its attention ratio
-passes the per-format, per-N threshold with the format's operator, and its perplexity is above the minimum.
-Post-selection (§3), each filter counted: rejected-answer perplexity range, token length ratio
-len(rejected)/len(chosen) range, rapidfuzz edit similarity between chosen and rejected bounds.
+Selection (MIA-DPO's attention-aware selection, Liu et al. 2025): keep a candidate when its answer is wrong
+(normalised comparison) and holds no image marker (nor does its ground truth: either would put an image token into
+the labels), its attention ratio passes the per-format, per-N threshold with the format's operator, and its
+perplexity is above the minimum. Post-selection (the paper's post-selection filters), each filter counted:
+rejected-answer perplexity range, token length ratio len(rejected)/len(chosen) range, rapidfuzz edit similarity
+between chosen and rejected bounds.
 ``selection.name=random`` ignores attention: among wrong answers that pass every other rule and filter, it
 draws as many pairs per (format, N) as attention selection keeps — the ablation the paper did not publish.
 With ``selection.right_answer_negatives``, right answers add pairs too (rejected: their extra answer), after the
