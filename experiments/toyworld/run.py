@@ -27,6 +27,7 @@ Writes <results>.md, .json and .png (default experiments/results/toyworld.*).
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import re
@@ -204,13 +205,20 @@ def selection_stats(pairs: str) -> dict[str, Any]:
             "pair ids": sorted(f"{p['id']}|{p['rejected']}" for p in kept)}
 
 
-def image_term_stats(run_dir: Path) -> dict[str, float]:
-    """The image-side terms at the last training step (``metrics.json``), for arms that train them."""
+def image_term_stats(run_dir: Path) -> dict[str, Any]:
+    """The image-side terms at the last training step (``metrics.json``) and the validation pairs' image accuracy
+    after each epoch (the CSV log), for arms that train them."""
     metrics_file = run_dir / "metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
-    return {name: metrics[key] for name, key in (("image accuracy", "rewards/image_accuracies"),
-                                                  ("image margin", "rewards/image_margins"),
-                                                  ("conditional loss", "loss/conditional")) if key in metrics}
+    stats: dict[str, Any] = {name: metrics[key] for name, key in (
+        ("image accuracy", "rewards/image_accuracies"), ("image margin", "rewards/image_margins"),
+        ("conditional loss", "loss/conditional")) if key in metrics}
+    for log in sorted(run_dir.glob("csv/version_*/metrics.csv"))[-1:]:
+        with log.open() as handle:
+            rows = [row for row in csv.DictReader(handle) if row.get("val/rewards/image_accuracies")]
+        if rows:
+            stats["val image accuracy per epoch"] = [round(float(r["val/rewards/image_accuracies"]), 3) for r in rows]
+    return stats
 
 
 def mean_std(values: list[float]) -> str:
@@ -300,7 +308,9 @@ def write_results(args: argparse.Namespace, seeds: list[int], minutes: float, ro
             lines.append(f"- {arm}, last training step: share of pairs whose chosen answer gains more reward with the "
                          f"pair's images than with the negative {[round(s['image accuracy'], 3) for s in per_seed]}, "
                          f"image reward margin {[round(s['image margin'], 3) for s in per_seed]}, conditional loss "
-                         f"{[round(s['conditional loss'], 3) for s in per_seed]} (per seed; one batch of 16 pairs)")
+                         f"{[round(s['conditional loss'], 3) for s in per_seed]} (per seed; one batch of 16 pairs); "
+                         "the same share on the validation pairs after each epoch, per seed: "
+                         f"{[s.get('val image accuracy per epoch') for s in per_seed]}")
     if rounds:
         lines.append(f"- rounds: multi-image mean after each round, per seed: {rounds}")
     text = "\n".join(lines) + "\n"
