@@ -154,6 +154,7 @@ class PipAugmentConfig:
 class NegativeKind(str, Enum):
     none = "none"
     replace = "replace"
+    companion = "companion"
     noise = "noise"
 
 
@@ -162,8 +163,10 @@ class ImageNegativesConfig:
     """Image-side negatives (``rejected_images``): each record's images with only the asked-about image changed.
 
     ``replace``: the target image (Sequence), tile (Grid), centre picture (Pic-in-Pic) or single image replaced by
-    another photograph of the same source with other pixels; ``noise``: Gaussian noise of std ``sigma`` on the
-    target region. Drawn per (seed, record id)."""
+    another photograph of the same source with other pixels; ``companion``: replaced by one of the record's own
+    other images (a Sequence image or Grid tile, the Pic-in-Pic background; a single image, having none, by another
+    photograph as in ``replace``); ``noise``: Gaussian noise of std ``sigma`` on the target region. Drawn per
+    (seed, record id)."""
 
     kind: NegativeKind = NegativeKind.none
     sigma: float = 80.0

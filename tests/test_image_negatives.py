@@ -57,7 +57,7 @@ def within(bbox: tuple[int, int, int, int] | None, region: list[int], margin: in
 
 
 # ----- augmentation ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["replace", "noise"])
+@pytest.mark.parametrize("kind", ["replace", "companion", "noise"])
 def test_negatives_are_deterministic_and_change_only_the_target(tmp_path: Path, kind: str) -> None:
     records = augment(tmp_path, kind)
     again = augment(tmp_path, kind, out="again", workers=2)
@@ -70,12 +70,17 @@ def test_negatives_are_deterministic_and_change_only_the_target(tmp_path: Path, 
     for record in (r for r in records if "rejected_image" in r):
         meta, image, negative = record["meta"], record["image"], record["rejected_image"]
         assert meta["negative"]["kind"] == kind
+        if kind == "companion" and meta["format"] != "single":  # one of the record's other images
+            target_path = meta["inputs"][1 if meta["format"] == "pip" else (
+                meta["target"] if isinstance(meta["target"], int) else meta["target"][0]) - 1]
+            assert meta["negative"]["replacement"] in meta["inputs"]
+            assert meta["negative"]["replacement"] != target_path
         if isinstance(image, list):  # sequence, single: only the target's path changes
             target = meta["target"] - 1
             assert len(negative) == len(image)
             assert [p for i, p in enumerate(negative) if i != target] == [p for i, p in enumerate(image) if i != target]
             assert negative[target] != image[target]
-            if kind == "replace":
+            if kind == "replace" or (kind == "companion" and meta["format"] == "single"):
                 assert negative[target] == meta["negative"]["replacement"] not in image
                 assert negative[target].split("/")[0] == image[target].split("/")[0]  # the same source
             diff = ImageChops.difference(pixels(tmp_path, "out", image[target]),
@@ -361,7 +366,8 @@ def test_toy_ablation_arms_compose_with_their_negatives() -> None:
             continue
         cfg = ablation.compose_config("train", ["model=toy_llava", "data=toy", *overrides])
         image_terms = cfg.dpo.conditional_weight > 0
-        assert image_terms == (cfg.data.augment.negatives.kind == "replace"), arm
+        assert image_terms == (cfg.data.augment.negatives.kind != "none"), arm
+        assert (ablation.negatives_suffix(overrides) != "") == image_terms
         seen.add((image_terms, cfg.dpo.anchor_weight > 0))
     assert seen == {(False, False), (True, False), (True, True)}
 

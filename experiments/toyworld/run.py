@@ -16,7 +16,9 @@ Arms (every one from the same toy base, through the real entry points with confi
   asked-about image replaced by another pool scene, `data.augment.negatives.kind=replace`), trained with mDPO's
   conditional preference term (`dpo.conditional_weight=1`) and, in the second arm, its anchor
   (`dpo.anchor_weight=1`, δ = 0): mDPO's equal weighting, not tuned here. Their records live in
-  `<data dir>-negatives` (another augmentation); their selection is the MIA-DPO arm's (checked: pairs in only one).
+  `<data dir>-negatives` (another augmentation); their selection is the MIA-DPO arm's (checked: pairs in only one);
+- MIA-DPO + conditional (companion): the same term with each negative taken from the record's own other images
+  (`data.augment.negatives.kind=companion`: the image an element-interference error confuses with the target).
 The arms of one seed share the augmented records and the candidates (only the rules differ). An arm that already
 trained to the end with the same inputs (its `arm.json`) is not trained again, only evaluated on the split asked
 for: the recipe's val runs are the test ablation's MIA-DPO arm. Evaluation is on the toy split named by --split
@@ -65,6 +67,8 @@ ARMS = {
     "MIA-DPO + conditional": ["selection=attention", *IMAGE_NEGATIVES, "dpo.conditional_weight=1.0"],
     "MIA-DPO + conditional + anchor": ["selection=attention", *IMAGE_NEGATIVES, "dpo.conditional_weight=1.0",
                                        "dpo.anchor_weight=1.0"],
+    "MIA-DPO + conditional (companion)": ["selection=attention", "data.augment.negatives.kind=companion",
+                                          "dpo.conditional_weight=1.0"],
 }
 METRICS = ("multi-image mean", "sequence N=2", "sequence N=3", "sequence N=4", "single")
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
@@ -125,6 +129,14 @@ def finished_arm(run_dir: Path, key: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
+def negatives_suffix(overrides: list[str]) -> str:
+    """The data directory suffix of an arm whose records carry image-side negatives (another augmentation)."""
+    kinds = [o.split("=", 1)[1] for o in overrides if o.startswith("data.augment.negatives.kind=")]
+    if not kinds:
+        return ""
+    return "-negatives" if kinds[-1] == "replace" else f"-negatives-{kinds[-1]}"
+
+
 def run_dpo_arm(arm: str, seed: int, evaluation: list[str], extra: list[str], work: Path, data_dir: str
                 ) -> dict[str, Any]:
     """One DPO arm: its before/after tables, pairs file and selection report.
@@ -132,7 +144,7 @@ def run_dpo_arm(arm: str, seed: int, evaluation: list[str], extra: list[str], wo
     An arm already trained with the same composed config is not trained again; on another split it is re-evaluated.
     """
     run_dir = work / f"{re.sub(r'[^A-Za-z0-9.-]+', '_', arm).strip('_')}-seed{seed}"
-    data_out = data_dir.format(work=work, seed=seed) + ("-negatives" if IMAGE_NEGATIVES[0] in ARMS[arm] else "")
+    data_out = data_dir.format(work=work, seed=seed) + negatives_suffix(ARMS[arm] or [])
     overrides = ["model=toy_llava", "data=toy", f"seed={seed}", "logger=csv", "trainer.enable_progress_bar=false",
                  "trainer.enable_model_summary=false", f"run_dir={run_dir}", f"data.out_dir={data_out}",
                  *ARMS[arm], *extra]
@@ -289,7 +301,9 @@ def write_results(args: argparse.Namespace, seeds: list[int], minutes: float, ro
     for arm, control in (("MIA-DPO", "base"), ("MIA-DPO", "SFT on chosen"), ("MIA-DPO", "random selection"),
                          ("MIA-DPO", "no post-selection"), ("MIA-DPO", "perplexity ≤ 10"), ("rounds (2)", "MIA-DPO"),
                          ("MIA-DPO + conditional", "MIA-DPO"), ("MIA-DPO + conditional + anchor", "MIA-DPO"),
-                         ("MIA-DPO + conditional + anchor", "MIA-DPO + conditional")):
+                         ("MIA-DPO + conditional + anchor", "MIA-DPO + conditional"),
+                         ("MIA-DPO + conditional (companion)", "MIA-DPO"),
+                         ("MIA-DPO + conditional (companion)", "MIA-DPO + conditional")):
         if arm in rows and control in rows:
             for metric in ("multi-image mean", "single"):
                 lines.append(f"- {arm} − {control}, {metric}: {paired(rows[arm][metric], rows[control][metric])}")

@@ -3,10 +3,14 @@
 The augmentation knows the target and its companions, so it builds the negative beside the record
 (``rejected_image``, the same shape as ``image``), which selection carries into the pair (``rejected_images``):
 
-- Sequence / single: the target photograph replaced by another of the same source (``replace``; no new file, the
-  record names that photograph) or the target with Gaussian noise (``noise``; written under ``images/<fmt>_negative/``);
-- Grid: the target tile's cell composed with the replacement, or noise on the target tile;
-- Pic-in-Pic: the centre picture's box filled with the replacement (resized to the box), or noise on the box.
+- Sequence / single: the target photograph replaced by another of the same source (``replace``), or by one of the
+  record's other images (``companion``: the confusable image of an element-interference error), with no new file
+  (the record names that photograph), or the target with Gaussian noise (``noise``; written under
+  ``images/<fmt>_negative/``);
+- Grid: the target tile's cell composed with the replacement (``companion``: another tile's image), or noise on
+  the target tile;
+- Pic-in-Pic: the centre picture's box filled with the replacement (resized to the box; ``companion``: the
+  background photograph), or noise on the box.
 
 Every other pixel stays that of the original composition (a JPEG re-encodes blocks that straddle the changed
 region). Replacements are drawn per (seed, record id) from a generator of their own, so the plan of the records
@@ -39,11 +43,11 @@ class NegativePlan:
     replacements: list[str] = field(default_factory=list)
 
 
-def plan_negative(cfg: ImageNegativesConfig, seed: int, record_id: str, fmt: str, pool: Sequence[str],
-                  inputs: Sequence[str]) -> NegativePlan | None:
-    """The negative of record ``record_id`` (None: off, or a format without one). Replacements: up to
-    ``cfg.tries`` photographs of the same source (``pool``) outside the record's own images, drawn by
-    ``random.Random(f"{seed}:{record_id}:negative")``."""
+def plan_negative(cfg: ImageNegativesConfig, seed: int, record_id: str, fmt: str, target: int | list[int],
+                  pool: Sequence[str], inputs: Sequence[str]) -> NegativePlan | None:
+    """The negative of record ``record_id`` (None: off, or a format without one). Replacements, drawn by
+    ``random.Random(f"{seed}:{record_id}:negative")``: with ``companion``, the record's other images in a random
+    order first; then up to ``cfg.tries`` photographs of the same source (``pool``) outside the record's images."""
     kind = NegativeKind(cfg.kind)
     if kind is NegativeKind.none or fmt not in NEGATIVE_FORMATS:
         return None
@@ -52,7 +56,12 @@ def plan_negative(cfg: ImageNegativesConfig, seed: int, record_id: str, fmt: str
     used = set(inputs)
     others = [path for path in pool if path not in used]
     rng = random.Random(f"{seed}:{record_id}:negative")
-    return NegativePlan(kind.value, seed, rng.sample(others, min(cfg.tries, len(others))))
+    companions: list[str] = []
+    if kind is NegativeKind.companion:
+        index = target_index(fmt, target)
+        companions = sorted({path for i, path in enumerate(inputs) if i != index and path != inputs[index]})
+        rng.shuffle(companions)
+    return NegativePlan(kind.value, seed, companions + rng.sample(others, min(cfg.tries, len(others))))
 
 
 def same_pixels(a: Image.Image, b: Image.Image) -> bool:

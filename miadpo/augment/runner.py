@@ -169,7 +169,7 @@ class Planner:
             fmt = _choose_weighted(self.rng, allowed)
             job = getattr(self, f"_{fmt}")(record)
             if job is not None:
-                job.negative = plan_negative(self.aug.negatives, self.seed, job.id, job.format,
+                job.negative = plan_negative(self.aug.negatives, self.seed, job.id, job.format, job.target,
                                              self.images_by_source[job.source], job.inputs)
                 jobs.append(job)
             if self.aug.refusal_fraction and self.rng.random() < self.aug.refusal_fraction:
@@ -310,7 +310,7 @@ class Composer:
         assert plan is not None
         index = target_index(job.format, job.target)
         replacement, picture = None, None
-        if NegativeKind(plan.kind) is NegativeKind.replace:
+        if NegativeKind(plan.kind) is not NegativeKind.noise:
             for rel in plan.replacements:
                 try:
                     candidate = self._load(rel, draft)
