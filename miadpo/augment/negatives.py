@@ -24,6 +24,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 from PIL import Image, ImageChops
 
 from miadpo.augment.formats import compose_grid
@@ -35,12 +36,15 @@ NEGATIVE_FORMATS = ("sequence", "single", "grid", "pip")
 
 @dataclass
 class NegativePlan:
-    """How one record's negative is built: the kind, the replacement photographs to try (``replace``) and the
-    (seed, record id) of its noise (``noise``)."""
+    """How one record's negative is built: the kind, the replacement photographs to try (``replace``,
+    ``companion``) and the seed of its noise (``noise``, with the record id)."""
 
     kind: str
     seed: int
     replacements: list[str] = field(default_factory=list)
+
+    def noise_rng(self, record_id: str) -> np.random.Generator:
+        return record_rng(self.seed, f"{record_id}:negative")
 
 
 def plan_negative(cfg: ImageNegativesConfig, seed: int, record_id: str, fmt: str, target: int | list[int],
@@ -76,12 +80,6 @@ def target_index(fmt: str, target: int | list[int]) -> int:
     return first - 1
 
 
-def grid_cell(layout: dict, index: int, cfg: GridAugmentConfig) -> tuple[int, int, int, int]:
-    """The cell of tile ``index`` (0-based): the region a replaced tile may occupy."""
-    x, y = layout["tiles"][index][:2]
-    return x, y, x + cfg.cell_size, y + cfg.cell_size
-
-
 def negative_grid(images: Sequence[Image.Image], canvas: Image.Image, layout: dict, index: int,
                   replacement: Image.Image | None, plan: NegativePlan, record_id: str, cfg: GridAugmentConfig,
                   sigma: float) -> Image.Image:
@@ -89,14 +87,14 @@ def negative_grid(images: Sequence[Image.Image], canvas: Image.Image, layout: di
     on that tile."""
     if replacement is not None:
         return compose_grid([replacement if i == index else im for i, im in enumerate(images)], cfg)[0]
-    return add_noise(canvas, sigma, layout["tiles"][index], record_rng(plan.seed, f"{record_id}:negative"))
+    return add_noise(canvas, sigma, layout["tiles"][index], plan.noise_rng(record_id))
 
 
 def negative_pip(canvas: Image.Image, box: Sequence[int], replacement: Image.Image | None, plan: NegativePlan,
                  record_id: str, sigma: float) -> Image.Image:
     """The pic-in-pic with the centre box filled by ``replacement`` (resized to the box), or with noise on it."""
     if replacement is None:
-        return add_noise(canvas, sigma, box, record_rng(plan.seed, f"{record_id}:negative"))
+        return add_noise(canvas, sigma, box, plan.noise_rng(record_id))
     x0, y0, x1, y1 = box
     out = canvas.copy()
     out.paste(replacement.convert("RGB").resize((x1 - x0, y1 - y0), Image.Resampling.BICUBIC), (x0, y0))
@@ -104,5 +102,5 @@ def negative_pip(canvas: Image.Image, box: Sequence[int], replacement: Image.Ima
 
 
 def noisy_image(image: Image.Image, plan: NegativePlan, record_id: str, sigma: float) -> Image.Image:
-    return add_noise(image, sigma, None, record_rng(plan.seed, f"{record_id}:negative"))
+    return add_noise(image, sigma, None, plan.noise_rng(record_id))
 

@@ -265,11 +265,12 @@ class PairDataModule(L.LightningDataModule):
         if not with_negative:
             raise BadRecordError(
                 f"dpo.conditional_weight > 0 needs pairs with rejected_images, and no pair of {path} has one: build "
-                "them at augmentation (data.augment.negatives.kind=replace or noise) or set dpo.conditional_weight=0")
+                "them at augmentation (data.augment.negatives.kind=replace, companion or noise) or set "
+                "dpo.conditional_weight=0")
         without = len(guard.kept) - with_negative
         if without or guard.negatives_dropped:
-            log.warning("image-side negatives: %d of %d pairs have none (%d dropped: the negative prompt does not fit "
-                        "data.max_length); they are trained by the text term alone", without, len(guard.kept),
+            log.warning("image-side negatives: %d of %d pairs have none (%d dropped: data.max_length would cut the "
+                        "chosen answer); they are trained by the text term alone", without, len(guard.kept),
                         len(guard.negatives_dropped))
 
     def _report_bad_images(self, path: Path, bad: Sequence[tuple[str, str]]) -> None:

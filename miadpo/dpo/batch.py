@@ -58,6 +58,17 @@ class PairLogps:
         return cls(rows[:, 0], rows[:, 1], rows[:, 2].long(), rows[:, 3].long(), negative, has_negative)
 
 
+def reference_rows(rows: Sequence[Sequence[float]], width: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Cached reference rows (4 or 5 values) as one ``(B, width)`` tensor: the first ``width`` values, a missing
+    negative as 0."""
+    return torch.tensor([[*r[:width], *[0.0] * (width - len(r))] for r in rows], dtype=torch.float32, device=device)
+
+
+def negative_needs(has_negative: torch.Tensor | None, size: int) -> list[bool]:
+    """Which of ``size`` pairs are trained with their image-side negative (``has_negative``; None: none)."""
+    return [False] * size if has_negative is None else [bool(v) for v in has_negative.tolist()]
+
+
 def scatter_negative(values: torch.Tensor, has_negative: torch.Tensor) -> torch.Tensor:
     """``(B,)`` with the negatives' log-probs ``values`` (one per True of ``has_negative``, in order) and 0 elsewhere
     (differentiable in ``values``)."""
@@ -87,8 +98,8 @@ class PairBatch:
         width = 5 if any(negatives) else 4
         return {"ids": [p.id for p in pairs],
                 "keys": keys if all(k is not None for k in keys) else None,
-                "reference": torch.tensor([[*r[:width], *[0.0] * (width - len(r))] for r in references],
-                                          dtype=torch.float32) if all(r is not None for r in references) else None,
+                "reference": reference_rows(references, width)  # type: ignore[arg-type]
+                if all(r is not None for r in references) else None,
                 "has_negative": torch.tensor(negatives) if any(negatives) else None}
 
     @classmethod

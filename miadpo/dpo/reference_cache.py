@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader, Subset
 
 from miadpo.config import DataConfig
 from miadpo.data.jsonl import append_jsonl, repair_tail
-from miadpo.dpo.batch import PairLogps
+from miadpo.dpo.batch import PairLogps, negative_needs, reference_rows
 from miadpo.dpo.forward import PairForward
 from miadpo.fingerprint import digest, weights_identity
 from miadpo.locks import StageLocked, stage_lock
@@ -136,13 +136,10 @@ class ReferenceCache:
                has_negative: torch.Tensor | None = None) -> PairLogps | None:
         """The cached reference log-probs of a batch's pairs, or None unless every one is cached (the pairs marked
         by ``has_negative`` with their negative's log-prob)."""
-        needs = [False] * len(keys) if has_negative is None else [bool(v) for v in has_negative.tolist()]
-        if not self.covers(keys, needs):
+        if not self.covers(keys, negative_needs(has_negative, len(keys))):
             return None
-        width = 4 if has_negative is None else 5
-        rows = [[*self.values[key][:width], *[0.0] * (width - len(self.values[key]))] for key in keys]
-        return PairLogps.from_rows(torch.tensor(rows, dtype=torch.float32, device=device),
-                                   None if has_negative is None else has_negative.to(device))
+        rows = reference_rows([self.values[key] for key in keys], 4 if has_negative is None else 5, device)
+        return PairLogps.from_rows(rows, None if has_negative is None else has_negative.to(device))
 
     def add(self, rows: Sequence[tuple[str, list[float]]]) -> None:
         if not self._writing:
@@ -160,12 +157,6 @@ def logps_rows(keys: Sequence[str], logps: PairLogps) -> list[tuple[str, list[fl
     if logps.has_negative is None:
         return list(zip(keys, rows))
     return [(key, row if has else row[:4]) for key, row, has in zip(keys, rows, logps.has_negative.tolist())]
-
-
-def needs_negative(batch_or_logps: Any, size: int) -> list[bool]:
-    """Which of ``size`` pairs are trained with their image-side negative (``has_negative``; None: none)."""
-    has = batch_or_logps.has_negative
-    return [False] * size if has is None else [bool(v) for v in has.tolist()]
 
 
 def dataset_needs(dataset: Any) -> list[tuple[str, bool]]:
@@ -189,7 +180,7 @@ class InStepFilling(L.Callback):
         self._refused = False
 
     def record(self, keys: Sequence[str], logps: PairLogps) -> None:
-        needs = needs_negative(logps, len(keys))
+        needs = negative_needs(logps.has_negative, len(keys))
         if self._refused or self.cache.covers(keys, needs):
             return
         if self._stack is None:
