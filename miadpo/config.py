@@ -6,13 +6,29 @@ first in its defaults, so a misspelt key or a value outside an enum fails when t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from enum import Enum
+import difflib
+from dataclasses import dataclass, field, fields, is_dataclass
+from enum import Enum, IntEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_origin, get_type_hints
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+class _Count(IntEnum):
+    """A count used as a map key (images per prompt, questions per grid): an ``int`` everywhere in code, and a key
+    that ``key.N=value`` on the command line reaches. OmegaConf keys typed ``int`` refuse the override's string
+    ``"N"``; an enum key converts it by name (and YAML's ``N:`` by value), and names the valid counts otherwise."""
+
+    def __str__(self) -> str:
+        return str(int(self))
+
+    __format__ = int.__format__
+
+
+MAX_COUNT = 16
+ImageCount = _Count("ImageCount", {str(n): n for n in range(1, MAX_COUNT + 1)})
 
 
 class BadRecordPolicy(str, Enum):
@@ -52,6 +68,7 @@ class ModelPreparation(str, Enum):
 class DataPreparation(str, Enum):
     """How a data recipe makes its pairs when ``data.pairs`` is not set (``miadpo.pipeline.prepare_data``)."""
 
+    pairs = "pairs"  # data.pairs is the pair file (required): nothing to make
     synthetic = "synthetic"  # draw the embedded synthetic pairs (data.synthetic)
     select = "select"  # augment data.source, then select pairs with the model
     toy_world = "toy_world"  # generate the toy world's splits (beside data.source) first, then as select
@@ -107,6 +124,9 @@ class ModelConfig:
     freeze_projector: bool = True
     freeze_llm: bool = False
     gradient_checkpointing: bool = False
+    # Token budget of one sequence (images included) when a recipe leaves data.max_length null: every model config
+    # states one that fits its images at the recipes' largest image count (5).
+    max_length: int = 2048
     # Run the tokenizer code shipped in the weights directory (InternLM-XC2.5's InternLM2 tokenizer lives there;
     # the model itself is always ours).
     trust_remote_code: bool = False
@@ -131,19 +151,19 @@ class SyntheticConfig:
 @dataclass
 class SequenceAugmentConfig:
     # Weights of N (images per prompt); the reference's split was about 55/16/16/13 %.
-    n_weights: dict[int, float] = field(default_factory=lambda: {2: 0.55, 3: 0.16, 4: 0.16, 5: 0.13})
+    n_weights: dict[ImageCount, float] = field(default_factory=lambda: {2: 0.55, 3: 0.16, 4: 0.16, 5: 0.13})
 
 
 @dataclass
 class GridAugmentConfig:
-    n_weights: dict[int, float] = field(default_factory=lambda: {n: 1.0 for n in range(2, 10)})
+    n_weights: dict[ImageCount, float] = field(default_factory=lambda: {n: 1.0 for n in range(2, 10)})
     cell_size: int = 448
     gap: int = 40  # between columns
     band: int = 40  # label band above each row
     font_size: int = 36
     label_x: int = 20  # label start, from the cell's left edge
     # Weights of how many source records share one grid (each asks its own question about its own tile).
-    records_per_grid: dict[int, float] = field(default_factory=lambda: {1: 1.0})
+    records_per_grid: dict[ImageCount, float] = field(default_factory=lambda: {1: 1.0})
 
 
 @dataclass
@@ -225,7 +245,8 @@ class DataConfig:
     # Sample pairs (with attention heat maps) in <run_dir>/data_report and the W&B table; 0 = no data report.
     report_samples: int = 8
     val_fraction: float = 0.1
-    max_length: int = 2048
+    # Tokens of one sequence (images included); null: the model config's budget (model.max_length).
+    max_length: int | None = None
     on_too_long: TooLongPolicy = TooLongPolicy.truncate_answer
     batch_size: int = 4
     num_workers: int = 0
@@ -283,7 +304,7 @@ class SelectionConfig:
     layer: int | None = None
     # The reference thresholds of the attention ratio per format and N; N the reference lacked (grid 5, 7, 8)
     # interpolated. Their one copy: conf/selection/*.yaml do not repeat them (a recipe may override some).
-    thresholds: dict[str, dict[int, float]] = field(default_factory=lambda: {
+    thresholds: dict[str, dict[ImageCount, float]] = field(default_factory=lambda: {
         "sequence": {2: 0.8, 3: 0.7, 4: 0.6, 5: 0.6},
         "grid": {2: 0.7, 3: 0.6, 4: 0.5, 5: 0.45, 6: 0.4, 7: 0.37, 8: 0.33, 9: 0.3},
         "pip": {1: 0.8},
@@ -505,7 +526,7 @@ class SFTDataConfig:
     image_root: str = "data/images"
     out_dir: str = "data/miadpo"  # where "@out/" paths of augmented records resolve
     follow_symlinks: bool = True  # symlinks inside image_root / out_dir may point anywhere
-    max_length: int = 2048
+    max_length: int | None = None  # null: the model config's budget (model.max_length)
     batch_size: int = 8
     val_fraction: float = 0.0
     num_workers: int = 0
@@ -575,6 +596,63 @@ class VerifyJobConfig:
     # Largest |logit difference| reported as a match (bf16 through 32 layers drifts by a few hundredths).
     atol: float = 0.1
     report: str | None = None  # also write the results as JSON here
+
+
+def unknown_keys(node: Any, schema: Any, path: str = "") -> list[tuple[str, list[str]]]:
+    """Keys of a composed config that ``schema`` (a dataclass or a ``dict[K, V]`` hint) does not have, each with
+    the keys it does have at that place. Hydra's ``+key=value`` adds a key even to a structured config; this finds
+    it (and a key added by any other route)."""
+    if not isinstance(node, DictConfig):
+        return []
+    if is_dataclass(schema):
+        hints = get_type_hints(schema)
+        known = [f.name for f in fields(schema)]
+        found = [(f"{path}{key}", known) for key in node if key not in hints]
+        return found + [bad for key in node if key in hints
+                        for bad in unknown_keys(node._get_node(key), hints[key], f"{path}{key}.")]
+    if get_origin(schema) is dict:
+        value_type = get_args(schema)[1]
+        return [bad for key in node for bad in unknown_keys(node._get_node(key), value_type, f"{path}{key}.")]
+    return []
+
+
+def check_keys(cfg: DictConfig, schema: type) -> None:
+    """Stop, like a typo does, when the composed ``cfg`` has a key its entry's ``schema`` lacks (``+dpo.betta=0.1``):
+    every key, its suggestion and the schema class are named."""
+    problems = []
+    for key, known in unknown_keys(cfg, schema):
+        parent, _, name = key.rpartition(".")
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"; did you mean '{parent + '.' if parent else ''}{close[0]}'?" if close else ""
+        problems.append(f"'{key}'{hint}")
+    if problems:
+        raise ValueError(f"unknown config key{'s' if len(problems) > 1 else ''} {', '.join(problems)}: not in "
+                         f"{schema.__name__} (miadpo/config.py). A '+' adds no key to miadpo's configs: every key "
+                         "is in the schema, so a key that is not there is a typo.")
+
+
+# The data recipes that make or read users' data, named when the toy recipe is asked to run on it.
+OWN_DATA_RECIPES = ("data=pairs (train on a pair file: data.pairs=..., data.image_root=...)",
+                    "data=llava, mix, sequence, grid or pip (augment and select from a LLaVA-format data.source)")
+
+
+def check_recipe(data: DataConfig, model: ModelConfig | None = None) -> None:
+    """The toy recipe (``data=toy``, the default: ``data.prepare=toy_world``) runs only as the toy demonstration:
+    on the toy world's files, with the toy base. A run that names its own data (``data.source``,
+    ``data.image_root``, ``data.pairs``) or model under it stops before anything runs, naming the recipes to pick
+    (its lr, epochs, token budget, thresholds and evaluation are the toy world's)."""
+    if DataPreparation(data.prepare) is not DataPreparation.toy_world:
+        return
+    toy = OmegaConf.load(Path(config_dir()) / "data" / "toy.yaml")
+    named = [f"data.{key}={getattr(data, key)}" for key in ("source", "image_root", "pairs")
+             if getattr(data, key) != toy[key]]
+    if model is not None and ModelPreparation(model.prepare) is not ModelPreparation.toy_base:
+        named.append(f"model={model.name}")
+    if named:
+        raise ValueError(f"data=toy is the toy demonstration (the default recipe), but this run names its own "
+                         f"{' and '.join(named)}: the toy recipe's settings (lr, epochs, token budget, selection "
+                         f"thresholds, evaluation) are the toy world's. Pick a recipe for your data: "
+                         f"{'; or '.join(OWN_DATA_RECIPES)}. The toy recipe itself runs with model=toy_llava.")
 
 
 def register_configs() -> None:

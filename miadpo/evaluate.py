@@ -26,7 +26,7 @@ import hydra
 from omegaconf import DictConfig
 from PIL import Image, ImageOps
 
-from miadpo.config import config_dir, register_configs
+from miadpo.config import EvalJobConfig, check_keys, config_dir, register_configs
 from miadpo.data.images import ImageOptions
 from miadpo.eval.compare import compare_correctness, comparison_markdown
 from miadpo.eval.scoring import Evaluation, evaluate, prompt_limit, table_markdown
@@ -98,6 +98,7 @@ def log_wandb(cfg: DictConfig, run_dir: Path, evaluation: Evaluation) -> None:
 def run_evaluation(cfg: DictConfig, adapter: ModelAdapter | None = None) -> dict[str, Any]:
     """Score the model of ``cfg.model`` (or ``adapter``) on ``cfg.eval``; writes ``eval.json`` and ``eval.md`` into
     ``cfg.run_dir`` and returns what eval.json holds."""
+    check_keys(cfg, EvalJobConfig)
     other = load_correct(Path(cfg.compare)) if cfg.compare else None  # a bad compare file stops before the model
     items, report = eval_items(cfg.eval)  # before the model loads: a bad record under "error" stops at once
     adapter = adapter or build_adapter(cfg.model)

@@ -29,7 +29,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, Th
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
-from miadpo.config import DataPreparation, LoggerName, ModelPreparation
+from miadpo.config import DataPreparation, LoggerName, ModelPreparation, TrainConfig, check_keys, check_recipe
 from miadpo.data.dataset import PairDataModule, ResumeDataOrder
 from miadpo.data.images import ImageOptions
 from miadpo.data.pairs import ImageRoots
@@ -76,7 +76,11 @@ def check_job(cfg: DictConfig) -> None:
     """Everything of the job that can be wrong without running it, checked before the model is built or any stage
     (base saved, selection, reference pass) runs: the Trainer arguments, the strategy on this machine, the loss and
     optimizer settings, the benchmark directories of the evaluation set and ``ckpt_path`` (a readable Lightning
-    checkpoint). A bad setting is named."""
+    checkpoint). A bad setting is named: a key the schema lacks, the toy recipe asked to run on other data or
+    another model, a missing pair file."""
+    check_keys(cfg, TrainConfig)
+    check_recipe(cfg.data, cfg.model)  # type: ignore[arg-type]
+    check_pairs(cfg.data)
     check_model_config(cfg.model)  # type: ignore[arg-type]
     if cfg.dpo.reference_path is not None and not (cfg.dpo.fast.reference_cache and uses_reference_prepass(cfg)):
         raise ValueError("dpo.reference_path needs dpo.fast.reference_cache=true and the pre-pass "
@@ -89,6 +93,25 @@ def check_job(cfg: DictConfig) -> None:
     check_eval_set(cfg.eval)
     if cfg.ckpt_path is not None:
         check_checkpoint(cfg.ckpt_path)
+
+
+def check_pairs(data: DictConfig) -> None:
+    """``data.pairs``, where the recipe needs it (``data.prepare=pairs``) or names it, is a file."""
+    if OmegaConf.is_missing(data, "pairs") or (DataPreparation(data.prepare) is DataPreparation.pairs
+                                                and not data.pairs):
+        raise ValueError(f"data={data.name} trains on a pair file: set data.pairs=<pairs.jsonl> (and "
+                         "data.image_root=<where its relative image paths resolve>)")
+    if data.pairs and not Path(data.pairs).is_file():
+        raise FileNotFoundError(f"data.pairs={data.pairs}: no such file")
+
+
+def prepare_sources(data: DictConfig) -> None:
+    """The recipe's source files where it makes them (``data.prepare=toy_world``: the toy splits beside
+    ``data.source``, generated on first use, on rank 0)."""
+    if DataPreparation(data.prepare) is DataPreparation.toy_world and rank_zero_only.rank == 0:
+        if not data.source:
+            raise ValueError("data.prepare=toy_world needs data.source (the toy pool split; the splits go beside it)")
+        ensure_toy_world(Path(data.source).parent)
 
 
 def prepare_model(model: DictConfig) -> ModelAdapter:
@@ -118,10 +141,7 @@ def is_single_process(cfg: DictConfig) -> bool:
 def prepare_data(cfg: DictConfig, adapter: ModelAdapter) -> Path:
     """Run the recipe's ``data.prepare`` step and return the pair file; sets ``data.pairs`` when it was unset."""
     step = DataPreparation(cfg.data.prepare)
-    if step is DataPreparation.toy_world and rank_zero_only.rank == 0:
-        if not cfg.data.source:
-            raise ValueError("data.prepare=toy_world needs data.source (the toy pool split; the splits go beside it)")
-        ensure_toy_world(Path(cfg.data.source).parent)  # the toy splits, generated on first use
+    prepare_sources(cfg.data)
     if not cfg.data.pairs:
         if step is DataPreparation.synthetic:
             pairs = ensure_synthetic_pairs(cfg.data.synthetic, ImageRoots.of(cfg.data))

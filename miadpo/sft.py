@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from peft import PeftModel
 from torch.utils.data import DataLoader, Dataset
 
-from miadpo.config import OptimConfig, SFTDataConfig, config_dir, register_configs
+from miadpo.config import OptimConfig, SFTDataConfig, SFTJobConfig, check_keys, config_dir, register_configs
 from miadpo.data.dataset import split_train_val
 from miadpo.data.images import ImageOptions, check_record_image
 from miadpo.data.jsonl import iter_raw_records
@@ -118,8 +118,10 @@ def sft_loaders(adapter: ModelAdapter, data: SFTDataConfig, seed: int) -> tuple[
     records = read_sft_records(list(data.files), roots, report, image_options, data.check_images)
     train, val = split_train_val(records, data.val_fraction, seed)
 
+    max_length = adapter.token_budget(data.max_length)
+
     def loader(items: list[PairRecord], shuffle: bool) -> DataLoader:
-        return DataLoader(SFTDataset(items, roots, adapter, data.max_length, image_options), batch_size=data.batch_size,
+        return DataLoader(SFTDataset(items, roots, adapter, max_length, image_options), batch_size=data.batch_size,
                           shuffle=shuffle, num_workers=data.num_workers, collate_fn=adapter.collate,
                           generator=torch.Generator().manual_seed(seed) if shuffle else None)
 
@@ -128,6 +130,7 @@ def sft_loaders(adapter: ModelAdapter, data: SFTDataConfig, seed: int) -> tuple[
 
 def run_sft(cfg: DictConfig, adapter: ModelAdapter | None = None, callbacks: Sequence[L.Callback] = ()) -> Path:
     """Fine-tune and export; returns the exported model directory."""
+    check_keys(cfg, SFTJobConfig)
     L.seed_everything(cfg.seed, workers=True)
     adapter = adapter or build_adapter(cfg.model)
     adapter.prepare_for_training()

@@ -6,7 +6,8 @@ import hydra
 from omegaconf import DictConfig
 
 from miadpo.augment.runner import RECORDS_FILE, run_augmentation
-from miadpo.config import config_dir, register_configs
+from miadpo.config import AugmentJobConfig, check_keys, check_recipe, config_dir, register_configs
+from miadpo.pipeline import prepare_sources
 
 register_configs()
 CONFIG_DIR = config_dir()
@@ -14,6 +15,9 @@ CONFIG_DIR = config_dir()
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="augment")
 def main(cfg: DictConfig) -> None:
+    check_keys(cfg, AugmentJobConfig)
+    check_recipe(cfg.data)  # type: ignore[arg-type]
+    prepare_sources(cfg.data)
     summary = run_augmentation(cfg.data, cfg.seed)
     print(summary.table())
     print(f"records: {(summary.out_dir / RECORDS_FILE).resolve()} (resumed past {summary.resumed} done)")

@@ -223,6 +223,7 @@ class PairDataModule(L.LightningDataModule):
         self.val_set: PairDataset | None = None
         self.report: BadRecordReport | None = None
         self.guard: LengthGuardResult | None = None
+        self.max_length = adapter.token_budget(cfg.max_length)
 
     def pairs_path(self) -> Path:
         if not self.cfg.pairs:
@@ -236,26 +237,26 @@ class PairDataModule(L.LightningDataModule):
         path = self.pairs_path()
         self.report = BadRecordReport(self.cfg.on_bad_record, self.cfg.max_bad_fraction, stage="pairs")
         records = read_pairs(path, self.roots, self.report, self.cfg.check_images, self.images)
-        self.guard = apply_length_guard(records, self.roots, self.adapter, self.cfg.max_length,
+        self.guard = apply_length_guard(records, self.roots, self.adapter, self.max_length,
                                         self.cfg.on_too_long, self.images, self.image_negatives)
         if self.guard.bad:
             self._report_bad_images(path, self.guard.bad)
         if self.guard.truncated:
             log.warning("%d pairs have an answer cut to data.max_length=%d (first: %s)",
-                        len(self.guard.truncated), self.cfg.max_length, self.guard.truncated[:3])
+                        len(self.guard.truncated), self.max_length, self.guard.truncated[:3])
         if self.guard.skipped:
             log.warning("skipped %d pairs longer than data.max_length=%d (first: %s)",
-                        len(self.guard.skipped), self.cfg.max_length, self.guard.skipped[:3])
+                        len(self.guard.skipped), self.max_length, self.guard.skipped[:3])
         if not self.guard.kept:
-            raise BadRecordError(f"no pair of {path} fits data.max_length={self.cfg.max_length}: "
+            raise BadRecordError(f"no pair of {path} fits data.max_length={self.max_length}: "
                                  f"first skipped {self.guard.skipped[:3]}")
         if self.image_negatives:
             self._check_negatives(path, self.guard)
         train, val = split_train_val(self.guard.kept, self.cfg.val_fraction, self.seed)
         log.info("pairs: %d train, %d val from %s", len(train), len(val), path)
-        self.train_set = PairDataset(train, self.roots, self.adapter, self.cfg.max_length, self.images,
+        self.train_set = PairDataset(train, self.roots, self.adapter, self.max_length, self.images,
                                      self.image_negatives)
-        self.val_set = PairDataset(val, self.roots, self.adapter, self.cfg.max_length, self.images,
+        self.val_set = PairDataset(val, self.roots, self.adapter, self.max_length, self.images,
                                    self.image_negatives)
 
     def _check_negatives(self, path: Path, guard: LengthGuardResult) -> None:

@@ -63,7 +63,7 @@ def model_key(adapter: ModelAdapter, data: DataConfig) -> str:
         "dtype": adapter.cfg.dtype,
         "template": adapter.template, "pad_to_square": adapter.cfg.pad_to_square,
         "image_processor": processor.to_dict() if hasattr(processor, "to_dict") else repr(processor),
-        "max_length": data.max_length, "on_too_long": str(data.on_too_long),
+        "max_length": adapter.token_budget(data.max_length), "on_too_long": str(data.on_too_long),
     })
 
 

@@ -145,6 +145,11 @@ class ModelAdapter(ABC):
         ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"]
         return list(ids) + [self.eos_token_id]
 
+    def token_budget(self, max_length: int | None) -> int:
+        """The tokens a sequence may take: ``max_length`` (a recipe's ``data.max_length``) or, when it is null, the
+        model config's budget (``model.max_length``)."""
+        return int(max_length) if max_length is not None else int(self.cfg.max_length)
+
     def count_tokens(self, prompt: str, answer: str, image_sizes: Sequence[tuple[int, int]]) -> tuple[int, int]:
         """(prompt length including image tokens, answer length including EOS) without image processing."""
         return len(self._prompt_ids(prompt, self.plan_images(image_sizes))), len(self._answer_ids(answer))

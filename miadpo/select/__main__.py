@@ -6,9 +6,9 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig
 
-from miadpo.config import config_dir, register_configs
+from miadpo.config import SelectJobConfig, check_keys, check_recipe, config_dir, register_configs
 from miadpo.lightning_setup import build_strategy, check_trainer_args
-from miadpo.models import build_adapter
+from miadpo.pipeline import prepare_model, prepare_sources
 from miadpo.select.stage import run_selection
 
 register_configs()
@@ -17,10 +17,14 @@ CONFIG_DIR = config_dir()
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="select")
 def main(cfg: DictConfig) -> None:
+    check_keys(cfg, SelectJobConfig)
+    check_recipe(cfg.data, cfg.model)  # type: ignore[arg-type]
+    trainer_kwargs = check_trainer_args(cfg.trainer)
+    prepare_sources(cfg.data)
     L.seed_everything(cfg.seed)
-    adapter = build_adapter(cfg.model)
+    adapter = prepare_model(cfg.model)
     adapter.model.eval()
-    pairs = run_selection(adapter, cfg.data, cfg.selection, cfg.seed, trainer_kwargs=check_trainer_args(cfg.trainer),
+    pairs = run_selection(adapter, cfg.data, cfg.selection, cfg.seed, trainer_kwargs=trainer_kwargs,
                           strategy=build_strategy(cfg.strategy))
     if pairs is not None:
         print((pairs.parent / "report.txt").read_text())
