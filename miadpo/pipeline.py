@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
@@ -53,6 +54,7 @@ from miadpo.lightning_setup import (
     wandb_files_in,
 )
 from miadpo.models import ModelAdapter, build_adapter, check_model_config
+from miadpo.resume import StoreRunConfig, check_resume, record_parent, stored_run
 from miadpo.select.stage import run_selection
 from miadpo.toyworld.errors import ToyErrors
 from miadpo.toyworld.pipeline import ensure_toy_base, ensure_toy_world
@@ -93,6 +95,13 @@ def check_job(cfg: DictConfig) -> None:
     check_eval_set(cfg.eval)
     if cfg.ckpt_path is not None:
         check_checkpoint(cfg.ckpt_path)
+        check_resume(cfg)  # the run it came from, up to what a resume may change; another run directory
+
+
+def run_config(cfg: DictConfig) -> StoreRunConfig:
+    """The callback that stores the run's config (as composed, before any stage ran) in its checkpoints."""
+    choices = dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else None
+    return StoreRunConfig(OmegaConf.to_yaml(cfg), choices, Path(cfg.run_dir))
 
 
 def check_pairs(data: DictConfig) -> None:
@@ -289,6 +298,8 @@ def fit(cfg: DictConfig, adapter: ModelAdapter, module: DPOModule, datamodule: P
     """Train with Lightning (the data report first; the before/after evaluation and the export as callbacks), then
     summarise on rank 0."""
     run_dir = Path(cfg.run_dir)
+    if cfg.ckpt_path is not None and rank_zero_only.rank == 0:
+        record_parent(run_dir, cfg.ckpt_path, stored_run(cfg.ckpt_path))
     checkpoint = checkpoint_callback(cfg)
     export = ExportModel(adapter, run_dir, base_path)
     wandb_run = None

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from miadpo import pipeline
@@ -18,6 +19,7 @@ from miadpo.config import config_dir, register_configs
 from miadpo.data.dataset import PairDataModule
 from miadpo.dpo.module import DPOModule, build_pair_forward
 from miadpo.pipeline import TrainResult
+from miadpo.resume import resumed_config
 from miadpo.rounds import run_rounds
 
 register_configs()
@@ -27,6 +29,7 @@ CONFIG_DIR = config_dir()
 def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> TrainResult:
     """Run one DPO training job described by a composed config (``extra_callbacks``: added to the Trainer's)."""
     pipeline.check_job(cfg)
+    run_config = pipeline.run_config(cfg)  # as composed, before any stage: what a resume restores
     L.seed_everything(cfg.seed, workers=True)
     adapter = pipeline.prepare_model(cfg.model)
     base_path = pipeline.save_base(cfg, adapter)
@@ -49,11 +52,14 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> TrainR
     adapter.prepare_for_training()
     module = DPOModule(adapter, cfg.dpo, cfg.optim, pair_forward=forward, cached_reference=cached_reference,
                        reference_cache=cache)
-    return pipeline.fit(cfg, adapter, module, datamodule, base_path, extra_callbacks)
+    return pipeline.fit(cfg, adapter, module, datamodule, base_path, [run_config, *extra_callbacks])
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> None:
+    if cfg.ckpt_path:  # the checkpoint's run config, with this command line's overrides on top
+        hydra_cfg = HydraConfig.get()
+        cfg = resumed_config(cfg, hydra_cfg.overrides.task, dict(hydra_cfg.runtime.choices))
     if cfg.rounds.count > 1:
         records = run_rounds(cfg, train)
         print(f"rounds: {len(records)} (policies: {', '.join(r['policy'] for r in records)})")

@@ -25,7 +25,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("dpo", ("miadpo.dpo",)),
     ("eval", ("miadpo.eval",)),
     ("toy error classes", ("miadpo.toyworld.errors",)),
-    ("pipeline and entry points", ("miadpo.pipeline", "miadpo.train", "miadpo.evaluate", "miadpo.sft", "miadpo.merge",
+    ("pipeline and entry points", ("miadpo.resume", "miadpo.pipeline", "miadpo.train", "miadpo.evaluate", "miadpo.sft",
+                                   "miadpo.merge",
                                    "miadpo.rounds", "miadpo.sweep", "miadpo.generate", "miadpo.toyworld",
                                    "miadpo.models.verify", "miadpo.augment.__main__", "miadpo.select.__main__")),
 ]
