@@ -98,6 +98,21 @@ def check_job(cfg: DictConfig) -> None:
         check_resume(cfg)  # the run it came from, up to what a resume may change; another run directory
 
 
+def smoke_config(cfg: DictConfig) -> DictConfig:
+    """With ``trainer.fast_dev_run``, the job as one batch of each stage, in a copy of ``cfg``: augmentation and
+    selection of one generation batch of records into ``<run_dir>/fast_dev_run/`` (no cache of a real run is read
+    or written), no reference cache and no data report, Lightning's one training (and validation) batch, and one
+    evaluation batch before and after. Without it, ``cfg`` itself."""
+    if not cfg.trainer.get("fast_dev_run"):
+        return cfg
+    smoke = cfg.copy()
+    smoke.data.out_dir = str(Path(cfg.run_dir) / "fast_dev_run")
+    smoke.data.augment.max_records = int(cfg.selection.generation.batch_size)
+    smoke.data.report_samples = 0
+    smoke.dpo.fast.reference_cache = False
+    return smoke
+
+
 def run_config(cfg: DictConfig) -> StoreRunConfig:
     """The callback that stores the run's config (as composed, before any stage ran) in its checkpoints."""
     choices = dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else None
@@ -247,6 +262,8 @@ def before_after_eval(cfg: DictConfig, adapter: ModelAdapter) -> BeforeAfterEval
     if not has_eval_set(cfg.eval):
         return None
     items, report = eval_items(cfg.eval)  # records with an unusable image: skipped and counted, or stop (eval.*)
+    if cfg.trainer.get("fast_dev_run"):  # one batch, spread over the set (every group, where it is large enough)
+        items = items[:: max(1, len(items) // cfg.eval.batch_size)][: cfg.eval.batch_size]
     classify = ToyErrors.of_source(cfg.eval.toy_source) if cfg.eval.toy_source else None
     return BeforeAfterEval(adapter, items, Path(cfg.run_dir), cfg.eval.batch_size, cfg.eval.max_new_tokens, classify,
                            ImageOptions.of(cfg.eval), report,
@@ -335,9 +352,10 @@ def summarise(result: TrainResult, before_after: BeforeAfterEval | None, logger:
     (run_dir / "metrics.json").write_text(json.dumps({"global_step": result.global_step, **result.metrics,
                                                       **evaluation}, indent=1) + "\n")
     print(f"run directory:   {run_dir.resolve()}")
-    print(f"checkpoint:      {result.checkpoint}")
-    print(f"exported model:  {result.exported}")
-    print(f"base weights:    {base_path}")
+    for label, path in (("checkpoint:     ", result.checkpoint), ("exported model: ", result.exported),
+                        ("base weights:   ", base_path)):
+        if path is not None and Path(path).exists():  # only what was written (fast_dev_run saves no checkpoint)
+            print(f"{label} {path}")
     if result.wandb_run is not None:
         print(f"W&B run:         {result.wandb_run}  (sync with `wandb sync {result.wandb_run}`)")
     elif isinstance(logger, CSVLogger):

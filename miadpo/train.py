@@ -30,6 +30,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> TrainR
     """Run one DPO training job described by a composed config (``extra_callbacks``: added to the Trainer's)."""
     pipeline.check_job(cfg)
     run_config = pipeline.run_config(cfg)  # as composed, before any stage: what a resume restores
+    cfg = pipeline.smoke_config(cfg)  # trainer.fast_dev_run: one batch of each stage
     L.seed_everything(cfg.seed, workers=True)
     adapter = pipeline.prepare_model(cfg.model)
     base_path = pipeline.save_base(cfg, adapter)

@@ -96,7 +96,8 @@ def test_resumed_config_restores_the_run_and_puts_allowed_overrides_on_top(check
 @pytest.mark.parametrize("override, named", [
     ("dpo.beta=0.5", "dpo.beta"), ("model=tiny_qwen2_vl", "model."), ("optim.lr=1e-4", "optim.lr"),
     ("model.lora.r=16", "model.lora.r"), ("data.batch_size=2", "data.batch_size"), ("seed=1", "seed"),
-    ("experiment=mia_dpo_llava15", "experiment=mia_dpo_llava15"), ("~trainer.gradient_clip_val", "~trainer.gradient_clip_val"),
+    ("experiment=mia_dpo_llava15", "experiment=mia_dpo_llava15"),
+    ("~trainer.gradient_clip_val", "~trainer.gradient_clip_val"),
 ])
 def test_a_resume_that_would_change_the_run_is_refused_naming_the_keys(checkpoint: Path, tmp_path: Path,
                                                                         override: str, named: str) -> None:

@@ -24,6 +24,11 @@ def _median(values: list[float]) -> str:
     return f"{statistics.median(values):.3f}" if values else "-"
 
 
+def threshold_overrides(thresholds: dict[str, dict[int, float]]) -> list[str]:
+    """The thresholds as command-line overrides (``selection.thresholds.grid.4=0.4000``), which compose."""
+    return [f"selection.thresholds.{fmt}.{n}={t:.4f}" for fmt, by_n in thresholds.items() for n, t in by_n.items()]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("candidates", type=Path)
@@ -42,8 +47,7 @@ def main(argv: list[str] | None = None) -> None:
             wrong = [c.ratio for c in group if not c.correct and c.answer]
             print(f"{fmt} N={n}: threshold {threshold:.4f}; median ratio right {_median(right)} ({len(right)}), "
                   f"wrong {_median(wrong)} ({len(wrong)})")
-    print("overrides: " + " ".join(f"selection.thresholds.{fmt}.{n}={t:.4f}"
-                                   for fmt, by_n in thresholds.items() for n, t in by_n.items()))
+    print("overrides: " + " ".join(threshold_overrides(thresholds)))
     print(OmegaConf.to_yaml({"selection": {"thresholds": {f: {n: round(t, 4) for n, t in b.items()}
                                                           for f, b in thresholds.items()}}}))
 
