@@ -9,6 +9,7 @@ The packages follow the pipeline (``README.md`` → Architecture has one line pe
 - ``eval``      evaluation items and scoring
 - ``models``    the model adapter interface and its families; ``toyworld`` the toy world and its base model
 - ``pipeline``  the named stages ``miadpo.train`` composes; ``export`` the one way a model is written
+- ``resume``    a run's config in its checkpoints: resuming from the checkpoint alone
 
 Entry points: ``python -m miadpo.train | evaluate | sft | generate | merge | augment | select``.
 """

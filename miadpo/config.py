@@ -640,13 +640,20 @@ def check_recipe(data: DataConfig, model: ModelConfig | None = None) -> None:
     """The toy recipe (``data=toy``, the default: ``data.prepare=toy_world``) runs only as the toy demonstration:
     on the toy world's files, with the toy base. A run that names its own data (``data.source``,
     ``data.image_root``, ``data.pairs``) or model under it stops before anything runs, naming the recipes to pick
-    (its lr, epochs, token budget, thresholds and evaluation are the toy world's)."""
+    (its lr, epochs, token budget, thresholds and evaluation are the toy world's); so does the toy base (the train
+    entry's default model) asked to train on another recipe's data."""
+    toy_model = model is not None and ModelPreparation(model.prepare) is ModelPreparation.toy_base
     if DataPreparation(data.prepare) is not DataPreparation.toy_world:
+        if toy_model:
+            raise ValueError(f"model={model.name} is the toy base, which reads only the toy world, but this run "
+                             f"names data={data.name}: name your model, e.g. model=llava15 "
+                             "model.path=/models/llava-1.5-7b-hf (README, Models), or model=tiny_llava for a "
+                             "random-weight smoke run")
         return
     toy = OmegaConf.load(Path(config_dir()) / "data" / "toy.yaml")
     named = [f"data.{key}={getattr(data, key)}" for key in ("source", "image_root", "pairs")
              if getattr(data, key) != toy[key]]
-    if model is not None and ModelPreparation(model.prepare) is not ModelPreparation.toy_base:
+    if model is not None and not toy_model:
         named.append(f"model={model.name}")
     if named:
         raise ValueError(f"data=toy is the toy demonstration (the default recipe), but this run names its own "

@@ -46,10 +46,11 @@ TRAIN_ONLY_DATA = {"toy", "synthetic"}  # data recipes that set training setting
 EVAL_ADDED = {"benchmarks": {"mmmu": None, "blink": None, "mantis_eval": None, "nlvr2": None, "mvbench": None,
                              "muirbench": None},
               "nlvr2_split": "dev", "frames": 6, "frame_fps": 3.0, "max_length": None, "progress": True, "samples": 8}
-NEW_OPTIONS = {"eval": ["paper"], "data": ["llava", "pairs"]}  # options added after the fixture was recorded
+# Options added after the fixture was recorded.
+NEW_OPTIONS = {"eval": ["paper"], "data": ["llava", "pairs"], "experiment": ["mia_dpo_llava15"]}
 # Issue 31: every model config states its token budget (model.max_length), which data.max_length: null means.
 MODEL_BUDGETS = {"toy_llava": 512, "llava15": 4096, "qwen2_vl": 8192, "qwen2_5_vl": 8192, "idefics3": 16384,
-                 "smolvlm": 8192, "internvl": 20480, "llava_onevision": 32768, "internlm_xc25": 16384}
+                 "smolvlm": 8192, "internvl": 20480, "llava_onevision": 8192, "internlm_xc25": 16384}
 TINY_BUDGET = 2048
 
 
