@@ -638,10 +638,10 @@ OWN_DATA_RECIPES = ("data=pairs (train on a pair file: data.pairs=..., data.imag
 
 def check_recipe(data: DataConfig, model: ModelConfig | None = None) -> None:
     """The toy recipe (``data=toy``, the default: ``data.prepare=toy_world``) runs only as the toy demonstration:
-    on the toy world's files, with the toy base. A run that names its own data (``data.source``,
-    ``data.image_root``, ``data.pairs``) or model under it stops before anything runs, naming the recipes to pick
-    (its lr, epochs, token budget, thresholds and evaluation are the toy world's); so does the toy base (the train
-    entry's default model) asked to train on another recipe's data."""
+    on a toy world (its pool split and images beside it, wherever it sits), with the toy base. A run that names its
+    own data (``data.source``, ``data.image_root``, ``data.pairs``) or model under it stops before anything runs,
+    naming the recipes to pick (its lr, epochs, token budget, thresholds and evaluation are the toy world's); so does
+    the toy base (the train entry's default model) asked to train on another recipe's data."""
     toy_model = model is not None and ModelPreparation(model.prepare) is ModelPreparation.toy_base
     if DataPreparation(data.prepare) is not DataPreparation.toy_world:
         if toy_model:
@@ -651,8 +651,12 @@ def check_recipe(data: DataConfig, model: ModelConfig | None = None) -> None:
                              "random-weight smoke run")
         return
     toy = OmegaConf.load(Path(config_dir()) / "data" / "toy.yaml")
-    named = [f"data.{key}={getattr(data, key)}" for key in ("source", "image_root", "pairs")
-             if getattr(data, key) != toy[key]]
+    # A toy world anywhere (python -m miadpo.toyworld.base --out DIR, the tests' small worlds) is laid out as the
+    # recipe's: the pool split and its images folder side by side.
+    source, image_root = Path(data.source or ""), Path(data.image_root)
+    layout = {"source": source.name == Path(toy.source).name,
+              "image_root": image_root == source.parent / Path(toy.image_root).name, "pairs": not data.pairs}
+    named = [f"data.{key}={getattr(data, key)}" for key, toy_like in layout.items() if not toy_like]
     if model is not None and not toy_model:
         named.append(f"model={model.name}")
     if named:

@@ -62,12 +62,13 @@ def schema_config(node: Any) -> DictConfig:
 
 
 def stored_run(ckpt_path: str | Path) -> StoredRun | None:
-    """The run a checkpoint came from: its own record, else its run's ``.hydra/`` files (``<run>/checkpoints/x.ckpt``),
-    else None."""
+    """The run a checkpoint came from: its own record, else its run's ``.hydra/`` files (``<run>/checkpoints/x.ckpt``,
+    also for a checkpoint directory), else None."""
     path = Path(ckpt_path)
-    record = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get(RUN_CONFIG_KEY)
-    if record is not None:
-        return StoredRun(schema_config(record["config"]), record["choices"], Path(record["run_dir"]), str(path))
+    if path.is_file():  # a directory (DeepSpeed's) is read through its run's .hydra/
+        record = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get(RUN_CONFIG_KEY)
+        if record is not None:
+            return StoredRun(schema_config(record["config"]), record["choices"], Path(record["run_dir"]), str(path))
     hydra_dir = path.resolve().parent.parent / ".hydra"
     if not (hydra_dir / "config.yaml").is_file():
         return None

@@ -18,6 +18,7 @@ from miadpo import pipeline
 from miadpo.config import config_dir, register_configs
 from miadpo.data.dataset import PairDataModule
 from miadpo.dpo.module import DPOModule, build_pair_forward
+from miadpo.lightning_setup import check_checkpoint
 from miadpo.pipeline import TrainResult
 from miadpo.resume import resumed_config
 from miadpo.rounds import run_rounds
@@ -59,6 +60,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> TrainR
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> None:
     if cfg.ckpt_path:  # the checkpoint's run config, with this command line's overrides on top
+        check_checkpoint(cfg.ckpt_path)
         hydra_cfg = HydraConfig.get()
         cfg = resumed_config(cfg, hydra_cfg.overrides.task, dict(hydra_cfg.runtime.choices))
     if cfg.rounds.count > 1:

@@ -74,8 +74,9 @@ def test_the_bare_default_is_the_toy_recipe_and_passes() -> None:
         ("toy", "toy_llava", 5e-4, 1.0, 4)
     check_recipe(cfg.data, cfg.model)
     # Toy experiments move the toy base and the output directory; still the toy recipe.
-    moved = composed("train", ["model.path=/elsewhere/toy_base", "data.out_dir=/elsewhere/dpo"])
-    check_recipe(moved.data, moved.model)
+    moved = composed("train", ["model.path=/elsewhere/toy_base", "data.out_dir=/elsewhere/dpo",
+                               "data.source=/elsewhere/toyworld/pool.json", "data.image_root=/elsewhere/toyworld/images"])
+    check_recipe(moved.data, moved.model)  # a toy world elsewhere (python -m miadpo.toyworld.base --out DIR)
 
 
 def test_pairs_recipe_trains_on_the_readme_command_with_nothing_of_the_toy(tmp_path: Path) -> None:
