@@ -75,7 +75,8 @@ def test_the_bare_default_is_the_toy_recipe_and_passes() -> None:
     check_recipe(cfg.data, cfg.model)
     # Toy experiments move the toy base and the output directory; still the toy recipe.
     moved = composed("train", ["model.path=/elsewhere/toy_base", "data.out_dir=/elsewhere/dpo",
-                               "data.source=/elsewhere/toyworld/pool.json", "data.image_root=/elsewhere/toyworld/images"])
+                               "data.source=/elsewhere/toyworld/pool.json",
+                               "data.image_root=/elsewhere/toyworld/images"])
     check_recipe(moved.data, moved.model)  # a toy world elsewhere (python -m miadpo.toyworld.base --out DIR)
 
 
