@@ -666,15 +666,16 @@ def check_recipe(data: DataConfig, model: ModelConfig | None = None) -> None:
                          f"{'; or '.join(OWN_DATA_RECIPES)}. The toy recipe itself runs with model=toy_llava.")
 
 
+# Each entry config (conf/<entry>.yaml) and the schema it is validated against (registered as <entry>_schema).
+ENTRY_SCHEMAS: dict[str, type] = {"train": TrainConfig, "augment": AugmentJobConfig, "select": SelectJobConfig,
+                                  "sft": SFTJobConfig, "evaluate": EvalJobConfig, "generate": GenerateJobConfig,
+                                  "verify": VerifyJobConfig}
+
+
 def register_configs() -> None:
     store = ConfigStore.instance()
-    store.store(name="train_schema", node=TrainConfig)
-    store.store(name="augment_schema", node=AugmentJobConfig)
-    store.store(name="select_schema", node=SelectJobConfig)
-    store.store(name="sft_schema", node=SFTJobConfig)
-    store.store(name="evaluate_schema", node=EvalJobConfig)
-    store.store(name="generate_schema", node=GenerateJobConfig)
-    store.store(name="verify_schema", node=VerifyJobConfig)
+    for entry, schema in ENTRY_SCHEMAS.items():
+        store.store(name=f"{entry}_schema", node=schema)
 
 
 def config_dir() -> str:

@@ -354,7 +354,7 @@ def summarise(result: TrainResult, before_after: BeforeAfterEval | None, logger:
     print(f"run directory:   {run_dir.resolve()}")
     for label, path in (("checkpoint:     ", result.checkpoint), ("exported model: ", result.exported),
                         ("base weights:   ", base_path)):
-        if path is not None and Path(path).exists():  # only what was written (fast_dev_run saves no checkpoint)
+        if path is not None and Path(path).exists():  # only paths that exist (no checkpoint without save_last)
             print(f"{label} {path}")
     if result.wandb_run is not None:
         print(f"W&B run:         {result.wandb_run}  (sync with `wandb sync {result.wandb_run}`)")

@@ -19,25 +19,12 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-from miadpo.config import (
-    AugmentJobConfig,
-    EvalJobConfig,
-    GenerateJobConfig,
-    SelectJobConfig,
-    SFTJobConfig,
-    TrainConfig,
-    VerifyJobConfig,
-    check_keys,
-    check_recipe,
-    config_dir,
-    register_configs,
-)
+from miadpo.config import ENTRY_SCHEMAS, check_keys, check_recipe, config_dir, register_configs
 
 README = Path(__file__).resolve().parent.parent / "README.md"
-ENTRIES = {"miadpo.train": ("train", TrainConfig), "miadpo.augment": ("augment", AugmentJobConfig),
-           "miadpo.select": ("select", SelectJobConfig), "miadpo.sft": ("sft", SFTJobConfig),
-           "miadpo.evaluate": ("evaluate", EvalJobConfig), "miadpo.generate": ("generate", GenerateJobConfig),
-           "miadpo.models.verify": ("verify", VerifyJobConfig)}
+# The Hydra entry points by module: their entry config and schema.
+ENTRIES = {f"miadpo.{'models.' if name == 'verify' else ''}{name}": (name, schema)
+           for name, schema in ENTRY_SCHEMAS.items()}
 # The toy recipe's files, as the config-group choices that load them.
 TOY_CHOICES = {"data": "toy", "eval": "toy", "model": "toy_llava", "recipe/train": "toy", "recipe/select": "toy"}
 OWN_DATA_KEYS = ("data.pairs", "data.source", "data.image_root")

@@ -15,26 +15,13 @@ from test_augment import write_source
 
 from miadpo import evaluate, generate, sft
 from miadpo.augment import __main__ as augment_main
-from miadpo.config import (
-    AugmentJobConfig,
-    EvalJobConfig,
-    GenerateJobConfig,
-    SelectJobConfig,
-    SFTJobConfig,
-    TrainConfig,
-    VerifyJobConfig,
-    check_keys,
-    check_recipe,
-    config_dir,
-    register_configs,
-)
+from miadpo.config import ENTRY_SCHEMAS as SCHEMAS
+from miadpo.config import check_keys, check_recipe, config_dir, register_configs
 from miadpo.models import build_adapter
 from miadpo.select import __main__ as select_main
 from miadpo.select.calibrate import threshold_overrides
 from miadpo.train import train
 
-SCHEMAS = {"train": TrainConfig, "augment": AugmentJobConfig, "select": SelectJobConfig, "sft": SFTJobConfig,
-           "evaluate": EvalJobConfig, "generate": GenerateJobConfig, "verify": VerifyJobConfig}
 # The data recipes each entry point can use: augment and select need a source to augment; train also reads pairs.
 SOURCE_RECIPES = ["toy", "llava", "mix", "sequence", "grid", "pip"]
 ENTRY_DATA = {"augment": SOURCE_RECIPES, "select": SOURCE_RECIPES,
