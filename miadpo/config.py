@@ -207,9 +207,10 @@ class AugmentConfig:
     chunk_size: int = 8
     # Retry every skipped composition on the next run (by default only those whose input images changed).
     retry_skipped: bool = False
-    # Source of a record: the first path component of its image, or this field of the record when set.
+    # Source of a record (companions are drawn from its source): this field of the record when set; else the first
+    # folder of its image path when it is one of known_sources (or any first folder when known_sources is empty);
+    # else the whole source file is one source (miadpo/augment/source.py, record_source).
     source_field: str | None = None
-    # Accepted sources; empty accepts any.
     known_sources: list[str] = field(default_factory=lambda: ["coco", "gqa", "ocr_vqa", "textvqa", "vg"])
     # Text-only records (no "image" key, as in LLaVA-665k): counted and skipped; false makes them bad records.
     skip_text_only: bool = True

@@ -32,7 +32,8 @@ from miadpo.eval.compare import compare_correctness, comparison_markdown
 from miadpo.eval.scoring import Evaluation, evaluate, prompt_limit, table_markdown
 from miadpo.eval.sets import eval_items
 from miadpo.lightning_setup import wandb_files_in
-from miadpo.models import ModelAdapter, build_adapter
+from miadpo.models import ModelAdapter
+from miadpo.pipeline import prepare_eval_set, prepare_model
 from miadpo.toyworld.errors import ToyErrors
 
 register_configs()
@@ -100,8 +101,9 @@ def run_evaluation(cfg: DictConfig, adapter: ModelAdapter | None = None) -> dict
     ``cfg.run_dir`` and returns what eval.json holds."""
     check_keys(cfg, EvalJobConfig)
     other = load_correct(Path(cfg.compare)) if cfg.compare else None  # a bad compare file stops before the model
+    prepare_eval_set(cfg.eval)  # eval=toy: the toy splits on first use, in any working directory
     items, report = eval_items(cfg.eval)  # before the model loads: a bad record under "error" stops at once
-    adapter = adapter or build_adapter(cfg.model)
+    adapter = adapter or prepare_model(cfg.model)  # model=toy_llava: the shipped toy base on first use
     classify = ToyErrors.of_source(cfg.eval.toy_source) if cfg.eval.toy_source else None
     evaluation = evaluate(adapter, items, cfg.eval.batch_size, cfg.eval.max_new_tokens, classify,
                           ImageOptions.of(cfg.eval), report,

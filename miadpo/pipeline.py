@@ -54,6 +54,7 @@ from miadpo.lightning_setup import (
     wandb_files_in,
 )
 from miadpo.models import ModelAdapter, build_adapter, check_model_config
+from miadpo.models.loading import check_weights_path
 from miadpo.resume import StoreRunConfig, check_resume, record_parent, stored_run
 from miadpo.select.stage import run_selection
 from miadpo.toyworld.errors import ToyErrors
@@ -84,6 +85,7 @@ def check_job(cfg: DictConfig) -> None:
     check_recipe(cfg.data, cfg.model)  # type: ignore[arg-type]
     check_pairs(cfg.data)
     check_model_config(cfg.model)  # type: ignore[arg-type]
+    check_inputs(cfg.data, cfg.model)
     if cfg.dpo.reference_path is not None and not (cfg.dpo.fast.reference_cache and uses_reference_prepass(cfg)):
         raise ValueError("dpo.reference_path needs dpo.fast.reference_cache=true and the pre-pass "
                          "(dpo.fast.reference_prepass not false): the reference held in memory during training is "
@@ -129,6 +131,23 @@ def check_pairs(data: DictConfig) -> None:
         raise FileNotFoundError(f"data.pairs={data.pairs}: no such file")
 
 
+def check_inputs(data: DictConfig, model: DictConfig | None = None) -> None:
+    """What a job reads, named before any model loads: ``data.source`` and ``data.image_root`` of a recipe that
+    augments and selects (``data.prepare=select`` without ``data.pairs``), and ``model.path``, the weights
+    directory (not for a model built in code or prepared by its recipe, such as the toy base)."""
+    if DataPreparation(data.prepare) is DataPreparation.select and not data.pairs:
+        if not data.source:
+            raise ValueError(f"data={data.name} augments and selects from data.source: set it to a LLaVA-format "
+                             "JSON (or JSONL), or give data.pairs")
+        if not Path(data.source).is_file():
+            raise FileNotFoundError(f"data.source={data.source} (data={data.name}): no such file")
+        if not Path(data.image_root).is_dir():
+            raise FileNotFoundError(f"data.image_root={data.image_root} (data={data.name}, where the images of "
+                                    f"{data.source} resolve): no such directory")
+    if model is not None and model.path and ModelPreparation(model.prepare) is ModelPreparation.none:
+        check_weights_path(model)  # type: ignore[arg-type]
+
+
 def prepare_sources(data: DictConfig) -> None:
     """The recipe's source files where it makes them (``data.prepare=toy_world``: the toy splits beside
     ``data.source``, generated on first use, on rank 0)."""
@@ -136,6 +155,13 @@ def prepare_sources(data: DictConfig) -> None:
         if not data.source:
             raise ValueError("data.prepare=toy_world needs data.source (the toy pool split; the splits go beside it)")
         ensure_toy_world(Path(data.source).parent)
+
+
+def prepare_eval_set(eval_cfg: DictConfig) -> None:
+    """The toy world's evaluation split, generated on first use where ``eval.toy_source`` names one that is not
+    there yet (``eval=toy`` in a fresh working directory), on rank 0."""
+    if eval_cfg.toy_source and not Path(eval_cfg.toy_source).is_file() and rank_zero_only.rank == 0:
+        ensure_toy_world(Path(eval_cfg.toy_source).parent)
 
 
 def prepare_model(model: DictConfig) -> ModelAdapter:
@@ -261,6 +287,7 @@ def before_after_eval(cfg: DictConfig, adapter: ModelAdapter) -> BeforeAfterEval
     """The before/after evaluation of ``eval.*``, or None when no evaluation set is configured."""
     if not has_eval_set(cfg.eval):
         return None
+    prepare_eval_set(cfg.eval)
     items, report = eval_items(cfg.eval)  # records with an unusable image: skipped and counted, or stop (eval.*)
     if cfg.trainer.get("fast_dev_run"):  # one batch, spread over the set (every group, where it is large enough)
         items = items[:: max(1, len(items) // cfg.eval.batch_size)][: cfg.eval.batch_size]

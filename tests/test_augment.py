@@ -298,10 +298,8 @@ def test_bad_input_is_skipped_with_reasons(tmp_path: Path, caplog) -> None:
     source = write_source(tmp_path, extra=bad)
     summary = run_augmentation(data_config(tmp_path, source, formats={"sequence": 0, "grid": 0, "pip": 1}), seed=0,
                                workers=1, progress=False)
-    assert summary.skipped["image not found"] == 1
     assert summary.skipped["record without an image"] == 1
-    assert summary.skipped["unknown source 'flickr' (data.augment.known_sources=['coco', 'gqa', 'ocr_vqa', "
-                           "'textvqa', 'vg'])"] == 1
+    assert summary.skipped["image not found"] == 2  # flickr/ is no known source: the file's own source, no image
     assert summary.skipped["conversations missing or shorter than one question and one answer"] == 1
     assert summary.ineligible["text-only (no image)"] == 1
     skipped = [json.loads(line) for line in (tmp_path / "out" / SKIPPED_FILE).read_text().splitlines()]
@@ -336,7 +334,7 @@ def test_jsonl_sources_and_line_numbers(tmp_path: Path) -> None:
 
 def test_strict_mode_stops_with_file_line_and_id(tmp_path: Path) -> None:
     source = write_source(tmp_path, extra=[{"id": "unknown", "image": "flickr/x.jpg", "conversations": TWO_TURNS}])
-    with pytest.raises(BadRecordError, match=r"llava.json:\d+ \(id=unknown\): unknown source 'flickr'"):
+    with pytest.raises(BadRecordError, match=r"llava.json:\d+ \(id=unknown\): image not found: flickr/x.jpg"):
         run_augmentation(data_config(tmp_path, source, on_bad_record="error"), seed=0, progress=False)
     cfg = data_config(tmp_path, source, "strict2", on_bad_record="error", augment={"skip_text_only": False})
     source.write_text(json.dumps(json.loads(source.read_text())[:3] + [{"id": "t", "conversations": TWO_TURNS}]))
@@ -378,3 +376,53 @@ def test_single_format_keeps_the_source_question_as_a_single_image_prompt(tmp_pa
     assert not skipped and {i.format for i in inputs} == {"sequence", "single"}
     groups = {item.group for item in llava_items(tmp_path / "out" / RECORDS_FILE, ImageRoots.of(cfg))}
     assert "single" in groups and not any(g.startswith("single N=") for g in groups)  # not a multi-image group
+
+
+@pytest.mark.parametrize("layout", ["{name}.jpg", "photos/2024/{name}.jpg", "train2017/{name}.jpg"])
+def test_an_image_folder_of_any_layout_augments_as_one_source(tmp_path: Path, layout: str) -> None:
+    """Flat, nested and COCO-style folders of one's own (first folder no LLaVA-665k dataset): the whole file is one
+    source, so companions are drawn from all of it (issue 32; this was "unknown source" for every record)."""
+    records = []
+    for name in PHOTOS[:8]:
+        path = tmp_path / "images" / layout.format(name=name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(getattr(skimage.data, name)()).convert("RGB").save(path)
+        records.append({"id": name, "image": layout.format(name=name),
+                        "conversations": [{"from": "human", "value": "<image>\nWhat is shown?"},
+                                          {"from": "gpt", "value": name}]})
+    source = tmp_path / "my_photos.json"
+    source.write_text(json.dumps(records))
+    cfg = data_config(tmp_path, source, formats={"sequence": 1.0, "grid": 0.0, "pip": 0.0}, on_bad_record="error")
+    summary = run_augmentation(cfg, seed=0, workers=1, progress=False)
+    written = read_records(tmp_path / "out")
+    assert sum(summary.written.values()) == len(written) == 8 and not summary.skipped
+    assert {r["meta"]["source"] for r in written} == {"my_photos"}
+    assert all(len(set(r["image"])) == r["meta"]["n_images"] >= 2 for r in written)
+
+
+def test_known_dataset_folders_stay_their_own_sources(tmp_path: Path) -> None:
+    source = write_source(tmp_path, n_generated=4)
+    run_augmentation(data_config(tmp_path, source, formats={"sequence": 1.0, "grid": 0.0, "pip": 0.0}), seed=0,
+                     workers=1, progress=False)
+    for record in read_records(tmp_path / "out"):
+        assert record["meta"]["source"] in ("coco", "gqa")
+        assert {Path(image).parts[0] for image in record["image"]} == {record["meta"]["source"]}
+
+
+def test_a_failed_augmentation_does_not_block_the_corrected_rerun(tmp_path: Path) -> None:
+    """Every record bad (wrong image root): the run fails; the corrected run (another configuration) goes ahead in
+    the same directory, where it was refused as "output of another configuration" (issue 32)."""
+    source = write_source(tmp_path)
+    wrong = data_config(tmp_path, source, formats={"sequence": 1.0, "grid": 0.0, "pip": 0.0})
+    wrong.image_root = str(tmp_path / "nowhere")
+    with pytest.raises(BadRecordError):
+        run_augmentation(wrong, seed=0, workers=1, progress=False)
+    assert (tmp_path / "out" / "augment_manifest.json").is_file()
+    fixed = data_config(tmp_path, source, formats={"sequence": 1.0, "grid": 0.0, "pip": 0.0})
+    fixed.augment.max_records = 10  # another configuration than the failed one
+    summary = run_augmentation(fixed, seed=0, workers=1, progress=False)
+    assert sum(summary.written.values()) == 10
+    # A directory with written records still refuses another configuration.
+    fixed.augment.max_records = 12
+    with pytest.raises(FileExistsError, match="another configuration"):
+        run_augmentation(fixed, seed=0, workers=1, progress=False)

@@ -7,7 +7,7 @@ from omegaconf import DictConfig
 
 from miadpo.augment.runner import RECORDS_FILE, run_augmentation
 from miadpo.config import AugmentJobConfig, check_keys, check_recipe, config_dir, register_configs
-from miadpo.pipeline import prepare_sources
+from miadpo.pipeline import check_inputs, prepare_sources
 
 register_configs()
 CONFIG_DIR = config_dir()
@@ -17,6 +17,7 @@ CONFIG_DIR = config_dir()
 def main(cfg: DictConfig) -> None:
     check_keys(cfg, AugmentJobConfig)
     check_recipe(cfg.data)  # type: ignore[arg-type]
+    check_inputs(cfg.data)
     prepare_sources(cfg.data)
     summary = run_augmentation(cfg.data, cfg.seed)
     print(summary.table())

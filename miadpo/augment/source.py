@@ -22,7 +22,7 @@ class SourceRecord:
     line: int  # line where the record starts, 1-based
     id: str
     image: str  # path under data.image_root
-    source: str  # coco, gqa, ocr_vqa, textvqa, vg, ...
+    source: str  # coco, gqa, ocr_vqa, textvqa, vg, ... or the source file's name (record_source)
     conversations: tuple[dict[str, str], ...]
 
 
@@ -54,8 +54,21 @@ class Ineligible(Exception):
     """A well-formed record this stage does not use (counted, never an error)."""
 
 
-def parse_source_record(raw: RawRecord, roots: ImageRoots, cfg: AugmentConfig) -> SourceRecord:
-    """Validate one raw record: ValueError if bad, :class:`Ineligible` if well-formed but unusable here."""
+def record_source(image: str, cfg: AugmentConfig, whole_file: str) -> str:
+    """The source a record's companions are drawn from: ``data.augment.source_field`` when set; else the first folder
+    of its image path when that folder is a known dataset (``data.augment.known_sources``: LLaVA-665k's coco, gqa,
+    ocr_vqa, textvqa, vg) or, with no known sources listed, any first folder; else ``whole_file``: a flat, nested or
+    COCO-style folder of one's own is one source, the whole source file."""
+    folder, sep, _ = image.partition("/")
+    if sep and (folder in cfg.known_sources or not cfg.known_sources):
+        return folder
+    return whole_file
+
+
+def parse_source_record(raw: RawRecord, roots: ImageRoots, cfg: AugmentConfig, whole_file: str = "source"
+                        ) -> SourceRecord:
+    """Validate one raw record: ValueError if bad, :class:`Ineligible` if well-formed but unusable here; a record
+    outside the known sources belongs to ``whole_file`` (``record_source``)."""
     if raw.error is not None:
         raise ValueError(raw.error)
     obj = raw.value
@@ -76,9 +89,7 @@ def parse_source_record(raw: RawRecord, roots: ImageRoots, cfg: AugmentConfig) -
             raise ValueError(f"field {cfg.source_field!r} (data.augment.source_field) missing")
         source = str(obj[cfg.source_field])
     else:
-        source = image.split("/", 1)[0]
-    if cfg.known_sources and source not in cfg.known_sources:
-        raise ValueError(f"unknown source {source!r} (data.augment.known_sources={list(cfg.known_sources)})")
+        source = record_source(image, cfg, whole_file)
     if not roots.resolve(image).is_file():
         raise ValueError(f"image not found: {image}")
     return SourceRecord(raw.index, raw.line, str(obj["id"]), image, source, conversations)
@@ -89,7 +100,7 @@ def read_llava_source(path: str | Path, roots: ImageRoots, cfg: AugmentConfig, r
     """Eligible single-image records, plus counts of records set aside as ineligible (not bad).
 
     Bad records (broken JSON, bytes that are not UTF-8, malformed conversations, an image marker in an answer or
-    more than one in the questions, unknown source, missing image file) go to ``report``, which skips or raises per
+    more than one in the questions, missing image file) go to ``report``, which skips or raises per
     ``data.on_bad_record``.
     """
     path = Path(path)
@@ -101,7 +112,7 @@ def read_llava_source(path: str | Path, roots: ImageRoots, cfg: AugmentConfig, r
         if cfg.max_records is not None and raw.index >= cfg.max_records:
             break
         try:
-            record = parse_source_record(raw, roots, cfg)
+            record = parse_source_record(raw, roots, cfg, whole_file=path.stem)
         except Ineligible as reason:
             ineligible[str(reason)] += 1
             continue

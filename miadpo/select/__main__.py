@@ -8,7 +8,7 @@ from omegaconf import DictConfig
 
 from miadpo.config import SelectJobConfig, check_keys, check_recipe, config_dir, register_configs
 from miadpo.lightning_setup import build_strategy, check_trainer_args
-from miadpo.pipeline import prepare_model, prepare_sources
+from miadpo.pipeline import check_inputs, prepare_model, prepare_sources
 from miadpo.select.stage import run_selection
 
 register_configs()
@@ -19,6 +19,7 @@ CONFIG_DIR = config_dir()
 def main(cfg: DictConfig) -> None:
     check_keys(cfg, SelectJobConfig)
     check_recipe(cfg.data, cfg.model)  # type: ignore[arg-type]
+    check_inputs(cfg.data, cfg.model)
     trainer_kwargs = check_trainer_args(cfg.trainer)
     prepare_sources(cfg.data)
     L.seed_everything(cfg.seed)
