@@ -228,8 +228,13 @@ class DataConfig:
     image_root: str = "data/images"
     # Symlinks inside image_root / out_dir may point anywhere (images/coco -> /mnt/coco); false: refuse them.
     follow_symlinks: bool = True
-    # A pair JSONL; when set, training uses it directly; else the recipe's preparation step makes one.
+    # A pair JSONL; when set, training uses it directly; else the recipe's preparation step makes one. With
+    # data.columns, a preference set of another layout (a JSONL / JSON / parquet file or a folder of them).
     pairs: str | None = None
+    # The layout of data.pairs when it is not miadpo's: a preset (trl: TRL's vision preference layout; rlaif_v:
+    # RLAIF-V's columns) or a mapping {id, prompt, chosen, rejected, images} of column names
+    # (miadpo/data/preferences.py). null: miadpo's pair file (or the official MIA-DPO release).
+    columns: Any = None
     prepare: DataPreparation = DataPreparation.synthetic
     # Derived data and caches; record paths starting with "@out/" resolve here.
     out_dir: str = "data/miadpo"

@@ -33,7 +33,8 @@ from omegaconf import DictConfig, OmegaConf
 from miadpo.config import DataPreparation, LoggerName, ModelPreparation, TrainConfig, check_keys, check_recipe
 from miadpo.data.dataset import PairDataModule, ResumeDataOrder
 from miadpo.data.images import ImageOptions
-from miadpo.data.pairs import ImageRoots
+from miadpo.data.pairs import BadRecordReport, ImageRoots
+from miadpo.data.preferences import convert_preferences
 from miadpo.data.report import log_data_report, write_data_report
 from miadpo.dpo.batch import PairBatch
 from miadpo.dpo.callbacks import ExportModel, LogLastStep
@@ -127,8 +128,8 @@ def check_pairs(data: DictConfig) -> None:
                                                 and not data.pairs):
         raise ValueError(f"data={data.name} trains on a pair file: set data.pairs=<pairs.jsonl> (and "
                          "data.image_root=<where its relative image paths resolve>)")
-    if data.pairs and not Path(data.pairs).is_file():
-        raise FileNotFoundError(f"data.pairs={data.pairs}: no such file")
+    if data.pairs and not (Path(data.pairs).is_file() or (data.columns is not None and Path(data.pairs).is_dir())):
+        raise FileNotFoundError(f"data.pairs={data.pairs}: no such file" + (" or folder" if data.columns else ""))
 
 
 def check_inputs(data: DictConfig, model: DictConfig | None = None) -> None:
@@ -192,6 +193,9 @@ def prepare_data(cfg: DictConfig, adapter: ModelAdapter) -> Path:
     """Run the recipe's ``data.prepare`` step and return the pair file; sets ``data.pairs`` when it was unset."""
     step = DataPreparation(cfg.data.prepare)
     prepare_sources(cfg.data)
+    if cfg.data.pairs and cfg.data.columns is not None:  # a preference set of another layout, converted once
+        report = BadRecordReport(cfg.data.on_bad_record, cfg.data.max_bad_fraction, stage="preferences")
+        cfg.data.pairs = str(convert_preferences(cfg.data.pairs, cfg.data.columns, cfg.data.out_dir, report))
     if not cfg.data.pairs:
         if step is DataPreparation.synthetic:
             pairs = ensure_synthetic_pairs(cfg.data.synthetic, ImageRoots.of(cfg.data))

@@ -79,6 +79,7 @@ def with_later_additions(entry: str, composition: Any) -> Any:
     data = composition.get("data")
     if isinstance(data, dict) and isinstance(data.get("augment"), dict):
         data["augment"].setdefault("negatives", {"kind": "none", "sigma": 80.0, "tries": 4})
+        data.setdefault("columns", None)  # issue 32: data.pairs in another layout (null: miadpo's)
     model = composition.get("model")
     if isinstance(model, dict):  # issue 31: the model's token budget
         model["max_length"] = MODEL_BUDGETS.get(model["name"], TINY_BUDGET)
