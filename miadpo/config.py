@@ -220,6 +220,16 @@ class AugmentConfig:
 
 
 @dataclass
+class PairSetConfig:
+    """One preference set of a mix (``data.mix``): a pair file (or, with ``columns``, a set of another layout) and
+    its weight: the share of its pairs in each epoch (0.5: a seeded half; 2: each pair twice)."""
+
+    pairs: str = MISSING
+    columns: Any = None
+    weight: float = 1.0
+
+
+@dataclass
 class DataConfig:
     name: str = "synthetic"
     # LLaVA-format single-image JSON consumed by the augmentation stage.
@@ -235,6 +245,10 @@ class DataConfig:
     # RLAIF-V's columns) or a mapping {id, prompt, chosen, rejected, images} of column names
     # (miadpo/data/preferences.py). null: miadpo's pair file (or the official MIA-DPO release).
     columns: Any = None
+    # Several preference sets trained together, each with its weight (instead of data.pairs): miadpo's pairs beside
+    # a hub set, e.g. [{pairs: out/pairs.jsonl}, {pairs: /data/rlaif-v, columns: rlaif_v, weight: 0.3}]. Relative
+    # image paths of every set resolve under data.image_root; embedded images under data.out_dir.
+    mix: list[PairSetConfig] = field(default_factory=list)
     prepare: DataPreparation = DataPreparation.synthetic
     # Derived data and caches; record paths starting with "@out/" resolve here.
     out_dir: str = "data/miadpo"

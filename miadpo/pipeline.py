@@ -34,7 +34,7 @@ from miadpo.config import DataPreparation, LoggerName, ModelPreparation, TrainCo
 from miadpo.data.dataset import PairDataModule, ResumeDataOrder
 from miadpo.data.images import ImageOptions
 from miadpo.data.pairs import BadRecordReport, ImageRoots
-from miadpo.data.preferences import convert_preferences
+from miadpo.data.preferences import convert_preferences, mix_pair_sets
 from miadpo.data.report import log_data_report, write_data_report
 from miadpo.dpo.batch import PairBatch
 from miadpo.dpo.callbacks import ExportModel, LogLastStep
@@ -123,7 +123,12 @@ def run_config(cfg: DictConfig) -> StoreRunConfig:
 
 
 def check_pairs(data: DictConfig) -> None:
-    """``data.pairs``, where the recipe needs it (``data.prepare=pairs``) or names it, is a file."""
+    """``data.pairs``, where the recipe needs it (``data.prepare=pairs``) or names it, is a file (or ``data.mix``
+    names the sets instead)."""
+    if data.mix:
+        if not OmegaConf.is_missing(data, "pairs") and data.pairs:
+            raise ValueError("data.pairs and data.mix are both set: name one pair file, or the sets of a mix")
+        return
     if OmegaConf.is_missing(data, "pairs") or (DataPreparation(data.prepare) is DataPreparation.pairs
                                                 and not data.pairs):
         raise ValueError(f"data={data.name} trains on a pair file: set data.pairs=<pairs.jsonl> (and "
@@ -193,7 +198,10 @@ def prepare_data(cfg: DictConfig, adapter: ModelAdapter) -> Path:
     """Run the recipe's ``data.prepare`` step and return the pair file; sets ``data.pairs`` when it was unset."""
     step = DataPreparation(cfg.data.prepare)
     prepare_sources(cfg.data)
-    if cfg.data.pairs and cfg.data.columns is not None:  # a preference set of another layout, converted once
+    if cfg.data.mix:  # several preference sets with their weights, as one pair file
+        cfg.data.pairs = str(mix_pair_sets(cfg.data.mix, cfg.data.out_dir, cfg.seed, cfg.data.on_bad_record,
+                                           cfg.data.max_bad_fraction))
+    elif cfg.data.pairs and cfg.data.columns is not None:  # a preference set of another layout, converted once
         report = BadRecordReport(cfg.data.on_bad_record, cfg.data.max_bad_fraction, stage="preferences")
         cfg.data.pairs = str(convert_preferences(cfg.data.pairs, cfg.data.columns, cfg.data.out_dir, report))
     if not cfg.data.pairs:

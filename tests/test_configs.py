@@ -80,6 +80,7 @@ def with_later_additions(entry: str, composition: Any) -> Any:
     if isinstance(data, dict) and isinstance(data.get("augment"), dict):
         data["augment"].setdefault("negatives", {"kind": "none", "sigma": 80.0, "tries": 4})
         data.setdefault("columns", None)  # issue 32: data.pairs in another layout (null: miadpo's)
+        data.setdefault("mix", [])  # issue 32: several preference sets with weights (none)
     model = composition.get("model")
     if isinstance(model, dict):  # issue 31: the model's token budget
         model["max_length"] = MODEL_BUDGETS.get(model["name"], TINY_BUDGET)

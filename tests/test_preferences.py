@@ -107,3 +107,19 @@ def test_train_on_a_trl_parquet_set(tmp_path: Path) -> None:
                          f"data.image_root={tmp_path}", "trainer.max_steps=2", "data.val_fraction=0",
                          "data.batch_size=2"], tmp_path)
     assert train(cfg).global_step == 2
+
+
+def test_a_mix_trains_our_pairs_beside_a_hub_set_with_weights(tmp_path: Path) -> None:
+    ours = tmp_path / "pairs.jsonl"
+    ours.write_text("".join(json.dumps(good_record(tmp_path, i)) + "\n" for i in range(2)))
+    hub = trl_parquet(tmp_path)
+    mix = f"data.mix=[{{pairs: {ours}, weight: 2}}, {{pairs: {hub}, columns: trl, weight: 0.5}}]"
+    cfg = compose_train(["data=pairs", mix, f"data.image_root={tmp_path / 'images'}", "trainer.max_steps=2",
+                         "data.val_fraction=0", "data.batch_size=2"], tmp_path)
+    result = train(cfg)
+    assert result.global_step == 2
+    mixed = [json.loads(line) for line in Path(cfg.data.pairs).read_text().splitlines()]
+    assert [r["id"] for r in mixed[:4]] == ["0/pair-0", "0/pair-1", "0/pair-0#1", "0/pair-1#1"]
+    assert len(mixed) == 4 + 3 and all(r["id"].startswith("1/row-") for r in mixed[4:])
+    with pytest.raises(ValueError, match="data.pairs and data.mix are both set"):
+        train(compose_train(["data=pairs", f"data.pairs={ours}", mix], tmp_path))

@@ -19,7 +19,7 @@ image) reuses the file. A prompt without ``<image>`` markers gets one per image,
 row that does not fit (a missing or mistyped column, an undecodable image, more markers than images) is a bad
 record named by its file and row (``data.on_bad_record``). The converted pairs are written to
 ``<data.out_dir>/converted/<fingerprint>/pairs.jsonl`` (keyed by the files' content and the mapping), so a rerun
-converts nothing.
+converts nothing. ``data.mix`` trains several sets together with weights (``mix_pair_sets``).
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from collections.abc import Iterator
+import random
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -206,4 +207,47 @@ def convert_preferences(pairs: str | Path, columns: Any, out_dir: str | Path, re
     with atomic_replace(target) as tmp:
         tmp.write_text("".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in records),
                        encoding="utf-8")
+    return target
+
+
+def mix_pair_sets(sets: Sequence[Any], out_dir: str | Path, seed: int, on_bad_record: Any,
+                  max_bad_fraction: float) -> Path:
+    """The pair sets of ``data.mix`` (each ``{pairs, columns, weight}``) as one pair file under
+    ``<out_dir>/mixed/<fingerprint>/``: each set converted as ``convert_preferences`` does when it has ``columns``,
+    then taken ``weight`` times (the whole part repeated, the fraction a seeded sample); ids become
+    ``<set>/<id>`` (and ``#<k>`` for a repeat), so sets may share ids."""
+    out_dir = Path(out_dir)
+    files = []
+    for index, pair_set in enumerate(sets):
+        if pair_set.weight < 0:
+            raise ValueError(f"data.mix[{index}].weight={pair_set.weight}: a weight is 0 or more")
+        path = Path(pair_set.pairs)
+        if pair_set.columns is not None:
+            report = BadRecordReport(on_bad_record, max_bad_fraction, stage=f"preferences {index}")
+            path = convert_preferences(path, pair_set.columns, out_dir, report)
+        elif not path.is_file():
+            raise FileNotFoundError(f"data.mix[{index}].pairs={path}: no such file")
+        files.append((path, float(pair_set.weight)))
+    key = digest({"sets": [[str(p), file_sha1(p), w] for p, w in files], "seed": seed,
+                  "version": CONVERSION_VERSION}, "sha1", 16)
+    target = out_dir / "mixed" / key / "pairs.jsonl"
+    if target.is_file():
+        return target
+    lines = []
+    for index, (path, weight) in enumerate(files):
+        records = [raw for raw in iter_raw_records(path) if raw.error is None and isinstance(raw.value, dict)]
+        rng = random.Random(f"{seed}-{index}")
+        whole, fraction = int(weight), weight - int(weight)
+        picks = [(k, raw) for k in range(whole) for raw in records]
+        picks += [(whole, raw) for raw in sorted(rng.sample(records, round(fraction * len(records))),
+                                                 key=lambda raw: raw.index)]
+        for repeat, raw in picks:
+            record = dict(raw.value)
+            record["id"] = f"{index}/{record.get('id')}" + (f"#{repeat}" if repeat else "")  # unique across sets
+            lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+    if not lines:
+        raise ValueError("data.mix: every set has weight 0 or no pair")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_replace(target) as tmp:
+        tmp.write_text("".join(lines), encoding="utf-8")
     return target

@@ -8,6 +8,7 @@ a histogram and summary statistics.
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -86,6 +87,14 @@ def histogram_image(stats: dict[str, Any]) -> Image.Image:
     return image
 
 
+def file_name(record_id: str, index: int) -> str:
+    """``record_id`` as a file name: itself when it is one (letters, digits, ``._-``), else its sample index and
+    the id with every other run of characters as ``_`` (ids from other tools hold ``/``, spaces, ...)."""
+    if re.fullmatch(r"[A-Za-z0-9._-]+", record_id):
+        return record_id
+    return f"{index}_{re.sub(r'[^A-Za-z0-9._-]+', '_', record_id)}"
+
+
 def write_data_report(records: Sequence[PairRecord], roots: ImageRoots, pairs_path: Path, run_dir: Path,
                       samples: int = 8) -> dict[str, Any]:
     """Write ``<run_dir>/data_report/`` and return what was written (stats, sample rows with their PNGs)."""
@@ -95,8 +104,8 @@ def write_data_report(records: Sequence[PairRecord], roots: ImageRoots, pairs_pa
     (out / "stats.json").write_text(json.dumps(stats, indent=1) + "\n")
     histogram_image(stats).save(out / "ratio_histogram.png")
     rows = []
-    for record in list(records)[:samples]:
-        png = out / f"sample_{record.id}.png"
+    for index, record in enumerate(list(records)[:samples]):
+        png = out / f"sample_{file_name(record.id, index)}.png"
         sample_strip(record, roots).save(png)
         rows.append({"id": record.id, "strip": str(png), "prompt": record.prompt, "chosen": record.chosen,
                      "rejected": record.rejected, "attention_ratio": record.meta.get("attention_ratio"),
