@@ -1,7 +1,7 @@
 """Sweep summary: after a Hydra multirun, one table of every job's overrides and final metrics.
 
-Registered as a Hydra callback by the configs in ``sweeps/``; writes ``summary.md`` and ``summary.csv`` in the
-sweep directory (``multirun/train/<time>/``).
+Registered as a Hydra callback by the sweep configs (``conf/sweep/``, shipped with the package); writes
+``summary.md`` and ``summary.csv`` in the sweep directory (``multirun/train/<time>/``).
 """
 
 from __future__ import annotations

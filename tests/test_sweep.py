@@ -15,7 +15,8 @@ from conftest import REPO
 @pytest.mark.slow
 def test_two_by_two_sweep_writes_a_summary_and_reuses_the_caches(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
-    args = [sys.executable, "-m", "miadpo.train", "-m", "--config-dir", str(REPO / "sweeps"), "--config-name", "beta",
+    # By name, from a directory outside the checkout: the sweep configs ship with the package's configs.
+    args = [sys.executable, "-m", "miadpo.train", "-m", "--config-name", "sweep/beta",
             "model=tiny_llava", "data=synthetic", "dpo.beta=0.1,0.3", "dpo=sigmoid,ipo", "trainer.max_steps=2",
             "data.synthetic.num_pairs=8", "data.batch_size=2", "data.val_fraction=0.25", "logger=csv",
             f"data.out_dir={tmp_path / 'data'}", f"hydra.sweep.dir={sweep}"]
