@@ -39,24 +39,31 @@ def readme_commands(text: str) -> list[str]:
             if line.startswith("python -m miadpo"):
                 commands.append(line)
     prose = re.sub(r"```.*?```", "", text, flags=re.S)
-    commands += [span.strip() for span in re.findall(r"`(python -m miadpo[^`]*)`", prose)]
+    commands += [span.strip() for span in re.findall(r"`(python -m miadpo\.\w[\w.]*(?: [^`]*)?)`", prose)]
     return commands
 
 
-def overrides_of(command: str) -> tuple[str, list[str]]:
-    """(module, Hydra overrides) of a command; ``...`` and Hydra's own flags (``-sc install=bash``) are dropped, a
-    ``<placeholder>`` becomes its name (what a user types in its place)."""
+def overrides_of(command: str) -> tuple[str, list[str], str | None]:
+    """(module, Hydra overrides, ``--config-name`` or None) of a command; ``...`` and Hydra's other flags
+    (``-sc install=bash``) are dropped, a ``<placeholder>`` becomes its name (what a user types in its place), and a
+    multirun's sweep ``key=a,b`` composes its first job (``key=a``)."""
     tokens = shlex.split(re.sub(r"<([\w.-]+)>", r"\1", command))
     module, args, overrides = tokens[2], tokens[3:], []
-    skip = False
+    multirun = any(token in ("-m", "--multirun") for token in args)
+    config_name, flag = None, None
     for token in args:
-        if skip:
-            skip = False
-        elif token.startswith("-"):
-            skip = token in ("-sc", "--shell-completion", "-cd", "--config-dir", "-cn", "--config-name")
-        elif token != "...":
+        if flag is not None:
+            config_name = token if flag in ("-cn", "--config-name") else config_name
+            flag = None
+        elif token in ("-sc", "--shell-completion", "-cd", "--config-dir", "-cn", "--config-name"):
+            flag = token
+        elif token.startswith("-") or token == "...":
+            continue
+        elif multirun and re.fullmatch(r"[\w.]+=[^\[{(\"']+,.+", token):
+            overrides.append(token.split(",", 1)[0])
+        else:
             overrides.append(token)
-    return module, overrides
+    return module, overrides, config_name
 
 
 def names_own_data_or_model(overrides: list[str]) -> bool:
@@ -79,14 +86,14 @@ def test_the_readme_has_the_commands_this_test_reads() -> None:
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_every_readme_command_composes_without_toy_values_when_it_names_its_own(command: str) -> None:
-    module, overrides = overrides_of(command)
+    module, overrides, config_name = overrides_of(command)
     if module not in ENTRIES:
         assert importlib.util.find_spec(module) is not None, f"{command}: no module {module}"
         return
     name, schema = ENTRIES[module]
     register_configs()
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose(config_name=name, overrides=overrides, return_hydra_config=True)
+        cfg = compose(config_name=config_name or name, overrides=overrides, return_hydra_config=True)
     choices = dict(cfg.hydra.runtime.choices)
     with open_dict(cfg):
         del cfg["hydra"]
