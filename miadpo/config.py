@@ -675,7 +675,8 @@ def check_recipe(data: DataConfig, model: ModelConfig | None = None) -> None:
     # recipe's: the pool split and its images folder side by side.
     source, image_root = Path(data.source or ""), Path(data.image_root)
     layout = {"source": source.name == Path(toy.source).name,
-              "image_root": image_root == source.parent / Path(toy.image_root).name, "pairs": not data.pairs}
+              "image_root": image_root == source.parent / Path(toy.image_root).name, "pairs": not data.pairs,
+              "mix": not data.mix}
     named = [f"data.{key}={getattr(data, key)}" for key, toy_like in layout.items() if not toy_like]
     if model is not None and not toy_model:
         named.append(f"model={model.name}")

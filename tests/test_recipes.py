@@ -48,7 +48,7 @@ def test_the_readme_command_with_own_data_stops_under_the_toy_recipe_naming_the_
 
 
 @pytest.mark.parametrize("overrides", [["data.source=/data/llava.json"], ["data.image_root=/data/images"],
-                                       ["model=tiny_llava"], ["model=llava15"]])
+                                       ["model=tiny_llava"], ["model=llava15"], ["data.mix=[{pairs: p.jsonl}]"]])
 def test_own_data_or_model_under_the_toy_recipe_stops(overrides: list[str]) -> None:
     cfg = composed("train", overrides)
     with pytest.raises(ValueError, match="data=toy is the toy demonstration"):
