@@ -170,9 +170,19 @@ def prepare_eval_set(eval_cfg: DictConfig) -> None:
         ensure_toy_world(Path(eval_cfg.toy_source).parent)
 
 
+TOY_BASE_DIR_NAME = "base"  # the toy base's directory (data/toyworld/base), the one place it is copied to
+
+
 def prepare_model(model: DictConfig) -> ModelAdapter:
-    """Run ``model.prepare`` (on rank 0), then build the adapter of ``model``."""
+    """Run ``model.prepare`` (on rank 0), then build the adapter of ``model``. The shipped toy base is copied only
+    into a missing directory named ``base``, so a mistyped path to a trained toy model stops instead of being
+    filled with the base."""
     if ModelPreparation(model.prepare) is ModelPreparation.toy_base and model.path and rank_zero_only.rank == 0:
+        if not Path(model.path).is_dir() and Path(model.path).name != TOY_BASE_DIR_NAME:
+            raise FileNotFoundError(f"model.path={model.path}: no such directory (model={model.name} copies the "
+                                    f"shipped toy base only into a missing directory named "
+                                    f"'{TOY_BASE_DIR_NAME}', as data/toyworld/base; a trained toy model is "
+                                    "<run>/model)")
         ensure_toy_base(model.path, Path(model.path).parent)  # the shipped toy base, on first use
     return build_adapter(model)  # type: ignore[arg-type]
 

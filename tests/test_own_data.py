@@ -59,3 +59,19 @@ def test_the_toy_model_and_its_evaluation_set_work_from_any_directory(tmp_path: 
     evaluate.main()
     assert (tmp_path / "data" / "toyworld" / "base" / "config.json").is_file()
     assert (tmp_path / "run" / "eval.json").is_file()
+
+
+def test_a_mistyped_toy_model_path_stops_instead_of_getting_the_base(tmp_path: Path) -> None:
+    from hydra import compose, initialize_config_dir
+
+    from miadpo.train import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="generate", overrides=[f"model.path={tmp_path / 'runs' / 'typo' / 'model'}",
+                                                        "prompt=x"])
+    with pytest.raises(FileNotFoundError, match="copies the shipped toy base only into a missing directory named"):
+        pipeline.prepare_model(cfg.model)
+    assert not (tmp_path / "runs").exists()
+    cfg.model.path = str(tmp_path / "toyworld" / "base")
+    pipeline.prepare_model(cfg.model)
+    assert (tmp_path / "toyworld" / "base" / "config.json").is_file()
