@@ -355,17 +355,21 @@ def fingerprint(cfg: DataConfig, seed: int) -> dict[str, Any]:
 
 
 def _wrote_nothing(out_dir: Path) -> bool:
-    """Whether ``out_dir`` holds no augmented record (a run that failed or wrote none, e.g. every record bad)."""
+    """Whether ``out_dir`` holds no augmented record (a run that failed or wrote none, e.g. every record bad); reads
+    at most the file's first kilobyte."""
     records = out_dir / RECORDS_FILE
-    return not records.is_file() or not records.read_text(encoding="utf-8", errors="replace").strip()
+    if not records.is_file():
+        return True
+    with records.open("rb") as handle:
+        return not handle.read(1024).strip()
 
 
 def _check_manifest(out_dir: Path, inputs: dict[str, Any], create: bool = True) -> None:
     """The directory holds this configuration's output or none. A manifest of another configuration over no written
     record (a failed or empty run) does not block: it is replaced, with that run's skip list."""
     manifest = out_dir / MANIFEST_FILE
-    if manifest.is_file() and _wrote_nothing(out_dir) and json.loads(manifest.read_text()).get(
-            "fingerprint") != inputs["fingerprint"]:
+    if manifest.is_file() and json.loads(manifest.read_text()).get("fingerprint") != inputs["fingerprint"] \
+            and _wrote_nothing(out_dir):
         if not create:
             return
         for stale in (manifest, out_dir / RECORDS_FILE, out_dir / SKIPPED_FILE, out_dir / SUMMARY_FILE):
