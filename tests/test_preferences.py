@@ -123,3 +123,15 @@ def test_a_mix_trains_our_pairs_beside_a_hub_set_with_weights(tmp_path: Path) ->
     assert len(mixed) == 4 + 3 and all(r["id"].startswith("1/row-") for r in mixed[4:])
     with pytest.raises(ValueError, match="data.pairs and data.mix are both set"):
         train(compose_train(["data=pairs", f"data.pairs={ours}", mix], tmp_path))
+
+
+def test_a_broken_line_of_a_mixed_set_is_named_at_its_own_file_and_line(tmp_path: Path) -> None:
+    from miadpo.config import PairSetConfig
+    from miadpo.data.preferences import mix_pair_sets
+
+    ours = tmp_path / "pairs.jsonl"
+    ours.write_text(json.dumps(good_record(tmp_path, 0)) + "\n{broken\n" + json.dumps(good_record(tmp_path, 1)) + "\n")
+    with pytest.raises(BadRecordError, match=r"pairs.jsonl:2 \(id=None\): malformed JSON"):
+        mix_pair_sets([PairSetConfig(pairs=str(ours))], tmp_path / "out", 0, "error", 0.5)
+    mixed = mix_pair_sets([PairSetConfig(pairs=str(ours))], tmp_path / "out", 0, "skip", 0.5)
+    assert [json.loads(line)["id"] for line in mixed.read_text().splitlines()] == ["0/pair-0", "0/pair-1"]

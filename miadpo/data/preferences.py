@@ -235,7 +235,15 @@ def mix_pair_sets(sets: Sequence[Any], out_dir: str | Path, seed: int, on_bad_re
         return target
     lines = []
     for index, (path, weight) in enumerate(files):
-        records = [raw for raw in iter_raw_records(path) if raw.error is None and isinstance(raw.value, dict)]
+        report = BadRecordReport(on_bad_record, max_bad_fraction, stage=f"mix {index}")
+        records = []
+        for raw in iter_raw_records(path):  # a line that is no JSON object is named here, at its own file and line
+            report.total += 1
+            if raw.error is None and isinstance(raw.value, dict):
+                records.append(raw)
+            else:
+                report.add(BadRecord(str(path), raw.line, None, raw.error or "record is not a JSON object"))
+        report.finish()
         rng = random.Random(f"{seed}-{index}")
         whole, fraction = int(weight), weight - int(weight)
         picks = [(k, raw) for k in range(whole) for raw in records]
