@@ -11,7 +11,7 @@ from PIL import Image
 from miadpo.config import DPOConfig, FastPathConfig, OptimConfig
 from miadpo.data.dataset import EncodedPair
 from miadpo.dpo.batch import PairBatch
-from miadpo.dpo.forward import ConcatenatedPairForward, SharedPrefixPairForward, shared_image_features
+from miadpo.dpo.forward import ConcatenatedPairForward, SharedPrefixPairForward
 from miadpo.dpo.module import DPOModule
 from miadpo.models import build_adapter
 from miadpo.train import CONFIG_DIR
@@ -98,13 +98,37 @@ def test_shared_image_features_run_the_tower_once_and_change_nothing(name: str) 
         assert torch.allclose(grads_a[key], grads_b[key], atol=1e-6), key
 
 
-def test_features_are_not_shared_when_the_projector_trains() -> None:
-    adapter = adapter_for("tiny_llava", freeze_projector=False)
+@pytest.mark.parametrize("overrides", [{"freeze_projector": False},
+                                       {"lora": {"target_modules": r".*(q_proj|v_proj|linear_1)"}}])
+def test_features_are_not_shared_when_the_vision_path_trains(overrides: dict) -> None:
+    """A trainable projector, or LoRA reaching into the vision tower or projector, gives the policy other features."""
+    adapter = adapter_for("tiny_llava", **overrides)
+    assert not DPOModule(adapter, DPOConfig(), OptimConfig()).share_image_features
+
+
+def replaced_methods(model: torch.nn.Module) -> list[str]:
+    """Instance attributes that shadow a method of the module's class (a method patched on the live model)."""
+    return [f"{name}.{key}" for name, module in model.named_modules() for key, value in vars(module).items()
+            if callable(value) and callable(getattr(type(module), key, None))]
+
+
+@pytest.mark.parametrize("name", ["tiny_llava", "tiny_qwen2_vl", "tiny_internlm_xc25"])
+def test_no_model_method_is_replaced_at_run_time(name: str) -> None:
+    """Shared image features are passed to the forwards (``mm_encoder_outputs``); the model is never patched, also
+    not while the step runs (checked from inside the language model's forward)."""
+    adapter = adapter_for(name)
     module = DPOModule(adapter, DPOConfig(), OptimConfig())
-    assert not module.share_image_features
-    with shared_image_features(adapter.model):  # the context itself still restores the model afterwards
-        pass
-    assert "get_image_features" not in vars(adapter.base_model.model)
+    assert module.share_image_features
+    seen: list[list[str]] = []
+    llm = adapter.module_groups()["llm"]
+    handle = llm.register_forward_pre_hook(lambda *_: seen.append(replaced_methods(adapter.model)))
+    try:
+        step(module, module.pair_forward.collate(pairs(adapter, [2, 3])))
+    finally:
+        handle.remove()
+    assert len(seen) == 4 and not any(seen)  # reference and policy: prefill and answers each
+    adapter.base_model.get_image_features = lambda *a, **k: None  # the check itself sees a patch
+    assert replaced_methods(adapter.model) == ["base_model.model.get_image_features"]
 
 
 def test_gradient_checkpointing_falls_back_to_the_plain_path() -> None:

@@ -207,8 +207,9 @@ def test_module_adds_the_weighted_terms_and_logs_them_apart(monkeypatch) -> None
     logged: dict[str, float] = {}
     monkeypatch.setattr(module, "log_dict", lambda values, **_: logged.update({k: float(v) for k, v in values.items()}))
     monkeypatch.setattr(module, "log", lambda name, value, **_: logged.update({name: float(value)}))
-    monkeypatch.setattr(module, "policy_logps", lambda batch: POLICY)
-    monkeypatch.setattr(module, "reference_logps", lambda batch: REFERENCE)
+    monkeypatch.setattr(module, "policy_logps", lambda batch, features=None: POLICY)
+    monkeypatch.setattr(module, "reference_logps", lambda batch, features=None: REFERENCE)
+    monkeypatch.setattr(module, "shared_image_features", lambda batch: None)
 
     class Batch:
         num_pairs = 2

@@ -13,14 +13,16 @@ plain path; in the shared-prefix path a second prompt (the negative images chang
 first replaced image on, and every image of a batch runs in the one vision pass) in the same prefill, whose chosen
 answer continues from it.
 
-:func:`shared_image_features` makes the vision tower and projector run once per batch when they are frozen:
-the reference and the policy forward then share the image features.
+Each takes precomputed image features (``image_features``, from :meth:`PairForward.image_features`): with the
+vision tower and projector frozen, ``DPOModule`` runs them once per batch and passes the same features to the
+reference and the policy forward (``mm_encoder_outputs``, as transformers' VLM forwards take them; no model method
+is replaced).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -50,7 +52,7 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
     return values.sum(-1), mask.sum(-1)
 
 
-class PairForward:
+class PairForward(ABC):
     """A batch of pairs → answer log-probs. Each forward reads its own ``batch_type``, which ``collate`` builds from
     encoded pairs (the data loaders' collate function)."""
 
@@ -62,8 +64,18 @@ class PairForward:
     def collate(self, pairs: Sequence[EncodedPair]) -> PairBatch:
         return self.batch_type.collate(self.adapter, pairs)
 
-    def __call__(self, model: nn.Module, batch: Any) -> PairLogps:
-        raise NotImplementedError
+    @abstractmethod
+    def image_inputs(self, batch: Any) -> dict[str, torch.Tensor]:
+        """The inputs of ``batch`` that carry its images (the ones the vision path reads)."""
+
+    def image_features(self, model: nn.Module, batch: Any) -> Any | None:
+        """The batch's image features as ``model`` computes them (``None`` without images); pass them back to
+        :meth:`__call__` to run the vision path once for several forwards."""
+        return self.adapter.image_features(model, self.image_inputs(batch))
+
+    @abstractmethod
+    def __call__(self, model: nn.Module, batch: Any, image_features: Any | None = None) -> PairLogps:
+        """Answer log-probs of every row; ``image_features`` (from :meth:`image_features`) replace the pixels."""
 
 
 class ConcatenatedPairForward(PairForward):
@@ -71,8 +83,12 @@ class ConcatenatedPairForward(PairForward):
 
     batch_type = ConcatenatedBatch
 
-    def __call__(self, model: nn.Module, batch: ConcatenatedBatch) -> PairLogps:
-        inputs = {k: v for k, v in batch.inputs.items() if k != "labels"}
+    def image_inputs(self, batch: ConcatenatedBatch) -> dict[str, torch.Tensor]:
+        return batch.inputs
+
+    def __call__(self, model: nn.Module, batch: ConcatenatedBatch, image_features: Any | None = None) -> PairLogps:
+        inputs = self.adapter.with_image_features({k: v for k, v in batch.inputs.items() if k != "labels"},
+                                                  image_features)
         logits = model(**inputs, use_cache=False).logits
         logps, counts = answer_logps(logits, batch.inputs["labels"])
         n = batch.num_pairs
@@ -88,10 +104,14 @@ class SharedPrefixPairForward(PairForward):
 
     batch_type = SharedPrefixBatch
 
-    def __call__(self, model: nn.Module, batch: SharedPrefixBatch) -> PairLogps:
+    def image_inputs(self, batch: SharedPrefixBatch) -> dict[str, torch.Tensor]:
+        return batch.prompt
+
+    def __call__(self, model: nn.Module, batch: SharedPrefixBatch, image_features: Any | None = None) -> PairLogps:
         prompt, answers = batch.prompt, batch.answers
         positions = self.adapter.prompt_position_ids(prompt)
-        prefill = model(**prompt, position_ids=positions, use_cache=True, logits_to_keep=1)
+        prefill = model(**self.adapter.with_image_features(prompt, image_features), position_ids=positions,
+                        use_cache=True, logits_to_keep=1)
         cache = getattr(prefill, CACHE_NAME)
         n = batch.num_pairs
         device = positions.device
@@ -130,28 +150,3 @@ def pair_logps(logps: torch.Tensor, counts: torch.Tensor, n: int, has_negative: 
     if has_negative is not None:
         negative = scatter_negative(logps[2 * n:], has_negative)
     return PairLogps(logps[chosen], logps[rejected], counts[chosen], counts[rejected], negative, has_negative)
-
-
-@contextmanager
-def shared_image_features(model: nn.Module) -> Iterator[None]:
-    """Within the block, the first image-feature computation is remembered and returned to later calls.
-
-    For a frozen vision tower and projector only (the remembered features carry no gradient). Wraps the inner
-    model's ``get_image_features``, which every transformers VLM family routes its vision path through.
-    """
-    inner = getattr(model, "get_base_model", lambda: model)()
-    target = inner.model if hasattr(inner, "model") and hasattr(inner.model, "get_image_features") else inner
-    original = target.get_image_features
-    remembered: dict[str, Any] = {}
-
-    def once(*args: Any, **kwargs: Any) -> Any:
-        if "value" not in remembered:
-            with torch.no_grad():
-                remembered["value"] = original(*args, **kwargs)
-        return remembered["value"]
-
-    target.get_image_features = once
-    try:
-        yield
-    finally:
-        del target.get_image_features

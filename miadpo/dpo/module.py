@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Any
 
 import lightning as L
@@ -20,12 +20,7 @@ from torch import nn
 
 from miadpo.config import DPOConfig, FastPathConfig, OptimConfig
 from miadpo.dpo.batch import ConcatenatedBatch, PairBatch, PairLogps
-from miadpo.dpo.forward import (
-    ConcatenatedPairForward,
-    PairForward,
-    SharedPrefixPairForward,
-    shared_image_features,
-)
+from miadpo.dpo.forward import ConcatenatedPairForward, PairForward, SharedPrefixPairForward
 from miadpo.dpo.losses import AnchorLoss, ConditionalPreferenceLoss, build_loss, rewards
 from miadpo.dpo.optim import adamw_with_linear_schedule
 from miadpo.dpo.reference_cache import InStepFilling, ReferenceCache
@@ -40,6 +35,13 @@ def build_pair_forward(adapter: ModelAdapter, fast: FastPathConfig) -> PairForwa
     if fast.shared_prefix and not adapter.cfg.gradient_checkpointing:
         return SharedPrefixPairForward(adapter)
     return ConcatenatedPairForward(adapter)
+
+
+def vision_path_is_frozen(adapter: ModelAdapter) -> bool:
+    """Whether no parameter of the vision tower and projector trains (no LoRA there either): their features are
+    then the same for the policy and the reference."""
+    groups = adapter.module_groups()
+    return not any(p.requires_grad for group in ("vision_tower", "projector") for p in groups[group].parameters())
 
 
 class DPOModule(L.LightningModule):
@@ -62,9 +64,7 @@ class DPOModule(L.LightningModule):
         self.anchor = AnchorLoss(dpo.beta, dpo.anchor_delta) if dpo.anchor_weight else None
         self.pair_forward = pair_forward or build_pair_forward(adapter, dpo.fast)
         self.plain_forward = ConcatenatedPairForward(adapter)
-        cfg = adapter.cfg
-        self.share_image_features = dpo.fast.shared_image_features and cfg.freeze_vision_tower and \
-            cfg.freeze_projector
+        self.share_image_features = dpo.fast.shared_image_features and vision_path_is_frozen(adapter)
         self.cached_reference = cached_reference
         self.reference_cache = reference_cache
         self.filling = InStepFilling(reference_cache) if reference_cache is not None and not cached_reference \
@@ -102,11 +102,19 @@ class DPOModule(L.LightningModule):
             return self.plain_forward
         raise TypeError(f"{type(self.pair_forward).__name__} cannot read a {type(batch).__name__}")
 
-    def policy_logps(self, batch: PairBatch) -> PairLogps:
-        return self._forward_for(batch)(self.policy, batch)
+    def policy_logps(self, batch: PairBatch, image_features: Any | None = None) -> PairLogps:
+        return self._forward_for(batch)(self.policy, batch, image_features)
 
     @torch.no_grad()
-    def reference_logps(self, batch: PairBatch) -> PairLogps:
+    def shared_image_features(self, batch: PairBatch) -> Any | None:
+        """The batch's image features, computed once for the reference and the policy forward when the vision
+        path is frozen (``dpo.fast.shared_image_features``); ``None`` lets each forward compute its own."""
+        if not self.share_image_features:
+            return None
+        return self._forward_for(batch).image_features(self.policy, batch)
+
+    @torch.no_grad()
+    def reference_logps(self, batch: PairBatch, image_features: Any | None = None) -> PairLogps:
         cached = batch.cached_reference()  # served with the pairs (miadpo.dpo.reference_cache)
         if cached is None and batch.keys is not None and self.reference_cache is not None:
             # cached after the loader read the pairs
@@ -116,7 +124,7 @@ class DPOModule(L.LightningModule):
         if self.cached_reference:
             raise RuntimeError("dpo.fast.reference_cache is on but a batch came without cached reference log-probs")
         with self._reference_model() as reference:
-            logps = self._forward_for(batch)(reference, batch)
+            logps = self._forward_for(batch)(reference, batch, image_features)
         if self.filling is not None and batch.keys is not None:
             self.filling.record(batch.keys, logps)
         return logps
@@ -125,9 +133,9 @@ class DPOModule(L.LightningModule):
         return [self.filling] if self.filling is not None else []
 
     def _step(self, batch: PairBatch, prefix: str) -> torch.Tensor:
-        with shared_image_features(self.policy) if self.share_image_features else nullcontext():
-            reference = self.reference_logps(batch)
-            policy = self.policy_logps(batch)
+        features = self.shared_image_features(batch)
+        reference = self.reference_logps(batch, features)
+        policy = self.policy_logps(batch, features)
         losses = self.loss_fn(policy, reference)
         loss = losses.mean()
         if self.conditional is not None or self.anchor is not None:

@@ -47,6 +47,9 @@ class ModelAdapter(ABC):
     module_paths: ClassVar[dict[str, str]] = {"vision_tower": "model.vision_tower",
                                               "projector": "model.multi_modal_projector",
                                               "llm": "model.language_model"}
+    # The batch inputs the model's ``get_image_features`` reads (the vision path's inputs; families with image
+    # grids or sizes add theirs). ``pixel_values`` is the one the forward no longer takes once features are given.
+    image_feature_inputs: ClassVar[tuple[str, ...]] = ("pixel_values",)
 
     def __init__(self, model: nn.Module, tokenizer: Any, image_processor: Any, template: ChatTemplate,
                  cfg: ModelConfig) -> None:
@@ -244,6 +247,25 @@ class ModelAdapter(ABC):
         finally:
             handle.remove()
         return captured["embeds"]
+
+    def image_features(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> Any | None:
+        """The vision path's output for a batch's images (``None`` when it has none), in the form the model's
+        forward takes back as ``mm_encoder_outputs["image"]`` (:meth:`with_image_features`)."""
+        if inputs.get("pixel_values") is None:
+            return None
+        base = model.get_base_model() if isinstance(model, PeftModel) else model
+        return base.get_image_features(**{k: inputs[k] for k in self.image_feature_inputs if k in inputs},
+                                       return_dict=True)
+
+    @staticmethod
+    def with_image_features(inputs: dict[str, torch.Tensor], features: Any | None) -> dict[str, Any]:
+        """Model inputs that pass precomputed image ``features`` instead of the pixels they came from (the other
+        image inputs stay: the families' position rules read them)."""
+        if features is None:
+            return dict(inputs)
+        rest: dict[str, Any] = {k: v for k, v in inputs.items() if k != "pixel_values"}
+        rest["mm_encoder_outputs"] = {"image": features}
+        return rest
 
     def generation_inputs(self, prompts: Sequence[EncodedSample]) -> dict[str, torch.Tensor]:
         """Prompts as one left-padded batch for ``generate``, labels dropped, on the model's device."""

@@ -67,6 +67,7 @@ class Idefics3Adapter(SeparatePartsAdapter):
     config_class: type = Idefics3Config
     image_processor_class = Idefics3ImageProcessorPil
     module_paths = {"vision_tower": "model.vision_model", "projector": "model.connector", "llm": "model.text_model"}
+    image_feature_inputs = ("pixel_values", "pixel_attention_mask")
 
     @classmethod
     def build_tiny(cls, cfg: ModelConfig) -> tuple[nn.Module, PreTrainedTokenizerFast, Any]:

@@ -42,6 +42,7 @@ class LlavaOnevisionAdapter(SeparatePartsAdapter):
 
     model_class = LlavaOnevisionForConditionalGeneration
     image_processor_class = LlavaOnevisionImageProcessorPil
+    image_feature_inputs = ("pixel_values", "image_sizes", "batch_num_images")
 
     @classmethod
     def build_tiny(cls, cfg: ModelConfig) -> tuple[nn.Module, PreTrainedTokenizerFast, LlavaOnevisionImageProcessorPil]:

@@ -45,6 +45,7 @@ class QwenVLAdapter(SeparatePartsAdapter):
     # The patch merger (the projector) lives inside the vision tower: freezing applies the groups in this order,
     # so the projector's switch decides for the merger.
     module_paths = {"vision_tower": "model.visual", "projector": "model.visual.merger", "llm": "model.language_model"}
+    image_feature_inputs = ("pixel_values", "image_grid_thw")
 
     @classmethod
     def tiny_model(cls, tiny: TinyModelConfig, tokenizer: PreTrainedTokenizerFast, attn: str) -> nn.Module:

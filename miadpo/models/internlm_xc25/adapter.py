@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft import PeftModel
 from PIL import Image
 from torch import nn
 
@@ -81,6 +82,13 @@ class InternLMXC25Adapter(ModelAdapter):
 
     def attention_module(self, layer: nn.Module) -> nn.Module:
         return layer.attention
+
+    def image_features(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor] | None:
+        """Our model's ``get_image_features`` (one tensor per image), which its forward takes back."""
+        if inputs.get("pixel_values") is None:
+            return None
+        base = model.get_base_model() if isinstance(model, PeftModel) else model
+        return base.get_image_features(inputs["pixel_values"], inputs["image_layout"])
 
     def default_lora_targets(self) -> str:
         """The decoder's own linear layers (``wqkv``, ``wo``, ``w1``–``w3``), not their Partial-LoRA branches."""

@@ -116,16 +116,21 @@ class InternLMXComposer2ForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError(f"image_layout accounts for {start} views, pixel_values holds {merged.shape[0]}")
         return features
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
-              image_layout: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Text embeddings with the image features put at the image tokens, and the image-token mask."""
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, image_layout: torch.Tensor | None,
+              image_features: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text embeddings with the image features (``image_features``, or computed from the pixels) put at the
+        image tokens, and the image-token mask."""
         im_mask = input_ids == self.config.image_placeholder_id
         embeds = self.model.tok_embeddings(input_ids.masked_fill(im_mask, 0))
-        if pixel_values is None:
-            return embeds, im_mask
-        if image_layout is None:
-            raise ValueError("pixel_values without image_layout (rows, cols of each image's crop grid)")
-        features = torch.cat(self.get_image_features(pixel_values, image_layout))
+        if pixel_values is not None and image_features is not None:
+            raise ValueError("pass pixel_values or precomputed image features (mm_encoder_outputs), not both")
+        if image_features is None:
+            if pixel_values is None:
+                return embeds, im_mask
+            if image_layout is None:
+                raise ValueError("pixel_values without image_layout (rows, cols of each image's crop grid)")
+            image_features = self.get_image_features(pixel_values, image_layout)
+        features = torch.cat(image_features)
         if features.shape[0] != int(im_mask.sum()):
             raise ValueError(f"{int(im_mask.sum())} image tokens in input_ids, the images give {features.shape[0]}")
         return embeds.masked_scatter(im_mask[..., None], features.to(embeds.dtype)), im_mask
@@ -135,10 +140,13 @@ class InternLMXComposer2ForCausalLM(PreTrainedModel, GenerationMixin):
                 position_ids: torch.Tensor | None = None, past_key_values: Any = None, cache: Any = None,
                 labels: torch.Tensor | None = None, use_cache: bool | None = None, logits_to_keep: int = 0,
                 inputs_embeds: torch.Tensor | None = None, im_mask: torch.Tensor | None = None,
-                **_: Any) -> CausalLMOutputWithPast:
+                mm_encoder_outputs: dict[str, list[torch.Tensor]] | None = None, **_: Any) -> CausalLMOutputWithPast:
+        """As transformers' VLMs: ``mm_encoder_outputs={"image": get_image_features(...)}`` passes precomputed
+        image features in place of ``pixel_values``."""
         cache = cache if cache is not None else past_key_values
         if inputs_embeds is None:
-            inputs_embeds, im_mask = self.embed(input_ids, pixel_values, image_layout)
+            inputs_embeds, im_mask = self.embed(input_ids, pixel_values, image_layout,
+                                                (mm_encoder_outputs or {}).get("image"))
         if im_mask is not None and not bool(im_mask.any()):
             im_mask = None
         if use_cache and cache is None:
