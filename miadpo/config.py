@@ -90,6 +90,15 @@ class LoraConfig:
 
 
 @dataclass
+class InternLMXC25Options:
+    """InternLM-XC2.5 only (``model.internlm_xc25.*``): most 560-px crops per image when the prompt has one image /
+    several images."""
+
+    hd_num: int = 24
+    hd_num_multi: int = 6
+
+
+@dataclass
 class TinyModelConfig:
     """Sizes of a model built in code with random weights (used when ``model.path`` is null)."""
 
@@ -130,9 +139,8 @@ class ModelConfig:
     # Run the tokenizer code shipped in the weights directory (InternLM-XC2.5's InternLM2 tokenizer lives there;
     # the model itself is always ours).
     trust_remote_code: bool = False
-    # InternLM-XC2.5: most 560-px crops per image when the prompt has one image / several images.
-    hd_num: int = 24
-    hd_num_multi: int = 6
+    # Options of one family sit under its name; the other families ignore them.
+    internlm_xc25: InternLMXC25Options = field(default_factory=InternLMXC25Options)
     lora: LoraConfig = field(default_factory=LoraConfig)
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
 

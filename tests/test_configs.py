@@ -84,6 +84,8 @@ def with_later_additions(entry: str, composition: Any) -> Any:
     model = composition.get("model")
     if isinstance(model, dict):  # issue 31: the model's token budget
         model["max_length"] = MODEL_BUDGETS.get(model["name"], TINY_BUDGET)
+        # issue 33: InternLM-XC2.5's crop budgets moved under model.internlm_xc25
+        model["internlm_xc25"] = {"hd_num": model.pop("hd_num"), "hd_num_multi": model.pop("hd_num_multi")}
     return composition
 
 

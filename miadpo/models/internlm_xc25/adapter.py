@@ -63,7 +63,8 @@ class InternLMXC25Adapter(ModelAdapter):
             model = load_model(path, dtype, cfg.attn_implementation)
             tokenizer = checkpoint_tokenizer(path, model.config.image_placeholder_id)
             image_processor = HDImageProcessor.from_pretrained(path)
-        image_processor.hd_num, image_processor.hd_num_multi = cfg.hd_num, cfg.hd_num_multi
+        options = cfg.internlm_xc25
+        image_processor.hd_num, image_processor.hd_num_multi = options.hd_num, options.hd_num_multi
         model.to(dtype)
         return cls(model, tokenizer, image_processor, get_template(cfg.template), cfg)
 
