@@ -12,12 +12,12 @@ from miadpo.config import DPOConfig, FastPathConfig, OptimConfig
 from miadpo.data.dataset import EncodedPair
 from miadpo.dpo.batch import PairBatch
 from miadpo.dpo.forward import ConcatenatedPairForward, SharedPrefixPairForward
-from miadpo.dpo.module import DPOModule
+from miadpo.dpo.module import DPOModule, build_pair_forward
 from miadpo.models import build_adapter
 from miadpo.train import CONFIG_DIR
 
 FAMILIES = ["tiny_llava", "tiny_qwen2_vl", "tiny_internvl", "tiny_idefics3", "tiny_llava_onevision",
-            "tiny_internlm_xc25"]
+            "tiny_internlm_xc25", "tiny_qwen3_vl", "tiny_qwen3_vl_moe"]
 SIZES = [(64, 32), (40, 90), (48, 48), (90, 50), (30, 70)]
 
 
@@ -129,6 +129,25 @@ def test_no_model_method_is_replaced_at_run_time(name: str) -> None:
     assert len(seen) == 4 and not any(seen)  # reference and policy: prefill and answers each
     adapter.base_model.get_image_features = lambda *a, **k: None  # the check itself sees a patch
     assert replaced_methods(adapter.model) == ["base_model.model.get_image_features"]
+
+
+@pytest.mark.parametrize("name", ["tiny_qwen3_5", "tiny_qwen3_5_moe"])
+def test_hybrid_linear_attention_falls_back_to_the_plain_path_and_says_so_once(name: str, caplog) -> None:
+    """Qwen3.5's linear-attention state cannot be repeated per answer row: the plain forward, one warning."""
+    from miadpo.dpo import module as module_code
+
+    adapter = adapter_for(name)
+    module_code._SAID_NO_SHARED_PREFIX.discard(adapter.cfg.family)
+    with caplog.at_level("WARNING", logger="miadpo.dpo.module"):
+        forwards = [build_pair_forward(adapter, FastPathConfig()) for _ in range(3)]
+    assert all(isinstance(f, ConcatenatedPairForward) for f in forwards)
+    said = [r.message for r in caplog.records if "linear-attention" in r.message]
+    assert len(said) == 1 and adapter.cfg.family in said[0]
+    with pytest.raises(ValueError, match="linear-attention"):
+        SharedPrefixPairForward(adapter)
+    module = DPOModule(adapter, DPOConfig(sft_weight=0.5), OptimConfig())
+    loss, grads = step(module, module.pair_forward.collate(pairs(adapter, [2, 1])))
+    assert torch.isfinite(loss) and grads
 
 
 def test_gradient_checkpointing_falls_back_to_the_plain_path() -> None:

@@ -68,8 +68,31 @@ def capture_cases(tmp_path: Path) -> list[SelectionInput]:
 
 def test_captured_rows_equal_a_full_eager_forward(adapter, tmp_path: Path, monkeypatch) -> None:
     """Rows recorded while generating (SDPA everywhere) = the same rows of an eager output_attentions forward."""
-    import transformers.models.llama.modeling_llama as llama
+    check_capture_against_eager(adapter, 1, tmp_path, monkeypatch)  # the middle of 2 layers
 
+
+def test_hybrid_decoder_captures_at_a_full_attention_layer(tmp_path: Path, monkeypatch) -> None:
+    """Qwen3.5's middle layer (2 of 4) is linear attention: selection reads the full-attention layer 3, exactly;
+    naming a linear-attention layer stops with the layers that have attention."""
+    from hydra import compose, initialize_config_dir
+
+    from miadpo.models import build_adapter
+    from miadpo.select.capture import resolve_layer
+    from miadpo.train import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        adapter = build_adapter(compose(config_name="train", overrides=["model=tiny_qwen3_5"]).model)
+    assert adapter.base_model.config.text_config.layer_types[2] == "linear_attention"
+    assert resolve_layer(adapter, -1) == 3
+    with pytest.raises(ValueError, match=r"layer 1 of tiny_qwen3_5 has no attention weights.*\[3\]"):
+        resolve_layer(adapter, 1)
+    check_capture_against_eager(adapter, 3, tmp_path, monkeypatch)
+
+
+def check_capture_against_eager(adapter, layer: int, tmp_path: Path, monkeypatch) -> None:
+    """Generate on the capture cases with the resolved layer; its recorded rows = an eager forward's attentions."""
+    attention = adapter.attention_module(adapter.decoder_layers()[layer])
+    modeling = sys.modules[type(attention).__module__]
     eager = copy.deepcopy(adapter.model)
     eager.set_attn_implementation("eager")
 
@@ -79,21 +102,23 @@ def test_captured_rows_equal_a_full_eager_forward(adapter, tmp_path: Path, monke
     items = capture_cases(tmp_path)
     generator = CandidateGenerator(adapter, selection_config(generation={"max_new_tokens": 10}),
                                    ImageRoots(tmp_path, tmp_path), seed=0)
-    assert generator.layer == 1  # the middle of 2 layers
+    assert generator.layer == layer
     prompts = [adapter.encode(adapter.process_images(generator._images(item)), item.prompt) for item in items]
     with monkeypatch.context() as patch:
-        patch.setattr(llama, "eager_attention_forward", no_eager)  # every layer must stay on SDPA
+        patch.setattr(modeling, "eager_attention_forward", no_eager)  # every layer must stay on SDPA
         generated = generator.generate(prompts)
-    assert adapter.attention_module(adapter.decoder_layers()[1]).config._attn_implementation == "sdpa"
+    assert attention.config._attn_implementation == "sdpa"
     for b, (item, prompt) in enumerate(zip(items, prompts)):
         answer = torch.tensor(generated.answers[b])
         assert len(answer) == 10
         full = adapter.collate([EncodedSample(torch.cat([prompt.input_ids, answer]), torch.cat(
             [prompt.labels, answer]), prompt.image_spans, prompt.geometries, prompt.pixel_values,
-            prompt.prompt_length)])
+            prompt.prompt_length, prompt.extra)])
         full.pop("labels")
         with torch.no_grad():
-            attentions = eager(**full, output_attentions=True).attentions[1][0]  # (H, L, L)
+            # (H, L, L); the output lists the layers with attention weights only
+            attentions = eager(**full, output_attentions=True).attentions[
+                adapter.attention_layer_indices().index(layer)][0]
         start = prompt.prompt_length - 1  # the row that produced the first answer token
         columns = torch.cat([torch.arange(s, e) for s, e in prompt.image_spans])
         expected = attentions[:, start : start + len(answer)][:, :, columns].mean(0)

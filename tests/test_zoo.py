@@ -19,9 +19,12 @@ from miadpo.dpo.module import DPOModule
 from miadpo.models import IGNORE_INDEX, ModelAdapter, ModelWeightsNotFoundError, SampleTooLongError, build_adapter
 from miadpo.train import CONFIG_DIR, train
 
+QWEN3 = ["tiny_qwen3_vl", "tiny_qwen3_vl_moe", "tiny_qwen3_5", "tiny_qwen3_5_moe"]
 ZOO = ["tiny_llava", "tiny_qwen2_vl", "tiny_qwen2_5_vl", "tiny_idefics3", "tiny_smolvlm", "tiny_internvl",
-       "tiny_llava_onevision", "tiny_internlm_xc25"]
+       "tiny_llava_onevision", "tiny_internlm_xc25", *QWEN3]
 REAL = {"qwen2_vl": "Qwen/Qwen2-VL-7B-Instruct", "qwen2_5_vl": "Qwen/Qwen2.5-VL-7B-Instruct",
+        "qwen3_vl": "Qwen/Qwen3-VL-8B-Instruct", "qwen3_vl_moe": "Qwen/Qwen3-VL-30B-A3B-Instruct",
+        "qwen3_5": "Qwen/Qwen3.5-9B", "qwen3_5_moe": "Qwen/Qwen3.5-35B-A3B",
         "idefics3": "HuggingFaceM4/Idefics3-8B-Llama3", "smolvlm": "HuggingFaceTB/SmolVLM-Instruct",
         "internvl": "OpenGVLab/InternVL3-8B-hf", "llava_onevision": "llava-hf/llava-onevision-qwen2-7b-ov-hf",
         "internlm_xc25": "internlm/internlm-xcomposer2d5-7b"}
@@ -296,7 +299,13 @@ def without_video(processor_class: type) -> type:
 
 
 def reference_processor(name: str, adapter: ModelAdapter):
-    from transformers import Idefics3Processor, InternVLProcessor, LlavaOnevisionProcessor, Qwen2VLProcessor
+    from transformers import (
+        Idefics3Processor,
+        InternVLProcessor,
+        LlavaOnevisionProcessor,
+        Qwen2VLProcessor,
+        Qwen3VLProcessor,
+    )
 
     config = adapter.base_model.config
     if name == "tiny_idefics3":
@@ -306,6 +315,9 @@ def reference_processor(name: str, adapter: ModelAdapter):
                                  image_seq_len=seq), "<image>"
     if name in ("tiny_qwen2_vl", "tiny_qwen2_5_vl"):
         return (without_video(Qwen2VLProcessor)(image_processor=adapter.image_processor, tokenizer=adapter.tokenizer),
+                "<|vision_start|><|image_pad|><|vision_end|>")
+    if name in QWEN3:  # Qwen3.5's processor is Qwen3-VL's (transformers maps qwen3_5 to Qwen3VLProcessor)
+        return (without_video(Qwen3VLProcessor)(image_processor=adapter.image_processor, tokenizer=adapter.tokenizer),
                 "<|vision_start|><|image_pad|><|vision_end|>")
     if name == "tiny_internvl":
         return without_video(InternVLProcessor)(image_processor=adapter.image_processor, tokenizer=adapter.tokenizer,
@@ -318,7 +330,7 @@ def reference_processor(name: str, adapter: ModelAdapter):
 
 
 @pytest.mark.parametrize("name", ["tiny_qwen2_vl", "tiny_qwen2_5_vl", "tiny_idefics3", "tiny_internvl",
-                                  "tiny_llava_onevision"])
+                                  "tiny_llava_onevision", *QWEN3])
 @pytest.mark.parametrize("n_images", [1, 3])
 def test_prompt_tokens_and_pixels_match_the_transformers_processor(name: str, n_images: int) -> None:
     adapter = build_adapter(model_cfg(name))

@@ -104,6 +104,12 @@ class SharedPrefixPairForward(PairForward):
 
     batch_type = SharedPrefixBatch
 
+    def __init__(self, adapter: ModelAdapter) -> None:
+        if not adapter.shared_prefix_exact:
+            raise ValueError(f"{adapter.cfg.family}: the shared-prefix forward cannot repeat this family's "
+                             "linear-attention state per answer; use the plain forward (build_pair_forward picks it)")
+        super().__init__(adapter)
+
     def image_inputs(self, batch: SharedPrefixBatch) -> dict[str, torch.Tensor]:
         return batch.prompt
 

@@ -31,10 +31,21 @@ log = logging.getLogger(__name__)
 
 
 def build_pair_forward(adapter: ModelAdapter, fast: FastPathConfig) -> PairForward:
-    """The shared-prefix forward where it applies (no gradient checkpointing), else the plain one."""
+    """The shared-prefix forward where it applies (no gradient checkpointing, a family whose cache it can share),
+    else the plain one."""
+    if fast.shared_prefix and not adapter.shared_prefix_exact:
+        if adapter.cfg.family not in _SAID_NO_SHARED_PREFIX:
+            _SAID_NO_SHARED_PREFIX.add(adapter.cfg.family)
+            log.warning("dpo.fast.shared_prefix: %s's linear-attention layers keep a recurrent state that the cache "
+                        "cannot repeat per answer; this family uses the plain forward (the same log-probs, the "
+                        "prompt run once per answer)", adapter.cfg.family)
+        return ConcatenatedPairForward(adapter)
     if fast.shared_prefix and not adapter.cfg.gradient_checkpointing:
         return SharedPrefixPairForward(adapter)
     return ConcatenatedPairForward(adapter)
+
+
+_SAID_NO_SHARED_PREFIX: set[str] = set()  # families whose fallback was logged (once per process)
 
 
 def vision_path_is_frozen(adapter: ModelAdapter) -> bool:

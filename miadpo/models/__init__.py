@@ -14,12 +14,17 @@ from miadpo.models.llava import LlavaAdapter
 from miadpo.models.llava_onevision import LlavaOnevisionAdapter
 from miadpo.models.loading import ModelWeightsNotFoundError
 from miadpo.models.qwen2_vl import Qwen25VLAdapter, QwenVLAdapter
+from miadpo.models.qwen3_vl import Qwen3VLAdapter, Qwen3VLMoeAdapter, Qwen35Adapter, Qwen35MoeAdapter
 from miadpo.models.samples import IGNORE_INDEX, EncodedSample, ProcessedImages, SampleTooLongError
 
 ADAPTERS: dict[str, type[ModelAdapter]] = {
     "llava": LlavaAdapter,
     "qwen2_vl": QwenVLAdapter,
     "qwen2_5_vl": Qwen25VLAdapter,
+    "qwen3_vl": Qwen3VLAdapter,
+    "qwen3_vl_moe": Qwen3VLMoeAdapter,
+    "qwen3_5": Qwen35Adapter,
+    "qwen3_5_moe": Qwen35MoeAdapter,
     "internvl": InternVLAdapter,
     "idefics3": Idefics3Adapter,
     "smolvlm": SmolVLMAdapter,

@@ -50,6 +50,9 @@ class ModelAdapter(ABC):
     # The batch inputs the model's ``get_image_features`` reads (the vision path's inputs; families with image
     # grids or sizes add theirs). ``pixel_values`` is the one the forward no longer takes once features are given.
     image_feature_inputs: ClassVar[tuple[str, ...]] = ("pixel_values",)
+    # Whether the shared-prefix DPO forward is exact for this family: its decoder's cache can be repeated per answer
+    # row (key/value caches can; a linear-attention layer's recurrent state cannot, today).
+    shared_prefix_exact: ClassVar[bool] = True
 
     def __init__(self, model: nn.Module, tokenizer: Any, image_processor: Any, template: ChatTemplate,
                  cfg: ModelConfig) -> None:
@@ -108,6 +111,11 @@ class ModelAdapter(ABC):
     def attention_module(self, layer: nn.Module) -> nn.Module:
         """The self-attention module of one decoder layer (whose attention selection reads)."""
         return layer.self_attn
+
+    def attention_layer_indices(self) -> list[int]:
+        """The decoder layers with softmax attention over the sequence, whose weights selection can read (all of them
+        but in hybrid decoders, whose linear-attention layers have none)."""
+        return list(range(len(self.decoder_layers())))
 
     def plan_images(self, image_sizes: Sequence[tuple[int, int]]) -> list[ImageGeometry]:
         """Geometries of all images of one prompt (backbones whose layout depends on the image count override)."""

@@ -66,10 +66,14 @@ class QwenVLAdapter(SeparatePartsAdapter):
                 "vision_start_token_id": ids("<|vision_start|>"), "vision_end_token_id": ids("<|vision_end|>")}
 
     @classmethod
+    def tiny_tokenizer(cls, tiny: TinyModelConfig) -> PreTrainedTokenizerFast:
+        return build_tiny_tokenizer(tiny.vocab_size, QWEN_SPECIALS, CHATML_NAMES,
+                                    extra={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"})
+
+    @classmethod
     def build_tiny(cls, cfg: ModelConfig) -> tuple[nn.Module, PreTrainedTokenizerFast, Qwen2VLImageProcessorPil]:
         tiny = cfg.tiny
-        tokenizer = build_tiny_tokenizer(tiny.vocab_size, QWEN_SPECIALS, CHATML_NAMES,
-                                         extra={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"})
+        tokenizer = cls.tiny_tokenizer(tiny)
         merge = 2 * tiny.patch_size
         image_processor = Qwen2VLImageProcessorPil(
             min_pixels=merge * merge, max_pixels=tiny.image_size * tiny.image_size * tiny.max_tiles,

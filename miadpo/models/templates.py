@@ -71,6 +71,13 @@ TEMPLATES: dict[str, ChatTemplate] = {
                              "<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n", "<|im_end|>"),
     # ChatML without a system turn (InternVL-HF, LLaVA-OneVision).
     "chatml": ChatTemplate("chatml", "", "<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n", "<|im_end|>"),
+    # Qwen3-VL-Instruct: ChatML, no default system turn, no think block.
+    "qwen3_vl": ChatTemplate("qwen3_vl", "", "<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n",
+                             "<|im_end|>"),
+    # Qwen3.5 in non-thinking mode (enable_thinking=false): the generation prompt ends with an empty think block,
+    # which is part of the prompt (never of the scored answer).
+    "qwen3_5": ChatTemplate("qwen3_5", "", "<|im_start|>user\n",
+                            "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n", "<|im_end|>"),
     # Idefics3 / SmolVLM: "User:<prompt><end_of_utterance>\nAssistant:" after the tokenizer's BOS.
     "idefics3": ChatTemplate("idefics3", "", "User:", "<end_of_utterance>\nAssistant:", "<end_of_utterance>"),
     # InternLM-XComposer-2.5 (InternLM2 chat format, no system turn by default); answers end with [UNUSED_TOKEN_145].

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any, TypeVar
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import (
     CLIPVisionConfig,
     LlamaConfig,
@@ -53,10 +53,15 @@ def _corpus() -> list[str]:
 
 
 @functools.lru_cache(maxsize=32)
-def _trained_bpe(vocab_size: int, special_tokens: tuple[str, ...]) -> str:
-    """The trained tokenizer's JSON, once per process for each (vocab size, special tokens)."""
+def _trained_bpe(vocab_size: int, special_tokens: tuple[str, ...], split_regex: str | None = None) -> str:
+    """The trained tokenizer's JSON, once per process for each (vocab size, special tokens, pre-tokenizer)."""
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    if split_regex is not None:  # a family's own pre-tokenization (Qwen's: NFC, regex split, bytes without a prefix)
+        tokenizer.normalizer = normalizers.NFC()
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(split_regex), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -69,15 +74,17 @@ def _trained_bpe(vocab_size: int, special_tokens: tuple[str, ...]) -> str:
 
 
 def build_tiny_tokenizer(vocab_size: int = 512, special_tokens: Sequence[str] = SPECIAL_TOKENS,
-                         named: dict[str, str] | None = None, extra: dict[str, str] | None = None
-                         ) -> PreTrainedTokenizerFast:
+                         named: dict[str, str] | None = None, extra: dict[str, str] | None = None,
+                         split_regex: str | None = None) -> PreTrainedTokenizerFast:
     """A deterministic byte-level BPE tokenizer trained in process (trained once per process; each call returns a
     new tokenizer, so callers may add tokens to it).
 
     ``special_tokens`` are added first (ids 0..); ``named`` sets bos/eos/unk/pad (LLaVA-style by default);
-    ``extra`` names further special tokens (``tokenizer.<name>`` and ``tokenizer.<name>_id``).
+    ``extra`` names further special tokens (``tokenizer.<name>`` and ``tokenizer.<name>_id``). ``split_regex``: the
+    family's pre-tokenizer regex, for families whose saved tokenizer transformers rebuilds with its own class
+    (Qwen3.5's), so the rebuilt one splits text as this one does.
     """
-    tokenizer = Tokenizer.from_str(_trained_bpe(vocab_size, tuple(special_tokens)))
+    tokenizer = Tokenizer.from_str(_trained_bpe(vocab_size, tuple(special_tokens), split_regex))
     names = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>", **(named or {})}
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,

@@ -83,11 +83,19 @@ AttentionInterface.register(CAPTURE_IMPLEMENTATION, _capture_attention)
 
 
 def resolve_layer(adapter: ModelAdapter, layer: int | None) -> int:
-    """``None`` → the middle layer (16 of 32 for LLaVA-1.5-7B); negative indices count from the end."""
+    """``None`` → the middle layer (16 of 32 for LLaVA-1.5-7B), or in a hybrid decoder the attention layer nearest it
+    (the earlier of two); negative indices count from the end. A layer without attention weights (linear attention)
+    is refused, naming the ones that have them."""
     count = len(adapter.decoder_layers())
-    index = count // 2 if layer is None else (layer + count if layer < 0 else layer)
+    usable = adapter.attention_layer_indices()
+    if layer is None:
+        return min(usable, key=lambda i: (abs(i - count // 2), i))
+    index = layer + count if layer < 0 else layer
     if not 0 <= index < count:
         raise ValueError(f"selection.layer={layer} is outside the model's {count} decoder layers")
+    if index not in usable:
+        raise ValueError(f"selection.layer={layer}: decoder layer {index} of {adapter.cfg.name} has no attention "
+                         f"weights (linear attention); layers with attention: {usable}")
     return index
 
 
