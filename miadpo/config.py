@@ -87,6 +87,9 @@ class LoraConfig:
     dropout: float = 0.0
     # None: the adapter's default (every LLM linear layer except lm_head).
     target_modules: Any = None
+    # Parameters (not modules) that also get LoRA, by name suffix (peft's target_parameters): an MoE's fused routed
+    # experts, e.g. [mlp.experts.gate_up_proj, mlp.experts.down_proj]. None: none.
+    target_parameters: list[str] | None = None
 
 
 @dataclass

@@ -89,6 +89,7 @@ def with_later_additions(entry: str, composition: Any) -> Any:
         model["max_length"] = MODEL_BUDGETS.get(model["name"], TINY_BUDGET)
         # issue 33: InternLM-XC2.5's crop budgets moved under model.internlm_xc25
         model["internlm_xc25"] = {"hd_num": model.pop("hd_num"), "hd_num_multi": model.pop("hd_num_multi")}
+        model["lora"].setdefault("target_parameters", None)  # issue 33: LoRA on an MoE's fused experts (none)
     return composition
 
 

@@ -372,6 +372,14 @@ def test_merged_dynamic_model_reloads_through_its_adapter(name: str, tmp_path: P
     assert torch.allclose(merged_logits, policy_logits, atol=1e-4)
 
 
+def test_fsdp_units_are_the_models_own_decoder_layers(zoo: ModelAdapter) -> None:
+    """``strategy=fsdp`` shards each of ``decoder_layers()`` (DPOModule.configure_model): they are all the model's
+    decoder layers, of the class transformers itself keeps whole (``_no_split_modules``)."""
+    layers = zoo.decoder_layers()
+    assert len(layers) == zoo.base_model.config.get_text_config().num_hidden_layers
+    assert {type(layer).__name__ for layer in layers} <= set(zoo.base_model._no_split_modules)
+
+
 def test_freeze_switches_leave_only_the_chosen_group_trainable(zoo_name: str) -> None:
     cfg = model_cfg(zoo_name)
     cfg.merge_with({"lora": {"enabled": False}, "freeze_vision_tower": True, "freeze_projector": False,

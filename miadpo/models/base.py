@@ -335,6 +335,7 @@ class ModelAdapter(ABC):
             lora_alpha=lora.alpha,
             lora_dropout=lora.dropout,
             target_modules=targets,
+            target_parameters=list(lora.target_parameters) if lora.target_parameters else None,
             modules_to_save=[self.module_name(groups[g]) for g in trainable_groups if g != "llm"] or None,
             bias="none",
         )
