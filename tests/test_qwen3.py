@@ -72,3 +72,89 @@ def test_qwen3_5_think_block_is_prompt_never_answer() -> None:
     answer = sample.input_ids[sample.labels != IGNORE_INDEX]
     assert tokenizer.decode(answer) == "a red square<|im_end|>"
     assert int((sample.labels != IGNORE_INDEX).nonzero()[0]) == sample.prompt_length
+
+
+# ----- the released Qwen vocabularies ------------------------------------------------------------------------------
+# (model, vocabulary, its special ids: <|im_start|>, <|im_end|>, <|image_pad|>, <think>, </think>)
+REAL_VOCABULARIES = [("qwen3_vl", "qwen3", (151644, 151645, 151655, 151667, 151668)),
+                     ("qwen3_5", "qwen3_5", (248045, 248046, 248056, 248068, 248069))]
+VISION = "<|vision_start|><|image_pad|><|vision_end|>"
+CONVERSATION = [{"type": "text", "text": "Image1: "}, {"type": "image"}, {"type": "text", "text": "\nImage2: "},
+                {"type": "image"}, {"type": "text", "text": "\nWhich image shows a dog?"}]
+# The released chat templates' renderings of CONVERSATION with the generation prompt (Qwen3-VL-Instruct: no default
+# system turn; Qwen3.5 with enable_thinking=false: an empty think block opens the answer).
+RELEASED = {
+    "qwen3_vl": f"<|im_start|>user\nImage1: {VISION}\nImage2: {VISION}\nWhich image shows a dog?<|im_end|>\n"
+                "<|im_start|>assistant\n",
+    "qwen3_5": f"<|im_start|>user\nImage1: {VISION}\nImage2: {VISION}\nWhich image shows a dog?<|im_end|>\n"
+               "<|im_start|>assistant\n<think>\n\n</think>\n\n",
+}
+
+
+def real_vocab_adapter(name: str, vocabulary: str) -> ModelAdapter:
+    """The tiny ``name`` architecture on the released vocabulary (its embedding and head sized to it)."""
+    from qwen_vocab import qwen_tokenizer
+
+    tiny = adapter_for(f"tiny_{name}")
+    tokenizer = qwen_tokenizer(vocabulary)
+    model = type(tiny).tiny_model(tiny.cfg.tiny, tokenizer, "sdpa")
+    return type(tiny)(model, tokenizer, tiny.image_processor, tiny.template, tiny.cfg)
+
+
+@pytest.mark.parametrize(("name", "vocabulary", "ids"), REAL_VOCABULARIES)
+def test_released_vocabulary_renders_the_released_template_and_bounds_the_answer(name, vocabulary, ids, tmp_path
+                                                                                  ) -> None:
+    """On the real vocabulary: the exported chat template renders the released template's text; its ids (each image
+    marker expanded) are miadpo's; the special tokens have their released ids; the labels are exactly the answer and
+    <|im_end|> — the think block stays in the prompt."""
+    from transformers import AutoTokenizer
+
+    im_start, im_end, image_pad, think, end_think = ids
+    adapter = real_vocab_adapter(name, vocabulary)
+    assert len(adapter.tokenizer) == {"qwen3": 151669, "qwen3_5": 248077}[vocabulary]
+    assert adapter.image_token_id == image_pad and adapter.eos_token_id == im_end
+    adapter.save_base(tmp_path / "base")
+    saved = AutoTokenizer.from_pretrained(tmp_path / "base")
+    rendered = saved.apply_chat_template([{"role": "user", "content": CONVERSATION}], add_generation_prompt=True,
+                                         tokenize=False)
+    assert rendered == RELEASED[name]
+    answered = saved.apply_chat_template([{"role": "user", "content": CONVERSATION},
+                                          {"role": "assistant", "content": "Image2."}], tokenize=False)
+    assert answered + "\n" == RELEASED[name] + "Image2.<|im_end|>\n"  # the released ends the turn with a newline
+
+    rng = np.random.default_rng(0)
+    pictures = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for w, h in [(64, 32), (40, 90)]]
+    prompt = "Image1: <image>\nImage2: <image>\nWhich image shows a dog?"
+    sample = adapter.encode(pictures, prompt, "Image2.")
+    geometries = adapter.plan_images([p.size for p in pictures])
+    parts = rendered.split(VISION)
+    expanded = parts[0] + "".join(adapter.image_placeholder(g) + part for g, part in zip(geometries, parts[1:]))
+    ids_of_prompt = saved(expanded, add_special_tokens=False)["input_ids"]
+    assert ids_of_prompt == sample.input_ids[: sample.prompt_length].tolist()
+    assert ids_of_prompt[0] == im_start and ids_of_prompt.count(image_pad) == sum(g.num_tokens for g in geometries)
+    answer = sample.input_ids[sample.labels != IGNORE_INDEX].tolist()
+    assert answer == saved("Image2.", add_special_tokens=False)["input_ids"] + [im_end]
+    if name == "qwen3_5":
+        assert ids_of_prompt[-4:] == [think, 271, end_think, 271]  # "<think>", "\n\n", "</think>", "\n\n"
+    else:
+        assert think not in ids_of_prompt
+
+
+@pytest.mark.parametrize(("name", "vocabulary", "ids"), REAL_VOCABULARIES)
+def test_train_entry_on_the_released_vocabulary_from_a_weights_directory(name, vocabulary, ids, tmp_path,
+                                                                         pair_files) -> None:
+    """``python -m miadpo.train model=<weights config> model.path=<dir>`` on a directory laid out as the release's
+    (the tiny architecture, the released vocabulary): 2 steps on a pair file of 1, 3 and 5 images."""
+    from conftest import compose_train, good_record
+
+    from miadpo.train import train
+
+    real_vocab_adapter(name, vocabulary).save_base(tmp_path / "weights")
+    pairs = pair_files([good_record(tmp_path, i, n) for i, n in enumerate([1, 3, 5, 1, 3, 5])])
+    cfg = compose_train([f"model={name}", f"model.path={tmp_path / 'weights'}", "model.dtype=float32",
+                         "model.gradient_checkpointing=false", "model.lora.r=8", "model.lora.alpha=16", "data=pairs",
+                         f"data.pairs={pairs}", f"data.image_root={tmp_path / 'images'}", "data.batch_size=2",
+                         "trainer.max_steps=2"], tmp_path)
+    result = train(cfg)
+    assert result.global_step == 2
+    assert (result.run_dir / "adapter" / "adapter_model.safetensors").is_file()
