@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -74,6 +76,40 @@ def test_shared_prefix_equals_the_plain_path(name: str, image_counts: list[int])
     assert grads_a.keys() == grads_b.keys() and grads_a
     for key in grads_a:
         assert torch.allclose(grads_a[key], grads_b[key], atol=1e-5, rtol=1e-4), key
+
+
+@pytest.mark.parametrize("forward_class", [ConcatenatedPairForward, SharedPrefixPairForward])
+@pytest.mark.parametrize("name", ["tiny_llava", "tiny_internlm_xc25"])
+def test_chunked_answer_logprobs_equal_the_whole_and_never_hold_all_logits(name: str, forward_class) -> None:
+    """The LM head on 3 answer positions at a time gives the log-probs and gradients of the head on all at once;
+    no logits tensor of more than 3 rows exists, in the forward or the backward pass."""
+    adapter = adapter_for(name, freeze_llm=False, lora={"enabled": False})  # the head trains too
+    items = pairs(adapter, [2, 4, 1])
+    results = []
+    for chunk in (0, 3):
+        forward = forward_class(adapter, chunk=chunk)
+        batch = forward.collate(items)
+        shapes: list[tuple[int, ...]] = []
+        head = adapter.base_model.get_output_embeddings()
+        handle = head.register_forward_hook(lambda _m, _a, out, seen=shapes: seen.append(tuple(out.shape)))
+        try:
+            adapter.model.zero_grad()
+            logps = forward(adapter.model, batch)
+            (logps.chosen.sum() - logps.rejected.sum()).backward()
+        finally:
+            handle.remove()
+        grads = {n: p.grad.clone() for n, p in adapter.model.named_parameters() if p.grad is not None}
+        results.append((logps, grads, shapes))
+    (whole, whole_grads, _), (chunked, chunked_grads, shapes) = results
+    assert torch.allclose(whole.chosen, chunked.chosen, atol=1e-5) and torch.allclose(whole.rejected,
+                                                                                       chunked.rejected, atol=1e-5)
+    assert whole_grads.keys() == chunked_grads.keys()
+    assert any(n.endswith(("lm_head.weight", "output.weight")) for n in whole_grads)  # the head trains
+    for key in whole_grads:
+        assert torch.allclose(whole_grads[key], chunked_grads[key], atol=1e-5, rtol=1e-4), key
+    rows = [math.prod(shape[:-1]) for shape in shapes]
+    rows = [r for r in rows if r]  # the forwards' own logits are empty (logits_to_keep: no position)
+    assert rows and max(rows) <= 3 and sum(rows) > int(whole.chosen_tokens.sum() + whole.rejected_tokens.sum())
 
 
 @pytest.mark.parametrize("name", ["tiny_llava", "tiny_qwen2_vl", "tiny_idefics3", "tiny_internlm_xc25"])

@@ -67,14 +67,14 @@ def test_prompt_and_image_positions_contribute_nothing() -> None:
     labels = torch.full((2, 12), IGNORE_INDEX)
     labels[0, 8:11] = torch.tensor([3, 4, 5])
     labels[1, 5:7] = torch.tensor([7, 8])
-    base, counts = answer_logps(logits, labels)
+    base, counts = answer_logps(logits, labels, lambda rows: rows)  # the head: identity (rows are logits)
     assert counts.tolist() == [3, 2]
     noisy = logits.clone()
     noisy[0, :7] += 100 * torch.randn(7, 50)  # positions 0..6 predict prompt tokens of row 0
     noisy[0, 10:] += 100 * torch.randn(2, 50)  # position 10 predicts 11 (padding), 11 predicts nothing
     noisy[1, :4] += 100 * torch.randn(4, 50)
     noisy[1, 6:] += 100 * torch.randn(6, 50)
-    assert torch.allclose(answer_logps(noisy, labels)[0], base)
+    assert torch.allclose(answer_logps(noisy, labels, lambda rows: rows)[0], base)
     expected = torch.log_softmax(logits[0, 7], -1)[3] + torch.log_softmax(logits[0, 8], -1)[4]
     expected += torch.log_softmax(logits[0, 9], -1)[5]
     assert base[0].item() == pytest.approx(expected.item(), abs=1e-6)

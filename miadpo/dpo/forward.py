@@ -5,8 +5,11 @@ Two exact implementations of the same quantity (``DPOModule`` and the loss never
 - :class:`ConcatenatedPairForward` — the plain path every mainstream trainer uses: chosen and rejected as two
   full sequences, prompt and images included, in one 2B batch.
 - :class:`SharedPrefixPairForward` — the prompt (images included) runs once per pair; its key/value cache, with
-  gradients flowing through it, is shared by the chosen and the rejected answer, which continue from it. The LM
-  head runs on the prompt's last position and the answer positions only.
+  gradients flowing through it, is shared by the chosen and the rejected answer, which continue from it.
+
+In both the LM head runs on the positions that predict answer tokens only, ``chunk`` of them at a time, each chunk
+recomputed in the backward pass (:func:`miadpo.models.logprobs.chunked_token_logprobs`): memory for logits does not
+grow with the vocabulary × the answers' length.
 
 A pair with an image-side negative adds the chosen answer against the negative images: one more sequence in the
 plain path; in the shared-prefix path a second prompt (the negative images change the key/value cache from the
@@ -22,7 +25,7 @@ is replaced).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -32,23 +35,32 @@ from miadpo.data.dataset import EncodedPair
 from miadpo.dpo.batch import ConcatenatedBatch, PairBatch, PairLogps, SharedPrefixBatch, scatter_negative
 from miadpo.models.base import ModelAdapter
 from miadpo.models.loading import CACHE_NAME
-from miadpo.models.logprobs import token_logprobs
+from miadpo.models.logprobs import chunked_token_logprobs
 from miadpo.models.samples import IGNORE_INDEX
 
+# Answer tokens whose vocabulary-wide logits exist at once (chunked_token_logprobs): 64 × 262k fp32 logits are 64 MiB.
+LOGPROB_CHUNK = 64
 
-def answer_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+LogitsOf = Callable[[torch.Tensor], torch.Tensor]
+
+
+def answer_logps(hidden: torch.Tensor, labels: torch.Tensor, logits_of: LogitsOf, chunk: int = LOGPROB_CHUNK
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sequence sum of answer-token log-probs and the number of answer tokens.
 
-    ``logits[b, t]`` predicts token ``t + 1``; positions whose label is IGNORE_INDEX contribute nothing.
+    ``hidden[b, t]`` (through ``logits_of``, the LM head) predicts token ``t + 1``; positions whose label is
+    IGNORE_INDEX contribute nothing.
     """
-    return token_logps(logits[:, :-1], labels[:, 1:])
+    return token_logps(hidden[:, :-1], labels[:, 1:], logits_of, chunk)
 
 
-def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum over positions of log p(labels[b, t] | logits[b, t]) where the label is not IGNORE_INDEX."""
+def token_logps(hidden: torch.Tensor, labels: torch.Tensor, logits_of: LogitsOf, chunk: int = LOGPROB_CHUNK
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum over positions of log p(labels[b, t] | logits_of(hidden[b, t])) where the label is not IGNORE_INDEX; the
+    LM head runs on those positions only, ``chunk`` at a time (:func:`chunked_token_logprobs`)."""
     mask = labels != IGNORE_INDEX
-    values = torch.zeros(labels.shape, dtype=torch.float32, device=logits.device)
-    values[mask] = token_logprobs(logits[mask], labels[mask])
+    values = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device)
+    values[mask] = chunked_token_logprobs(hidden[mask], labels[mask], logits_of, chunk)
     return values.sum(-1), mask.sum(-1)
 
 
@@ -58,8 +70,9 @@ class PairForward(ABC):
 
     batch_type: type[PairBatch]
 
-    def __init__(self, adapter: ModelAdapter) -> None:
+    def __init__(self, adapter: ModelAdapter, chunk: int = LOGPROB_CHUNK) -> None:
         self.adapter = adapter
+        self.chunk = chunk
 
     def collate(self, pairs: Sequence[EncodedPair]) -> PairBatch:
         return self.batch_type.collate(self.adapter, pairs)
@@ -89,8 +102,9 @@ class ConcatenatedPairForward(PairForward):
     def __call__(self, model: nn.Module, batch: ConcatenatedBatch, image_features: Any | None = None) -> PairLogps:
         inputs = self.adapter.with_image_features({k: v for k, v in batch.inputs.items() if k != "labels"},
                                                   image_features)
-        logits = model(**inputs, use_cache=False).logits
-        logps, counts = answer_logps(logits, batch.inputs["labels"])
+        hidden, _ = self.adapter.hidden_forward(model, **inputs, use_cache=False)
+        logps, counts = answer_logps(hidden, batch.inputs["labels"],
+                                     lambda rows: self.adapter.logits_of(model, rows), self.chunk)
         n = batch.num_pairs
         return pair_logps(logps, counts, n, batch.has_negative)
 
@@ -104,11 +118,11 @@ class SharedPrefixPairForward(PairForward):
 
     batch_type = SharedPrefixBatch
 
-    def __init__(self, adapter: ModelAdapter) -> None:
+    def __init__(self, adapter: ModelAdapter, chunk: int = LOGPROB_CHUNK) -> None:
         if not adapter.shared_prefix_exact:
             raise ValueError(f"{adapter.cfg.family}: the shared-prefix forward cannot repeat this family's "
                              "linear-attention state per answer; use the plain forward (build_pair_forward picks it)")
-        super().__init__(adapter)
+        super().__init__(adapter, chunk)
 
     def image_inputs(self, batch: SharedPrefixBatch) -> dict[str, torch.Tensor]:
         return batch.prompt
@@ -116,8 +130,8 @@ class SharedPrefixPairForward(PairForward):
     def __call__(self, model: nn.Module, batch: SharedPrefixBatch, image_features: Any | None = None) -> PairLogps:
         prompt, answers = batch.prompt, batch.answers
         positions = self.adapter.prompt_position_ids(prompt)
-        prefill = model(**self.adapter.with_image_features(prompt, image_features), position_ids=positions,
-                        use_cache=True, logits_to_keep=1)
+        prompt_hidden, prefill = self.adapter.hidden_forward(
+            model, **self.adapter.with_image_features(prompt, image_features), position_ids=positions, use_cache=True)
         cache = getattr(prefill, CACHE_NAME)
         n = batch.num_pairs
         device = positions.device
@@ -139,11 +153,13 @@ class SharedPrefixPairForward(PairForward):
         length = answers["input_ids"].shape[1]
         following = expand(positions.amax(dim=-1, keepdim=True) + 1 + torch.arange(length, device=device), batch_dim)
         mask = torch.cat([expand(prompt["attention_mask"]), answers["attention_mask"]], dim=1)
-        out = model(input_ids=answers["input_ids"], attention_mask=mask, position_ids=following,
-                    use_cache=False, **{CACHE_NAME: cache})
-        first = expand(prefill.logits[:, -1:])  # predicts each answer's first token
-        logits = torch.cat([first, out.logits[:, :-1]], dim=1)
-        logps, counts = token_logps(logits, answers["labels"])
+        answer_hidden, _ = self.adapter.hidden_forward(model, input_ids=answers["input_ids"], attention_mask=mask,
+                                                       position_ids=following, use_cache=False,
+                                                       **{CACHE_NAME: cache})
+        first = expand(prompt_hidden[:, -1:])  # predicts each answer's first token
+        hidden = torch.cat([first, answer_hidden[:, :-1]], dim=1)
+        logps, counts = token_logps(hidden, answers["labels"], lambda rows: self.adapter.logits_of(model, rows),
+                                    self.chunk)
         return pair_logps(logps, counts, n, batch.has_negative, interleaved=True)
 
 

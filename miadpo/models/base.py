@@ -275,6 +275,34 @@ class ModelAdapter(ABC):
         rest["mm_encoder_outputs"] = {"image": features}
         return rest
 
+    def language_model(self, model: nn.Module) -> nn.Module:
+        """``model``'s decoder (the ``llm`` group of that model: the policy, its frozen copy or a reloaded one)."""
+        base = model.get_base_model() if isinstance(model, PeftModel) else model
+        return base.get_submodule(self.module_paths["llm"])
+
+    def logits_of(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """The logits ``model`` computes from its decoder's last hidden states: its LM head, and the final logit
+        soft-capping where the text config has one."""
+        base = model.get_base_model() if isinstance(model, PeftModel) else model
+        logits = base.get_output_embeddings()(hidden)
+        cap = getattr(base.config.get_text_config(), "final_logit_softcapping", None)
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+    def hidden_forward(self, model: nn.Module, **inputs: Any) -> tuple[torch.Tensor, Any]:
+        """``model(**inputs)`` with no logits computed: the decoder's last (normed) hidden states and the output
+        (its cache). The LM head runs later, on the rows that need it (:meth:`logits_of`)."""
+        captured: dict[str, torch.Tensor] = {}
+
+        def grab(_module: nn.Module, _args: tuple, output: Any) -> None:
+            captured["hidden"] = output if isinstance(output, torch.Tensor) else output[0]
+
+        handle = self.language_model(model).register_forward_hook(grab)
+        try:
+            output = model(**inputs, logits_to_keep=torch.zeros(0, dtype=torch.long))
+        finally:
+            handle.remove()
+        return captured["hidden"], output
+
     def generation_inputs(self, prompts: Sequence[EncodedSample]) -> dict[str, torch.Tensor]:
         """Prompts as one left-padded batch for ``generate``, labels dropped, on the model's device."""
         batch = self.collate(prompts, padding_side="left")

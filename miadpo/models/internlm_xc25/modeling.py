@@ -138,7 +138,8 @@ class InternLMXComposer2ForCausalLM(PreTrainedModel, GenerationMixin):
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, image_layout: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, past_key_values: Any = None, cache: Any = None,
-                labels: torch.Tensor | None = None, use_cache: bool | None = None, logits_to_keep: int = 0,
+                labels: torch.Tensor | None = None, use_cache: bool | None = None,
+                logits_to_keep: int | torch.Tensor = 0,
                 inputs_embeds: torch.Tensor | None = None, im_mask: torch.Tensor | None = None,
                 mm_encoder_outputs: dict[str, list[torch.Tensor]] | None = None, **_: Any) -> CausalLMOutputWithPast:
         """As transformers' VLMs: ``mm_encoder_outputs={"image": get_image_features(...)}`` passes precomputed
@@ -153,7 +154,9 @@ class InternLMXComposer2ForCausalLM(PreTrainedModel, GenerationMixin):
             cache = DynamicCache()
         hidden = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, im_mask=im_mask,
                             position_ids=position_ids, past_key_values=cache)
-        logits = self.output(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+        # As transformers' models: the last ``logits_to_keep`` positions, or the positions a 1-D tensor lists.
+        keep = logits_to_keep if isinstance(logits_to_keep, torch.Tensor) else slice(-logits_to_keep or None, None)
+        logits = self.output(hidden[:, keep])
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
