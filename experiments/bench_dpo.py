@@ -2,6 +2,7 @@
 
     python experiments/bench_dpo.py [--steps 8] [--threads 1 2]        (needs `pip install -e ".[bench]"`)
     python experiments/bench_dpo.py --end-to-end [--repeats 5]         (1 thread; both shapes)
+    python experiments/bench_dpo.py --vocab [--steps 4]                (1 thread; 32k, 152k, 262k vocabularies)
 
 Workload: a LLaVA (CLIP tower 2 layers / hidden 64, Llama 4 layers / hidden 192, 2.1M parameters) whose
 images are 168 px → 144 tokens each; 5 images per prompt (~770 prompt tokens), answers of ~30 tokens; LoRA r8 on
@@ -22,6 +23,13 @@ included, for two shapes (``SHAPES``: 5 images with ~30-token answers, 2 images 
   fast (pre-pass) — ``fill_reference_cache`` over the pairs first, then every epoch reads the cache;
   fast (no cache) — the reference in every step, sharing the prompt's image features;
   plain, trl — as above, the reference in every step (TRL cannot precompute reference log-probs for image data).
+Vocabulary (``--vocab``, experiments/results/dpo_vocab.md): the benchmark's LLaVA with its embedding and LM head
+resized to 32,000 (LLaVA-1.5), 151,669 (Qwen2/3) and 262,144 (Gemma 3) entries; 3 images per prompt, ~40-token
+answers, batch 2 pairs, 1 thread. Methods: fast (as above: answer log-probs through the LM head 64 positions at a
+time, recomputed in backward), fast (head on all answer positions at once: ``chunk=0``, the logits kept for
+backward as before the chunking), trl. Peak RSS per method and vocabulary in a fresh process; pairs/s from
+interleaved steps.
+
 Each repetition runs every method once (interleaved, each from a fresh empty cache; the order rotated from one
 repetition to the next, so no method always runs first) after one warm-up step on a batch outside the 8 pairs;
 a 1-epoch run is the first epoch of the 3-epoch run (the same work from an empty cache). Medians over the
@@ -55,7 +63,12 @@ BATCH_PAIRS, N_IMAGES, LORA_R = 2, 5, 8
 RUN_PAIRS, EPOCHS = 8, 3
 LONG_TAIL = "it sits in the middle of the image on a plain background"  # ~30 answer tokens with EOS
 # shape → (images per prompt, the words after the colour in each answer)
-SHAPES = {"5 images, ~30-token answers": (5, f" and {LONG_TAIL}"), "2 images, short answers": (2, "")}
+SHAPES = {"5 images, ~30-token answers": (5, f" and {LONG_TAIL}"), "2 images, short answers": (2, ""),
+          "3 images, ~40-token answers": (3, f" and {LONG_TAIL}, with a thin grey border around its edges")}
+VOCAB_SHAPE = "3 images, ~40-token answers"
+VOCAB_SIZES = (32000, 151669, 262144)
+VOCAB_METHODS = ("fast", "fast (chunk=0)", "trl")
+VOCAB_RESULTS = Path(__file__).resolve().parent / "results" / "dpo_vocab.md"
 DEFAULT_SHAPE = "5 images, ~30-token answers"
 PALETTE = [(220, 30, 30), (30, 170, 60), (40, 70, 220), (240, 210, 20), (140, 50, 180), (20, 180, 190)]
 NAMES = ["red", "green", "blue", "yellow", "purple", "cyan"]
@@ -65,8 +78,9 @@ BENCH_TINY = {"image_size": 168, "patch_size": 14, "hidden_size": 192, "intermed
               "num_heads": 4, "vision_hidden_size": 64, "vision_layers": 2}
 
 
-def build_adapter(tiny: dict[str, int] | None = None, dtype: str = "float32"):
-    """A LLaVA built in code with random weights: the benchmark's 2.1M-parameter one, or the sizes of ``tiny``."""
+def build_adapter(tiny: dict[str, int] | None = None, dtype: str = "float32", vocab_size: int | None = None):
+    """A LLaVA built in code with random weights: the benchmark's 2.1M-parameter one, or the sizes of ``tiny``;
+    ``vocab_size``: its embedding and LM head resized to that many entries (the tokenizer's ids stay below)."""
     from omegaconf import OmegaConf
 
     from miadpo.config import ModelConfig
@@ -76,7 +90,10 @@ def build_adapter(tiny: dict[str, int] | None = None, dtype: str = "float32"):
     cfg.merge_with({"name": "bench", "family": "llava", "dtype": dtype, "lora": {"r": LORA_R, "alpha": 2 * LORA_R},
                     "tiny": tiny or BENCH_TINY})
     torch.manual_seed(0)
-    return build(cfg)
+    adapter = build(cfg)
+    if vocab_size is not None:
+        adapter.model.resize_token_embeddings(vocab_size, mean_resizing=False)
+    return adapter
 
 
 def synchronize(device: str) -> None:
@@ -114,9 +131,10 @@ def saved_bytes(counter: dict[str, int]):
         yield
 
 
-def our_step(fast: bool, adapter: Any = None, device: str = "cpu") -> Callable[[dict[str, int] | None], float]:
+def our_step(fast: bool, adapter: Any = None, device: str = "cpu", shape: str = DEFAULT_SHAPE,
+             chunk: int | None = None) -> Callable[[dict[str, int] | None], float]:
     """One training step of our fast path (reference log-probs cached) or plain path, on ``adapter`` (default: the
-    benchmark's) moved to ``device``."""
+    benchmark's) moved to ``device``; ``chunk``: answer positions through the LM head at a time (default: ours)."""
     from lightning.fabric.utilities import move_data_to_device
 
     from miadpo.config import DPOConfig, FastPathConfig, OptimConfig
@@ -125,8 +143,9 @@ def our_step(fast: bool, adapter: Any = None, device: str = "cpu") -> Callable[[
 
     adapter = adapter or build_adapter()
     adapter.model.to(device)
-    pairs = encoded_pairs(adapter, DEFAULT_SHAPE, range(BATCH_PAIRS))
-    forward = SharedPrefixPairForward(adapter) if fast else ConcatenatedPairForward(adapter)
+    pairs = encoded_pairs(adapter, shape, range(BATCH_PAIRS))
+    forward_class = SharedPrefixPairForward if fast else ConcatenatedPairForward
+    forward = forward_class(adapter) if chunk is None else forward_class(adapter, chunk=chunk)
     batch = move_data_to_device(forward.collate(pairs), device)
     if fast:  # the reference cache: computed once with the base model, before LoRA, as miadpo.train does
         with torch.no_grad():
@@ -187,9 +206,10 @@ def trl_trainer(shape: str, n_pairs: int, adapter: Any = None, device: str = "cp
     return trainer
 
 
-def trl_step(adapter: Any = None, device: str = "cpu") -> Callable[[dict[str, int] | None], float]:
+def trl_step(adapter: Any = None, device: str = "cpu", shape: str = DEFAULT_SHAPE
+             ) -> Callable[[dict[str, int] | None], float]:
     """One ``DPOTrainer.training_step`` (policy forward, reference forward with the adapter disabled, backward)."""
-    trainer = trl_trainer(DEFAULT_SHAPE, BATCH_PAIRS, adapter, device)
+    trainer = trl_trainer(shape, BATCH_PAIRS, adapter, device)
     batch = next(iter(trainer.get_train_dataloader()))  # collated once, like ours (moved by the trainer)
 
     def step(counter: dict[str, int] | None = None) -> float:
@@ -350,8 +370,37 @@ def end_to_end(repeats: int) -> None:
     print(f"\nwritten to {END_TO_END}")
 
 
-def build(method: str) -> Callable[[dict[str, int] | None], float]:
-    return trl_step() if method == "trl" else our_step(method == "fast")
+def build(method: str, vocab_size: int | None = None) -> Callable[[dict[str, int] | None], float]:
+    if vocab_size is None:
+        return trl_step() if method == "trl" else our_step(method == "fast")
+    adapter = build_adapter(vocab_size=vocab_size)
+    if method == "trl":
+        return trl_step(adapter, shape=VOCAB_SHAPE)
+    return our_step(True, adapter, shape=VOCAB_SHAPE, chunk=0 if method == "fast (chunk=0)" else None)
+
+
+def vocabulary(steps: int) -> None:
+    """The vocabulary table: pairs/s (interleaved steps, one process per vocabulary) and peak RSS (one process per
+    method and vocabulary) of our fast step, the fast step without chunking, and TRL's."""
+    rows = []
+    for size in VOCAB_SIZES:
+        timing = run("--worker", "timing", "--threads", "1", "--steps", str(steps), "--vocab-size", str(size))
+        memory = {m: run("--worker", "memory", "--method", m, "--threads", "1", "--vocab-size", str(size))
+                  for m in VOCAB_METHODS}
+        for method in VOCAB_METHODS:
+            t, rss = timing[method], memory[method]["peak_rss_mib"]
+            rows.append(f"| {size:,} | {method} | {t:.3f} | {BATCH_PAIRS / t:.2f} | {timing['trl'] / t:.2f} | "
+                        f"{rss:.0f} | {rss / memory['trl']['peak_rss_mib']:.2f} |")
+            print(rows[-1], flush=True)
+    lines = ["# DPO step by vocabulary size: fast path vs TRL DPOTrainer\n",
+             f"{platform.processor() or 'cpu'}, {os.cpu_count()} cores, torch {torch.__version__}, 1 torch thread; "
+             f"the benchmark's LLaVA with its embedding and LM head resized to each vocabulary; batch {BATCH_PAIRS} "
+             f"pairs × 3 images × 144 tokens, answers ~40 tokens, LoRA r{LORA_R}, fp32; median of {steps} "
+             "interleaved steps after one warm-up; peak RSS of a fresh process running 3 steps.\n",
+             "| vocabulary | method | s/step | pairs/s | × TRL pairs/s | peak RSS (MiB) | × TRL |",
+             "|---|---|---|---|---|---|---|", *rows]
+    VOCAB_RESULTS.write_text("\n".join(lines) + "\n")
+    print(f"\nwritten to {VOCAB_RESULTS}")
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -360,16 +409,17 @@ def worker(args: argparse.Namespace) -> None:
         print(json.dumps(end_to_end_worker(args.shape, args.repeats)))
         return
     if args.worker == "timing":
-        steps = {m: build(m) for m in METHODS}
+        methods = VOCAB_METHODS if args.vocab_size else METHODS
+        steps = {m: build(m, args.vocab_size) for m in methods}
         for step in steps.values():
             step(None)  # warm-up
-        times: dict[str, list[float]] = {m: [] for m in METHODS}
+        times: dict[str, list[float]] = {m: [] for m in methods}
         for _ in range(args.steps):
             for method, step in steps.items():
                 times[method].append(step(None))
         print(json.dumps({m: statistics.median(t) for m, t in times.items()}))
     else:
-        step = build(args.method)
+        step = build(args.method, args.vocab_size)
         step(None)
         counter = {"bytes": 0}
         step(counter)
@@ -391,7 +441,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--worker", choices=["timing", "memory", "end-to-end"], default=None)
-    parser.add_argument("--method", choices=METHODS, default="fast")
+    parser.add_argument("--method", choices=METHODS + VOCAB_METHODS[1:], default="fast")
+    parser.add_argument("--vocab", action="store_true", help="the vocabulary table (experiments/results/dpo_vocab.md)")
+    parser.add_argument("--vocab-size", type=int, default=None)
     parser.add_argument("--end-to-end", action="store_true", help="whole 1- and 3-epoch runs instead of steps")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--shape", choices=list(SHAPES), default=DEFAULT_SHAPE)
@@ -402,6 +454,9 @@ def main() -> None:
         return
     if args.end_to_end:
         end_to_end(args.repeats)
+        return
+    if args.vocab:
+        vocabulary(args.steps)
         return
     lines = ["# DPO step: fast path vs plain path vs TRL DPOTrainer\n",
              f"{platform.processor() or 'cpu'}, {os.cpu_count()} cores, torch {torch.__version__}; "
