@@ -22,9 +22,9 @@ GPU_RUN = ["trainer.accelerator=gpu", "trainer.devices=1", "trainer.max_steps=3"
            "data.batch_size=4", "data.val_fraction=0"]
 
 
-def bf16_logps(attn_implementation: str = "sdpa") -> tuple[torch.Tensor, torch.Tensor]:
+def bf16_logps(attn_implementation: str = "sdpa", name: str = "tiny_llava") -> tuple[torch.Tensor, torch.Tensor]:
     """Policy log-probs of the same pairs by the plain and the shared-prefix forward, bf16 on the GPU."""
-    adapter = adapter_for("tiny_llava", dtype="bfloat16", attn_implementation=attn_implementation)
+    adapter = adapter_for(name, dtype="bfloat16", attn_implementation=attn_implementation)
     adapter.model.to("cuda")
     items = pairs(adapter, [2, 5, 1])
     results = []
@@ -36,8 +36,10 @@ def bf16_logps(attn_implementation: str = "sdpa") -> tuple[torch.Tensor, torch.T
     return results[0], results[1]
 
 
-def test_the_shared_prefix_matches_the_plain_path_in_bf16_on_the_gpu() -> None:
-    plain, fast = bf16_logps()
+@pytest.mark.parametrize("name", ["tiny_llava", "tiny_qwen3_vl"])
+def test_the_shared_prefix_matches_the_plain_path_in_bf16_on_the_gpu(name: str) -> None:
+    """Also Qwen3-VL (interleaved mRoPE, DeepStack features added in the first decoder layers)."""
+    plain, fast = bf16_logps(name=name)
     assert torch.isfinite(plain).all()
     # bf16 keeps 8 bits of mantissa: sums of ~10 log-probs agree to about 1%.
     assert torch.allclose(plain, fast, rtol=2e-2, atol=0.2), (plain, fast)

@@ -286,6 +286,9 @@ class DPOModule(L.LightningModule):
             return
         from torch.distributed.fsdp import fully_shard
 
+        # The vision path's parameters sit in the root unit, gathered only inside the model's own forward: each
+        # forward computes its image features (the model's get_image_features called alone would see shards).
+        self.share_image_features = False
         data_parallel = mesh["data_parallel"]
         for layer in self.adapter.decoder_layers():
             fully_shard(layer, mesh=data_parallel)
