@@ -298,7 +298,8 @@ class ModelAdapter(ABC):
 
         handle = self.language_model(model).register_forward_hook(grab)
         try:
-            output = model(**inputs, logits_to_keep=torch.zeros(0, dtype=torch.long))
+            no_position = torch.zeros(0, dtype=torch.long, device=inputs["input_ids"].device)
+            output = model(**inputs, logits_to_keep=no_position)
         finally:
             handle.remove()
         return captured["hidden"], output
