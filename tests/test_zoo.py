@@ -21,10 +21,11 @@ from miadpo.train import CONFIG_DIR, train
 
 QWEN3 = ["tiny_qwen3_vl", "tiny_qwen3_vl_moe", "tiny_qwen3_5", "tiny_qwen3_5_moe"]
 ZOO = ["tiny_llava", "tiny_qwen2_vl", "tiny_qwen2_5_vl", "tiny_idefics3", "tiny_smolvlm", "tiny_internvl",
-       "tiny_llava_onevision", "tiny_internlm_xc25", *QWEN3]
+       "tiny_llava_onevision", "tiny_internlm_xc25", *QWEN3, "tiny_internvl3_5"]
 REAL = {"qwen2_vl": "Qwen/Qwen2-VL-7B-Instruct", "qwen2_5_vl": "Qwen/Qwen2.5-VL-7B-Instruct",
         "qwen3_vl": "Qwen/Qwen3-VL-8B-Instruct", "qwen3_vl_moe": "Qwen/Qwen3-VL-30B-A3B-Instruct",
         "qwen3_5": "Qwen/Qwen3.5-9B", "qwen3_5_moe": "Qwen/Qwen3.5-35B-A3B",
+        "internvl3_5": "OpenGVLab/InternVL3_5-8B-HF",
         "idefics3": "HuggingFaceM4/Idefics3-8B-Llama3", "smolvlm": "HuggingFaceTB/SmolVLM-Instruct",
         "internvl": "OpenGVLab/InternVL3-8B-hf", "llava_onevision": "llava-hf/llava-onevision-qwen2-7b-ov-hf",
         "internlm_xc25": "internlm/internlm-xcomposer2d5-7b"}
@@ -319,7 +320,7 @@ def reference_processor(name: str, adapter: ModelAdapter):
     if name in QWEN3:  # Qwen3.5's processor is Qwen3-VL's (transformers maps qwen3_5 to Qwen3VLProcessor)
         return (without_video(Qwen3VLProcessor)(image_processor=adapter.image_processor, tokenizer=adapter.tokenizer),
                 "<|vision_start|><|image_pad|><|vision_end|>")
-    if name == "tiny_internvl":
+    if name in ("tiny_internvl", "tiny_internvl3_5"):
         return without_video(InternVLProcessor)(image_processor=adapter.image_processor, tokenizer=adapter.tokenizer,
                                                 image_seq_length=config.image_seq_length), "<IMG_CONTEXT>"
     vision = config.vision_config
@@ -330,7 +331,7 @@ def reference_processor(name: str, adapter: ModelAdapter):
 
 
 @pytest.mark.parametrize("name", ["tiny_qwen2_vl", "tiny_qwen2_5_vl", "tiny_idefics3", "tiny_internvl",
-                                  "tiny_llava_onevision", *QWEN3])
+                                  "tiny_llava_onevision", *QWEN3, "tiny_internvl3_5"])
 @pytest.mark.parametrize("n_images", [1, 3])
 def test_prompt_tokens_and_pixels_match_the_transformers_processor(name: str, n_images: int) -> None:
     adapter = build_adapter(model_cfg(name))
@@ -410,3 +411,10 @@ def test_gradient_checkpointing_and_lora_backward(zoo_name: str) -> None:
     loss.backward()
     projector = list(adapter.module_groups()["projector"].parameters())
     assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in projector)
+
+
+def test_internvl3_5_runs_on_a_qwen3_language_model() -> None:
+    """InternVL3.5's layout: InternVL3's tiles on Qwen3 decoder layers (per-head query/key RMSNorm)."""
+    layer = build_adapter(model_cfg("tiny_internvl3_5")).decoder_layers()[0]
+    assert type(layer).__name__ == "Qwen3DecoderLayer" and hasattr(layer.self_attn, "q_norm")
+    assert type(build_adapter(model_cfg("tiny_internvl")).decoder_layers()[0]).__name__ == "Qwen2DecoderLayer"

@@ -9,7 +9,7 @@ from miadpo.models.base import ModelAdapter
 from miadpo.models.geometry import ImageGeometry, PatchGrid
 from miadpo.models.idefics3 import Idefics3Adapter, SmolVLMAdapter
 from miadpo.models.internlm_xc25.adapter import InternLMXC25Adapter
-from miadpo.models.internvl import InternVLAdapter
+from miadpo.models.internvl import InternVL35Adapter, InternVLAdapter
 from miadpo.models.llava import LlavaAdapter
 from miadpo.models.llava_onevision import LlavaOnevisionAdapter
 from miadpo.models.loading import ModelWeightsNotFoundError
@@ -26,6 +26,7 @@ ADAPTERS: dict[str, type[ModelAdapter]] = {
     "qwen3_5": Qwen35Adapter,
     "qwen3_5_moe": Qwen35MoeAdapter,
     "internvl": InternVLAdapter,
+    "internvl3_5": InternVL35Adapter,
     "idefics3": Idefics3Adapter,
     "smolvlm": SmolVLMAdapter,
     "llava_onevision": LlavaOnevisionAdapter,

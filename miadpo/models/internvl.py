@@ -8,6 +8,8 @@ there is more than one tile. Every tile gives ``image_seq_length`` tokens: its p
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from PIL import Image
 from torch import nn
@@ -40,6 +42,8 @@ class InternVLAdapter(SeparatePartsAdapter):
 
     model_class = InternVLForConditionalGeneration
     image_processor_class = GotOcr2ImageProcessorPil
+    # The language model of the tiny variant (InternVL3: Qwen2.5's architecture).
+    text_model_type: ClassVar[str] = "qwen2"
 
     @classmethod
     def build_tiny(cls, cfg: ModelConfig) -> tuple[nn.Module, PreTrainedTokenizerFast, GotOcr2ImageProcessorPil]:
@@ -48,7 +52,8 @@ class InternVLAdapter(SeparatePartsAdapter):
         image_processor = GotOcr2ImageProcessorPil(
             size={"height": tiny.image_size, "width": tiny.image_size}, crop_to_patches=True, min_patches=1,
             max_patches=tiny.max_tiles)
-        return tiny_internvl(tiny, tokenizer, cfg.attn_implementation), tokenizer, image_processor
+        model = tiny_internvl(tiny, tokenizer, cfg.attn_implementation, cls.text_model_type)
+        return model, tokenizer, image_processor
 
     @property
     def _tile(self) -> int:
@@ -94,9 +99,18 @@ class InternVLAdapter(SeparatePartsAdapter):
 
 
 
-def tiny_internvl(tiny: TinyModelConfig, tokenizer: PreTrainedTokenizerFast, attn: str) -> nn.Module:
+class InternVL35Adapter(InternVLAdapter):
+    """InternVL3.5 (``-HF`` checkpoints): InternVL3's vision side and tiling on a Qwen3 language model (per-head
+    RMSNorm on queries and keys, no attention bias)."""
+
+    text_model_type = "qwen3"
+
+
+def tiny_internvl(tiny: TinyModelConfig, tokenizer: PreTrainedTokenizerFast, attn: str,
+                  text_model_type: str = "qwen2") -> nn.Module:
     config = InternVLConfig(
-        text_config={"model_type": "qwen2", **tiny_text_config(tiny, tokenizer)},
+        text_config={"model_type": text_model_type, "head_dim": tiny.hidden_size // tiny.num_heads,
+                     **tiny_text_config(tiny, tokenizer)},
         vision_config={"hidden_size": tiny.vision_hidden_size, "intermediate_size": 2 * tiny.vision_hidden_size,
                        "num_hidden_layers": tiny.vision_layers, "num_attention_heads": 2,
                        "image_size": [tiny.image_size, tiny.image_size],
