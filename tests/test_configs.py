@@ -51,7 +51,7 @@ NEW_OPTIONS = {"eval": ["paper"], "data": ["llava", "pairs"], "experiment": ["mi
                # issue 33: the Qwen3-VL / Qwen3.5 families
                "model": [f"{prefix}{family}" for prefix in ("", "tiny_")
                          for family in ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe",
-                                        "internvl3_5")]}  # issue 34
+                                        "internvl3_5", "gemma3")]}  # issue 34
 # Issue 31: every model config states its token budget (model.max_length), which data.max_length: null means.
 MODEL_BUDGETS = {"toy_llava": 512, "llava15": 4096, "qwen2_vl": 8192, "qwen2_5_vl": 8192, "idefics3": 16384,
                  "smolvlm": 8192, "internvl": 20480, "llava_onevision": 8192, "internlm_xc25": 16384}

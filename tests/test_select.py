@@ -71,9 +71,10 @@ def test_captured_rows_equal_a_full_eager_forward(adapter, tmp_path: Path, monke
     check_capture_against_eager(adapter, 1, tmp_path, monkeypatch)  # the middle of 2 layers
 
 
-def test_hybrid_decoder_captures_at_a_full_attention_layer(tmp_path: Path, monkeypatch) -> None:
-    """Qwen3.5's middle layer (2 of 4) is linear attention: selection reads the full-attention layer 3, exactly;
-    naming a linear-attention layer stops with the layers that have attention."""
+@pytest.mark.parametrize("name", ["tiny_qwen3_5", "tiny_gemma3"])
+def test_hybrid_decoder_captures_at_a_full_attention_layer(name: str, tmp_path: Path, monkeypatch) -> None:
+    """The middle layer (2 of 4) is linear attention (Qwen3.5) or sliding-window attention (Gemma 3): selection
+    reads the global layer 3, exactly; naming another layer stops with the layers it reads."""
     from hydra import compose, initialize_config_dir
 
     from miadpo.models import build_adapter
@@ -81,10 +82,10 @@ def test_hybrid_decoder_captures_at_a_full_attention_layer(tmp_path: Path, monke
     from miadpo.train import CONFIG_DIR
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        adapter = build_adapter(compose(config_name="train", overrides=["model=tiny_qwen3_5"]).model)
-    assert adapter.base_model.config.text_config.layer_types[2] == "linear_attention"
+        adapter = build_adapter(compose(config_name="train", overrides=[f"model={name}"]).model)
+    assert adapter.base_model.config.get_text_config().layer_types[2] in ("linear_attention", "sliding_attention")
     assert resolve_layer(adapter, -1) == 3
-    with pytest.raises(ValueError, match=r"layer 1 of tiny_qwen3_5 has no attention weights.*\[3\]"):
+    with pytest.raises(ValueError, match=rf"layer 1 of {name} is a linear-attention.*layers it reads: \[3\]"):
         resolve_layer(adapter, 1)
     check_capture_against_eager(adapter, 3, tmp_path, monkeypatch)
 
@@ -116,9 +117,11 @@ def check_capture_against_eager(adapter, layer: int, tmp_path: Path, monkeypatch
             prompt.prompt_length, prompt.extra)])
         full.pop("labels")
         with torch.no_grad():
-            # (H, L, L); the output lists the layers with attention weights only
-            attentions = eager(**full, output_attentions=True).attentions[
-                adapter.attention_layer_indices().index(layer)][0]
+            # (H, L, L); a hybrid decoder's output lists only the layers with attention weights
+            every = eager(**full, output_attentions=True).attentions
+            index = layer if len(every) == len(adapter.decoder_layers()) else adapter.attention_layer_indices().index(
+                layer)
+            attentions = every[index][0]
         start = prompt.prompt_length - 1  # the row that produced the first answer token
         columns = torch.cat([torch.arange(s, e) for s, e in prompt.image_spans])
         expected = attentions[:, start : start + len(answer)][:, :, columns].mean(0)

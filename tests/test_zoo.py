@@ -21,11 +21,11 @@ from miadpo.train import CONFIG_DIR, train
 
 QWEN3 = ["tiny_qwen3_vl", "tiny_qwen3_vl_moe", "tiny_qwen3_5", "tiny_qwen3_5_moe"]
 ZOO = ["tiny_llava", "tiny_qwen2_vl", "tiny_qwen2_5_vl", "tiny_idefics3", "tiny_smolvlm", "tiny_internvl",
-       "tiny_llava_onevision", "tiny_internlm_xc25", *QWEN3, "tiny_internvl3_5"]
+       "tiny_llava_onevision", "tiny_internlm_xc25", *QWEN3, "tiny_internvl3_5", "tiny_gemma3"]
 REAL = {"qwen2_vl": "Qwen/Qwen2-VL-7B-Instruct", "qwen2_5_vl": "Qwen/Qwen2.5-VL-7B-Instruct",
         "qwen3_vl": "Qwen/Qwen3-VL-8B-Instruct", "qwen3_vl_moe": "Qwen/Qwen3-VL-30B-A3B-Instruct",
         "qwen3_5": "Qwen/Qwen3.5-9B", "qwen3_5_moe": "Qwen/Qwen3.5-35B-A3B",
-        "internvl3_5": "OpenGVLab/InternVL3_5-8B-HF",
+        "internvl3_5": "OpenGVLab/InternVL3_5-8B-HF", "gemma3": "google/gemma-3-4b-it",
         "idefics3": "HuggingFaceM4/Idefics3-8B-Llama3", "smolvlm": "HuggingFaceTB/SmolVLM-Instruct",
         "internvl": "OpenGVLab/InternVL3-8B-hf", "llava_onevision": "llava-hf/llava-onevision-qwen2-7b-ov-hf",
         "internlm_xc25": "internlm/internlm-xcomposer2d5-7b"}
@@ -301,6 +301,7 @@ def without_video(processor_class: type) -> type:
 
 def reference_processor(name: str, adapter: ModelAdapter):
     from transformers import (
+        Gemma3Processor,
         Idefics3Processor,
         InternVLProcessor,
         LlavaOnevisionProcessor,
@@ -317,6 +318,9 @@ def reference_processor(name: str, adapter: ModelAdapter):
     if name in ("tiny_qwen2_vl", "tiny_qwen2_5_vl"):
         return (without_video(Qwen2VLProcessor)(image_processor=adapter.image_processor, tokenizer=adapter.tokenizer),
                 "<|vision_start|><|image_pad|><|vision_end|>")
+    if name == "tiny_gemma3":
+        return Gemma3Processor(image_processor=adapter.image_processor, tokenizer=adapter.tokenizer,
+                               image_seq_length=config.mm_tokens_per_image), "<start_of_image>"
     if name in QWEN3:  # Qwen3.5's processor is Qwen3-VL's (transformers maps qwen3_5 to Qwen3VLProcessor)
         return (without_video(Qwen3VLProcessor)(image_processor=adapter.image_processor, tokenizer=adapter.tokenizer),
                 "<|vision_start|><|image_pad|><|vision_end|>")
@@ -331,7 +335,7 @@ def reference_processor(name: str, adapter: ModelAdapter):
 
 
 @pytest.mark.parametrize("name", ["tiny_qwen2_vl", "tiny_qwen2_5_vl", "tiny_idefics3", "tiny_internvl",
-                                  "tiny_llava_onevision", *QWEN3, "tiny_internvl3_5"])
+                                  "tiny_llava_onevision", *QWEN3, "tiny_internvl3_5", "tiny_gemma3"])
 @pytest.mark.parametrize("n_images", [1, 3])
 def test_prompt_tokens_and_pixels_match_the_transformers_processor(name: str, n_images: int) -> None:
     adapter = build_adapter(model_cfg(name))
@@ -418,3 +422,17 @@ def test_internvl3_5_runs_on_a_qwen3_language_model() -> None:
     layer = build_adapter(model_cfg("tiny_internvl3_5")).decoder_layers()[0]
     assert type(layer).__name__ == "Qwen3DecoderLayer" and hasattr(layer.self_attn, "q_norm")
     assert type(build_adapter(model_cfg("tiny_internvl")).decoder_layers()[0]).__name__ == "Qwen2DecoderLayer"
+
+
+def test_gemma3_image_tokens_see_each_other_and_text_does_not_see_ahead() -> None:
+    """Gemma 3's mask through our collate (``token_type_ids``): at the global layer an image's first soft token
+    attends to its last one; the text before the image and the first image do not see the next image."""
+    adapter = build_adapter(model_cfg("tiny_gemma3"))
+    adapter.model.set_attn_implementation("eager")
+    sample = adapter.encode(images(2), prompt(2), "Red.")
+    with torch.no_grad():
+        weights = adapter.model(**adapter.collate([sample]), output_attentions=True).attentions[3][0]  # (H, L, L)
+    (first, first_end), (second, second_end) = sample.image_spans
+    assert (weights[:, first, first_end - 1] > 0).all()  # bidirectional inside the image
+    assert (weights[:, first - 1, first] == 0).all()  # causal for the text before it
+    assert (weights[:, first_end - 1, second:second_end] == 0).all()  # one image does not see the next

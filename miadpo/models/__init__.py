@@ -6,6 +6,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from miadpo.config import ModelConfig
 from miadpo.models.base import ModelAdapter
+from miadpo.models.gemma3 import Gemma3Adapter
 from miadpo.models.geometry import ImageGeometry, PatchGrid
 from miadpo.models.idefics3 import Idefics3Adapter, SmolVLMAdapter
 from miadpo.models.internlm_xc25.adapter import InternLMXC25Adapter
@@ -31,6 +32,7 @@ ADAPTERS: dict[str, type[ModelAdapter]] = {
     "smolvlm": SmolVLMAdapter,
     "llava_onevision": LlavaOnevisionAdapter,
     "internlm_xc25": InternLMXC25Adapter,
+    "gemma3": Gemma3Adapter,
 }
 
 

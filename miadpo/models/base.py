@@ -113,8 +113,8 @@ class ModelAdapter(ABC):
         return layer.self_attn
 
     def attention_layer_indices(self) -> list[int]:
-        """The decoder layers with softmax attention over the sequence, whose weights selection can read (all of them
-        but in hybrid decoders, whose linear-attention layers have none)."""
+        """The decoder layers with softmax attention over the whole sequence, whose weights selection can read (all of
+        them but in hybrid decoders: linear-attention layers have none, sliding-window layers see only a window)."""
         return list(range(len(self.decoder_layers())))
 
     def plan_images(self, image_sizes: Sequence[tuple[int, int]]) -> list[ImageGeometry]:

@@ -83,6 +83,10 @@ TEMPLATES: dict[str, ChatTemplate] = {
     # InternLM-XComposer-2.5 (InternLM2 chat format, no system turn by default); answers end with [UNUSED_TOKEN_145].
     "internlm_xc25": ChatTemplate("internlm_xc25", "", "[UNUSED_TOKEN_146]user\n",
                                   "[UNUSED_TOKEN_145]\n[UNUSED_TOKEN_146]assistant\n", "[UNUSED_TOKEN_145]"),
+    # Gemma 3 (instruction-tuned): turns of "user" and "model" after the tokenizer's BOS, no system turn by default;
+    # answers end with <end_of_turn>.
+    "gemma3": ChatTemplate("gemma3", "", "<start_of_turn>user\n", "<end_of_turn>\n<start_of_turn>model\n",
+                           "<end_of_turn>"),
     # No wrapping at all (tests, plain language modelling).
     "plain": ChatTemplate("plain", "", "", "\n"),
 }

@@ -84,8 +84,9 @@ AttentionInterface.register(CAPTURE_IMPLEMENTATION, _capture_attention)
 
 def resolve_layer(adapter: ModelAdapter, layer: int | None) -> int:
     """``None`` → the middle layer (16 of 32 for LLaVA-1.5-7B), or in a hybrid decoder the attention layer nearest it
-    (the earlier of two); negative indices count from the end. A layer without attention weights (linear attention)
-    is refused, naming the ones that have them."""
+    (the earlier of two); negative indices count from the end. A layer whose attention selection cannot read (a
+    linear-attention layer has no weights, a sliding-window layer sees only its window) is refused, naming the
+    ones it can."""
     count = len(adapter.decoder_layers())
     usable = adapter.attention_layer_indices()
     if layer is None:
@@ -94,8 +95,8 @@ def resolve_layer(adapter: ModelAdapter, layer: int | None) -> int:
     if not 0 <= index < count:
         raise ValueError(f"selection.layer={layer} is outside the model's {count} decoder layers")
     if index not in usable:
-        raise ValueError(f"selection.layer={layer}: decoder layer {index} of {adapter.cfg.name} has no attention "
-                         f"weights (linear attention); layers with attention: {usable}")
+        raise ValueError(f"selection.layer={layer}: decoder layer {index} of {adapter.cfg.name} is a linear-attention "
+                         f"or sliding-window layer, whose attention selection cannot read; layers it reads: {usable}")
     return index
 
 
