@@ -69,6 +69,7 @@ VOCAB_SHAPE = "3 images, ~40-token answers"
 VOCAB_SIZES = (32000, 151669, 262144)
 VOCAB_METHODS = ("fast", "fast (chunk=0)", "trl")
 VOCAB_RESULTS = Path(__file__).resolve().parent / "results" / "dpo_vocab.md"
+GEMMA_VOCAB = 262208  # Gemma 3's vocabulary (262,144 + its specials)
 DEFAULT_SHAPE = "5 images, ~30-token answers"
 PALETTE = [(220, 30, 30), (30, 170, 60), (40, 70, 220), (240, 210, 20), (140, 50, 180), (20, 180, 190)]
 NAMES = ["red", "green", "blue", "yellow", "purple", "cyan"]
@@ -76,6 +77,23 @@ NAMES = ["red", "green", "blue", "yellow", "purple", "cyan"]
 
 BENCH_TINY = {"image_size": 168, "patch_size": 14, "hidden_size": 192, "intermediate_size": 512, "num_layers": 4,
               "num_heads": 4, "vision_hidden_size": 64, "vision_layers": 2}
+
+
+def gemma_adapter(vocab_size: int = GEMMA_VOCAB):
+    """The tiny Gemma 3 (``conf/model/tiny_gemma3.yaml``: 4 layers, hidden 64, 16 soft tokens per image) with its
+    embedding and head resized to ``vocab_size``."""
+    from hydra import compose, initialize_config_dir
+
+    from miadpo.models import build_adapter as build
+    from miadpo.train import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["model=tiny_gemma3", f"model.lora.r={LORA_R}",
+                                                      f"model.lora.alpha={2 * LORA_R}"]).model
+    torch.manual_seed(0)
+    adapter = build(cfg)
+    adapter.model.resize_token_embeddings(vocab_size, mean_resizing=False)
+    return adapter
 
 
 def build_adapter(tiny: dict[str, int] | None = None, dtype: str = "float32", vocab_size: int | None = None):
@@ -185,12 +203,13 @@ def trl_trainer(shape: str, n_pairs: int, adapter: Any = None, device: str = "cp
 
     adapter = adapter or build_adapter()
     bf16 = adapter.model.dtype == torch.bfloat16
-    eos = adapter.tokenizer.eos_token
+    eos = adapter.template.end_token or adapter.tokenizer.eos_token
+    gemma = adapter.cfg.family == "gemma3"
     rows: dict[str, list[Any]] = {"images": [], "prompt": [], "chosen": [], "rejected": []}
     for i in range(n_pairs):
         texts = pair_texts(i, shape)
         rows["images"].append(texts["images"])
-        rows["prompt"].append(texts["prompt"])
+        rows["prompt"].append(texts["prompt"].replace("<image>", "<start_of_image>") if gemma else texts["prompt"])
         rows["chosen"].append(" " + texts["chosen"] + eos)
         rows["rejected"].append(" " + texts["rejected"] + eos)
     args = TRLConfig(output_dir=tempfile.mkdtemp(prefix="trl_bench_"), per_device_train_batch_size=BATCH_PAIRS,
@@ -200,10 +219,20 @@ def trl_trainer(shape: str, n_pairs: int, adapter: Any = None, device: str = "cp
     lora = LoraConfig(r=LORA_R, lora_alpha=2 * LORA_R, lora_dropout=0.0, bias="none",
                       target_modules=adapter.default_lora_targets())
     trainer = DPOTrainer(model=adapter.model, ref_model=None, args=args, train_dataset=Dataset.from_dict(rows),
-                         processing_class=adapter.processor_for_saving(), peft_config=lora)
+                         processing_class=gemma_processor(adapter) if gemma else adapter.processor_for_saving(),
+                         peft_config=lora)
     trainer.create_optimizer()
     trainer.current_gradient_accumulation_steps = 1  # set by Trainer's own loop otherwise
     return trainer
+
+
+def gemma_processor(adapter: Any) -> Any:
+    """transformers' Gemma3Processor on the tiny Gemma's tokenizer and image processor (what TRL reads)."""
+    from transformers import Gemma3Processor
+
+    return Gemma3Processor(image_processor=adapter.image_processor, tokenizer=adapter.tokenizer,
+                           image_seq_length=adapter.base_model.config.mm_tokens_per_image,
+                           chat_template=adapter.chat_template())
 
 
 def trl_step(adapter: Any = None, device: str = "cpu", shape: str = DEFAULT_SHAPE
@@ -373,7 +402,7 @@ def end_to_end(repeats: int) -> None:
 def build(method: str, vocab_size: int | None = None) -> Callable[[dict[str, int] | None], float]:
     if vocab_size is None:
         return trl_step() if method == "trl" else our_step(method == "fast")
-    adapter = build_adapter(vocab_size=vocab_size)
+    adapter = gemma_adapter() if vocab_size == GEMMA_VOCAB else build_adapter(vocab_size=vocab_size)
     if method == "trl":
         return trl_step(adapter, shape=VOCAB_SHAPE)
     return our_step(True, adapter, shape=VOCAB_SHAPE, chunk=0 if method == "fast (chunk=0)" else None)
@@ -383,22 +412,26 @@ def vocabulary(steps: int) -> None:
     """The vocabulary table: pairs/s (interleaved steps, one process per vocabulary) and peak RSS (one process per
     method and vocabulary) of our fast step, the fast step without chunking, and TRL's."""
     rows = []
-    for size in VOCAB_SIZES:
+    for size in (*VOCAB_SIZES, GEMMA_VOCAB):
         timing = run("--worker", "timing", "--threads", "1", "--steps", str(steps), "--vocab-size", str(size))
         memory = {m: run("--worker", "memory", "--method", m, "--threads", "1", "--vocab-size", str(size))
                   for m in VOCAB_METHODS}
         for method in VOCAB_METHODS:
             t, rss = timing[method], memory[method]["peak_rss_mib"]
-            rows.append(f"| {size:,} | {method} | {t:.3f} | {BATCH_PAIRS / t:.2f} | {timing['trl'] / t:.2f} | "
-                        f"{rss:.0f} | {rss / memory['trl']['peak_rss_mib']:.2f} |")
+            model = "tiny Gemma 3" if size == GEMMA_VOCAB else "LLaVA"
+            rows.append(f"| {model} | {size:,} | {method} | {t:.3f} | {BATCH_PAIRS / t:.2f} | "
+                        f"{timing['trl'] / t:.2f} | {rss:.0f} | {rss / memory['trl']['peak_rss_mib']:.2f} |")
             print(rows[-1], flush=True)
     lines = ["# DPO step by vocabulary size: fast path vs TRL DPOTrainer\n",
              f"{platform.processor() or 'cpu'}, {os.cpu_count()} cores, torch {torch.__version__}, 1 torch thread; "
              f"the benchmark's LLaVA with its embedding and LM head resized to each vocabulary; batch {BATCH_PAIRS} "
              f"pairs × 3 images × 144 tokens, answers ~40 tokens, LoRA r{LORA_R}, fp32; median of {steps} "
              "interleaved steps after one warm-up; peak RSS of a fresh process running 3 steps.\n",
-             "| vocabulary | method | s/step | pairs/s | × TRL pairs/s | peak RSS (MiB) | × TRL |",
-             "|---|---|---|---|---|---|---|", *rows]
+             f"The Gemma-shaped row: the tiny Gemma 3 (`model=tiny_gemma3`: 4 layers with a sliding window, hidden 64, "
+             f"16 soft tokens per image) with Gemma 3's {GEMMA_VOCAB:,}-entry vocabulary; TRL given transformers' "
+             "Gemma3Processor.\n",
+             "| model | vocabulary | method | s/step | pairs/s | × TRL pairs/s | peak RSS (MiB) | × TRL |",
+             "|---|---|---|---|---|---|---|---|", *rows]
     VOCAB_RESULTS.write_text("\n".join(lines) + "\n")
     print(f"\nwritten to {VOCAB_RESULTS}")
 
