@@ -38,6 +38,11 @@ from miadpo.text import IMAGE_TOKEN
 log = logging.getLogger(__name__)
 
 
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft wrapper (``model`` itself when it has none)."""
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
 class ModelAdapter(ABC):
     """Base class of all backbones. Subclasses implement the abstract methods below."""
 
@@ -102,7 +107,7 @@ class ModelAdapter(ABC):
     @property
     def base_model(self) -> nn.Module:
         """The transformers model without any peft wrapper."""
-        return self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
+        return unwrapped(self.model)
 
     def decoder_layers(self) -> nn.ModuleList:
         """The LLM's decoder layers, for hooking one layer's attention."""
@@ -113,9 +118,13 @@ class ModelAdapter(ABC):
         return layer.self_attn
 
     def attention_layer_indices(self) -> list[int]:
-        """The decoder layers with softmax attention over the whole sequence, whose weights selection can read (all of
-        them but in hybrid decoders: linear-attention layers have none, sliding-window layers see only a window)."""
-        return list(range(len(self.decoder_layers())))
+        """The decoder layers with softmax attention over the whole sequence, whose weights selection can read: the
+        text config's ``full_attention`` layers where it lists ``layer_types`` (a linear-attention layer has no
+        weights, a sliding-window one sees only its window), else every layer."""
+        types = getattr(self.base_model.config.get_text_config(), "layer_types", None)
+        if types is None:
+            return list(range(len(self.decoder_layers())))
+        return [i for i, kind in enumerate(types) if kind == "full_attention"]
 
     def plan_images(self, image_sizes: Sequence[tuple[int, int]]) -> list[ImageGeometry]:
         """Geometries of all images of one prompt (backbones whose layout depends on the image count override)."""
@@ -261,9 +270,8 @@ class ModelAdapter(ABC):
         forward takes back as ``mm_encoder_outputs["image"]`` (:meth:`with_image_features`)."""
         if inputs.get("pixel_values") is None:
             return None
-        base = model.get_base_model() if isinstance(model, PeftModel) else model
-        return base.get_image_features(**{k: inputs[k] for k in self.image_feature_inputs if k in inputs},
-                                       return_dict=True)
+        return unwrapped(model).get_image_features(**{k: inputs[k] for k in self.image_feature_inputs if k in inputs},
+                                                   return_dict=True)
 
     @staticmethod
     def with_image_features(inputs: dict[str, torch.Tensor], features: Any | None) -> dict[str, Any]:
@@ -277,13 +285,12 @@ class ModelAdapter(ABC):
 
     def language_model(self, model: nn.Module) -> nn.Module:
         """``model``'s decoder (the ``llm`` group of that model: the policy, its frozen copy or a reloaded one)."""
-        base = model.get_base_model() if isinstance(model, PeftModel) else model
-        return base.get_submodule(self.module_paths["llm"])
+        return unwrapped(model).get_submodule(self.module_paths["llm"])
 
     def logits_of(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         """The logits ``model`` computes from its decoder's last hidden states: its LM head, and the final logit
         soft-capping where the text config has one."""
-        base = model.get_base_model() if isinstance(model, PeftModel) else model
+        base = unwrapped(model)
         logits = base.get_output_embeddings()(hidden)
         cap = getattr(base.config.get_text_config(), "final_logit_softcapping", None)
         return torch.tanh(logits / cap) * cap if cap else logits

@@ -5,7 +5,8 @@ Each image is resized (stretched) to the SigLIP tower's square input, cut into p
 In the prompt an image is ``\\n\\n<start_of_image>`` + its soft tokens + ``<end_of_image>\\n\\n``, as Gemma 3's
 processor expands the chat template's ``<start_of_image>``. The tokens of one image attend to each other in both
 directions (``token_type_ids``: 1 on soft tokens; transformers builds the mask from it) and the decoder interleaves
-sliding-window layers with global ones (``layer_types``). Selection reads a global layer.
+sliding-window layers with global ones (``layer_types``). Selection reads a global layer
+(``ModelAdapter.attention_layer_indices``).
 """
 
 from __future__ import annotations
@@ -105,8 +106,3 @@ class Gemma3Adapter(SeparatePartsAdapter):
         batch = super().collate(samples, padding_side)
         batch["token_type_ids"] = (batch["input_ids"] == self.image_token_id).long()
         return batch
-
-    def attention_layer_indices(self) -> list[int]:
-        """The global layers: a sliding-window layer's weights cover only its window."""
-        types = self.base_model.config.get_text_config().layer_types
-        return [i for i, kind in enumerate(types) if kind == "full_attention"]

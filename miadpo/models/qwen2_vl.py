@@ -11,7 +11,7 @@ keep them right.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from PIL import Image
@@ -46,6 +46,8 @@ class QwenVLAdapter(SeparatePartsAdapter):
     # so the projector's switch decides for the merger.
     module_paths = {"vision_tower": "model.visual", "projector": "model.visual.merger", "llm": "model.language_model"}
     image_feature_inputs = ("pixel_values", "image_grid_thw")
+    # The tiny tokenizer's pre-tokenizer regex (None: byte-level BPE with a prefix space, build_tiny_tokenizer's own).
+    tiny_split_regex: ClassVar[str | None] = None
 
     @classmethod
     def tiny_model(cls, tiny: TinyModelConfig, tokenizer: PreTrainedTokenizerFast, attn: str) -> nn.Module:
@@ -68,7 +70,8 @@ class QwenVLAdapter(SeparatePartsAdapter):
     @classmethod
     def tiny_tokenizer(cls, tiny: TinyModelConfig) -> PreTrainedTokenizerFast:
         return build_tiny_tokenizer(tiny.vocab_size, QWEN_SPECIALS, CHATML_NAMES,
-                                    extra={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"})
+                                    extra={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
+                                    split_regex=cls.tiny_split_regex)
 
     @classmethod
     def build_tiny(cls, cfg: ModelConfig) -> tuple[nn.Module, PreTrainedTokenizerFast, Qwen2VLImageProcessorPil]:

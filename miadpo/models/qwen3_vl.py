@@ -14,7 +14,7 @@ so a token covers 32 × 32 px). What differs, all computed by transformers' own 
   ``full_attention_interval``-th (4th) layer softmax attention (``layer_types``). A linear-attention layer keeps a
   recurrent state, not keys and values, and transformers' cache cannot repeat or select that state per row, so
   the shared-prefix fast path falls back to the plain forward for this family (``shared_prefix_exact``).
-  Selection reads attention at a full-attention layer (``attention_layer_indices``).
+  Selection reads attention at a full-attention layer (``layer_types``, ``attention_layer_indices``).
 - **MoE** (Qwen3-VL-30B-A3B, Qwen3.5-35B-A3B): routed experts are fused 3-D parameters (``experts.gate_up_proj``,
   ``experts.down_proj``), not ``nn.Linear``. LoRA's default targets are the LLM's linear layers (attention,
   linear attention, Qwen3.5's shared expert and its gate); the routed experts and the router stay frozen unless
@@ -40,8 +40,8 @@ from transformers import (
 from transformers.models.qwen3_5.tokenization_qwen3_5 import PRETOKENIZE_REGEX as QWEN3_5_SPLIT
 
 from miadpo.config import TinyModelConfig
-from miadpo.models.qwen2_vl import CHATML_NAMES, QWEN_SPECIALS, QwenVLAdapter
-from miadpo.models.tiny import build_tiny_tokenizer, seeded_init, tiny_text_config
+from miadpo.models.qwen2_vl import QwenVLAdapter
+from miadpo.models.tiny import seeded_init, tiny_text_config
 
 # Tiny MoE sizes: 4 experts, 2 per token.
 TINY_EXPERTS = {"num_experts": 4, "num_experts_per_tok": 2}
@@ -95,14 +95,9 @@ class Qwen35Adapter(Qwen3VLAdapter):
     model_class = Qwen3_5ForConditionalGeneration
     config_class = Qwen3_5Config
     shared_prefix_exact = False
-
-    @classmethod
-    def tiny_tokenizer(cls, tiny: TinyModelConfig) -> PreTrainedTokenizerFast:
-        """Split as Qwen3.5's tokenizer splits: transformers reloads a saved ``qwen3_5`` tokenizer as
-        ``Qwen3_5Tokenizer``, which rebuilds its pre-tokenizer whatever ``tokenizer.json`` says."""
-        return build_tiny_tokenizer(tiny.vocab_size, QWEN_SPECIALS, CHATML_NAMES,
-                                    extra={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
-                                    split_regex=QWEN3_5_SPLIT)
+    # Split as Qwen3.5's tokenizer splits: transformers reloads a saved ``qwen3_5`` tokenizer as ``Qwen3_5Tokenizer``,
+    # which rebuilds its pre-tokenizer whatever ``tokenizer.json`` says.
+    tiny_split_regex = QWEN3_5_SPLIT
 
     @classmethod
     def tiny_vision_config(cls, tiny: TinyModelConfig) -> dict[str, Any]:
@@ -124,11 +119,6 @@ class Qwen35Adapter(Qwen3VLAdapter):
             linear_num_value_heads=4, linear_conv_kernel_dim=4,
             rope_parameters={"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.5,
                              "mrope_section": mrope_section(rotary_half), "mrope_interleaved": True})
-
-    def attention_layer_indices(self) -> list[int]:
-        """The full-attention layers (``layer_types``): the linear-attention ones have no attention weights."""
-        types = self.base_model.config.text_config.layer_types
-        return [i for i, kind in enumerate(types) if kind == "full_attention"]
 
 
 class Qwen35MoeAdapter(Qwen35Adapter):

@@ -13,12 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import PeftModel
 from PIL import Image
 from torch import nn
 
 from miadpo.config import ModelConfig
-from miadpo.models.base import ModelAdapter
+from miadpo.models.base import ModelAdapter, unwrapped
 from miadpo.models.geometry import ImageGeometry
 from miadpo.models.internlm_xc25.checkpoint import load_model
 from miadpo.models.internlm_xc25.hd import HDImageProcessor, hd_geometry
@@ -88,8 +87,7 @@ class InternLMXC25Adapter(ModelAdapter):
         """Our model's ``get_image_features`` (one tensor per image), which its forward takes back."""
         if inputs.get("pixel_values") is None:
             return None
-        base = model.get_base_model() if isinstance(model, PeftModel) else model
-        return base.get_image_features(inputs["pixel_values"], inputs["image_layout"])
+        return unwrapped(model).get_image_features(inputs["pixel_values"], inputs["image_layout"])
 
     def default_lora_targets(self) -> str:
         """The decoder's own linear layers (``wqkv``, ``wo``, ``w1``–``w3``), not their Partial-LoRA branches."""
