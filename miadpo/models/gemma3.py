@@ -24,7 +24,7 @@ from miadpo.config import ModelConfig, TinyModelConfig
 from miadpo.models.base import SeparatePartsAdapter
 from miadpo.models.geometry import ImageGeometry, PatchGrid
 from miadpo.models.samples import EncodedSample
-from miadpo.models.tiny import build_tiny_tokenizer, seeded_init
+from miadpo.models.tiny import build_tiny_tokenizer, seeded_init, tiny_layer_types, tiny_text_config
 
 SOFT_TOKEN, BOI, EOI = "<image_soft_token>", "<start_of_image>", "<end_of_image>"
 GEMMA_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", BOI, EOI, SOFT_TOKEN]
@@ -55,15 +55,10 @@ class Gemma3Adapter(SeparatePartsAdapter):
         tokens; a SigLIP tower whose patch grid is pooled 2 × 2."""
         ids = tokenizer.convert_tokens_to_ids
         head_dim = tiny.hidden_size // tiny.num_heads
-        layer_types = ["full_attention" if (i + 1) % 4 == 0 else "sliding_attention" for i in range(tiny.num_layers)]
         config = Gemma3Config(
-            text_config={"vocab_size": len(tokenizer), "hidden_size": tiny.hidden_size,
-                         "intermediate_size": tiny.intermediate_size, "num_hidden_layers": tiny.num_layers,
-                         "num_attention_heads": tiny.num_heads, "num_key_value_heads": max(1, tiny.num_heads // 2),
-                         "head_dim": head_dim, "query_pre_attn_scalar": head_dim, "layer_types": layer_types,
-                         "sliding_window": TINY_SLIDING_WINDOW, "max_position_embeddings": 4096,
-                         "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-                         "pad_token_id": tokenizer.pad_token_id},
+            text_config=tiny_text_config(tiny, tokenizer, head_dim=head_dim, query_pre_attn_scalar=head_dim,
+                                         layer_types=tiny_layer_types(tiny.num_layers, "sliding_attention"),
+                                         sliding_window=TINY_SLIDING_WINDOW),
             vision_config={"hidden_size": tiny.vision_hidden_size, "intermediate_size": 2 * tiny.vision_hidden_size,
                            "num_hidden_layers": tiny.vision_layers, "num_attention_heads": 2,
                            "image_size": tiny.image_size, "patch_size": tiny.patch_size},

@@ -41,7 +41,7 @@ from transformers.models.qwen3_5.tokenization_qwen3_5 import PRETOKENIZE_REGEX a
 
 from miadpo.config import TinyModelConfig
 from miadpo.models.qwen2_vl import QwenVLAdapter
-from miadpo.models.tiny import seeded_init, tiny_text_config
+from miadpo.models.tiny import seeded_init, tiny_layer_types, tiny_text_config
 
 # Tiny MoE sizes: 4 experts, 2 per token.
 TINY_EXPERTS = {"num_experts": 4, "num_experts_per_tok": 2}
@@ -112,9 +112,8 @@ class Qwen35Adapter(Qwen3VLAdapter):
         interleaved mRoPE split over the rotary half."""
         head_dim = tiny.hidden_size // tiny.num_heads
         rotary_half = head_dim // 4
-        layer_types = ["full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(tiny.num_layers)]
         return tiny_text_config(
-            tiny, tokenizer, head_dim=head_dim, layer_types=layer_types,
+            tiny, tokenizer, head_dim=head_dim, layer_types=tiny_layer_types(tiny.num_layers, "linear_attention"),
             linear_key_head_dim=head_dim // 2, linear_value_head_dim=head_dim // 2, linear_num_key_heads=2,
             linear_num_value_heads=4, linear_conv_kernel_dim=4,
             rope_parameters={"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.5,

@@ -148,6 +148,12 @@ def tiny_text_config(cfg: TinyModelConfig, tokenizer: PreTrainedTokenizerFast, *
             "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id, **extra}
 
 
+def tiny_layer_types(num_layers: int, local: str) -> list[str]:
+    """A hybrid decoder's ``layer_types`` as the releases lay them out, shrunk: three ``local`` layers (linear or
+    sliding-window attention), then a ``full_attention`` one, repeated."""
+    return ["full_attention" if (i + 1) % 4 == 0 else local for i in range(num_layers)]
+
+
 def seeded_init(model_class: type[M], config: PretrainedConfig, seed: int) -> M:
     """Random weights that depend only on ``seed`` (the global RNG is left untouched)."""
     with torch.random.fork_rng(devices=[]):
