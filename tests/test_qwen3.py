@@ -1,4 +1,5 @@
-"""Qwen3-VL / Qwen3.5 rules beyond the zoo suites: LoRA on MoE experts, the think block of Qwen3.5's template."""
+"""The 2026 families' rules beyond the zoo suites: LoRA on MoE experts (Qwen3-VL, Qwen3.5, GLM-4.5V), the think
+blocks of Qwen3.5's and GLM-4.5V's non-thinking templates."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def one_pair(adapter: ModelAdapter) -> EncodedPair:
     return EncodedPair("p0", adapter.encode(images, prompt, "a red square"), adapter.encode(images, prompt, "blue"))
 
 
-@pytest.mark.parametrize("name", ["tiny_qwen3_vl_moe", "tiny_qwen3_5_moe"])
+@pytest.mark.parametrize("name", ["tiny_qwen3_vl_moe", "tiny_qwen3_5_moe", "tiny_glm4v_moe"])
 def test_moe_lora_targets_linear_layers_by_default_and_experts_when_named(name: str) -> None:
     """Default: LoRA on the LLM's linear layers (attention, linear attention, shared expert); the fused routed
     experts and the router stay frozen. ``model.lora.target_parameters`` adds LoRA on the experts, which a DPO step
@@ -48,8 +49,8 @@ def test_moe_lora_targets_linear_layers_by_default_and_experts_when_named(name: 
     experts = adapter_for(name, f"model.lora.target_parameters={EXPERTS}")
     on_experts = {n: p.detach().clone() for n, p in experts.model.named_parameters()
                   if p.requires_grad and ".mlp.experts." in n}
-    layers = experts.base_model.config.get_text_config().num_hidden_layers
-    assert len(on_experts) == 4 * layers  # lora_A and lora_B for gate_up_proj and down_proj, per layer
+    routed = [layer for layer in experts.decoder_layers() if hasattr(layer.mlp, "experts")]  # GLM: first layer dense
+    assert routed and len(on_experts) == 4 * len(routed)  # lora_A and lora_B for gate_up_proj and down_proj, per layer
     for parameter in experts.model.parameters():  # LoRA B starts at 0: make the policy differ
         if parameter.requires_grad:
             torch.nn.init.normal_(parameter, std=0.02)
@@ -158,3 +159,17 @@ def test_train_entry_on_the_released_vocabulary_from_a_weights_directory(name, v
     result = train(cfg)
     assert result.global_step == 2
     assert (result.run_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_glm4_5v_nothink_and_think_block_are_prompt_never_answer() -> None:
+    """Non-thinking GLM-4.5V / 4.6V: the user turn ends with ``/nothink`` and the generation prompt with an empty
+    think block; the labels hold exactly the answer and the ``<|user|>`` that ends it."""
+    adapter = adapter_for("tiny_glm4v")
+    sample = one_pair(adapter).chosen
+    tokenizer = adapter.tokenizer
+    # The tiny byte-level tokenizer gives text after a special token a prefix space: " \n" decodes back as such.
+    prompt_text = tokenizer.decode(sample.input_ids[: sample.prompt_length]).replace(" \n", "\n")
+    assert prompt_text.startswith("[gMASK]<sop><|user|>\n")
+    assert prompt_text.endswith("What is in Image2?/nothink<|assistant|>\n<think></think>\n")
+    answer = sample.input_ids[sample.labels != IGNORE_INDEX]
+    assert tokenizer.decode(answer).lstrip() == "a red square<|user|>"  # the prefix space of the tiny tokenizer

@@ -71,18 +71,30 @@ def test_captured_rows_equal_a_full_eager_forward(adapter, tmp_path: Path, monke
     check_capture_against_eager(adapter, 1, tmp_path, monkeypatch)  # the middle of 2 layers
 
 
+@pytest.mark.parametrize("name", ["tiny_glm4v", "tiny_glm4v_moe"])
+def test_mrope_families_capture_equals_a_full_eager_forward(name: str, tmp_path: Path, monkeypatch) -> None:
+    """GLM-4.xV (3-D rotary positions on half of each head, a routed-experts decoder): the recorded rows at the
+    middle layer equal an eager forward's attentions."""
+    check_capture_against_eager(tiny_adapter(name), 1, tmp_path, monkeypatch)
+
+
+def tiny_adapter(name: str):
+    from hydra import compose, initialize_config_dir
+
+    from miadpo.models import build_adapter
+    from miadpo.train import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return build_adapter(compose(config_name="train", overrides=[f"model={name}"]).model)
+
+
 @pytest.mark.parametrize("name", ["tiny_qwen3_5", "tiny_gemma3"])
 def test_hybrid_decoder_captures_at_a_full_attention_layer(name: str, tmp_path: Path, monkeypatch) -> None:
     """The middle layer (2 of 4) is linear attention (Qwen3.5) or sliding-window attention (Gemma 3): selection
     reads the global layer 3, exactly; naming another layer stops with the layers it reads."""
-    from hydra import compose, initialize_config_dir
-
-    from miadpo.models import build_adapter
     from miadpo.select.capture import resolve_layer
-    from miadpo.train import CONFIG_DIR
 
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        adapter = build_adapter(compose(config_name="train", overrides=[f"model={name}"]).model)
+    adapter = tiny_adapter(name)
     assert adapter.base_model.config.get_text_config().layer_types[2] in ("linear_attention", "sliding_attention")
     assert resolve_layer(adapter, -1) == 3
     with pytest.raises(ValueError, match=rf"layer 1 of {name} is a linear-attention.*layers it reads: \[3\]"):

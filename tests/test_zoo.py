@@ -20,12 +20,15 @@ from miadpo.models import IGNORE_INDEX, ModelAdapter, ModelWeightsNotFoundError,
 from miadpo.train import CONFIG_DIR, train
 
 QWEN3 = ["tiny_qwen3_vl", "tiny_qwen3_vl_moe", "tiny_qwen3_5", "tiny_qwen3_5_moe"]
+GLM = ["tiny_glm4v", "tiny_glm4v_moe", "tiny_glm46v"]
 ZOO = ["tiny_llava", "tiny_qwen2_vl", "tiny_qwen2_5_vl", "tiny_idefics3", "tiny_smolvlm", "tiny_internvl",
-       "tiny_llava_onevision", "tiny_internlm_xc25", *QWEN3, "tiny_internvl3_5", "tiny_gemma3"]
+       "tiny_llava_onevision", "tiny_internlm_xc25", *QWEN3, "tiny_internvl3_5", "tiny_gemma3", *GLM]
 REAL = {"qwen2_vl": "Qwen/Qwen2-VL-7B-Instruct", "qwen2_5_vl": "Qwen/Qwen2.5-VL-7B-Instruct",
         "qwen3_vl": "Qwen/Qwen3-VL-8B-Instruct", "qwen3_vl_moe": "Qwen/Qwen3-VL-30B-A3B-Instruct",
         "qwen3_5": "Qwen/Qwen3.5-9B", "qwen3_5_moe": "Qwen/Qwen3.5-35B-A3B",
         "internvl3_5": "OpenGVLab/InternVL3_5-8B-HF", "gemma3": "google/gemma-3-4b-it",
+        "glm4_1v": "zai-org/GLM-4.1V-9B-Thinking", "glm4_5v": "zai-org/GLM-4.5V",
+        "glm4_6v_flash": "zai-org/GLM-4.6V-Flash",
         "idefics3": "HuggingFaceM4/Idefics3-8B-Llama3", "smolvlm": "HuggingFaceTB/SmolVLM-Instruct",
         "internvl": "OpenGVLab/InternVL3-8B-hf", "llava_onevision": "llava-hf/llava-onevision-qwen2-7b-ov-hf",
         "internlm_xc25": "internlm/internlm-xcomposer2d5-7b"}
@@ -240,6 +243,31 @@ def test_train_entry_runs_three_steps(zoo_name: str, tmp_path: Path) -> None:
     assert (result.run_dir / "adapter" / "adapter_model.safetensors").is_file()
 
 
+# Issue 34's families: each tiny model saved as its release lays out a weights directory, and the weights config that
+# reads it (Qwen3-VL / Qwen3.5: tests/test_qwen3.py, on the released vocabularies).
+WEIGHTS_CONFIG_OF = {"tiny_internvl3_5": "internvl3_5", "tiny_gemma3": "gemma3", "tiny_glm4v": "glm4_1v",
+                     "tiny_glm4v_moe": "glm4_5v", "tiny_glm46v": "glm4_6v_flash"}
+
+
+@pytest.mark.parametrize("tiny_name", sorted(WEIGHTS_CONFIG_OF))
+def test_weights_config_trains_two_steps_on_pairs_of_1_3_5_images(tiny_name: str, tmp_path: Path,
+                                                                  pair_files) -> None:
+    """``python -m miadpo.train model=<weights config> model.path=<dir>`` on a directory saved from the tiny model:
+    2 steps on a pair file of 1, 3 and 5 images, through the family's own loading (tokenizer, image processor)."""
+    from conftest import good_record
+
+    build_adapter(model_cfg(tiny_name)).save_base(tmp_path / "weights")
+    pairs = pair_files([good_record(tmp_path, i, n) for i, n in enumerate([1, 3, 5, 1, 3, 5])])
+    cfg = compose_train([f"model={WEIGHTS_CONFIG_OF[tiny_name]}", f"model.path={tmp_path / 'weights'}",
+                         "model.dtype=float32", "model.gradient_checkpointing=false", "model.lora.r=8",
+                         "model.lora.alpha=16", "data=pairs", f"data.pairs={pairs}",
+                         f"data.image_root={tmp_path / 'images'}", "data.batch_size=2", "trainer.max_steps=2"],
+                        tmp_path)
+    result = train(cfg)
+    assert result.global_step == 2
+    assert (result.run_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
 @pytest.mark.parametrize("name", sorted(REAL))
 def test_real_checkpoint_without_weights_names_the_path(name: str, tmp_path: Path) -> None:
     with pytest.raises(ModelWeightsNotFoundError) as info:
@@ -302,6 +330,7 @@ def without_video(processor_class: type) -> type:
 def reference_processor(name: str, adapter: ModelAdapter):
     from transformers import (
         Gemma3Processor,
+        Glm4vProcessor,
         Idefics3Processor,
         InternVLProcessor,
         LlavaOnevisionProcessor,
@@ -324,6 +353,9 @@ def reference_processor(name: str, adapter: ModelAdapter):
     if name in QWEN3:  # Qwen3.5's processor is Qwen3-VL's (transformers maps qwen3_5 to Qwen3VLProcessor)
         return (without_video(Qwen3VLProcessor)(image_processor=adapter.image_processor, tokenizer=adapter.tokenizer),
                 "<|vision_start|><|image_pad|><|vision_end|>")
+    if name in GLM:  # GLM-4.6V's processor (Glm46VProcessor) expands images as GLM-4.1V's does
+        return (without_video(Glm4vProcessor)(image_processor=adapter.image_processor, tokenizer=adapter.tokenizer),
+                "<|begin_of_image|><|image|><|end_of_image|>")
     if name in ("tiny_internvl", "tiny_internvl3_5"):
         return without_video(InternVLProcessor)(image_processor=adapter.image_processor, tokenizer=adapter.tokenizer,
                                                 image_seq_length=config.image_seq_length), "<IMG_CONTEXT>"
@@ -335,7 +367,7 @@ def reference_processor(name: str, adapter: ModelAdapter):
 
 
 @pytest.mark.parametrize("name", ["tiny_qwen2_vl", "tiny_qwen2_5_vl", "tiny_idefics3", "tiny_internvl",
-                                  "tiny_llava_onevision", *QWEN3, "tiny_internvl3_5", "tiny_gemma3"])
+                                  "tiny_llava_onevision", *QWEN3, "tiny_internvl3_5", "tiny_gemma3", *GLM])
 @pytest.mark.parametrize("n_images", [1, 3])
 def test_prompt_tokens_and_pixels_match_the_transformers_processor(name: str, n_images: int) -> None:
     adapter = build_adapter(model_cfg(name))

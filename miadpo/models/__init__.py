@@ -8,6 +8,7 @@ from miadpo.config import ModelConfig
 from miadpo.models.base import ModelAdapter
 from miadpo.models.gemma3 import Gemma3Adapter
 from miadpo.models.geometry import ImageGeometry, PatchGrid
+from miadpo.models.glm4v import Glm4vAdapter, Glm4vMoeAdapter, Glm46VAdapter
 from miadpo.models.idefics3 import Idefics3Adapter, SmolVLMAdapter
 from miadpo.models.internlm_xc25.adapter import InternLMXC25Adapter
 from miadpo.models.internvl import InternVL35Adapter, InternVLAdapter
@@ -33,6 +34,9 @@ ADAPTERS: dict[str, type[ModelAdapter]] = {
     "llava_onevision": LlavaOnevisionAdapter,
     "internlm_xc25": InternLMXC25Adapter,
     "gemma3": Gemma3Adapter,
+    "glm4v": Glm4vAdapter,
+    "glm4v_moe": Glm4vMoeAdapter,
+    "glm46v": Glm46VAdapter,
 }
 
 

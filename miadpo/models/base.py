@@ -58,6 +58,8 @@ class ModelAdapter(ABC):
     # Whether the shared-prefix DPO forward is exact for this family: its decoder's cache can be repeated per answer
     # row (key/value caches can; a linear-attention layer's recurrent state cannot, today).
     shared_prefix_exact: ClassVar[bool] = True
+    # Linear layers left out of the default LoRA targets (a family where peft would turn them into other targets).
+    lora_excluded_leaves: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, model: nn.Module, tokenizer: Any, image_processor: Any, template: ChatTemplate,
                  cfg: ModelConfig) -> None:
@@ -354,10 +356,12 @@ class ModelAdapter(ABC):
         raise ValueError("module is not part of the model")
 
     def default_lora_targets(self) -> str:
-        """Regex over module names: every linear layer of the LLM (lm_head is outside it)."""
+        """Regex over module names: every linear layer of the LLM (lm_head is outside it) but
+        ``lora_excluded_leaves``."""
         llm = self.module_groups()["llm"]
         prefix = self.module_name(llm)
-        leaves = sorted({name.rsplit(".", 1)[-1] for name, m in llm.named_modules() if isinstance(m, nn.Linear)})
+        leaves = sorted({name.rsplit(".", 1)[-1] for name, m in llm.named_modules() if isinstance(m, nn.Linear)}
+                        - self.lora_excluded_leaves)
         return rf"{re.escape(prefix)}\..*\.({'|'.join(leaves)})"
 
     def add_lora(self, lora: LoraConfig, trainable_groups: Sequence[str] = ()) -> None:

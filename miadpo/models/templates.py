@@ -87,6 +87,14 @@ TEMPLATES: dict[str, ChatTemplate] = {
     # answers end with <end_of_turn>.
     "gemma3": ChatTemplate("gemma3", "", "<start_of_turn>user\n", "<end_of_turn>\n<start_of_turn>model\n",
                            "<end_of_turn>"),
+    # GLM-4.1V (zai-org/GLM-4.1V-9B-*): "[gMASK]<sop><|user|>\n<prompt><|assistant|>\n", no system turn by default.
+    # GLM's chat template has no turn-end token: the next "<|user|>" ends an answer (one of the release's generation
+    # stop ids), so answers end with it.
+    "glm4_1v": ChatTemplate("glm4_1v", "[gMASK]<sop>", "<|user|>\n", "<|assistant|>\n", "<|user|>"),
+    # GLM-4.5V / GLM-4.6V in non-thinking mode (enable_thinking=false): the user turn ends with "/nothink" and the
+    # generation prompt with an empty think block, both in the prompt (never in the scored answer).
+    "glm4_5v": ChatTemplate("glm4_5v", "[gMASK]<sop>", "<|user|>\n", "/nothink<|assistant|>\n<think></think>\n",
+                            "<|user|>"),
     # No wrapping at all (tests, plain language modelling).
     "plain": ChatTemplate("plain", "", "", "\n"),
 }
