@@ -50,7 +50,8 @@ EVAL_ADDED = {"benchmarks": {"mmmu": None, "blink": None, "mantis_eval": None, "
 NEW_OPTIONS = {"eval": ["paper"], "data": ["llava", "pairs"], "experiment": ["mia_dpo_llava15"],
                # issues 33 and 34: the 2026 families, each a weights config and a tiny one
                "model": [f"{prefix}{family}" for prefix in ("", "tiny_")
-                         for family in ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "internvl3_5", "gemma3")]
+                         for family in ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "internvl3_5", "gemma3",
+                                        "gemma4")]
                         + ["glm4_1v", "glm4_5v", "glm4_6v_flash", "tiny_glm4v", "tiny_glm4v_moe", "tiny_glm46v"]}
 # Issue 31: every model config states its token budget (model.max_length), which data.max_length: null means.
 MODEL_BUDGETS = {"toy_llava": 512, "llava15": 4096, "qwen2_vl": 8192, "qwen2_5_vl": 8192, "idefics3": 16384,

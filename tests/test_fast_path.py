@@ -20,7 +20,7 @@ from miadpo.train import CONFIG_DIR
 
 FAMILIES = ["tiny_llava", "tiny_qwen2_vl", "tiny_internvl", "tiny_idefics3", "tiny_llava_onevision",
             "tiny_internlm_xc25", "tiny_qwen3_vl", "tiny_qwen3_vl_moe", "tiny_internvl3_5", "tiny_gemma3",
-            "tiny_glm4v", "tiny_glm4v_moe"]
+            "tiny_gemma4", "tiny_glm4v", "tiny_glm4v_moe"]
 SIZES = [(64, 32), (40, 90), (48, 48), (90, 50), (30, 70)]
 
 

@@ -245,7 +245,7 @@ def with_negatives(adapter, items: list[EncodedPair], which: list[bool]) -> list
 
 @pytest.mark.parametrize("name", ["tiny_llava", "tiny_qwen2_vl", "tiny_internvl", "tiny_idefics3",
                                   "tiny_llava_onevision", "tiny_internlm_xc25", "tiny_qwen3_vl", "tiny_qwen3_vl_moe",
-                                  "tiny_gemma3", "tiny_glm4v"])
+                                  "tiny_gemma3", "tiny_gemma4", "tiny_glm4v"])
 @pytest.mark.parametrize(("image_counts", "which"), [([1], [True]), ([2, 4, 1], [True, False, True])])
 def test_fast_path_with_negatives_equals_the_plain_path(name: str, image_counts: list[int], which: list[bool]
                                                         ) -> None:

@@ -102,6 +102,20 @@ def test_hybrid_decoder_captures_at_a_full_attention_layer(name: str, tmp_path: 
     check_capture_against_eager(adapter, 3, tmp_path, monkeypatch)
 
 
+def test_gemma4_captures_at_a_global_layer_that_shares_its_keys(tmp_path: Path, monkeypatch) -> None:
+    """Gemma 4's tiny decoder alternates sliding-window and global layers, the last two reusing the first two's keys
+    and values: selection reads global layer 1 by default, refuses sliding layer 2, and layer 3 (global, keys from
+    layer 1) records what an eager forward computes."""
+    from miadpo.select.capture import resolve_layer
+
+    adapter = tiny_adapter("tiny_gemma4")
+    assert adapter.base_model.config.get_text_config().num_kv_shared_layers == 2
+    assert resolve_layer(adapter, None) == 1
+    with pytest.raises(ValueError, match=r"layer 2 of tiny_gemma4 is a linear-attention.*layers it reads: \[1, 3\]"):
+        resolve_layer(adapter, 2)
+    check_capture_against_eager(adapter, 3, tmp_path, monkeypatch)
+
+
 def check_capture_against_eager(adapter, layer: int, tmp_path: Path, monkeypatch) -> None:
     """Generate on the capture cases with the resolved layer; its recorded rows = an eager forward's attentions."""
     attention = adapter.attention_module(adapter.decoder_layers()[layer])
@@ -113,7 +127,7 @@ def check_capture_against_eager(adapter, layer: int, tmp_path: Path, monkeypatch
         raise AssertionError("a layer ran eager attention")
 
     items = capture_cases(tmp_path)
-    generator = CandidateGenerator(adapter, selection_config(generation={"max_new_tokens": 10}),
+    generator = CandidateGenerator(adapter, selection_config(generation={"max_new_tokens": 10}, layer=layer),
                                    ImageRoots(tmp_path, tmp_path), seed=0)
     assert generator.layer == layer
     prompts = [adapter.encode(adapter.process_images(generator._images(item)), item.prompt) for item in items]

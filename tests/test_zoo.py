@@ -22,13 +22,13 @@ from miadpo.train import CONFIG_DIR, train
 QWEN3 = ["tiny_qwen3_vl", "tiny_qwen3_vl_moe", "tiny_qwen3_5", "tiny_qwen3_5_moe"]
 GLM = ["tiny_glm4v", "tiny_glm4v_moe", "tiny_glm46v"]
 ZOO = ["tiny_llava", "tiny_qwen2_vl", "tiny_qwen2_5_vl", "tiny_idefics3", "tiny_smolvlm", "tiny_internvl",
-       "tiny_llava_onevision", "tiny_internlm_xc25", *QWEN3, "tiny_internvl3_5", "tiny_gemma3", *GLM]
+       "tiny_llava_onevision", "tiny_internlm_xc25", *QWEN3, "tiny_internvl3_5", "tiny_gemma3", "tiny_gemma4", *GLM]
 REAL = {"qwen2_vl": "Qwen/Qwen2-VL-7B-Instruct", "qwen2_5_vl": "Qwen/Qwen2.5-VL-7B-Instruct",
         "qwen3_vl": "Qwen/Qwen3-VL-8B-Instruct", "qwen3_vl_moe": "Qwen/Qwen3-VL-30B-A3B-Instruct",
         "qwen3_5": "Qwen/Qwen3.5-9B", "qwen3_5_moe": "Qwen/Qwen3.5-35B-A3B",
         "internvl3_5": "OpenGVLab/InternVL3_5-8B-HF", "gemma3": "google/gemma-3-4b-it",
         "glm4_1v": "zai-org/GLM-4.1V-9B-Thinking", "glm4_5v": "zai-org/GLM-4.5V",
-        "glm4_6v_flash": "zai-org/GLM-4.6V-Flash",
+        "glm4_6v_flash": "zai-org/GLM-4.6V-Flash", "gemma4": "google/gemma-4-E4B-it",
         "idefics3": "HuggingFaceM4/Idefics3-8B-Llama3", "smolvlm": "HuggingFaceTB/SmolVLM-Instruct",
         "internvl": "OpenGVLab/InternVL3-8B-hf", "llava_onevision": "llava-hf/llava-onevision-qwen2-7b-ov-hf",
         "internlm_xc25": "internlm/internlm-xcomposer2d5-7b"}
@@ -245,7 +245,8 @@ def test_train_entry_runs_three_steps(zoo_name: str, tmp_path: Path) -> None:
 
 # Issue 34's families: each tiny model saved as its release lays out a weights directory, and the weights config that
 # reads it (Qwen3-VL / Qwen3.5: tests/test_qwen3.py, on the released vocabularies).
-WEIGHTS_CONFIG_OF = {"tiny_internvl3_5": "internvl3_5", "tiny_gemma3": "gemma3", "tiny_glm4v": "glm4_1v",
+WEIGHTS_CONFIG_OF = {"tiny_internvl3_5": "internvl3_5", "tiny_gemma3": "gemma3", "tiny_gemma4": "gemma4",
+                     "tiny_glm4v": "glm4_1v",
                      "tiny_glm4v_moe": "glm4_5v", "tiny_glm46v": "glm4_6v_flash"}
 
 
@@ -291,6 +292,8 @@ GEOMETRY_CASES = [
     # One image (anyres): base 4 × 4 over 64 × 32 → half of cell (3, 3) = token 15; high-res grid 4 × 8 with a
     # newline per row → cell (3, 7) = 16 + 3 × 9 + 7.
     ("tiny_llava_onevision", [(64, 32)], 0, (56, 24, 64, 32), {15: 0.5, 50: 1.0}),
+    # Gemma 4 keeps the aspect ratio within 70 soft tokens: 96 × 40 → 5 × 12 cells of 8 × 8 px, row-major.
+    ("tiny_gemma4", [(96, 40)], 0, (84, 32, 96, 40), {58: 0.5, 59: 1.0}),
 ]
 
 
@@ -330,6 +333,7 @@ def without_video(processor_class: type) -> type:
 def reference_processor(name: str, adapter: ModelAdapter):
     from transformers import (
         Gemma3Processor,
+        Gemma4Processor,
         Glm4vProcessor,
         Idefics3Processor,
         InternVLProcessor,
@@ -350,6 +354,15 @@ def reference_processor(name: str, adapter: ModelAdapter):
     if name == "tiny_gemma3":
         return Gemma3Processor(image_processor=adapter.image_processor, tokenizer=adapter.tokenizer,
                                image_seq_length=config.mm_tokens_per_image), "<start_of_image>"
+    if name == "tiny_gemma4":  # its processor insists on an audio feature extractor and a video processor
+        class ImagesOnlyGemma4(Gemma4Processor):
+            def check_argument_for_proper_class(self, argument_name, argument):
+                if argument is None and argument_name in ("feature_extractor", "video_processor"):
+                    return None
+                return super().check_argument_for_proper_class(argument_name, argument)
+
+        return ImagesOnlyGemma4(feature_extractor=None, image_processor=adapter.image_processor,
+                                tokenizer=adapter.tokenizer, video_processor=None), "<|image|>"
     if name in QWEN3:  # Qwen3.5's processor is Qwen3-VL's (transformers maps qwen3_5 to Qwen3VLProcessor)
         return (without_video(Qwen3VLProcessor)(image_processor=adapter.image_processor, tokenizer=adapter.tokenizer),
                 "<|vision_start|><|image_pad|><|vision_end|>")
@@ -367,7 +380,8 @@ def reference_processor(name: str, adapter: ModelAdapter):
 
 
 @pytest.mark.parametrize("name", ["tiny_qwen2_vl", "tiny_qwen2_5_vl", "tiny_idefics3", "tiny_internvl",
-                                  "tiny_llava_onevision", *QWEN3, "tiny_internvl3_5", "tiny_gemma3", *GLM])
+                                  "tiny_llava_onevision", *QWEN3, "tiny_internvl3_5", "tiny_gemma3", "tiny_gemma4",
+                                  *GLM])
 @pytest.mark.parametrize("n_images", [1, 3])
 def test_prompt_tokens_and_pixels_match_the_transformers_processor(name: str, n_images: int) -> None:
     adapter = build_adapter(model_cfg(name))
@@ -468,3 +482,32 @@ def test_gemma3_image_tokens_see_each_other_and_text_does_not_see_ahead() -> Non
     assert (weights[:, first, first_end - 1] > 0).all()  # bidirectional inside the image
     assert (weights[:, first - 1, first] == 0).all()  # causal for the text before it
     assert (weights[:, first_end - 1, second:second_end] == 0).all()  # one image does not see the next
+
+
+def test_gemma4_image_tokens_see_each_other_in_sliding_layers_through_our_collate() -> None:
+    """Gemma 4's mask through our collate (``mm_token_type_ids``): in a sliding-window layer an image's first soft token
+    attends to its last one (the window notwithstanding); global layers stay causal; the text before the image and
+    the first image do not see the next image."""
+    adapter = build_adapter(model_cfg("tiny_gemma4"))
+    adapter.model.set_attn_implementation("eager")
+    sample = adapter.encode(images(2), prompt(2), "Red.")
+    with torch.no_grad():
+        attentions = adapter.model(**adapter.collate([sample]), output_attentions=True).attentions
+    sliding, global_ = attentions[0][0], attentions[1][0]  # (H, L, L)
+    (first, first_end), (second, second_end) = sample.image_spans
+    assert (sliding[:, first, first_end - 1] > 0).all()  # bidirectional inside the image, past the 8-token window
+    assert (global_[:, first, first_end - 1] == 0).all()  # causal at a global layer
+    for weights in (sliding, global_):
+        assert (weights[:, first - 1, first] == 0).all()  # causal for the text before it
+        assert (weights[:, first_end - 1, second:second_end] == 0).all()  # one image does not see the next
+
+
+def test_gemma4_soft_tokens_fill_the_smallest_budget_and_keep_the_aspect_ratio() -> None:
+    """The tiny Gemma 4 takes the smallest budget the processor allows (70): the test images carry 55–70 soft tokens,
+    a wide image more columns than rows and a tall one the reverse, a 1 × 200 strip one column of 70."""
+    adapter = build_adapter(model_cfg("tiny_gemma4"))
+    assert adapter.image_processor.max_soft_tokens == 70
+    geometries = adapter.plan_images([*SIZES, (1, 200)])
+    assert [g.num_tokens for g in geometries[:5]] == [55, 60, 64, 66, 60]
+    wide, tall, strip = geometries[0].grids[0], geometries[1].grids[0], geometries[5].grids[0]
+    assert wide.cols > wide.rows and tall.rows > tall.cols and (strip.rows, strip.cols) == (70, 1)

@@ -7,6 +7,7 @@ from omegaconf import DictConfig, OmegaConf
 from miadpo.config import ModelConfig
 from miadpo.models.base import ModelAdapter
 from miadpo.models.gemma3 import Gemma3Adapter
+from miadpo.models.gemma4 import Gemma4Adapter
 from miadpo.models.geometry import ImageGeometry, PatchGrid
 from miadpo.models.glm4v import Glm4vAdapter, Glm4vMoeAdapter, Glm46VAdapter
 from miadpo.models.idefics3 import Idefics3Adapter, SmolVLMAdapter
@@ -34,6 +35,7 @@ ADAPTERS: dict[str, type[ModelAdapter]] = {
     "llava_onevision": LlavaOnevisionAdapter,
     "internlm_xc25": InternLMXC25Adapter,
     "gemma3": Gemma3Adapter,
+    "gemma4": Gemma4Adapter,
     "glm4v": Glm4vAdapter,
     "glm4v_moe": Glm4vMoeAdapter,
     "glm46v": Glm46VAdapter,

@@ -87,6 +87,9 @@ TEMPLATES: dict[str, ChatTemplate] = {
     # answers end with <end_of_turn>.
     "gemma3": ChatTemplate("gemma3", "", "<start_of_turn>user\n", "<end_of_turn>\n<start_of_turn>model\n",
                            "<end_of_turn>"),
+    # Gemma 4 (instruction-tuned, thinking off): "<|turn>user\n…<turn|>\n<|turn>model\n" after the tokenizer's BOS, no
+    # system turn by default; answers end with <turn|>.
+    "gemma4": ChatTemplate("gemma4", "", "<|turn>user\n", "<turn|>\n<|turn>model\n", "<turn|>"),
     # GLM-4.1V (zai-org/GLM-4.1V-9B-*): "[gMASK]<sop><|user|>\n<prompt><|assistant|>\n", no system turn by default.
     # GLM's chat template has no turn-end token: the next "<|user|>" ends an answer (one of the release's generation
     # stop ids), so answers end with it.
