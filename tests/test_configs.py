@@ -52,7 +52,8 @@ NEW_OPTIONS = {"eval": ["paper"], "data": ["llava", "pairs"], "experiment": ["mi
                "model": [f"{prefix}{family}" for prefix in ("", "tiny_")
                          for family in ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "internvl3_5", "gemma3",
                                         "gemma4")]
-                        + ["glm4_1v", "glm4_5v", "glm4_6v_flash", "tiny_glm4v", "tiny_glm4v_moe", "tiny_glm46v"]}
+                        + ["glm4_1v", "glm4_5v", "glm4_6v_flash", "tiny_glm4v", "tiny_glm4v_moe", "tiny_glm46v",
+                           "minicpm_v4_6", "tiny_minicpm_v4_6"]}
 # Issue 31: every model config states its token budget (model.max_length), which data.max_length: null means.
 MODEL_BUDGETS = {"toy_llava": 512, "llava15": 4096, "qwen2_vl": 8192, "qwen2_5_vl": 8192, "idefics3": 16384,
                  "smolvlm": 8192, "internvl": 20480, "llava_onevision": 8192, "internlm_xc25": 16384}

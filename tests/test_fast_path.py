@@ -168,9 +168,10 @@ def test_no_model_method_is_replaced_at_run_time(name: str) -> None:
     assert replaced_methods(adapter.model) == ["base_model.model.get_image_features"]
 
 
-@pytest.mark.parametrize("name", ["tiny_qwen3_5", "tiny_qwen3_5_moe"])
+@pytest.mark.parametrize("name", ["tiny_qwen3_5", "tiny_qwen3_5_moe", "tiny_minicpm_v4_6"])
 def test_hybrid_linear_attention_falls_back_to_the_plain_path_and_says_so_once(name: str, caplog) -> None:
-    """Qwen3.5's linear-attention state cannot be repeated per answer row: the plain forward, one warning."""
+    """Qwen3.5's linear-attention state (MiniCPM-V 4.6 runs the same decoder) cannot be repeated per answer row: the
+    plain forward, one warning."""
     from miadpo.dpo import module as module_code
 
     adapter = adapter_for(name)

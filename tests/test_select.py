@@ -88,9 +88,10 @@ def tiny_adapter(name: str):
         return build_adapter(compose(config_name="train", overrides=[f"model={name}"]).model)
 
 
-@pytest.mark.parametrize("name", ["tiny_qwen3_5", "tiny_gemma3"])
+@pytest.mark.parametrize("name", ["tiny_qwen3_5", "tiny_gemma3", "tiny_minicpm_v4_6"])
 def test_hybrid_decoder_captures_at_a_full_attention_layer(name: str, tmp_path: Path, monkeypatch) -> None:
-    """The middle layer (2 of 4) is linear attention (Qwen3.5) or sliding-window attention (Gemma 3): selection
+    """The middle layer (2 of 4) is linear attention (Qwen3.5, MiniCPM-V 4.6) or sliding-window attention (Gemma 3):
+    selection
     reads the global layer 3, exactly; naming another layer stops with the layers it reads."""
     from miadpo.select.capture import resolve_layer
 

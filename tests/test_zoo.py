@@ -22,13 +22,15 @@ from miadpo.train import CONFIG_DIR, train
 QWEN3 = ["tiny_qwen3_vl", "tiny_qwen3_vl_moe", "tiny_qwen3_5", "tiny_qwen3_5_moe"]
 GLM = ["tiny_glm4v", "tiny_glm4v_moe", "tiny_glm46v"]
 ZOO = ["tiny_llava", "tiny_qwen2_vl", "tiny_qwen2_5_vl", "tiny_idefics3", "tiny_smolvlm", "tiny_internvl",
-       "tiny_llava_onevision", "tiny_internlm_xc25", *QWEN3, "tiny_internvl3_5", "tiny_gemma3", "tiny_gemma4", *GLM]
+       "tiny_llava_onevision", "tiny_internlm_xc25", *QWEN3, "tiny_internvl3_5", "tiny_gemma3", "tiny_gemma4", *GLM,
+       "tiny_minicpm_v4_6"]
 REAL = {"qwen2_vl": "Qwen/Qwen2-VL-7B-Instruct", "qwen2_5_vl": "Qwen/Qwen2.5-VL-7B-Instruct",
         "qwen3_vl": "Qwen/Qwen3-VL-8B-Instruct", "qwen3_vl_moe": "Qwen/Qwen3-VL-30B-A3B-Instruct",
         "qwen3_5": "Qwen/Qwen3.5-9B", "qwen3_5_moe": "Qwen/Qwen3.5-35B-A3B",
         "internvl3_5": "OpenGVLab/InternVL3_5-8B-HF", "gemma3": "google/gemma-3-4b-it",
         "glm4_1v": "zai-org/GLM-4.1V-9B-Thinking", "glm4_5v": "zai-org/GLM-4.5V",
         "glm4_6v_flash": "zai-org/GLM-4.6V-Flash", "gemma4": "google/gemma-4-E4B-it",
+        "minicpm_v4_6": "openbmb/MiniCPM-V-4.6",
         "idefics3": "HuggingFaceM4/Idefics3-8B-Llama3", "smolvlm": "HuggingFaceTB/SmolVLM-Instruct",
         "internvl": "OpenGVLab/InternVL3-8B-hf", "llava_onevision": "llava-hf/llava-onevision-qwen2-7b-ov-hf",
         "internlm_xc25": "internlm/internlm-xcomposer2d5-7b"}
@@ -231,7 +233,7 @@ def test_the_saved_chat_template_renders_miadpos_prompt_and_ids(zoo: ModelAdapte
                                                                                       zoo.chat_image_marker))
     parts = rendered.split(zoo.chat_image_marker)
     geometries = zoo.plan_images([picture.size for picture in pictures])
-    expanded = parts[0] + "".join(zoo.image_placeholder(g) + part for g, part in zip(geometries, parts[1:]))
+    expanded = parts[0] + "".join(p + part for p, part in zip(zoo.image_placeholders(geometries), parts[1:]))
     sample = zoo.encode(pictures, text)
     assert tokenizer(expanded, add_special_tokens=False)["input_ids"] == sample.input_ids.tolist()
 
@@ -246,7 +248,7 @@ def test_train_entry_runs_three_steps(zoo_name: str, tmp_path: Path) -> None:
 # Issue 34's families: each tiny model saved as its release lays out a weights directory, and the weights config that
 # reads it (Qwen3-VL / Qwen3.5: tests/test_qwen3.py, on the released vocabularies).
 WEIGHTS_CONFIG_OF = {"tiny_internvl3_5": "internvl3_5", "tiny_gemma3": "gemma3", "tiny_gemma4": "gemma4",
-                     "tiny_glm4v": "glm4_1v",
+                     "tiny_glm4v": "glm4_1v", "tiny_minicpm_v4_6": "minicpm_v4_6",
                      "tiny_glm4v_moe": "glm4_5v", "tiny_glm46v": "glm4_6v_flash"}
 
 
@@ -294,6 +296,9 @@ GEOMETRY_CASES = [
     ("tiny_llava_onevision", [(64, 32)], 0, (56, 24, 64, 32), {15: 0.5, 50: 1.0}),
     # Gemma 4 keeps the aspect ratio within 70 soft tokens: 96 × 40 → 5 × 12 cells of 8 × 8 px, row-major.
     ("tiny_gemma4", [(96, 40)], 0, (84, 32, 96, 40), {58: 0.5, 59: 1.0}),
+    # MiniCPM-V 4.6: 64 × 32 → global view 1 × 3 tokens (span 0-2), then </image><slice> and two 2 × 2 slices (span
+    # 5-8 and, after </slice><slice>, 11-14); the box is the right slice's last cell and 3/8 of the global view's last.
+    ("tiny_minicpm_v4_6", [(64, 32)], 0, (48, 16, 64, 32), {2: 0.375, 14: 1.0}),
 ]
 
 
@@ -330,6 +335,25 @@ def without_video(processor_class: type) -> type:
     return ImagesOnly
 
 
+def images_only_minicpm(processor_class):
+    """MiniCPM-V 4.6's processor without its video processor (which needs torchvision): its own settings read off
+    the image processor and the tokenizer, as its ``__init__`` reads them off both."""
+    from transformers.processing_utils import ProcessorMixin
+
+    class ImagesOnly(processor_class):  # type: ignore[valid-type, misc]
+        def __init__(self, image_processor, tokenizer):
+            ProcessorMixin.__init__(self, image_processor, tokenizer)
+            self.slice_mode = self.video_slice_mode = image_processor.slice_mode
+            self.default_use_image_id = image_processor.use_image_id
+            self.image_token_divisor = self.video_token_divisor = 4 if image_processor.downsample_mode == "4x" else 16
+            for name in ("image_token", "image_token_id", "video_token", "video_token_id", "image_start_token",
+                         "image_end_token", "slice_start_token", "slice_end_token", "image_id_start_token",
+                         "image_id_end_token"):
+                setattr(self, name, getattr(tokenizer, name))
+
+    return ImagesOnly
+
+
 def reference_processor(name: str, adapter: ModelAdapter):
     from transformers import (
         Gemma3Processor,
@@ -338,6 +362,7 @@ def reference_processor(name: str, adapter: ModelAdapter):
         Idefics3Processor,
         InternVLProcessor,
         LlavaOnevisionProcessor,
+        MiniCPMV4_6Processor,
         Qwen2VLProcessor,
         Qwen3VLProcessor,
     )
@@ -363,6 +388,8 @@ def reference_processor(name: str, adapter: ModelAdapter):
 
         return ImagesOnlyGemma4(feature_extractor=None, image_processor=adapter.image_processor,
                                 tokenizer=adapter.tokenizer, video_processor=None), "<|image|>"
+    if name == "tiny_minicpm_v4_6":
+        return images_only_minicpm(MiniCPMV4_6Processor)(adapter.image_processor, adapter.tokenizer), "<|image_pad|>"
     if name in QWEN3:  # Qwen3.5's processor is Qwen3-VL's (transformers maps qwen3_5 to Qwen3VLProcessor)
         return (without_video(Qwen3VLProcessor)(image_processor=adapter.image_processor, tokenizer=adapter.tokenizer),
                 "<|vision_start|><|image_pad|><|vision_end|>")
@@ -381,7 +408,7 @@ def reference_processor(name: str, adapter: ModelAdapter):
 
 @pytest.mark.parametrize("name", ["tiny_qwen2_vl", "tiny_qwen2_5_vl", "tiny_idefics3", "tiny_internvl",
                                   "tiny_llava_onevision", *QWEN3, "tiny_internvl3_5", "tiny_gemma3", "tiny_gemma4",
-                                  *GLM])
+                                  *GLM, "tiny_minicpm_v4_6"])
 @pytest.mark.parametrize("n_images", [1, 3])
 def test_prompt_tokens_and_pixels_match_the_transformers_processor(name: str, n_images: int) -> None:
     adapter = build_adapter(model_cfg(name))
@@ -511,3 +538,24 @@ def test_gemma4_soft_tokens_fill_the_smallest_budget_and_keep_the_aspect_ratio()
     assert [g.num_tokens for g in geometries[:5]] == [55, 60, 64, 66, 60]
     wide, tall, strip = geometries[0].grids[0], geometries[1].grids[0], geometries[5].grids[0]
     assert wide.cols > wide.rows and tall.rows > tall.cols and (strip.rows, strip.cols) == (70, 1)
+
+
+def test_hidden_forward_never_runs_the_lm_head_over_the_sequence(zoo: ModelAdapter) -> None:
+    """The DPO forwards read the decoder's last hidden states and run the LM head on answer rows later: no family's
+    ``hidden_forward`` computes logits over its positions (MiniCPM-V 4.6's forward takes no ``logits_to_keep``, so its
+    adapter runs the inner model)."""
+    batch = zoo.collate([zoo.encode(images(2), prompt(2), "Red.")])
+    batch.pop("labels")
+    positions: list[int] = []
+    handle = zoo.base_model.get_output_embeddings().register_forward_hook(
+        lambda _module, args, _output: positions.append(args[0].shape[-2]))
+    try:
+        with torch.no_grad():
+            hidden, _ = zoo.hidden_forward(zoo.model, **batch)
+    finally:
+        handle.remove()
+    assert hidden.shape[:2] == batch["input_ids"].shape
+    assert all(n == 0 for n in positions), positions
+    with torch.no_grad():
+        logits = zoo.model(**batch).logits
+    assert torch.allclose(zoo.logits_of(zoo.model, hidden), logits, atol=1e-5)

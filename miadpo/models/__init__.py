@@ -16,6 +16,7 @@ from miadpo.models.internvl import InternVL35Adapter, InternVLAdapter
 from miadpo.models.llava import LlavaAdapter
 from miadpo.models.llava_onevision import LlavaOnevisionAdapter
 from miadpo.models.loading import ModelWeightsNotFoundError
+from miadpo.models.minicpmv import MiniCPMV46Adapter
 from miadpo.models.qwen2_vl import Qwen25VLAdapter, QwenVLAdapter
 from miadpo.models.qwen3_vl import Qwen3VLAdapter, Qwen3VLMoeAdapter, Qwen35Adapter, Qwen35MoeAdapter
 from miadpo.models.samples import IGNORE_INDEX, EncodedSample, ProcessedImages, SampleTooLongError
@@ -39,6 +40,7 @@ ADAPTERS: dict[str, type[ModelAdapter]] = {
     "glm4v": Glm4vAdapter,
     "glm4v_moe": Glm4vMoeAdapter,
     "glm46v": Glm46VAdapter,
+    "minicpm_v4_6": MiniCPMV46Adapter,
 }
 
 

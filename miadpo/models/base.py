@@ -146,6 +146,10 @@ class ModelAdapter(ABC):
         """Text that stands for one image (backbones with wrapper or marker tokens override it)."""
         return self.image_token * geometry.num_tokens
 
+    def image_placeholders(self, geometries: Sequence[ImageGeometry]) -> list[str]:
+        """The placeholders of a prompt's images, in order (backbones that number their images override it)."""
+        return [self.image_placeholder(geometry) for geometry in geometries]
+
     @property
     def eos_token_id(self) -> int:
         """The token that ends an answer: the template's end token when it names one, else the tokenizer's EOS."""
@@ -157,8 +161,8 @@ class ModelAdapter(ABC):
         if len(pieces) - 1 != len(geometries):
             raise ValueError(f"prompt has {len(pieces) - 1} {IMAGE_TOKEN} for {len(geometries)} images")
         text = pieces[0]
-        for geometry, piece in zip(geometries, pieces[1:]):
-            text += self.image_placeholder(geometry) + piece
+        for placeholder, piece in zip(self.image_placeholders(geometries), pieces[1:]):
+            text += placeholder + piece
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         bos = self.tokenizer.bos_token_id
         return ([bos] if bos is not None else []) + list(ids)
