@@ -11,6 +11,7 @@ from conftest import compose_train
 from hydra import compose, initialize_config_dir
 from peft import PeftModel
 from PIL import Image
+from reliability import case
 
 from miadpo.config import DPOConfig, OptimConfig
 from miadpo.data.dataset import EncodedPair
@@ -243,6 +244,27 @@ def test_train_entry_runs_three_steps(zoo_name: str, tmp_path: Path) -> None:
                                   "data.batch_size=2"], tmp_path))
     assert result.global_step == 3
     assert (result.run_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("name", [
+    case("training", "unfinished-weights-download", "model.path is a directory with a config.json but no weight files "
+         "(an empty or unfinished download)", "stops before any model loads or anything is written, naming the path, "
+         "what it lacks and the download command", "gemma4"),
+    "glm4_5v", "minicpm_v4_6"])
+def test_an_empty_weights_directory_stops_before_loading_with_the_download_hint(name: str, tmp_path: Path,
+                                                                                pair_files) -> None:
+    """A ``model.path`` directory without config or weights (an unfinished download) is named with what it lacks,
+    before any model loads, instead of transformers' error from deep in loading."""
+    from conftest import good_record
+
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "config.json").write_text("{}")
+    pairs = pair_files([good_record(tmp_path, 0, 1)])
+    cfg = compose_train([f"model={name}", f"model.path={tmp_path / 'weights'}", "data=pairs", f"data.pairs={pairs}",
+                         f"data.image_root={tmp_path / 'images'}"], tmp_path)
+    with pytest.raises(ModelWeightsNotFoundError, match=r"has no weight files .*huggingface-cli download"):
+        train(cfg)
+    assert not (tmp_path / "run" / "base_model").exists()
 
 
 # Issue 34's families: each tiny model saved as its release lays out a weights directory, and the weights config that

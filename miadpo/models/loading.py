@@ -21,17 +21,28 @@ class ModelWeightsNotFoundError(FileNotFoundError):
 
 
 def check_weights_path(cfg: ModelConfig) -> str:
-    """Return the path to load from, or fail with instructions instead of a hub stack trace."""
+    """Return the path to load from, or fail with instructions instead of a hub stack trace: a path that is not a
+    local directory (unless downloads are allowed), or a directory without a model config or weight files (an empty
+    or unfinished download)."""
     assert cfg.path is not None
-    if Path(cfg.path).is_dir():
-        return cfg.path
-    if cfg.allow_download:
-        return cfg.path
-    raise ModelWeightsNotFoundError(
-        f"model {cfg.name!r}: weights not found at model.path={cfg.path!r} (not a local directory). "
-        f"Download them first (e.g. `huggingface-cli download {cfg.path} --local-dir /some/dir`) and pass "
-        f"model.path=/some/dir, or set model.allow_download=true on a machine with hub access."
-    )
+    directory = Path(cfg.path)
+    if not directory.is_dir():
+        if cfg.allow_download:
+            return cfg.path
+        raise ModelWeightsNotFoundError(
+            f"model {cfg.name!r}: weights not found at model.path={cfg.path!r} (not a local directory). "
+            f"Download them first (e.g. `huggingface-cli download {cfg.path} --local-dir /some/dir`) and pass "
+            f"model.path=/some/dir, or set model.allow_download=true on a machine with hub access."
+        )
+    expected = (("config.json", ("config.json",)), ("weight files", ("*.safetensors", "*.bin")))
+    missing = [what for what, patterns in expected if not any(any(directory.glob(p)) for p in patterns)]
+    if missing:
+        raise ModelWeightsNotFoundError(
+            f"model {cfg.name!r}: weights not found at model.path={cfg.path!r}: the directory has no "
+            f"{' and no '.join(missing)} (an empty or unfinished download?). Download the checkpoint into it (e.g. "
+            f"`huggingface-cli download <checkpoint> --local-dir {cfg.path}`; conf/model/{cfg.name}.yaml names it)."
+        )
+    return cfg.path
 
 
 def torch_dtype(name: str) -> torch.dtype:
