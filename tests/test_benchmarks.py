@@ -101,6 +101,24 @@ def test_mmmu_items_follow_vlmevalkit_and_a_broken_row_is_counted(tmp_path: Path
         read_mmmu(tmp_path / "MMMU", report("error"), ImageOptions())
 
 
+def test_mmmu_image_k_is_column_image_k_whatever_is_null_before_it(tmp_path: Path) -> None:
+    """``<image k>`` stays bound to column ``image_k``: a row citing only <image 2> with image_1 null gets image_2
+    (not image_3); a null column between two cited ones is fine; citing a null column makes the row bad, named."""
+    write_parquet(tmp_path / "MMMU" / "Art" / "validation-00000-of-00001.parquet", [
+        mmmu_row(1, "Art", question="Look at <image 2>.", options="['a', 'b']", image_1=None,
+                 image_2=struct(GREEN), image_3=struct(BLUE)),
+        mmmu_row(2, "Art", question="<image 1> then <image 3>", options="['a', 'b']", image_1=struct(RED),
+                 image_2=None, image_3=struct(BLUE)),
+        mmmu_row(3, "Art", question="<image 1> and <image 2>", options="['a', 'b']", image_1=struct(RED),
+                 image_2=None),
+    ])
+    bad = report()
+    first, second = read_mmmu(tmp_path / "MMMU", bad, ImageOptions())
+    assert colours(first) == [GREEN] and colours(second) == [RED, BLUE]
+    assert len(bad.bad) == 1 and "(id=validation_Art_3)" in str(bad.bad[0])
+    assert "cites <image 2> but the row's image_2 is empty (null)" in str(bad.bad[0])
+
+
 def test_a_missing_directory_split_or_column_is_named(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="MMMU: directory not found: .*nowhere"):
         read_mmmu(tmp_path / "nowhere", report(), ImageOptions())
@@ -136,6 +154,15 @@ def test_blink_answers_in_parentheses_become_letters_and_images_go_first(tmp_pat
                            "B. the second image\n" + VLMEVALKIT_END)
     assert colours(item) == [RED, GREEN] and item.answer == "B" and item.extra_groups == ("BLINK/Counting",)
     assert len(bad.bad) == 1 and "answer '(E)' is not one of the options A, B" in str(bad.bad[0])
+
+
+def test_a_blink_row_without_any_image_is_a_bad_row(tmp_path: Path) -> None:
+    write_parquet(tmp_path / "BLINK" / "Counting" / "val-00000-of-00001.parquet",
+                  [blink_row(1, "Counting"), blink_row(2, "Counting", image_1=None, image_2=None)])
+    bad = report()
+    (item,) = read_blink(tmp_path / "BLINK", bad, ImageOptions())
+    assert item.id == "val_Counting_1"
+    assert len(bad.bad) == 1 and "(id=val_Counting_2): no image: image_1 … image_4 are all null" in str(bad.bad[0])
 
 
 def test_the_hub_cache_and_the_datasets_cache_are_read(tmp_path: Path) -> None:

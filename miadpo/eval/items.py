@@ -165,14 +165,23 @@ def _image_cells(rows: list[tuple[int, dict[str, str]]], tsv: Path) -> dict[int,
 
 
 def place_images(text: str, images: list[Any]) -> tuple[str, list[Any]]:
-    """The prompt with one ``<image>`` marker per image, and the images in marker order (rules in tsv_items)."""
+    """The prompt with one ``<image>`` marker per image, and the images in marker order (rules in tsv_items).
+
+    ``images[k - 1]`` is the row's image ``k``; ``None`` marks an empty slot (a null ``image_k`` column of a
+    benchmark table), so ``<image k>`` stays bound to slot ``k`` whatever is empty before it; citing an empty slot
+    is an error, and without references the empty slots are left out."""
     references = [int(k) for k in NUMBERED_IMAGE.findall(text)]
     if references:
         if IMAGE_MARKER in NUMBERED_IMAGE.sub("", text):
             raise ValueError("the prompt mixes <image k> references and bare <image> markers")
         if any(not 1 <= k <= len(images) for k in references):
             raise ValueError(f"the prompt refers to images {references} but the row has {len(images)}")
+        empty = sorted({k for k in references if images[k - 1] is None})
+        if empty:
+            raise ValueError(f"the prompt cites {', '.join(f'<image {k}>' for k in empty)} but the row's "
+                             f"image_{empty[0]} is empty (null)")
         return NUMBERED_IMAGE.sub(IMAGE_MARKER, text), [images[k - 1] for k in references]
+    images = [image for image in images if image is not None]
     markers = text.count(IMAGE_MARKER)
     if markers:
         segments = text.split(IMAGE_MARKER)

@@ -22,7 +22,7 @@ from typing import Any
 
 from miadpo.data.images import ImageOptions
 from miadpo.data.pairs import BadRecordReport
-from miadpo.eval.benchmarks.tables import BadRowError, collect, image_cell, split_files, table_rows, text_cell
+from miadpo.eval.benchmarks.tables import BadRowError, collect, image_columns, split_files, table_rows, text_cell
 from miadpo.eval.items import LETTERS, EvalItem, mcq_text, place_images
 
 NAME = "BLINK"
@@ -38,8 +38,9 @@ def blink_item(row: dict[str, Any], file: Path, number: int, options: ImageOptio
     answer = text_cell(row, "answer").strip().strip("()")
     if answer not in choice:
         raise BadRowError(f"answer {row['answer']!r} is not one of the options {', '.join(choice)}")
-    images = [image_cell(row[f"image_{k}"], file, f"{file}:{number} image_{k}", options)
-              for k in range(1, 5) if row.get(f"image_{k}") is not None]
+    images = image_columns(row, 4, file, number, options)
+    if not any(images):
+        raise BadRowError("no image: image_1 … image_4 are all null")
     prompt, placed = place_images(mcq_text({"question": text_cell(row, "question")}, choice, muir=False), images)
     task = str(row["sub_task"] or file.parent.name)
     return EvalItem(text_cell(row, "idx"), NAME, placed, prompt, answer, options=choice,

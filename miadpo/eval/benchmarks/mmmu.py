@@ -12,8 +12,9 @@ for 30 subjects (Accounting, Art, ..., Sociology), 900 items, with the columns
 
 Prompt (VLMEvalKit: ``ImageMCQDataset.build_prompt`` and ``MMMUDataset.split_MMMU`` in
 ``vlmeval/dataset/image_mcq.py``): ``Question: <question>\\nOptions:\\nA. <A>\\n…Please select the correct answer
-from the options above. \\n``; each ``<image k>`` (in the question or an option) becomes the k-th image in place,
-an image referenced twice is given twice, one never referenced is left out. Open questions get no options in the
+from the options above. \\n``; each ``<image k>`` (in the question or an option) becomes the image of column
+``image_k`` in place (whatever columns before it are null; citing a null column makes the row bad), an image
+referenced twice is given twice, one never referenced is left out. Open questions get no options in the
 prompt and are scored as VLMEvalKit's ``MMMU_preproc`` does: options {A: the answer, B: "Other Answers"}, answer A.
 Groups: ``MMMU`` and ``MMMU/<Subject>``.
 """
@@ -27,7 +28,7 @@ from typing import Any
 
 from miadpo.data.images import ImageOptions
 from miadpo.data.pairs import BadRecordReport
-from miadpo.eval.benchmarks.tables import BadRowError, collect, image_cell, split_files, table_rows, text_cell
+from miadpo.eval.benchmarks.tables import BadRowError, collect, image_columns, split_files, table_rows, text_cell
 from miadpo.eval.items import LETTERS, EvalItem, mcq_text, place_images
 
 NAME = "MMMU"
@@ -54,8 +55,7 @@ def mmmu_item(row: dict[str, Any], file: Path, number: int, options: ImageOption
             raise BadRowError(f"answer {answer!r} is not one of the options {', '.join(choice)}")
     else:
         choice = {}
-    images = [image_cell(row[f"image_{k}"], file, f"{file}:{number} image_{k}", options)
-              for k in range(1, 8) if row.get(f"image_{k}") is not None]
+    images = image_columns(row, 7, file, number, options)
     prompt, placed = place_images(mcq_text({"question": text_cell(row, "question")}, choice, muir=False), images)
     if not choice:  # MMMU_preproc: an open question scored as two options, the answer being A
         choice, answer = {"A": answer, "B": "Other Answers"}, "A"

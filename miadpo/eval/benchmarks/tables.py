@@ -113,6 +113,15 @@ def image_cell(value: Any, file: Path, label: str, options: ImageOptions) -> Ima
     return source
 
 
+def image_columns(row: dict[str, Any], count: int, file: Path, number: int, options: ImageOptions
+                  ) -> list[ImageSource | None]:
+    """The row's ``image_1`` … ``image_<count>`` as sources, ``None`` where a column is null or absent: slot ``k``
+    is column ``image_k`` (``<image k>`` references are bound to it, ``miadpo.eval.items.place_images``)."""
+    return [None if row.get(f"image_{k}") is None
+            else image_cell(row[f"image_{k}"], file, f"{file}:{number} image_{k}", options)
+            for k in range(1, count + 1)]
+
+
 Row = tuple[Path, int, dict[str, Any]]  # file, row number (from 1), the row
 Builder = Callable[[dict[str, Any], Path, int], "EvalItem | None"]
 
