@@ -119,6 +119,27 @@ def test_mmmu_image_k_is_column_image_k_whatever_is_null_before_it(tmp_path: Pat
     assert "cites <image 2> but the row's image_2 is empty (null)" in str(bad.bad[0])
 
 
+def test_mmmu_open_answers_given_as_a_list_are_scored_by_mmmus_own_rule(tmp_path: Path) -> None:
+    """An open answer "['1.5', '1.50']" accepts either, numbers compared after MMMU's normalisation (2 decimals,
+    commas dropped) in the key part of the prediction; a text list accepts a prediction containing one of them."""
+    write_parquet(tmp_path / "MMMU" / "Art" / "validation-00000-of-00001.parquet", [
+        mmmu_row(1, "Art", question="How fast? <image 1>", options="[]", answer="['1.5', '1.50']",
+                 question_type="open", image_1=struct(RED)),
+        mmmu_row(2, "Art", question="Where? <image 1>", options="[]", answer="['left', 'the left side']",
+                 question_type="open", image_1=struct(RED)),
+        mmmu_row(3, "Art", question="How many? <image 1>", options="[]", answer="1,200", question_type="open",
+                 image_1=struct(RED)),
+    ])
+    speed, side, plain = read_mmmu(tmp_path / "MMMU", report(), ImageOptions())
+    assert speed.accepted == ("1.5", "1.50") and not speed.options
+    for right in ("1.5", "1.50", "The speed is 1.500 m/s.", "so the answer is 1.5"):
+        assert is_correct(speed, right), right
+    for wrong in ("2", "It is 15.", "about 1.6"):
+        assert not is_correct(speed, wrong), wrong
+    assert is_correct(side, "It is on the left.") and not is_correct(side, "It is on the right.")
+    assert plain.accepted == () and plain.options == {"A": "1,200", "B": "Other Answers"}  # VLMEvalKit's rule
+
+
 def test_a_missing_directory_split_or_column_is_named(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="MMMU: directory not found: .*nowhere"):
         read_mmmu(tmp_path / "nowhere", report(), ImageOptions())

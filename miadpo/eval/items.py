@@ -47,6 +47,9 @@ class EvalItem:
     options: dict[str, str] = field(default_factory=dict)
     extra_groups: tuple[str, ...] = ()  # further groups scored with this item ("tsv:<name>/<category>", ...)
     circular_group: str | None = None  # circular TSVs: the index of the row this one rotates (index % 1e6)
+    # Open questions with several accepted answers (MMMU's list-literal answers), scored by MMMU's own open-answer
+    # rule (``miadpo.eval.open_answers``) instead of exact match.
+    accepted: tuple[str, ...] = ()
     where: str = ""  # file:line of the record, for messages
 
     def load_images(self, options: ImageOptions | None = None) -> list[Image.Image]:

@@ -1,7 +1,8 @@
 """Scoring: greedy answers, VLMEvalKit's option-letter extraction, per-group accuracy and the markdown table.
 
 Open answers are scored by normalised exact match (case, punctuation and spaces ignored; after a "Final Answer:"
-the model was asked for, the text after it), multiple-choice ones by the option letter the answer names; groups
+the model was asked for, the text after it) — those with several accepted answers (MMMU's list literals) by MMMU's
+own open-answer rule (``miadpo.eval.open_answers``) — multiple-choice ones by the option letter the answer names; groups
 are format × N (single-image records form the group "single"), TSV and benchmark names and categories, and
 circular groups. An optional error classifier (the toy world's: ``miadpo.toyworld.errors``) adds the share of each
 class of wrong answer. ``evaluate`` decodes each batch's images only when it answers it: an item whose images
@@ -22,6 +23,7 @@ from miadpo.data.images import ImageError, ImageOptions
 from miadpo.data.pairs import BadRecordReport
 from miadpo.eval.benchmarks import PAPER_AVERAGE
 from miadpo.eval.items import EvalItem
+from miadpo.eval.open_answers import open_answer_matches
 from miadpo.models.base import ModelAdapter
 from miadpo.models.samples import SampleTooLongError
 from miadpo.text import markdown_table, normalise_answer
@@ -99,6 +101,8 @@ def open_answer(prediction: str) -> str:
 def is_correct(item: EvalItem, prediction: str) -> bool:
     if item.options:
         return option_letter(prediction, item.options) == item.answer
+    if item.accepted:
+        return open_answer_matches(prediction, item.accepted)
     return normalise_answer(open_answer(prediction)) == normalise_answer(item.answer)
 
 

@@ -15,7 +15,9 @@ Prompt (VLMEvalKit: ``ImageMCQDataset.build_prompt`` and ``MMMUDataset.split_MMM
 from the options above. \\n``; each ``<image k>`` (in the question or an option) becomes the image of column
 ``image_k`` in place (whatever columns before it are null; citing a null column makes the row bad), an image
 referenced twice is given twice, one never referenced is left out. Open questions get no options in the
-prompt and are scored as VLMEvalKit's ``MMMU_preproc`` does: options {A: the answer, B: "Other Answers"}, answer A.
+prompt and are scored as VLMEvalKit's ``MMMU_preproc`` does: options {A: the answer, B: "Other Answers"}, answer A —
+except those whose answer is a list literal of accepted answers (``"['1.5', '1.50']"``), scored by MMMU's own
+open-answer rule (any of them; ``miadpo.eval.open_answers``), where VLMEvalKit compares against the list's text.
 Groups: ``MMMU`` and ``MMMU/<Subject>``.
 """
 
@@ -57,11 +59,26 @@ def mmmu_item(row: dict[str, Any], file: Path, number: int, options: ImageOption
         choice = {}
     images = image_columns(row, 7, file, number, options)
     prompt, placed = place_images(mcq_text({"question": text_cell(row, "question")}, choice, muir=False), images)
-    if not choice:  # MMMU_preproc: an open question scored as two options, the answer being A
+    accepted = accepted_answers(answer) if not choice else ()
+    if not choice and not accepted:  # MMMU_preproc: an open question scored as two options, the answer being A
         choice, answer = {"A": answer, "B": "Other Answers"}, "A"
     match = SUBJECT.match(item_id)
     subject = match.group(1) if match else file.parent.name
-    return EvalItem(item_id, NAME, placed, prompt, answer, options=choice, extra_groups=(f"{NAME}/{subject}",))
+    return EvalItem(item_id, NAME, placed, prompt, answer, options=choice, extra_groups=(f"{NAME}/{subject}",),
+                    accepted=accepted)
+
+
+def accepted_answers(answer: str) -> tuple[str, ...]:
+    """The answers an open question accepts when its answer is a list literal (``"['1.5', '1.50']"``), else ()."""
+    if not answer.startswith("["):
+        return ()
+    try:
+        values = ast.literal_eval(answer)
+    except (ValueError, SyntaxError):
+        return ()
+    if not isinstance(values, list) or not values or not all(isinstance(v, str | int | float) for v in values):
+        return ()
+    return tuple(str(v) for v in values)
 
 
 def read_mmmu(root: Path, report: BadRecordReport, options: ImageOptions) -> list[EvalItem]:
