@@ -326,6 +326,8 @@ def test_mvbench_videos_and_frame_folders_give_sampled_frames(tmp_path: Path) ->
     assert [c[0] for c in colours(episode)] == pytest.approx(segment_frames(1, 30, 4, 3.0, (2.0, 8.0)), abs=2)
     assert episode.answer == "C"
     assert len(bad.bad) == 1 and "answer 'b' is none of the candidates" in str(bad.bad[0])
+    # A skipped row carries the id an answered one has: <task>/<n>.
+    assert video.id == "action_antonym/1" and "(id=action_antonym/2)" in str(bad.bad[0])
     (tmp_path / "MVBench" / "json" / "moving_count.json").unlink()
     with pytest.raises(FileNotFoundError, match=r"lacks 1 of the 20 task files: json/moving_count\.json"):
         read_mvbench(tmp_path / "MVBench", report(), ImageOptions())
@@ -397,3 +399,36 @@ def test_the_multi_image_mean_is_the_papers_average_of_its_benchmarks(tmp_path: 
              "BLINK/Counting": {"1": True, "2": True}}
     mean = compare_correctness(before, after)["multi-image mean"]
     assert (mean.accuracy_a, mean.accuracy_b, mean.delta) == (50.0, 100.0, 50.0)  # BLINK +100, MMMU 0
+
+
+def test_evaluation_messages_name_the_eval_settings(tmp_path: Path) -> None:
+    """Too many bad rows stop an evaluation naming eval.max_bad_fraction (not data.*); a prompt too long for the
+    model is skipped naming eval.max_length."""
+    from omegaconf import OmegaConf
+
+    from miadpo.config import EvalConfig
+    from miadpo.data.pairs import BadRecordError
+    from miadpo.eval.sets import eval_items
+
+    write_parquet(tmp_path / "BLINK" / "Counting" / "val-00000-of-00001.parquet",
+                  [blink_row(1, "Counting"), blink_row(2, "Counting", answer="(E)")])
+    cfg = OmegaConf.structured(EvalConfig)
+    cfg.benchmarks.blink = str(tmp_path / "BLINK")
+    with pytest.raises(BadRecordError, match=r"\(50\.0% > eval\.max_bad_fraction=1\.0%\)"):
+        eval_items(cfg)
+    cfg.on_bad_record = "error"
+    with pytest.raises(BadRecordError, match=r"bad record \(eval\.on_bad_record=error\)"):
+        eval_items(cfg)
+
+    from hydra import compose, initialize_config_dir
+
+    from miadpo.eval.scoring import evaluate
+    from miadpo.models import build_adapter
+    from miadpo.train import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        adapter = build_adapter(compose(config_name="train", overrides=["model=tiny_llava"]).model)
+    (item,) = read_blink(tmp_path / "BLINK", report(), ImageOptions())
+    result = evaluate(adapter, [item], max_new_tokens=2, max_length=8, progress=False)
+    (skipped,) = result.skipped
+    assert "too long: " in skipped and "(eval.max_length)" in skipped and "data.max_length" not in skipped

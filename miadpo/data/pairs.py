@@ -135,18 +135,20 @@ class BadRecordError(ValueError):
 
 @dataclass
 class BadRecordReport:
-    """Counts bad records for one stage and applies ``data.on_bad_record`` / ``data.max_bad_fraction``."""
+    """Counts bad records for one stage and applies ``<settings>.on_bad_record`` / ``<settings>.max_bad_fraction``
+    (``settings``: the config group that holds them, ``data`` or ``eval``, named in its messages)."""
 
     policy: BadRecordPolicy = BadRecordPolicy.skip
     max_bad_fraction: float = 0.01
     stage: str = "load"
     bad: list[BadRecord] = field(default_factory=list)
     total: int = 0
+    settings: str = "data"
 
     def add(self, record: BadRecord) -> None:
         self.bad.append(record)
         if BadRecordPolicy(self.policy) is BadRecordPolicy.error:
-            raise BadRecordError(f"[{self.stage}] bad record (data.on_bad_record=error): {record}")
+            raise BadRecordError(f"[{self.stage}] bad record ({self.settings}.on_bad_record=error): {record}")
         log.warning("[%s] skipping bad record %s", self.stage, record)
 
     @property
@@ -167,7 +169,8 @@ class BadRecordReport:
             first = "\n  ".join(str(b) for b in self.bad[:5])
             raise BadRecordError(
                 f"[{self.stage}] {len(self.bad)} of {self.total} records are bad "
-                f"({self.fraction:.1%} > data.max_bad_fraction={self.max_bad_fraction:.1%}); first:\n  {first}"
+                f"({self.fraction:.1%} > {self.settings}.max_bad_fraction={self.max_bad_fraction:.1%}); first:\n"
+                f"  {first}"
             )
 
 

@@ -236,7 +236,7 @@ def evaluate(adapter: ModelAdapter, items: Sequence[EvalItem], batch_size: int =
                 skipped.append(str(bad))
                 continue
             except SampleTooLongError as exc:
-                skipped.append(str(item.bad(f"too long: {exc}")))
+                skipped.append(str(item.bad(f"too long: {exc} (eval.max_length)")))
                 continue
             kept.append(item)
         if prompts:

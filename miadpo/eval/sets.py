@@ -31,7 +31,7 @@ def eval_items(cfg: Any) -> tuple[list[EvalItem], BadRecordReport]:
     (``report.bad``: file:line (id): reason) by ``eval.on_bad_record`` / ``eval.max_bad_fraction``. Images are
     checked, not decoded (``miadpo.eval.sources``); the report goes on to ``evaluate``, which decodes them."""
     roots, image_options = ImageRoots.of(cfg), ImageOptions.of(cfg)
-    report = BadRecordReport(cfg.on_bad_record, cfg.max_bad_fraction, stage="eval")
+    report = BadRecordReport(cfg.on_bad_record, cfg.max_bad_fraction, stage="eval", settings="eval")
     items = [item for f in cfg.files for item in llava_items(Path(f), roots, report, image_options)]
     items += [item for f in cfg.tsv for item in tsv_items(Path(f), report, image_options)]
     items += benchmark_items(cfg, report, image_options)

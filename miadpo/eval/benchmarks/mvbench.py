@@ -83,6 +83,11 @@ def video_source(root: Path, task: str, video: str, frames: int, bound: tuple[fl
     return VideoFrames(path, frames, bound)
 
 
+def mvbench_id(task: str, number: int) -> str:
+    """An item's id, ``<task file stem>/<n>`` (n from 1 in the task's JSON list), whether it is answered or skipped."""
+    return f"{TASKS[task][0]}/{number}"
+
+
 def mvbench_item(row: dict[str, Any], root: Path, task: str, number: int, frames: int, frame_fps: float,
                  options: ImageOptions) -> EvalItem:
     if "_error" in row:
@@ -101,7 +106,7 @@ def mvbench_item(row: dict[str, Any], root: Path, task: str, number: int, frames
     question = "".join([f"Question: {text_cell(row, 'question')}\nOptions:\n",
                         "\n".join(f"({k}) {v}" for k, v in choice.items())])
     prompt = f"{SYSTEM}\n" + f"{IMAGE_TOKEN}\n" * frames + f"{question}\n{INSTRUCTION}"
-    item_id = f"{TASKS[task][0]}/{number}"
+    item_id = mvbench_id(task, number)
     return EvalItem(item_id, NAME, [source], prompt, LETTERS[texts.index(answer)], options=choice,
                     extra_groups=(f"{NAME}/{task}",))
 
@@ -116,5 +121,5 @@ def read_mvbench(root: Path, report: BadRecordReport, options: ImageOptions, fra
     items = []
     for task in TASKS:
         items += collect(task_rows(root, task), lambda row, file, n, task=task: mvbench_item(
-            row, root, task, n, frames, frame_fps, options), report, "video")
+            row, root, task, n, frames, frame_fps, options), report, lambda row, n, task=task: mvbench_id(task, n))
     return items

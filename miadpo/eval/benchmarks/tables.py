@@ -126,10 +126,12 @@ Row = tuple[Path, int, dict[str, Any]]  # file, row number (from 1), the row
 Builder = Callable[[dict[str, Any], Path, int], "EvalItem | None"]
 
 
-def collect(rows: Iterable[Row], build: Builder, report: BadRecordReport, id_key: str) -> list[EvalItem]:
+def collect(rows: Iterable[Row], build: Builder, report: BadRecordReport,
+            id_key: str | Callable[[dict[str, Any], int], str]) -> list[EvalItem]:
     """``build(row, file, number)`` for each row. A row that raises BadRowError, ImageError or a malformed-value
-    error goes to ``report`` as ``file:row (id=<row[id_key]>): reason`` (skipped and counted, or stop, by its
-    policy); a builder returning None leaves its row out uncounted (a row the benchmark itself excludes)."""
+    error goes to ``report`` as ``file:row (id=<id>): reason`` (skipped and counted, or stop, by its policy), the id
+    being ``row[id_key]``, or ``id_key(row, number)`` for benchmarks whose item ids are not a column; a builder
+    returning None leaves its row out uncounted (a row the benchmark itself excludes)."""
     items = []
     for file, number, row in rows:
         report.total += 1
@@ -137,7 +139,8 @@ def collect(rows: Iterable[Row], build: Builder, report: BadRecordReport, id_key
             item = build(row, file, number)
         except (BadRowError, ImageError, KeyError, TypeError, ValueError, SyntaxError) as exc:
             reason = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)
-            report.add(BadRecord(str(file), number, None if row.get(id_key) is None else str(row[id_key]), reason))
+            row_id = id_key(row, number) if callable(id_key) else row.get(id_key)
+            report.add(BadRecord(str(file), number, None if row_id is None else str(row_id), reason))
             continue
         if item is None:
             report.total -= 1
