@@ -10,7 +10,8 @@ Items: ``miadpo.eval.sets``; greedy answers and scoring: ``miadpo.eval.scoring``
 answer is classed by ``miadpo.toyworld.errors`` (distractor / in no image / other). A record or row whose image
 cannot be used is skipped, counted and logged, or stops the run, by ``eval.on_bad_record`` /
 ``eval.max_bad_fraction``; one whose prompt does not fit the model is skipped and counted. Writes ``eval.json``
-(table, predictions, ``correct``: per group each item's correctness, ``skipped``: file:line (id): reason of each
+(table, ``predictions``: per group (benchmark, TSV, record group) each item's answer, ``correct``: per group each
+item's correctness, ``skipped``: file:line (id): reason of each
 item left out; with ``compare``, ``comparison``: per group Δ, paired bootstrap 95% interval, McNemar p) and
 ``eval.md`` into the run directory; with ``eval.wandb``, the table and a table of sample items on W&B.
 """
@@ -114,7 +115,7 @@ def run_evaluation(cfg: DictConfig, adapter: ModelAdapter | None = None) -> dict
     # Left out when read (report.bad), then when answered (evaluation.skipped: undecodable, too long).
     skipped = [str(bad) for bad in report.bad if str(bad) not in evaluation.skipped] + evaluation.skipped
     results: dict[str, Any] = {
-        "table": evaluation.table, "predictions": dict(zip([i.id for i in evaluation.items], evaluation.predictions)),
+        "table": evaluation.table, "predictions": evaluation.keyed_predictions(),
         "correct": correct, "skipped": skipped}
     markdown = table_markdown(evaluation.table)
     if other is not None:

@@ -72,6 +72,22 @@ def blink_dir(tmp_path: Path) -> Path:
     return tmp_path / "BLINK"
 
 
+def test_predictions_are_kept_per_benchmark_when_item_ids_repeat_across_them(tmp_path: Path) -> None:
+    """Two VLMEvalKit TSVs both index their rows from 0 (as every one does): eval.json keeps all four answers,
+    under each TSV's group, and each benchmark's correctness."""
+    from test_evaluate_tsv import image_b64, write_tsv
+
+    rows = [{"index": k, "question": f"Which colour? {k}", "A": "red", "B": "blue", "answer": "A",
+             "image": image_b64(RED)} for k in range(2)]
+    first, second = write_tsv(tmp_path / "first.tsv", rows), write_tsv(tmp_path / "second.tsv", rows)
+    results = run_evaluation(compose_evaluate([f"eval.tsv=[{first},{second}]"], tmp_path / "run"))
+    saved = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert saved["predictions"] == results["predictions"]
+    assert {group: sorted(answers) for group, answers in saved["predictions"].items()} == {
+        "tsv:first": ["0", "1"], "tsv:second": ["0", "1"]}
+    assert sorted(saved["correct"]["tsv:first"]) == sorted(saved["correct"]["tsv:second"]) == ["0", "1"]
+
+
 def test_evaluate_compares_with_another_run_and_skips_what_cannot_be_answered(tmp_path: Path) -> None:
     bench = blink_dir(tmp_path)
     first = run_evaluation(compose_evaluate([f"eval.benchmarks.blink={bench}", "eval.max_bad_fraction=0.5"],
@@ -149,7 +165,7 @@ def test_wandb_samples_show_every_benchmark_with_images_question_prediction_and_
     # Taken from each benchmark in turn, so the first benchmark's items do not fill the table.
     assert [row["group"] for row in rows] == ["MMMU", "BLINK", "MMMU"]
     assert [row["id"] for row in rows] == ["validation_Art_1", "val_Counting_1", "validation_Art_2"]
-    assert rows[0]["prediction"] == results["predictions"]["validation_Art_1"] and rows[0]["answer"] == "B"
+    assert rows[0]["prediction"] == results["predictions"]["MMMU"]["validation_Art_1"] and rows[0]["answer"] == "B"
     assert rows[0]["question"].count("<image>") == 3  # MMMU's <image 2>, <image 1>, <image 1> in place
     # The images travel in the table's artifact: one contact sheet per sample, the item's images side by side.
     staged = [path for path in (tmp_path / "run" / "wandb" / "data").rglob("*") if path.is_file()]

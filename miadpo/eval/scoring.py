@@ -207,6 +207,18 @@ class Evaluation:
     def correct(self) -> dict[str, dict[str, bool]]:
         return paired_units(self.items, self.predictions)
 
+    def keyed_predictions(self) -> dict[str, dict[str, str]]:
+        """Each answer under its item's group (the benchmark, TSV or record group) and id, a repeated id numbered
+        ``id#2``, ...: ids that repeat across benchmarks (every VLMEvalKit TSV counts from 0) keep every answer."""
+        keyed: dict[str, dict[str, str]] = defaultdict(dict)
+        for item, prediction in zip(self.items, self.predictions):
+            unit, k = item.id, 1
+            while unit in keyed[item.group]:
+                k += 1
+                unit = f"{item.id}#{k}"
+            keyed[item.group][unit] = prediction
+        return dict(keyed)
+
 
 def evaluate(adapter: ModelAdapter, items: Sequence[EvalItem], batch_size: int = 16, max_new_tokens: int = 8,
              classify: ErrorClassifier | None = None, image_options: ImageOptions | None = None,
