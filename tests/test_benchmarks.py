@@ -229,6 +229,29 @@ def test_mantis_prompts_follow_its_authors(tmp_path: Path) -> None:
     assert len(bad.bad) == 1 and "question_type 'essay'" in str(bad.bad[0])
 
 
+def test_mantis_markers_beyond_the_images_stay_text_and_are_noted(tmp_path: Path) -> None:
+    """As the authors' evaluation: the first markers take the images, a surplus one reads as text; the row is
+    evaluated (not skipped) and noted in the report, and in eval.json's notes."""
+    rows = [{"id": "m9", "question_type": "multi-choice", "question": "Compare <image> with <image> and <image>.",
+             "images": [struct(RED), struct(GREEN)], "options": ["same", "different"], "answer": "B",
+             "data_source": "", "category": "comparison"}]
+    write_parquet(tmp_path / "Mantis-Eval" / "mantis_eval" / "test-00000-of-00001.parquet", rows)
+    bad = report()
+    (item,) = read_mantis(tmp_path / "Mantis-Eval", bad, ImageOptions())
+    assert item.prompt.startswith("Compare <image> with <image> and image.\n (A) same")
+    assert colours(item) == [RED, GREEN] and not bad.bad
+    (note,) = bad.notes
+    assert str(note).endswith("(id=m9): 1 <image> marker(s) beyond the row's 2 image(s) read as the text 'image'")
+
+    from test_compare import compose_evaluate
+
+    from miadpo.evaluate import run_evaluation
+
+    results = run_evaluation(compose_evaluate([f"eval.benchmarks.mantis_eval={tmp_path / 'Mantis-Eval'}"],
+                                              tmp_path / "run"))
+    assert results["table"]["Mantis-Eval"]["n"] == 1 and results["notes"] == [str(note)]
+
+
 # ----- NLVR2 ----------------------------------------------------------------------------------------------
 def test_nlvr2_left_and_right_images_statement_and_true_false(tmp_path: Path) -> None:
     root = tmp_path / "nlvr2"

@@ -144,12 +144,19 @@ class BadRecordReport:
     bad: list[BadRecord] = field(default_factory=list)
     total: int = 0
     settings: str = "data"
+    # Records kept after a change the source's own rules make (e.g. Mantis-Eval's surplus <image> markers as text).
+    notes: list[BadRecord] = field(default_factory=list)
 
     def add(self, record: BadRecord) -> None:
         self.bad.append(record)
         if BadRecordPolicy(self.policy) is BadRecordPolicy.error:
             raise BadRecordError(f"[{self.stage}] bad record ({self.settings}.on_bad_record=error): {record}")
         log.warning("[%s] skipping bad record %s", self.stage, record)
+
+    def note(self, record: BadRecord) -> None:
+        """A record kept, adjusted as its source's rules say: counted and logged, not bad."""
+        self.notes.append(record)
+        log.warning("[%s] kept %s", self.stage, record)
 
     @property
     def fraction(self) -> float:
