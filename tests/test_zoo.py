@@ -562,6 +562,21 @@ def test_gemma4_soft_tokens_fill_the_smallest_budget_and_keep_the_aspect_ratio()
     assert wide.cols > wide.rows and tall.rows > tall.cols and (strip.rows, strip.cols) == (70, 1)
 
 
+def test_minicpm_image_numbers_follow_the_image_processors_use_image_id() -> None:
+    """With ``use_image_id`` off (a checkpoint may ship it so), no ``<image_id>k</image_id>``, as transformers'
+    processor writes it; the ids still match the processor's."""
+    from transformers import MiniCPMV4_6Processor
+
+    adapter = build_adapter(model_cfg("tiny_minicpm_v4_6"))
+    adapter.image_processor.use_image_id = False
+    processor = images_only_minicpm(MiniCPMV4_6Processor)(adapter.image_processor, adapter.tokenizer)
+    sample = adapter.encode(images(2), prompt(2))
+    text = adapter.template.render(prompt(2)).replace("<image>", "<|image_pad|>")
+    expected = processor(text=[text], images=[images(2)], return_tensors="pt", add_special_tokens=False)
+    assert expected["input_ids"][0].tolist() == sample.input_ids.tolist()
+    assert "<image_id>" not in adapter.tokenizer.decode(sample.input_ids)
+
+
 def test_hidden_forward_never_runs_the_lm_head_over_the_sequence(zoo: ModelAdapter) -> None:
     """The DPO forwards read the decoder's last hidden states and run the LM head on answer rows later: no family's
     ``hidden_forward`` computes logits over its positions (MiniCPM-V 4.6's forward takes no ``logits_to_keep``, so its

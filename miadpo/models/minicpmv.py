@@ -122,8 +122,9 @@ class MiniCPMV46Adapter(SeparatePartsAdapter):
     def _placeholder(self, layout: tuple[int, ...], index: int) -> str:
         rows, cols, global_tokens, slice_tokens = layout
         m = self.markers
-        text = (f"{m['image_id_start_token']}{index}{m['image_id_end_token']}"
-                f"{m['image_start_token']}{self.image_token * global_tokens}{m['image_end_token']}")
+        numbered = self.image_processor.use_image_id
+        number = f"{m['image_id_start_token']}{index}{m['image_id_end_token']}" if numbered else ""
+        text = f"{number}{m['image_start_token']}{self.image_token * global_tokens}{m['image_end_token']}"
         one_slice = f"{m['slice_start_token']}{self.image_token * slice_tokens}{m['slice_end_token']}"
         return text + "\n".join(one_slice * cols for _ in range(rows))
 
@@ -131,7 +132,8 @@ class MiniCPMV46Adapter(SeparatePartsAdapter):
         return self._placeholder(geometry.layout, 0)
 
     def image_placeholders(self, geometries: Sequence[ImageGeometry]) -> list[str]:
-        """Image ``k`` of a prompt carries its index, ``<image_id>k</image_id>``, as MiniCPM-V's processor writes it."""
+        """Image ``k`` of a prompt carries its index, ``<image_id>k</image_id>``, as MiniCPM-V's processor writes it
+        (unless the image processor's ``use_image_id`` is off)."""
         return [self._placeholder(geometry.layout, k) for k, geometry in enumerate(geometries)]
 
     def pixel_inputs(self, images: list[Image.Image], geometries: list[ImageGeometry]
