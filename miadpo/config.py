@@ -471,6 +471,10 @@ class EvalConfig:
     nlvr2_split: str = "dev"  # dev | test1 | test2
     frames: int = 6  # MVBench: frames per video (6 × 576 tokens keeps a LLaVA-1.5 prompt inside 4,096)
     frame_fps: float = 3.0  # MVBench videos given as folders of frames: their rate
+    # A benchmark read from ``datasets``' Arrow cache where one config's split is cached more than once (two
+    # <version>/<hash> folders): the folder to read, by its hash or "<version>/<hash>". null: the newest (by
+    # modification time); the others are named in a warning.
+    datasets_cache_version: str | None = None
     # Prompt tokens (images included) an item may take; longer ones are skipped and counted. null: the model's
     # context length less max_new_tokens.
     max_length: int | None = None

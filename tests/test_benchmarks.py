@@ -203,6 +203,36 @@ def test_the_hub_cache_and_the_datasets_cache_are_read(tmp_path: Path) -> None:
     assert item.id == "val_Jigsaw_7" and colours(item) == [RED, GREEN]
 
 
+def write_arrow(path: Path, rows: list[dict[str, Any]]) -> None:
+    """A ``datasets`` cache file: an Arrow stream."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pylist(rows)
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+
+
+def test_a_split_cached_twice_by_datasets_is_read_once(tmp_path: Path, caplog) -> None:
+    """Two cached versions of one config's split: the newest is read (each row once) and both are named; the
+    setting picks the other; a name that is neither stops, listing them."""
+    import os
+
+    config = tmp_path / "datasets" / "BLINK-Benchmark___blink" / "Jigsaw"
+    write_arrow(config / "0.0.0" / "old1" / "blink-val.arrow", [blink_row(k, "Jigsaw") for k in range(1, 4)])
+    write_arrow(config / "0.0.0" / "new2" / "blink-val.arrow", [blink_row(k, "Jigsaw") for k in range(4, 6)])
+    os.utime(config / "0.0.0" / "old1" / "blink-val.arrow", (1_000_000, 1_000_000))
+    write_arrow(tmp_path / "datasets" / "BLINK-Benchmark___blink" / "Counting" / "0.0.0" / "c0" / "blink-val.arrow",
+                [blink_row(1, "Counting")])
+    with caplog.at_level("WARNING", logger="miadpo.eval.benchmarks.tables"):
+        items = read_blink(tmp_path / "datasets", report(), ImageOptions())
+    assert [i.id for i in items] == ["val_Counting_1", "val_Jigsaw_4", "val_Jigsaw_5"]
+    (warning,) = [r.message for r in caplog.records]
+    assert "2 cached versions (0.0.0/new2, 0.0.0/old1); reading the newest, 0.0.0/new2" in warning
+    older = read_blink(tmp_path / "datasets", report(), ImageOptions(), cache_version="old1")
+    assert [i.id for i in older] == ["val_Counting_1", "val_Jigsaw_1", "val_Jigsaw_2", "val_Jigsaw_3"]
+    with pytest.raises(ValueError, match=r"datasets_cache_version='nope' is none of .*0\.0\.0/new2, 0\.0\.0/old1"):
+        read_blink(tmp_path / "datasets", report(), ImageOptions(), cache_version="nope")
+
+
 # ----- Mantis-Eval ----------------------------------------------------------------------------------------
 def test_mantis_prompts_follow_its_authors(tmp_path: Path) -> None:
     rows = [

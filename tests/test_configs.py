@@ -45,7 +45,8 @@ TRAIN_ONLY_DATA = {"toy", "synthetic"}  # data recipes that set training setting
 # ``compare`` key and an eval group (eval=none: the same values), and eval=paper is a new option.
 EVAL_ADDED = {"benchmarks": {"mmmu": None, "blink": None, "mantis_eval": None, "nlvr2": None, "mvbench": None,
                              "muirbench": None},
-              "nlvr2_split": "dev", "frames": 6, "frame_fps": 3.0, "max_length": None, "progress": True, "samples": 8}
+              "nlvr2_split": "dev", "frames": 6, "frame_fps": 3.0, "max_length": None, "progress": True, "samples": 8,
+              "datasets_cache_version": None}  # issue 35
 # Options added after the fixture was recorded.
 NEW_OPTIONS = {"eval": ["paper"], "data": ["llava", "pairs"], "experiment": ["mia_dpo_llava15"],
                # issues 33 and 34: the 2026 families, each a weights config and a tiny one

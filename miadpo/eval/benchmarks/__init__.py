@@ -28,13 +28,13 @@ PAPER_AVERAGE = (mmmu.NAME, blink.NAME, mantis.NAME, nlvr2.NAME, mvbench.NAME)
 
 def benchmark_items(cfg: Any, report: BadRecordReport, options: ImageOptions) -> list[EvalItem]:
     """The items of every benchmark ``cfg.benchmarks`` (an ``EvalConfig``'s) names a directory for."""
-    dirs = cfg.benchmarks
+    dirs, version = cfg.benchmarks, cfg.datasets_cache_version
     readers = {
-        "mmmu": lambda root: read_mmmu(root, report, options),
-        "blink": lambda root: read_blink(root, report, options),
-        "mantis_eval": lambda root: read_mantis(root, report, options),
+        "mmmu": lambda root: read_mmmu(root, report, options, version),
+        "blink": lambda root: read_blink(root, report, options, version),
+        "mantis_eval": lambda root: read_mantis(root, report, options, version),
         "nlvr2": lambda root: read_nlvr2(root, report, options, cfg.nlvr2_split),
         "mvbench": lambda root: read_mvbench(root, report, options, cfg.frames, cfg.frame_fps),
-        "muirbench": lambda root: read_muirbench(root, report, options),
+        "muirbench": lambda root: read_muirbench(root, report, options, version),
     }
     return [item for name in BENCHMARKS if getattr(dirs, name) for item in readers[name](Path(getattr(dirs, name)))]

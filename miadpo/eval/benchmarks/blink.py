@@ -47,6 +47,7 @@ def blink_item(row: dict[str, Any], file: Path, number: int, options: ImageOptio
                     extra_groups=(f"{NAME}/{task}",))
 
 
-def read_blink(root: Path, report: BadRecordReport, options: ImageOptions) -> list[EvalItem]:
-    files = split_files(root, SPLIT, NAME)
+def read_blink(root: Path, report: BadRecordReport, options: ImageOptions, cache_version: str | None = None
+               ) -> list[EvalItem]:
+    files = split_files(root, SPLIT, NAME, cache_version)
     return collect(table_rows(files, COLUMNS), lambda row, file, n: blink_item(row, file, n, options), report, "idx")

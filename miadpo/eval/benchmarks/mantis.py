@@ -95,8 +95,9 @@ def mantis_item(row: dict[str, Any], file: Path, number: int, options: ImageOpti
     return EvalItem(text_cell(row, "id"), NAME, images, prompt, answer, options=choice, extra_groups=tuple(groups))
 
 
-def read_mantis(root: Path, report: BadRecordReport, options: ImageOptions) -> list[EvalItem]:
-    files = split_files(root, SPLIT, NAME)
+def read_mantis(root: Path, report: BadRecordReport, options: ImageOptions, cache_version: str | None = None
+                ) -> list[EvalItem]:
+    files = split_files(root, SPLIT, NAME, cache_version)
     notes: list[BadRecord] = []
     items = collect(table_rows(files, COLUMNS), lambda row, file, n: mantis_item(row, file, n, options, notes),
                     report, "id")

@@ -81,6 +81,7 @@ def accepted_answers(answer: str) -> tuple[str, ...]:
     return tuple(str(v) for v in values)
 
 
-def read_mmmu(root: Path, report: BadRecordReport, options: ImageOptions) -> list[EvalItem]:
-    files = split_files(root, SPLIT, NAME)
+def read_mmmu(root: Path, report: BadRecordReport, options: ImageOptions, cache_version: str | None = None
+              ) -> list[EvalItem]:
+    files = split_files(root, SPLIT, NAME, cache_version)
     return collect(table_rows(files, COLUMNS), lambda row, file, n: mmmu_item(row, file, n, options), report, "id")

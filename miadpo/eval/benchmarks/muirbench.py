@@ -44,7 +44,8 @@ def muirbench_item(row: dict[str, Any], file: Path, number: int, options: ImageO
     return EvalItem(str(row["idx"]), NAME, placed, prompt, answer, options=choice, extra_groups=tuple(groups))
 
 
-def read_muirbench(root: Path, report: BadRecordReport, options: ImageOptions) -> list[EvalItem]:
-    files = split_files(root, SPLIT, NAME)
+def read_muirbench(root: Path, report: BadRecordReport, options: ImageOptions, cache_version: str | None = None
+                   ) -> list[EvalItem]:
+    files = split_files(root, SPLIT, NAME, cache_version)
     return collect(table_rows(files, COLUMNS), lambda row, file, n: muirbench_item(row, file, n, options), report,
                    "idx")

@@ -8,7 +8,9 @@ Three local layouts are read, never downloaded:
 - the hub cache of the same download, ``.../hub/datasets--<org>--<name>``: its ``snapshots/<revision>/`` (the one
   ``refs/main`` names, else the newest) is read as above;
 - ``datasets``' own cache after ``load_dataset``: ``.../datasets/<org>___<name>/<config>/<version>/<hash>/
-  <name>-<split>.arrow`` (or ``-<split>-00000-of-0000N.arrow``), Arrow stream files.
+  <name>-<split>.arrow`` (or ``-<split>-00000-of-0000N.arrow``), Arrow stream files; where a config is cached in
+  several ``<version>/<hash>`` folders, one is read (``eval.datasets_cache_version``, else the newest, with a
+  warning naming them all).
 
 Image columns hold ``datasets``' image structs ``{"bytes": ..., "path": ...}``: the bytes are kept (encoded) and
 decoded when the item is answered; a struct with only a path names a file beside the table file.
@@ -16,6 +18,7 @@ decoded when the item is answered; a struct with only a path names a file beside
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,8 @@ from miadpo.data.images import MISSING, ImageError, ImageOptions
 from miadpo.data.pairs import BadRecord, BadRecordReport
 from miadpo.eval.items import EvalItem
 from miadpo.eval.sources import EncodedImage, ImageFile, ImageSource
+
+log = logging.getLogger(__name__)
 
 
 class BadRowError(ValueError):
@@ -55,9 +60,10 @@ def dataset_root(root: Path) -> Path:
     return revisions[-1]
 
 
-def split_files(root: Path, split: str, benchmark: str) -> list[Path]:
+def split_files(root: Path, split: str, benchmark: str, cache_version: str | None = None) -> list[Path]:
     """The parquet files of ``split`` under ``root`` (any layout above), else its arrow files, in path order;
-    FileNotFoundError naming what was looked for."""
+    FileNotFoundError naming what was looked for. In ``datasets``' cache one config's split may be cached in several
+    ``<version>/<hash>`` folders: one is read (``cache_version``, else the newest: :func:`one_cached_version`)."""
     if not root.is_dir():
         raise FileNotFoundError(f"{benchmark}: directory not found: {root}")
     base = dataset_root(root)
@@ -67,9 +73,38 @@ def split_files(root: Path, split: str, benchmark: str) -> list[Path]:
     arrow = sorted(p for p in base.rglob("*.arrow") if p.is_file() and (
         p.stem.endswith(f"-{split}") or f"-{split}-" in p.stem))
     if arrow:
-        return arrow
+        return one_cached_version(arrow, benchmark, cache_version)
     raise FileNotFoundError(f"{benchmark}: no {split!r} split under {base}: looked for {split}-*.parquet (the "
                             f"dataset repository's layout) and *-{split}.arrow (datasets' cache)")
+
+
+def one_cached_version(files: list[Path], benchmark: str, cache_version: str | None) -> list[Path]:
+    """Of arrow files laid out as ``<config>/<version>/<hash>/<file>``, those of one ``<version>/<hash>`` folder per
+    config: the one ``cache_version`` names (its hash or ``<version>/<hash>``), else the newest by modification
+    time, with a warning naming every folder found; ValueError if ``cache_version`` names none of them."""
+    by_config: dict[Path, dict[Path, list[Path]]] = {}
+    for path in files:
+        folder = path.parent
+        by_config.setdefault(folder.parent.parent, {}).setdefault(folder, []).append(path)
+    chosen: list[Path] = []
+    for config, folders in by_config.items():
+        if len(folders) == 1:
+            chosen += next(iter(folders.values()))
+            continue
+        names = {folder: f"{folder.parent.name}/{folder.name}" for folder in folders}
+        if cache_version is not None:
+            picked = [f for f in folders if cache_version in (f.name, names[f])]
+            if not picked:
+                raise ValueError(f"{benchmark}: eval.datasets_cache_version={cache_version!r} is none of the cached "
+                                 f"versions of {config}: {', '.join(sorted(names.values()))}")
+            folder = picked[0]
+        else:
+            folder = max(folders, key=lambda f: max(p.stat().st_mtime for p in folders[f]))
+            log.warning("%s: %s holds %d cached versions (%s); reading the newest, %s (eval.datasets_cache_version "
+                        "picks another)", benchmark, config, len(folders), ", ".join(sorted(names.values())),
+                        names[folder])
+        chosen += folders[folder]
+    return sorted(chosen)
 
 
 def _arrow_table(path: Path) -> Any:
