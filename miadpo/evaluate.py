@@ -31,7 +31,7 @@ from PIL import Image, ImageOps
 from miadpo.config import EvalJobConfig, check_keys, config_dir, register_configs
 from miadpo.data.images import ImageOptions
 from miadpo.eval.compare import compare_correctness, comparison_markdown
-from miadpo.eval.scoring import Evaluation, evaluate, prompt_limit, table_markdown
+from miadpo.eval.scoring import Evaluation, evaluate, prompt_limit, published_counts, table_markdown
 from miadpo.eval.sets import eval_items
 from miadpo.lightning_setup import wandb_files_in
 from miadpo.models import ModelAdapter
@@ -120,7 +120,8 @@ def run_evaluation(cfg: DictConfig, adapter: ModelAdapter | None = None) -> dict
         "correct": correct, "skipped": skipped, "notes": [str(note) for note in report.notes]}
     markdown = table_markdown(evaluation.table)
     if other is not None:
-        comparison = compare_correctness(other, correct, seed=int(cfg.seed))
+        comparison = compare_correctness(other, correct, seed=int(cfg.seed),
+                                         published=published_counts(evaluation.items))
         results["comparison"] = {"other": str(cfg.compare), **{g: d.as_dict() for g, d in comparison.items()}}
         markdown += f"\nThis run against {cfg.compare} (Δ = this − that):\n\n"
         markdown += comparison_markdown(comparison, "that", "this")

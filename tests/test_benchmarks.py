@@ -445,13 +445,42 @@ def test_the_multi_image_mean_is_the_papers_average_of_its_benchmarks(tmp_path: 
     # BLINK 1 of 2 right (50), MMMU 3 of 3 (100); MuirBench (100) and the categories are not in the paper's mean.
     table = score(items, ["B", "A", "B", "3", "A", "A"])
     assert table["BLINK"]["accuracy"] == 50.0 and table["MMMU"]["accuracy"] == 100.0
-    assert table["multi-image mean"] == {"n": 5, "accuracy": 75.0}
+    # Two of the paper's five benchmarks: the mean says so.
+    assert table["multi-image mean (mean of 2 of 5: MMMU, BLINK)"] == {"n": 5, "accuracy": 75.0}
     before = {"BLINK": {"1": False, "2": False}, "MMMU": {"1": True}, "MuirBench": {"1": False},
               "BLINK/Counting": {"1": False, "2": False}}
     after = {"BLINK": {"1": True, "2": True}, "MMMU": {"1": True}, "MuirBench": {"1": True},
              "BLINK/Counting": {"1": True, "2": True}}
-    mean = compare_correctness(before, after)["multi-image mean"]
+    mean = compare_correctness(before, after)["multi-image mean (mean of 2 of 5: MMMU, BLINK)"]
     assert (mean.accuracy_a, mean.accuracy_b, mean.delta) == (50.0, 100.0, 50.0)  # BLINK +100, MMMU 0
+
+
+def paper_items(counts: dict[str, int], published: dict[str, int]) -> list[EvalItem]:
+    """``counts[benchmark]`` answered items of each benchmark, item k right when k is even."""
+    return [EvalItem(f"{name}-{k}", name, [], "<q>", "A", options={"A": "x", "B": "y"}, published=published[name])
+            for name, count in counts.items() for k in range(count)]
+
+
+def test_the_paper_mean_is_unlabelled_only_when_all_five_benchmarks_are_in(caplog) -> None:
+    """A benchmark is in with at least 90% of its published items evaluated (MVBench without Fine-grained Pose's
+    200 of 4,000 is); an absent, or mostly skipped one, leaves the mean labelled with what it covers, and warned."""
+    published = {"MMMU": 10, "BLINK": 10, "Mantis-Eval": 10, "NLVR2": 10, "MVBench": 20}
+    full = {"MMMU": 10, "BLINK": 9, "Mantis-Eval": 10, "NLVR2": 10, "MVBench": 19}  # 90% and 95%: all in
+    items = paper_items(full, published)
+    table = score(items, ["A"] * len(items))
+    assert table["multi-image mean"] == {"n": 58, "accuracy": 100.0}
+
+    partial = {"MMMU": 10, "BLINK": 8, "NLVR2": 10, "MVBench": 19}  # BLINK 80%, Mantis-Eval absent
+    items = paper_items(partial, published)
+    with caplog.at_level("WARNING", logger="miadpo.eval.scoring"):
+        table = score(items, ["B" if item.group == "BLINK" else "A" for item in items])
+    assert "multi-image mean" not in table
+    assert table["multi-image mean (mean of 3 of 5: MMMU, NLVR2, MVBench)"] == {"n": 39, "accuracy": 100.0}
+    (warning,) = [r.message for r in caplog.records]
+    assert "BLINK (8 of 10 published items evaluated, under 90%); Mantis-Eval (not evaluated)" in warning
+    correct = {group: {item.id: True for item in items if item.group == group} for group in partial}
+    paired = compare_correctness(correct, correct, published=published)
+    assert "multi-image mean (mean of 3 of 5: MMMU, NLVR2, MVBench)" in paired
 
 
 def test_evaluation_messages_name_the_eval_settings(tmp_path: Path) -> None:

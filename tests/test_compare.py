@@ -16,7 +16,8 @@ from omegaconf import DictConfig
 from PIL import Image
 from test_benchmarks import BLUE, GREEN, RED, blink_row, mmmu_fixture, png, write_parquet
 
-from miadpo.eval.compare import MEAN_ROW, compare_correctness, mcnemar_p
+from miadpo.eval.compare import compare_correctness, mcnemar_p
+from miadpo.eval.scoring import MEAN_ROW
 from miadpo.evaluate import run_evaluation
 from miadpo.train import train
 

@@ -18,7 +18,7 @@ from miadpo.data.images import ImageOptions
 from miadpo.data.pairs import BadRecordReport
 from miadpo.eval.compare import PairedDifference, compare_correctness
 from miadpo.eval.items import EvalItem
-from miadpo.eval.scoring import ErrorClassifier, Evaluation, evaluate
+from miadpo.eval.scoring import ErrorClassifier, Evaluation, evaluate, published_counts
 from miadpo.models.base import ModelAdapter
 from miadpo.text import markdown_table
 
@@ -66,7 +66,8 @@ class BeforeAfterEval(L.Callback):
         if not trainer.is_global_zero:
             return
         self._evaluate("after", trainer)
-        self.paired = compare_correctness(self.evaluations["before"].correct(), self.evaluations["after"].correct())
+        self.paired = compare_correctness(self.evaluations["before"].correct(), self.evaluations["after"].correct(),
+                                          published=published_counts(self.items))
         record = {**self.tables, "paired": {g: d.as_dict() for g, d in self.paired.items()},
                   "skipped": sorted(set(self.evaluations["before"].skipped) | set(self.evaluations["after"].skipped))}
         (self.run_dir / "eval_before_after.json").write_text(json.dumps(record, indent=1))

@@ -10,10 +10,10 @@ Two models answered the same items; per item each was right or wrong. For a benc
     McNemar exact p-value: with n₁₀ units right only in a and n₀₁ right only in b,
         p = min(1, 2 · P[X ≤ min(n₁₀, n₀₁)]),  X ~ Binomial(n₁₀ + n₀₁, ½);  p = 1 without discordant units
 
-The "multi-image mean" row (the groups of ``scoring.in_multi_image_mean``, weighted equally) takes the mean of
-the groups' Δ, its interval from the same replicates (each group resampled on its own); it has no McNemar test.
-A unit in only one of the two evaluations (an item skipped in one of them) is left out of that benchmark's
-comparison and counted.
+The "multi-image mean" row (the groups of ``scoring.multi_image_mean_row``, weighted equally; labelled when it
+covers only some of the paper's benchmarks) takes the mean of the groups' Δ, its interval from the same replicates
+(each group resampled on its own); it has no McNemar test. A unit in only one of the two evaluations (an item
+skipped in one of them) is left out of that benchmark's comparison and counted.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from miadpo.eval.scoring import MEAN_ROW, in_multi_image_mean
+from miadpo.eval.scoring import multi_image_mean_row
 from miadpo.text import markdown_table
 
 
@@ -65,14 +65,16 @@ def _replicates(a: np.ndarray, b: np.ndarray, resamples: int, rng: np.random.Gen
 
 
 def compare_correctness(a: Mapping[str, Mapping[str, bool]], b: Mapping[str, Mapping[str, bool]],
-                        resamples: int = 10_000, seed: int = 0) -> dict[str, PairedDifference]:
+                        resamples: int = 10_000, seed: int = 0, published: Mapping[str, int] | None = None
+                        ) -> dict[str, PairedDifference]:
     """Per group present in both: the paired difference of ``b`` against ``a`` (group → unit id → right).
 
-    Groups are compared in sorted order from one seeded generator, so the result is the same on every run."""
+    Groups are compared in sorted order from one seeded generator, so the result is the same on every run. The mean
+    row covers the groups ``scoring.multi_image_mean_row`` counts given the paired units and ``published`` (the
+    benchmarks' published item counts), labelled when it covers only some of the paper's benchmarks."""
     rng = np.random.default_rng(seed)
     table: dict[str, PairedDifference] = {}
-    mean_parts: list[np.ndarray] = []
-    mean_groups: list[PairedDifference] = []
+    replicates_of: dict[str, np.ndarray] = {}
     for group in sorted(set(a) & set(b)):
         shared = sorted(set(a[group]) & set(b[group]))
         unpaired = len(set(a[group]) ^ set(b[group]))
@@ -88,14 +90,14 @@ def compare_correctness(a: Mapping[str, Mapping[str, bool]], b: Mapping[str, Map
                                100.0 * (right_b.mean() - right_a.mean()), float(low), float(high),
                                mcnemar_p(only_a, only_b), unpaired)
         table[group] = row
-        if in_multi_image_mean(group):
-            mean_parts.append(replicates)
-            mean_groups.append(row)
-    if mean_groups:
-        replicates = np.mean(mean_parts, axis=0)
+        replicates_of[group] = replicates
+    name, included = multi_image_mean_row({g: r.n for g, r in table.items()}, dict(published or {}))
+    if included:
+        mean_groups = [table[g] for g in included]
+        replicates = np.mean([replicates_of[g] for g in included], axis=0)
         low, high = np.percentile(replicates, [2.5, 97.5])
         count = len(mean_groups)
-        table[MEAN_ROW] = PairedDifference(
+        table[name] = PairedDifference(
             sum(r.n for r in mean_groups), sum(r.accuracy_a for r in mean_groups) / count,
             sum(r.accuracy_b for r in mean_groups) / count, sum(r.delta for r in mean_groups) / count,
             float(low), float(high), None, sum(r.unpaired for r in mean_groups))

@@ -50,6 +50,9 @@ class EvalItem:
     # Open questions with several accepted answers (MMMU's list-literal answers), scored by MMMU's own open-answer
     # rule (``miadpo.eval.open_answers``) instead of exact match.
     accepted: tuple[str, ...] = ()
+    # The benchmark's published item count (its items evaluated against it decide whether it counts in the
+    # multi-image mean); None outside the paper's benchmarks.
+    published: int | None = None
     where: str = ""  # file:line of the record, for messages
 
     def load_images(self, options: ImageOptions | None = None) -> list[Image.Image]:

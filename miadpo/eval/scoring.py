@@ -11,6 +11,7 @@ cannot be decoded, or whose prompt does not fit the model (``max_length``), is s
 
 from __future__ import annotations
 
+import logging
 import re
 from collections import defaultdict
 from collections.abc import Sequence
@@ -28,6 +29,8 @@ from miadpo.models.base import ModelAdapter
 from miadpo.models.samples import SampleTooLongError
 from miadpo.text import markdown_table, normalise_answer
 
+log = logging.getLogger(__name__)
+
 REFUSALS = ("Sorry, I can't help with images of people yet.", "I can't process this file.",
             "I'm sorry, but without the image provided", "Cannot determine the answer")
 ANSWER_SEPARATORS = str.maketrans(dict.fromkeys(".()[],:;!*#{}", " "))
@@ -35,6 +38,8 @@ ANSWER_IS = re.compile(r"(?:correct\s+)?answer\s+is\s+\**([A-D])\**(?![A-Za-z])"
 FINAL_ANSWER = re.compile(r"final answer\s*:", re.IGNORECASE)
 POLARITY = {"yes": True, "true": True, "correct": True, "no": False, "false": False, "incorrect": False}
 MEAN_ROW = "multi-image mean"
+# A paper benchmark counts in the multi-image mean when this share of its published items was evaluated.
+COVERED = 0.9
 
 
 def option_letter(answer: str, options: dict[str, str]) -> str | None:
@@ -127,7 +132,8 @@ class ErrorClassifier(Protocol):
 def score(items: Sequence[EvalItem], predictions: Sequence[str], classify: ErrorClassifier | None = None
           ) -> dict[str, dict[str, float]]:
     """Per group: n, accuracy, and with ``classify`` the shares of wrong open answers by class (of all answers); with
-    multi-image groups, a "multi-image mean" row (``in_multi_image_mean``, each weighted equally). An item counts in
+    multi-image groups, a "multi-image mean" row (``multi_image_mean_row``: each group weighted equally, labelled
+    when it covers only some of the paper's benchmarks). An item counts in
     its group and in its ``extra_groups``. Groups of circular items are scored per circular group: n groups,
     accuracy of groups, and "row accuracy" over all their rows (VLMEvalKit's "vanilla all")."""
     groups: dict[str, list[tuple[EvalItem, str]]] = defaultdict(list)
@@ -152,11 +158,39 @@ def score(items: Sequence[EvalItem], predictions: Sequence[str], classify: Error
             for name in classify.classes:
                 row[f"{name} %"] = 100.0 * classes[name] / len(pairs)
         table[group] = row
-    mean = multi_image_mean(table)
-    if mean is not None:
-        table[MEAN_ROW] = {"n": sum(r["n"] for g, r in table.items() if in_multi_image_mean(g)),
-                                     "accuracy": mean}
+    name, included = multi_image_mean_row({g: int(r["n"]) for g, r in table.items()}, published_counts(items))
+    if included:
+        table[name] = {"n": sum(table[g]["n"] for g in included),
+                       "accuracy": sum(table[g]["accuracy"] for g in included) / len(included)}
     return table
+
+
+def published_counts(items: Sequence[EvalItem]) -> dict[str, int]:
+    """The published item count of each benchmark the items come from (``EvalItem.published``), by group."""
+    return {item.group: item.published for item in items if item.published is not None}
+
+
+def multi_image_mean_row(counts: dict[str, int], published: dict[str, int]) -> tuple[str, list[str]]:
+    """The "multi-image mean" row's name and the groups it averages, from the units evaluated per group.
+
+    A paper benchmark counts when at least ``COVERED`` (90%) of its published items were evaluated (``published``;
+    one whose count is unknown counts when present); the format × N groups always count. When some paper benchmark
+    is present but not all five count, the row is labelled with the ones it covers (``multi-image mean (mean of 3 of
+    5: MMMU, BLINK, NLVR2)``) and a warning names the others and why."""
+    def covered(group: str) -> bool:
+        return group not in PAPER_AVERAGE or counts[group] >= COVERED * published.get(group, 0)
+
+    included = [g for g in counts if in_multi_image_mean(g) and covered(g)]
+    present = [g for g in PAPER_AVERAGE if g in counts]
+    papers = [g for g in PAPER_AVERAGE if g in included]
+    if not present or len(papers) == len(PAPER_AVERAGE):
+        return MEAN_ROW, included
+    left_out = [f"{g} (not evaluated)" if g not in counts else
+                f"{g} ({counts[g]} of {published[g]} published items evaluated, under {COVERED:.0%})"
+                for g in PAPER_AVERAGE if g not in papers]
+    log.warning("the multi-image mean covers %d of the paper's %d benchmarks; left out: %s", len(papers),
+                len(PAPER_AVERAGE), "; ".join(left_out))
+    return f"{MEAN_ROW} (mean of {len(papers)} of {len(PAPER_AVERAGE)}: {', '.join(papers)})", included
 
 
 def paired_units(items: Sequence[EvalItem], predictions: Sequence[str]) -> dict[str, dict[str, bool]]:
@@ -269,7 +303,3 @@ def in_multi_image_mean(group: str) -> bool:
     return " N=" in group or group in PAPER_AVERAGE
 
 
-def multi_image_mean(table: dict[str, dict[str, float]]) -> float | None:
-    """Mean accuracy over the groups ``in_multi_image_mean``, each group weighted equally."""
-    values = [row["accuracy"] for group, row in table.items() if in_multi_image_mean(group)]
-    return sum(values) / len(values) if values else None
