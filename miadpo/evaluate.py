@@ -12,7 +12,8 @@ cannot be used is skipped, counted and logged, or stops the run, by ``eval.on_ba
 ``eval.max_bad_fraction``; one whose prompt does not fit the model is skipped and counted. Writes ``eval.json``
 (table, ``predictions``: per group (benchmark, TSV, record group) each item's answer, ``correct``: per group each
 item's correctness, ``skipped``: file:line (id): reason of each
-item left out, ``notes``: the same for items kept after an adjustment their benchmark's rules make; with
+item left out, ``notes``: the same for items kept after an adjustment their benchmark's rules make,
+``not_evaluated``: the parts left out whole (an MVBench task without any of its videos) and how to supply them; with
 ``compare``, ``comparison``: per group Δ, paired bootstrap 95% interval, McNemar p) and ``eval.md`` into the run
 directory; with ``eval.wandb``, the table and a table of sample items on W&B.
 """
@@ -117,8 +118,11 @@ def run_evaluation(cfg: DictConfig, adapter: ModelAdapter | None = None) -> dict
     skipped = [str(bad) for bad in report.bad if str(bad) not in evaluation.skipped] + evaluation.skipped
     results: dict[str, Any] = {
         "table": evaluation.table, "predictions": evaluation.keyed_predictions(),
-        "correct": correct, "skipped": skipped, "notes": [str(note) for note in report.notes]}
+        "correct": correct, "skipped": skipped, "notes": [str(note) for note in report.notes],
+        "not_evaluated": report.not_evaluated}
     markdown = table_markdown(evaluation.table)
+    if report.not_evaluated:
+        markdown += "\nNot evaluated:\n\n" + "".join(f"- {part}\n" for part in report.not_evaluated)
     if other is not None:
         comparison = compare_correctness(other, correct, seed=int(cfg.seed),
                                          published=published_counts(evaluation.items))

@@ -386,6 +386,38 @@ def test_mvbench_videos_and_frame_folders_give_sampled_frames(tmp_path: Path) ->
         read_mvbench(tmp_path / "MVBench", report(), ImageOptions())
 
 
+def test_mvbench_as_published_data0613_clips_and_a_task_without_videos(tmp_path: Path) -> None:
+    """The main branch's layout: re-uploaded clips under video/data0613/<prefix> are found; Fine-grained Pose, whose
+    videos are no longer shipped, is not evaluated — named with how to supply it, not counted as bad rows (the
+    default 1% bad-row limit does not stop the run)."""
+    root = mvbench_fixture(tmp_path / "MVBench")
+    grey_video(root / "video" / "data0613" / "clevrer" / "video_validation" / "v1.mp4", 20)
+    (root / "json" / "object_existence.json").write_text(json.dumps(
+        [{"video": "v1.mp4", "question": "Is there a cube?", "candidates": ["yes", "no"], "answer": "no"}]))
+    (root / "json" / "fine_grained_pose.json").write_text(json.dumps(
+        [{"video": f"S001C001P001R001A{k:03d}_rgb.avi", "question": "Which pose?", "candidates": ["sit", "stand"],
+          "answer": "sit"} for k in range(1, 4)]))
+    bad = BadRecordReport("skip", max_bad_fraction=0.01, stage="eval", settings="eval")
+    items = read_mvbench(root, bad, ImageOptions(), frames=2)
+    assert [i.id for i in items] == ["action_antonym/1", "object_existence/1", "episodic_reasoning/1"]
+    assert len(colours(items[1])) == 2 and bad.total == 4 and len(bad.bad) == 1  # Action Antonym's broken row
+    (pose,) = bad.not_evaluated
+    assert pose.startswith("MVBench/Fine-grained Pose: none of its 3 videos is under ")
+    assert "nturgbd.zip" in pose and "MVBench_videos_ntu.txt" in pose
+    with pytest.raises(BadRecordError):  # only the broken row counts: 1 of 4 is above 1%
+        bad.finish()
+
+    from test_compare import compose_evaluate
+
+    from miadpo.evaluate import run_evaluation
+
+    (root / "json" / "action_antonym.json").write_text(json.dumps(
+        [{"video": "clip.mp4", "question": "What happens?", "candidates": ["fall", "rise"], "answer": "rise"}]))
+    results = run_evaluation(compose_evaluate([f"eval.benchmarks.mvbench={root}", "eval.frames=2"], tmp_path / "run"))
+    assert results["not_evaluated"] == [pose] and not results["skipped"]
+    assert "Not evaluated:\n\n- MVBench/Fine-grained Pose" in (tmp_path / "run" / "eval.md").read_text()
+
+
 def test_only_the_sampled_video_frames_are_converted_and_a_bound_outside_the_video_is_named(
         tmp_path: Path, monkeypatch) -> None:
     av = pytest.importorskip("av")

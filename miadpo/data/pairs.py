@@ -146,12 +146,20 @@ class BadRecordReport:
     settings: str = "data"
     # Records kept after a change the source's own rules make (e.g. Mantis-Eval's surplus <image> markers as text).
     notes: list[BadRecord] = field(default_factory=list)
+    # Whole parts left out (``skip_whole``): "<part>: <reason and how to supply it>".
+    not_evaluated: list[str] = field(default_factory=list)
 
     def add(self, record: BadRecord) -> None:
         self.bad.append(record)
         if BadRecordPolicy(self.policy) is BadRecordPolicy.error:
             raise BadRecordError(f"[{self.stage}] bad record ({self.settings}.on_bad_record=error): {record}")
         log.warning("[%s] skipping bad record %s", self.stage, record)
+
+    def skip_whole(self, part: str, reason: str) -> None:
+        """A whole part of the input (a benchmark task none of whose media exist) left out: named with the reason,
+        logged, not counted as bad records."""
+        self.not_evaluated.append(f"{part}: {reason}")
+        log.warning("[%s] not evaluated: %s: %s", self.stage, part, reason)
 
     def note(self, record: BadRecord) -> None:
         """A record kept, adjusted as its source's rules say: counted and logged, not bad."""

@@ -4,7 +4,9 @@ Published layout (huggingface.co/datasets/OpenGVLab/MVBench, main branch; the ta
 ``video_chat2/mvbench.ipynb`` in OpenGVLab/Ask-Anything, the same in VLMEvalKit's ``vlmeval/dataset/mvbench.py``):
 ``json/<task>.json`` per task, a JSON list of ``{"video", "question", "candidates", "answer"}`` (``answer`` is the
 text of one candidate; the five bounded tasks add ``start`` / ``end`` in seconds), and the videos unpacked from
-``video/*.zip`` under ``video/<prefix>`` (e.g. ``video/star/Charades_v1_480/<id>.mp4``); Episodic Reasoning's
+``video/*.zip`` under ``video/<prefix>`` (e.g. ``video/star/Charades_v1_480/<id>.mp4``; the re-uploaded STAR and
+CLEVRER clips under ``video/data0613/<prefix>``, looked in second, as VLMEvalKit and lmms-eval do); Episodic
+Reasoning's
 ``video`` names a folder of frames (``00001.jpg``, …, 3 fps). A video may be given as a folder of frames instead
 (its path without the suffix, frames at ``frame_fps``), so no decoder is needed.
 
@@ -71,11 +73,28 @@ def task_rows(root: Path, task: str) -> list[Row]:
             for k, e in enumerate(examples, start=1)]
 
 
+def video_places(root: Path, task: str) -> list[Path]:
+    """Where a task's videos may lie, in order: ``video/<prefix>`` (or ``<prefix>`` beside ``json/``), then
+    ``video/data0613/<prefix>``, where the re-uploaded STAR and CLEVRER clips sit on the main branch (VLMEvalKit
+    and lmms-eval look there too)."""
+    prefix = TASKS[task][1]
+    base = root / "video" if (root / "video").is_dir() else root
+    return [base / prefix, root / "video" / "data0613" / prefix]
+
+
+def video_path(root: Path, task: str, video: str) -> Path | None:
+    """The first place holding the video (its file, or its folder of frames), else None."""
+    for place in video_places(root, task):
+        path = place / video
+        if path.is_file() or path.is_dir() or path.with_suffix("").is_dir():
+            return path
+    return None
+
+
 def video_source(root: Path, task: str, video: str, frames: int, bound: tuple[float, float] | None,
                  frame_fps: float) -> ImageSource:
-    _, prefix, as_folder, _ = TASKS[task]
-    base = root / "video" / prefix if (root / "video").is_dir() else root / prefix
-    path = base / video
+    as_folder = TASKS[task][2]
+    path = video_path(root, task, video) or video_places(root, task)[0] / video
     if as_folder:
         return FrameFolder(path, frames, bound)
     if not path.is_file() and path.with_suffix("").is_dir():  # pre-extracted frames
@@ -114,12 +133,28 @@ def mvbench_item(row: dict[str, Any], root: Path, task: str, number: int, frames
 def read_mvbench(root: Path, report: BadRecordReport, options: ImageOptions, frames: int = 6,
                  frame_fps: float = 3.0) -> list[EvalItem]:
     """Every task's items; FileNotFoundError naming the task files missing under ``root/json`` (a partial MVBench
-    is not MVBench)."""
+    is not MVBench). A task none of whose videos can be found is not evaluated (``report.skip_whole``: named, with
+    the reason and how to supply them), not counted as bad rows."""
     missing = [f"json/{stem}.json" for stem, *_ in TASKS.values() if not (root / "json" / f"{stem}.json").is_file()]
     if missing:
         raise FileNotFoundError(f"{NAME}: {root} lacks {len(missing)} of the 20 task files: {', '.join(missing)}")
     items = []
     for task in TASKS:
-        items += collect(task_rows(root, task), lambda row, file, n, task=task: mvbench_item(
+        rows = task_rows(root, task)
+        videos = [row.get("video") for _, _, row in rows if isinstance(row.get("video"), str)]
+        if videos and not any(video_path(root, task, video) for video in videos):
+            report.skip_whole(f"{NAME}/{task}", not_found(root, task, len(videos)))
+            continue
+        items += collect(rows, lambda row, file, n, task=task: mvbench_item(
             row, root, task, n, frames, frame_fps, options), report, lambda row, n, task=task: mvbench_id(task, n))
     return items
+
+
+def not_found(root: Path, task: str, count: int) -> str:
+    """Why a task is not evaluated and how to supply its videos."""
+    places = " or ".join(str(place) for place in video_places(root, task))
+    reason = f"none of its {count} videos is under {places}"
+    if task == "Fine-grained Pose":
+        return (f"{reason}: the dataset no longer ships nturgbd.zip (MVBench_videos_ntu.txt lists the NTU RGB+D "
+                f"clips, available from the NTU RGB+D authors on request); unpack them under {places.split(' or ')[0]}")
+    return f"{reason}: unpack the task's videos there"
