@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import string
+import unicodedata
 from collections.abc import Iterable, Sequence
 
 IMAGE_TOKEN = "<image>"  # one per image, in order, in every prompt miadpo reads or writes
@@ -21,8 +22,10 @@ def image_marker_in(text: str) -> str | None:
 
 
 def normalise_answer(text: str) -> str:
-    """Case, punctuation and whitespace removed, for "answer ≠ ground truth" and exact-match scoring."""
-    return " ".join(_PUNCTUATION.sub(" ", text.lower()).split())
+    """Case, punctuation, whitespace (any Unicode space: NBSP, tabs, the zero-width space, ...) and invisible format
+    characters (joiners, BOM) removed, for "answer ≠ ground truth", "chosen ≠ rejected" and exact-match scoring."""
+    visible = "".join(c for c in text.replace("\u200b", " ") if unicodedata.category(c) != "Cf")
+    return " ".join(_PUNCTUATION.sub(" ", visible.lower()).split())
 
 
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:

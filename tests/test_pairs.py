@@ -162,6 +162,22 @@ def test_each_bad_record_is_skipped_with_file_line_and_id(tmp_path: Path, pair_f
     assert f"{path}:2" in caplog.text and "skipped 1 of 4" in caplog.text
 
 
+@pytest.mark.parametrize("rejected", [
+    case("pair file", "answers-equal-up-to-whitespace", "chosen and rejected differ only in spaces (a double space, "
+         "NBSP, tab or zero-width space), case or punctuation", "that record is a bad record (`file:line (id=…): "
+         "chosen and rejected are identical once case, punctuation, spaces and invisible characters are ignored`); "
+         "the rest loads", "The circle  is red."),
+    "The\u00a0circle is red.", "The circle\tis red.", "The circle is\u200b red.", "the circle is RED", "The\u200bcircle"
+    " is red"])
+def test_answers_equal_up_to_spaces_case_or_invisible_characters_are_bad(tmp_path: Path, pair_files,
+                                                                          rejected: str) -> None:
+    records, report = read(pair_files([good_record(tmp_path, 0), {**good_record(tmp_path, 1), "rejected": rejected}]),
+                           tmp_path, max_bad=1.0)
+    assert [r.id for r in records] == ["pair-0"]
+    (bad,) = report.bad
+    assert (bad.line, bad.id) == (2, "pair-1") and "identical once case, punctuation, spaces" in bad.reason
+
+
 def test_duplicate_ids_are_bad(tmp_path: Path, pair_files) -> None:
     rec = good_record(tmp_path, 0)
     records, report = read(pair_files([rec, good_record(tmp_path, 1), rec]), tmp_path)

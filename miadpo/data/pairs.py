@@ -38,7 +38,7 @@ from miadpo.config import BadRecordPolicy
 from miadpo.data.images import ImageError, ImageOptions, check_record_image, load_record_image
 from miadpo.data.jsonl import atomic_replace, iter_raw_records
 from miadpo.fingerprint import digest
-from miadpo.text import IMAGE_TOKEN, RELEASE_IMAGE_TOKEN, image_marker_in
+from miadpo.text import IMAGE_TOKEN, RELEASE_IMAGE_TOKEN, image_marker_in, normalise_answer
 
 log = logging.getLogger(__name__)
 
@@ -218,8 +218,9 @@ def parse_pair(obj: Any) -> PairRecord:
     n_tokens = prompt.count(IMAGE_TOKEN)
     if n_tokens != len(images):
         raise ValueError(f"image count mismatch: prompt has {n_tokens} {IMAGE_TOKEN} for {len(images)} images")
-    if chosen.strip() == rejected.strip():
-        raise ValueError("chosen and rejected are identical")
+    if normalise_answer(chosen) == normalise_answer(rejected):
+        raise ValueError("chosen and rejected are identical once case, punctuation, spaces and invisible characters "
+                         "are ignored (normalise_answer, as selection compares answers)")
     meta = obj.get("meta") or {}
     if not isinstance(meta, dict):
         raise ValueError("field 'meta' is not an object")
