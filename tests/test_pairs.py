@@ -178,6 +178,38 @@ def test_answers_equal_up_to_spaces_case_or_invisible_characters_are_bad(tmp_pat
     assert (bad.line, bad.id) == (2, "pair-1") and "identical once case, punctuation, spaces" in bad.reason
 
 
+HUGE = "1" * 5000
+
+
+@pytest.mark.parametrize(("meta", "reason"), [
+    case("pair file", "meta-huge-integer", "a `meta` number of 5,000 digits (beyond what Python converts)",
+         "that line is a bad record (`file:line: malformed JSON: a number of 5000 digits`), found when the file is "
+         "read, before any model loads; the rest loads", f'{{"format": "sequence", "x": {HUGE}}}',
+         "a number of 5000 digits"),
+    case("pair file", "meta-wrong-type", "`meta.attention_ratio` that is not a number (e.g. `[[0.3]]`), or another "
+         "meta field miadpo reads with the wrong type", "that record is a bad record naming the field and what it "
+         "must be; the data report never meets it", '{"attention_ratio": [[0.3]]}',
+         "meta.attention_ratio must be a number or null"),
+    case("pair file", "meta-non-finite", "a `meta` number that is `NaN`, `Infinity` or overflows (`1e999`)",
+         "that record is a bad record naming the field", '{"attention_ratio": 1e999}',
+         "meta.attention_ratio is inf: numbers in meta must be finite"),
+    ('{"scores": [NaN]}', "meta.scores[0] is nan"),
+    ('{"n_images": 0}', "meta.n_images must be a whole number ≥ 1"),
+    ('{"target": true}', "meta.target must be a whole number ≥ 1 or a list of them"),
+    ('{"id": 123456789012345678901234567890}', "meta.id is an integer of 30 digits, outside the 64-bit range"),
+    ('{"attention_maps": [{"grids": [{"rows": 2, "cols": 2, "values": [1]}]}]}', "meta.attention_maps must be"),
+])
+def test_meta_types_and_finite_numbers_are_checked_when_read(tmp_path: Path, pair_files, meta: str,
+                                                             reason: str) -> None:
+    good = json.dumps(good_record(tmp_path, 1))
+    line = good[: good.rindex('"meta"')] + f'"meta": {meta}}}'
+    records, report = read(pair_files([good_record(tmp_path, 0), line, good_record(tmp_path, 2)]), tmp_path,
+                           max_bad=1.0)
+    assert [r.id for r in records] == ["pair-0", "pair-2"]
+    (bad,) = report.bad
+    assert bad.line == 2 and reason in bad.reason, bad.reason
+
+
 def test_duplicate_ids_are_bad(tmp_path: Path, pair_files) -> None:
     rec = good_record(tmp_path, 0)
     records, report = read(pair_files([rec, good_record(tmp_path, 1), rec]), tmp_path)

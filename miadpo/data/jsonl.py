@@ -75,6 +75,12 @@ def iter_raw_records(path: Path) -> Iterator[RawRecord]:
     yield from _iter_array(text, bom)
 
 
+def _number_error(exc: ValueError) -> str:
+    """Python's refusal of an over-long integer, said plainly."""
+    digits = re.search(r"value has (\d+) digits", str(exc))
+    return f"a number of {digits.group(1)} digits" if digits else str(exc)
+
+
 def _iter_jsonl(handle: Any, offset: int) -> Iterator[RawRecord]:
     index = 0
     for line_no, data in enumerate(handle, 1):
@@ -91,6 +97,8 @@ def _iter_jsonl(handle: Any, offset: int) -> Iterator[RawRecord]:
             value = json.loads(text if bad is None else _NOT_UTF8.sub("\ufffd", text))
         except json.JSONDecodeError as exc:
             value, error = None, error or f"malformed JSON: {exc.msg}"
+        except ValueError as exc:  # an integer longer than Python converts (4,300 digits)
+            value, error = None, error or f"malformed JSON: {_number_error(exc)}"
         yield RawRecord(index, line_no, value, error)
         index += 1
 
@@ -114,6 +122,10 @@ def _iter_array(text: str, byte_base: int) -> Iterator[RawRecord]:
             bad = _NOT_UTF8.search(text, pos, exc.pos + 1)
             cause = exc.msg if bad is None else _not_utf8_in(text, bad.start(), line, pos, byte_offset)
             yield RawRecord(index, line, error=f"malformed or truncated JSON ({cause}); the rest of the file "
+                                              "cannot be read")
+            return
+        except ValueError as exc:  # an integer longer than Python converts: where it ends is unknown
+            yield RawRecord(index, line, error=f"malformed JSON ({_number_error(exc)}); the rest of the file "
                                               "cannot be read")
             return
         bad = _NOT_UTF8.search(text, pos, end)

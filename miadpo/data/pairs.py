@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -198,6 +199,59 @@ def _check_text(obj: dict[str, Any], key: str) -> str:
     return value
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _finite_numbers(value: Any, path: str) -> None:
+    """ValueError naming the first non-finite or out-of-range number anywhere under ``value``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{path} is {value}: numbers in meta must be finite")
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**63:
+        raise ValueError(f"{path} is an integer of {len(str(abs(value)))} digits, outside the 64-bit range")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _finite_numbers(item, f"{path}.{key}")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _finite_numbers(item, f"{path}[{index}]")
+
+
+def _attention_map(value: Any) -> bool:
+    """``{"grids": [{"rows": r, "cols": c, "values": [r·c numbers]}, ...], ...}`` as selection writes it."""
+    if not isinstance(value, dict):
+        return False
+    grids = value.get("grids", [])
+    return isinstance(grids, list) and all(
+        isinstance(g, dict) and all(isinstance(g.get(k), int) and g[k] >= 1 for k in ("rows", "cols"))
+        and isinstance(g.get("values"), list) and len(g["values"]) == g["rows"] * g["cols"]
+        and all(map(_is_number, g["values"])) for g in grids)
+
+
+def check_meta(meta: dict[str, Any]) -> None:
+    """The types of the ``meta`` fields miadpo reads (the pair record's contract) and finite numbers everywhere in
+    it; ValueError naming the field."""
+    _finite_numbers(meta, "meta")
+
+    def whole(value: Any, least: int = 1) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+    rules: dict[str, tuple[Callable[[Any], bool], str]] = {
+        "format": (lambda v: isinstance(v, str), "a string"),
+        "n_images": (whole, "a whole number ≥ 1"),
+        "target": (lambda v: whole(v) or (isinstance(v, list) and bool(v) and all(map(whole, v))),
+                   "a whole number ≥ 1 or a list of them"),
+        "attention_ratio": (lambda v: v is None or _is_number(v), "a number or null"),
+        "perplexity": (lambda v: v is None or _is_number(v), "a number or null"),
+        "image_scores": (lambda v: isinstance(v, list) and all(map(_is_number, v)), "a list of numbers"),
+        "attention_maps": (lambda v: isinstance(v, list) and all(map(_attention_map, v)),
+                           "a list of objects whose grids hold rows × cols numbers"),
+    }
+    for key, (valid, expected) in rules.items():
+        if key in meta and not valid(meta[key]):
+            raise ValueError(f"meta.{key} must be {expected}, not {json.dumps(meta[key])[:80]}")
+
+
 def parse_pair(obj: Any) -> PairRecord:
     """Build a PairRecord from one decoded JSON line (our format or the official release); ValueError if bad."""
     if not isinstance(obj, dict):
@@ -224,6 +278,7 @@ def parse_pair(obj: Any) -> PairRecord:
     meta = obj.get("meta") or {}
     if not isinstance(meta, dict):
         raise ValueError("field 'meta' is not an object")
+    check_meta(meta)
     negative = obj.get("rejected_images")
     if negative is not None:
         if not isinstance(negative, list) or not all(isinstance(p, str) and p for p in negative):
