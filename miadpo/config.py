@@ -48,6 +48,9 @@ class LargeImagePolicy(str, Enum):
 
 # Pixel cap of every image loaded (miadpo/data/images.py): well below PIL's decompression-bomb limit (~89 MP).
 DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
+# Longest side over shortest side of an image loaded: beyond it, a bad record ("too elongated"). Qwen2-VL's and
+# GLM-4V's resize refuse 200; a square canvas (LLaVA's pad-to-square) grows with the long side's square.
+DEFAULT_MAX_IMAGE_ASPECT_RATIO = 100.0
 
 
 class LossType(str, Enum):
@@ -273,6 +276,9 @@ class DataConfig:
     # null: no cap (PIL's decompression-bomb limit still holds). The rules of every image: miadpo/data/images.py.
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
     on_large_image: LargeImagePolicy = LargeImagePolicy.downsize
+    # Images whose long side is more than this many times the short side are bad records ("too elongated"): a
+    # 1×20000 strip would otherwise be padded to a 20000² canvas or refused by the model's resize. null: no limit.
+    max_image_aspect_ratio: float | None = DEFAULT_MAX_IMAGE_ASPECT_RATIO
     # Sample pairs (with attention heat maps) in <run_dir>/data_report and the W&B table; 0 = no data report.
     report_samples: int = 8
     val_fraction: float = 0.1
@@ -492,6 +498,7 @@ class EvalConfig:
     max_bad_fraction: float = 0.01
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
     on_large_image: LargeImagePolicy = LargeImagePolicy.downsize
+    max_image_aspect_ratio: float | None = DEFAULT_MAX_IMAGE_ASPECT_RATIO  # as data.max_image_aspect_ratio
     wandb: bool = False
     wandb_project: str = "miadpo"
     wandb_mode: str = "${oc.env:WANDB_MODE,offline}"
@@ -571,6 +578,7 @@ class SFTDataConfig:
     check_images: bool = True
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
     on_large_image: LargeImagePolicy = LargeImagePolicy.downsize
+    max_image_aspect_ratio: float | None = DEFAULT_MAX_IMAGE_ASPECT_RATIO  # as data.max_image_aspect_ratio
 
 
 @dataclass

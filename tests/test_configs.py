@@ -46,7 +46,7 @@ TRAIN_ONLY_DATA = {"toy", "synthetic"}  # data recipes that set training setting
 EVAL_ADDED = {"benchmarks": {"mmmu": None, "blink": None, "mantis_eval": None, "nlvr2": None, "mvbench": None,
                              "muirbench": None},
               "nlvr2_split": "dev", "frames": 6, "frame_fps": 3.0, "max_length": None, "progress": True, "samples": 8,
-              "datasets_cache_version": None}  # issue 35
+              "datasets_cache_version": None, "max_image_aspect_ratio": 100.0}  # issue 35
 # Options added after the fixture was recorded.
 NEW_OPTIONS = {"eval": ["paper"], "data": ["llava", "pairs"], "experiment": ["mia_dpo_llava15"],
                # issues 33 and 34: the 2026 families, each a weights config and a tiny one
@@ -84,6 +84,8 @@ def with_later_additions(entry: str, composition: Any) -> Any:
         for name, default in (("conditional_weight", 0.0), ("anchor_weight", 0.0), ("anchor_delta", 0.0)):
             composition["dpo"].setdefault(name, default)
     data = composition.get("data")
+    if isinstance(data, dict) and "max_image_pixels" in data:
+        data.setdefault("max_image_aspect_ratio", 100.0)  # issue 35: elongated images are bad records
     if isinstance(data, dict) and isinstance(data.get("augment"), dict):
         data["augment"].setdefault("negatives", {"kind": "none", "sigma": 80.0, "tries": 4})
         data.setdefault("columns", None)  # issue 32: data.pairs in another layout (null: miadpo's)

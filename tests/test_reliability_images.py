@@ -234,6 +234,37 @@ def test_pair_with_an_unusable_image_is_a_bad_record_at_setup(adapter, tmp_path:
     next(iter(module.train_dataloader()))
 
 
+@pytest.mark.parametrize("size", [
+    case("images", "extreme-aspect-ratio", "a 1×20000 PNG (161 bytes): padded to a 20000² canvas, LLaVA's generate "
+         "peaked at 5.9 GB (1×40000 would be killed with no message); Qwen2-VL / GLM-4V's resize raised unnamed",
+         "a bad record in every stage that loads images (file:line (id): image too elongated ... aspect ratio of "
+         "20000:1 > max_image_aspect_ratio=100), found from the header before any pixel is decoded; "
+         "data/sft/eval.max_image_aspect_ratio raises the limit", (1, 20000)),
+    (3000, 20),
+])
+def test_an_extremely_elongated_image_is_a_bad_record_in_training_and_evaluation(adapter, tmp_path: Path,
+                                                                                  size: tuple[int, int]) -> None:
+    path = pair_file(tmp_path, ["good", "good", "good"], [(32, 32), size, (32, 32)])
+    module = PairDataModule(train_data(tmp_path, path), adapter, ConcatenatedPairForward(adapter).collate)
+    module.setup("fit")
+    assert [r.id for r in module.train_set.records] == ["pair-0", "pair-2"]
+    (bad,) = module.report.bad
+    ratio = max(size) // min(size)
+    assert (bad.line, bad.id) == (2, "pair-1") and bad.reason.startswith("image too elongated: ")
+    assert f"aspect ratio of {ratio}:1 > max_image_aspect_ratio=100" in bad.reason
+    raised = PairDataModule(train_data(tmp_path, path, max_image_aspect_ratio=ratio + 1), adapter,
+                            ConcatenatedPairForward(adapter).collate)
+    raised.setup("fit")
+    assert len(raised.train_set.records) == 3  # the named setting lets it through
+
+    (tmp_path / "images" / "r1.jpg").parent.mkdir(exist_ok=True)
+    records = llava_jsonl(tmp_path, ["good", "good"])
+    Image.new("RGB", size, (1, 2, 3)).save(tmp_path / "images" / "r1.jpg")
+    results = evaluate.run_evaluation(eval_config(tmp_path, files=[str(records)]))
+    (skipped,) = results["skipped"]
+    assert skipped.startswith(f"{records}:2 (id=r1): image too elongated: ")
+
+
 # ----- SFT ----------------------------------------------------------------------------------------------
 def sft_data(tmp_path: Path, files: list[Path], **overrides: Any) -> SFTDataConfig:
     cfg = OmegaConf.structured(SFTDataConfig)

@@ -25,6 +25,9 @@
    ("too large") instead. Images above twice PIL's limit (~179 MP) are "too large" whatever the policy (PIL
    refuses them before reading a pixel); PIL's DecompressionBombWarning (89–179 MP) is silenced, the cap being
    stricter.
+5. Aspect ratio (``max_image_aspect_ratio``, default 100). An image whose long side is more than that many times
+   its short side raises ``ImageError`` ("too elongated"), from the header alone: a 1×20000 strip would be padded
+   to a 20000² canvas (LLaVA) or refused by the model's own resize (Qwen2-VL, GLM-4V: above 200).
 
 Nothing from a later stage is imported here (only the config's enums), so every module may use it.
 """
@@ -44,7 +47,7 @@ from typing import IO, Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from miadpo.config import DEFAULT_MAX_IMAGE_PIXELS, LargeImagePolicy
+from miadpo.config import DEFAULT_MAX_IMAGE_ASPECT_RATIO, DEFAULT_MAX_IMAGE_PIXELS, LargeImagePolicy
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +55,7 @@ MISSING = "missing"
 CORRUPT = "corrupt or not an image"
 TRUNCATED = "truncated"
 TOO_LARGE = "too large"
+ELONGATED = "too elongated"
 UNREADABLE = "unreadable"
 ORIENTATION_TAG = 0x0112
 TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
@@ -66,7 +70,7 @@ Source = str | Path | IO[bytes]
 
 class ImageError(ValueError):
     """An image that cannot be used; ``kind`` is one of missing, corrupt or not an image, truncated, too large,
-    unreadable."""
+    too elongated, unreadable."""
 
     def __init__(self, kind: str, path: Any, where: str | None = None, detail: str | None = None) -> None:
         self.kind, self.path, self.where, self.detail = kind, path, where, detail
@@ -84,14 +88,17 @@ class ImageOptions:
 
     max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS  # None or 0: no cap
     on_large: LargeImagePolicy = LargeImagePolicy.downsize
+    max_aspect: float | None = DEFAULT_MAX_IMAGE_ASPECT_RATIO  # None or 0: no limit
 
     @classmethod
     def of(cls, cfg: Any) -> ImageOptions:
-        """The options of any config with ``max_image_pixels`` / ``on_large_image`` (defaults where absent)."""
+        """The options of any config with ``max_image_pixels`` / ``on_large_image`` / ``max_image_aspect_ratio``
+        (defaults where absent)."""
         if cfg is None:
             return cls()
         return cls(getattr(cfg, "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS),
-                   LargeImagePolicy(getattr(cfg, "on_large_image", LargeImagePolicy.downsize)))
+                   LargeImagePolicy(getattr(cfg, "on_large_image", LargeImagePolicy.downsize)),
+                   getattr(cfg, "max_image_aspect_ratio", DEFAULT_MAX_IMAGE_ASPECT_RATIO))
 
 
 def fit(size: tuple[int, int], max_pixels: int | None) -> tuple[int, int] | None:
@@ -176,6 +183,7 @@ class _Opened:
             raise _failure(exc, self.label, where) from exc
         if self.raw_target is not None:
             self._too_large()
+        self._too_elongated()
 
     @contextmanager
     def _quiet(self) -> Iterator[None]:
@@ -185,6 +193,16 @@ class _Opened:
             if cap and cap <= (Image.MAX_IMAGE_PIXELS or 0):
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             yield
+
+    def _too_elongated(self) -> None:
+        """ImageError when the long side is more than ``max_aspect`` times the short one."""
+        width, height = self.image.size
+        cap = self.options.max_aspect
+        if cap and max(width, height) > cap * min(width, height):
+            self.close()
+            raise ImageError(ELONGATED, self.label, self.where,
+                             f"{width}×{height} has an aspect ratio of {max(width, height) / min(width, height):.0f}:1 "
+                             f"> max_image_aspect_ratio={cap:g}")
 
     def _too_large(self) -> None:
         width, height = self.image.size
