@@ -11,7 +11,8 @@ document cannot drift from the tests).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -23,6 +24,9 @@ class Case:
     name: str  # the pytest id
     bad_input: str  # the bad input or fault, as a user would describe it
     outcome: str  # what miadpo does about it
+    # The test module that registers it: the document lists an area's cases by module, then in registration order,
+    # so the order does not depend on which test module happened to be imported first.
+    module: str = field(default="", compare=False)
 
 
 CASES: dict[str, Case] = {}
@@ -30,7 +34,7 @@ CASES: dict[str, Case] = {}
 
 def case(area: str, name: str, bad_input: str, outcome: str, *values: Any, marks: Any = ()) -> Any:
     """Register a case and return it as a ``pytest.param`` of ``values`` (id = ``name``)."""
-    registered = Case(area, name, bad_input, outcome)
+    registered = Case(area, name, bad_input, outcome, sys._getframe(1).f_globals.get("__name__", ""))
     if CASES.get(name, registered) != registered:
         raise ValueError(f"reliability case {name!r} registered twice with different texts")
     CASES[name] = registered

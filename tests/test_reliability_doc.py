@@ -29,12 +29,14 @@ def render() -> str:
     for path in sorted(Path(__file__).parent.glob("test_*.py")):
         if path.stem != Path(__file__).stem and "from reliability import" in path.read_text():
             importlib.import_module(path.stem)  # importing a test module registers its cases
+    order = {name: index for index, name in enumerate(CASES)}
     lines = [HEADER.rstrip("\n"), ""]
     areas = sorted({c.area for c in CASES.values()}, key=lambda a: (AREAS.index(a) if a in AREAS else len(AREAS), a))
     for area in areas:
         lines += [f"## {area[0].upper()}{area[1:]}", "", "| case | bad input or fault | what it gets |",
                   "|---|---|---|"]
-        lines += [f"| `{c.name}` | {c.bad_input} | {c.outcome} |" for c in CASES.values() if c.area == area]
+        ordered = sorted((c for c in CASES.values() if c.area == area), key=lambda c: (c.module, order[c.name]))
+        lines += [f"| `{c.name}` | {c.bad_input} | {c.outcome} |" for c in ordered]
         lines.append("")
     return "\n".join(lines)
 
