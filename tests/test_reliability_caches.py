@@ -455,3 +455,28 @@ def test_processes_started_together_share_the_prepass_each_pair_once(tmp_path: P
     with pytest.raises(TimeoutError, match=r"missing from the other processes' shards .*\(did every rank start\?\)"):
         fill_reference_cache(alone, [KeyedPairs(keys)], torch.nn.Linear(1, 1), fake_forward, batch_size=4, rank=0,
                              world=2, wait_s=1)
+
+
+@pytest.mark.parametrize("bad_line", [
+    case("caches", "reference-cache-torn-row", "a reference-cache shard with a line torn in the middle of the file "
+         "(every later run died with a raw JSONDecodeError naming no file)", "that row is dropped with a warning "
+         "naming the shard and line; its pair's reference log-probs are computed again, the other rows are used",
+         '{"key": "k1", "logps": [-1.0, -2'),
+    case("caches", "reference-cache-non-finite", "a reference-cache row holding NaN or Infinity", "that row is "
+         "dropped with a warning naming the shard and line, and recomputed; the other rows are used",
+         '{"key": "k1", "logps": [NaN, -2.0, 3, 4]}'),
+    '{"key": "k1", "logps": [-1.0]}', '["k1"]', '\udcff',
+])
+def test_a_bad_reference_cache_row_is_dropped_and_recomputed(tmp_path: Path, caplog, bad_line: str) -> None:
+    directory = tmp_path / "ref"
+    directory.mkdir()
+    shard = directory / "logps.0.jsonl"
+    good = [json.dumps({"key": f"k{k}", "logps": [-1.0 * k, -2.0 * k, 3, 4]}) for k in (0, 2)]
+    shard.write_bytes("\n".join([good[0], bad_line, good[1]]).encode("utf-8", "surrogateescape") + b"\n")
+    with caplog.at_level("WARNING", logger="miadpo.dpo.reference_cache"):
+        cache = ReferenceCache(directory)
+    assert sorted(cache.values) == ["k0", "k2"] and "k1" not in cache
+    assert f"reference cache {shard}:2: " in caplog.text and "computed again" in caplog.text
+    with cache.writing():  # the next run appends the recomputed row and reads it back
+        cache.add([("k1", [-1.0, -2.0, 3, 4])])
+    assert ReferenceCache(directory)["k1"] == [-1.0, -2.0, 3, 4]

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 import zlib
 from collections.abc import Iterator, Sequence
@@ -68,9 +69,37 @@ def model_key(adapter: ModelAdapter, data: DataConfig) -> str:
 
 
 def _complete_rows(path: Path) -> list[dict[str, Any]]:
-    """The rows of a shard, without a last line cut short (a crash, or another run writing it right now)."""
+    """The rows of a shard, without a last line cut short (a crash, or another run writing it right now). A line
+    that is not a row (torn in the middle of the file, not JSON, values missing or not finite) is dropped with a
+    warning naming the file and line: its pair is not cached, so its reference log-probs are computed again."""
     data = path.read_bytes()
-    return [json.loads(line) for line in data[: data.rfind(b"\n") + 1].decode("utf-8").splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(data[: data.rfind(b"\n") + 1].split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line.decode("utf-8"))
+            problem = _row_problem(row)
+        except (UnicodeDecodeError, ValueError) as exc:
+            problem = f"not a JSON row ({exc})"
+        if problem:
+            log.warning("reference cache %s:%d: %s; dropped (its reference log-probs are computed again)", path,
+                        number, problem)
+            continue
+        rows.append(row)
+    return rows
+
+
+def _row_problem(row: Any) -> str | None:
+    """Why a decoded line is not a cache row (``{"key": str, "logps": [4 or 5 finite numbers]}``), or None."""
+    if not isinstance(row, dict) or not isinstance(row.get("key"), str) or not isinstance(row.get("logps"), list):
+        return "not a {key, logps} row"
+    values = row["logps"]
+    if len(values) not in (4, 5) or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+        return f"logps is not 4 or 5 numbers: {json.dumps(values)[:80]}"
+    if not all(math.isfinite(v) for v in values):
+        return f"a log-prob is not finite: {json.dumps(values)[:80]}"
+    return None
 
 
 class ReferenceCache:
