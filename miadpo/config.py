@@ -7,6 +7,7 @@ first in its defaults, so a misspelt key or a value outside an enum fails when t
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum, IntEnum
 from pathlib import Path
@@ -672,6 +673,83 @@ def check_keys(cfg: DictConfig, schema: type) -> None:
         raise ValueError(f"unknown config key{'s' if len(problems) > 1 else ''} {', '.join(problems)}: not in "
                          f"{schema.__name__} (miadpo/config.py). A '+' adds no key to miadpo's configs: every key "
                          "is in the schema, so a key that is not there is a typo.")
+    check_ranges(cfg)
+
+
+def _fraction(value: Any) -> bool:
+    return 0 <= value <= 1
+
+
+def _weights(value: Any) -> bool:
+    """Weights of a draw: none negative, not all zero."""
+    values = list(value.values())
+    return all(v >= 0 for v in values) and sum(values) > 0
+
+
+# Value ranges of the settings that have one, checked up front by every entry (``check_keys``): key (``*`` for
+# every key of a map), test, and what the value must be.
+RANGES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("data.augment.pip.scale", lambda v: 0 < v <= 1, "in (0, 1]: the target's size relative to the background"),
+    ("data.augment.jpeg_quality", lambda v: 1 <= v <= 100, "from 1 to 100"),
+    ("data.augment.refusal_fraction", _fraction, "from 0 to 1"),
+    ("data.augment.workers", lambda v: v >= 1, "at least 1"),
+    ("data.augment.chunk_size", lambda v: v >= 1, "at least 1"),
+    ("data.augment.sequence.n_weights", _weights, "weights ≥ 0, not all zero"),
+    ("data.augment.grid.n_weights", _weights, "weights ≥ 0, not all zero"),
+    ("data.augment.grid.records_per_grid", _weights, "weights ≥ 0, not all zero"),
+    ("data.augment.grid.cell_size", lambda v: v >= 8, "at least 8 pixels"),
+    ("data.batch_size", lambda v: v >= 1, "at least 1"),
+    ("data.val_fraction", lambda v: 0 <= v < 1, "from 0 to below 1 (1 would leave nothing to train on)"),
+    ("data.max_bad_fraction", _fraction, "from 0 to 1"),
+    ("data.num_workers", lambda v: v >= 0, "at least 0"),
+    ("data.max_image_pixels", lambda v: v is None or v >= 0, "null or at least 0"),
+    ("data.max_image_aspect_ratio", lambda v: v is None or v == 0 or v >= 1, "null, 0 (no limit) or at least 1"),
+    ("selection.thresholds.*.*", _fraction, "an attention ratio from 0 to 1"),
+    ("selection.min_perplexity", lambda v: v >= 0, "at least 0 (0: no perplexity filter)"),
+    ("trainer.max_epochs", lambda v: v is None or v == -1 or v >= 1,
+     "null, -1 (no limit) or at least 1 (0 trains nothing)"),
+    ("trainer.max_steps", lambda v: v is None or v == -1 or v >= 1, "-1 (no limit) or at least 1 (0 trains nothing)"),
+    ("eval.batch_size", lambda v: v >= 1, "at least 1"),
+    ("eval.max_bad_fraction", _fraction, "from 0 to 1"),
+    ("eval.frames", lambda v: v >= 1, "at least 1"),
+    ("eval.max_image_aspect_ratio", lambda v: v is None or v == 0 or v >= 1, "null, 0 (no limit) or at least 1"),
+)
+
+
+def _values(node: Any, parts: list[str], path: str) -> Iterator[tuple[str, Any]]:
+    """(key, value) of every key of ``node`` that ``parts`` (dot-separated, ``*``: every key) names."""
+    if not parts:
+        yield path, node
+        return
+    head, rest = parts[0], parts[1:]
+    if not isinstance(node, DictConfig | dict):
+        return
+    keys = list(node.keys()) if head == "*" else [head] if head in node else []
+    for key in keys:
+        yield from _values(node[key], rest, f"{path}.{key}" if path else str(key))
+
+
+def _shown(value: Any) -> str:
+    """A setting's value as a user writes it (a map as ``{2: 0.0, 3: 0.0}``)."""
+    if isinstance(value, DictConfig | dict):
+        return "{" + ", ".join(f"{int(k) if isinstance(k, IntEnum) else k}: {v}" for k, v in value.items()) + "}"
+    return str(value)
+
+
+def check_ranges(cfg: DictConfig) -> None:
+    """ValueError naming every setting of ``cfg`` outside its range (``RANGES``); settings ``cfg`` lacks are
+    skipped (each entry has its own groups)."""
+    problems = []
+    for key, valid, expected in RANGES:
+        for name, value in _values(cfg, key.split("."), ""):
+            try:
+                ok = valid(value)
+            except TypeError:
+                ok = False
+            if not ok:
+                problems.append(f"{name}={_shown(value)} must be {expected}")
+    if problems:
+        raise ValueError("settings out of range: " + "; ".join(problems))
 
 
 # The data recipes that make or read users' data, named when the toy recipe is asked to run on it.

@@ -139,6 +139,28 @@ NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="DeepSpeed runs w
          "dpo.label_smoothing"),
     case("configuration", "lr-overflows-float32", "optim.lr=1e38 (AdamW's first step overflows float32)",
          "error naming optim.lr before any stage runs", ["optim.lr=1e38"], "optim.lr"),
+    case("configuration", "pip-scale-out-of-range", "data.augment.pip.scale=5 or -1 (target boxes outside the "
+         "canvas)", "error naming data.augment.pip.scale and its range before anything is written",
+         ["data.augment.pip.scale=5"], "data.augment.pip.scale=5.0 must be in (0, 1]"),
+    case("configuration", "jpeg-quality-out-of-range", "data.augment.jpeg_quality=1000 or -5",
+         "error naming data.augment.jpeg_quality and its range before anything is written",
+         ["data.augment.jpeg_quality=-5"], "data.augment.jpeg_quality=-5 must be from 1 to 100"),
+    case("configuration", "threshold-out-of-range", "an attention threshold of -0.5 or 7",
+         "error naming selection.thresholds.<format>.<N> and its range before anything is written",
+         ["selection.thresholds.grid.3=7"], "selection.thresholds.grid.3=7.0 must be an attention ratio"),
+    case("configuration", "max-epochs-zero", "trainer.max_epochs=0 (exit 0, nothing trained)",
+         "error naming trainer.max_epochs before anything is written", ["trainer.max_epochs=0"],
+         "trainer.max_epochs=0 must be null, -1 (no limit) or at least 1"),
+    case("configuration", "batch-size-zero", "data.batch_size=0 or -1", "error naming data.batch_size before "
+         "anything is written (it was refused only after the base model and data report were written)",
+         ["data.batch_size=0"], "data.batch_size=0 must be at least 1"),
+    case("configuration", "val-fraction-one", "data.val_fraction=1.0", "error naming data.val_fraction before "
+         "anything is written", ["data.val_fraction=1.0"], "data.val_fraction=1.0 must be from 0 to below 1"),
+    case("configuration", "n-weights-all-zero", "data.augment.grid.n_weights all zero (an unnamed ValueError, and a "
+         "manifest left that blocked the corrected rerun)", "error naming the weights before anything is written",
+         [f"data.augment.grid.n_weights.{n}=0" for n in range(2, 10)], "data.augment.grid.n_weights="),
+    (["data.augment.pip.scale=-1", "data.augment.jpeg_quality=1000", "selection.thresholds.sequence.2=-0.5"],
+     "the background; data.augment.jpeg_quality=1000 must be from 1 to 100; selection.thresholds.sequence.2=-0.5"),
     case("checkpoints", "missing-ckpt-path", "ckpt_path pointing at no file",
          "error naming ckpt_path and the path before any stage runs", ["ckpt_path=/nonexistent/last.ckpt"],
          "ckpt_path=/nonexistent/last.ckpt"),
@@ -193,3 +215,25 @@ def test_an_unreadable_checkpoint_is_named(tmp_path: Path, monkeypatch, damage) 
     assert str(bad) in message and "not a readable" in message and "ckpt_path" in message
     assert "weights_only" not in message and raised.value.__cause__ is None
     assert not (tmp_path / "resume" / "run" / "base_model").exists()
+
+
+@pytest.mark.parametrize(("entry", "schema", "override"), [
+    ("augment", "AugmentJobConfig", "data.augment.sequence.n_weights.2=0"),
+    ("select", "SelectJobConfig", "selection.thresholds.pip.1=1.5"),
+])
+def test_the_augment_and_select_entries_check_ranges_up_front(entry: str, schema: str, override: str) -> None:
+    """The stand-alone entries run the same range check first (an all-zero n_weights left a manifest that blocked
+    the corrected rerun)."""
+    from hydra import compose, initialize_config_dir
+
+    from miadpo import config as config_module
+    from miadpo.train import CONFIG_DIR
+
+    overrides = [override]
+    if entry == "augment":
+        overrides += [f"data.augment.sequence.n_weights.{n}=0" for n in range(3, 6)]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name=entry, overrides=overrides)
+    key = override.split("=")[0].rsplit(".", 1)[0] if entry == "augment" else override.split("=")[0]
+    with pytest.raises(ValueError, match="settings out of range: " + key.replace(".", r"\.") + "="):
+        config_module.check_keys(cfg, getattr(config_module, schema))
