@@ -52,7 +52,14 @@ def load_correct(path: Path) -> dict[str, dict[str, bool]]:
         raise ValueError(f"compare={path}: not a readable eval.json ({exc})") from exc
     if not isinstance(saved, dict) or "correct" not in saved:
         raise ValueError(f"compare={path}: no per-item 'correct' results (an eval.json of an older miadpo?)")
-    return saved["correct"]
+    correct = saved["correct"]
+    if not isinstance(correct, dict):
+        raise ValueError(f"compare={path}: 'correct' is a {type(correct).__name__}, not a map of group → item → "
+                         "true/false")
+    for group, units in correct.items():
+        if not isinstance(units, dict) or not all(isinstance(v, bool) for v in units.values()):
+            raise ValueError(f"compare={path}: correct[{group!r}] is not a map of item id → true/false")
+    return correct
 
 
 def contact_sheet(images: list[Image.Image]) -> Image.Image:
@@ -123,6 +130,7 @@ def run_evaluation(cfg: DictConfig, adapter: ModelAdapter | None = None) -> dict
     markdown = table_markdown(evaluation.table)
     if report.not_evaluated:
         markdown += "\nNot evaluated:\n\n" + "".join(f"- {part}\n" for part in report.not_evaluated)
+    (run_dir / "eval.json").write_text(json.dumps(results, indent=1))  # kept whatever the comparison does
     if other is not None:
         comparison = compare_correctness(other, correct, seed=int(cfg.seed),
                                          published=published_counts(evaluation.items))

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shlex
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ from conftest import CONFIG_DIR, compose_train
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from PIL import Image
+from reliability import case
 from test_benchmarks import BLUE, GREEN, RED, blink_row, mmmu_fixture, png, write_parquet
 
 from miadpo.eval.compare import compare_correctness, mcnemar_p
@@ -192,3 +195,53 @@ def test_the_readme_benchmark_commands_compose(monkeypatch) -> None:
         for command in commands:
             cfg = compose(config_name=command[2].split(".")[1], overrides=command[3:])
             assert cfg.eval.benchmarks.mvbench == "/data/benchmarks/MVBench" and cfg.model.name == "llava15"
+
+
+@pytest.mark.parametrize(("correct", "reason"), [
+    case("evaluation", "compare-malformed", "compare= an eval.json whose 'correct' is malformed (the whole evaluation "
+         "ran, then died before eval.json was written; a list gave an empty table with no reason)", "stops before the "
+         "model loads, naming the file and what 'correct' must be", [["a", True]], "'correct' is a list"),
+    ({"BLINK": ["val_1"]}, "correct['BLINK'] is not a map of item id"),
+    ({"BLINK": {"val_1": "yes"}}, "correct['BLINK'] is not a map of item id"),
+])
+def test_a_malformed_compare_file_stops_before_the_model_loads(tmp_path: Path, correct: Any, reason: str,
+                                                             monkeypatch) -> None:
+    from miadpo import evaluate as evaluate_module
+
+    (tmp_path / "other.json").write_text(json.dumps({"table": {}, "correct": correct}))
+    monkeypatch.setattr(evaluate_module, "prepare_model", lambda *a: pytest.fail("the model was loaded"))
+    with pytest.raises(ValueError, match=rf"compare=.*other\.json: {re.escape(reason)}"):
+        run_evaluation(compose_evaluate([f"eval.benchmarks.blink={blink_dir(tmp_path)}",
+                                         f"compare={tmp_path / 'other.json'}"], tmp_path / "run"))
+
+
+@pytest.mark.parametrize("case_name", [
+    case("evaluation", "tsv-answer-not-an-option", "a TSV row whose answer is none of its options (E for A–D, empty, "
+         "free text: scored as an item that could never be right)", "a bad row (file:row (index): answer ... is not "
+         "one of the options), skipped and counted", "answer"),
+    case("evaluation", "tsv-bom-crlf", "a TSV with a UTF-8 BOM and CRLF line ends (refused as a whole)", "read as "
+         "VLMEvalKit reads it: the BOM skipped", "bom"),
+])
+def test_tsv_rows_whose_answer_is_no_option_are_bad_and_a_bom_is_skipped(tmp_path: Path, case_name: str) -> None:
+    from test_evaluate_tsv import image_b64
+
+    from miadpo.data.pairs import BadRecordReport
+    from miadpo.eval.items import tsv_items
+
+    answers = ["A", "E", "", "blue"] if case_name == "answer" else ["A", "B"]
+    lines = ["index\tquestion\tA\tB\tC\tD\tanswer\timage"]
+    lines += [f"{k}\tColour?\tred\tblue\tgreen\tgrey\t{a}\t{image_b64(RED)}" for k, a in enumerate(answers)]
+    path = tmp_path / "bench.tsv"
+    if case_name == "bom":
+        path.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode() + b"\r\n")
+    else:
+        path.write_text("\n".join(lines) + "\n")
+    report = BadRecordReport("skip", max_bad_fraction=1.0, stage="eval", settings="eval")
+    items = tsv_items(path, report)
+    if case_name == "bom":
+        assert [(i.id, i.answer) for i in items] == [("0", "A"), ("1", "B")] and not report.bad
+    else:
+        assert [i.id for i in items] == ["0"]
+        assert [str(b).split(": ", 1)[1] for b in report.bad] == [
+            "answer 'E' is not one of the options A, B, C, D", "answer '' is not one of the options A, B, C, D",
+            "answer 'blue' is not one of the options A, B, C, D"]

@@ -223,9 +223,10 @@ def tsv_items(path: Path, report: BadRecordReport | None = None, image_options: 
     vlmeval/dataset/image_base.py, vlmeval/dataset/image_mcq.py, vlmeval/dataset/utils/multiple_choice.py,
     vlmeval/smp/misc.py, vlmeval/smp/file.py). The dataset name is the file's stem.
 
-    - Cells: tab-separated with a header (``index``, ``question``, ``answer``, options, images, optional ``hint``,
-      ``category``, ``l2-category``, ``split``, ``g_index``); a cell pandas reads as NaN ("", "nan", "None", "NA",
-      ...) is empty. Options: every single capital letter column A–Z with a non-empty cell, in letter order.
+    - Cells: tab-separated with a header (a UTF-8 BOM skipped, CRLF line ends read) (``index``, ``question``,
+      ``answer``, options, images, optional ``hint``, ``category``, ``l2-category``, ``split``, ``g_index``); a cell
+      pandas reads as NaN ("", "nan", "None", "NA", ...) is empty. Options: every single capital letter column A–Z
+      with a non-empty cell, in letter order.
     - Images: an ``image`` cell is base64 or a list literal of base64 strings; a non-empty cell of at most 64
       characters is the ``index`` of another row, whose (long) cell it shares (MMBench stores each image once).
       With an ``image`` column, rows with an empty cell are skipped (``skip_noimg``). Without one, ``image_path``
@@ -246,13 +247,15 @@ def tsv_items(path: Path, report: BadRecordReport | None = None, image_options: 
       VLMEvalKit does either split only for those datasets; we do it for any TSV whose prompt holds markers.
     - MMMU (``MMMU`` in the name; MMMU_preproc): a row with no option A is an open question scored as the
       options {A: <answer>, B: "Other Answers"} (the prompt keeps no options), and a non-letter answer is "A".
+    - A row whose answer is none of its options (``E`` for A–D, empty, free text) could never be scored right: a
+      bad row (``report``: skipped and counted, by its policy).
     - Circular evaluation (``mmbench``, ``ccbench``, ``circular`` or ``mmcr`` in the name, any case): ``index`` is
       an integer and the group is ``g_index`` if given, else ``index % 1e6``; ``score`` counts a group right
       only if all its rows are, over groups with a row whose index is the group (that row gives the category).
     - Groups: ``tsv:<stem>``, and ``tsv:<stem>/<value>`` for the ``category`` and ``l2-category`` values and
       ``tsv:<stem>/split=<value>`` for ``split`` values (VLMEvalKit's report_acc).
     """
-    with path.open(newline="", encoding="utf-8") as handle:
+    with path.open(newline="", encoding="utf-8-sig") as handle:  # a BOM is skipped, as VLMEvalKit's reader does
         reader = csv.DictReader(handle, delimiter="\t")
         rows = list(reader)
         columns = set(reader.fieldnames or ())
@@ -287,6 +290,12 @@ def tsv_items(path: Path, report: BadRecordReport | None = None, image_options: 
                 options = {"A": answer, "B": "Other Answers"}
             if mmmu and answer not in LETTERS:
                 answer = "A"
+            if options and answer not in options:
+                reason = f"answer {answer!r} is not one of the options {', '.join(options)}"
+                if report is None:
+                    raise ValueError(reason)
+                report.add(BadRecord(str(path), row_number, row["index"].strip() or None, reason))
+                continue
             index, group = row["index"].strip(), None
             if circular:
                 index = str(int(index))
