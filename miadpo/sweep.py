@@ -1,7 +1,8 @@
 """Sweep summary: after a Hydra multirun, one table of every job's overrides and final metrics.
 
 Registered as a Hydra callback by the sweep configs (``conf/sweep/``, shipped with the package); writes
-``summary.md`` and ``summary.csv`` in the sweep directory (``multirun/train/<time>/``).
+``summary.md`` and ``summary.csv`` in the sweep directory (``multirun/train/<time>/``), after every job (a failed
+job marked with its error) and at the end.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
@@ -20,6 +22,7 @@ from miadpo.text import markdown_table
 
 log = logging.getLogger(__name__)
 
+ERROR_FILE = "error.txt"  # a failed job's error, in its output directory
 DEFAULT_COLUMNS = ("loss", "val/loss", "val/rewards/accuracies", "val/rewards/margins",
                    "eval/multi-image mean/after", "eval/single/after", "global_step")
 
@@ -33,8 +36,10 @@ def summarise(sweep_dir: Path, columns: tuple[str, ...] = DEFAULT_COLUMNS) -> tu
             continue
         overrides = yaml.safe_load(overrides_file.read_text()) or []
         metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
-        row: dict[str, Any] = {"job": job.name, "overrides": " ".join(overrides),
-                               "status": "done" if metrics else "failed or unfinished"}
+        error = job / ERROR_FILE
+        status = ("done" if metrics else f"failed: {error.read_text().strip()}" if error.is_file()
+                  else "failed or unfinished")
+        row: dict[str, Any] = {"job": job.name, "overrides": " ".join(overrides), "status": status}
         row.update(dict(o.split("=", 1) for o in overrides if "=" in o))
         row.update({c: metrics[c] for c in columns if c in metrics})
         rows.append(row)
@@ -54,7 +59,16 @@ def summarise(sweep_dir: Path, columns: tuple[str, ...] = DEFAULT_COLUMNS) -> tu
 
 
 class SweepSummary(Callback):
-    """Hydra callback: write the sweep's summary table when the multirun ends."""
+    """Hydra callback: write the sweep's summary table after every job (a failed job's error, first line, kept in
+    its ``error.txt``) and when the multirun ends. Hydra stops a multirun at a failed job's batch without calling
+    ``on_multirun_end``, so the summary written after each job is what a sweep with a failed job leaves."""
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        if job_return.status == JobStatus.FAILED:
+            error = job_return._return_value
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            (Path(config.hydra.runtime.output_dir) / ERROR_FILE).write_text(f"{type(error).__name__}: {first}\n")
+        summarise(Path(config.hydra.sweep.dir))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         path, rows = summarise(Path(config.hydra.sweep.dir))
