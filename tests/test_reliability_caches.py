@@ -480,3 +480,24 @@ def test_a_bad_reference_cache_row_is_dropped_and_recomputed(tmp_path: Path, cap
     with cache.writing():  # the next run appends the recomputed row and reads it back
         cache.add([("k1", [-1.0, -2.0, 3, 4])])
     assert ReferenceCache(directory)["k1"] == [-1.0, -2.0, 3, 4]
+
+
+@pytest.mark.parametrize("name", [
+    case("augmentation", "output-file-replaced-by-symlink", "an output file of an unfinished augmentation folder "
+         "replaced by a symbolic link (a file outside data.out_dir was truncated on resume, then a raw "
+         "JSONDecodeError)", "stops naming the link and its target before writing; the file it points at is left "
+         "as it was", RECORDS_FILE),
+    SKIPPED_FILE,
+])
+def test_an_output_file_that_is_a_symlink_is_never_written_through(tmp_path: Path, name: str) -> None:
+    source = write_source(tmp_path)
+    cfg = data_config(tmp_path, source, formats={"sequence": 0, "grid": 0, "pip": 1}, augment={"workers": 1})
+    run_augmentation(cfg, seed=0, progress=False)
+    (tmp_path / "out" / SUMMARY_FILE).unlink()  # as a run killed before it finished leaves it
+    outside = tmp_path / "precious.txt"
+    outside.write_text("someone else's file\nwithout a final newline")
+    (tmp_path / "out" / name).unlink()
+    (tmp_path / "out" / name).symlink_to(outside)
+    with pytest.raises(ValueError, match=rf"{name} is a symbolic link \(to {outside}\): a stage writes its own"):
+        run_augmentation(cfg, seed=0, progress=False)
+    assert outside.read_text() == "someone else's file\nwithout a final newline"

@@ -95,7 +95,8 @@ class AugmentSummary:
 
     def save(self) -> None:
         fields = {"written": self.written, "skipped": self.skipped, "ineligible": self.ineligible}
-        (self.out_dir / SUMMARY_FILE).write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")
+        with atomic_replace(self.out_dir / SUMMARY_FILE) as tmp:
+            tmp.write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def load(cls, out_dir: Path) -> AugmentSummary:

@@ -151,8 +151,17 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in handle if line.strip()]
 
 
+def refuse_symlink(path: Path) -> None:
+    """ValueError if ``path`` (a file a stage appends to or repairs in its own output) is a symbolic link: a stage
+    never writes through a link, which could truncate or fill a file outside its directory."""
+    if path.is_symlink():
+        raise ValueError(f"{path} is a symbolic link (to {os.readlink(path)}): a stage writes its own output files "
+                         "and never through a link; remove the link (the stage rewrites what it needs)")
+
+
 def repair_tail(path: Path) -> None:
-    """Drop a last line cut short by a crash (everything after the final newline)."""
+    """Drop a last line cut short by a crash (everything after the final newline); refuses a symbolic link."""
+    refuse_symlink(path)
     if not path.exists():
         return
     data = path.read_bytes()

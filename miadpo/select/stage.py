@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader
 from miadpo.augment.runner import RECORDS_FILE, augmentation_finished, run_augmentation
 from miadpo.config import DataConfig, ExportImagePaths, SelectionConfig
 from miadpo.data.images import ImageOptions
-from miadpo.data.jsonl import append_jsonl, atomic_replace, completed_ids, read_jsonl
+from miadpo.data.jsonl import append_jsonl, atomic_replace, completed_ids, read_jsonl, refuse_symlink
 from miadpo.data.pairs import ImageRoots, PairRecord, write_pairs
 from miadpo.fingerprint import digest, file_sha1, weights_identity
 from miadpo.locks import stage_lock
@@ -112,7 +112,9 @@ class ShardWriter(BasePredictionWriter):
     def write_on_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: Any,
                            batch_indices: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         assert self.directory is not None
-        with (self.directory / f"candidates.rank{trainer.global_rank}.jsonl").open("a", encoding="utf-8") as f:
+        shard = self.directory / f"candidates.rank{trainer.global_rank}.jsonl"
+        refuse_symlink(shard)
+        with shard.open("a", encoding="utf-8") as f:
             append_jsonl(f, (c.to_json() for c in prediction))
         self.seen += len(prediction)
         self.kept += sum(1 for c in prediction if c.answer and not c.correct)
