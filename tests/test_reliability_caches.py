@@ -18,7 +18,7 @@ import torch
 from conftest import REPO, colour_image, model_config
 from omegaconf import OmegaConf
 from reliability import case
-from test_augment import PHOTOS, TWO_TURNS, data_config, write_source
+from test_augment import PHOTOS, TWO_TURNS, data_config, read_records, write_source
 
 from miadpo.augment import runner
 from miadpo.augment.runner import RECORDS_FILE, SKIPPED_FILE, SUMMARY_FILE, run_augmentation
@@ -501,3 +501,43 @@ def test_an_output_file_that_is_a_symlink_is_never_written_through(tmp_path: Pat
     with pytest.raises(ValueError, match=rf"{name} is a symbolic link \(to {outside}\): a stage writes its own"):
         run_augmentation(cfg, seed=0, progress=False)
     assert outside.read_text() == "someone else's file\nwithout a final newline"
+
+
+@pytest.mark.parametrize("failure", [
+    case("augmentation", "disk-full-short-write", "the disk fills while a composition is written (Pillow ignored the "
+         "short write: the truncated JPEG was renamed into place and kept as finished by the rerun; or a raw 'No "
+         "space left' with no path)", "the written file is decoded back before it takes its name: the run stops "
+         "naming the composition's path, keeps every record written before, and the rerun composes the rest",
+         "short"),
+    "enospc",
+])
+def test_a_composition_that_did_not_fully_reach_the_disk_is_never_kept(tmp_path: Path, monkeypatch,
+                                                                       failure: str) -> None:
+    import errno
+
+    from PIL import Image as PILImage
+
+    source = write_source(tmp_path)
+    cfg = data_config(tmp_path, source, formats={"sequence": 0, "grid": 0, "pip": 1}, augment={"workers": 1})
+    save, calls = PILImage.Image.save, []
+
+    def failing_save(image, fp, *args, **kwargs):
+        calls.append(fp)
+        if len(calls) == 2:  # the second composition hits the full disk
+            if failure == "enospc":
+                raise OSError(errno.ENOSPC, "No space left on device")
+            save(image, fp, *args, **kwargs)
+            Path(fp).write_bytes(Path(fp).read_bytes()[:200])
+            return None
+        return save(image, fp, *args, **kwargs)
+
+    monkeypatch.setattr(PILImage.Image, "save", failing_save)
+    with pytest.raises(OSError, match=r"writing the composition .*/out/images/pip/.*\.jpg failed \(full disk\?\)"):
+        run_augmentation(cfg, seed=0, progress=False)
+    written = read_records(tmp_path / "out")
+    assert len(written) == 1  # the first composition is kept
+    kept = {Path(p).name for p in (tmp_path / "out" / "images" / "pip").iterdir()}
+    assert kept == {Path(written[0]["image"]).name}  # no truncated file took a name
+    monkeypatch.setattr(PILImage.Image, "save", save)
+    summary = run_augmentation(cfg, seed=0, progress=False)
+    assert sum(summary.written.values()) == len(PHOTOS) and summary.resumed == 1

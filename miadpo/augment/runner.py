@@ -271,9 +271,20 @@ class Composer:
         return load_record_image(self.roots, rel, self.images, reduce_to=draft)  # ImageError names path and root
 
     def _save(self, image: Image.Image, fmt: str, job_id: str) -> str:
+        """Write a composition; the file is decoded back before it takes its name, so a short write (a full disk:
+        Pillow does not always notice) never becomes a finished composition. OSError naming the path."""
         path = self.roots.out_dir / "images" / fmt / f"{job_id}.jpg"
-        with atomic_replace(path) as tmp:
-            image.save(tmp, format="JPEG", quality=self.jpeg_quality)
+        try:
+            with atomic_replace(path) as tmp:
+                image.save(tmp, format="JPEG", quality=self.jpeg_quality)
+                with Image.open(tmp) as written:
+                    written.load()
+                    if written.size != image.size:
+                        raise OSError(f"wrote a {written.size[0]}×{written.size[1]} image, not "
+                                      f"{image.size[0]}×{image.size[1]}")
+        except (OSError, SyntaxError) as exc:  # PIL reports a truncated file as OSError, a garbled one SyntaxError
+            raise OSError(getattr(exc, "errno", None), f"writing the composition {path} failed (full disk?): "
+                                                       f"{getattr(exc, 'strerror', None) or exc}") from exc
         return self.roots.composed(path)
 
     def __call__(self, job: Job) -> tuple[dict[str, Any] | None, str | None]:
