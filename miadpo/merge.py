@@ -19,6 +19,7 @@ from transformers import AutoConfig
 
 from miadpo.export import export_model
 from miadpo.models.internlm_xc25.checkpoint import is_xcomposer_directory, load_model
+from miadpo.models.loading import load_pretrained
 
 
 def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base: str | None = None) -> Path:
@@ -43,7 +44,7 @@ def load_base(path: Path) -> torch.nn.Module:
         dtype = config.get("dtype") or config.get("torch_dtype") or "bfloat16"
         return load_model(path, dtype=getattr(torch, dtype))
     config = AutoConfig.from_pretrained(path)
-    return getattr(transformers, config.architectures[0]).from_pretrained(path, dtype=config.dtype)
+    return load_pretrained(getattr(transformers, config.architectures[0]), path, dtype=config.dtype)
 
 
 def main(argv: list[str] | None = None) -> None:

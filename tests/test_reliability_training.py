@@ -10,7 +10,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import compose_train
+from conftest import compose_train, model_config
 from reliability import case
 
 import miadpo.pipeline as pipeline_module
@@ -237,3 +237,35 @@ def test_the_augment_and_select_entries_check_ranges_up_front(entry: str, schema
     key = override.split("=")[0].rsplit(".", 1)[0] if entry == "augment" else override.split("=")[0]
     with pytest.raises(ValueError, match="settings out of range: " + key.replace(".", r"\.") + "="):
         config_module.check_keys(cfg, getattr(config_module, schema))
+
+
+class NotATensor:
+    """An object a weights-only unpickler refuses."""
+
+
+@pytest.mark.parametrize("damage", [
+    case("training", "weights-pickle-refused", "a weights directory whose pytorch_model.bin holds objects other than "
+         "tensors (a raw UnpicklingError naming no file and suggesting weights_only=False)", "an error naming the "
+         "directory and the .bin file; the unsafe flag is never suggested and never set", "pickle"),
+    case("training", "weights-safetensors-bad-header", "a weights directory whose model.safetensors has a corrupt "
+         "header (a raw SafetensorError naming no file)", "an error naming the .safetensors file, before training",
+         "header"),
+])
+def test_unreadable_weight_files_are_named_and_never_loaded_unsafely(tmp_path: Path, damage: str) -> None:
+    from miadpo.models import build_adapter
+
+    weights = tmp_path / "weights"
+    build_adapter(model_config()).save_base(weights)
+    if damage == "pickle":
+        (weights / "model.safetensors").unlink()
+        torch.save({"language_model.lm_head.weight": NotATensor()}, weights / "pytorch_model.bin")
+    else:
+        data = (weights / "model.safetensors").read_bytes()
+        (weights / "model.safetensors").write_bytes(data[:8] + b"{not json" + data[17:])
+    cfg = model_config(name="llava15", path=str(weights))
+    with pytest.raises(ValueError) as raised:
+        build_adapter(cfg)
+    message = str(raised.value)
+    named = "pytorch_model.bin" if damage == "pickle" else str(weights / "model.safetensors")
+    assert str(weights) in message and named in message and "weights_only" not in message
+    assert raised.value.__cause__ is None or "weights_only=False" not in str(raised.value.__cause__)

@@ -30,7 +30,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from miadpo.config import LoraConfig, ModelConfig
 from miadpo.models.geometry import ImageGeometry
-from miadpo.models.loading import ProcessorFiles, check_weights_path, torch_dtype
+from miadpo.models.loading import ProcessorFiles, check_weights_path, load_pretrained, torch_dtype
 from miadpo.models.samples import IGNORE_INDEX, EncodedSample, ProcessedImages, SampleTooLongError
 from miadpo.models.templates import ChatTemplate, get_template
 from miadpo.text import IMAGE_TOKEN
@@ -431,7 +431,7 @@ class SeparatePartsAdapter(ModelAdapter):
             from transformers import AutoTokenizer
 
             path = check_weights_path(cfg)
-            model = cls.model_class.from_pretrained(path, dtype=torch_dtype(cfg.dtype),
+            model = load_pretrained(cls.model_class, path, dtype=torch_dtype(cfg.dtype),
                                                     attn_implementation=cfg.attn_implementation)
             tokenizer = AutoTokenizer.from_pretrained(path)
             image_processor = cls.image_processor_class.from_pretrained(path)

@@ -16,7 +16,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration, LlavaImag
 from miadpo.config import ModelConfig
 from miadpo.models.base import ModelAdapter
 from miadpo.models.geometry import ImageGeometry, PatchGrid, square_padding
-from miadpo.models.loading import check_weights_path, torch_dtype
+from miadpo.models.loading import check_weights_path, load_pretrained, torch_dtype
 from miadpo.models.templates import get_template
 from miadpo.models.tiny import build_tiny_image_processor, build_tiny_llava, build_tiny_tokenizer
 
@@ -44,9 +44,8 @@ class LlavaAdapter(ModelAdapter):
             path = check_weights_path(cfg)
             processor = AutoProcessor.from_pretrained(path)
             tokenizer, image_processor = processor.tokenizer, processor.image_processor
-            model = LlavaForConditionalGeneration.from_pretrained(
-                path, dtype=torch_dtype(cfg.dtype), attn_implementation=cfg.attn_implementation
-            )
+            model = load_pretrained(LlavaForConditionalGeneration, path, dtype=torch_dtype(cfg.dtype),
+                                    attn_implementation=cfg.attn_implementation)
         model.to(torch_dtype(cfg.dtype))
         return cls(model, tokenizer, image_processor, get_template(cfg.template), cfg)
 

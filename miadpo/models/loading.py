@@ -3,6 +3,7 @@ transformers' name for the key/value cache."""
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,37 @@ def check_weights_path(cfg: ModelConfig) -> str:
             f"`huggingface-cli download <checkpoint> --local-dir {cfg.path}`; conf/model/{cfg.name}.yaml names it)."
         )
     return cfg.path
+
+
+def load_pretrained(model_class: Any, path: str | Path, **kwargs: Any) -> Any:
+    """``model_class.from_pretrained(path, **kwargs)``, a weight file it cannot read named: a pickle
+    (``pytorch_model*.bin``) that safe loading refuses, or a ``.safetensors`` file with a bad header. Weights are
+    only ever loaded safely: the message never suggests turning that off."""
+    from safetensors import SafetensorError
+
+    try:
+        return model_class.from_pretrained(path, **kwargs)
+    except pickle.UnpicklingError:
+        files = sorted(p.name for p in Path(path).glob("*.bin")) if Path(path).is_dir() else [str(path)]
+        raise ValueError(f"{path}: a weight file ({', '.join(files) or 'a pickle'}) is a pickle that safe loading "
+                         "refuses (it holds objects other than tensors). miadpo loads weights safely only: use "
+                         "the checkpoint's .safetensors files, or convert the pickle with a tool you trust") from None
+    except SafetensorError as exc:
+        raise ValueError(f"{path}: {unreadable_safetensors(Path(path)) or 'a .safetensors file'} cannot be read "
+                         f"({exc}): a corrupt or unfinished download? Download it again") from None
+
+
+def unreadable_safetensors(directory: Path) -> str | None:
+    """The first ``.safetensors`` file under ``directory`` whose header does not parse, or None."""
+    from safetensors import safe_open
+
+    for file in sorted(directory.glob("*.safetensors")) if directory.is_dir() else []:
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except Exception:  # safetensors raises its own error types for a bad header
+            return str(file)
+    return None
 
 
 def torch_dtype(name: str) -> torch.dtype:
