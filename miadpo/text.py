@@ -38,3 +38,10 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> s
         return "|" + "".join(" |" if cell is None else f" {str(cell)} |" for cell in cells)
 
     return "\n".join([line(header), "|" + "---|" * len(header), *(line(row) for row in rows)])
+
+
+def shown(text: object) -> str:
+    """A path or id as a message shows it: as it is when printable, else its ``repr`` (a newline or control
+    character in a file name must not start a forged log line)."""
+    value = str(text)
+    return value if value.isprintable() else repr(value)

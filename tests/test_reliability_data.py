@@ -396,3 +396,37 @@ def test_composed_paths_through_a_symlinked_out_folder(tmp_path: Path, follow: b
     rel = r.composed(written)
     assert rel == "@out/images/grid/1.jpg"
     assert r.resolve(rel).read_bytes() == b"x"
+
+
+@pytest.mark.parametrize("name", [
+    case("image paths", "path-with-a-newline", "an image path with a newline or control character (logged raw: a "
+         "forged log line)", "shown as its repr in every message, on one line", "evil\nINFO fake line.png"),
+])
+def test_a_path_with_a_newline_is_shown_on_one_line(tmp_path: Path, pair_files, caplog, name: str) -> None:
+    record = {**good_record(tmp_path, 1), "images": [name, "r1_1.png"]}
+    report = BadRecordReport(max_bad_fraction=1.0)
+    with caplog.at_level("WARNING"):
+        read_pairs(pair_files([good_record(tmp_path, 0), record]), ImageRoots(tmp_path / "images", tmp_path / "out"),
+                   report)
+    (bad,) = report.bad
+    assert "\n" not in str(bad) and repr(str((tmp_path / "images" / name).resolve())) in str(bad)
+    assert all("\n" not in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("follow", [
+    case("image paths", "path-followed-symlink-out-of-root", "an image path that leaves image_root through a followed "
+         "symlink (used silently)", "used (follow_symlinks=true), and said once per root in a warning", True),
+])
+def test_a_followed_symlink_out_of_the_root_is_said_once(tmp_path: Path, caplog, follow: bool) -> None:
+    from miadpo.data import pairs as pairs_module
+
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "linked").symlink_to(tmp_path / "elsewhere")
+    roots = ImageRoots(tmp_path / "images", tmp_path / "out", follow_symlinks=follow)
+    pairs_module._LEFT_ROOT.discard((tmp_path / "images").resolve())
+    with caplog.at_level("WARNING", logger="miadpo.data.pairs"):
+        for k in range(3):
+            assert roots.resolve(f"linked/{k}.png") == tmp_path / "images" / "linked" / f"{k}.png"
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert "'linked/0.png' leaves its root" in warning and str(tmp_path / "elsewhere") in warning

@@ -48,6 +48,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from miadpo.config import DEFAULT_MAX_IMAGE_ASPECT_RATIO, DEFAULT_MAX_IMAGE_PIXELS, LargeImagePolicy
+from miadpo.text import shown
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ class ImageError(ValueError):
 
     def __init__(self, kind: str, path: Any, where: str | None = None, detail: str | None = None) -> None:
         self.kind, self.path, self.where, self.detail = kind, path, where, detail
-        text = f"image {kind}: {path}"
+        text = f"image {kind}: {shown(path)}"
         if where:
             text += f" ({where})"
         if detail:

@@ -39,9 +39,10 @@ from miadpo.config import BadRecordPolicy
 from miadpo.data.images import ImageError, ImageOptions, check_record_image, load_record_image
 from miadpo.data.jsonl import atomic_replace, iter_raw_records
 from miadpo.fingerprint import digest
-from miadpo.text import IMAGE_TOKEN, RELEASE_IMAGE_TOKEN, image_marker_in, normalise_answer
+from miadpo.text import IMAGE_TOKEN, RELEASE_IMAGE_TOKEN, image_marker_in, normalise_answer, shown
 
 log = logging.getLogger(__name__)
+_LEFT_ROOT: set[Path] = set()  # roots a followed symlink was seen leaving (logged once each)
 
 COMPOSED_PREFIX = "@out/"
 FORMATS = ("sequence", "grid", "pip")
@@ -103,6 +104,12 @@ class ImageRoots:
             raise ValueError(f"image path {rel_path!r} escapes its root {root} ('..' is not allowed)")
         path = root / rest
         if self.follow_symlinks:
+            if root not in _LEFT_ROOT:  # a link out of the root is allowed; said once per root
+                resolved = path.resolve()
+                if not resolved.is_relative_to(root):
+                    _LEFT_ROOT.add(root)
+                    log.warning("image path %r leaves its root %s through a symlink (to %s): used, as "
+                                "follow_symlinks=true allows (said once per root)", rel_path, root, resolved)
             return path
         resolved = path.resolve()
         if not resolved.is_relative_to(root):
@@ -127,7 +134,7 @@ class BadRecord:
     reason: str
 
     def __str__(self) -> str:
-        return f"{self.file}:{self.line} (id={self.id}): {self.reason}"
+        return f"{shown(self.file)}:{self.line} (id={shown(self.id)}): {self.reason}"
 
 
 class BadRecordError(ValueError):
