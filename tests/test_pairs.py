@@ -194,8 +194,8 @@ HUGE = "1" * 5000
          "that record is a bad record naming the field", '{"attention_ratio": 1e999}',
          "meta.attention_ratio is inf: numbers in meta must be finite"),
     ('{"scores": [NaN]}', "meta.scores[0] is nan"),
-    ('{"n_images": 0}', "meta.n_images must be a whole number ≥ 1"),
-    ('{"target": true}', "meta.target must be a whole number ≥ 1 or a list of them"),
+    ('{"n_images": 0}', "meta.n_images must be a whole number ≥ 1 or null"),
+    ('{"target": true}', "meta.target must be a whole number ≥ 1, a list of them, or null"),
     ('{"id": 123456789012345678901234567890}', "meta.id is an integer of 30 digits, outside the 64-bit range"),
     ('{"attention_maps": [{"grids": [{"rows": 2, "cols": 2, "values": [1]}]}]}', "meta.attention_maps must be"),
 ])

@@ -244,18 +244,18 @@ def check_meta(meta: dict[str, Any]) -> None:
         return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
     rules: dict[str, tuple[Callable[[Any], bool], str]] = {
-        "format": (lambda v: isinstance(v, str), "a string"),
-        "n_images": (whole, "a whole number ≥ 1"),
+        "format": (lambda v: isinstance(v, str), "a string or null"),
+        "n_images": (whole, "a whole number ≥ 1 or null"),
         "target": (lambda v: whole(v) or (isinstance(v, list) and bool(v) and all(map(whole, v))),
-                   "a whole number ≥ 1 or a list of them"),
-        "attention_ratio": (lambda v: v is None or _is_number(v), "a number or null"),
-        "perplexity": (lambda v: v is None or _is_number(v), "a number or null"),
-        "image_scores": (lambda v: isinstance(v, list) and all(map(_is_number, v)), "a list of numbers"),
+                   "a whole number ≥ 1, a list of them, or null"),
+        "attention_ratio": (_is_number, "a number or null"),
+        "perplexity": (_is_number, "a number or null"),
+        "image_scores": (lambda v: isinstance(v, list) and all(map(_is_number, v)), "a list of numbers or null"),
         "attention_maps": (lambda v: isinstance(v, list) and all(map(_attention_map, v)),
-                           "a list of objects whose grids hold rows × cols numbers"),
+                           "a list of objects whose grids hold rows × cols numbers, or null"),
     }
-    for key, (valid, expected) in rules.items():
-        if key in meta and not valid(meta[key]):
+    for key, (valid, expected) in rules.items():  # null stands for "not recorded" (selection writes it so)
+        if meta.get(key) is not None and not valid(meta[key]):
             raise ValueError(f"meta.{key} must be {expected}, not {json.dumps(meta[key])[:80]}")
 
 

@@ -194,7 +194,8 @@ class ModelAdapter(ABC):
         if max_length is not None and len(prompt_ids) + len(answer_ids) > max_length:
             if len(prompt_ids) >= max_length:
                 raise SampleTooLongError(
-                    f"prompt with its image tokens is {len(prompt_ids)} tokens; the token budget is {max_length}"
+                    f"prompt with its image tokens is {len(prompt_ids)} tokens; max_length (the token budget) is "
+                    f"{max_length}"
                 )
             answer_ids = answer_ids[: max_length - len(prompt_ids)]
         input_ids = torch.tensor(prompt_ids + answer_ids, dtype=torch.long)
