@@ -73,7 +73,7 @@ step "train (pairs + TRL parquet)" miadpo-train "${COMMON[@]}" data=pairs data.i
 step "train (flat folder, grid)" miadpo-train "${COMMON[@]}" data=grid data.source=photos.json data.image_root=photos \
     data.augment.grid.cell_size=64 data.augment.grid.band=16 data.augment.grid.font_size=12 data.augment.workers=1 \
     selection.generation.max_new_tokens=4 selection.min_perplexity=0 selection.right_answer_negatives=runner_up \
-    "selection.thresholds.grid={2: 1.01, 3: 1.01, 4: 1.01, 5: 1.01, 6: 1.01, 7: 1.01, 8: 1.01, 9: 1.01}" \
+    "selection.thresholds.grid={2: 1, 3: 1, 4: 1, 5: 1, 6: 1, 7: 1, 8: 1, 9: 1}" "selection.operators.grid='<='" \
     data.val_fraction=0 data.batch_size=2 trainer.max_steps=2 hydra.run.dir=runs/grid
 step "sweep 2x2 (by name)" miadpo-train -m --config-name sweep/beta "${COMMON[@]}" data=pairs data.pairs=pairs.jsonl \
     data.image_root=photos data.val_fraction=0 data.batch_size=2 trainer.max_steps=2 dpo.beta=0.1,0.3 \

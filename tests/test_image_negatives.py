@@ -133,9 +133,10 @@ def test_selection_carries_the_negatives_into_pairs_and_exports(adapter, tmp_pat
     augment(tmp_path, "replace")
     data = data_config(tmp_path, tmp_path / "llava.json", formats=ALL_FORMATS, augment={
         "negatives": {"kind": "replace"}, "grid": SMALL_GRID, "workers": 1, "known_sources": []})
+    formats = ("sequence", "grid", "pip", "single")  # every wrong answer kept: ratio <= 1
     selection = selection_config(generation={"max_new_tokens": 6}, min_perplexity=0.0,
-                                 thresholds={f: {n: 1.01 for n in range(1, 10)} for f in ("sequence", "grid", "pip",
-                                                                                           "single")})
+                                 thresholds={f: {n: 1.0 for n in range(1, 10)} for f in formats},
+                                 operators=dict.fromkeys(formats, "<="))
     pairs_path = run_selection(adapter, data, selection, 3, CPU)
     by_id = {r["id"]: r for r in read_records(tmp_path / "out")}
     rows = [json.loads(line) for line in pairs_path.read_text().splitlines()]
