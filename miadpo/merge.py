@@ -3,7 +3,9 @@
     python -m miadpo.merge <run_dir>/adapter <out_dir> [--base /path/to/base/weights]
 
 The output holds weights, config, tokenizer and processor, loadable with ``from_pretrained`` for evaluation or
-serving. The base defaults to the path recorded in the adapter (``base_model_name_or_path``).
+serving. The base defaults to the path recorded in the adapter (``base_model_name_or_path``). The processor files
+(and so the chat template) are the base's, which miadpo saved with the template it trains with; an adapter written
+by another tool does not bring its own.
 """
 
 from __future__ import annotations
@@ -32,7 +34,10 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base: str | None
             f"base weights {base_path!r} recorded in {adapter_dir} are not a local directory; pass --base PATH"
         )
     policy = PeftModel.from_pretrained(load_base(Path(base_path)), str(adapter_dir))
-    source = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else Path(base_path)
+    # The processor (tokenizer, image processor, chat template) of the base, which miadpo saved with the template it
+    # trains with; an adapter's own tokenizer files (another tool's chat template) only when the base has none.
+    base_dir = Path(base_path)
+    source = base_dir if (base_dir / "tokenizer_config.json").is_file() else adapter_dir
     return export_model(policy, out_dir, source, merge_lora=True)
 
 

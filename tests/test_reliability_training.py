@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pickle
@@ -269,3 +270,28 @@ def test_unreadable_weight_files_are_named_and_never_loaded_unsafely(tmp_path: P
     named = "pytorch_model.bin" if damage == "pickle" else str(weights / "model.safetensors")
     assert str(weights) in message and named in message and "weights_only" not in message
     assert raised.value.__cause__ is None or "weights_only=False" not in str(raised.value.__cause__)
+
+
+@pytest.mark.parametrize("template", [
+    case("checkpoints", "merge-foreign-adapter-template", "merge of an adapter whose folder holds another tool's "
+         "tokenizer files and chat template (copied into merged/)", "merged/ gets the base's processor files, which "
+         "carry miadpo's chat template", "FOREIGN {{ messages }}"),
+])
+def test_merge_writes_the_bases_chat_template_not_a_foreign_adapters(tmp_path: Path, template: str) -> None:
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    from miadpo.merge import merge_adapter
+    from miadpo.models import build_adapter
+
+    adapter = build_adapter(model_config())
+    adapter.save_base(tmp_path / "base")
+    policy = get_peft_model(adapter.model, PeftLoraConfig(r=2, target_modules=["q_proj"]))
+    policy.save_pretrained(tmp_path / "adapter")
+    foreign = json.loads((tmp_path / "base" / "tokenizer_config.json").read_text())
+    (tmp_path / "adapter" / "tokenizer_config.json").write_text(json.dumps({**foreign, "chat_template": template}))
+    (tmp_path / "adapter" / "chat_template.jinja").write_text(template)
+    merged = merge_adapter(tmp_path / "adapter", tmp_path / "merged", base=str(tmp_path / "base"))
+    written = "".join(p.read_text() for p in merged.iterdir() if p.name in ("tokenizer_config.json",
+                                                                           "chat_template.jinja"))
+    assert "FOREIGN" not in written and adapter.chat_template().split("{{")[0] in written
