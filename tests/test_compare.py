@@ -245,3 +245,23 @@ def test_tsv_rows_whose_answer_is_no_option_are_bad_and_a_bom_is_skipped(tmp_pat
         assert [str(b).split(": ", 1)[1] for b in report.bad] == [
             "answer 'E' is not one of the options A, B, C, D", "answer '' is not one of the options A, B, C, D",
             "answer 'blue' is not one of the options A, B, C, D"]
+
+
+@pytest.mark.parametrize("outside", [
+    case("evaluation", "tsv-image-path-outside-its-folder", "a TSV image_path that leaves the TSV's folder (an "
+         "absolute path or '..'; used silently)", "used, as VLMEvalKit does, and said once per TSV folder in a "
+         "warning", "../elsewhere/red.png"),
+])
+def test_a_tsv_image_path_outside_its_folder_is_said_once(tmp_path: Path, caplog, outside: str) -> None:
+    from miadpo.eval import items as items_module
+
+    (tmp_path / "elsewhere").mkdir()
+    Image.new("RGB", (8, 8), RED).save(tmp_path / "elsewhere" / "red.png")
+    (tmp_path / "bench").mkdir()
+    lines = ["index\tquestion\tA\tB\tanswer\timage_path"] + [f"{k}\tColour?\tred\tblue\tA\t{outside}" for k in range(3)]
+    (tmp_path / "bench" / "b.tsv").write_text("\n".join(lines) + "\n")
+    items_module._OUTSIDE_TSV_FOLDER.discard((tmp_path / "bench").resolve())
+    with caplog.at_level("WARNING", logger="miadpo.eval.items"):
+        assert len(items_module.tsv_items(tmp_path / "bench" / "b.tsv")) == 3
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert "image_path '../elsewhere/red.png' is outside the TSV's folder" in warning

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import csv
+import logging
 import re
 import string
 import sys
@@ -33,6 +34,8 @@ CIRCULAR_NAMES = ("mmbench", "ccbench", "circular", "mmcr")
 NA_CELLS = frozenset({"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN",
                       "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"})
 csv.field_size_limit(sys.maxsize)
+log = logging.getLogger(__name__)
+_OUTSIDE_TSV_FOLDER: set[Path] = set()  # TSV folders an image_path was seen leaving (logged once each)
 
 
 @dataclass
@@ -141,6 +144,11 @@ def _image_file(value: str, tsv: Path) -> Path:
     tried = [given] if given.is_absolute() else [tsv.parent / given, tsv.parent / "images" / tsv.stem / given]
     for candidate in tried:
         if candidate.is_file():
+            folder = tsv.parent.resolve()
+            if folder not in _OUTSIDE_TSV_FOLDER and not candidate.resolve().is_relative_to(folder):
+                _OUTSIDE_TSV_FOLDER.add(folder)
+                log.warning("%s: image_path %r is outside the TSV's folder (%s): used, as VLMEvalKit does (said "
+                            "once per folder)", tsv, value, candidate.resolve())
             return candidate
     raise ImageError(MISSING, f"image_path {value!r} not found", f"tried {', '.join(str(p) for p in tried)}")
 
