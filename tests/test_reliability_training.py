@@ -295,3 +295,18 @@ def test_merge_writes_the_bases_chat_template_not_a_foreign_adapters(tmp_path: P
     written = "".join(p.read_text() for p in merged.iterdir() if p.name in ("tokenizer_config.json",
                                                                            "chat_template.jinja"))
     assert "FOREIGN" not in written and adapter.chat_template().split("{{")[0] in written
+
+
+@pytest.mark.parametrize("name", ["pytorch_model.bin", "model.safetensors"])
+def test_internlm_xc25_weight_files_that_cannot_be_read_safely_are_named(tmp_path: Path, name: str) -> None:
+    """The InternLM-XC2.5 loader (``--base`` of merge, model.path of internlm_xc25) reads weight files itself: the
+    same named errors, never a suggestion to load unsafely."""
+    from miadpo.models.internlm_xc25.checkpoint import read_tensors
+
+    if name.endswith(".bin"):
+        torch.save({"w": NotATensor()}, tmp_path / name)
+    else:
+        (tmp_path / name).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
+    with pytest.raises(ValueError, match=rf"{name}: ") as raised:
+        list(read_tensors(tmp_path))
+    assert "weights_only" not in str(raised.value)

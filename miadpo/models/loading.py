@@ -4,6 +4,8 @@ transformers' name for the key/value cache."""
 from __future__ import annotations
 
 import pickle
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,23 @@ def check_weights_path(cfg: ModelConfig) -> str:
             f"`huggingface-cli download <checkpoint> --local-dir {cfg.path}`; conf/model/{cfg.name}.yaml names it)."
         )
     return cfg.path
+
+
+@contextmanager
+def weight_file_errors(path: Path) -> Iterator[None]:
+    """Inside the block (reading one weight file), a pickle that safe loading refuses or an unreadable
+    ``.safetensors`` file becomes a ValueError naming the file, never suggesting to load it unsafely."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except pickle.UnpicklingError:
+        raise ValueError(f"{path}: a pickle that safe loading refuses (it holds objects other than tensors). miadpo "
+                         "loads weights safely only: use .safetensors files, or convert this one with a tool you "
+                         "trust") from None
+    except SafetensorError as exc:
+        raise ValueError(f"{path}: not a readable .safetensors file ({exc}): a corrupt or unfinished download? "
+                         "Download it again") from None
 
 
 def load_pretrained(model_class: Any, path: str | Path, **kwargs: Any) -> Any:

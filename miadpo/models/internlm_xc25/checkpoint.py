@@ -32,6 +32,7 @@ from miadpo.models.internlm_xc25.modeling import (
     InternLMXComposer2Config,
     InternLMXComposer2ForCausalLM,
 )
+from miadpo.models.loading import weight_file_errors
 
 log = logging.getLogger(__name__)
 
@@ -92,21 +93,24 @@ def read_tensors(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) of every weight file, one file in memory at a time."""
     for path in weight_files(directory):
         if path.suffix == ".safetensors":
-            with safe_open(str(path), framework="pt") as handle:
+            with weight_file_errors(path), safe_open(str(path), framework="pt") as handle:
                 for name in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
                     yield name, handle.get_tensor(name)
         else:
-            yield from torch.load(path, map_location="cpu", weights_only=True, mmap=True).items()
+            with weight_file_errors(path):
+                tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            yield from tensors.items()
 
 
 def tensor_shape(directory: Path, name: str) -> tuple[int, ...] | None:
     for path in weight_files(directory):
         if path.suffix == ".safetensors":
-            with safe_open(str(path), framework="pt") as handle:
+            with weight_file_errors(path), safe_open(str(path), framework="pt") as handle:
                 if name in handle.keys():  # noqa: SIM118
                     return tuple(handle.get_slice(name).get_shape())
         else:
-            tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            with weight_file_errors(path):
+                tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             if name in tensors:
                 return tuple(tensors[name].shape)
     return None
