@@ -69,3 +69,16 @@ def test_invalid_settings_fail() -> None:
         build_loss(DPOConfig(beta=0.0))
     with pytest.raises(ValueError, match="label_smoothing"):
         build_loss(DPOConfig(loss=LossType.robust, label_smoothing=0.5))
+
+
+def test_every_loss_type_maps_to_its_own_loss_and_an_unknown_one_is_refused(monkeypatch) -> None:
+    """``build_loss`` maps each ``dpo.loss`` value explicitly (it used to fall through to hinge for any value it did
+    not know)."""
+    from miadpo.dpo import losses
+
+    built = {t: type(build_loss(DPOConfig(loss=t, beta=0.5, label_smoothing=0.1))).__name__ for t in LossType}
+    assert built == {LossType.sigmoid: "SigmoidDPOLoss", LossType.cdpo: "ConservativeDPOLoss",
+                     LossType.robust: "RobustDPOLoss", LossType.ipo: "IPOLoss", LossType.hinge: "HingeLoss"}
+    monkeypatch.delitem(losses.LOSSES, LossType.ipo)  # as a new enum value without its loss would be
+    with pytest.raises(ValueError, match=r"dpo\.loss=ipo has no loss"):
+        build_loss(DPOConfig(loss=LossType.ipo, beta=0.5))

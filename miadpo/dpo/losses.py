@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -115,17 +116,22 @@ class AnchorLoss(PreferenceLoss):
         return -F.logsigmoid(self.beta * (policy.chosen - reference.chosen) - self.delta)
 
 
+# Each ``dpo.loss`` value and how its loss is built; a value missing here is an error, never another loss.
+LOSSES: dict[LossType, Callable[[DPOConfig], PreferenceLoss]] = {
+    LossType.sigmoid: lambda cfg: SigmoidDPOLoss(cfg.beta),
+    LossType.cdpo: lambda cfg: ConservativeDPOLoss(cfg.beta, cfg.label_smoothing),
+    LossType.robust: lambda cfg: RobustDPOLoss(cfg.beta, cfg.label_smoothing),
+    LossType.ipo: lambda cfg: IPOLoss(cfg.beta),
+    LossType.hinge: lambda cfg: HingeLoss(cfg.beta),
+}
+
+
 def build_loss(cfg: DPOConfig) -> PreferenceLoss:
+    """The loss ``dpo.loss`` names (``LOSSES``); ValueError for a value that maps to none."""
     loss = LossType(cfg.loss)
-    if loss is LossType.sigmoid:
-        return SigmoidDPOLoss(cfg.beta)
-    if loss is LossType.cdpo:
-        return ConservativeDPOLoss(cfg.beta, cfg.label_smoothing)
-    if loss is LossType.robust:
-        return RobustDPOLoss(cfg.beta, cfg.label_smoothing)
-    if loss is LossType.ipo:
-        return IPOLoss(cfg.beta)
-    return HingeLoss(cfg.beta)
+    if loss not in LOSSES:
+        raise ValueError(f"dpo.loss={loss.value} has no loss in miadpo.dpo.losses.LOSSES")
+    return LOSSES[loss](cfg)
 
 
 def check_dpo(cfg: DPOConfig) -> None:
