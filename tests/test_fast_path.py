@@ -192,3 +192,12 @@ def test_gradient_checkpointing_falls_back_to_the_plain_path() -> None:
     adapter = adapter_for("tiny_llava", gradient_checkpointing=True)
     module = DPOModule(adapter, DPOConfig(), OptimConfig())
     assert isinstance(module.pair_forward, ConcatenatedPairForward)
+
+
+def test_a_batch_type_must_say_how_it_collates() -> None:
+    """``PairBatch`` is an abstract base (as the losses are): a batch type without ``collate`` cannot be made."""
+    class NoLayout(PairBatch):
+        pass
+
+    with pytest.raises(TypeError, match="abstract"):
+        NoLayout(ids=["p0"])

@@ -12,6 +12,7 @@ shared-prefix batch — and ``has_negative`` marks them; their ``PairLogps.negat
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -77,7 +78,7 @@ def scatter_negative(values: torch.Tensor, has_negative: torch.Tensor) -> torch.
 
 
 @dataclass(kw_only=True)
-class PairBatch:
+class PairBatch(ABC):
     """What every DPO batch carries besides its model inputs (a dataclass: Lightning moves its tensors)."""
 
     ids: list[str]
@@ -103,9 +104,9 @@ class PairBatch:
                 "has_negative": torch.tensor(negatives) if any(negatives) else None}
 
     @classmethod
+    @abstractmethod
     def collate(cls, adapter: ModelAdapter, pairs: Sequence[EncodedPair]) -> PairBatch:
         """The batch of ``pairs`` (each batch type collates its own layout)."""
-        raise NotImplementedError
 
     def cached_reference(self) -> PairLogps | None:
         return None if self.reference is None else PairLogps.from_rows(self.reference, self.has_negative)
