@@ -433,7 +433,7 @@ class SeparatePartsAdapter(ModelAdapter):
 
             path = check_weights_path(cfg)
             model = load_pretrained(cls.model_class, path, dtype=torch_dtype(cfg.dtype),
-                                                    attn_implementation=cfg.attn_implementation)
+                                    attn_implementation=cfg.attn_implementation)
             tokenizer = AutoTokenizer.from_pretrained(path)
             image_processor = cls.image_processor_class.from_pretrained(path)
         model.to(torch_dtype(cfg.dtype))

@@ -49,38 +49,39 @@ def check_weights_path(cfg: ModelConfig) -> str:
 
 
 @contextmanager
-def weight_file_errors(path: Path) -> Iterator[None]:
-    """Inside the block (reading one weight file), a pickle that safe loading refuses or an unreadable
-    ``.safetensors`` file becomes a ValueError naming the file, never suggesting to load it unsafely."""
+def weight_file_errors(where: Path | str) -> Iterator[None]:
+    """Inside the block (reading weights), a pickle that safe loading refuses or an unreadable ``.safetensors`` file
+    becomes a ValueError naming ``where`` (the file, or the directory and its files), never suggesting to load it
+    unsafely."""
     from safetensors import SafetensorError
 
     try:
         yield
     except pickle.UnpicklingError:
-        raise ValueError(f"{path}: a pickle that safe loading refuses (it holds objects other than tensors). miadpo "
+        raise ValueError(f"{where}: a pickle that safe loading refuses (it holds objects other than tensors). miadpo "
                          "loads weights safely only: use .safetensors files, or convert this one with a tool you "
                          "trust") from None
     except SafetensorError as exc:
-        raise ValueError(f"{path}: not a readable .safetensors file ({exc}): a corrupt or unfinished download? "
+        raise ValueError(f"{where}: not a readable .safetensors file ({exc}): a corrupt or unfinished download? "
                          "Download it again") from None
 
 
 def load_pretrained(model_class: Any, path: str | Path, **kwargs: Any) -> Any:
-    """``model_class.from_pretrained(path, **kwargs)``, a weight file it cannot read named: a pickle
-    (``pytorch_model*.bin``) that safe loading refuses, or a ``.safetensors`` file with a bad header. Weights are
-    only ever loaded safely: the message never suggests turning that off."""
+    """``model_class.from_pretrained(path, **kwargs)``, a weight file it cannot read named (``weight_file_errors``):
+    a pickle (``pytorch_model*.bin``) that safe loading refuses, or a ``.safetensors`` file with a bad header."""
     from safetensors import SafetensorError
 
     try:
         return model_class.from_pretrained(path, **kwargs)
-    except pickle.UnpicklingError:
-        files = sorted(p.name for p in Path(path).glob("*.bin")) if Path(path).is_dir() else [str(path)]
-        raise ValueError(f"{path}: a weight file ({', '.join(files) or 'a pickle'}) is a pickle that safe loading "
-                         "refuses (it holds objects other than tensors). miadpo loads weights safely only: use "
-                         "the checkpoint's .safetensors files, or convert the pickle with a tool you trust") from None
-    except SafetensorError as exc:
-        raise ValueError(f"{path}: {unreadable_safetensors(Path(path)) or 'a .safetensors file'} cannot be read "
-                         f"({exc}): a corrupt or unfinished download? Download it again") from None
+    except (pickle.UnpicklingError, SafetensorError) as exc:
+        directory = Path(path)
+        if isinstance(exc, SafetensorError):
+            where = unreadable_safetensors(directory) or str(path)
+        else:
+            files = sorted(p.name for p in directory.glob("*.bin")) if directory.is_dir() else []
+            where = f"{path} ({', '.join(files)})" if files else str(path)
+        with weight_file_errors(where):
+            raise
 
 
 def unreadable_safetensors(directory: Path) -> str | None:

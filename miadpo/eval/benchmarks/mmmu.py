@@ -69,16 +69,14 @@ def mmmu_item(row: dict[str, Any], file: Path, number: int, options: ImageOption
 
 
 def accepted_answers(answer: str) -> tuple[str, ...]:
-    """The answers an open question accepts when its answer is a list literal (``"['1.5', '1.50']"``), else ()."""
+    """The answers an open question accepts when its answer is a list literal (``"['1.5', '1.50']"``: read as
+    ``options`` is, by :func:`option_texts`), else ()."""
     if not answer.startswith("["):
         return ()
     try:
-        values = ast.literal_eval(answer)
-    except (ValueError, SyntaxError):
+        return tuple(option_texts(answer))
+    except (BadRowError, ValueError, SyntaxError):
         return ()
-    if not isinstance(values, list) or not values or not all(isinstance(v, str | int | float) for v in values):
-        return ()
-    return tuple(str(v) for v in values)
 
 
 def read_mmmu(root: Path, report: BadRecordReport, options: ImageOptions, cache_version: str | None = None
