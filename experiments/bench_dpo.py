@@ -158,6 +158,8 @@ def our_step(fast: bool, adapter: Any = None, device: str = "cpu", shape: str = 
     from miadpo.config import DPOConfig, FastPathConfig, OptimConfig
     from miadpo.dpo.forward import ConcatenatedPairForward, SharedPrefixPairForward
     from miadpo.dpo.module import DPOModule
+    from miadpo.dpo.reference import CachedReference
+    from miadpo.dpo.reference_cache import ReferenceCache
 
     adapter = adapter or build_adapter()
     adapter.model.to(device)
@@ -171,7 +173,8 @@ def our_step(fast: bool, adapter: Any = None, device: str = "cpu", shape: str = 
         batch.reference = reference.rows()
     adapter.prepare_for_training()
     dpo = DPOConfig(fast=FastPathConfig(shared_prefix=fast, shared_image_features=fast, reference_cache=fast))
-    module = DPOModule(adapter, dpo, OptimConfig(lr=1e-4), pair_forward=forward, cached_reference=fast)
+    reference = CachedReference(ReferenceCache(tempfile.mkdtemp(prefix="bench_reference_"))) if fast else None
+    module = DPOModule(adapter, dpo, OptimConfig(lr=1e-4), pair_forward=forward, reference=reference)
     module.policy.train()
     optimizer = torch.optim.AdamW([p for p in module.policy.parameters() if p.requires_grad], lr=1e-4)
 
@@ -308,12 +311,16 @@ class OurRun:
 
     def run(self, epochs: int) -> list[float]:
         from miadpo.dpo.module import DPOModule
+        from miadpo.dpo.reference import CachedReference, build_reference
         from miadpo.dpo.reference_cache import ReferenceCache, fill_reference_cache
 
         cache = ReferenceCache(tempfile.mkdtemp(prefix="bench_reference_"))  # empty
         prepass = self.method == "fast (pre-pass)"
-        module = DPOModule(self.adapter, self.dpo, self.optim, pair_forward=self.forward, cached_reference=prepass,
-                           reference_cache=cache if self.dpo.fast.reference_cache else None)
+        if prepass:  # filled below, before training: no reference model in the step
+            reference = CachedReference(cache)
+        else:
+            reference = build_reference(self.adapter.model, cache if self.dpo.fast.reference_cache else None)
+        module = DPOModule(self.adapter, self.dpo, self.optim, pair_forward=self.forward, reference=reference)
         module.policy.train()
         seconds = []
         for epoch in range(epochs):
@@ -327,9 +334,10 @@ class OurRun:
                 self.optimizer.step()
                 self.optimizer.zero_grad()
             seconds.append(time.perf_counter() - start)
-        if module.filling is not None:
-            assert module.filling.written == RUN_PAIRS, module.filling.written  # each pair once, in epoch 1
-            module.filling.close()
+        filling = getattr(module.reference, "filling", None)
+        if filling is not None:
+            assert filling.written == RUN_PAIRS, filling.written  # each pair once, in epoch 1
+            filling.close()
         return seconds
 
 

@@ -18,6 +18,7 @@ from miadpo import pipeline
 from miadpo.config import config_dir, register_configs
 from miadpo.data.dataset import PairDataModule
 from miadpo.dpo.module import DPOModule, build_pair_forward
+from miadpo.dpo.reference import build_reference
 from miadpo.lightning_setup import check_checkpoint
 from miadpo.pipeline import TrainResult
 from miadpo.resume import resumed_config
@@ -39,7 +40,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> TrainR
     forward = build_pair_forward(adapter, cfg.dpo.fast)
     datamodule = PairDataModule(cfg.data, adapter, forward.collate, seed=cfg.seed,
                                 image_negatives=cfg.dpo.conditional_weight > 0)
-    cache, cached_reference = None, False
+    cache, covers_all = None, False
     if cfg.dpo.fast.reference_cache:  # before LoRA: the model is the reference
         reference = pipeline.reference_adapter(cfg, adapter)
         cache = pipeline.reference_cache(cfg, reference, datamodule)
@@ -47,13 +48,13 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> TrainR
             pipeline.reference_pass(cfg, reference, datamodule, forward, cache)
         del reference
         # Every pair cached (a pre-pass, an earlier run or epoch): no reference is built or run.
-        cached_reference = pipeline.covers_all_pairs(cache, datamodule)
+        covers_all = pipeline.covers_all_pairs(cache, datamodule)
     # Training randomness (LoRA initialisation, dropout) starts from the seed whether the data stages above ran
     # or were read from their caches (a data loader draws from the global generator even when it is empty).
     L.seed_everything(cfg.seed, workers=True)
     adapter.prepare_for_training()
-    module = DPOModule(adapter, cfg.dpo, cfg.optim, pair_forward=forward, cached_reference=cached_reference,
-                       reference_cache=cache)
+    module = DPOModule(adapter, cfg.dpo, cfg.optim, pair_forward=forward,
+                       reference=build_reference(adapter.model, cache, covers_all))
     return pipeline.fit(cfg, adapter, module, datamodule, base_path, [run_config, *extra_callbacks])
 
 

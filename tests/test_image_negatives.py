@@ -26,6 +26,7 @@ from miadpo.dpo.batch import PairLogps
 from miadpo.dpo.forward import ConcatenatedPairForward, SharedPrefixPairForward
 from miadpo.dpo.losses import AnchorLoss, ConditionalPreferenceLoss, check_dpo
 from miadpo.dpo.module import DPOModule
+from miadpo.dpo.reference import CachedReference
 from miadpo.dpo.reference_cache import InStepFilling, ReferenceCache, logps_rows
 from miadpo.select.stage import run_selection
 from miadpo.train import train
@@ -191,9 +192,9 @@ REFERENCE = PairLogps(torch.tensor([-5.0, -3.0]), torch.tensor([-5.0, -5.0]), to
 
 
 def test_conditional_and_anchor_terms_match_hand_numbers() -> None:
-    conditional = ConditionalPreferenceLoss(0.5)(POLICY, REFERENCE)
+    conditional = ConditionalPreferenceLoss(0.5)(POLICY, REFERENCE).losses
     assert conditional.tolist() == pytest.approx([0.313261687518, 0.0])
-    anchor = AnchorLoss(0.5, 0.5)(POLICY, REFERENCE)
+    anchor = AnchorLoss(0.5, 0.5)(POLICY, REFERENCE).losses
     assert anchor.tolist() == pytest.approx([math.log(2), math.log(1 + math.exp(0.5))])
     with pytest.raises(ValueError, match="conditional_weight"):
         check_dpo(DPOConfig(conditional_weight=-1.0))
@@ -216,7 +217,7 @@ def test_module_adds_the_weighted_terms_and_logs_them_apart(monkeypatch) -> None
         num_pairs = 2
 
     loss = module._step(Batch(), "")  # type: ignore[arg-type]
-    text = float(module.loss_fn(POLICY, REFERENCE).mean())
+    text = float(module.loss_fn(POLICY, REFERENCE).losses.mean())
     expected = text + 2.0 * 0.313261687518 + 0.5 * (math.log(2) + math.log(1 + math.exp(0.5))) / 2
     assert float(loss) == pytest.approx(expected)
     assert logged["loss/text"] == pytest.approx(text) and logged["loss/conditional"] == pytest.approx(0.313261687518)
@@ -336,7 +337,8 @@ def test_training_with_the_conditional_term_caches_and_reuses_the_negatives(tmp_
 
     monkeypatch.setattr(DPOModule, "__init__", recording)
     train(compose_train([*base, "dpo.conditional_weight=2.0", f"run_dir={tmp_path / 'run2'}"], tmp_path))
-    assert built[-1].cached_reference  # every pair's five-value row cached: no reference at all
+    reference = built[-1].reference  # every pair's five-value row cached: no reference at all
+    assert isinstance(reference, CachedReference) and reference.compute is None
 
 
 def test_conditional_term_without_any_negative_names_the_file(tmp_path: Path, pair_files) -> None:

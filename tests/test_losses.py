@@ -14,7 +14,7 @@ import torch
 
 from miadpo.config import DPOConfig, LossType
 from miadpo.dpo.batch import PairLogps
-from miadpo.dpo.losses import build_loss, rewards
+from miadpo.dpo.losses import ConditionalPreferenceLoss, build_loss
 
 POLICY = PairLogps(torch.tensor([-4.0]), torch.tensor([-6.0]), torch.tensor([2]), torch.tensor([3]))
 REFERENCE = PairLogps(torch.tensor([-5.0]), torch.tensor([-5.0]), torch.tensor([2]), torch.tensor([3]))
@@ -39,27 +39,47 @@ NEG_LOGSIG_M1 = 1.313261687518
 )
 def test_loss_matches_closed_form(loss: LossType, beta: float, eps: float, expected: float) -> None:
     fn = build_loss(DPOConfig(loss=loss, beta=beta, label_smoothing=eps))
-    value = fn(POLICY, REFERENCE)
+    value = fn(POLICY, REFERENCE).losses
     assert value.shape == (1,)
     assert value.item() == pytest.approx(expected, abs=1e-6)
 
 
 def test_sigmoid_equals_cdpo_and_robust_without_noise() -> None:
-    values = [build_loss(DPOConfig(loss=t, beta=0.5)).forward(POLICY, REFERENCE).item()
+    values = [build_loss(DPOConfig(loss=t, beta=0.5)).forward(POLICY, REFERENCE).losses.item()
               for t in (LossType.sigmoid, LossType.cdpo, LossType.robust)]
     assert values == pytest.approx([NEG_LOGSIG_1] * 3)
 
 
-def test_rewards_are_beta_scaled_log_ratios() -> None:
-    chosen, rejected = rewards(POLICY, REFERENCE, beta=0.5)
-    assert chosen.item() == pytest.approx(0.5)  # 0.5 · (−4 + 5)
-    assert rejected.item() == pytest.approx(-0.5)  # 0.5 · (−6 + 5)
+@pytest.mark.parametrize("loss", list(LossType))
+def test_every_loss_returns_beta_scaled_log_ratios_as_its_rewards(loss: LossType) -> None:
+    """Each loss returns its rewards beside its losses (torchtune's shape), from the summed log-probs, detached."""
+    policy = PairLogps(torch.tensor([-4.0], requires_grad=True), torch.tensor([-6.0]), torch.tensor([4]),
+                       torch.tensor([6]))
+    out = build_loss(DPOConfig(loss=loss, beta=0.5, label_smoothing=0.1))(policy, REFERENCE)
+    assert out.chosen_rewards.item() == pytest.approx(0.5)  # 0.5 · (−4 + 5)
+    assert out.rejected_rewards.item() == pytest.approx(-0.5)  # 0.5 · (−6 + 5)
+    assert not out.chosen_rewards.requires_grad and out.losses.requires_grad
+
+
+def test_the_conditional_loss_rewards_the_chosen_answer_with_each_image_set() -> None:
+    """Its rewards are the chosen answer's with the original and with the negative images (0 without one)."""
+    policy = PairLogps(torch.tensor([-4.0, -3.0]), torch.tensor([-6.0, -6.0]), torch.tensor([4, 3]),
+                       torch.tensor([6, 6]), negative=torch.tensor([-7.0, 0.0]),
+                       has_negative=torch.tensor([True, False]))
+    reference = PairLogps(torch.tensor([-5.0, -5.0]), torch.tensor([-5.0, -5.0]), torch.tensor([4, 3]),
+                          torch.tensor([6, 6]), negative=torch.tensor([-6.0, 0.0]),
+                          has_negative=torch.tensor([True, False]))
+    out = ConditionalPreferenceLoss(0.5)(policy, reference)
+    assert out.chosen_rewards.tolist() == pytest.approx([0.5, 1.0])
+    assert out.rejected_rewards.tolist() == pytest.approx([-0.5, 0.0])
+    assert out.losses[0].item() == pytest.approx(-math.log(1 / (1 + math.exp(-1.0))))  # −log σ(0.5 − (−0.5))
+    assert out.losses[1].item() == 0.0
 
 
 def test_loss_gradient_pushes_chosen_up() -> None:
     chosen = torch.tensor([-4.0], requires_grad=True)
     policy = PairLogps(chosen, torch.tensor([-6.0]), torch.tensor([2]), torch.tensor([3]))
-    build_loss(DPOConfig(beta=0.5))(policy, REFERENCE).sum().backward()
+    build_loss(DPOConfig(beta=0.5))(policy, REFERENCE).losses.sum().backward()
     # d/dx −log σ(β(x − c)) = −β σ(−βh) = −0.5 · σ(−1)
     assert chosen.grad.item() == pytest.approx(-0.5 / (1 + math.e))
 

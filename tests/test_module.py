@@ -14,6 +14,7 @@ from miadpo.data.dataset import EncodedPair
 from miadpo.dpo.batch import ConcatenatedBatch
 from miadpo.dpo.forward import ConcatenatedPairForward, answer_logps
 from miadpo.dpo.module import DPOModule
+from miadpo.dpo.reference import DisabledAdapterReference, FrozenCopyReference
 from miadpo.models import IGNORE_INDEX
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 70, 220), "yellow": (240, 210, 20),
@@ -86,7 +87,7 @@ def optimise(module: DPOModule, batch: dict, steps: int, lr: float) -> None:
     for _ in range(steps):
         optimizer.zero_grad()
         policy = module.policy_logps(batch)
-        module.loss_fn(policy, module.reference_logps(batch)).mean().backward()
+        module.loss_fn(policy, module.reference_logps(batch)).losses.mean().backward()
         optimizer.step()
 
 
@@ -95,7 +96,9 @@ def test_reference_is_unchanged_while_the_policy_moves(make_adapter, lora: bool)
     adapter = make_adapter(**{"lora": {"enabled": lora}})
     adapter.prepare_for_training()
     module = DPOModule(adapter, DPOConfig(), OptimConfig())
-    assert (module.reference is None) == lora
+    assert isinstance(module.reference, DisabledAdapterReference if lora else FrozenCopyReference)
+    module.train()  # as Lightning does at the start of fit: the frozen copy stays in eval mode (no dropout)
+    assert lora or not module.reference.model.training
     batch = batch_of(adapter, [1, 3])
     ref_before, policy_before = module.reference_logps(batch), module.policy_logps(batch).detach()
     optimise(module, batch, steps=5, lr=1e-2)

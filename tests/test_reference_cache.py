@@ -10,6 +10,8 @@ from conftest import compose_train
 from safetensors.torch import load_file
 
 from miadpo.dpo.module import DPOModule
+from miadpo.dpo.reference import CachedReference, DisabledAdapterReference, FrozenCopyReference, build_reference
+from miadpo.dpo.reference_cache import ReferenceCache
 from miadpo.train import train
 
 FAST = ["trainer.max_steps=4", "data.synthetic.num_pairs=16", "data.batch_size=4", "data.val_fraction=0.25"]
@@ -48,13 +50,12 @@ def test_a_changed_pair_misses_only_itself(tmp_path: Path, pair_files) -> None:
 def count_reference_runs(monkeypatch) -> list[int]:
     """One entry per batch whose reference model ran in a training or validation step."""
     runs: list[int] = []
-    original = DPOModule._reference_model
+    for computed in (DisabledAdapterReference, FrozenCopyReference):
+        def counting(self, *args, original=computed.logps, **kwargs):
+            runs.append(1)
+            return original(self, *args, **kwargs)
 
-    def counting(self):
-        runs.append(1)
-        return original(self)
-
-    monkeypatch.setattr(DPOModule, "_reference_model", counting)
+        monkeypatch.setattr(computed, "logps", counting)
     return runs
 
 
@@ -90,7 +91,8 @@ def test_in_step_filling_trains_as_the_prepass_and_as_no_cache_and_a_second_run_
     runs.clear()
     again = train(compose_train(overrides + ["dpo.fast.reference_prepass=false", f"run_dir={tmp_path / 'again'}"],
                                 tmp_path / "in_step"))
-    assert runs == [] and built[-1].reference is None and built[-1].filling is None
+    assert runs == [] and isinstance(built[-1].reference, CachedReference) and built[-1].reference.compute is None
+    assert built[-1].reference.callbacks() == []  # nothing is filled in the step
     assert list(cached_rows(tmp_path / "in_step").values()) == [16]
     assert again.metrics["loss"] == pytest.approx(results["in_step"].metrics["loss"], abs=1e-6)
 
@@ -107,12 +109,18 @@ def test_full_finetuning_defaults_to_the_prepass_lora_to_the_step(tmp_path: Path
         train(compose_train([f"dpo.reference_path={tmp_path}", "dpo.fast.reference_prepass=false"], tmp_path))
 
 
-def test_full_finetuning_with_the_cache_builds_no_reference_copy(make_adapter) -> None:
+def test_full_finetuning_with_the_cache_builds_no_reference_copy(make_adapter, tmp_path: Path) -> None:
     from miadpo.config import DPOConfig, OptimConfig
 
     adapter = make_adapter(lora={"enabled": False})
-    assert DPOModule(adapter, DPOConfig(), OptimConfig(), cached_reference=True).reference is None
-    assert DPOModule(adapter, DPOConfig(), OptimConfig()).reference is not None
+    cache = ReferenceCache(tmp_path / "cache")
+    cached = DPOModule(adapter, DPOConfig(), OptimConfig(), reference=build_reference(adapter.model, cache, True))
+    assert isinstance(cached.reference, CachedReference) and cached.reference.compute is None
+    assert not any(isinstance(m, FrozenCopyReference) for m in cached.modules())
+    filling = build_reference(adapter.model, cache, covers_all=False)  # some pairs missing: computed and appended
+    assert isinstance(filling, CachedReference) and isinstance(filling.compute, FrozenCopyReference)
+    assert [type(c).__name__ for c in filling.callbacks()] == ["InStepFilling"]
+    assert isinstance(DPOModule(adapter, DPOConfig(), OptimConfig()).reference, FrozenCopyReference)
 
 
 def test_weights_identity_follows_content_not_names_and_sizes(tmp_path: Path) -> None:

@@ -108,6 +108,11 @@ class PairBatch(ABC):
     def collate(cls, adapter: ModelAdapter, pairs: Sequence[EncodedPair]) -> PairBatch:
         """The batch of ``pairs`` (each batch type collates its own layout)."""
 
+    @property
+    @abstractmethod
+    def device(self) -> torch.device:
+        """The device of the batch's model inputs."""
+
     def cached_reference(self) -> PairLogps | None:
         return None if self.reference is None else PairLogps.from_rows(self.reference, self.has_negative)
 
@@ -123,6 +128,10 @@ class ConcatenatedBatch(PairBatch):
         samples = [p.chosen for p in pairs] + [p.rejected for p in pairs]
         samples += negative_samples(pairs)
         return cls(inputs=adapter.collate(samples), **cls.fields_of(pairs))  # type: ignore[arg-type]
+
+    @property
+    def device(self) -> torch.device:
+        return self.inputs["input_ids"].device
 
 
 @dataclass(kw_only=True)
@@ -153,6 +162,10 @@ class SharedPrefixBatch(PairBatch):
         mask = _pad([torch.ones(a.numel(), dtype=torch.long) for a in answer_ids], 0)
         return cls(prompt=prompt, answers={"input_ids": ids, "labels": labels, "attention_mask": mask},
                    **cls.fields_of(pairs))  # type: ignore[arg-type]
+
+    @property
+    def device(self) -> torch.device:
+        return self.answers["input_ids"].device
 
 
 def negative_samples(pairs: Sequence[EncodedPair]) -> list[EncodedSample]:

@@ -9,6 +9,7 @@ import lightning as L
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from peft import PeftModel
 
+from miadpo.dpo.health import TrainingHealth
 from miadpo.export import NonFiniteWeightsError, export_model
 from miadpo.models.base import ModelAdapter
 
@@ -76,6 +77,6 @@ class ExportModel(L.Callback):
             self.exported = export_model(model, target, self.adapter.processor_for_saving(),
                                          base_model_path=self.base_model_path, state_dict=state_dict)
         except NonFiniteWeightsError as error:
-            report = getattr(pl_module, "nonfinite_message", None)
-            raise NonFiniteWeightsError(report(str(error), trainer.global_step) if report is not None else
-                                        f"after step {trainer.global_step}: {error}") from None
+            health = next((c for c in trainer.callbacks if isinstance(c, TrainingHealth)), None)
+            raise NonFiniteWeightsError(health.nonfinite_message(str(error), trainer.global_step) if health is not None
+                                        else f"after step {trainer.global_step}: {error}") from None

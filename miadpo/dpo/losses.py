@@ -1,8 +1,9 @@
 """Preference losses over policy and reference log-probs of chosen (c) and rejected (r) answers.
 
 Every text loss sees ``h = (log π(y_c) − log π(y_r)) − (log π_ref(y_c) − log π_ref(y_r))`` where log π(y) is the
-sum of the answer tokens' log-probs (IPO: their mean, as the IPO paper defines it). Each returns per-pair
-losses; rewards ``β (log π − log π_ref)`` are computed from the summed log-probs for every loss. The image-side
+sum of the answer tokens' log-probs (IPO: their mean, as the IPO paper defines it). Each returns a ``LossOutput``:
+per-pair losses with the implicit rewards ``β (log π − log π_ref)`` of the summed log-probs beside them
+(``implicit_reward``, the one place the formula is written), as torchtune's losses do. The image-side
 terms (``ConditionalPreferenceLoss``, ``AnchorLoss``) are added to the text loss with ``dpo.conditional_weight`` and
 ``dpo.anchor_weight``.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -29,8 +31,21 @@ def _margin(policy: PairLogps, reference: PairLogps, average: bool = False) -> t
     return (policy.chosen - policy.rejected) - (reference.chosen - reference.rejected)
 
 
+def implicit_reward(policy: torch.Tensor, reference: torch.Tensor, beta: float) -> torch.Tensor:
+    """DPO's implicit reward of an answer, ``β (log π(y) − log π_ref(y))`` (summed log-probs)."""
+    return beta * (policy - reference)
+
+
+class LossOutput(NamedTuple):
+    """A loss's per-pair losses and the implicit rewards it compares (detached), each of shape (B,)."""
+
+    losses: torch.Tensor
+    chosen_rewards: torch.Tensor  # the chosen answer's
+    rejected_rewards: torch.Tensor  # the rejected answer's (conditional loss: the chosen answer's with I′)
+
+
 class PreferenceLoss(nn.Module, ABC):
-    """Base of the losses below: maps (policy, reference) log-probs to per-pair losses."""
+    """Base of the losses below: maps (policy, reference) log-probs to per-pair losses with their rewards."""
 
     def __init__(self, beta: float) -> None:
         super().__init__()
@@ -38,15 +53,25 @@ class PreferenceLoss(nn.Module, ABC):
             raise ValueError(f"dpo.beta must be a positive finite number, got {beta}")
         self.beta = beta
 
+    def forward(self, policy: PairLogps, reference: PairLogps) -> LossOutput:
+        """Per-pair losses and rewards of the batch."""
+        chosen, rejected = self.rewards(policy, reference)
+        return LossOutput(self.pair_losses(policy, reference), chosen.detach(), rejected.detach())
+
+    def rewards(self, policy: PairLogps, reference: PairLogps) -> tuple[torch.Tensor, torch.Tensor]:
+        """The implicit rewards of the chosen and the rejected answers."""
+        return (implicit_reward(policy.chosen, reference.chosen, self.beta),
+                implicit_reward(policy.rejected, reference.rejected, self.beta))
+
     @abstractmethod
-    def forward(self, policy: PairLogps, reference: PairLogps) -> torch.Tensor:
+    def pair_losses(self, policy: PairLogps, reference: PairLogps) -> torch.Tensor:
         """Per-pair losses, shape (B,)."""
 
 
 class SigmoidDPOLoss(PreferenceLoss):
     """DPO (Rafailov et al. 2023): ``L = −log σ(β h)``."""
 
-    def forward(self, policy: PairLogps, reference: PairLogps) -> torch.Tensor:
+    def pair_losses(self, policy: PairLogps, reference: PairLogps) -> torch.Tensor:
         return -F.logsigmoid(self.beta * _margin(policy, reference))
 
 
@@ -59,7 +84,7 @@ class ConservativeDPOLoss(PreferenceLoss):
             raise ValueError(f"dpo.label_smoothing must be in [0, 0.5), got {label_smoothing}")
         self.eps = label_smoothing
 
-    def forward(self, policy: PairLogps, reference: PairLogps) -> torch.Tensor:
+    def pair_losses(self, policy: PairLogps, reference: PairLogps) -> torch.Tensor:
         logits = self.beta * _margin(policy, reference)
         return -(1 - self.eps) * F.logsigmoid(logits) - self.eps * F.logsigmoid(-logits)
 
@@ -68,7 +93,7 @@ class RobustDPOLoss(ConservativeDPOLoss):
     """rDPO (Chowdhury et al. 2024), unbiased under label flips with rate ε:
     ``L = [−(1−ε) log σ(β h) + ε log σ(−β h)] / (1 − 2ε)``."""
 
-    def forward(self, policy: PairLogps, reference: PairLogps) -> torch.Tensor:
+    def pair_losses(self, policy: PairLogps, reference: PairLogps) -> torch.Tensor:
         logits = self.beta * _margin(policy, reference)
         return (-(1 - self.eps) * F.logsigmoid(logits) + self.eps * F.logsigmoid(-logits)) / (1 - 2 * self.eps)
 
@@ -76,14 +101,14 @@ class RobustDPOLoss(ConservativeDPOLoss):
 class IPOLoss(PreferenceLoss):
     """IPO (Azar et al. 2023) on length-averaged log-probs: ``L = (h̄ − 1/(2β))²``."""
 
-    def forward(self, policy: PairLogps, reference: PairLogps) -> torch.Tensor:
+    def pair_losses(self, policy: PairLogps, reference: PairLogps) -> torch.Tensor:
         return (_margin(policy, reference, average=True) - 1 / (2 * self.beta)) ** 2
 
 
 class HingeLoss(PreferenceLoss):
     """SLiC-style hinge: ``L = max(0, 1 − β h)``."""
 
-    def forward(self, policy: PairLogps, reference: PairLogps) -> torch.Tensor:
+    def pair_losses(self, policy: PairLogps, reference: PairLogps) -> torch.Tensor:
         return torch.relu(1 - self.beta * _margin(policy, reference))
 
 
@@ -92,13 +117,21 @@ class ConditionalPreferenceLoss(PreferenceLoss):
     over the image-side negative I′ (the same prompt with the asked-about image changed), so that the answer's
     likelihood has to come from that image:
     ``L = −log σ(β[(log π(y_c|I) − log π_ref(y_c|I)) − (log π(y_c|I′) − log π_ref(y_c|I′))])``.
-    Per pair; 0 for the pairs without a negative (``PairLogps.has_negative``)."""
+    Per pair; 0 for the pairs without a negative (``PairLogps.has_negative``). Its rewards are the chosen answer's
+    with the original images and with the negative ones (0 without a negative)."""
 
-    def forward(self, policy: PairLogps, reference: PairLogps) -> torch.Tensor:
+    def rewards(self, policy: PairLogps, reference: PairLogps) -> tuple[torch.Tensor, torch.Tensor]:
+        """The chosen answer's implicit rewards with I and with I′."""
+        original = implicit_reward(policy.chosen, reference.chosen, self.beta)
+        if policy.negative is None or reference.negative is None:
+            return original, torch.zeros_like(original)
+        return original, implicit_reward(policy.negative, reference.negative, self.beta)
+
+    def pair_losses(self, policy: PairLogps, reference: PairLogps) -> torch.Tensor:
         if policy.negative is None or reference.negative is None or policy.has_negative is None:
             return torch.zeros_like(policy.chosen)
-        margin = (policy.chosen - reference.chosen) - (policy.negative - reference.negative)
-        return torch.where(policy.has_negative, -F.logsigmoid(self.beta * margin), torch.zeros_like(margin))
+        original, negative = self.rewards(policy, reference)
+        return torch.where(policy.has_negative, -F.logsigmoid(original - negative), torch.zeros_like(original))
 
 
 class AnchorLoss(PreferenceLoss):
@@ -112,8 +145,8 @@ class AnchorLoss(PreferenceLoss):
             raise ValueError(f"dpo.anchor_delta must be finite, got {delta}")
         self.delta = delta
 
-    def forward(self, policy: PairLogps, reference: PairLogps) -> torch.Tensor:
-        return -F.logsigmoid(self.beta * (policy.chosen - reference.chosen) - self.delta)
+    def pair_losses(self, policy: PairLogps, reference: PairLogps) -> torch.Tensor:
+        return -F.logsigmoid(implicit_reward(policy.chosen, reference.chosen, self.beta) - self.delta)
 
 
 # Each ``dpo.loss`` value and how its loss is built; a value missing here is an error, never another loss.
@@ -148,9 +181,3 @@ def check_dpo(cfg: DPOConfig) -> None:
     if nats is not None and not (math.isfinite(nats) and nats > 0):
         raise ValueError(f"dpo.collapse_warning_nats must be positive (or null: never warn), got {nats}")
 
-
-def rewards(policy: PairLogps, reference: PairLogps, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Implicit rewards ``β (log π − log π_ref)`` of chosen and rejected answers (detached)."""
-    chosen = beta * (policy.chosen - reference.chosen).detach()
-    rejected = beta * (policy.rejected - reference.rejected).detach()
-    return chosen, rejected
