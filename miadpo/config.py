@@ -660,6 +660,14 @@ def unknown_keys(node: Any, schema: Any, path: str = "") -> list[tuple[str, list
     return []
 
 
+def read_only(cfg: DictConfig) -> DictConfig:
+    """A read-only copy of a composed config, which each entry runs on: no stage writes into it (each returns what
+    it makes)."""
+    frozen = cfg.copy()
+    OmegaConf.set_readonly(frozen, True)
+    return frozen
+
+
 def check_keys(cfg: DictConfig, schema: type) -> None:
     """Stop, like a typo does, when the composed ``cfg`` has a key its entry's ``schema`` lacks (``+dpo.betta=0.1``):
     every key, its suggestion and the schema class are named."""

@@ -29,7 +29,7 @@ import hydra
 from omegaconf import DictConfig
 from PIL import Image, ImageOps
 
-from miadpo.config import EvalJobConfig, check_keys, config_dir, register_configs
+from miadpo.config import EvalJobConfig, check_keys, config_dir, read_only, register_configs
 from miadpo.data.images import ImageOptions
 from miadpo.eval.compare import compare_correctness, comparison_markdown
 from miadpo.eval.scoring import Evaluation, evaluate, prompt_limit, published_counts, table_markdown
@@ -110,6 +110,7 @@ def run_evaluation(cfg: DictConfig, adapter: ModelAdapter | None = None) -> dict
     """Score the model of ``cfg.model`` (or ``adapter``) on ``cfg.eval``; writes ``eval.json`` and ``eval.md`` into
     ``cfg.run_dir`` and returns what eval.json holds."""
     check_keys(cfg, EvalJobConfig)
+    cfg = read_only(cfg)
     other = load_correct(Path(cfg.compare)) if cfg.compare else None  # a bad compare file stops before the model
     prepare_eval_set(cfg.eval)  # eval=toy: the toy splits on first use, in any working directory
     items, report = eval_items(cfg.eval)  # before the model loads: a bad record under "error" stops at once

@@ -14,7 +14,7 @@ import torch
 from omegaconf import DictConfig
 from peft import PeftModel
 
-from miadpo.config import GenerateJobConfig, check_keys, config_dir, register_configs
+from miadpo.config import GenerateJobConfig, check_keys, config_dir, read_only, register_configs
 from miadpo.data.images import ImageOptions, load_image
 from miadpo.models import ModelAdapter
 from miadpo.pipeline import prepare_model
@@ -58,6 +58,7 @@ def load(cfg: DictConfig) -> ModelAdapter:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="generate")
 def main(cfg: DictConfig) -> None:
     check_keys(cfg, GenerateJobConfig)
+    cfg = read_only(cfg)
     torch.manual_seed(cfg.seed)
     text = answer(load(cfg), list(cfg.images), cfg.prompt, cfg.max_new_tokens, cfg.do_sample, cfg.temperature,
                   cfg.top_p)

@@ -14,6 +14,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.strategies import (
     DDPStrategy,
@@ -30,6 +31,19 @@ from miadpo.config import LoggerName, StrategyConfig
 # artifact staging area, where an offline run keeps the files of its logged tables and images until `wandb sync`;
 # the cache folder, the artifact cache and wandb-core's logs. The config folder (user settings) is left alone.
 WANDB_RUN_FOLDERS = {"WANDB_DATA_DIR": "data", "WANDB_CACHE_DIR": "cache"}
+
+
+def process_rank() -> tuple[int, int]:
+    """(rank, world size) of this process, for the stages that run outside a Trainer's hooks (inside them the
+    Trainer's ``global_rank`` is the same number). The rank is Lightning's (``RANK``, ``LOCAL_RANK`` or
+    ``SLURM_PROCID`` of processes started together, the strategy's once it launched), the world ``WORLD_SIZE``
+    (torchrun and Lightning's launcher set it); (0, 1) alone."""
+    return int(rank_zero_only.rank or 0), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def is_rank_zero() -> bool:
+    """Whether this process does the once-per-job work (the first rank of ``process_rank``)."""
+    return process_rank()[0] == 0
 
 
 @contextmanager

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -25,7 +24,6 @@ from pathlib import Path
 
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
-from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
@@ -52,6 +50,8 @@ from miadpo.lightning_setup import (
     check_checkpoint,
     check_strategy,
     check_trainer_args,
+    is_rank_zero,
+    process_rank,
     wandb_files_in,
 )
 from miadpo.models import ModelAdapter, build_adapter, check_model_config
@@ -68,12 +68,16 @@ THROUGHPUT_WINDOW = 4  # batches averaged by the throughput meter (short: toy ru
 
 @dataclass
 class TrainResult:
+    """What a training job made: its directory, checkpoint, exported model, W&B run, final metrics, step count and
+    the pair file it trained on."""
+
     run_dir: Path
     checkpoint: Path | None
     exported: Path | None
     wandb_run: Path | None
     metrics: dict[str, float]
     global_step: int
+    pairs: Path
 
 
 def check_job(cfg: DictConfig) -> None:
@@ -108,12 +112,10 @@ def smoke_config(cfg: DictConfig) -> DictConfig:
     evaluation batch before and after. Without it, ``cfg`` itself."""
     if not cfg.trainer.get("fast_dev_run"):
         return cfg
-    smoke = cfg.copy()
-    smoke.data.out_dir = str(Path(cfg.run_dir) / "fast_dev_run")
-    smoke.data.augment.max_records = int(cfg.selection.generation.batch_size)
-    smoke.data.report_samples = 0
-    smoke.dpo.fast.reference_cache = False
-    return smoke
+    return OmegaConf.merge(cfg, {  # type: ignore[return-value]
+        "data": {"out_dir": str(Path(cfg.run_dir) / "fast_dev_run"), "report_samples": 0,
+                 "augment": {"max_records": int(cfg.selection.generation.batch_size)}},
+        "dpo": {"fast": {"reference_cache": False}}})
 
 
 def run_config(cfg: DictConfig) -> StoreRunConfig:
@@ -157,7 +159,7 @@ def check_inputs(data: DictConfig, model: DictConfig | None = None) -> None:
 def prepare_sources(data: DictConfig) -> None:
     """The recipe's source files where it makes them (``data.prepare=toy_world``: the toy splits beside
     ``data.source``, generated on first use, on rank 0)."""
-    if DataPreparation(data.prepare) is DataPreparation.toy_world and rank_zero_only.rank == 0:
+    if DataPreparation(data.prepare) is DataPreparation.toy_world and is_rank_zero():
         if not data.source:
             raise ValueError("data.prepare=toy_world needs data.source (the toy pool split; the splits go beside it)")
         ensure_toy_world(Path(data.source).parent)
@@ -166,7 +168,7 @@ def prepare_sources(data: DictConfig) -> None:
 def prepare_eval_set(eval_cfg: DictConfig) -> None:
     """The toy world's evaluation split, generated on first use where ``eval.toy_source`` names one that is not
     there yet (``eval=toy`` in a fresh working directory), on rank 0."""
-    if eval_cfg.toy_source and not Path(eval_cfg.toy_source).is_file() and rank_zero_only.rank == 0:
+    if eval_cfg.toy_source and not Path(eval_cfg.toy_source).is_file() and is_rank_zero():
         ensure_toy_world(Path(eval_cfg.toy_source).parent)
 
 
@@ -177,7 +179,7 @@ def prepare_model(model: DictConfig) -> ModelAdapter:
     """Run ``model.prepare`` (on rank 0), then build the adapter of ``model``. The shipped toy base is copied only
     into a missing directory named ``base``, so a mistyped path to a trained toy model stops instead of being
     filled with the base."""
-    if ModelPreparation(model.prepare) is ModelPreparation.toy_base and model.path and rank_zero_only.rank == 0:
+    if ModelPreparation(model.prepare) is ModelPreparation.toy_base and model.path and is_rank_zero():
         if not Path(model.path).is_dir() and Path(model.path).name != TOY_BASE_DIR_NAME:
             raise FileNotFoundError(f"model.path={model.path}: no such directory (model={model.name} copies the "
                                     f"shipped toy base only into a missing directory named "
@@ -192,7 +194,7 @@ def save_base(cfg: DictConfig, adapter: ModelAdapter) -> str:
     is usable on its own); a local directory is recorded as an absolute path, resolvable from anywhere."""
     if cfg.model.path is None:
         base_path = str((Path(cfg.run_dir) / "base_model").resolve())
-        if rank_zero_only.rank == 0:
+        if is_rank_zero():
             adapter.save_base(base_path)
         return base_path
     return str(Path(cfg.model.path).resolve()) if Path(cfg.model.path).is_dir() else cfg.model.path
@@ -205,22 +207,20 @@ def is_single_process(cfg: DictConfig) -> bool:
 
 
 def prepare_data(cfg: DictConfig, adapter: ModelAdapter) -> Path:
-    """Run the recipe's ``data.prepare`` step and return the pair file; sets ``data.pairs`` when it was unset."""
-    step = DataPreparation(cfg.data.prepare)
+    """Run the recipe's ``data.prepare`` step and return the pair file to train on: ``data.pairs`` itself, its
+    conversion (``data.columns``), the mix of ``data.mix``, or the pairs the recipe makes when it is unset."""
     prepare_sources(cfg.data)
     if cfg.data.mix:  # several preference sets with their weights, as one pair file
-        cfg.data.pairs = str(mix_pair_sets(cfg.data.mix, cfg.data.out_dir, cfg.seed, cfg.data.on_bad_record,
-                                           cfg.data.max_bad_fraction))
-    elif cfg.data.pairs and cfg.data.columns is not None:  # a preference set of another layout, converted once
+        return mix_pair_sets(cfg.data.mix, cfg.data.out_dir, cfg.seed, cfg.data.on_bad_record,
+                             cfg.data.max_bad_fraction)
+    if cfg.data.pairs and cfg.data.columns is not None:  # a preference set of another layout, converted once
         report = BadRecordReport(cfg.data.on_bad_record, cfg.data.max_bad_fraction, stage="preferences")
-        cfg.data.pairs = str(convert_preferences(cfg.data.pairs, cfg.data.columns, cfg.data.out_dir, report))
-    if not cfg.data.pairs:
-        if step is DataPreparation.synthetic:
-            pairs = ensure_synthetic_pairs(cfg.data.synthetic, ImageRoots.of(cfg.data))
-        else:
-            pairs = select_pairs(cfg, adapter)
-        cfg.data.pairs = str(pairs)
-    return Path(cfg.data.pairs)
+        return convert_preferences(cfg.data.pairs, cfg.data.columns, cfg.data.out_dir, report)
+    if cfg.data.pairs:
+        return Path(cfg.data.pairs)
+    if DataPreparation(cfg.data.prepare) is DataPreparation.synthetic:
+        return ensure_synthetic_pairs(cfg.data.synthetic, ImageRoots.of(cfg.data))
+    return select_pairs(cfg, adapter)
 
 
 def select_pairs(cfg: DictConfig, adapter: ModelAdapter) -> Path:
@@ -256,8 +256,9 @@ def uses_reference_prepass(cfg: DictConfig) -> bool:
 
 def reference_cache(cfg: DictConfig, reference: ModelAdapter, datamodule: PairDataModule) -> ReferenceCache:
     """The cache of ``reference``'s log-probs (``reference_adapter``; before LoRA is applied, the model key being
-    the reference's), attached to the train and val pairs."""
-    datamodule.setup("fit")
+    the reference's), attached to the train and val pairs of ``datamodule`` (set up)."""
+    if datamodule.train_set is None or datamodule.val_set is None:
+        raise RuntimeError("reference_cache needs the datamodule set up (datamodule.setup('fit')) first")
     root = Path(cfg.dpo.fast.reference_cache_dir or Path(cfg.data.out_dir) / "reference_logps")
     cache = ReferenceCache(root / model_key(reference, cfg.data), rank=process_rank()[0])
     for dataset in (datamodule.train_set, datamodule.val_set):
@@ -273,33 +274,41 @@ def reference_adapter(cfg: DictConfig, adapter: ModelAdapter) -> ModelAdapter:
     return build_adapter(OmegaConf.merge(cfg.model, {"path": cfg.dpo.reference_path}))  # type: ignore[arg-type]
 
 
+def reference_stage(cfg: DictConfig, adapter: ModelAdapter, datamodule: PairDataModule,
+                    forward: PairForward) -> ReferenceCache | None:
+    """The reference cache of the run (``dpo.fast.reference_cache``; None when off), attached to its pairs and
+    filled before training where ``uses_reference_prepass``. Called before LoRA is applied: ``adapter`` is then the
+    reference, unless ``dpo.reference_path`` names another model."""
+    if not cfg.dpo.fast.reference_cache:
+        return None
+    reference = reference_adapter(cfg, adapter)
+    cache = reference_cache(cfg, reference, datamodule)
+    if uses_reference_prepass(cfg):
+        reference_pass(cfg, reference, datamodule, forward, cache)
+    return cache
+
+
 def covers_all_pairs(cache: ReferenceCache, datamodule: PairDataModule) -> bool:
     needs = [pair for dataset in (datamodule.train_set, datamodule.val_set) for pair in dataset_needs(dataset)]
     return cache.covers([key for key, _ in needs], [need for _, need in needs])
 
 
-def process_rank() -> tuple[int, int]:
-    """(rank, world size) of processes started together (torchrun, srun); (0, 1) before Lightning's own launcher
-    starts its processes, which then find the pre-pass done."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))), world
-
-
 def reference_pass(cfg: DictConfig, reference: ModelAdapter, datamodule: PairDataModule, forward: PairForward,
                    cache: ReferenceCache) -> None:
     """Reference log-probs of every train/val pair not cached yet, before training (processes started together
-    share the work: ``fill_reference_cache``)."""
+    share the work: ``fill_reference_cache``; Lightning's own launcher starts its processes later, and they find
+    the pre-pass done)."""
     rank, world = process_rank()
     fill_reference_cache(cache, [datamodule.train_set, datamodule.val_set], reference.model, forward,
                          cfg.data.batch_size, rank=rank, world=world)
 
 
 def report_data(cfg: DictConfig, datamodule: PairDataModule, logger: Logger) -> None:
-    """Pair statistics, ratio histogram and sample pairs with attention heat maps (local files, and W&B)."""
-    datamodule.setup("fit")
-    assert datamodule.train_set is not None and datamodule.val_set is not None
+    """Pair statistics, ratio histogram and sample pairs with attention heat maps (local files, and W&B), of the
+    pairs of ``datamodule`` (set up)."""
+    assert datamodule.train_set is not None and datamodule.val_set is not None, "datamodule.setup('fit') first"
     records = datamodule.train_set.records + datamodule.val_set.records
-    report = write_data_report(records, datamodule.roots, datamodule.pairs_path(), Path(cfg.run_dir),
+    report = write_data_report(records, datamodule.roots, datamodule.pairs, Path(cfg.run_dir),
                                cfg.data.report_samples)
     if isinstance(logger, WandbLogger) and cfg.logger.mode != "disabled":
         log_data_report(logger.experiment, report)
@@ -359,19 +368,27 @@ def checkpoint_callback(cfg: DictConfig) -> ModelCheckpoint:
     )
 
 
+def hyperparameters(cfg: DictConfig, pairs: Path) -> dict:
+    """The run's config as the loggers record it, with ``data.pairs`` the pair file it trained on (the one the
+    recipe made where the config left it unset)."""
+    values: dict = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    values["data"]["pairs"] = str(pairs)
+    return values
+
+
 def fit(cfg: DictConfig, adapter: ModelAdapter, module: DPOModule, datamodule: PairDataModule, base_path: str,
         extra_callbacks: Sequence[L.Callback] = ()) -> TrainResult:
     """Train with Lightning (the data report first; the before/after evaluation and the export as callbacks), then
     summarise on rank 0."""
     run_dir = Path(cfg.run_dir)
-    if cfg.ckpt_path is not None and rank_zero_only.rank == 0:
+    if cfg.ckpt_path is not None and is_rank_zero():
         record_parent(run_dir, cfg.ckpt_path, stored_run(cfg.ckpt_path))
     checkpoint = checkpoint_callback(cfg)
     export = ExportModel(adapter, run_dir, base_path)
     wandb_run = None
     with wandb_files_in(run_dir) if LoggerName(cfg.logger.name) is LoggerName.wandb else nullcontext():
         logger = build_logger(cfg, run_dir)
-        if cfg.data.report_samples and rank_zero_only.rank == 0:
+        if cfg.data.report_samples and is_rank_zero():
             report_data(cfg, datamodule, logger)
         # LogLastStep first: its metrics reach the loggers before the other callbacks' end-of-training entries.
         callbacks: list[L.Callback] = [LogLastStep(), checkpoint, export, LearningRateMonitor("step"),
@@ -380,14 +397,14 @@ def fit(cfg: DictConfig, adapter: ModelAdapter, module: DPOModule, datamodule: P
         if before_after is not None:
             callbacks.append(before_after)
         trainer = build_trainer(cfg, callbacks, logger)
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+        logger.log_hyperparams(hyperparameters(cfg, datamodule.pairs))
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
         if isinstance(logger, WandbLogger) and trainer.is_global_zero and cfg.logger.mode != "disabled":
             wandb_run = Path(logger.experiment.dir).parent
             logger.experiment.finish()
     last = Path(checkpoint.last_model_path) if checkpoint.last_model_path else None
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    result = TrainResult(run_dir, last, export.exported, wandb_run, metrics, trainer.global_step)
+    result = TrainResult(run_dir, last, export.exported, wandb_run, metrics, trainer.global_step, datamodule.pairs)
     if trainer.is_global_zero:
         summarise(result, before_after, logger, base_path)
     return result

@@ -90,7 +90,7 @@ def run_rounds(cfg: DictConfig, train: Callable[[DictConfig], Any]) -> list[dict
         run_dir = Path(round_cfg.run_dir)
         record = finished_round(run_dir, round_cfg)
         if record is None:
-            identity = fingerprint(round_cfg)  # before training, which fills in data.pairs
+            identity = fingerprint(round_cfg)
             log.info("round %d of %d: policy %s", index, cfg.rounds.count, policy or "built in code")
             result = train(round_cfg)
             start = policy or str(run_dir / "base_model")  # a model built in code is saved with its run
@@ -98,7 +98,7 @@ def run_rounds(cfg: DictConfig, train: Callable[[DictConfig], Any]) -> list[dict
             record = {"round": index, "seed": int(round_cfg.seed), "start": start,
                       "reference": round_cfg.dpo.reference_path or start,
                       "policy": str(export_policy(Path(result.exported), start, run_dir)),
-                      "pairs": round_cfg.data.pairs, "global_step": result.global_step,
+                      "pairs": str(result.pairs), "global_step": result.global_step,
                       "evaluation": json.loads(evaluation.read_text()) if evaluation.is_file() else None,
                       "fingerprint": identity}
             with atomic_replace(run_dir / ROUND_FILE) as tmp:

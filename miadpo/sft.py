@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from peft import PeftModel
 from torch.utils.data import DataLoader, Dataset
 
-from miadpo.config import OptimConfig, SFTDataConfig, SFTJobConfig, check_keys, config_dir, register_configs
+from miadpo.config import OptimConfig, SFTDataConfig, SFTJobConfig, check_keys, config_dir, read_only, register_configs
 from miadpo.data.dataset import split_train_val
 from miadpo.data.images import ImageOptions, check_record_image
 from miadpo.data.jsonl import iter_raw_records
@@ -131,6 +131,7 @@ def sft_loaders(adapter: ModelAdapter, data: SFTDataConfig, seed: int) -> tuple[
 def run_sft(cfg: DictConfig, adapter: ModelAdapter | None = None, callbacks: Sequence[L.Callback] = ()) -> Path:
     """Fine-tune and export; returns the exported model directory."""
     check_keys(cfg, SFTJobConfig)
+    cfg = read_only(cfg)
     L.seed_everything(cfg.seed, workers=True)
     adapter = adapter or build_adapter(cfg.model)
     adapter.prepare_for_training()

@@ -12,10 +12,11 @@ from pathlib import Path
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.utilities.seed import isolate_rng
 from omegaconf import DictConfig
 
 from miadpo import pipeline
-from miadpo.config import config_dir, register_configs
+from miadpo.config import config_dir, read_only, register_configs
 from miadpo.data.dataset import PairDataModule
 from miadpo.dpo.module import DPOModule, build_pair_forward
 from miadpo.dpo.reference import build_reference
@@ -29,30 +30,27 @@ CONFIG_DIR = config_dir()
 
 
 def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> TrainResult:
-    """Run one DPO training job described by a composed config (``extra_callbacks``: added to the Trainer's)."""
+    """Run one DPO training job described by a composed config (``extra_callbacks``: added to the Trainer's). The
+    config is read-only from here on: each stage returns what it makes."""
     pipeline.check_job(cfg)
     run_config = pipeline.run_config(cfg)  # as composed, before any stage: what a resume restores
-    cfg = pipeline.smoke_config(cfg)  # trainer.fast_dev_run: one batch of each stage
-    L.seed_everything(cfg.seed, workers=True)
-    adapter = pipeline.prepare_model(cfg.model)
-    base_path = pipeline.save_base(cfg, adapter)
-    pipeline.prepare_data(cfg, adapter)
-    forward = build_pair_forward(adapter, cfg.dpo.fast)
-    datamodule = PairDataModule(cfg.data, adapter, forward.collate, seed=cfg.seed,
-                                image_negatives=cfg.dpo.conditional_weight > 0)
-    cache, covers_all = None, False
-    if cfg.dpo.fast.reference_cache:  # before LoRA: the model is the reference
-        reference = pipeline.reference_adapter(cfg, adapter)
-        cache = pipeline.reference_cache(cfg, reference, datamodule)
-        if pipeline.uses_reference_prepass(cfg):
-            pipeline.reference_pass(cfg, reference, datamodule, forward, cache)
-        del reference
-        # Every pair cached (a pre-pass, an earlier run or epoch): no reference is built or run.
-        covers_all = pipeline.covers_all_pairs(cache, datamodule)
-    # Training randomness (LoRA initialisation, dropout) starts from the seed whether the data stages above ran
-    # or were read from their caches (a data loader draws from the global generator even when it is empty).
-    L.seed_everything(cfg.seed, workers=True)
+    cfg = read_only(pipeline.smoke_config(cfg))  # trainer.fast_dev_run: one batch of each stage
+    L.seed_everything(cfg.seed, workers=True)  # the one seeding point
+    # The stages before training draw random numbers only where they run rather than read their caches (a data
+    # loader draws from the global generator even when it is empty): isolated from them, training randomness (LoRA
+    # initialisation, dropout) starts from the seed either way.
+    with isolate_rng():
+        adapter = pipeline.prepare_model(cfg.model)
+        base_path = pipeline.save_base(cfg, adapter)
+        pairs = pipeline.prepare_data(cfg, adapter)
+        forward = build_pair_forward(adapter, cfg.dpo.fast)
+        datamodule = PairDataModule(cfg.data, adapter, forward.collate, seed=cfg.seed,
+                                    image_negatives=cfg.dpo.conditional_weight > 0, pairs=pairs)
+        datamodule.setup("fit")
+        cache = pipeline.reference_stage(cfg, adapter, datamodule, forward)
     adapter.prepare_for_training()
+    # Every pair cached (a pre-pass, an earlier run or epoch): no reference is built or run.
+    covers_all = cache is not None and pipeline.covers_all_pairs(cache, datamodule)
     module = DPOModule(adapter, cfg.dpo, cfg.optim, pair_forward=forward,
                        reference=build_reference(adapter.model, cache, covers_all))
     return pipeline.fit(cfg, adapter, module, datamodule, base_path, [run_config, *extra_callbacks])

@@ -94,7 +94,6 @@ def test_split_is_deterministic_and_disjoint() -> None:
 
 
 def test_source_recipe_without_pairs_says_what_to_do(adapter, tmp_path: Path) -> None:
-    module = pair_datamodule(DataConfig(name="grid", source="llava.json"), adapter)
-    with pytest.raises(ValueError, match="data.pairs"):
-        module.setup("fit")
+    with pytest.raises(ValueError, match=r"data.pairs is not set.*data.prepare=synthetic\)"):
+        pair_datamodule(DataConfig(name="grid", source="llava.json"), adapter)
 

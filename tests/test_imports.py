@@ -173,3 +173,12 @@ def test_the_readme_layout_matches_the_tree() -> None:
             actual = {p.stem for p in directory.glob("*.py") if p.stem != "__init__"}
             actual |= {p.name + "/" for p in directory.iterdir() if p.is_dir() and p.name != "__pycache__"}
             assert names == actual, f"README Layout, {entry}: lists {sorted(names)}, the tree has {sorted(actual)}"
+
+
+def test_every_entry_runs_on_a_read_only_config() -> None:
+    """Each Hydra entry goes on with ``read_only(cfg)`` once the config is composed: no stage writes into it (each
+    returns what it makes; ``tests/test_train.py`` shows a write stopping)."""
+    entries = [path for path in PACKAGE.rglob("*.py") if "@hydra.main" in path.read_text()]
+    assert len(entries) >= 7
+    without = [str(p.relative_to(REPO)) for p in entries if "cfg = read_only(" not in p.read_text()]
+    assert without == []

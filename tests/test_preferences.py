@@ -118,7 +118,7 @@ def test_a_mix_trains_our_pairs_beside_a_hub_set_with_weights(tmp_path: Path) ->
                          "data.val_fraction=0", "data.batch_size=2"], tmp_path)
     result = train(cfg)
     assert result.global_step == 2
-    mixed = [json.loads(line) for line in Path(cfg.data.pairs).read_text().splitlines()]
+    mixed = [json.loads(line) for line in result.pairs.read_text().splitlines()]
     assert [r["id"] for r in mixed[:4]] == ["0/pair-0", "0/pair-1", "0/pair-0#1", "0/pair-1#1"]
     assert len(mixed) == 4 + 3 and all(r["id"].startswith("1/row-") for r in mixed[4:])
     with pytest.raises(ValueError, match="data.pairs and data.mix are both set"):

@@ -12,9 +12,12 @@ import pytest
 import torch
 from conftest import REPO, compose_train
 from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+from omegaconf.errors import ReadonlyConfigError
 from safetensors.torch import load_file
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+from miadpo import pipeline
 from miadpo.train import train
 
 FAST = ["trainer.max_steps=4", "trainer.log_every_n_steps=1", "data.synthetic.num_pairs=24"]
@@ -33,6 +36,26 @@ def test_default_recipe_trains_and_exports(tmp_path: Path, capsys) -> None:
     assert "rewards/margins" in metrics_csv
     printed = capsys.readouterr().out
     assert f"checkpoint:      {result.checkpoint}" in printed and "exported model:" in printed
+
+
+def test_the_stages_return_what_they_make_and_leave_the_composed_config_as_it_was(tmp_path: Path,
+                                                                                   monkeypatch) -> None:
+    """The pair file the recipe makes comes back in the result (and in the logged hyperparameters), not through
+    ``cfg.data.pairs``; a stage that writes into the config stops, as it runs on a read-only one."""
+    cfg = compose_train(FAST, tmp_path)
+    composed = OmegaConf.to_yaml(cfg)
+    result = train(cfg)
+    assert OmegaConf.to_yaml(cfg) == composed and cfg.data.pairs is None
+    assert result.pairs.is_file() and result.pairs.suffix == ".jsonl"
+    logged = OmegaConf.load(result.run_dir / "csv" / "version_0" / "hparams.yaml")
+    assert logged.data.pairs == str(result.pairs)
+
+    def writes_into_the_config(cfg, adapter):
+        cfg.data.pairs = "elsewhere.jsonl"
+
+    monkeypatch.setattr(pipeline, "prepare_data", writes_into_the_config)
+    with pytest.raises(ReadonlyConfigError):
+        train(compose_train(FAST + [f"run_dir={tmp_path / 'again'}"], tmp_path))
 
 
 def test_validation_split_logs_reward_metrics(tmp_path: Path) -> None:

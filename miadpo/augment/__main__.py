@@ -6,7 +6,7 @@ import hydra
 from omegaconf import DictConfig
 
 from miadpo.augment.runner import RECORDS_FILE, run_augmentation
-from miadpo.config import AugmentJobConfig, check_keys, check_recipe, config_dir, register_configs
+from miadpo.config import AugmentJobConfig, check_keys, check_recipe, config_dir, read_only, register_configs
 from miadpo.pipeline import check_inputs, prepare_sources
 
 register_configs()
@@ -16,6 +16,7 @@ CONFIG_DIR = config_dir()
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="augment")
 def main(cfg: DictConfig) -> None:
     check_keys(cfg, AugmentJobConfig)
+    cfg = read_only(cfg)
     check_recipe(cfg.data)  # type: ignore[arg-type]
     check_inputs(cfg.data)
     prepare_sources(cfg.data)

@@ -17,7 +17,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from miadpo.config import DataConfig, TooLongPolicy
+from miadpo.config import DataConfig, DataPreparation, TooLongPolicy
 from miadpo.data.images import ImageOptions, record_image_size
 from miadpo.data.jsonl import iter_raw_records
 from miadpo.data.pairs import (
@@ -207,11 +207,18 @@ class ResumeDataOrder(L.Callback):
 
 
 class PairDataModule(L.LightningDataModule):
-    """Pairs from ``data.pairs`` → train/val dataloaders of batches made by ``collate`` (a pair forward's)."""
+    """The pair file ``pairs`` (``data.pairs`` by default) → train/val dataloaders of batches made by ``collate`` (a
+    pair forward's)."""
 
     def __init__(self, cfg: DataConfig, adapter: ModelAdapter, collate: Callable[[list[EncodedPair]], object],
-                 seed: int = 0, image_negatives: bool = False) -> None:
+                 seed: int = 0, image_negatives: bool = False, pairs: str | Path | None = None) -> None:
         super().__init__()
+        pairs = pairs if pairs is not None else cfg.pairs
+        if not pairs:
+            raise ValueError(f"data={cfg.name}: data.pairs is not set; point it at a pair JSONL, or let the "
+                             f"recipe's preparation step (data.prepare={DataPreparation(cfg.prepare).value}) make one "
+                             "first")
+        self.pairs = Path(pairs)
         self.image_negatives = image_negatives  # encode each pair's rejected_images too (dpo.conditional_weight > 0)
         self.cfg = cfg
         self.adapter = adapter
@@ -225,16 +232,10 @@ class PairDataModule(L.LightningDataModule):
         self.guard: LengthGuardResult | None = None
         self.max_length = adapter.token_budget(cfg.max_length)
 
-    def pairs_path(self) -> Path:
-        if not self.cfg.pairs:
-            raise ValueError(f"data={self.cfg.name}: data.pairs is not set; point it at a pair JSONL, or let the "
-                             f"recipe's preparation step (data.prepare={self.cfg.prepare}) make one first")
-        return Path(self.cfg.pairs)
-
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        path = self.pairs_path()
+        path = self.pairs
         self.report = BadRecordReport(self.cfg.on_bad_record, self.cfg.max_bad_fraction, stage="pairs")
         records = read_pairs(path, self.roots, self.report, self.cfg.check_images, self.images)
         self.guard = apply_length_guard(records, self.roots, self.adapter, self.max_length,

@@ -25,7 +25,7 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image, ImageDraw
 
-from miadpo.config import VerifyJobConfig, check_keys, config_dir, register_configs
+from miadpo.config import VerifyJobConfig, check_keys, config_dir, read_only, register_configs
 from miadpo.data.images import load_image
 from miadpo.generate import with_image_markers
 from miadpo.models import ModelAdapter, build_adapter
@@ -105,6 +105,7 @@ def compare_with_reference(adapter: ModelAdapter, reference: Any, images: Sequen
 
 def verify(cfg: DictConfig, reference: Any | None = None) -> dict[str, Any]:
     check_keys(cfg, VerifyJobConfig)
+    cfg = read_only(cfg)
     adapter = build_adapter(cfg.model)
     adapter.model.eval()
     images = [load_image(Path(p)) for p in cfg.images] if cfg.images else drawn_images()

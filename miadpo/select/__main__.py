@@ -6,7 +6,7 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig
 
-from miadpo.config import SelectJobConfig, check_keys, check_recipe, config_dir, register_configs
+from miadpo.config import SelectJobConfig, check_keys, check_recipe, config_dir, read_only, register_configs
 from miadpo.lightning_setup import build_strategy, check_trainer_args
 from miadpo.pipeline import check_inputs, prepare_model, prepare_sources
 from miadpo.select.stage import run_selection
@@ -18,6 +18,7 @@ CONFIG_DIR = config_dir()
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="select")
 def main(cfg: DictConfig) -> None:
     check_keys(cfg, SelectJobConfig)
+    cfg = read_only(cfg)
     check_recipe(cfg.data, cfg.model)  # type: ignore[arg-type]
     check_inputs(cfg.data, cfg.model)
     trainer_kwargs = check_trainer_args(cfg.trainer)
