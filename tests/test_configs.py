@@ -305,3 +305,57 @@ def test_no_yaml_file_repeats_five_lines_of_another() -> None:
             if first != path:
                 copies.append(f"{path.relative_to(CONF)} repeats {first.relative_to(CONF)}: " + " / ".join(window))
     assert not copies, "\n".join(copies)
+
+
+# The groups whose options are read against a schema class (trainer stays a dict checked against
+# lightning.Trainer's signature; experiment files are recipes that pin a paper's settings on purpose).
+SCHEMA_OF_GROUP = {"data": "DataConfig", "dpo": "DPOConfig", "optim": "OptimConfig", "selection": "SelectionConfig",
+                   "eval": "EvalConfig", "logger": "LoggerConfig", "strategy": "StrategyConfig",
+                   "model": "ModelConfig"}
+
+
+def option_base(group: str, path: Path) -> Any:
+    """What an option file starts from: its group's schema defaults, then the options of its own group that its
+    ``defaults:`` list names before ``_self_``."""
+    import miadpo.config as schemas
+
+    base = OmegaConf.structured(getattr(schemas, SCHEMA_OF_GROUP[group]))
+    for entry in OmegaConf.load(path).get("defaults", []):
+        if entry == "_self_":
+            break
+        if isinstance(entry, str):
+            parent = CONF / group / f"{entry}.yaml"
+            base = OmegaConf.merge(base, option_base(group, parent), own_values(parent))
+    return base
+
+
+def own_values(path: Path) -> Any:
+    values = OmegaConf.load(path)
+    values.pop("defaults", None)
+    return values
+
+
+def restated(own: Any, base: Any, prefix: str = "") -> list[str]:
+    """The leaves of ``own`` whose value ``base`` already holds (``name`` left out: it names the option)."""
+    found = []
+    for key in own:
+        value, path = own._get_node(key), f"{prefix}{key}"
+        if path == "name" or key not in base:
+            continue
+        if OmegaConf.is_dict(value) and len(value) and OmegaConf.is_dict(base._get_node(key)):
+            found += restated(value, base._get_node(key), f"{path}.")
+        elif OmegaConf.to_container(OmegaConf.create({"v": value}), resolve=False)["v"] == OmegaConf.to_container(
+                OmegaConf.create({"v": base._get_node(key)}), resolve=False, enum_to_str=True)["v"]:
+            found.append(path)
+    return found
+
+
+def test_each_default_is_stated_once() -> None:
+    """An option file states only what differs from its schema's defaults (``miadpo/config.py``) and from the
+    options it inherits: the same value in both is a second copy that can drift."""
+    copies = []
+    for group in SCHEMA_OF_GROUP:
+        for path in sorted((CONF / group).glob("*.yaml")):
+            copies += [f"{path.relative_to(CONF)}: {key}" for key in restated(own_values(path), option_base(group,
+                                                                                                        path))]
+    assert copies == []
