@@ -245,14 +245,35 @@ class PairSetConfig:
 
 
 @dataclass
-class DataConfig:
+class ImageSourceConfig:
+    """Where a stage's records find their images and what it does with a bad record or image: the settings the
+    data recipe (``data``), SFT data and the evaluation set (``eval``) share (``ImageRoots.of``,
+    ``ImageOptions.of``). The rules of every image: ``miadpo/data/images.py``."""
+
+    # Source photographs; record paths without the composed prefix resolve here.
+    image_root: str = "data/images"
+    # Derived data and caches; record paths starting with "@out/" resolve here.
+    out_dir: str = "data/miadpo"
+    # Symlinks inside image_root / out_dir may point anywhere (images/coco -> /mnt/coco); false: refuse them.
+    follow_symlinks: bool = True
+    # A record with an unusable image or field: skipped (counted, logged) or error; more than max_bad_fraction of
+    # them stops the stage.
+    on_bad_record: BadRecordPolicy = BadRecordPolicy.skip
+    max_bad_fraction: float = 0.01
+    # Images above this many pixels are downsized to it (aspect kept) or, with on_large_image=skip, bad records;
+    # null: no cap (PIL's decompression-bomb limit still holds).
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+    on_large_image: LargeImagePolicy = LargeImagePolicy.downsize
+    # Images whose long side is more than this many times the short side are bad records ("too elongated"): a
+    # 1×20000 strip would otherwise be padded to a 20000² canvas or refused by the model's resize. null: no limit.
+    max_image_aspect_ratio: float | None = DEFAULT_MAX_IMAGE_ASPECT_RATIO
+
+
+@dataclass
+class DataConfig(ImageSourceConfig):
     name: str = "synthetic"
     # LLaVA-format single-image JSON consumed by the augmentation stage.
     source: str | None = None
-    # Source photographs; record paths without the composed prefix resolve here.
-    image_root: str = "data/images"
-    # Symlinks inside image_root / out_dir may point anywhere (images/coco -> /mnt/coco); false: refuse them.
-    follow_symlinks: bool = True
     # A pair JSONL; when set, training uses it directly; else the recipe's preparation step makes one. With
     # data.columns, a preference set of another layout (a JSONL / JSON / parquet file or a folder of them).
     pairs: str | None = None
@@ -265,21 +286,11 @@ class DataConfig:
     # image paths of every set resolve under data.image_root; embedded images under data.out_dir.
     mix: list[PairSetConfig] = field(default_factory=list)
     prepare: DataPreparation = DataPreparation.synthetic
-    # Derived data and caches; record paths starting with "@out/" resolve here.
-    out_dir: str = "data/miadpo"
     formats: dict[str, float] = field(
         default_factory=lambda: {"sequence": 1.0, "grid": 1.0, "pip": 1.0}
     )
-    on_bad_record: BadRecordPolicy = BadRecordPolicy.skip
-    max_bad_fraction: float = 0.01
+    # Each record's images are decoded when the pairs are read (false: only opened).
     check_images: bool = True
-    # Images above this many pixels are downsized to it (aspect kept) or, with on_large_image=skip, bad records;
-    # null: no cap (PIL's decompression-bomb limit still holds). The rules of every image: miadpo/data/images.py.
-    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
-    on_large_image: LargeImagePolicy = LargeImagePolicy.downsize
-    # Images whose long side is more than this many times the short side are bad records ("too elongated"): a
-    # 1×20000 strip would otherwise be padded to a 20000² canvas or refused by the model's resize. null: no limit.
-    max_image_aspect_ratio: float | None = DEFAULT_MAX_IMAGE_ASPECT_RATIO
     # Sample pairs (with attention heat maps) in <run_dir>/data_report and the W&B table; 0 = no data report.
     report_samples: int = 8
     val_fraction: float = 0.1
@@ -471,7 +482,7 @@ class BenchmarkDirs:
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(ImageSourceConfig):
     files: list[str] = field(default_factory=list)  # LLaVA-format test files (augmented records too)
     tsv: list[str] = field(default_factory=list)  # VLMEvalKit-style multiple-choice TSVs
     benchmarks: BenchmarkDirs = field(default_factory=BenchmarkDirs)
@@ -487,19 +498,10 @@ class EvalConfig:
     max_length: int | None = None
     progress: bool = True  # a progress bar over the batches
     samples: int = 8  # items (images, question, prediction, answer) in the W&B table of samples
-    image_root: str = "data/images"
-    out_dir: str = "data/miadpo"
-    follow_symlinks: bool = True  # symlinks inside image_root / out_dir may point anywhere
     toy_source: str | None = None  # toy source JSON: classify wrong answers (distractor / in no image)
     batch_size: int = 16
     max_new_tokens: int = 16
-    # A test record or TSV row with an unusable image: skipped (counted, listed under "skipped" in eval.json) or
-    # error; more than max_bad_fraction of them stops the evaluation. Pixel cap as data.max_image_pixels.
-    on_bad_record: BadRecordPolicy = BadRecordPolicy.skip
-    max_bad_fraction: float = 0.01
-    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
-    on_large_image: LargeImagePolicy = LargeImagePolicy.downsize
-    max_image_aspect_ratio: float | None = DEFAULT_MAX_IMAGE_ASPECT_RATIO  # as data.max_image_aspect_ratio
+    # (ImageSourceConfig) a skipped test record or TSV row is listed under "skipped" in eval.json.
     wandb: bool = False
     wandb_project: str = "miadpo"
     wandb_mode: str = "${oc.env:WANDB_MODE,offline}"
@@ -562,24 +564,16 @@ class SelectJobConfig:
 
 
 @dataclass
-class SFTDataConfig:
+class SFTDataConfig(ImageSourceConfig):
     """LLaVA-format files (JSON array or JSONL; single- or multi-image; augmented records too)."""
 
     files: list[str] = field(default_factory=list)
-    image_root: str = "data/images"
-    out_dir: str = "data/miadpo"  # where "@out/" paths of augmented records resolve
-    follow_symlinks: bool = True  # symlinks inside image_root / out_dir may point anywhere
     max_length: int | None = None  # null: the model config's budget (model.max_length)
     batch_size: int = 8
     val_fraction: float = 0.0
     num_workers: int = 0
-    on_bad_record: BadRecordPolicy = BadRecordPolicy.skip
-    max_bad_fraction: float = 0.01
-    # Each record's images are decoded at load (false: only opened), as data.check_images; pixel cap as data's.
+    # Each record's images are decoded at load (false: only opened), as data.check_images.
     check_images: bool = True
-    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
-    on_large_image: LargeImagePolicy = LargeImagePolicy.downsize
-    max_image_aspect_ratio: float | None = DEFAULT_MAX_IMAGE_ASPECT_RATIO  # as data.max_image_aspect_ratio
 
 
 @dataclass

@@ -47,7 +47,7 @@ from typing import IO, Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from miadpo.config import DEFAULT_MAX_IMAGE_ASPECT_RATIO, DEFAULT_MAX_IMAGE_PIXELS, LargeImagePolicy
+from miadpo.config import DEFAULT_MAX_IMAGE_ASPECT_RATIO, DEFAULT_MAX_IMAGE_PIXELS, ImageSourceConfig, LargeImagePolicy
 from miadpo.text import shown
 
 log = logging.getLogger(__name__)
@@ -92,14 +92,11 @@ class ImageOptions:
     max_aspect: float | None = DEFAULT_MAX_IMAGE_ASPECT_RATIO  # None or 0: no limit
 
     @classmethod
-    def of(cls, cfg: Any) -> ImageOptions:
-        """The options of any config with ``max_image_pixels`` / ``on_large_image`` / ``max_image_aspect_ratio``
-        (defaults where absent)."""
+    def of(cls, cfg: ImageSourceConfig | None) -> ImageOptions:
+        """The options an image-source config sets (``data``, SFT data, ``eval``); the defaults for None."""
         if cfg is None:
             return cls()
-        return cls(getattr(cfg, "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS),
-                   LargeImagePolicy(getattr(cfg, "on_large_image", LargeImagePolicy.downsize)),
-                   getattr(cfg, "max_image_aspect_ratio", DEFAULT_MAX_IMAGE_ASPECT_RATIO))
+        return cls(cfg.max_image_pixels, LargeImagePolicy(cfg.on_large_image), cfg.max_image_aspect_ratio)
 
 
 def fit(size: tuple[int, int], max_pixels: int | None) -> tuple[int, int] | None:

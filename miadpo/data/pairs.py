@@ -35,7 +35,7 @@ from typing import Any
 
 from PIL import Image
 
-from miadpo.config import BadRecordPolicy
+from miadpo.config import BadRecordPolicy, ImageSourceConfig
 from miadpo.data.images import ImageError, ImageOptions, check_record_image, load_record_image
 from miadpo.data.jsonl import atomic_replace, iter_raw_records
 from miadpo.fingerprint import digest
@@ -87,9 +87,9 @@ class ImageRoots:
     follow_symlinks: bool = True
 
     @classmethod
-    def of(cls, cfg: Any) -> ImageRoots:
-        """The roots named by any config with ``image_root`` and ``out_dir`` (data, sft data, eval)."""
-        return cls(Path(cfg.image_root), Path(cfg.out_dir), bool(getattr(cfg, "follow_symlinks", True)))
+    def of(cls, cfg: ImageSourceConfig) -> ImageRoots:
+        """The roots an image-source config names (``data``, SFT data, ``eval``)."""
+        return cls(Path(cfg.image_root), Path(cfg.out_dir), bool(cfg.follow_symlinks))
 
     def resolve(self, rel_path: str) -> Path:
         """Resolve a record path; raises ValueError for absolute paths or paths escaping their root."""
