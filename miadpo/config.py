@@ -33,16 +33,22 @@ ImageCount = _Count("ImageCount", {str(n): n for n in range(1, MAX_COUNT + 1)})
 
 
 class BadRecordPolicy(str, Enum):
+    """What a stage does with a bad record (``on_bad_record``): skip it (counted, logged) or stop with an error."""
+
     skip = "skip"
     error = "error"
 
 
 class TooLongPolicy(str, Enum):
+    """A pair whose answer overflows the token budget (``data.on_too_long``): answer truncated, or pair skipped."""
+
     truncate_answer = "truncate_answer"
     skip = "skip"
 
 
 class LargeImagePolicy(str, Enum):
+    """An image above ``max_image_pixels`` (``on_large_image``): downsized to it, or its record a bad record."""
+
     downsize = "downsize"  # to max_image_pixels, aspect kept (counted and logged)
     skip = "skip"  # the record is a bad record ("image too large")
 
@@ -55,6 +61,8 @@ DEFAULT_MAX_IMAGE_ASPECT_RATIO = 100.0
 
 
 class LossType(str, Enum):
+    """The preference loss (``dpo.loss``, one ``conf/dpo/*.yaml`` each): DPO, cDPO, rDPO, IPO or a SLiC-style hinge."""
+
     sigmoid = "sigmoid"
     cdpo = "cdpo"
     robust = "robust"
@@ -79,12 +87,16 @@ class DataPreparation(str, Enum):
 
 
 class LoggerName(str, Enum):
+    """The training run's logger (``logger.name``): Weights & Biases or a CSV file in the run directory."""
+
     wandb = "wandb"
     csv = "csv"
 
 
 @dataclass
 class LoraConfig:
+    """``model.lora``: whether the model trains LoRA adapters, their rank, alpha and dropout, and where they sit."""
+
     enabled: bool = True
     r: int = 8
     alpha: int = 16
@@ -125,6 +137,9 @@ class TinyModelConfig:
 
 @dataclass
 class ModelConfig:
+    """The ``model`` config group (``conf/model/*.yaml``): the weights, family and chat template, what trains (freeze
+    switches, LoRA) and the token budget of one sequence."""
+
     # Every conf/model/*.yaml that is a model names itself; the shared bases (_*.yaml) leave it missing.
     name: str = MISSING
     family: str = "llava"
@@ -165,12 +180,17 @@ class SyntheticConfig:
 
 @dataclass
 class SequenceAugmentConfig:
+    """``data.augment.sequence``: the Sequence format's draw of images per prompt."""
+
     # Weights of N (images per prompt); the reference's split was about 55/16/16/13 %.
     n_weights: dict[ImageCount, float] = field(default_factory=lambda: {2: 0.55, 3: 0.16, 4: 0.16, 5: 0.13})
 
 
 @dataclass
 class GridAugmentConfig:
+    """``data.augment.grid``: the Grid Collage format's images per grid, its cell and label layout, and how many
+    records share a grid."""
+
     n_weights: dict[ImageCount, float] = field(default_factory=lambda: {n: 1.0 for n in range(2, 10)})
     cell_size: int = 448
     gap: int = 40  # between columns
@@ -183,10 +203,14 @@ class GridAugmentConfig:
 
 @dataclass
 class PipAugmentConfig:
+    """``data.augment.pip``: the Pic-in-Pic format's size of the pasted target."""
+
     scale: float = 0.7  # target size relative to the background's width (or height, if too tall)
 
 
 class NegativeKind(str, Enum):
+    """How an image-side negative is made (``data.augment.negatives.kind``; ``none``: no negatives)."""
+
     none = "none"
     replace = "replace"
     companion = "companion"
@@ -212,6 +236,9 @@ class ImageNegativesConfig:
 
 @dataclass
 class AugmentConfig:
+    """``data.augment``: the augmentation stage's formats, refusal records, image-side negatives, source records
+    and workers."""
+
     sequence: SequenceAugmentConfig = field(default_factory=SequenceAugmentConfig)
     grid: GridAugmentConfig = field(default_factory=GridAugmentConfig)
     pip: PipAugmentConfig = field(default_factory=PipAugmentConfig)
@@ -271,6 +298,9 @@ class ImageSourceConfig:
 
 @dataclass
 class DataConfig(ImageSourceConfig):
+    """The ``data`` config group, a data recipe (``conf/data/*.yaml``): where its pairs come from (a pair file, a
+    mix, synthetic pairs, or augmentation and selection), their token budget, validation split and loaders."""
+
     name: str = "synthetic"
     # LLaVA-format single-image JSON consumed by the augmentation stage.
     source: str | None = None
@@ -305,6 +335,9 @@ class DataConfig(ImageSourceConfig):
 
 @dataclass
 class GenerationConfig:
+    """``selection.generation``: how the model answers the augmented questions in the selection stage (length,
+    sampling, batch size, which records)."""
+
     max_new_tokens: int = 512
     min_new_tokens: int = 0
     do_sample: bool = False
@@ -325,6 +358,9 @@ class NoiseConfig:
 
 @dataclass
 class PostSelectionConfig:
+    """``selection.post``: ranges of a selected candidate's perplexity, length ratio and edit similarity outside
+    which post-selection drops it (null: no bound)."""
+
     perplexity_min: float | None = None
     perplexity_max: float | None = None
     # len(rejected) / len(chosen) in tokens
@@ -336,18 +372,26 @@ class PostSelectionConfig:
 
 
 class RightAnswerNegatives(str, Enum):
+    """The rejected answer of a pair made from a question the model answers right
+    (``selection.right_answer_negatives``; ``none``: no such pairs)."""
+
     none = "none"
     other_image = "other_image"
     runner_up = "runner_up"
 
 
 class ExportImagePaths(str, Enum):
+    """How image paths are written in ``trl.jsonl`` / ``llamafactory.json`` (``selection.export_image_paths``)."""
+
     relative = "relative"  # relative to the pair directory (LLaMA-Factory's default media_dir)
     absolute = "absolute"
 
 
 @dataclass
 class SelectionConfig:
+    """The ``selection`` config group (``conf/selection/*.yaml``): which of the model's answers become pairs
+    (attention-ratio thresholds, perplexity, noise, post-selection) and how the pairs are exported."""
+
     name: str = "attention"  # attention | random (matched-count baseline that ignores attention)
     # Decoder layer whose attention is read; null = the middle layer.
     layer: int | None = None
@@ -404,6 +448,9 @@ class FastPathConfig:
 
 @dataclass
 class DPOConfig:
+    """The ``dpo`` config group (``conf/dpo/*.yaml``): the preference loss, β, the SFT and image-side terms, the
+    reference model and the exact speed-ups."""
+
     loss: LossType = LossType.sigmoid
     beta: float = 0.1
     # epsilon of cdpo (label smoothing) and robust (assumed label-flip rate).
@@ -425,6 +472,9 @@ class DPOConfig:
 
 @dataclass
 class OptimConfig:
+    """The ``optim`` config group (``conf/optim/*.yaml``): AdamW's settings and the warm-up share of the linear
+    schedule."""
+
     lr: float = 5e-5
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -434,6 +484,9 @@ class OptimConfig:
 
 @dataclass
 class LoggerConfig:
+    """The ``logger`` config group (``conf/logger/*.yaml``): the training logger and its W&B project, entity,
+    mode, tags, group and run name."""
+
     name: LoggerName = LoggerName.wandb
     project: str = "miadpo"
     entity: str | None = None
@@ -447,6 +500,9 @@ class LoggerConfig:
 
 @dataclass
 class StrategyConfig:
+    """The ``strategy`` config group (``conf/strategy/*.yaml``): Lightning's distribution strategy and its DDP,
+    FSDP or DeepSpeed options."""
+
     # auto | cpu | ddp | fsdp | deepspeed (conf/strategy/: deepspeed_zero2, deepspeed_zero3)
     name: str = "auto"
     find_unused_parameters: bool = False
@@ -460,6 +516,8 @@ class StrategyConfig:
 
 @dataclass
 class CheckpointConfig:
+    """``checkpoint``: when the training run saves Lightning checkpoints and which it keeps."""
+
     every_n_train_steps: int | None = None
     save_last: bool = True
     save_top_k: int = 1
@@ -483,6 +541,9 @@ class BenchmarkDirs:
 
 @dataclass
 class EvalConfig(ImageSourceConfig):
+    """The ``eval`` config group (``conf/eval/*.yaml``): the evaluation sets (LLaVA-format files, TSVs,
+    benchmarks), their limits, and the W&B logging of the results."""
+
     files: list[str] = field(default_factory=list)  # LLaVA-format test files (augmented records too)
     tsv: list[str] = field(default_factory=list)  # VLMEvalKit-style multiple-choice TSVs
     benchmarks: BenchmarkDirs = field(default_factory=BenchmarkDirs)
@@ -508,6 +569,8 @@ class EvalConfig(ImageSourceConfig):
 
 
 class RoundReference(str, Enum):
+    """The reference model of each on-policy round (``rounds.reference``)."""
+
     round_start = "round_start"  # each round's reference is the policy it starts from
     base = "base"  # every round's reference is the original base model
 
@@ -522,6 +585,9 @@ class RoundsConfig:
 
 @dataclass
 class TrainConfig:
+    """``python -m miadpo.train``: the whole pipeline (model, data recipe, selection, DPO, training, evaluation,
+    rounds)."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
@@ -797,6 +863,7 @@ ENTRY_SCHEMAS: dict[str, type] = {"train": TrainConfig, "augment": AugmentJobCon
 
 
 def register_configs() -> None:
+    """Register each entry's schema (``ENTRY_SCHEMAS``) in Hydra's ConfigStore as ``<entry>_schema``."""
     store = ConfigStore.instance()
     for entry, schema in ENTRY_SCHEMAS.items():
         store.store(name=f"{entry}_schema", node=schema)

@@ -152,6 +152,7 @@ def run_evaluation(cfg: DictConfig, adapter: ModelAdapter | None = None) -> dict
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
 def main(cfg: DictConfig) -> None:
+    """Entry point of ``python -m miadpo.evaluate``: ``run_evaluation`` of the composed config."""
     run_evaluation(cfg)
 
 

@@ -47,6 +47,7 @@ def answer(adapter: ModelAdapter, image_paths: Sequence[str], prompt: str, max_n
 
 
 def load(cfg: DictConfig) -> ModelAdapter:
+    """The adapter of ``cfg.model`` (after ``model.prepare``), with the peft adapter ``cfg.adapter`` on top when set."""
     adapter = prepare_model(cfg.model)  # runs model.prepare (the toy base is copied on first use)
     if cfg.adapter:
         if not (Path(cfg.adapter) / "adapter_config.json").is_file():
@@ -57,6 +58,7 @@ def load(cfg: DictConfig) -> ModelAdapter:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="generate")
 def main(cfg: DictConfig) -> None:
+    """Entry point of ``python -m miadpo.generate``: prints the model's answer to ``prompt`` about ``images``."""
     check_keys(cfg, GenerateJobConfig)
     cfg = read_only(cfg)
     torch.manual_seed(cfg.seed)

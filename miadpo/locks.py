@@ -49,6 +49,7 @@ def read_holder(path: Path) -> dict[str, Any] | None:
 
 
 def describe(holder: dict[str, Any] | None) -> str:
+    """The lock holder as a message names it: pid, host, start time and command."""
     if not holder:
         return "another process (it has not written its details yet)"
     return (f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}, "

@@ -25,6 +25,8 @@ from miadpo.models.loading import load_pretrained
 
 
 def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base: str | None = None) -> Path:
+    """Merge the peft adapter ``adapter_dir`` into its base (``base``, else the path the adapter records) and
+    write the merged model to ``out_dir``; returns the directory."""
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{adapter_dir} is not a peft adapter directory (no adapter_config.json)")
@@ -53,6 +55,7 @@ def load_base(path: Path) -> torch.nn.Module:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Command line of ``python -m miadpo.merge``: merge an adapter and print where the model was written."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("adapter_dir")
     parser.add_argument("out_dir")

@@ -1,16 +1,19 @@
-"""The stages of a DPO job, each a function of the composed config, in the order ``miadpo.train`` runs them:
+"""The stages of a DPO job, each a function of the composed (read-only) config that returns what it makes, in the
+order ``miadpo.train`` runs them:
 
 1. ``check_job``        everything that can be wrong without running anything
 2. ``prepare_model``    the model's preparation step (``model.prepare``), then the adapter
-3. ``save_base``        the base weights the exported adapter refers to
-4. ``prepare_data``     the recipe's preparation step (``data.prepare``): synthetic pairs, or augment + select
-5. ``reference_cache``  the reference log-probs on disk; ``reference_pass`` fills it before training where
-                        ``uses_reference_prepass`` (else the first epoch's steps fill it)
+3. ``save_base``        the base weights the exported adapter refers to (their path)
+4. ``prepare_data``     the recipe's preparation step (``data.prepare``): the pair file to train on (given,
+                        converted, mixed, synthetic, or augmented and selected)
+5. ``reference_stage``  the reference log-probs on disk (``reference_cache``); ``reference_pass`` fills it before
+                        training where ``uses_reference_prepass`` (else the first epoch's steps fill it)
 6. ``report_data``      pair statistics and samples (local files and W&B)
 7. ``fit``              Lightning training, with the before/after evaluation and the export as callbacks, then
-   ``summarise``        metrics.json and the printed summary
+   ``summarise``        metrics.json and the printed summary; ``fit`` returns the ``TrainResult``
 
-No stage branches on a config *name*: a recipe names its preparation steps in config.
+No stage branches on a config *name*: a recipe names its preparation steps in config. No stage writes into the
+config: what one stage makes reaches the next as an argument.
 """
 
 from __future__ import annotations
@@ -201,6 +204,7 @@ def save_base(cfg: DictConfig, adapter: ModelAdapter) -> str:
 
 
 def is_single_process(cfg: DictConfig) -> bool:
+    """Whether the Trainer runs one process (one device, one node)."""
     devices = cfg.trainer.get("devices", 1)
     one_device = devices in (1, "1") or (isinstance(devices, Sequence) and len(devices) == 1)
     return one_device and cfg.trainer.get("num_nodes", 1) == 1
@@ -289,6 +293,7 @@ def reference_stage(cfg: DictConfig, adapter: ModelAdapter, datamodule: PairData
 
 
 def covers_all_pairs(cache: ReferenceCache, datamodule: PairDataModule) -> bool:
+    """Whether ``cache`` holds every train and val pair (with its negative where the pair is trained with one)."""
     needs = [pair for dataset in (datamodule.train_set, datamodule.val_set) for pair in dataset_needs(dataset)]
     return cache.covers([key for key, _ in needs], [need for _, need in needs])
 
@@ -329,6 +334,7 @@ def before_after_eval(cfg: DictConfig, adapter: ModelAdapter) -> BeforeAfterEval
 
 
 def build_trainer(cfg: DictConfig, callbacks: list[L.Callback], logger: Logger) -> L.Trainer:
+    """The Lightning Trainer of ``trainer.*`` with the strategy of ``strategy.*``, the callbacks and the logger."""
     kwargs = check_trainer_args(cfg.trainer)
     kwargs.setdefault("default_root_dir", str(cfg.run_dir))
     if cfg.strategy.name == "cpu":
@@ -344,6 +350,7 @@ def build_trainer(cfg: DictConfig, callbacks: list[L.Callback], logger: Logger) 
 
 
 def pairs_in(batch: PairBatch) -> int:
+    """The number of pairs in a batch (the throughput meter's batch size)."""
     return batch.num_pairs
 
 
@@ -354,6 +361,7 @@ def throughput_monitor() -> ThroughputMonitor:
 
 
 def checkpoint_callback(cfg: DictConfig) -> ModelCheckpoint:
+    """Lightning's checkpointing as ``checkpoint.*`` sets it, into ``<run_dir>/checkpoints``."""
     return ModelCheckpoint(
         dirpath=Path(cfg.run_dir) / "checkpoints",
         # epoch0-step3.ckpt: no "=" (Lightning's default epoch=0-step=3 is not a valid Hydra override value, so

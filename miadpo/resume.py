@@ -50,6 +50,7 @@ class StoreRunConfig(L.Callback):
         self.record = {"config": config_yaml, "choices": choices, "run_dir": str(Path(run_dir).resolve())}
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Stores the run's record in the checkpoint under ``RUN_CONFIG_KEY``."""
         checkpoint[RUN_CONFIG_KEY] = self.record
 
 
@@ -81,6 +82,7 @@ def stored_run(ckpt_path: str | Path) -> StoredRun | None:
 
 
 def resumable(key: str) -> bool:
+    """Whether a resumed run may change ``key`` (a dotted path that is, or lies under, one of ``RESUMABLE``)."""
     return any(key == allowed or key.startswith(allowed + ".") for allowed in RESUMABLE)
 
 
@@ -101,6 +103,7 @@ def refused_changes(parent: DictConfig, child: DictConfig) -> list[str]:
 
 
 def refusal(changes: Sequence[str], source: str) -> ValueError:
+    """The error naming the ``changes`` a resumed run of ``source`` may not make, and what it may change."""
     return ValueError(f"a resumed run continues the run it came from ({source}); these overrides would change its "
                       f"model, data, LoRA, loss or optimizer: {'; '.join(changes)}. A resumed run may change only "
                       f"{', '.join(RESUMABLE)}; start a new run (without ckpt_path) for the others.")

@@ -126,6 +126,7 @@ def rounds_table(records: list[dict[str, Any]]) -> tuple[list[str], list[list[An
 
 
 def write_rounds_table(run_dir: Path, records: list[dict[str, Any]]) -> None:
+    """``eval_rounds.json`` (columns, rows and the round records) and ``eval_rounds.md`` in ``run_dir``."""
     columns, rows = rounds_table(records)
     (run_dir / "eval_rounds.json").write_text(json.dumps({"columns": columns, "rows": rows,
                                                           "rounds": records}, indent=1) + "\n")

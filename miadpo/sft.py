@@ -75,6 +75,9 @@ def read_sft_records(files: Sequence[str], roots: ImageRoots, report: BadRecordR
 
 
 class SFTDataset(Dataset):
+    """SFT records as the adapter encodes them: images loaded, labels on the answer only, the answer cut to
+    ``max_length``."""
+
     def __init__(self, records: Sequence[PairRecord], roots: ImageRoots, adapter: ModelAdapter, max_length: int,
                  image_options: ImageOptions | None = None):
         self.records, self.roots, self.adapter, self.max_length = list(records), roots, adapter, max_length
@@ -99,19 +102,24 @@ class SFTModule(L.LightningModule):
         self.optim = optim
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """The model's own loss on the batch (answer-token cross-entropy), logged as ``train/loss``."""
         loss = self.model(**batch, use_cache=False).loss
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """Logs the model's loss on the batch as ``val/loss``."""
         loss = self.model(**batch, use_cache=False).loss
         self.log("val/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0], sync_dist=True)
 
     def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW over the trainable parameters with a linear warm-up and decay."""
         return adamw_with_linear_schedule(self.model, self.optim, int(self.trainer.estimated_stepping_batches))
 
 
 def sft_loaders(adapter: ModelAdapter, data: SFTDataConfig, seed: int) -> tuple[DataLoader, DataLoader | None]:
+    """The train loader of ``data.files`` and the validation one (None when ``data.val_fraction`` leaves no
+    records); bad records are reported as ``data.on_bad_record`` says."""
     roots = ImageRoots.of(data)
     report = BadRecordReport(data.on_bad_record, data.max_bad_fraction, stage="sft")
     image_options = ImageOptions.of(data)
@@ -152,6 +160,7 @@ def run_sft(cfg: DictConfig, adapter: ModelAdapter | None = None, callbacks: Seq
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="sft")
 def main(cfg: DictConfig) -> None:
+    """Entry point of ``python -m miadpo.sft``: ``run_sft`` of the composed config."""
     run_sft(cfg)
 
 

@@ -64,6 +64,7 @@ class SweepSummary(Callback):
     ``on_multirun_end``, so the summary written after each job is what a sweep with a failed job leaves."""
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        """Writes a failed job's ``error.txt``, then the sweep's summary so far."""
         if job_return.status == JobStatus.FAILED:
             error = job_return._return_value
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -71,6 +72,7 @@ class SweepSummary(Callback):
         summarise(Path(config.hydra.sweep.dir))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        """Writes the sweep's summary, prints it and logs where it is."""
         path, rows = summarise(Path(config.hydra.sweep.dir))
         print(path.read_text())
         log.info("sweep summary of %d jobs: %s", len(rows), path)

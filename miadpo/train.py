@@ -58,6 +58,8 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> TrainR
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> None:
+    """``python -m miadpo.train``: one job, or ``rounds.count`` on-policy rounds (a resume first restores the
+    checkpoint's run config)."""
     if cfg.ckpt_path:  # the checkpoint's run config, with this command line's overrides on top
         check_checkpoint(cfg.ckpt_path)
         hydra_cfg = HydraConfig.get()

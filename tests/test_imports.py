@@ -175,6 +175,31 @@ def test_the_readme_layout_matches_the_tree() -> None:
             assert names == actual, f"README Layout, {entry}: lists {sorted(names)}, the tree has {sorted(actual)}"
 
 
+FORMAT_NAMES = {"sequence", "grid", "pip", "single", "refusal"}
+FORMAT_MODULES = {"miadpo.augment.registry", "miadpo.augment.formats"}
+
+
+def format_name_comparisons(source: str) -> list[int]:
+    """Lines comparing a value with a format name (``fmt == "grid"``, ``fmt in ("sequence", "single")``)."""
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Compare):
+            operands = [node.left, *node.comparators]
+            names = [c for o in operands for c in ([o] if isinstance(o, ast.Constant) else getattr(o, "elts", []))]
+            if any(isinstance(c, ast.Constant) and c.value in FORMAT_NAMES for c in names):
+                lines.append(node.lineno)
+    return lines
+
+
+def test_no_code_compares_format_names_outside_the_format_modules() -> None:
+    """A stage asks the format registry (``miadpo.augment.registry``) what a format does; it never branches on a
+    format's name."""
+    found = {name: lines for name, path in MODULES.items() if name not in FORMAT_MODULES
+             and (lines := format_name_comparisons(path.read_text()))}
+    assert found == {}
+    assert format_name_comparisons('if job.format in ("sequence", "single"):\n    pass') == [1]
+
+
 def test_every_entry_runs_on_a_read_only_config() -> None:
     """Each Hydra entry goes on with ``read_only(cfg)`` once the config is composed: no stage writes into it (each
     returns what it makes; ``tests/test_train.py`` shows a write stopping)."""

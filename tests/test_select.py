@@ -22,11 +22,12 @@ from PIL import Image
 from test_augment import PHOTOS, write_source
 
 from miadpo.augment.formats import compose_grid, compose_pip, grid_conversations, sequence_conversations
+from miadpo.augment.noise import add_noise, record_rng
 from miadpo.config import DataConfig, ExportImagePaths, GridAugmentConfig, SelectionConfig
 from miadpo.data.pairs import ImageRoots, PairRecord
 from miadpo.models.samples import EncodedSample
 from miadpo.select import stage as stage_module
-from miadpo.select.candidates import CandidateGenerator, SelectionInput, add_noise, record_rng
+from miadpo.select.candidates import CandidateGenerator, SelectionInput
 from miadpo.select.capture import region_ratio, sequence_ratio
 from miadpo.select.records import Candidate, ExtraAnswer
 from miadpo.select.rules import KEPT, edit_similarity, select_pairs

@@ -31,8 +31,6 @@ from miadpo.augment.formats import compose_grid
 from miadpo.augment.noise import add_noise, record_rng
 from miadpo.config import GridAugmentConfig, ImageNegativesConfig, NegativeKind
 
-NEGATIVE_FORMATS = ("sequence", "single", "grid", "pip")
-
 
 @dataclass
 class NegativePlan:
@@ -47,13 +45,14 @@ class NegativePlan:
         return record_rng(self.seed, f"{record_id}:negative")
 
 
-def plan_negative(cfg: ImageNegativesConfig, seed: int, record_id: str, fmt: str, target: int | list[int],
-                  pool: Sequence[str], inputs: Sequence[str]) -> NegativePlan | None:
-    """The negative of record ``record_id`` (None: off, or a format without one). Replacements, drawn by
-    ``random.Random(f"{seed}:{record_id}:negative")``: with ``companion``, the record's other images in a random
-    order first; then up to ``cfg.tries`` photographs of the same source (``pool``) outside the record's images."""
+def plan_negative(cfg: ImageNegativesConfig, seed: int, record_id: str, index: int, pool: Sequence[str],
+                  inputs: Sequence[str]) -> NegativePlan | None:
+    """The negative of record ``record_id``, whose question asks about ``inputs[index]`` (None: off). Replacements,
+    drawn by ``random.Random(f"{seed}:{record_id}:negative")``: with ``companion``, the record's other images in a
+    random order first; then up to ``cfg.tries`` photographs of the same source (``pool``) outside the record's
+    images."""
     kind = NegativeKind(cfg.kind)
-    if kind is NegativeKind.none or fmt not in NEGATIVE_FORMATS:
+    if kind is NegativeKind.none:
         return None
     if kind is NegativeKind.noise:
         return NegativePlan(kind.value, seed)
@@ -62,7 +61,6 @@ def plan_negative(cfg: ImageNegativesConfig, seed: int, record_id: str, fmt: str
     rng = random.Random(f"{seed}:{record_id}:negative")
     companions: list[str] = []
     if kind is NegativeKind.companion:
-        index = target_index(fmt, target)
         companions = sorted({path for i, path in enumerate(inputs) if i != index and path != inputs[index]})
         rng.shuffle(companions)
     return NegativePlan(kind.value, seed, companions + rng.sample(others, min(cfg.tries, len(others))))
@@ -70,14 +68,6 @@ def plan_negative(cfg: ImageNegativesConfig, seed: int, record_id: str, fmt: str
 
 def same_pixels(a: Image.Image, b: Image.Image) -> bool:
     return a.size == b.size and ImageChops.difference(a.convert("RGB"), b.convert("RGB")).getbbox() is None
-
-
-def target_index(fmt: str, target: int | list[int]) -> int:
-    """0-based index into the record's inputs of the image the (first) question asks about."""
-    if fmt == "pip":
-        return 1  # inputs: [background, target]
-    first = target[0] if isinstance(target, list) else target
-    return first - 1
 
 
 def negative_grid(images: Sequence[Image.Image], canvas: Image.Image, layout: dict, index: int,

@@ -1,6 +1,7 @@
 """The augmentation stage: plan (seeded, in one process) → compose (worker pool) → write in plan order.
 
-Every random decision is made by the planner from ``seed`` before any worker starts, and records are written
+Every random decision is made by the planner (``miadpo.augment.plan``) from ``seed`` before any worker starts, each
+format (``miadpo.augment.registry``) drawing its own, and records are written
 in plan order, so the output is identical for any number of workers. Records go to
 ``<data.out_dir>/records.jsonl`` (failed compositions to ``skipped.jsonl``) one line at a time; a re-run skips
 the jobs already written. ``augment_manifest.json`` holds the fingerprint of what produced the directory, and
@@ -19,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
-import random
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -30,28 +30,11 @@ from omegaconf import OmegaConf
 from PIL import Image
 from tqdm import tqdm
 
-from miadpo.augment.formats import (
-    PIP_PHRASES,
-    compose_grid,
-    compose_pip,
-    grid_conversations,
-    has_bbox,
-    pip_conversations,
-    refusal_conversations,
-    sequence_conversations,
-    single_conversations,
-)
-from miadpo.augment.negatives import (
-    NegativePlan,
-    negative_grid,
-    negative_pip,
-    noisy_image,
-    plan_negative,
-    same_pixels,
-    target_index,
-)
-from miadpo.augment.source import SourceRecord, read_llava_source
-from miadpo.config import AugmentConfig, BadRecordPolicy, DataConfig, GridAugmentConfig, NegativeKind
+from miadpo.augment.negatives import noisy_image, same_pixels
+from miadpo.augment.plan import Planner
+from miadpo.augment.registry import Job, format_named
+from miadpo.augment.source import read_llava_source
+from miadpo.config import BadRecordPolicy, DataConfig, GridAugmentConfig, NegativeKind
 from miadpo.data.images import ImageOptions, load_record_image
 from miadpo.data.jsonl import append_jsonl, atomic_replace, read_jsonl, repair_tail
 from miadpo.data.pairs import BadRecordError, BadRecordReport, ImageRoots
@@ -67,22 +50,6 @@ SKIPPED_FILE = "skipped.jsonl"
 MANIFEST_FILE = "augment_manifest.json"
 SUMMARY_FILE = "augment_summary.json"
 LOCK_FILE = "augment.lock"
-
-
-@dataclass
-class Job:
-    """One augmented record with every random choice already made."""
-
-    id: str
-    format: str
-    n_images: int
-    target: int | list[int]
-    inputs: list[str]  # source image paths: sequence order, grid tiles row-major, pip [background, target]
-    conversations: list[dict[str, str]]
-    source: str
-    source_ids: list[str]
-    source_line: int
-    negative: NegativePlan | None = None  # data.augment.negatives (miadpo.augment.negatives)
 
 
 @dataclass
@@ -112,146 +79,6 @@ class AugmentSummary:
         for title, counter in (("skipped", self.skipped), ("not eligible", self.ineligible)):
             rows += [[f"{title}: {reason}", None, count] for reason, count in sorted(counter.items())]
         return markdown_table(["format", "N", "records"], rows)
-
-
-def _choose_weighted(rng: random.Random, weights: dict[Any, float]) -> Any:
-    keys = [k for k, w in weights.items() if w > 0]
-    if not keys:
-        raise ValueError(f"no positive weight in {dict(weights)}")
-    return rng.choices(keys, weights=[weights[k] for k in keys])[0]
-
-
-def _sample_excluding(rng: random.Random, pool: Sequence[str], exclude: set[str], k: int) -> list[str] | None:
-    """k distinct items of ``pool`` outside ``exclude``; None if the pool is too small."""
-    if len(pool) - len(exclude.intersection(pool)) < k:
-        return None
-    picked: list[str] = []
-    chosen = set(exclude)
-    while len(picked) < k:
-        item = pool[rng.randrange(len(pool))]
-        if item not in chosen:
-            chosen.add(item)
-            picked.append(item)
-    return picked
-
-
-class Planner:
-    """Turns source records into jobs, drawing every random choice from one seeded generator."""
-
-    def __init__(self, records: Sequence[SourceRecord], cfg: DataConfig, seed: int) -> None:
-        self.cfg = cfg
-        self.aug: AugmentConfig = cfg.augment
-        self.rng = random.Random(seed)
-        self.seed = seed
-        self.images_by_source: dict[str, list[str]] = {}
-        self.grid_records_by_source: dict[str, list[SourceRecord]] = {}
-        for record in records:
-            self.images_by_source.setdefault(record.source, []).append(record.image)
-            if not has_bbox(record.conversations):
-                self.grid_records_by_source.setdefault(record.source, []).append(record)
-        for source, images in self.images_by_source.items():
-            self.images_by_source[source] = sorted(set(images))
-        self.records = records
-        self.skipped: Counter[str] = Counter()
-
-    def plan(self) -> list[Job]:
-        weights = {f: float(w) for f, w in self.cfg.formats.items() if w > 0}
-        unknown = set(weights) - {"sequence", "grid", "pip", "single"}
-        if unknown:
-            raise ValueError(f"data.formats has unknown formats {sorted(unknown)}; use sequence, grid, pip, single")
-        jobs: list[Job] = []
-        for record in self.records:
-            allowed = dict(weights)
-            if has_bbox(record.conversations):
-                allowed = {f: w for f, w in allowed.items() if f in ("sequence", "single")}
-            if not allowed:
-                self.skipped["bounding boxes in the text (excluded from grid and pip)"] += 1
-                continue
-            fmt = _choose_weighted(self.rng, allowed)
-            job = getattr(self, f"_{fmt}")(record)
-            if job is not None:
-                job.negative = plan_negative(self.aug.negatives, self.seed, job.id, job.format, job.target,
-                                             self.images_by_source[job.source], job.inputs)
-                jobs.append(job)
-            if self.aug.refusal_fraction and self.rng.random() < self.aug.refusal_fraction:
-                refusal = self._refusal(record)
-                if refusal is not None:
-                    jobs.append(refusal)
-        return jobs
-
-    def _companions(self, record: SourceRecord, exclude: set[str], k: int) -> list[str] | None:
-        picked = _sample_excluding(self.rng, self.images_by_source[record.source], exclude, k)
-        if picked is None:
-            self.skipped[f"too few other images in source {record.source!r}"] += 1
-        return picked
-
-    def _job(self, record: SourceRecord, fmt: str, n: int, target: int | list[int], inputs: list[str],
-             conversations: list[dict[str, str]], source_ids: list[str]) -> Job:
-        return Job(f"{fmt}-{record.index:07d}", fmt, n, target, inputs, conversations, record.source, source_ids,
-                   record.line)
-
-    def _image_sequence(self, record: SourceRecord) -> tuple[int, int, list[str]] | None:
-        """N, the record's 1-based position (uniform) and the N image paths, or None if too few images."""
-        n = int(_choose_weighted(self.rng, self.aug.sequence.n_weights))
-        companions = self._companions(record, {record.image}, n - 1)
-        if companions is None:
-            return None
-        position = self.rng.randint(1, n)
-        return n, position, companions[: position - 1] + [record.image] + companions[position - 1 :]
-
-    def _sequence(self, record: SourceRecord) -> Job | None:
-        drawn = self._image_sequence(record)
-        if drawn is None:
-            return None
-        n, target, inputs = drawn
-        return self._job(record, "sequence", n, target, inputs,
-                         sequence_conversations(record.conversations, n, target), [record.id])
-
-    def _single(self, record: SourceRecord) -> Job:
-        return self._job(record, "single", 1, 1, [record.image], single_conversations(record.conversations),
-                         [record.id])
-
-    def _grid(self, record: SourceRecord) -> Job | None:
-        grid: GridAugmentConfig = self.aug.grid
-        n = int(_choose_weighted(self.rng, grid.n_weights))
-        questions = min(int(_choose_weighted(self.rng, grid.records_per_grid)), n)
-        askers = [record]
-        if questions > 1:
-            pool = [r for r in self.grid_records_by_source[record.source] if r.image != record.image]
-            by_image = {r.image: r for r in pool}
-            extra = _sample_excluding(self.rng, sorted(by_image), set(), questions - 1)
-            if extra is None:
-                self.skipped["too few other records for a multi-question grid"] += 1
-                return None
-            askers += [by_image[image] for image in extra]
-        fillers = self._companions(record, {r.image for r in askers}, n - len(askers))
-        if fillers is None:
-            return None
-        tiles = self.rng.sample(range(1, n + 1), len(askers))
-        inputs: list[str | None] = [None] * n
-        for asker, tile in zip(askers, tiles):
-            inputs[tile - 1] = asker.image
-        filler_iter = iter(fillers)
-        inputs = [path if path is not None else next(filler_iter) for path in inputs]
-        conversations = grid_conversations([(a.conversations, t) for a, t in zip(askers, tiles)])
-        target: int | list[int] = tiles[0] if len(tiles) == 1 else tiles
-        return self._job(record, "grid", n, target, inputs, conversations, [a.id for a in askers])
-
-    def _pip(self, record: SourceRecord) -> Job | None:
-        background = self._companions(record, {record.image}, 1)
-        if background is None:
-            return None
-        phrase = PIP_PHRASES[self.rng.randrange(len(PIP_PHRASES))]
-        return self._job(record, "pip", 1, 1, [background[0], record.image],
-                         pip_conversations(record.conversations, phrase), [record.id])
-
-    def _refusal(self, record: SourceRecord) -> Job | None:
-        drawn = self._image_sequence(record)
-        if drawn is None:
-            return None
-        n, _, inputs = drawn
-        return self._job(record, "refusal", n, n + 1, inputs, refusal_conversations(record.conversations, n),
-                         [record.id])
 
 
 @dataclass
@@ -288,22 +115,15 @@ class Composer:
         return self.roots.composed(path)
 
     def __call__(self, job: Job) -> tuple[dict[str, Any] | None, str | None]:
-        cell = self.grid.cell_size
-        draft = (cell, cell) if job.format == "grid" else None  # tiles never exceed one cell
+        """The augmented record of ``job`` and None, or None and why it could not be composed."""
+        fmt = format_named(job.format)
+        draft = fmt.decode_size(self.grid)
         try:
             images = [self._load(rel, draft) for rel in job.inputs]
         except ValueError as exc:
             return None, str(exc)
-        layout: dict[str, Any] | None = None
-        canvas: Image.Image | None = None
-        if job.format == "grid":
-            canvas, layout = compose_grid(images, self.grid)
-            image_field: str | list[str] = self._save(canvas, "grid", job.id)
-        elif job.format == "pip":
-            canvas, layout = compose_pip(images[1], images[0], self.pip_scale)
-            image_field = self._save(canvas, "pip", job.id)
-        else:
-            image_field = list(job.inputs)
+        canvas, layout = fmt.compose(images, self.grid, self.pip_scale)
+        image_field: str | list[str] = list(job.inputs) if canvas is None else self._save(canvas, job.format, job.id)
         meta = {"format": job.format, "n_images": job.n_images, "target": job.target, "source": job.source,
                 "source_ids": job.source_ids, "inputs": job.inputs, "layout": layout}
         record = {"id": job.id, "image": image_field, "conversations": job.conversations, "meta": meta}
@@ -320,7 +140,8 @@ class Composer:
         drawn replacement has pixels other than the target's."""
         plan = job.negative
         assert plan is not None
-        index = target_index(job.format, job.target)
+        fmt = format_named(job.format)
+        index = fmt.target_index(job.target)
         replacement, picture = None, None
         if NegativeKind(plan.kind) is not NegativeKind.noise:
             for rel in plan.replacements:
@@ -334,16 +155,13 @@ class Composer:
             else:
                 return None
         about = {"kind": plan.kind, "replacement": replacement}
-        if job.format in ("sequence", "single"):
+        if not fmt.composite:
             swapped = replacement if replacement is not None else self._save(
                 noisy_image(images[index], plan, job.id, self.negative_sigma), f"{job.format}_negative", job.id)
             return [swapped if i == index else rel for i, rel in enumerate(job.inputs)], about
         assert layout is not None and canvas is not None
-        if job.format == "grid":
-            negative = negative_grid(images, canvas, layout, index, picture, plan, job.id, self.grid,
-                                     self.negative_sigma)
-        else:
-            negative = negative_pip(canvas, layout["box"], picture, plan, job.id, self.negative_sigma)
+        negative = fmt.negative_image(images, canvas, layout, index, picture, plan, job.id, self.grid,
+                                      self.negative_sigma)
         return self._save(negative, f"{job.format}_negative", job.id), about
 
 

@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class LengthGuardResult:
+    """What ``apply_length_guard`` decided: the pairs kept (``truncated``: those whose answer will be cut), skipped and
+    bad, and those whose image-side negative was dropped."""
+
     kept: list[PairRecord]
     truncated: list[str]  # ids whose longer answer will be cut to fit
     skipped: list[tuple[str, str]]  # (id, reason)
@@ -179,6 +182,7 @@ class EpochShuffleSampler(Sampler[int]):
         self.size, self.seed, self.epoch, self.start = size, seed, 0, 0
 
     def set_epoch(self, epoch: int) -> None:  # called by Lightning at every epoch start
+        """Set the epoch whose permutation the next iteration yields."""
         self.epoch = epoch
 
     def __len__(self) -> int:
@@ -198,6 +202,8 @@ class ResumeDataOrder(L.Callback):
     """
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Set the sampler's ``start`` past the batches of a resumed epoch already trained on (with an
+        ``EpochShuffleSampler`` only)."""
         loader = trainer.train_dataloader
         if not (isinstance(loader, DataLoader) and isinstance(loader.sampler, EpochShuffleSampler)):
             return
@@ -233,6 +239,8 @@ class PairDataModule(L.LightningDataModule):
         self.max_length = adapter.token_budget(cfg.max_length)
 
     def setup(self, stage: str | None = None) -> None:
+        """Read and validate the pairs, apply the length guard and split the kept pairs into ``train_set`` and
+        ``val_set`` (once)."""
         if self.train_set is not None:
             return
         path = self.pairs
@@ -296,9 +304,11 @@ class PairDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
+        """The train loader, in a fresh ``EpochShuffleSampler`` order each epoch."""
         assert self.train_set is not None, "call setup() first"
         return self._loader(self.train_set, shuffle=True)
 
     def val_dataloader(self) -> DataLoader | list:
+        """The val loader, in order; an empty list when no pair went to val."""
         assert self.val_set is not None, "call setup() first"
         return self._loader(self.val_set, shuffle=False) if len(self.val_set) else []

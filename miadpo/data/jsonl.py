@@ -20,6 +20,9 @@ _NOT_UTF8 = re.compile("[\udc80-\udcff]")  # what ``errors="surrogateescape"`` m
 
 @dataclass(frozen=True)
 class RawRecord:
+    """One top-level record of a JSON array or JSONL file: its index, its line, its value and, when it is bad, the
+    ``error``."""
+
     index: int
     line: int
     value: Any = None  # with ``error`` set: whatever could still be decoded (to name the id), never data
@@ -145,6 +148,7 @@ def _not_utf8_in(text: str, at: int, line: int, pos: int, byte_offset: _ByteOffs
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The objects of a JSONL file, one per non-blank line; an empty list when the file does not exist."""
     if not path.exists():
         return []
     with path.open(encoding="utf-8") as handle:

@@ -45,11 +45,13 @@ log = logging.getLogger(__name__)
 _LEFT_ROOT: set[Path] = set()  # roots a followed symlink was seen leaving (logged once each)
 
 COMPOSED_PREFIX = "@out/"
-FORMATS = ("sequence", "grid", "pip")
 
 
 @dataclass
 class PairRecord:
+    """One pair of a pair file (see the module docstring): images, prompt, chosen and rejected answers, ``meta`` and the
+    optional image-side negative."""
+
     id: str
     images: list[str]
     prompt: str
@@ -60,6 +62,7 @@ class PairRecord:
     rejected_images: list[str] | None = None
 
     def to_json(self) -> dict[str, Any]:
+        """The record as one pair-file JSON object (``rejected_images`` only when set)."""
         data: dict[str, Any] = {
             "id": self.id,
             "images": list(self.images),
@@ -128,6 +131,8 @@ class ImageRoots:
 
 @dataclass(frozen=True)
 class BadRecord:
+    """A record's file, line and id (None when unknown) with the reason it is bad (or, as a note, was adjusted)."""
+
     file: str
     line: int
     id: str | None
@@ -158,6 +163,7 @@ class BadRecordReport:
     not_evaluated: list[str] = field(default_factory=list)
 
     def add(self, record: BadRecord) -> None:
+        """Count a bad record: raise ``BadRecordError`` under ``on_bad_record=error``, else log it as skipped."""
         self.bad.append(record)
         if BadRecordPolicy(self.policy) is BadRecordPolicy.error:
             raise BadRecordError(f"[{self.stage}] bad record ({self.settings}.on_bad_record=error): {record}")
@@ -176,6 +182,7 @@ class BadRecordReport:
 
     @property
     def fraction(self) -> float:
+        """The share of the records read that are bad (0.0 before any is read)."""
         return len(self.bad) / self.total if self.total else 0.0
 
     def finish(self) -> None:

@@ -66,12 +66,13 @@ def sample_strip(record: PairRecord, roots: ImageRoots) -> Image.Image:
             share = scores[k] / total
             draw.rectangle((k * TILE, TILE, (k + 1) * TILE - 1, TILE + 23), fill=heat_colour(share))
             draw.text((k * TILE + 4, TILE + 6), f"Image{k + 1}: {share:.0%}", fill="white")
-        if record.meta.get("target") == k + 1 and record.meta.get("format") == "sequence":
+        if record.meta.get("target") == k + 1 and len(record.images) > 1:  # the asked-about image of several
             draw.rectangle((k * TILE, 0, (k + 1) * TILE - 1, TILE - 1), outline=(0, 200, 0), width=3)
     return strip
 
 
 def histogram_image(stats: dict[str, Any]) -> Image.Image:
+    """The attention-ratio histogram of ``stats`` (``pair_stats``) as a bar chart image."""
     counts = stats["attention_ratio"]["histogram"]
     width, height, margin = 420, 220, 30
     image = Image.new("RGB", (width, height), "white")

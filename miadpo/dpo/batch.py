@@ -39,6 +39,7 @@ class PairLogps:
     has_negative: torch.Tensor | None = None  # (B,) bool
 
     def detach(self) -> PairLogps:
+        """The same log-probs detached from the graph (token counts and ``has_negative`` as they are)."""
         return PairLogps(self.chosen.detach(), self.rejected.detach(), self.chosen_tokens, self.rejected_tokens,
                          None if self.negative is None else self.negative.detach(), self.has_negative)
 
@@ -88,6 +89,7 @@ class PairBatch(ABC):
 
     @property
     def num_pairs(self) -> int:
+        """The number of pairs in the batch (B)."""
         return len(self.ids)
 
     @classmethod
@@ -114,6 +116,7 @@ class PairBatch(ABC):
         """The device of the batch's model inputs."""
 
     def cached_reference(self) -> PairLogps | None:
+        """The cached reference log-probs served with the batch, or None when it has none."""
         return None if self.reference is None else PairLogps.from_rows(self.reference, self.has_negative)
 
 
@@ -125,12 +128,14 @@ class ConcatenatedBatch(PairBatch):
 
     @classmethod
     def collate(cls, adapter: ModelAdapter, pairs: Sequence[EncodedPair]) -> ConcatenatedBatch:
+        """The chosen, rejected and negative sequences of ``pairs`` as one padded batch."""
         samples = [p.chosen for p in pairs] + [p.rejected for p in pairs]
         samples += negative_samples(pairs)
         return cls(inputs=adapter.collate(samples), **cls.fields_of(pairs))  # type: ignore[arg-type]
 
     @property
     def device(self) -> torch.device:
+        """The device of the batch's ``input_ids``."""
         return self.inputs["input_ids"].device
 
 
@@ -144,6 +149,8 @@ class SharedPrefixBatch(PairBatch):
 
     @classmethod
     def collate(cls, adapter: ModelAdapter, pairs: Sequence[EncodedPair]) -> SharedPrefixBatch:
+        """The left-padded prompts and right-padded answers of ``pairs``; ValueError when a pair's chosen and
+        rejected do not share their prompt."""
         prompts = []
         for pair in pairs:
             c, r = pair.chosen, pair.rejected
@@ -165,6 +172,7 @@ class SharedPrefixBatch(PairBatch):
 
     @property
     def device(self) -> torch.device:
+        """The device of the answers' ``input_ids``."""
         return self.answers["input_ids"].device
 
 

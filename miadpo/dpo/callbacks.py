@@ -28,6 +28,7 @@ class LogLastStep(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        """Keeps this optimizer step's metrics when Lightning will not log them (none kept when it will)."""
         step = trainer.global_step  # optimizer steps so far, this batch's included
         if step == self._seen_step:
             return  # a batch accumulating gradients: Lightning logs the step's last batch
@@ -42,6 +43,7 @@ class LogLastStep(L.Callback):
         self._pending = (step - 1, {**metrics, "epoch": trainer.current_epoch})
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Logs the last step's kept metrics, if any, at that step to every logger."""
         if self._pending is None:
             return
         step, metrics = self._pending
@@ -64,6 +66,8 @@ class ExportModel(L.Callback):
         self.exported: Path | None = None
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Exports the trained model on rank 0 (the full state gathered under a sharded strategy); non-finite
+        weights raise ``NonFiniteWeightsError`` naming the step."""
         state_dict = None
         if isinstance(trainer.strategy, FSDPStrategy | ModelParallelStrategy | DeepSpeedStrategy):
             # Sharded parameters: gather the full state on rank 0 (a collective: every rank takes part).

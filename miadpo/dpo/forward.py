@@ -75,6 +75,7 @@ class PairForward(ABC):
         self.chunk = chunk
 
     def collate(self, pairs: Sequence[EncodedPair]) -> PairBatch:
+        """The batch of ``pairs`` in this forward's layout (``batch_type``)."""
         return self.batch_type.collate(self.adapter, pairs)
 
     @abstractmethod
@@ -97,9 +98,11 @@ class ConcatenatedPairForward(PairForward):
     batch_type = ConcatenatedBatch
 
     def image_inputs(self, batch: ConcatenatedBatch) -> dict[str, torch.Tensor]:
+        """The batch's inputs (every row carries its images)."""
         return batch.inputs
 
     def __call__(self, model: nn.Module, batch: ConcatenatedBatch, image_features: Any | None = None) -> PairLogps:
+        """Answer log-probs of every row, from one forward over the full sequences."""
         inputs = self.adapter.with_image_features({k: v for k, v in batch.inputs.items() if k != "labels"},
                                                   image_features)
         hidden, _ = self.adapter.hidden_forward(model, **inputs, use_cache=False)
@@ -125,9 +128,11 @@ class SharedPrefixPairForward(PairForward):
         super().__init__(adapter, chunk)
 
     def image_inputs(self, batch: SharedPrefixBatch) -> dict[str, torch.Tensor]:
+        """The batch's prompt inputs (the answers carry no images)."""
         return batch.prompt
 
     def __call__(self, model: nn.Module, batch: SharedPrefixBatch, image_features: Any | None = None) -> PairLogps:
+        """Answer log-probs of every row: the prompts' prefill, then each answer from its prompt's key/value cache."""
         prompt, answers = batch.prompt, batch.answers
         positions = self.adapter.prompt_position_ids(prompt)
         prompt_hidden, prefill = self.adapter.hidden_forward(

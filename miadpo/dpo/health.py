@@ -38,6 +38,7 @@ class TrainingHealth(L.Callback):
         self._trainer: L.Trainer | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Keeps the trainer, whose settings ``nonfinite_message`` names."""
         self._trainer = trainer
 
     def record(self, loss: torch.Tensor, policy: PairLogps, reference: PairLogps) -> None:

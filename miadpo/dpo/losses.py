@@ -72,6 +72,7 @@ class SigmoidDPOLoss(PreferenceLoss):
     """DPO (Rafailov et al. 2023): ``L = −log σ(β h)``."""
 
     def pair_losses(self, policy: PairLogps, reference: PairLogps) -> torch.Tensor:
+        """``−log σ(β h)`` per pair."""
         return -F.logsigmoid(self.beta * _margin(policy, reference))
 
 
@@ -85,6 +86,7 @@ class ConservativeDPOLoss(PreferenceLoss):
         self.eps = label_smoothing
 
     def pair_losses(self, policy: PairLogps, reference: PairLogps) -> torch.Tensor:
+        """``−(1−ε) log σ(β h) − ε log σ(−β h)`` per pair."""
         logits = self.beta * _margin(policy, reference)
         return -(1 - self.eps) * F.logsigmoid(logits) - self.eps * F.logsigmoid(-logits)
 
@@ -94,6 +96,7 @@ class RobustDPOLoss(ConservativeDPOLoss):
     ``L = [−(1−ε) log σ(β h) + ε log σ(−β h)] / (1 − 2ε)``."""
 
     def pair_losses(self, policy: PairLogps, reference: PairLogps) -> torch.Tensor:
+        """``[−(1−ε) log σ(β h) + ε log σ(−β h)] / (1 − 2ε)`` per pair."""
         logits = self.beta * _margin(policy, reference)
         return (-(1 - self.eps) * F.logsigmoid(logits) + self.eps * F.logsigmoid(-logits)) / (1 - 2 * self.eps)
 
@@ -102,6 +105,7 @@ class IPOLoss(PreferenceLoss):
     """IPO (Azar et al. 2023) on length-averaged log-probs: ``L = (h̄ − 1/(2β))²``."""
 
     def pair_losses(self, policy: PairLogps, reference: PairLogps) -> torch.Tensor:
+        """``(h̄ − 1/(2β))²`` per pair, h̄ from the length-averaged log-probs."""
         return (_margin(policy, reference, average=True) - 1 / (2 * self.beta)) ** 2
 
 
@@ -109,6 +113,7 @@ class HingeLoss(PreferenceLoss):
     """SLiC-style hinge: ``L = max(0, 1 − β h)``."""
 
     def pair_losses(self, policy: PairLogps, reference: PairLogps) -> torch.Tensor:
+        """``max(0, 1 − β h)`` per pair."""
         return torch.relu(1 - self.beta * _margin(policy, reference))
 
 
@@ -128,6 +133,7 @@ class ConditionalPreferenceLoss(PreferenceLoss):
         return original, implicit_reward(policy.negative, reference.negative, self.beta)
 
     def pair_losses(self, policy: PairLogps, reference: PairLogps) -> torch.Tensor:
+        """The conditional preference loss per pair; 0 for the pairs without a negative."""
         if policy.negative is None or reference.negative is None or policy.has_negative is None:
             return torch.zeros_like(policy.chosen)
         original, negative = self.rewards(policy, reference)
@@ -146,6 +152,7 @@ class AnchorLoss(PreferenceLoss):
         self.delta = delta
 
     def pair_losses(self, policy: PairLogps, reference: PairLogps) -> torch.Tensor:
+        """``−log σ(r_c − δ)`` per pair, r_c the chosen answer's implicit reward with the original images."""
         return -F.logsigmoid(implicit_reward(policy.chosen, reference.chosen, self.beta) - self.delta)
 
 

@@ -82,6 +82,7 @@ class DPOModule(L.LightningModule):
         raise TypeError(f"{type(self.pair_forward).__name__} cannot read a {type(batch).__name__}")
 
     def policy_logps(self, batch: PairBatch, image_features: Any | None = None) -> PairLogps:
+        """The policy's answer log-probs of ``batch`` (with gradients), by the pair forward that reads it."""
         return self._forward_for(batch)(self.policy, batch, image_features)
 
     @torch.no_grad()
@@ -93,9 +94,11 @@ class DPOModule(L.LightningModule):
         return self._forward_for(batch).image_features(self.policy, batch)
 
     def reference_logps(self, batch: PairBatch, image_features: Any | None = None) -> PairLogps:
+        """The reference's answer log-probs of ``batch`` (``reference``; no gradient)."""
         return self.reference.logps(batch, self._forward_for(batch), image_features)
 
     def configure_callbacks(self) -> list[L.Callback]:
+        """The ``TrainingHealth`` callback and the reference's own callbacks."""
         return [self.health, *self.reference.callbacks()]
 
     def _step(self, batch: PairBatch, prefix: str) -> torch.Tensor:
@@ -154,9 +157,11 @@ class DPOModule(L.LightningModule):
         return total
 
     def training_step(self, batch: PairBatch, batch_idx: int) -> torch.Tensor:
+        """The batch's training loss (its metrics logged per step)."""
         return self._step(batch, "")
 
     def validation_step(self, batch: PairBatch, batch_idx: int) -> torch.Tensor:
+        """The batch's validation loss (its metrics logged under ``val/``, per epoch)."""
         return self._step(batch, "val/")
 
     def configure_model(self) -> None:
@@ -175,9 +180,12 @@ class DPOModule(L.LightningModule):
         fully_shard(self.policy, mesh=data_parallel)
 
     def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW over the policy's trainable parameters with a linear warm-up and decay."""
         return adamw_with_linear_schedule(self.policy, self.optim, int(self.trainer.estimated_stepping_batches))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keeps only the trainable weights in the checkpoint; FloatingPointError (nothing written) when one is
+        not finite."""
         trainable = {f"policy.{n}" for n, p in self.policy.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         bad = nonfinite_names(checkpoint["state_dict"].items())

@@ -44,6 +44,7 @@ class DisabledAdapterReference(Reference):
 
     @torch.no_grad()
     def logps(self, batch: PairBatch, forward: PairForward, image_features: Any | None = None) -> PairLogps:
+        """Log-probs of ``batch`` by the policy with its adapters disabled, in eval mode."""
         policy = self._policy
         was_training = policy.training
         policy.eval()
@@ -63,6 +64,7 @@ class FrozenCopyReference(nn.Module, Reference):
 
     @torch.no_grad()
     def logps(self, batch: PairBatch, forward: PairForward, image_features: Any | None = None) -> PairLogps:
+        """Log-probs of ``batch`` by the frozen copy."""
         return forward(self.model, batch, image_features)
 
     def train(self, mode: bool = True) -> FrozenCopyReference:
@@ -82,6 +84,7 @@ class CachedReference(Reference):
 
     @torch.no_grad()
     def logps(self, batch: PairBatch, forward: PairForward, image_features: Any | None = None) -> PairLogps:
+        """The cached log-probs of ``batch``, else computed by ``compute`` (and appended to the cache)."""
         cached = batch.cached_reference()  # served with the pairs (PairDataset.attach_reference)
         if cached is None and batch.keys is not None:  # cached after the loader read the pairs
             cached = self.cache.lookup(batch.keys, batch.device, batch.has_negative)

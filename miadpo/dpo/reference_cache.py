@@ -121,6 +121,7 @@ class ReferenceCache:
         self.lock_path = self.directory / f"logps.{rank}.lock"
 
     def reload(self) -> None:
+        """Read every shard of the directory again (a key's longer row wins)."""
         for file in sorted(self.directory.glob("logps.*.jsonl")):
             for row in _complete_rows(file):
                 self._keep(row["key"], row["logps"])
@@ -171,6 +172,7 @@ class ReferenceCache:
         return PairLogps.from_rows(rows, None if has_negative is None else has_negative.to(device))
 
     def add(self, rows: Sequence[tuple[str, list[float]]]) -> None:
+        """Keep ``rows`` and append them to this rank's shard (only inside ``writing``)."""
         if not self._writing:
             raise RuntimeError("ReferenceCache.add outside ReferenceCache.writing()")
         for key, values in rows:
@@ -209,6 +211,8 @@ class InStepFilling(L.Callback):
         self._refused = False
 
     def record(self, keys: Sequence[str], logps: PairLogps) -> None:
+        """Appends the rows of ``keys`` the cache lacks, taking the shard's lock at the first write (nothing is
+        written if another run holds it)."""
         needs = negative_needs(logps.has_negative, len(keys))
         if self._refused or self.cache.covers(keys, needs):
             return
@@ -228,6 +232,7 @@ class InStepFilling(L.Callback):
             self.written += len(rows)
 
     def close(self) -> None:
+        """Releases the shard's lock, if held, and logs how many pairs this run cached."""
         if self._stack is not None:
             self._stack.close()
             self._stack = None
@@ -235,12 +240,15 @@ class InStepFilling(L.Callback):
                      self.cache.directory)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Points the cache at this process' shard (``logps.<rank>.jsonl``)."""
         self.cache.use_shard(trainer.global_rank)  # each process appends to its own shard
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Closes the shard (``close``)."""
         self.close()
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """Closes the shard (``close``)."""
         self.close()  # what was appended stays; the lock is released for a resumed run in this process
 
 

@@ -47,6 +47,7 @@ class BeforeAfterEval(L.Callback):
 
     @property
     def tables(self) -> dict[str, dict[str, dict[str, float]]]:
+        """The table of each evaluation done so far, by name (``before``, ``after``)."""
         return {name: evaluation.table for name, evaluation in self.evaluations.items()}
 
     def _evaluate(self, name: str, trainer: L.Trainer) -> None:
@@ -59,10 +60,13 @@ class BeforeAfterEval(L.Callback):
                                         for group, row in evaluation.table.items()}, step=trainer.global_step)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Evaluate the base (``before``) on rank 0."""
         if trainer.is_global_zero:
             self._evaluate("before", trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Evaluate the policy (``after``) on rank 0, compare it with ``before``, write the report files and, under an
+        enabled W&B logger, log the table."""
         if not trainer.is_global_zero:
             return
         self._evaluate("after", trainer)
@@ -93,6 +97,8 @@ class BeforeAfterEval(L.Callback):
         experiment.log({"eval/before_after": table})
 
     def markdown(self) -> str:
+        """The before/after table as markdown: per group n, both accuracies, Δ, its 95% interval, the McNemar p-value
+        and, for toy questions, the share of answers in no image before → after."""
         rows = []
         for group, row, new, paired in self._rows():
             nothing = f"{row[NOTHING]:.1f} → {new[NOTHING]:.1f}" if NOTHING in row else ""

@@ -42,9 +42,11 @@ class PairedDifference:
     unpaired: int = 0  # units in only one of the two evaluations, left out
 
     def as_dict(self) -> dict[str, float | int | None]:
+        """The fields as a dict (for JSON)."""
         return asdict(self)
 
     def interval(self) -> str:
+        """The 95% interval as text, ``[low, high]`` signed to one decimal."""
         return f"[{self.low:+.1f}, {self.high:+.1f}]"
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from PIL import Image
 
+from miadpo.augment.registry import FORMATS
 from miadpo.data.images import MISSING, ImageError, ImageOptions, resolve_record_image
 from miadpo.data.jsonl import iter_raw_records
 from miadpo.data.pairs import BadRecord, BadRecordError, BadRecordReport, ImageRoots
@@ -40,6 +41,9 @@ _OUTSIDE_TSV_FOLDER: set[Path] = set()  # TSV folders an image_path was seen lea
 
 @dataclass
 class EvalItem:
+    """One evaluation question: its image sources, prompt and answer (an option letter with ``options``, else the open
+    answer), and the groups it is scored in."""
+
     id: str
     group: str  # "single", "sequence N=3", "tsv:<name>", "mmmu", ...
     sources: list[ImageSource]  # the images in prompt order (a video source gives several frames)
@@ -94,7 +98,8 @@ def llava_items(path: Path, roots: ImageRoots, report: BadRecordReport | None = 
         image = record.get("image")
         paths = [] if image is None else ([image] if isinstance(image, str) else list(image))
         meta = record.get("meta") or {}
-        if meta and meta["format"] != "single":
+        fmt = FORMATS.get(meta.get("format", ""))
+        if meta and (fmt is None or fmt.multi_image):
             group = f"{meta['format']} N={meta['n_images']}"
         else:
             group = "single" if len(paths) == 1 else f"{len(paths)} images"

@@ -104,6 +104,8 @@ def open_answer(prediction: str) -> str:
 
 
 def is_correct(item: EvalItem, prediction: str) -> bool:
+    """Whether ``prediction`` answers ``item``: by the option it picks, by MMMU's open-answer rule for ``accepted``
+    answers, else by normalised exact match."""
     if item.options:
         return option_letter(prediction, item.options) == item.answer
     if item.accepted:
@@ -126,7 +128,8 @@ class ErrorClassifier(Protocol):
 
     classes: tuple[str, ...]
 
-    def __call__(self, item: EvalItem, prediction: str) -> str: ...
+    def __call__(self, item: EvalItem, prediction: str) -> str:
+        """The class (one of ``classes``) of the wrong answer ``prediction`` to ``item``."""
 
 
 def score(items: Sequence[EvalItem], predictions: Sequence[str], classify: ErrorClassifier | None = None
@@ -239,6 +242,7 @@ class Evaluation:
     skipped: list[str] = field(default_factory=list)  # file:line (id): reason, of items not answered
 
     def correct(self) -> dict[str, dict[str, bool]]:
+        """Each paired unit's correctness by group (``paired_units``), for ``miadpo.eval.compare``."""
         return paired_units(self.items, self.predictions)
 
     def keyed_predictions(self) -> dict[str, dict[str, str]]:
@@ -292,6 +296,8 @@ def evaluate(adapter: ModelAdapter, items: Sequence[EvalItem], batch_size: int =
 
 
 def table_markdown(table: dict[str, dict[str, float]]) -> str:
+    """A score table as markdown: per group n, accuracy, then the other columns in name order (0.0 where a group has
+    none)."""
     columns = sorted({k for row in table.values() for k in row if k != "n"}, key=lambda k: (k != "accuracy", k))
     rows = ([group, int(row["n"]), *(f"{row.get(c, 0.0):.1f}" for c in columns)] for group, row in table.items())
     return markdown_table(["group", "n", *columns], rows) + "\n"

@@ -43,17 +43,22 @@ class ImageSource(Protocol):
 
 @dataclass(frozen=True)
 class ImageFile:
+    """An image file on disk (``where``: where it was looked for, for messages)."""
+
     path: Path
     where: str | None = None  # where it was looked for, for messages
 
     @property
     def label(self) -> str:
+        """The file's path, naming the source in messages."""
         return str(self.path)
 
     def check(self, options: ImageOptions) -> None:
+        """ImageError if the file cannot be opened from its header (or is too large under ``on_large_image=skip``)."""
         image_size(self.path, options, where=self.where)
 
     def load(self, options: ImageOptions) -> list[Image.Image]:
+        """The decoded image, as a one-image list; ImageError if it cannot be."""
         return [load_image(self.path, options, where=self.where)]
 
 
@@ -74,9 +79,11 @@ class EncodedImage:
             raise ImageError(CORRUPT, self.label, detail=f"not base64 ({exc})") from exc
 
     def check(self, options: ImageOptions) -> None:
+        """ImageError if the data is not base64 (with ``base64``) or cannot be opened as an image from its header."""
         image_size(io.BytesIO(self._bytes()), options, name=self.label)
 
     def load(self, options: ImageOptions) -> list[Image.Image]:
+        """The decoded image, as a one-image list; ImageError if it cannot be."""
         return [load_image(io.BytesIO(self._bytes()), options, name=self.label)]
 
 
@@ -100,13 +107,17 @@ class VideoFrames:
 
     @property
     def label(self) -> str:
+        """The video's path, naming the source in messages."""
         return str(self.path)
 
     def check(self, options: ImageOptions) -> None:
+        """ImageError if the video file does not exist (it is first opened by ``load``)."""
         if not self.path.is_file():
             raise ImageError(MISSING, self.label)
 
     def load(self, options: ImageOptions) -> list[Image.Image]:
+        """The ``count`` frames as images; ImportError without PyAV, ImageError if the video cannot be decoded or lacks
+        a frame wanted."""
         self.check(options)
         try:
             import av
@@ -162,13 +173,17 @@ class FrameFolder:
 
     @property
     def label(self) -> str:
+        """The folder's path, naming the source in messages."""
         return str(self.path)
 
     def check(self, options: ImageOptions) -> None:
+        """ImageError if the folder does not exist."""
         if not self.path.is_dir():
             raise ImageError(MISSING, self.label, detail="frame folder not found")
 
     def load(self, options: ImageOptions) -> list[Image.Image]:
+        """The ``count`` frames (the files at ``segment_frames``' indices) as images; ImageError if one cannot be
+        loaded."""
         self.check(options)
         total = sum(1 for _ in self.path.iterdir())
         # Numbered from 1, the last index the folder's file count (as the authors' read_frame).
@@ -183,4 +198,5 @@ def _as_loaded(image: Image.Image, options: ImageOptions) -> Image.Image:
 
 
 def load_sources(sources: Sequence[ImageSource], options: ImageOptions) -> list[Image.Image]:
+    """The decoded images of ``sources`` in order (a video's frames in its place); ImageError if one cannot be."""
     return [image for source in sources for image in source.load(options)]

@@ -52,6 +52,7 @@ def check_model_config(cfg: ModelConfig) -> None:
 
 
 def build_adapter(cfg: ModelConfig) -> ModelAdapter:
+    """The adapter of ``cfg.family`` (see ``ADAPTERS``) built from the model config; fails on an unknown family."""
     check_model_config(cfg)
     try:
         adapter_class = ADAPTERS[cfg.family]

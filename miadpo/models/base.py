@@ -355,6 +355,7 @@ class ModelAdapter(ABC):
                 parameter.requires_grad_(not projector)
 
     def module_name(self, module: nn.Module) -> str:
+        """The dotted name of ``module`` in the base model; fails when it is not part of it."""
         for name, candidate in self.base_model.named_modules():
             if candidate is module:
                 return name
@@ -426,6 +427,8 @@ class SeparatePartsAdapter(ModelAdapter):
 
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> ModelAdapter:
+        """The tiny variant (:meth:`build_tiny`) when ``cfg.path`` is null, else ``model_class``, the tokenizer and
+        ``image_processor_class`` loaded from the weights directory."""
         if cfg.path is None:
             model, tokenizer, image_processor = cls.build_tiny(cfg)
         else:
@@ -440,4 +443,5 @@ class SeparatePartsAdapter(ModelAdapter):
         return cls(model, tokenizer, image_processor, get_template(cfg.template), cfg)
 
     def processor_for_saving(self) -> ProcessorFiles:
+        """The tokenizer and image processor as :class:`ProcessorFiles`, with :meth:`chat_template`."""
         return ProcessorFiles(self.tokenizer, self.image_processor, self.chat_template())

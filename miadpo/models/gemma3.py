@@ -44,6 +44,8 @@ class Gemma3Adapter(SeparatePartsAdapter):
 
     @classmethod
     def build_tiny(cls, cfg: ModelConfig) -> tuple[nn.Module, PreTrainedTokenizerFast, Gemma3ImageProcessorPil]:
+        """(model, tokenizer, image processor) of ``tiny_gemma3``: Gemma's special tokens, a square
+        ``tiny.image_size``-px input."""
         tiny = cfg.tiny
         tokenizer = build_tiny_tokenizer(tiny.vocab_size, GEMMA_SPECIALS, GEMMA_NAMES, extra=GEMMA_NAMED)
         image_processor = Gemma3ImageProcessorPil(size={"height": tiny.image_size, "width": tiny.image_size})
@@ -76,6 +78,7 @@ class Gemma3Adapter(SeparatePartsAdapter):
         return model
 
     def image_geometry(self, image_size: tuple[int, int]) -> ImageGeometry:
+        """One ``√mm_tokens_per_image``-sided grid over the whole image (stretched to the square input)."""
         side = math.isqrt(self.base_model.config.mm_tokens_per_image)
         width, height = image_size
         grid = PatchGrid(rows=side, cols=side, token_offset=0, scale_x=side / width, scale_y=side / height,
@@ -84,13 +87,16 @@ class Gemma3Adapter(SeparatePartsAdapter):
 
     @property
     def chat_image_marker(self) -> str:
+        """``<start_of_image>``, which Gemma 3's processor expands into the image's tokens."""
         return BOI  # what Gemma 3's chat template writes for an image; its processor expands it
 
     def image_placeholder(self, geometry: ImageGeometry) -> str:
+        """``\\n\\n<start_of_image>`` + the image's soft tokens + ``<end_of_image>\\n\\n``."""
         return f"\n\n{BOI}" + SOFT_TOKEN * geometry.num_tokens + f"{EOI}\n\n"
 
     def pixel_inputs(self, images: list[Image.Image], geometries: list[ImageGeometry]
                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Pixel values, one view per image (no pan-and-scan crops), and no extra inputs."""
         out = self.image_processor(images=images, do_pan_and_scan=False, return_tensors="pt")
         if out["pixel_values"].shape[0] != len(images):
             raise RuntimeError(f"image processor made {out['pixel_values'].shape[0]} views of {len(images)} images")

@@ -56,6 +56,8 @@ class Gemma4Adapter(SeparatePartsAdapter):
 
     @classmethod
     def build_tiny(cls, cfg: ModelConfig) -> tuple[nn.Module, PreTrainedTokenizerFast, Gemma4ImageProcessorPil]:
+        """(model, tokenizer, image processor) of ``tiny_gemma4``: Gemma 4's special tokens, ``TINY_SOFT_TOKENS`` soft
+        tokens at most per image, pooled ``TINY_POOLING`` × ``TINY_POOLING``."""
         tiny = cfg.tiny
         tokenizer = build_tiny_tokenizer(tiny.vocab_size, GEMMA4_SPECIALS, GEMMA4_NAMES, extra=GEMMA4_NAMED)
         image_processor = Gemma4ImageProcessorPil(max_soft_tokens=TINY_SOFT_TOKENS, patch_size=tiny.patch_size,
@@ -87,6 +89,7 @@ class Gemma4Adapter(SeparatePartsAdapter):
         return seeded_init(cls.model_class, config, tiny.init_seed)
 
     def image_geometry(self, image_size: tuple[int, int]) -> ImageGeometry:
+        """One grid of pooled cells over the image resized with its aspect ratio kept, within the soft-token budget."""
         processor = self.image_processor
         width, height = image_size
         k, patch = processor.pooling_kernel_size, processor.patch_size
@@ -97,10 +100,12 @@ class Gemma4Adapter(SeparatePartsAdapter):
         return ImageGeometry(image_size=image_size, num_tokens=rows * cols, grids=(grid,))
 
     def image_placeholder(self, geometry: ImageGeometry) -> str:
+        """``<|image>`` + the image's soft tokens + ``<image|>``."""
         return BOI + SOFT_TOKEN * geometry.num_tokens + EOI
 
     def pixel_inputs(self, images: list[Image.Image], geometries: list[ImageGeometry]
                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Pixel values and ``image_position_ids``; fails when a soft-token count disagrees with the geometry."""
         out = self.image_processor(images=images, return_tensors="pt")
         for geometry, count in zip(geometries, out["num_soft_tokens_per_image"]):
             if int(count) != geometry.num_tokens:

@@ -63,6 +63,7 @@ class ImageGeometry:
 
     @property
     def image_token_ids(self) -> int:
+        """Image-token ids in the span: ``image_tokens`` when set, else the whole span."""
         return self.num_tokens if self.image_tokens is None else self.image_tokens
 
     def token_coverage(self, box: Box) -> np.ndarray:

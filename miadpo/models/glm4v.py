@@ -60,6 +60,7 @@ class Glm4vAdapter(QwenVLAdapter):
 
     @classmethod
     def build_tiny(cls, cfg: ModelConfig) -> tuple[nn.Module, PreTrainedTokenizerFast, Glm4vImageProcessorPil]:
+        """(model, tokenizer, image processor) of ``tiny_glm4v``: GLM's specials, 2 × 2 merge, two-frame patches."""
         tiny = cfg.tiny
         tokenizer = build_tiny_tokenizer(tiny.vocab_size, GLM_SPECIALS, GLM_NAMES,
                                          extra={"image_token": IMAGE, "video_token": VIDEO})
@@ -79,6 +80,8 @@ class Glm4vAdapter(QwenVLAdapter):
 
     @classmethod
     def tiny_model(cls, tiny: TinyModelConfig, tokenizer: PreTrainedTokenizerFast, attn: str) -> nn.Module:
+        """``config_class`` with :meth:`tiny_text_config`, a small vision tower and GLM's marker token ids; random
+        weights."""
         ids = tokenizer.convert_tokens_to_ids
         config = cls.config_class(
             text_config=cls.tiny_text_config(tiny, tokenizer),
@@ -105,9 +108,11 @@ class Glm4vAdapter(QwenVLAdapter):
 
     @property
     def chat_image_marker(self) -> str:
+        """``<|begin_of_image|><|image|><|end_of_image|>``, as GLM's chat template writes an image."""
         return BEGIN_IMAGE + IMAGE + END_IMAGE  # as GLM's chat template writes an image
 
     def image_placeholder(self, geometry: ImageGeometry) -> str:
+        """``<|begin_of_image|>`` + the image's ``<|image|>`` tokens + ``<|end_of_image|>``."""
         return BEGIN_IMAGE + IMAGE * geometry.num_tokens + END_IMAGE
 
 
@@ -123,6 +128,7 @@ class Glm4vMoeAdapter(Glm4vAdapter):
 
     @classmethod
     def tiny_text_config(cls, tiny: TinyModelConfig, tokenizer: PreTrainedTokenizerFast) -> dict[str, Any]:
+        """GLM-4.1V's tiny text config with ``TINY_GLM_EXPERTS`` and a ``moe_intermediate_size``."""
         return {**super().tiny_text_config(tiny, tokenizer), **TINY_GLM_EXPERTS,
                 "moe_intermediate_size": tiny.intermediate_size // 2}
 

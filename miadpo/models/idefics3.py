@@ -71,6 +71,8 @@ class Idefics3Adapter(SeparatePartsAdapter):
 
     @classmethod
     def build_tiny(cls, cfg: ModelConfig) -> tuple[nn.Module, PreTrainedTokenizerFast, Any]:
+        """(model, tokenizer, image processor) of the tiny variant: ``tiny.image_size``-px tiles, images resized to a
+        longest edge of twice that, splitting on."""
         tiny = cfg.tiny
         tokenizer = build_tiny_tokenizer(tiny.vocab_size, IDEFICS3_SPECIALS, IDEFICS3_NAMES, extra={})
         image_processor = cls.image_processor_class(
@@ -80,6 +82,7 @@ class Idefics3Adapter(SeparatePartsAdapter):
 
     @classmethod
     def tiny_model(cls, tiny: TinyModelConfig, tokenizer: PreTrainedTokenizerFast, attn: str) -> nn.Module:
+        """``config_class`` with a Llama decoder, a small vision tower and pixel shuffle by 2; random weights."""
         config = cls.config_class(
             text_config={"model_type": "llama", **tiny_text_config(tiny, tokenizer)},
             vision_config={"hidden_size": tiny.vision_hidden_size, "intermediate_size": 2 * tiny.vision_hidden_size,
@@ -111,6 +114,7 @@ class Idefics3Adapter(SeparatePartsAdapter):
         return 0, 0, (tile, tile)
 
     def image_geometry(self, image_size: tuple[int, int]) -> ImageGeometry:
+        """One grid per tile (row-major), then the global view's; the span includes the tile tags."""
         rows, cols, _ = self._tiles(image_size)
         width, height = image_size
         cells = self._tile_cells
@@ -136,10 +140,13 @@ class Idefics3Adapter(SeparatePartsAdapter):
         return text + ("\n" if rows else "") + f"{FAKE}{GLOBAL}{tokens}{FAKE}"
 
     def image_placeholder(self, geometry: ImageGeometry) -> str:
+        """Each tile's tags and ``<image>`` tokens row by row, then the global view's (``geometry.layout`` gives the
+        rows and cols)."""
         return self._placeholder(*geometry.layout)
 
     def pixel_inputs(self, images: list[Image.Image], geometries: list[ImageGeometry]
                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Tiles and ``pixel_attention_mask``; fails when the processor's split disagrees with the geometry."""
         out = self.image_processor(images=[images], return_row_col_info=True, return_tensors="pt")
         for geometry, rows, cols in zip(geometries, out["rows"][0], out["cols"][0]):
             if geometry.layout != (rows, cols):

@@ -47,6 +47,8 @@ class InternVLAdapter(SeparatePartsAdapter):
 
     @classmethod
     def build_tiny(cls, cfg: ModelConfig) -> tuple[nn.Module, PreTrainedTokenizerFast, GotOcr2ImageProcessorPil]:
+        """(model, tokenizer, image processor) of ``tiny_internvl``: ``tiny.image_size``-px tiles, ``tiny.max_tiles`` at
+        most."""
         tiny = cfg.tiny
         tokenizer = build_tiny_tokenizer(tiny.vocab_size, INTERNVL_SPECIALS, CHATML_NAMES, extra=INTERNVL_NAMED)
         image_processor = GotOcr2ImageProcessorPil(
@@ -68,6 +70,7 @@ class InternVLAdapter(SeparatePartsAdapter):
         return int(self._tile // patch * config.downsample_ratio)
 
     def image_geometry(self, image_size: tuple[int, int]) -> ImageGeometry:
+        """One grid per tile (row-major), then the thumbnail's when there is more than one tile."""
         width, height = image_size
         processor, tile, cells = self.image_processor, self._tile, self._tile_cells
         cols, rows = 1, 1
@@ -86,10 +89,12 @@ class InternVLAdapter(SeparatePartsAdapter):
                              layout=(cols, rows))
 
     def image_placeholder(self, geometry: ImageGeometry) -> str:
+        """``<img>`` + the image's ``<IMG_CONTEXT>`` tokens + ``</img>``."""
         return "<img>" + self.image_token * geometry.num_tokens + "</img>"
 
     def pixel_inputs(self, images: list[Image.Image], geometries: list[ImageGeometry]
                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Pixel values of all tiles, no extra inputs; fails when a tile count disagrees with the geometry."""
         out = self.image_processor(images=images, crop_to_patches=self.image_processor.crop_to_patches,
                                    return_tensors="pt")
         for geometry, tiles in zip(geometries, out["num_patches"]):
@@ -108,6 +113,8 @@ class InternVL35Adapter(InternVLAdapter):
 
 def tiny_internvl(tiny: TinyModelConfig, tokenizer: PreTrainedTokenizerFast, attn: str,
                   text_model_type: str = "qwen2") -> nn.Module:
+    """A tiny InternVL with random weights: a ``text_model_type`` decoder, a small vision tower,
+    ``downsample_ratio`` 0.5."""
     config = InternVLConfig(
         text_config={"model_type": text_model_type, "head_dim": tiny.hidden_size // tiny.num_heads,
                      **tiny_text_config(tiny, tokenizer)},

@@ -36,6 +36,7 @@ class LlavaAdapter(ModelAdapter):
 
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> LlavaAdapter:
+        """The tiny LLaVA when ``cfg.path`` is null, else the checkpoint's model, tokenizer and image processor."""
         if cfg.path is None:
             tokenizer = build_tiny_tokenizer(cfg.tiny.vocab_size)
             image_processor = build_tiny_image_processor(cfg.tiny.image_size)
@@ -100,6 +101,7 @@ class LlavaAdapter(ModelAdapter):
 
     def pixel_inputs(self, images: list[Image.Image], geometries: list[ImageGeometry]
                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Pixel values of the images (padded to square first when ``pad_to_square``), no extra inputs."""
         if self.cfg.pad_to_square:
             images = [pad_to_square(image, self._fill_colour())[0] for image in images]
         return self.image_processor(images=images, return_tensors="pt")["pixel_values"], {}

@@ -46,6 +46,8 @@ class LlavaOnevisionAdapter(SeparatePartsAdapter):
 
     @classmethod
     def build_tiny(cls, cfg: ModelConfig) -> tuple[nn.Module, PreTrainedTokenizerFast, LlavaOnevisionImageProcessorPil]:
+        """(model, tokenizer, image processor) of ``tiny_llava_onevision``: anyres canvases of up to 2 × 2 tower-sized
+        tiles."""
         tiny = cfg.tiny
         tokenizer = build_tiny_tokenizer(tiny.vocab_size, ONEVISION_SPECIALS, CHATML_NAMES,
                                          extra={"image_token": "<image>", "video_token": "<video>"})
@@ -57,6 +59,7 @@ class LlavaOnevisionAdapter(SeparatePartsAdapter):
 
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> ModelAdapter:
+        """As the base; fails unless the model's ``vision_feature_select_strategy`` is ``full``."""
         adapter = super().from_config(cfg)
         if adapter.base_model.config.vision_feature_select_strategy != "full":
             raise ValueError("LLaVA-OneVision adapter expects vision_feature_select_strategy='full' (SigLIP, no CLS)")
@@ -69,6 +72,7 @@ class LlavaOnevisionAdapter(SeparatePartsAdapter):
         return vision.image_size, vision.image_size // vision.patch_size
 
     def plan_images(self, image_sizes: Sequence[tuple[int, int]]) -> list[ImageGeometry]:
+        """One image: its anyres geometry; several: each its base view only."""
         if len(image_sizes) == 1:
             return [self.image_geometry(image_sizes[0])]
         return [self._base_view_geometry(size) for size in image_sizes]
@@ -105,6 +109,7 @@ class LlavaOnevisionAdapter(SeparatePartsAdapter):
 
     def pixel_inputs(self, images: list[Image.Image], geometries: list[ImageGeometry]
                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Pixel values (only each image's base view when there are several) and ``image_sizes``."""
         out = self.image_processor(images=[images], return_tensors="pt")
         pixels = out["pixel_values"]
         if len(images) > 1:
@@ -127,6 +132,8 @@ class LlavaOnevisionAdapter(SeparatePartsAdapter):
 
 def tiny_onevision(tiny: TinyModelConfig, tokenizer: PreTrainedTokenizerFast, pinpoints: list[list[int]],
                    attn: str) -> nn.Module:
+    """A tiny LLaVA-OneVision with random weights: a Qwen2 decoder, a SigLIP tower without head, anyres over
+    ``pinpoints``."""
     config = LlavaOnevisionConfig(
         text_config={"model_type": "qwen2", **tiny_text_config(tiny, tokenizer)},
         vision_config={"model_type": "siglip_vision_model", "hidden_size": tiny.vision_hidden_size,

@@ -98,6 +98,7 @@ def unreadable_safetensors(directory: Path) -> str | None:
 
 
 def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype named ``name`` (``float32``, ``bfloat16`` or ``float16``)."""
     try:
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
     except KeyError:

@@ -62,6 +62,8 @@ class MiniCPMV46Adapter(SeparatePartsAdapter):
 
     @classmethod
     def build_tiny(cls, cfg: ModelConfig) -> tuple[nn.Module, PreTrainedTokenizerFast, MiniCPMV4_6ImageProcessorPil]:
+        """(model, tokenizer, image processor) of ``tiny_minicpm_v4_6``: views of ``tiny.image_size``² pixels, at most
+        ``tiny.max_tiles`` slices."""
         tiny = cfg.tiny
         tokenizer = build_tiny_tokenizer(tiny.vocab_size, MINICPM_SPECIALS, CHATML_NAMES, extra=MINICPM_NAMED)
         # Views of scale_resolution² pixels = (image_size / patch_size)² patches, as the release's 448 px / 14 px.
@@ -89,6 +91,7 @@ class MiniCPMV46Adapter(SeparatePartsAdapter):
         return 2 if self.image_processor.downsample_mode == "4x" else 4
 
     def image_geometry(self, image_size: tuple[int, int]) -> ImageGeometry:
+        """The global view's grid, then one grid per slice (row-major) when the image is sliced."""
         processor, width, height = self.image_processor, *image_size
         patch, mode, resolution = processor.patch_size, processor.downsample_mode, processor.scale_resolution
         grid = (processor.get_sliced_grid((height, width), processor.max_slice_nums, resolution)
@@ -129,6 +132,7 @@ class MiniCPMV46Adapter(SeparatePartsAdapter):
         return text + "\n".join(one_slice * cols for _ in range(rows))
 
     def image_placeholder(self, geometry: ImageGeometry) -> str:
+        """The placeholder of an image numbered 0 (:meth:`image_placeholders` numbers a prompt's images)."""
         return self._placeholder(geometry.layout, 0)
 
     def image_placeholders(self, geometries: Sequence[ImageGeometry]) -> list[str]:
@@ -138,6 +142,7 @@ class MiniCPMV46Adapter(SeparatePartsAdapter):
 
     def pixel_inputs(self, images: list[Image.Image], geometries: list[ImageGeometry]
                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The packed pixels and ``target_sizes``; fails when a slice grid disagrees with the geometry."""
         out = self.image_processor(images=images, return_tensors="pt")
         for geometry, grid in zip(geometries, out["grids"]):
             if tuple(grid) != (geometry.layout[0], geometry.layout[1]):

@@ -51,6 +51,7 @@ class QwenVLAdapter(SeparatePartsAdapter):
 
     @classmethod
     def tiny_model(cls, tiny: TinyModelConfig, tokenizer: PreTrainedTokenizerFast, attn: str) -> nn.Module:
+        """A tiny Qwen2-VL with random weights: mRoPE decoder, 2 × 2 merge, two-frame temporal patches."""
         config = Qwen2VLConfig(
             text_config=qwen_text_config(tiny, tokenizer),
             vision_config={"depth": tiny.vision_layers, "embed_dim": tiny.vision_hidden_size,
@@ -63,18 +64,22 @@ class QwenVLAdapter(SeparatePartsAdapter):
 
     @staticmethod
     def vision_token_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
+        """The config's image, video and vision start/end token ids, read off ``tokenizer``."""
         ids = tokenizer.convert_tokens_to_ids
         return {"image_token_id": ids("<|image_pad|>"), "video_token_id": ids("<|video_pad|>"),
                 "vision_start_token_id": ids("<|vision_start|>"), "vision_end_token_id": ids("<|vision_end|>")}
 
     @classmethod
     def tiny_tokenizer(cls, tiny: TinyModelConfig) -> PreTrainedTokenizerFast:
+        """The tiny BPE tokenizer with Qwen's special tokens, pre-tokenized by ``tiny_split_regex``."""
         return build_tiny_tokenizer(tiny.vocab_size, QWEN_SPECIALS, CHATML_NAMES,
                                     extra={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
                                     split_regex=cls.tiny_split_regex)
 
     @classmethod
     def build_tiny(cls, cfg: ModelConfig) -> tuple[nn.Module, PreTrainedTokenizerFast, Qwen2VLImageProcessorPil]:
+        """(model, tokenizer, image processor) of the tiny variant: 2 × 2 merge, at most ``tiny.max_tiles`` ×
+        ``tiny.image_size``² pixels."""
         tiny = cfg.tiny
         tokenizer = cls.tiny_tokenizer(tiny)
         merge = 2 * tiny.patch_size
@@ -92,6 +97,7 @@ class QwenVLAdapter(SeparatePartsAdapter):
         return new_w, new_h
 
     def image_geometry(self, image_size: tuple[int, int]) -> ImageGeometry:
+        """One grid of merged patch blocks over the image as ``smart_resize`` resizes it."""
         new_w, new_h = self._resized(image_size)
         cell = self.image_processor.patch_size * self.image_processor.merge_size  # pixels per token
         grid = PatchGrid(rows=new_h // cell, cols=new_w // cell, token_offset=0,
@@ -101,13 +107,16 @@ class QwenVLAdapter(SeparatePartsAdapter):
 
     @property
     def chat_image_marker(self) -> str:
+        """``<|vision_start|><|image_pad|><|vision_end|>``, as Qwen2-VL's own template writes an image."""
         return "<|vision_start|>" + self.image_token + "<|vision_end|>"  # as Qwen2-VL's own template writes it
 
     def image_placeholder(self, geometry: ImageGeometry) -> str:
+        """``<|vision_start|>`` + the image's ``<|image_pad|>`` tokens + ``<|vision_end|>``."""
         return "<|vision_start|>" + self.image_token * geometry.num_tokens + "<|vision_end|>"
 
     def pixel_inputs(self, images: list[Image.Image], geometries: list[ImageGeometry]
                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Pixel values and ``image_grid_thw``; fails when a grid disagrees with the geometry."""
         out = self.image_processor(images=images, return_tensors="pt")
         merge = self.image_processor.merge_size
         for geometry, thw in zip(geometries, out["image_grid_thw"].tolist()):
@@ -116,6 +125,7 @@ class QwenVLAdapter(SeparatePartsAdapter):
         return out["pixel_values"], {"image_grid_thw": out["image_grid_thw"]}
 
     def collate(self, samples: Sequence[EncodedSample], padding_side: str = "right") -> dict[str, torch.Tensor]:
+        """``mm_token_type_ids`` 1 on image tokens: the model computes mRoPE positions from it."""
         batch = super().collate(samples, padding_side)
         batch["mm_token_type_ids"] = (batch["input_ids"] == self.image_token_id).to(torch.int32)
         return batch
@@ -136,6 +146,7 @@ class Qwen25VLAdapter(QwenVLAdapter):
 
     @classmethod
     def tiny_model(cls, tiny: TinyModelConfig, tokenizer: PreTrainedTokenizerFast, attn: str) -> nn.Module:
+        """A tiny Qwen2.5-VL with random weights: windowed vision attention, the last vision layer full attention."""
         config = Qwen2_5_VLConfig(
             text_config=qwen_text_config(tiny, tokenizer),
             vision_config={"depth": tiny.vision_layers, "hidden_size": tiny.vision_hidden_size,

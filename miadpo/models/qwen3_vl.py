@@ -63,6 +63,7 @@ class Qwen3VLAdapter(QwenVLAdapter):
 
     @classmethod
     def tiny_text_config(cls, tiny: TinyModelConfig, tokenizer: PreTrainedTokenizerFast) -> dict[str, Any]:
+        """Interleaved mRoPE rotating the whole head, its split summing to half the head size."""
         head_dim = tiny.hidden_size // tiny.num_heads
         return tiny_text_config(tiny, tokenizer, head_dim=head_dim,
                                 rope_parameters={"rope_type": "default", "rope_theta": 5000000.0,
@@ -71,6 +72,7 @@ class Qwen3VLAdapter(QwenVLAdapter):
 
     @classmethod
     def tiny_model(cls, tiny: TinyModelConfig, tokenizer: PreTrainedTokenizerFast, attn: str) -> nn.Module:
+        """``config_class`` from :meth:`tiny_text_config` and :meth:`tiny_vision_config`; random weights."""
         config = cls.config_class(text_config=cls.tiny_text_config(tiny, tokenizer),
                                   vision_config=cls.tiny_vision_config(tiny), **cls.vision_token_ids(tokenizer))
         config._attn_implementation = attn
@@ -85,6 +87,7 @@ class Qwen3VLMoeAdapter(Qwen3VLAdapter):
 
     @classmethod
     def tiny_text_config(cls, tiny: TinyModelConfig, tokenizer: PreTrainedTokenizerFast) -> dict[str, Any]:
+        """Qwen3-VL's tiny text config with ``TINY_EXPERTS`` in every layer."""
         return {**super().tiny_text_config(tiny, tokenizer), **TINY_EXPERTS,
                 "moe_intermediate_size": tiny.intermediate_size // 2, "decoder_sparse_step": 1}
 
@@ -101,6 +104,7 @@ class Qwen35Adapter(Qwen3VLAdapter):
 
     @classmethod
     def tiny_vision_config(cls, tiny: TinyModelConfig) -> dict[str, Any]:
+        """Qwen3-VL's tiny vision config without DeepStack."""
         vision = super().tiny_vision_config(tiny)
         del vision["deepstack_visual_indexes"]
         return vision
@@ -128,6 +132,7 @@ class Qwen35MoeAdapter(Qwen35Adapter):
 
     @classmethod
     def tiny_text_config(cls, tiny: TinyModelConfig, tokenizer: PreTrainedTokenizerFast) -> dict[str, Any]:
+        """Qwen3.5's tiny text config with ``TINY_EXPERTS`` and a shared expert, no dense ``intermediate_size``."""
         config = {**super().tiny_text_config(tiny, tokenizer), **TINY_EXPERTS,
                   "moe_intermediate_size": tiny.intermediate_size // 2,
                   "shared_expert_intermediate_size": tiny.intermediate_size // 2}

@@ -34,6 +34,7 @@ class EncodedSample:
 
     @property
     def answer_length(self) -> int:
+        """Tokens after the prompt: the answer with its EOS, as cut to ``max_length`` (0 without an answer)."""
         return int(self.input_ids.numel()) - self.prompt_length
 
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class ChatTemplate:
+    """A named single-turn chat format: system text, user and assistant prefixes, and the answer's end token."""
+
     name: str
     system: str
     user_prefix: str
@@ -104,6 +106,7 @@ TEMPLATES: dict[str, ChatTemplate] = {
 
 
 def get_template(name: str) -> ChatTemplate:
+    """The template named ``name`` in ``TEMPLATES``; fails on an unknown name."""
     try:
         return TEMPLATES[name]
     except KeyError:

@@ -99,6 +99,7 @@ def build_tiny_tokenizer(vocab_size: int = 512, special_tokens: Sequence[str] = 
 
 
 def build_tiny_image_processor(image_size: int) -> CLIPImageProcessorPil:
+    """A CLIP image processor for ``image_size``-px square inputs (shortest-edge resize, centre crop)."""
     return CLIPImageProcessorPil(
         size={"shortest_edge": image_size},
         crop_size={"height": image_size, "width": image_size},

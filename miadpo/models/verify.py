@@ -104,6 +104,8 @@ def compare_with_reference(adapter: ModelAdapter, reference: Any, images: Sequen
 
 
 def verify(cfg: DictConfig, reference: Any | None = None) -> dict[str, Any]:
+    """Load the model, answer the prompt on the images and compare with the reference where there is one; the
+    report (printed, and written as JSON when ``report`` is set)."""
     check_keys(cfg, VerifyJobConfig)
     cfg = read_only(cfg)
     adapter = build_adapter(cfg.model)
@@ -139,6 +141,7 @@ def verify(cfg: DictConfig, reference: Any | None = None) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="verify")
 def main(cfg: DictConfig) -> None:
+    """Command-line entry: :func:`verify`; exits with an error when the comparison does not match."""
     result = verify(cfg)
     if result.get("match") is False:
         raise SystemExit(f"our implementation differs from the original by {result['logits_max_abs_diff']:.4f} "

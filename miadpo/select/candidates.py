@@ -19,7 +19,8 @@ import torch
 from PIL import Image
 
 from miadpo.augment.formats import retarget_question
-from miadpo.augment.noise import add_noise, record_rng
+from miadpo.augment.noise import record_rng
+from miadpo.augment.registry import FORMATS, format_named
 from miadpo.augment.runner import RECORDS_FILE
 from miadpo.config import DataConfig, NoiseConfig, SelectionConfig
 from miadpo.data.images import ImageOptions, check_record_image
@@ -36,9 +37,6 @@ from miadpo.select.capture import (
 )
 from miadpo.select.records import Candidate, ExtraAnswer
 from miadpo.text import normalise_answer
-
-SELECTABLE_FORMATS = ("sequence", "grid", "pip", "single")
-INTERFERENCE_FORMATS = ("sequence", "grid")  # formats whose question names one of several images
 
 
 @dataclass(frozen=True)
@@ -71,7 +69,7 @@ def selection_inputs(records: Sequence[dict[str, Any]], max_answer_chars: int, d
     for line, record in enumerate(records, start=1):  # records.jsonl holds one record a line
         meta = record["meta"]
         fmt = meta["format"]
-        if fmt not in SELECTABLE_FORMATS:
+        if fmt not in FORMATS or not FORMATS[fmt].selectable:
             skipped[f"format {fmt} is not selected on"] += 1
             continue
         question, answer = record["conversations"][0]["value"], record["conversations"][1]["value"]
@@ -86,11 +84,7 @@ def selection_inputs(records: Sequence[dict[str, Any]], max_answer_chars: int, d
                                     ) is not None:
             skipped[reason] += 1
             continue
-        box = None
-        if fmt == "grid":
-            box = tuple(meta["layout"]["tiles"][target - 1])
-        elif fmt == "pip":
-            box = tuple(meta["layout"]["box"])
+        box = FORMATS[fmt].selection_box(meta.get("layout"), int(target))
         inputs.append(SelectionInput(str(record["id"]), fmt, int(meta["n_images"]), int(target), tuple(images),
                                      question, answer, box, rejected))
     if checker is not None:
@@ -155,12 +149,8 @@ class CandidateGenerator:
             return images
         if noise.region not in ("target", "whole"):
             raise ValueError(f"selection.noise.{item.format}.region must be target or whole, not {noise.region!r}")
-        rng = record_rng(self.seed, item.id)
-        if item.format == "sequence":
-            chosen = range(len(images)) if noise.region == "whole" else [item.target - 1]
-            return [add_noise(im, noise.sigma, None, rng) if i in chosen else im for i, im in enumerate(images)]
-        box = item.box if noise.region == "target" else None
-        return [add_noise(images[0], noise.sigma, box, rng)]
+        return format_named(item.format).noisy_inputs(images, noise, item.target, item.box,
+                                                      record_rng(self.seed, item.id))
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[EncodedSample]) -> GeneratedAnswers:
@@ -250,7 +240,7 @@ class CandidateGenerator:
         """For right answers (Sequence, Grid): the answer to the same question about another image, drawn per
         (seed, record) — the element-interference answer the pair will reject when it differs from the truth."""
         asked = [(b, item) for b, item in enumerate(items) if candidates[b].correct and item.n_images > 1
-                 and item.format in INTERFERENCE_FORMATS]
+                 and format_named(item.format).interference]
         if not asked:
             return
         others = []
@@ -271,7 +261,7 @@ class CandidateGenerator:
                ) -> tuple[float | None, list[float] | None]:
         if column_attention is None:
             return None, None
-        if item.format in ("sequence", "single"):
+        if not format_named(item.format).composite:
             offsets = np.cumsum([0] + [end - start for start, end in prompt.image_spans])
             ratio, scores = sequence_ratio(column_attention, list(zip(offsets[:-1], offsets[1:])), item.target)
             return ratio, scores

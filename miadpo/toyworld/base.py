@@ -44,6 +44,8 @@ SPLIT_SEEDS = {"train": 1000, "val": 2000, "test": 3000, "pool": 4000}
 
 
 def toy_model_config(path: str | None = None, llm_layers: int | None = None) -> ModelConfig:
+    """The ``toy_llava`` model config (``TOY_MODEL``, ``llm_layers`` decoder layers if given; tower frozen, no LoRA),
+    its weights read from ``path`` (None: the model is built in code)."""
     cfg = OmegaConf.structured(ModelConfig)
     tiny = {**TOY_MODEL, **({"num_layers": llm_layers} if llm_layers else {})}
     cfg.merge_with({"name": "toy_llava", "path": path, "tiny": tiny, "lora": {"enabled": False},
@@ -52,6 +54,8 @@ def toy_model_config(path: str | None = None, llm_layers: int | None = None) -> 
 
 
 def write_splits(out: Path, sizes: dict[str, int]) -> dict[str, Path]:
+    """Each split of ``sizes`` written under ``out`` (that many scenes, from its ``SPLIT_SEEDS`` seed): its JSON's path,
+    by split."""
     return {split: write_split(out, split, sizes[split], SPLIT_SEEDS[split]) for split in sizes}
 
 
@@ -165,6 +169,7 @@ def build_base(out: Path, train_scenes: int = 6000, eval_scenes: int = 1000, mul
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The command line: build the toy base model (``build_base``) and print its directory."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="data/toyworld")
     # The command's defaults are build_base's (those of the shipped checkpoint).

@@ -14,6 +14,7 @@ ATTRIBUTE_VALUES = {"colour": set(COLOURS), "shape": set(SHAPES), "position": se
 
 
 def attribute_of(answer: str) -> str | None:
+    """The attribute (colour, shape, position, count) that has the normalised ``answer`` among its values, or None."""
     value = normalise_answer(answer)
     return next((kind for kind, values in ATTRIBUTE_VALUES.items() if value in values), None)
 

@@ -40,6 +40,8 @@ ALL_QUESTIONS = {"colour": 0.4, "position": 0.15, "count": 0.1, "shape": 0.2, "p
 
 @dataclass(frozen=True)
 class ToyObject:
+    """One object of a scene: its shape, colour, quadrant (``position``) and pixel box."""
+
     shape: str
     colour: str
     position: str  # one of POSITIONS
@@ -68,10 +70,13 @@ def paint_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[float, float, 
 
 
 def draw_object(draw: ImageDraw.ImageDraw, obj: ToyObject) -> None:
+    """Paint ``obj`` in its colour inside its box."""
     paint_shape(draw, obj.shape, obj.box, COLOURS[obj.colour])
 
 
 def sample_scene(rng: random.Random) -> list[ToyObject]:
+    """A random scene: one object (two scenes in three) or two, of distinct shapes and colours, in distinct
+    quadrants."""
     count = rng.choice((1, 1, 2))
     quadrants = rng.sample(range(4), count)
     shapes = rng.sample(SHAPES, count)
@@ -87,6 +92,7 @@ def sample_scene(rng: random.Random) -> list[ToyObject]:
 
 
 def render(objects: list[ToyObject]) -> Image.Image:
+    """The scene as a white ``SIZE`` × ``SIZE`` RGB image with its objects painted."""
     image = Image.new("RGB", (SIZE, SIZE), (255, 255, 255))
     draw = ImageDraw.Draw(image)
     for obj in objects:

@@ -31,6 +31,8 @@ COLUMNS = ("idx", "question", "sub_task", "choices", "answer", "image_1")
 
 
 def blink_item(row: dict[str, Any], file: Path, number: int, options: ImageOptions) -> EvalItem:
+    """One BLINK row as an item (groups ``BLINK`` and ``BLINK/<sub_task>``); BadRowError or ImageError if it cannot be
+    used."""
     choices = row["choices"]
     if not isinstance(choices, list) or not choices:
         raise BadRowError(f"choices {choices!r} is not a list of option texts")
@@ -49,5 +51,6 @@ def blink_item(row: dict[str, Any], file: Path, number: int, options: ImageOptio
 
 def read_blink(root: Path, report: BadRecordReport, options: ImageOptions, cache_version: str | None = None
                ) -> list[EvalItem]:
+    """The items of BLINK's val split under ``root``; bad rows go to ``report`` (``collect``)."""
     files = split_files(root, SPLIT, NAME, cache_version)
     return collect(table_rows(files, COLUMNS), lambda row, file, n: blink_item(row, file, n, options), report, "idx")

@@ -68,6 +68,8 @@ def with_markers(question: str, count: int) -> tuple[str, int]:
 
 def mantis_item(row: dict[str, Any], file: Path, number: int, options: ImageOptions, notes: list[BadRecord]
                 ) -> EvalItem:
+    """One Mantis-Eval row as an item prompted by its ``question_type``; a row with surplus ``<image>`` markers is also
+    added to ``notes``."""
     pictures = row["images"]
     if not isinstance(pictures, list) or not pictures:
         raise BadRowError("images holds no image")
@@ -97,6 +99,8 @@ def mantis_item(row: dict[str, Any], file: Path, number: int, options: ImageOpti
 
 def read_mantis(root: Path, report: BadRecordReport, options: ImageOptions, cache_version: str | None = None
                 ) -> list[EvalItem]:
+    """The items of Mantis-Eval's test split under ``root``; bad rows go to ``report``, and the kept rows with surplus
+    markers to its notes."""
     files = split_files(root, SPLIT, NAME, cache_version)
     notes: list[BadRecord] = []
     items = collect(table_rows(files, COLUMNS), lambda row, file, n: mantis_item(row, file, n, options, notes),

@@ -48,6 +48,8 @@ def option_texts(cell: Any) -> list[str]:
 
 
 def mmmu_item(row: dict[str, Any], file: Path, number: int, options: ImageOptions) -> EvalItem:
+    """One MMMU row as an item (an open question scored as two options, or by its accepted answers); BadRowError or
+    ImageError if it cannot be used."""
     item_id = text_cell(row, "id")
     texts = option_texts(row["options"])
     choice = {LETTERS[i]: t for i, t in enumerate(texts)}
@@ -81,5 +83,6 @@ def accepted_answers(answer: str) -> tuple[str, ...]:
 
 def read_mmmu(root: Path, report: BadRecordReport, options: ImageOptions, cache_version: str | None = None
               ) -> list[EvalItem]:
+    """The items of MMMU's validation split under ``root``; bad rows go to ``report`` (``collect``)."""
     files = split_files(root, SPLIT, NAME, cache_version)
     return collect(table_rows(files, COLUMNS), lambda row, file, n: mmmu_item(row, file, n, options), report, "id")

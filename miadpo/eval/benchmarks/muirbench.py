@@ -28,6 +28,8 @@ COLUMNS = ("idx", "task", "question", "options", "answer", "image_list")
 
 
 def muirbench_item(row: dict[str, Any], file: Path, number: int, options: ImageOptions) -> EvalItem:
+    """One MuirBench row as an item (grouped by ``task`` and ``image_relation``); BadRowError or ImageError if it cannot
+    be used."""
     texts, pictures = row["options"], row["image_list"]
     if not isinstance(texts, list) or not texts:
         raise BadRowError(f"options {texts!r} is not a list of option texts")
@@ -46,6 +48,7 @@ def muirbench_item(row: dict[str, Any], file: Path, number: int, options: ImageO
 
 def read_muirbench(root: Path, report: BadRecordReport, options: ImageOptions, cache_version: str | None = None
                    ) -> list[EvalItem]:
+    """The items of MuirBench's test split under ``root``; bad rows go to ``report`` (``collect``)."""
     files = split_files(root, SPLIT, NAME, cache_version)
     return collect(table_rows(files, COLUMNS), lambda row, file, n: muirbench_item(row, file, n, options), report,
                    "idx")

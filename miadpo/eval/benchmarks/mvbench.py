@@ -62,6 +62,8 @@ TASKS: dict[str, tuple[str, str, bool, bool]] = {
 
 
 def task_rows(root: Path, task: str) -> list[Row]:
+    """(file, number from 1, example) of each example in a task's JSON list, a non-object kept as an ``_error`` row;
+    ValueError if the file is not a JSON list."""
     path = root / "json" / f"{TASKS[task][0]}.json"
     try:
         examples = json.loads(path.read_text(encoding="utf-8"))
@@ -93,6 +95,8 @@ def video_path(root: Path, task: str, video: str) -> Path | None:
 
 def video_source(root: Path, task: str, video: str, frames: int, bound: tuple[float, float] | None,
                  frame_fps: float) -> ImageSource:
+    """Where an item's frames come from: a ``FrameFolder`` for a task stored as frame folders or a video given as one
+    (its path without the suffix), else ``VideoFrames``."""
     as_folder = TASKS[task][2]
     path = video_path(root, task, video) or video_places(root, task)[0] / video
     if as_folder:
@@ -109,6 +113,8 @@ def mvbench_id(task: str, number: int) -> str:
 
 def mvbench_item(row: dict[str, Any], root: Path, task: str, number: int, frames: int, frame_fps: float,
                  options: ImageOptions) -> EvalItem:
+    """One MVBench example as an item: ``frames`` frames of its video and the candidates as options; BadRowError or
+    ImageError if it cannot be used."""
     if "_error" in row:
         raise BadRowError(row["_error"])
     candidates = row["candidates"]

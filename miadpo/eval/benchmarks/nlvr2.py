@@ -34,6 +34,8 @@ LABELS = {"True": "A", "False": "B"}
 
 
 def annotation_file(root: Path, split: str) -> Path:
+    """The split's JSON lines file, ``<root>/<split>.json`` or ``<root>/data/<split>.json``; FileNotFoundError if
+    neither exists."""
     for candidate in (root / f"{split}.json", root / "data" / f"{split}.json"):
         if candidate.is_file():
             return candidate
@@ -41,6 +43,8 @@ def annotation_file(root: Path, split: str) -> Path:
 
 
 def image_folder(root: Path, split: str) -> Path:
+    """The split's image folder, ``<root>/<split>`` or ``<root>/images/<split>``; FileNotFoundError if neither
+    exists."""
     for candidate in (root / split, root / "images" / split):
         if candidate.is_dir():
             return candidate
@@ -65,6 +69,8 @@ def json_rows(path: Path) -> list[Row]:
 
 
 def nlvr2_item(row: dict[str, Any], images: Path, options: ImageOptions) -> EvalItem:
+    """One NLVR2 example as an item: its left and right images, True as (A) and False as (B); BadRowError or ImageError
+    if it cannot be used."""
     if "_error" in row:
         raise BadRowError(row["_error"])
     identifier = text_cell(row, "identifier")
@@ -80,6 +86,7 @@ def nlvr2_item(row: dict[str, Any], images: Path, options: ImageOptions) -> Eval
 
 
 def read_nlvr2(root: Path, report: BadRecordReport, options: ImageOptions, split: str = "dev") -> list[EvalItem]:
+    """The items of NLVR2's ``split`` under ``root``; bad rows go to ``report`` (``collect``)."""
     annotations, images = annotation_file(root, split), image_folder(root, split)
     return collect(json_rows(annotations), lambda row, file, n: nlvr2_item(row, images, options), report,
                    "identifier")

@@ -47,6 +47,8 @@ class InternLMXC25Adapter(ModelAdapter):
 
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> InternLMXC25Adapter:
+        """The tiny variant when ``cfg.path`` is null, else our model, tokenizer and image processor from the checkpoint
+        (a hub id downloaded when allowed), crop budgets from ``cfg.internlm_xc25``; only sdpa or eager attention."""
         if cfg.attn_implementation not in ("sdpa", "eager"):
             raise ValueError(f"model {cfg.name!r}: attn_implementation must be sdpa or eager for InternLM-XC2.5, "
                              f"not {cfg.attn_implementation!r}")
@@ -72,15 +74,18 @@ class InternLMXC25Adapter(ModelAdapter):
         return [hd_geometry(self.image_processor.layout(size, len(image_sizes))) for size in image_sizes]
 
     def image_geometry(self, image_size: tuple[int, int]) -> ImageGeometry:
+        """The geometry of an image alone in its prompt (``hd_num`` crops at most)."""
         return self.plan_images([image_size])[0]
 
     def pixel_inputs(self, images: list[Image.Image], geometries: list[ImageGeometry]
                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """All views from the HD image processor, and ``image_layout``: each image's crop grid (rows, cols)."""
         pixels, layouts = self.image_processor(images)
         grid = torch.tensor([[layout.rows, layout.cols] for layout in layouts], dtype=torch.long)
         return pixels, {"image_layout": grid}
 
     def attention_module(self, layer: nn.Module) -> nn.Module:
+        """The layer's ``attention`` (InternLM2's name for self-attention)."""
         return layer.attention
 
     def image_features(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor] | None:
@@ -95,6 +100,7 @@ class InternLMXC25Adapter(ModelAdapter):
         return rf"{prefix}\.layers\.\d+\.(attention\.(wqkv|wo)|feed_forward\.(w1|w2|w3))"
 
     def processor_for_saving(self) -> ProcessorFiles:
+        """The tokenizer and HD image processor as :class:`ProcessorFiles`, with :meth:`chat_template`."""
         return ProcessorFiles(self.tokenizer, self.image_processor, self.chat_template())
 
 

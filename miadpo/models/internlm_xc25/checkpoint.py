@@ -77,6 +77,7 @@ def _match(name: str, patterns: tuple[str, ...]) -> bool:
 
 
 def is_checkpoint_name(name: str) -> bool:
+    """Whether ``name`` matches a pattern of ``CHECKPOINT_NAMES``."""
     return _match(name, tuple(pattern for pattern, _ in CHECKPOINT_NAMES))
 
 
@@ -103,6 +104,7 @@ def read_tensors(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def tensor_shape(directory: Path, name: str) -> tuple[int, ...] | None:
+    """Shape of the tensor ``name`` in the directory's weight files, or None when none holds it."""
     for path in weight_files(directory):
         if path.suffix == ".safetensors":
             with weight_file_errors(path), safe_open(str(path), framework="pt") as handle:
@@ -141,6 +143,8 @@ def interpolate_positions(table: torch.Tensor, count: int) -> torch.Tensor:
 
 @dataclass
 class LoadReport:
+    """What :func:`load_checkpoint` did: tensors loaded, position tables interpolated, known tensors skipped."""
+
     loaded: int
     interpolated: list[str]
     skipped: list[str] = field(default_factory=list)  # known tensors this model does not use (UNUSED_NAMES)
@@ -245,6 +249,7 @@ def is_xcomposer_directory(directory: Path) -> bool:
 
 
 def load_config(directory: str | Path) -> InternLMXComposer2Config:
+    """Our config for the directory: its own when we saved it, else converted from the official ``config.json``."""
     directory = Path(directory)
     values = json.loads((directory / "config.json").read_text())
     if values.get("model_type") == InternLMXComposer2Config.model_type:
@@ -257,6 +262,7 @@ def load_config(directory: str | Path) -> InternLMXComposer2Config:
 
 @contextmanager
 def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Inside the block, ``dtype`` is torch's default dtype; the previous one is restored after."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:

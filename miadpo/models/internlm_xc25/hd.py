@@ -52,6 +52,7 @@ class HDLayout:
 
     @property
     def num_tokens(self) -> int:
+        """Tokens of the image's span: global view and stitched crops with their ``sub_GN`` row ends, and ``glb_GN``."""
         per_crop = self.cells * self.cells
         return per_crop * (self.rows * self.cols + 1) + 1 + self.cells * (self.rows + 1)
 
@@ -66,6 +67,7 @@ def hd_scale(width: int, height: int, hd_num: int, crop: int = CROP) -> int:
 
 
 def hd_layout(size: tuple[int, int], hd_num: int, crop: int = CROP, cells: int = CELLS) -> HDLayout:
+    """The :class:`HDLayout` of an image of ``size`` (width, height) with at most ``hd_num`` crops."""
     width, height = size
     portrait = width < height
     if portrait:
@@ -141,6 +143,7 @@ class HDImageProcessor:
     FILE = "xcomposer_image_processor.json"
 
     def layout(self, size: tuple[int, int], image_count: int) -> HDLayout:
+        """The :class:`HDLayout` of an image of ``size`` in a prompt of ``image_count`` images."""
         hd_num = self.hd_num if image_count == 1 else self.hd_num_multi
         return hd_layout(size, hd_num, self.crop_size, self.cells)
 
@@ -159,10 +162,12 @@ class HDImageProcessor:
         return torch.cat([hd_views(canvas, layout) for canvas, layout in zip(tensors, layouts)]), layouts
 
     def save_pretrained(self, directory: str | Path) -> None:
+        """Write the settings to ``xcomposer_image_processor.json`` in ``directory``."""
         (Path(directory) / self.FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> HDImageProcessor:
+        """The settings saved in ``directory``, or the official values where it has no ``FILE``."""
         path = Path(directory) / cls.FILE
         if not path.is_file():
             return cls()

@@ -36,6 +36,7 @@ class PartialLoRALinear(nn.Linear):
         self.scaling = alpha / r
 
     def forward(self, x: torch.Tensor, im_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``W x``, plus the scaled low-rank update at the positions ``im_mask`` marks (none when it is None)."""
         out = super().forward(x)
         if im_mask is None:  # the model passes None when a batch has no image token (no device sync here)
             return out
@@ -44,6 +45,8 @@ class PartialLoRALinear(nn.Linear):
 
 
 class RMSNorm(nn.Module):
+    """RMS normalisation computed in float32, times a learned weight."""
+
     # Not transformers' LlamaRMSNorm: the same forward, but it casts x to float32 once, which changes bf16 gradients.
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
@@ -51,6 +54,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` divided by its root mean square (in float32), cast back to its dtype, times ``weight``."""
         normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * normed.to(x.dtype)
 
@@ -75,6 +79,8 @@ def eager_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.T
 
 
 def attention_function(implementation: str | None) -> Any:
+    """The attention function of ``implementation``: ours for eager (or None), transformers' for ``sdpa`` and
+    ``miadpo_capture``; fails on any other."""
     if implementation in (None, "eager"):
         return eager_attention_forward
     if implementation in ("sdpa", "miadpo_capture"):
@@ -83,6 +89,9 @@ def attention_function(implementation: str | None) -> Any:
 
 
 class Attention(nn.Module):
+    """InternLM2 self-attention: packed ``wqkv``, rotary queries and keys, grouped key/value heads, ``wo``; both
+    linears Partial-LoRA."""
+
     def __init__(self, config: Any, layer_idx: int) -> None:
         super().__init__()
         self.config = config
@@ -99,6 +108,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
                 im_mask: torch.Tensor | None, cache: Any = None) -> torch.Tensor:
+        """Self-attention output for ``x`` (B, L, hidden); the new keys and values go into ``cache`` when given."""
         batch, length, _ = x.shape
         group = self.num_key_value_groups
         qkv = self.wqkv(x, im_mask).view(batch, length, self.num_kv_heads, group + 2, self.head_dim)
@@ -113,6 +123,8 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
+    """InternLM2's gated SiLU MLP (``w1`` gate, ``w3`` up, ``w2`` down), each a Partial-LoRA linear."""
+
     def __init__(self, config: Any) -> None:
         super().__init__()
         r, alpha = config.plora_r, config.plora_alpha
@@ -121,10 +133,13 @@ class FeedForward(nn.Module):
         self.w2 = PartialLoRALinear(config.intermediate_size, config.hidden_size, r, alpha)  # down
 
     def forward(self, x: torch.Tensor, im_mask: torch.Tensor | None) -> torch.Tensor:
+        """``w2(silu(w1 x) · w3 x)``, with Partial-LoRA at ``im_mask``."""
         return self.w2(F.silu(self.w1(x, im_mask)) * self.w3(x, im_mask), im_mask)
 
 
 class DecoderLayer(GradientCheckpointingLayer):
+    """One pre-norm decoder layer: attention, then feed-forward, each added to the residual stream."""
+
     def __init__(self, config: Any, layer_idx: int) -> None:
         super().__init__()
         self.attention = Attention(config, layer_idx)
@@ -134,6 +149,7 @@ class DecoderLayer(GradientCheckpointingLayer):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
                 im_mask: torch.Tensor | None, past_key_values: Any = None) -> torch.Tensor:
+        """``x`` after the attention and feed-forward blocks (each on the normed input, added back)."""
         x = x + self.attention(self.attention_norm(x), cos, sin, mask, im_mask, past_key_values)
         return x + self.feed_forward(self.ffn_norm(x), im_mask)
 
@@ -174,6 +190,7 @@ class InternLM2Model(nn.Module):
         return base
 
     def rotary(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cosines and sines of the rotary angles at ``position_ids``, (B, 1, L, head_dim) in ``dtype``."""
         dim = self.config.hidden_size // self.config.num_attention_heads
         base = self.rope_base(int(position_ids.max()) + 1)
         inv_freq = 1.0 / base ** (torch.arange(0, dim, 2, device=position_ids.device).float() / dim)

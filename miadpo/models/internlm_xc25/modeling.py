@@ -68,6 +68,9 @@ class InternLMXComposer2Config(PretrainedConfig):
 
 
 class InternLMXComposer2ForCausalLM(PreTrainedModel, GenerationMixin):
+    """The whole model: CLIP tower (``vit``), projector (``vision_proj``), separators, InternLM2 decoder (``model``)
+    and LM head (``output``)."""
+
     config_class = InternLMXComposer2Config
     config: InternLMXComposer2Config
     base_model_prefix = "model"
@@ -95,12 +98,15 @@ class InternLMXComposer2ForCausalLM(PreTrainedModel, GenerationMixin):
             init.normal_(self.plora_sub_GN, std=self.config.initializer_range)
 
     def get_input_embeddings(self) -> nn.Embedding:
+        """The decoder's ``tok_embeddings``."""
         return self.model.tok_embeddings
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
+        """Replace the decoder's ``tok_embeddings``."""
         self.model.tok_embeddings = value
 
     def get_output_embeddings(self) -> nn.Linear:
+        """The LM head, ``output``."""
         return self.output
 
     def get_image_features(self, pixel_values: torch.Tensor, image_layout: torch.Tensor) -> list[torch.Tensor]:

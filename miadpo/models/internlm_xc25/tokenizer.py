@@ -45,6 +45,7 @@ class InternLM2Tokenizer(SentencePieceBackend):
                          add_eos_token=add_eos_token, **kwargs)
 
     def convert_tokens_to_string(self, tokens: list[str]) -> str:
+        """Runs of SentencePiece pieces decoded by ``sp_model``, special tokens verbatim between them."""
         specials = set(self.all_special_tokens)
         pieces: list[str] = []
         out: list[str] = []

@@ -21,6 +21,7 @@ class VisionTower(nn.Module):
         self.vision_tower = CLIPVisionModel(config)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The CLIP tower's last-layer patch features, (N, patches, C), class token dropped."""
         # CLIP's last_hidden_state is the last layer's output; post_layernorm only touches the pooled token.
         return self.vision_tower(pixel_values=pixel_values).last_hidden_state[:, 1:]
 
