@@ -15,6 +15,8 @@ CONFIG_DIR = config_dir()
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="augment")
 def main(cfg: DictConfig) -> None:
+    """``python -m miadpo.augment``: augment ``data.source`` into ``<data.out_dir>/records.jsonl`` and print the
+    summary table."""
     check_keys(cfg, AugmentJobConfig)
     cfg = read_only(cfg)
     check_recipe(cfg.data)  # type: ignore[arg-type]

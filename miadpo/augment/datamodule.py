@@ -27,10 +27,13 @@ class AugmentedRecordsDataModule(L.LightningDataModule):
         self.records: list[dict[str, Any]] = []
 
     def prepare_data(self) -> None:
+        """Augments ``data.source`` (resuming a partial run; a finished output is only read)."""
         run_augmentation(self.cfg, self.seed, progress=False)
 
     def setup(self, stage: str | None = None) -> None:
+        """Reads the augmented records."""
         self.records = list(read_jsonl(Path(self.cfg.out_dir) / RECORDS_FILE))
 
     def predict_dataloader(self) -> DataLoader:
+        """Batches of ``data.batch_size`` augmented records (lists of dicts), in file order."""
         return DataLoader(self.records, batch_size=self.cfg.batch_size, shuffle=False, collate_fn=list)

@@ -43,6 +43,7 @@ PIP_PHRASES: tuple[str, ...] = tuple(f"{lead} {subject}" for lead, subject in it
 
 
 def has_bbox(conversations: Sequence[dict[str, str]]) -> bool:
+    """Whether a turn holds box coordinates (``[x0, y0, x1, y1]``): such questions stay out of grid and pip."""
     return any(BBOX_PATTERN.search(turn["value"]) for turn in conversations)
 
 
@@ -56,6 +57,7 @@ def strip_image_marker(text: str) -> str:
 
 
 def lower_first(text: str) -> str:
+    """``text`` with its first character lower-cased."""
     return text[:1].lower() + text[1:]
 
 
@@ -78,6 +80,7 @@ def single_conversations(conversations: Sequence[dict[str, str]]) -> Conversatio
 
 
 def sequence_header(n_images: int) -> str:
+    """``Image1:<image>\n…ImageN:<image>\n``: the labelled images leading a Sequence prompt."""
     return "".join(f"Image{i}:{IMAGE_TOKEN}\n" for i in range(1, n_images + 1))
 
 
@@ -95,6 +98,7 @@ def retarget_question(prompt: str, target: int, other: int) -> str:
 
 
 def sequence_conversations(conversations: Sequence[dict[str, str]], n_images: int, target: int) -> Conversation:
+    """The record's turns as a Sequence of ``n_images`` images asking about ``Image{target}``."""
     return relabel(conversations, sequence_header(n_images) + question_prefix(target), f"In image{target}, ")
 
 
@@ -108,6 +112,7 @@ def grid_conversations(parts: Sequence[tuple[Sequence[dict[str, str]], int]]) ->
 
 
 def pip_conversations(conversations: Sequence[dict[str, str]], phrase: str) -> Conversation:
+    """The record's turns asking about the centre picture, named by ``phrase``."""
     return relabel(conversations, f"{IMAGE_TOKEN}\n{phrase}, ", f"{phrase}, ")
 
 
@@ -134,6 +139,7 @@ def label_font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
 
 
 def grid_canvas_size(n_images: int, cfg: GridAugmentConfig) -> tuple[int, int]:
+    """(width, height) of the grid canvas of ``n_images`` tiles: cells, gaps and label bands."""
     rows, cols = GRID_LAYOUTS[n_images]
     return cols * cfg.cell_size + (cols - 1) * cfg.gap, rows * (cfg.band + cfg.cell_size)
 

@@ -42,6 +42,7 @@ class NegativePlan:
     replacements: list[str] = field(default_factory=list)
 
     def noise_rng(self, record_id: str) -> np.random.Generator:
+        """The noise generator of this negative: a function of the seed and ``record_id`` only."""
         return record_rng(self.seed, f"{record_id}:negative")
 
 
@@ -67,6 +68,7 @@ def plan_negative(cfg: ImageNegativesConfig, seed: int, record_id: str, index: i
 
 
 def same_pixels(a: Image.Image, b: Image.Image) -> bool:
+    """Whether two images have the same size and RGB pixels."""
     return a.size == b.size and ImageChops.difference(a.convert("RGB"), b.convert("RGB")).getbbox() is None
 
 
@@ -92,5 +94,6 @@ def negative_pip(canvas: Image.Image, box: Sequence[int], replacement: Image.Ima
 
 
 def noisy_image(image: Image.Image, plan: NegativePlan, record_id: str, sigma: float) -> Image.Image:
+    """``image`` with the negative's Gaussian noise (std ``sigma``) everywhere."""
     return add_noise(image, sigma, None, plan.noise_rng(record_id))
 

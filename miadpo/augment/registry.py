@@ -136,6 +136,7 @@ class SequenceFormat(AugmentFormat):
     interference = True
 
     def plan(self, draws: PlanDraws, record: SourceRecord) -> Job | None:
+        """The record at a uniformly drawn position among N − 1 companions of its source."""
         drawn = image_sequence(draws, record)
         if drawn is None:
             return None
@@ -145,6 +146,7 @@ class SequenceFormat(AugmentFormat):
 
     def noisy_inputs(self, images: list[Image.Image], noise: NoiseConfig, target: int, box: Box | None,
                      rng: np.random.Generator) -> list[Image.Image]:
+        """Noise on the asked-about image (``target``) or on every image (``whole``)."""
         chosen = range(len(images)) if noise.region == "whole" else [target - 1]
         return [add_noise(im, noise.sigma, None, rng) if i in chosen else im for i, im in enumerate(images)]
 
@@ -158,6 +160,7 @@ class SingleFormat(SequenceFormat):
     interference = False
 
     def plan(self, draws: PlanDraws, record: SourceRecord) -> Job:
+        """The record as it is, one image."""
         return draws.job(record, self.name, 1, 1, [record.image], single_conversations(record.conversations),
                          [record.id])
 
@@ -170,6 +173,7 @@ class GridFormat(AugmentFormat):
     interference = True
 
     def plan(self, draws: PlanDraws, record: SourceRecord) -> Job | None:
+        """N tiles; the record's question (and those of other records, each about its own tile) on drawn tiles."""
         grid = draws.aug.grid
         n = int(draws.choose(grid.n_weights))
         questions = min(int(draws.choose(grid.records_per_grid)), n)
@@ -193,18 +197,22 @@ class GridFormat(AugmentFormat):
         return draws.job(record, self.name, n, target, placed, conversations, [a.id for a in askers])
 
     def decode_size(self, grid: GridAugmentConfig) -> tuple[int, int] | None:
+        """One cell: no tile is drawn larger."""
         return grid.cell_size, grid.cell_size  # tiles never exceed one cell
 
     def compose(self, images: list[Image.Image], grid: GridAugmentConfig, pip_scale: float
                 ) -> tuple[Image.Image | None, dict[str, Any] | None]:
+        """The labelled grid of the tiles (``compose_grid``)."""
         return compose_grid(images, grid)
 
     def negative_image(self, images: Sequence[Image.Image], canvas: Image.Image, layout: dict[str, Any], index: int,
                        replacement: Image.Image | None, plan: NegativePlan, record_id: str,
                        grid: GridAugmentConfig, sigma: float) -> Image.Image:
+        """The grid with the asked-about tile composed from the replacement, or noised."""
         return negative_grid(images, canvas, layout, index, replacement, plan, record_id, grid, sigma)
 
     def selection_box(self, layout: dict[str, Any] | None, target: int) -> Box | None:
+        """The asked-about tile's box."""
         assert layout is not None
         return tuple(layout["tiles"][target - 1])
 
@@ -216,6 +224,7 @@ class PipFormat(AugmentFormat):
     composite = True
 
     def plan(self, draws: PlanDraws, record: SourceRecord) -> Job | None:
+        """The record's picture pasted on a companion photograph, named by a drawn phrase."""
         background = draws.companions(record, {record.image}, 1)
         if background is None:
             return None
@@ -225,17 +234,21 @@ class PipFormat(AugmentFormat):
 
     def compose(self, images: list[Image.Image], grid: GridAugmentConfig, pip_scale: float
                 ) -> tuple[Image.Image | None, dict[str, Any] | None]:
+        """The target pasted at the background's centre (``compose_pip``)."""
         return compose_pip(images[1], images[0], pip_scale)
 
     def target_index(self, target: int | list[int]) -> int:
+        """The pasted picture (inputs: background, target)."""
         return 1  # inputs: [background, target]
 
     def negative_image(self, images: Sequence[Image.Image], canvas: Image.Image, layout: dict[str, Any], index: int,
                        replacement: Image.Image | None, plan: NegativePlan, record_id: str,
                        grid: GridAugmentConfig, sigma: float) -> Image.Image:
+        """The composite with the centre box filled by the replacement, or noised."""
         return negative_pip(canvas, layout["box"], replacement, plan, record_id, sigma)
 
     def selection_box(self, layout: dict[str, Any] | None, target: int) -> Box | None:
+        """The pasted picture's box."""
         assert layout is not None
         return tuple(layout["box"])
 
@@ -251,6 +264,7 @@ class RefusalFormat(AugmentFormat):
     has_negative = False
 
     def plan(self, draws: PlanDraws, record: SourceRecord) -> Job | None:
+        """A Sequence of the record's N images asking about ``Image{N+1}``."""
         drawn = image_sequence(draws, record)
         if drawn is None:
             return None

@@ -54,6 +54,8 @@ LOCK_FILE = "augment.lock"
 
 @dataclass
 class AugmentSummary:
+    """What an augmentation wrote (records per format and N), skipped (by reason) and found not eligible."""
+
     out_dir: Path
     written: Counter[str] = field(default_factory=Counter)  # "grid N=4" → count
     skipped: Counter[str] = field(default_factory=Counter)  # reason → count
@@ -61,16 +63,19 @@ class AugmentSummary:
     resumed: int = 0
 
     def save(self) -> None:
+        """``augment_summary.json``, written last: it marks the output finished."""
         fields = {"written": self.written, "skipped": self.skipped, "ineligible": self.ineligible}
         with atomic_replace(self.out_dir / SUMMARY_FILE) as tmp:
             tmp.write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def load(cls, out_dir: Path) -> AugmentSummary:
+        """The summary of a finished output."""
         fields = json.loads((out_dir / SUMMARY_FILE).read_text())
         return cls(out_dir, Counter(fields["written"]), Counter(fields["skipped"]), Counter(fields["ineligible"]))
 
     def table(self) -> str:
+        """Records per format and N, then the skipped and ineligible counts, as a markdown table."""
         rows: list[list[object]] = []
         for key, count in sorted(self.written.items()):
             fmt, n = key.split(" N=")
@@ -387,4 +392,5 @@ def _augment(cfg: DataConfig, seed: int, roots: ImageRoots, out_dir: Path, worke
 
 
 def report_reasons(report: BadRecordReport) -> Counter[str]:
+    """The bad source records counted by reason (the text before the first colon)."""
     return Counter(bad.reason.split(":")[0] for bad in report.bad)

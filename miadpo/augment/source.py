@@ -18,6 +18,8 @@ from miadpo.text import IMAGE_TOKEN, RELEASE_IMAGE_TOKEN, image_marker_in
 
 @dataclass(frozen=True)
 class SourceRecord:
+    """One usable single-image record of the LLaVA-format source."""
+
     index: int  # position in the source file, 0-based
     line: int  # line where the record starts, 1-based
     id: str

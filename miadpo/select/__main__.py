@@ -17,6 +17,7 @@ CONFIG_DIR = config_dir()
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="select")
 def main(cfg: DictConfig) -> None:
+    """``python -m miadpo.select``: augment and select with the model of ``model.*``; prints where the pairs are."""
     check_keys(cfg, SelectJobConfig)
     cfg = read_only(cfg)
     check_recipe(cfg.data, cfg.model)  # type: ignore[arg-type]

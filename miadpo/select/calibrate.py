@@ -30,6 +30,7 @@ def threshold_overrides(thresholds: dict[str, dict[int, float]]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The command line: thresholds from a candidates file, printed as overrides."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("candidates", type=Path)
     parser.add_argument("--remove", type=float, required=True, help="share of wrong answers the rule removes")

@@ -116,6 +116,9 @@ class _ImageChecker:
 
 @dataclass
 class GeneratedAnswers:
+    """One generation batch: the answers' token ids and log-probs, the captured attention and the first token's
+    log-probs."""
+
     answers: list[list[int]]  # token ids, EOS and padding removed
     logps: list[float]  # summed log-probs of the answer tokens (and the EOS when generated)
     counts: list[int]  # tokens scored
@@ -180,6 +183,7 @@ class CandidateGenerator:
         return GeneratedAnswers(answers, sums, counts, recorder, prompt_width, first_logps)
 
     def __call__(self, items: Sequence[SelectionInput]) -> list[Candidate]:
+        """The candidate (answer, attention ratio, perplexity, extra answers) of each selection input."""
         adapter = self.adapter
         processed = [adapter.process_images(self._images(item)) for item in items]
         prompts = [adapter.encode(images, item.prompt) for images, item in zip(processed, items)]

@@ -43,11 +43,13 @@ class ExtraAnswer:
     perplexity: float
 
     def to_json(self) -> dict[str, Any]:
+        """The answer as a ``candidates.jsonl`` field."""
         return {"kind": self.kind, "asked_about": self.asked_about, "answer": self.answer,
                 "answer_tokens": self.answer_tokens, "logp": self.logp, "perplexity": self.perplexity}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> ExtraAnswer:
+        """The answer of its JSON form (``to_json``)."""
         return cls(**_fields_of(data, cls, _EXTRA_FIELDS, ()))
 
 

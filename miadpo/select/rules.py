@@ -42,6 +42,8 @@ def edit_similarity(a: str, b: str) -> float:
 
 
 def threshold_for(cfg: SelectionConfig, fmt: str, n_images: int) -> tuple[Callable[[float, float], bool], float]:
+    """The attention rule of (``fmt``, N): its comparison (``selection.operators``) and threshold; ValueError naming
+    the key when unset."""
     try:
         threshold = cfg.thresholds[fmt][n_images]
     except KeyError:
@@ -91,6 +93,7 @@ def post_reason(candidate: Candidate, cfg: SelectionConfig) -> str:
 
 
 def group_key(candidate: Candidate) -> tuple[str, int]:
+    """(format, N): the group a candidate is counted and thresholded in."""
     return candidate.format, int(candidate.n_images)
 
 
@@ -101,6 +104,8 @@ def as_candidates(candidates: Iterable[Candidate | Mapping[str, Any]]) -> list[C
 
 @dataclass
 class Selection:
+    """The selected pairs, one decision per candidate (kept, or why it was dropped) and the report."""
+
     pairs: list[PairRecord]
     decisions: list[dict[str, Any]]  # one per candidate: id and why it was dropped (or kept)
     report: dict[str, Any] = field(default_factory=dict)
@@ -236,6 +241,7 @@ def right_answer_pairs(candidates: Sequence[Candidate], cfg: SelectionConfig
 
 
 def report_text(report: dict[str, Any]) -> str:
+    """The selection report as the text of ``report.txt``."""
     lines = [f"selection: {report['selection']}", f"candidates: {report['candidates']}", f"pairs: {report['pairs']}"]
     if report.get("right_answer_pairs"):
         lines.append(f"  of which from right answers (selection.right_answer_negatives): "

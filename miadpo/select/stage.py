@@ -63,6 +63,8 @@ def _digest(obj: Any) -> str:
 
 def candidates_identity(adapter: ModelAdapter, data: DataConfig, selection: SelectionConfig, seed: int
                         ) -> dict[str, Any]:
+    """What the candidates depend on (records, model weights, template, generation, noise, layer, images, seed):
+    their cache key."""
     model = adapter.cfg
     return {
         "records_sha1": file_sha1(Path(data.out_dir) / RECORDS_FILE),
@@ -81,6 +83,7 @@ def candidates_identity(adapter: ModelAdapter, data: DataConfig, selection: Sele
 
 
 def rules_identity(selection: SelectionConfig, seed: int) -> dict[str, Any]:
+    """What the pairs depend on beside the candidates (selection rule, thresholds, filters, seed): their cache key."""
     return {"name": selection.name, "thresholds": _plain(selection.thresholds),
             "operators": _plain(selection.operators), "min_perplexity": selection.min_perplexity,
             "post": _plain(selection.post), "seed": seed}
@@ -95,9 +98,11 @@ class CandidatePredictor(L.LightningModule):
         self.model = generator.adapter.model
 
     def transfer_batch_to_device(self, batch: Any, device: Any, dataloader_idx: int) -> Any:
+        """The batch as it is (selection inputs, not tensors)."""
         return batch  # records, not tensors: the generator moves what it builds
 
     def predict_step(self, batch: list[SelectionInput], batch_idx: int) -> list[Candidate]:
+        """The candidates of a batch of selection inputs."""
         return self.generator(batch)
 
 
@@ -111,6 +116,7 @@ class ShardWriter(BasePredictionWriter):
 
     def write_on_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: Any,
                            batch_indices: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Appends the batch's candidates to this rank's shard."""
         assert self.directory is not None
         shard = self.directory / f"candidates.rank{trainer.global_rank}.jsonl"
         refuse_symlink(shard)
@@ -125,6 +131,7 @@ class CandidateProgress(TQDMProgressBar):
 
     def on_predict_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                              batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Shows wrong answers / answers seen beside the bar."""
         super().on_predict_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
         writer = next(cb for cb in trainer.callbacks if isinstance(cb, ShardWriter))
         self.predict_progress_bar.set_postfix_str(f"wrong answers {writer.kept}/{writer.seen}")
