@@ -32,6 +32,64 @@ MAX_COUNT = 16
 ImageCount = _Count("ImageCount", {str(n): n for n in range(1, MAX_COUNT + 1)})
 
 
+class Choice(str, Enum):
+    """A closed config choice, refused at composition when unknown; a ``str`` that prints as its value
+    (``f"{SelectionName.random}"`` is ``random``) and hashes as it, so it reads and keys like the string it
+    replaced."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    __hash__ = str.__hash__
+
+
+class SelectionName(Choice):
+    """The selection rule (``selection.name``): MIA-DPO's attention rule, or the matched-count random baseline."""
+
+    attention = "attention"
+    random = "random"
+
+
+class NoiseRegion(Choice):
+    """Where selection's input noise goes (``selection.noise.<format>.region``)."""
+
+    target = "target"  # the asked-about image, tile or pasted box
+    whole = "whole"  # every image, or the whole composed image
+
+
+class Dtype(Choice):
+    """The model's parameter dtype (``model.dtype``)."""
+
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class StrategyName(Choice):
+    """Lightning's distribution strategy (``strategy.name``; ``conf/strategy/*.yaml`` pick one)."""
+
+    auto = "auto"
+    cpu = "cpu"
+    ddp = "ddp"
+    fsdp = "fsdp"
+    deepspeed = "deepspeed"
+
+
+class CheckpointMode(Choice):
+    """Whether the monitored metric is better high or low (``checkpoint.mode``)."""
+
+    max = "max"
+    min = "min"
+
+
+class Nlvr2Split(Choice):
+    """The NLVR2 split the evaluation reads (``eval.nlvr2_split``)."""
+
+    dev = "dev"
+    test1 = "test1"
+    test2 = "test2"
+
+
 class BadRecordPolicy(str, Enum):
     """What a stage does with a bad record (``on_bad_record``): skip it (counted, logged) or stop with an error."""
 
@@ -150,7 +208,7 @@ class ModelConfig:
     template: str = "vicuna_v1"
     pad_to_square: bool = True
     attn_implementation: str = "sdpa"
-    dtype: str = "float32"
+    dtype: Dtype = Dtype.float32
     freeze_vision_tower: bool = True
     freeze_projector: bool = True
     freeze_llm: bool = False
@@ -353,7 +411,7 @@ class NoiseConfig:
     """Gaussian pixel noise before generation (float, clipped); the pair points at the clean image."""
 
     sigma: float = 0.0
-    region: str = "target"  # target (tile / pasted box / target image) or whole
+    region: NoiseRegion = NoiseRegion.target
 
 
 @dataclass
@@ -392,7 +450,7 @@ class SelectionConfig:
     """The ``selection`` config group (``conf/selection/*.yaml``): which of the model's answers become pairs
     (attention-ratio thresholds, perplexity, noise, post-selection) and how the pairs are exported."""
 
-    name: str = "attention"  # attention | random (matched-count baseline that ignores attention)
+    name: SelectionName = SelectionName.attention
     # Decoder layer whose attention is read; null = the middle layer.
     layer: int | None = None
     # The reference thresholds of the attention ratio per format and N; N the reference lacked (grid 5, 7, 8)
@@ -408,9 +466,9 @@ class SelectionConfig:
     min_perplexity: float = 1.1
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     noise: dict[str, NoiseConfig] = field(default_factory=lambda: {
-        "sequence": NoiseConfig(0.0, "target"),
-        "grid": NoiseConfig(225.0, "target"),
-        "pip": NoiseConfig(49.0, "whole"),
+        "sequence": NoiseConfig(0.0, NoiseRegion.target),
+        "grid": NoiseConfig(225.0, NoiseRegion.target),
+        "pip": NoiseConfig(49.0, NoiseRegion.whole),
     })
     post: PostSelectionConfig = field(default_factory=PostSelectionConfig)
     # Pairs also for the questions the model answers right (pairs otherwise come only from its failures), the
@@ -503,8 +561,8 @@ class StrategyConfig:
     """The ``strategy`` config group (``conf/strategy/*.yaml``): Lightning's distribution strategy and its DDP,
     FSDP or DeepSpeed options."""
 
-    # auto | cpu | ddp | fsdp | deepspeed (conf/strategy/: deepspeed_zero2, deepspeed_zero3)
-    name: str = "auto"
+    # conf/strategy/: auto, cpu, ddp, fsdp, deepspeed_zero2, deepspeed_zero3
+    name: StrategyName = StrategyName.auto
     find_unused_parameters: bool = False
     # FSDP: FULL_SHARD | SHARD_GRAD_OP | NO_SHARD | HYBRID_SHARD (each decoder layer is one FSDP unit)
     sharding_strategy: str = "FULL_SHARD"
@@ -523,7 +581,7 @@ class CheckpointConfig:
     save_top_k: int = 1
     # Keep the best checkpoints by a logged metric (e.g. val/rewards/accuracies with mode max); null = the latest.
     monitor: str | None = None
-    mode: str = "max"
+    mode: CheckpointMode = CheckpointMode.max
 
 
 @dataclass
@@ -547,7 +605,7 @@ class EvalConfig(ImageSourceConfig):
     files: list[str] = field(default_factory=list)  # LLaVA-format test files (augmented records too)
     tsv: list[str] = field(default_factory=list)  # VLMEvalKit-style multiple-choice TSVs
     benchmarks: BenchmarkDirs = field(default_factory=BenchmarkDirs)
-    nlvr2_split: str = "dev"  # dev | test1 | test2
+    nlvr2_split: Nlvr2Split = Nlvr2Split.dev
     frames: int = 6  # MVBench: frames per video (6 × 576 tokens keeps a LLaVA-1.5 prompt inside 4,096)
     frame_fps: float = 3.0  # MVBench videos given as folders of frames: their rate
     # A benchmark read from ``datasets``' Arrow cache where one config's split is cached more than once (two

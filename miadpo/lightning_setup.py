@@ -25,7 +25,7 @@ from lightning.pytorch.strategies import (
 )
 from omegaconf import DictConfig, OmegaConf
 
-from miadpo.config import LoggerName, StrategyConfig
+from miadpo.config import LoggerName, StrategyConfig, StrategyName
 
 # wandb's folders outside the run by default (~/.local/share/wandb, ~/.cache/wandb): the data folder holds the
 # artifact staging area, where an offline run keeps the files of its logged tables and images until `wandb sync`;
@@ -101,7 +101,7 @@ def deepspeed_config(cfg: StrategyConfig, micro_batch: int, accumulate: int = 1,
 
 def check_strategy(cfg: StrategyConfig) -> None:
     """What :func:`build_strategy` needs of this machine (checked before any stage of a job runs)."""
-    if cfg.name == "deepspeed":
+    if StrategyName(cfg.name) is StrategyName.deepspeed:
         if not torch.cuda.is_available():
             raise ValueError(f"strategy=deepspeed_zero{cfg.stage} needs CUDA GPUs (Lightning's DeepSpeed strategy runs "
                              "on GPUs only); on this machine use strategy=ddp or strategy=fsdp")
@@ -113,19 +113,20 @@ def build_strategy(cfg: StrategyConfig, world_size: int = 1, micro_batch: int = 
                    precision: str = "32-true") -> Strategy | str:
     """``strategy.*`` → a Lightning strategy (``world_size``: processes in all, for the FSDP mesh; the rest for
     DeepSpeed's configuration)."""
-    if cfg.name == "ddp":
+    name = StrategyName(cfg.name)
+    if name is StrategyName.ddp:
         return DDPStrategy(find_unused_parameters=cfg.find_unused_parameters)
-    if cfg.name == "cpu":
+    if name is StrategyName.cpu:
         return SingleDeviceStrategy(device=torch.device("cpu"))
-    if cfg.name == "fsdp":
+    if name is StrategyName.fsdp:
         # PyTorch FSDP2 (fully_shard, applied by DPOModule.configure_model), which also runs on CPU processes
         # (Lightning's FSDPStrategy and FSDP1 need a GPU). Checkpoints hold the full (gathered) state.
         return ModelParallelStrategy(data_parallel_size=world_size, tensor_parallel_size=1,
                                      save_distributed_checkpoint=False)
-    if cfg.name == "deepspeed":
+    if name is StrategyName.deepspeed:
         check_strategy(cfg)
         return DeepSpeedStrategy(config=deepspeed_config(cfg, micro_batch, accumulate, precision))
-    return cfg.name
+    return name.value
 
 
 def check_trainer_args(trainer_cfg: DictConfig) -> dict[str, Any]:

@@ -31,7 +31,15 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, Th
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
-from miadpo.config import DataPreparation, LoggerName, ModelPreparation, TrainConfig, check_keys, check_recipe
+from miadpo.config import (
+    DataPreparation,
+    LoggerName,
+    ModelPreparation,
+    StrategyName,
+    TrainConfig,
+    check_keys,
+    check_recipe,
+)
 from miadpo.data.dataset import PairDataModule, ResumeDataOrder
 from miadpo.data.images import ImageOptions
 from miadpo.data.pairs import BadRecordReport, ImageRoots
@@ -337,14 +345,14 @@ def build_trainer(cfg: DictConfig, callbacks: list[L.Callback], logger: Logger) 
     """The Lightning Trainer of ``trainer.*`` with the strategy of ``strategy.*``, the callbacks and the logger."""
     kwargs = check_trainer_args(cfg.trainer)
     kwargs.setdefault("default_root_dir", str(cfg.run_dir))
-    if cfg.strategy.name == "cpu":
+    if StrategyName(cfg.strategy.name) is StrategyName.cpu:
         kwargs["accelerator"] = "cpu"
     devices = kwargs.get("devices", 1)
     world_size = (len(devices) if isinstance(devices, list) else int(devices)) * int(kwargs.get("num_nodes", 1))
     strategy = build_strategy(cfg.strategy, world_size, micro_batch=cfg.data.batch_size,
                               accumulate=int(kwargs.get("accumulate_grad_batches", 1)),
                               precision=str(kwargs.get("precision", "32-true")))
-    if cfg.strategy.name == "deepspeed":
+    if StrategyName(cfg.strategy.name) is StrategyName.deepspeed:
         kwargs.pop("gradient_clip_val", None)  # DeepSpeed clips by its own config (gradient_clipping)
     return L.Trainer(**kwargs, callbacks=callbacks, logger=logger, strategy=strategy)
 

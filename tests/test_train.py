@@ -89,7 +89,10 @@ def test_full_finetune_exports_a_model_directory(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "override",
-    ["dpo.loss=sigmod", "model.lora.rank=4", "data.on_bad_record=ignore", "trainer.max_stepz=3", "optim.lrr=1"],
+    ["dpo.loss=sigmod", "model.lora.rank=4", "data.on_bad_record=ignore", "trainer.max_stepz=3", "optim.lrr=1",
+     # closed choices are enums (issue 36): a misspelt value stops at composition, not when its stage runs
+     "selection.name=randon", "selection.noise.grid.region=tile", "model.dtype=bf16", "strategy.name=fdsp",
+     "checkpoint.mode=maximum", "eval.nlvr2_split=test"],
 )
 def test_typos_fail_when_the_config_is_composed(tmp_path: Path, override: str) -> None:
     with pytest.raises(ConfigCompositionException):

@@ -34,7 +34,7 @@ from miadpo.augment.formats import (
 from miadpo.augment.negatives import NegativePlan, negative_grid, negative_pip
 from miadpo.augment.noise import add_noise
 from miadpo.augment.source import SourceRecord
-from miadpo.config import AugmentConfig, GridAugmentConfig, NoiseConfig
+from miadpo.config import AugmentConfig, GridAugmentConfig, NoiseConfig, NoiseRegion
 
 Box = tuple[float, ...]
 
@@ -125,7 +125,8 @@ class AugmentFormat(ABC):
     def noisy_inputs(self, images: list[Image.Image], noise: NoiseConfig, target: int, box: Box | None,
                      rng: np.random.Generator) -> list[Image.Image]:
         """The selection inputs with noise on the target (``noise.region=target``) or on everything (``whole``)."""
-        return [add_noise(images[0], noise.sigma, box if noise.region == "target" else None, rng)]
+        region = box if NoiseRegion(noise.region) is NoiseRegion.target else None
+        return [add_noise(images[0], noise.sigma, region, rng)]
 
 
 class SequenceFormat(AugmentFormat):
@@ -147,7 +148,7 @@ class SequenceFormat(AugmentFormat):
     def noisy_inputs(self, images: list[Image.Image], noise: NoiseConfig, target: int, box: Box | None,
                      rng: np.random.Generator) -> list[Image.Image]:
         """Noise on the asked-about image (``target``) or on every image (``whole``)."""
-        chosen = range(len(images)) if noise.region == "whole" else [target - 1]
+        chosen = range(len(images)) if NoiseRegion(noise.region) is NoiseRegion.whole else [target - 1]
         return [add_noise(im, noise.sigma, None, rng) if i in chosen else im for i, im in enumerate(images)]
 
 

@@ -150,8 +150,6 @@ class CandidateGenerator:
         noise: NoiseConfig | None = self.cfg.noise.get(item.format)
         if noise is None or noise.sigma <= 0:
             return images
-        if noise.region not in ("target", "whole"):
-            raise ValueError(f"selection.noise.{item.format}.region must be target or whole, not {noise.region!r}")
         return format_named(item.format).noisy_inputs(images, noise, item.target, item.box,
                                                       record_rng(self.seed, item.id))
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from rapidfuzz import fuzz
 
-from miadpo.config import SelectionConfig
+from miadpo.config import SelectionConfig, SelectionName
 from miadpo.data.pairs import PairRecord
 from miadpo.select.records import Candidate
 from miadpo.text import image_marker_in, normalise_answer
@@ -139,9 +139,9 @@ def select_pairs(candidates: Iterable[Candidate | Mapping[str, Any]], cfg: Selec
     """Apply the configured selection and post-selection to candidates (in their order; dicts: their JSON form)."""
     candidates = as_candidates(candidates)
     attention_reasons = _decide(candidates, cfg, use_attention=True)
-    if cfg.name == "attention":
+    if SelectionName(cfg.name) is SelectionName.attention:
         reasons = attention_reasons
-    elif cfg.name == "random":
+    else:  # random: as many wrong answers per group as attention keeps, drawn without looking at attention
         wanted = Counter(group_key(c) for c, r in zip(candidates, attention_reasons) if r == KEPT)
         blind = _decide(candidates, cfg, use_attention=False)
         pools: dict[tuple[str, int], list[int]] = defaultdict(list)
@@ -153,8 +153,6 @@ def select_pairs(candidates: Iterable[Candidate | Mapping[str, Any]], cfg: Selec
         for key in sorted(pools):
             chosen.update(rng.sample(pools[key], min(wanted[key], len(pools[key]))))
         reasons = [KEPT if i in chosen else (r if r != KEPT else "random: not drawn") for i, r in enumerate(blind)]
-    else:
-        raise ValueError(f"selection.name must be attention or random, not {cfg.name!r}")
 
     pairs, decisions = [], []
     right = right_answer_pairs(candidates, cfg)
