@@ -7,14 +7,65 @@ first in its defaults, so a misspelt key or a value outside an enum fails when t
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum, IntEnum
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, get_args, get_origin, get_type_hints
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
+
+Check = tuple[str, Callable[[Any], bool], str]  # key in its group (``*``: every key of a map), test, what it must be
+FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
+
+
+def _fraction(value: Any) -> bool:
+    return 0 <= value <= 1
+
+
+def _weights(value: Any) -> bool:
+    """Weights of a draw: none negative, not all zero."""
+    values = list(value.values())
+    return all(v >= 0 for v in values) and sum(values) > 0
+
+
+def _finite_at_least_0(value: Any) -> bool:
+    return math.isfinite(value) and value >= 0
+
+
+def _epochs_or_steps(value: Any) -> bool:
+    return value is None or value == -1 or value >= 1
+
+
+class Checked:
+    """A config group whose values have ranges: ``checks`` beside its fields (a subclass adds its own to its
+    bases'), checked once a config is composed (``check_values``, run by ``check_keys``); a rule over several
+    fields goes in ``problems``."""
+
+    checks: ClassVar[tuple[Check, ...]] = ()
+
+    @classmethod
+    def problems(cls, node: Any, path: str) -> list[str]:
+        """Each value of ``node`` (this group, at ``path``) outside its range, as ``key=value must be ...``."""
+        found = []
+        for klass in reversed(cls.__mro__):
+            for key, valid, expected in vars(klass).get("checks", ()):
+                for name, value in _values(node, key.split("."), path):
+                    try:
+                        ok = bool(valid(value))
+                    except (TypeError, ValueError):
+                        ok = False
+                    if not ok:
+                        found.append(f"{name}={_shown(value)} must be {expected}")
+        return found
+
+
+TRAINER_CHECKS: tuple[Check, ...] = (
+    ("trainer.max_epochs", _epochs_or_steps, "null, -1 (no limit) or at least 1 (0 trains nothing)"),
+    ("trainer.max_steps", _epochs_or_steps, "-1 (no limit) or at least 1 (0 trains nothing)"),
+)
 
 
 class _Count(IntEnum):
@@ -237,17 +288,23 @@ class SyntheticConfig:
 
 
 @dataclass
-class SequenceAugmentConfig:
+class SequenceAugmentConfig(Checked):
     """``data.augment.sequence``: the Sequence format's draw of images per prompt."""
+
+    checks = (("n_weights", _weights, "weights ≥ 0, not all zero"),)
 
     # Weights of N (images per prompt); the reference's split was about 55/16/16/13 %.
     n_weights: dict[ImageCount, float] = field(default_factory=lambda: {2: 0.55, 3: 0.16, 4: 0.16, 5: 0.13})
 
 
 @dataclass
-class GridAugmentConfig:
+class GridAugmentConfig(Checked):
     """``data.augment.grid``: the Grid Collage format's images per grid, its cell and label layout, and how many
     records share a grid."""
+
+    checks = (("n_weights", _weights, "weights ≥ 0, not all zero"),
+              ("records_per_grid", _weights, "weights ≥ 0, not all zero"),
+              ("cell_size", lambda v: v >= 8, "at least 8 pixels"))
 
     n_weights: dict[ImageCount, float] = field(default_factory=lambda: {n: 1.0 for n in range(2, 10)})
     cell_size: int = 448
@@ -260,8 +317,10 @@ class GridAugmentConfig:
 
 
 @dataclass
-class PipAugmentConfig:
+class PipAugmentConfig(Checked):
     """``data.augment.pip``: the Pic-in-Pic format's size of the pasted target."""
+
+    checks = (("scale", lambda v: 0 < v <= 1, "in (0, 1]: the target's size relative to the background"),)
 
     scale: float = 0.7  # target size relative to the background's width (or height, if too tall)
 
@@ -293,9 +352,14 @@ class ImageNegativesConfig:
 
 
 @dataclass
-class AugmentConfig:
+class AugmentConfig(Checked):
     """``data.augment``: the augmentation stage's formats, refusal records, image-side negatives, source records
     and workers."""
+
+    checks = (("jpeg_quality", lambda v: 1 <= v <= 100, "from 1 to 100"),
+              ("refusal_fraction", _fraction, "from 0 to 1"),
+              ("workers", lambda v: v >= 1, "at least 1"),
+              ("chunk_size", lambda v: v >= 1, "at least 1"))
 
     sequence: SequenceAugmentConfig = field(default_factory=SequenceAugmentConfig)
     grid: GridAugmentConfig = field(default_factory=GridAugmentConfig)
@@ -330,10 +394,14 @@ class PairSetConfig:
 
 
 @dataclass
-class ImageSourceConfig:
+class ImageSourceConfig(Checked):
     """Where a stage's records find their images and what it does with a bad record or image: the settings the
     data recipe (``data``), SFT data and the evaluation set (``eval``) share (``ImageRoots.of``,
     ``ImageOptions.of``). The rules of every image: ``miadpo/data/images.py``."""
+
+    checks = (("max_bad_fraction", _fraction, "from 0 to 1"),
+              ("max_image_pixels", lambda v: v is None or v >= 0, "null or at least 0"),
+              ("max_image_aspect_ratio", lambda v: v is None or v == 0 or v >= 1, "null, 0 (no limit) or at least 1"))
 
     # Source photographs; record paths without the composed prefix resolve here.
     image_root: str = "data/images"
@@ -358,6 +426,10 @@ class ImageSourceConfig:
 class DataConfig(ImageSourceConfig):
     """The ``data`` config group, a data recipe (``conf/data/*.yaml``): where its pairs come from (a pair file, a
     mix, synthetic pairs, or augmentation and selection), their token budget, validation split and loaders."""
+
+    checks = (("batch_size", lambda v: v >= 1, "at least 1"),
+              ("val_fraction", lambda v: 0 <= v < 1, "from 0 to below 1 (1 would leave nothing to train on)"),
+              ("num_workers", lambda v: v >= 0, "at least 0"))
 
     name: str = "synthetic"
     # LLaVA-format single-image JSON consumed by the augmentation stage.
@@ -446,9 +518,12 @@ class ExportImagePaths(str, Enum):
 
 
 @dataclass
-class SelectionConfig:
+class SelectionConfig(Checked):
     """The ``selection`` config group (``conf/selection/*.yaml``): which of the model's answers become pairs
     (attention-ratio thresholds, perplexity, noise, post-selection) and how the pairs are exported."""
+
+    checks = (("thresholds.*.*", _fraction, "an attention ratio from 0 to 1"),
+              ("min_perplexity", lambda v: v >= 0, "at least 0 (0: no perplexity filter)"))
 
     name: SelectionName = SelectionName.attention
     # Decoder layer whose attention is read; null = the middle layer.
@@ -505,9 +580,17 @@ class FastPathConfig:
 
 
 @dataclass
-class DPOConfig:
+class DPOConfig(Checked):
     """The ``dpo`` config group (``conf/dpo/*.yaml``): the preference loss, β, the SFT and image-side terms, the
     reference model and the exact speed-ups."""
+
+    checks = (("beta", lambda v: math.isfinite(v) and v > 0, "a positive finite number"),
+              ("sft_weight", _finite_at_least_0, "a finite number ≥ 0"),
+              ("conditional_weight", _finite_at_least_0, "a finite number ≥ 0"),
+              ("anchor_weight", _finite_at_least_0, "a finite number ≥ 0"),
+              ("anchor_delta", math.isfinite, "finite"),
+              ("collapse_warning_nats", lambda v: v is None or (math.isfinite(v) and v > 0),
+               "positive (or null: never warn)"))
 
     loss: LossType = LossType.sigmoid
     beta: float = 0.1
@@ -527,17 +610,44 @@ class DPOConfig:
     anchor_delta: float = 0.0
     fast: FastPathConfig = field(default_factory=FastPathConfig)
 
+    @classmethod
+    def problems(cls, node: Any, path: str) -> list[str]:
+        """The ranges, and ε of the losses that read it (cdpo, robust) in [0, 0.5)."""
+        found = super().problems(node, path)
+        if LossType(node.loss) in (LossType.cdpo, LossType.robust) and not 0 <= node.label_smoothing < 0.5:
+            found.append(f"{path}.label_smoothing={node.label_smoothing} must be in [0, 0.5) for "
+                         f"{path}.loss={LossType(node.loss).value}")
+        return found
+
 
 @dataclass
-class OptimConfig:
+class OptimConfig(Checked):
     """The ``optim`` config group (``conf/optim/*.yaml``): AdamW's settings and the warm-up share of the linear
     schedule."""
+
+    checks = (("lr", _finite_at_least_0, "a finite number ≥ 0"),
+              ("betas", lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
+              ("eps", _finite_at_least_0, "a finite number ≥ 0"),
+              ("weight_decay", _finite_at_least_0, "a finite number ≥ 0"),
+              ("warmup_ratio", _fraction, "in [0, 1]"))
 
     lr: float = 5e-5
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     warmup_ratio: float = 0.1
+
+    @classmethod
+    def problems(cls, node: Any, path: str) -> list[str]:
+        """The ranges, and an lr whose first AdamW step, ``lr / (1 - betas[0])`` (bias-corrected), overflows
+        float32: beyond it the optimizer fails mid-run with an overflow that names no setting."""
+        found = super().problems(node, path)
+        if not found and float(node.lr) / (1 - float(node.betas[0])) > FLOAT32_MAX:
+            step = float(node.lr) / (1 - float(node.betas[0]))
+            found.append(f"{path}.lr={float(node.lr):g} is too large: AdamW's first step, {path}.lr / (1 - "
+                         f"{path}.betas[0]) = {step:.3g}, overflows float32 (max {FLOAT32_MAX:.3g}); DPO learning "
+                         "rates are about 1e-6 to 1e-3")
+        return found
 
 
 @dataclass
@@ -602,6 +712,8 @@ class EvalConfig(ImageSourceConfig):
     """The ``eval`` config group (``conf/eval/*.yaml``): the evaluation sets (LLaVA-format files, TSVs,
     benchmarks), their limits, and the W&B logging of the results."""
 
+    checks = (("batch_size", lambda v: v >= 1, "at least 1"), ("frames", lambda v: v >= 1, "at least 1"))
+
     files: list[str] = field(default_factory=list)  # LLaVA-format test files (augmented records too)
     tsv: list[str] = field(default_factory=list)  # VLMEvalKit-style multiple-choice TSVs
     benchmarks: BenchmarkDirs = field(default_factory=BenchmarkDirs)
@@ -642,9 +754,11 @@ class RoundsConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Checked):
     """``python -m miadpo.train``: the whole pipeline (model, data recipe, selection, DPO, training, evaluation,
     rounds)."""
+
+    checks = TRAINER_CHECKS
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -676,8 +790,10 @@ class AugmentJobConfig:
 
 
 @dataclass
-class SelectJobConfig:
+class SelectJobConfig(Checked):
     """``python -m miadpo.select``: base model + dataset recipe → candidates → pairs."""
+
+    checks = TRAINER_CHECKS
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -701,8 +817,10 @@ class SFTDataConfig(ImageSourceConfig):
 
 
 @dataclass
-class SFTJobConfig:
+class SFTJobConfig(Checked):
     """``python -m miadpo.sft``: supervised fine-tuning on the first turn of each record."""
+
+    checks = TRAINER_CHECKS
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
@@ -799,47 +917,7 @@ def check_keys(cfg: DictConfig, schema: type) -> None:
         raise ValueError(f"unknown config key{'s' if len(problems) > 1 else ''} {', '.join(problems)}: not in "
                          f"{schema.__name__} (miadpo/config.py). A '+' adds no key to miadpo's configs: every key "
                          "is in the schema, so a key that is not there is a typo.")
-    check_ranges(cfg)
-
-
-def _fraction(value: Any) -> bool:
-    return 0 <= value <= 1
-
-
-def _weights(value: Any) -> bool:
-    """Weights of a draw: none negative, not all zero."""
-    values = list(value.values())
-    return all(v >= 0 for v in values) and sum(values) > 0
-
-
-# Value ranges of the settings that have one, checked up front by every entry (``check_keys``): key (``*`` for
-# every key of a map), test, and what the value must be.
-RANGES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
-    ("data.augment.pip.scale", lambda v: 0 < v <= 1, "in (0, 1]: the target's size relative to the background"),
-    ("data.augment.jpeg_quality", lambda v: 1 <= v <= 100, "from 1 to 100"),
-    ("data.augment.refusal_fraction", _fraction, "from 0 to 1"),
-    ("data.augment.workers", lambda v: v >= 1, "at least 1"),
-    ("data.augment.chunk_size", lambda v: v >= 1, "at least 1"),
-    ("data.augment.sequence.n_weights", _weights, "weights ≥ 0, not all zero"),
-    ("data.augment.grid.n_weights", _weights, "weights ≥ 0, not all zero"),
-    ("data.augment.grid.records_per_grid", _weights, "weights ≥ 0, not all zero"),
-    ("data.augment.grid.cell_size", lambda v: v >= 8, "at least 8 pixels"),
-    ("data.batch_size", lambda v: v >= 1, "at least 1"),
-    ("data.val_fraction", lambda v: 0 <= v < 1, "from 0 to below 1 (1 would leave nothing to train on)"),
-    ("data.max_bad_fraction", _fraction, "from 0 to 1"),
-    ("data.num_workers", lambda v: v >= 0, "at least 0"),
-    ("data.max_image_pixels", lambda v: v is None or v >= 0, "null or at least 0"),
-    ("data.max_image_aspect_ratio", lambda v: v is None or v == 0 or v >= 1, "null, 0 (no limit) or at least 1"),
-    ("selection.thresholds.*.*", _fraction, "an attention ratio from 0 to 1"),
-    ("selection.min_perplexity", lambda v: v >= 0, "at least 0 (0: no perplexity filter)"),
-    ("trainer.max_epochs", lambda v: v is None or v == -1 or v >= 1,
-     "null, -1 (no limit) or at least 1 (0 trains nothing)"),
-    ("trainer.max_steps", lambda v: v is None or v == -1 or v >= 1, "-1 (no limit) or at least 1 (0 trains nothing)"),
-    ("eval.batch_size", lambda v: v >= 1, "at least 1"),
-    ("eval.max_bad_fraction", _fraction, "from 0 to 1"),
-    ("eval.frames", lambda v: v >= 1, "at least 1"),
-    ("eval.max_image_aspect_ratio", lambda v: v is None or v == 0 or v >= 1, "null, 0 (no limit) or at least 1"),
-)
+    check_values(cfg, schema)
 
 
 def _values(node: Any, parts: list[str], path: str) -> Iterator[tuple[str, Any]]:
@@ -862,20 +940,23 @@ def _shown(value: Any) -> str:
     return str(value)
 
 
-def check_ranges(cfg: DictConfig) -> None:
-    """ValueError naming every setting of ``cfg`` outside its range (``RANGES``); settings ``cfg`` lacks are
-    skipped (each entry has its own groups)."""
-    problems = []
-    for key, valid, expected in RANGES:
-        for name, value in _values(cfg, key.split("."), ""):
-            try:
-                ok = valid(value)
-            except TypeError:
-                ok = False
-            if not ok:
-                problems.append(f"{name}={_shown(value)} must be {expected}")
+def check_values(cfg: DictConfig, schema: type) -> None:
+    """ValueError naming every value of ``cfg`` outside its range: each group's ``Checked.problems``, walking
+    ``schema`` (an entry's job config) down its dataclass fields."""
+    problems = _problems(cfg, schema, "")
     if problems:
         raise ValueError("settings out of range: " + "; ".join(problems))
+
+
+def _problems(node: Any, schema: Any, path: str) -> list[str]:
+    found = schema.problems(node, path) if isinstance(schema, type) and issubclass(schema, Checked) else []
+    if is_dataclass(schema) and isinstance(node, DictConfig):
+        hints = get_type_hints(schema)
+        for f in fields(schema):
+            child = hints[f.name]
+            if is_dataclass(child) and f.name in node and node[f.name] is not None:
+                found += _problems(node[f.name], child, f"{path}.{f.name}" if path else f.name)
+    return found
 
 
 # The data recipes that make or read users' data, named when the toy recipe is asked to run on it.

@@ -48,9 +48,7 @@ from miadpo.data.report import log_data_report, write_data_report
 from miadpo.dpo.batch import PairBatch
 from miadpo.dpo.callbacks import ExportModel, LogLastStep
 from miadpo.dpo.forward import PairForward
-from miadpo.dpo.losses import check_dpo
 from miadpo.dpo.module import DPOModule
-from miadpo.dpo.optim import check_optim
 from miadpo.dpo.reference_cache import ReferenceCache, dataset_needs, fill_reference_cache, model_key
 from miadpo.eval.before_after import BeforeAfterEval
 from miadpo.eval.scoring import prompt_limit
@@ -108,8 +106,6 @@ def check_job(cfg: DictConfig) -> None:
                          "the policy with LoRA disabled, or a copy of its starting weights")
     check_trainer_args(cfg.trainer)
     check_strategy(cfg.strategy)
-    check_dpo(cfg.dpo)  # type: ignore[arg-type]
-    check_optim(cfg.optim)  # type: ignore[arg-type]
     check_eval_set(cfg.eval)
     if cfg.ckpt_path is not None:
         check_checkpoint(cfg.ckpt_path)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO, colour_image, compose_train, good_record
+from omegaconf import OmegaConf
 from PIL import Image, ImageChops
 from test_augment import data_config, read_records, write_source
 from test_fast_path import adapter_for, pairs, step
@@ -24,7 +25,7 @@ from miadpo.data.dataset import EncodedPair, PairDataset, apply_length_guard
 from miadpo.data.pairs import BadRecordError, BadRecordReport, ImageRoots, pair_key, parse_pair, read_pairs
 from miadpo.dpo.batch import PairLogps
 from miadpo.dpo.forward import ConcatenatedPairForward, SharedPrefixPairForward
-from miadpo.dpo.losses import AnchorLoss, ConditionalPreferenceLoss, check_dpo
+from miadpo.dpo.losses import AnchorLoss, ConditionalPreferenceLoss
 from miadpo.dpo.module import DPOModule
 from miadpo.dpo.reference import CachedReference
 from miadpo.dpo.reference_cache import InStepFilling, ReferenceCache, logps_rows
@@ -196,10 +197,10 @@ def test_conditional_and_anchor_terms_match_hand_numbers() -> None:
     assert conditional.tolist() == pytest.approx([0.313261687518, 0.0])
     anchor = AnchorLoss(0.5, 0.5)(POLICY, REFERENCE).losses
     assert anchor.tolist() == pytest.approx([math.log(2), math.log(1 + math.exp(0.5))])
-    with pytest.raises(ValueError, match="conditional_weight"):
-        check_dpo(DPOConfig(conditional_weight=-1.0))
-    with pytest.raises(ValueError, match="anchor_delta"):
-        check_dpo(DPOConfig(anchor_weight=1.0, anchor_delta=float("nan")))
+    for bad, key in (({"conditional_weight": -1.0}, "conditional_weight"),
+                     ({"anchor_weight": 1.0, "anchor_delta": float("nan")}, "anchor_delta")):
+        problems = DPOConfig.problems(OmegaConf.structured(DPOConfig(**bad)), "dpo")
+        assert len(problems) == 1 and problems[0].startswith(f"dpo.{key}=")
 
 
 def test_module_adds_the_weighted_terms_and_logs_them_apart(monkeypatch) -> None:

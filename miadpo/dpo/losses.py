@@ -172,19 +172,3 @@ def build_loss(cfg: DPOConfig) -> PreferenceLoss:
     if loss not in LOSSES:
         raise ValueError(f"dpo.loss={loss.value} has no loss in miadpo.dpo.losses.LOSSES")
     return LOSSES[loss](cfg)
-
-
-def check_dpo(cfg: DPOConfig) -> None:
-    """The ``dpo.*`` settings, checked before any stage runs: the loss's own constraints (β > 0, ε of cdpo/robust),
-    finite non-negative ``sft_weight`` / ``conditional_weight`` / ``anchor_weight``, a finite ``anchor_delta`` and a
-    positive ``collapse_warning_nats``; a bad one is named."""
-    build_loss(cfg)
-    for name in ("sft_weight", "conditional_weight", "anchor_weight"):
-        weight = getattr(cfg, name)
-        if not math.isfinite(weight) or weight < 0:
-            raise ValueError(f"dpo.{name} must be a finite number >= 0, got {weight}")
-    AnchorLoss(cfg.beta, cfg.anchor_delta)
-    nats = cfg.collapse_warning_nats
-    if nats is not None and not (math.isfinite(nats) and nats > 0):
-        raise ValueError(f"dpo.collapse_warning_nats must be positive (or null: never warn), got {nats}")
-
