@@ -1,9 +1,11 @@
-"""Fingerprints of everything the caches are keyed by: weights, files and settings (one module for augmentation,
-selection, the reference cache and the synthetic data; every key it computes is the one earlier versions computed,
-so users' caches stay valid — ``tests/test_fingerprint.py`` pins them).
+"""Fingerprints of everything the caches are keyed by: weights, files and settings, and every cache key's digest
+(one module for augmentation, selection, the reference cache, rounds and the synthetic data; every key it computes
+is the one earlier versions computed, so users' caches stay valid — ``tests/test_fingerprint.py`` and
+``tests/test_default_run_pins.py`` pin them).
 
-``digest(value, algorithm, length)``: a JSON value's hash (sort_keys; the reference cache uses SHA-256[:24], the
-selection directories SHA-1[:16], the augmentation and synthetic fingerprints SHA-1[:16] / [:10]).
+``digest(value, algorithm, length)``: a JSON value's hash (sort_keys). Each stage's key is one function below
+(``augmentation_key``, ``selection_key``, ``reference_key``, ``round_key``, ``synthetic_key``) over the identity
+the stage composes beside its cache (what its output depends on); ``miadpo.data.stage_cache`` makes the directory.
 ``file_sha1``: a source or records file's content. ``weights_identity``: a model's weights, as below.
 
 A weights directory is identified by the **content** of its files (SHA-256 of every file, by relative name), so
@@ -40,6 +42,31 @@ def digest(value: Any, algorithm: str = "sha256", length: int = 24) -> str:
     """Hex digest (first ``length`` characters) of ``value`` as sorted-key JSON (non-JSON values by ``str``)."""
     text = json.dumps(value, sort_keys=True, default=str).encode()
     return hashlib.new(algorithm, text).hexdigest()[:length]
+
+
+def augmentation_key(inputs: Any) -> str:
+    """The augmentation's fingerprint (in its manifest; ``miadpo.augment.runner.fingerprint``): SHA-1[:16]."""
+    return digest(inputs, "sha1", 16)
+
+
+def selection_key(identity: Any) -> str:
+    """A selection directory's name (candidates, and the pairs of a rule set): SHA-1[:16]."""
+    return digest(identity, "sha1", 16)
+
+
+def reference_key(identity: Any) -> str:
+    """The reference cache's model directory (``miadpo.dpo.reference_cache.model_key``): SHA-256[:24]."""
+    return digest(identity)
+
+
+def round_key(config: Any) -> str:
+    """A finished on-policy round's fingerprint (its whole resolved config): SHA-256[:24]."""
+    return digest(config)
+
+
+def synthetic_key(settings: Any) -> str:
+    """The synthetic pairs' directory (their settings): SHA-1[:10]."""
+    return digest(settings, "sha1", 10)
 
 
 def file_sha1(path: Path) -> str:

@@ -24,13 +24,21 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from miadpo.data.jsonl import atomic_replace
-from miadpo.fingerprint import digest
+from miadpo.data.stage_cache import StageCache
+from miadpo.fingerprint import round_key
 from miadpo.merge import merge_adapter
 from miadpo.text import markdown_table
 
 log = logging.getLogger(__name__)
 ROUND_FILE = "round.json"
+ROUND_LOCK = "round.lock"
+
+
+def round_cache(run_dir: Path, cfg: DictConfig) -> StageCache:
+    """A round's directory: its done marker ``round.json`` holds the round's record and fingerprint; a run
+    training the round holds ``round.lock``."""
+    return StageCache(run_dir, fingerprint(cfg), what=f"round {run_dir.name}", lock_name=ROUND_LOCK,
+                      done_name=ROUND_FILE)
 
 
 def round_config(cfg: DictConfig, round_index: int, policy: str | None, base: str | None) -> DictConfig:
@@ -54,16 +62,17 @@ def round_config(cfg: DictConfig, round_index: int, policy: str | None, base: st
 
 def fingerprint(cfg: DictConfig) -> str:
     """What a finished round's outputs depend on (its whole resolved config)."""
-    return digest(OmegaConf.to_container(cfg, resolve=True))
+    return round_key(OmegaConf.to_container(cfg, resolve=True))
 
 
 def finished_round(run_dir: Path, cfg: DictConfig) -> dict[str, Any] | None:
     """The record of a finished round, or None; a round finished under another config is an error."""
-    path = run_dir / ROUND_FILE
-    if not path.is_file():
+    cache = round_cache(run_dir, cfg)
+    if not cache.is_done():
         return None
+    path = cache.done
     record = json.loads(path.read_text())
-    if record["fingerprint"] != fingerprint(cfg):
+    if record["fingerprint"] != cache.identity:
         raise ValueError(f"{path} was written by a different configuration; use another run_dir (hydra.run.dir=...) "
                          "or remove it to rerun that round")
     if not Path(record["policy"]).is_dir():
@@ -90,19 +99,8 @@ def run_rounds(cfg: DictConfig, train: Callable[[DictConfig], Any]) -> list[dict
         run_dir = Path(round_cfg.run_dir)
         record = finished_round(run_dir, round_cfg)
         if record is None:
-            identity = fingerprint(round_cfg)
             log.info("round %d of %d: policy %s", index, cfg.rounds.count, policy or "built in code")
-            result = train(round_cfg)
-            start = policy or str(run_dir / "base_model")  # a model built in code is saved with its run
-            evaluation = run_dir / "eval_before_after.json"
-            record = {"round": index, "seed": int(round_cfg.seed), "start": start,
-                      "reference": round_cfg.dpo.reference_path or start,
-                      "policy": str(export_policy(Path(result.exported), start, run_dir)),
-                      "pairs": str(result.pairs), "global_step": result.global_step,
-                      "evaluation": json.loads(evaluation.read_text()) if evaluation.is_file() else None,
-                      "fingerprint": identity}
-            with atomic_replace(run_dir / ROUND_FILE) as tmp:
-                tmp.write_text(json.dumps(record, indent=1) + "\n")
+            record = run_round(round_cfg, index, policy, train)
         else:
             log.info("round %d of %d: finished before (%s), skipped", index, cfg.rounds.count, run_dir / ROUND_FILE)
         records.append(record)
@@ -110,6 +108,26 @@ def run_rounds(cfg: DictConfig, train: Callable[[DictConfig], Any]) -> list[dict
         base = base or record["start"]
     write_rounds_table(Path(cfg.run_dir), records)
     return records
+
+
+def run_round(round_cfg: DictConfig, index: int, policy: str | None, train: Callable[[DictConfig], Any]
+              ) -> dict[str, Any]:
+    """Train round ``index`` from ``policy``, export its policy and write its ``round.json`` (holding the round's
+    lock: a second run of the same command fails at once instead of training the round again)."""
+    run_dir = Path(round_cfg.run_dir)
+    cache = round_cache(run_dir, round_cfg)
+    with cache.writing():
+        result = train(round_cfg)
+        start = policy or str(run_dir / "base_model")  # a model built in code is saved with its run
+        evaluation = run_dir / "eval_before_after.json"
+        record = {"round": index, "seed": int(round_cfg.seed), "start": start,
+                  "reference": round_cfg.dpo.reference_path or start,
+                  "policy": str(export_policy(Path(result.exported), start, run_dir)),
+                  "pairs": str(result.pairs), "global_step": result.global_step,
+                  "evaluation": json.loads(evaluation.read_text()) if evaluation.is_file() else None,
+                  "fingerprint": cache.identity}
+        cache.finish(json.dumps(record, indent=1) + "\n")
+    return record
 
 
 def rounds_table(records: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:

@@ -15,10 +15,11 @@ from hydra import compose, initialize_config_dir
 from miadpo.augment.runner import fingerprint
 from miadpo.config import config_dir, register_configs
 from miadpo.dpo.reference_cache import model_key
+from miadpo.fingerprint import selection_key
 from miadpo.models import build_adapter
 from miadpo.rounds import fingerprint as round_fingerprint
 from miadpo.rounds import round_config
-from miadpo.select.stage import _digest, candidates_identity, rules_identity
+from miadpo.select.stage import candidates_identity, rules_identity
 from miadpo.toyworld.pipeline import ensure_toy_base
 
 PINNED = {
@@ -42,8 +43,8 @@ def test_the_cache_directory_names_are_unchanged(tmp_path: Path, monkeypatch, ru
     ensure_toy_base(cfg.model.path, tmp_path)
     adapter = build_adapter(cfg.model)
     names = {"augmentation": fingerprint(cfg.data, cfg.seed)["fingerprint"],
-             "candidates": _digest(candidates_identity(adapter, cfg.data, cfg.selection, cfg.seed)),
-             "rules": _digest(rules_identity(cfg.selection, cfg.seed)),
+             "candidates": selection_key(candidates_identity(adapter, cfg.data, cfg.selection, cfg.seed)),
+             "rules": selection_key(rules_identity(cfg.selection, cfg.seed)),
              "reference": model_key(adapter, cfg.data)}
     assert names == PINNED[run]
 

@@ -88,9 +88,9 @@ def test_a_null_max_length_is_the_model_configs_token_budget(tmp_path: Path) -> 
     cfg = compose_train(["model.max_length=300"], tmp_path)
     assert cfg.data.max_length is None
     adapter = build_adapter(cfg.model)
-    assert PairDataModule(cfg.data, adapter, adapter.collate).max_length == 300
+    assert PairDataModule(cfg.data, adapter, adapter.collate, pairs=tmp_path / "pairs.jsonl").max_length == 300
     cfg.data.max_length = 128
-    assert PairDataModule(cfg.data, adapter, adapter.collate).max_length == 128
+    assert PairDataModule(cfg.data, adapter, adapter.collate, pairs=tmp_path / "pairs.jsonl").max_length == 128
 
 
 def test_every_model_config_states_a_budget_that_fits_five_images() -> None:

@@ -26,6 +26,7 @@ from miadpo.config import DataConfig, SelectionConfig
 from miadpo.data.pairs import BadRecordError
 from miadpo.dpo.batch import PairLogps
 from miadpo.dpo.reference_cache import ReferenceCache, fill_reference_cache, model_key, shard_of
+from miadpo.fingerprint import selection_key
 from miadpo.models import build_adapter
 from miadpo.select import stage as stage_module
 from miadpo.select.stage import CANDIDATES_FILE, candidates_identity, run_selection
@@ -100,7 +101,7 @@ class _PinnedStat:
 
 def cache_keys(adapter: Any, data: DataConfig) -> tuple[str, str]:
     """The reference-cache model key and the selection candidates fingerprint of ``adapter``."""
-    return model_key(adapter, data), stage_module._digest(candidates_identity(adapter, data, selection_config(), 0))
+    return model_key(adapter, data), selection_key(candidates_identity(adapter, data, selection_config(), 0))
 
 
 @pytest.mark.parametrize("where", [

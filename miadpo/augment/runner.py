@@ -38,8 +38,8 @@ from miadpo.config import BadRecordPolicy, DataConfig, GridAugmentConfig, Negati
 from miadpo.data.images import ImageOptions, load_record_image
 from miadpo.data.jsonl import append_jsonl, atomic_replace, read_jsonl, repair_tail
 from miadpo.data.pairs import BadRecordError, BadRecordReport, ImageRoots
-from miadpo.fingerprint import digest, file_sha1
-from miadpo.locks import stage_lock
+from miadpo.data.stage_cache import StageCache
+from miadpo.fingerprint import augmentation_key, file_sha1
 from miadpo.text import markdown_table
 
 log = logging.getLogger(__name__)
@@ -185,8 +185,15 @@ def fingerprint(cfg: DataConfig, seed: int) -> dict[str, Any]:
         "augment": augment,
     }
     inputs = json.loads(json.dumps(inputs, sort_keys=True))  # as stored: dict keys become strings
-    inputs["fingerprint"] = digest(inputs, "sha1", 16)
+    inputs["fingerprint"] = augmentation_key(inputs)
     return inputs
+
+
+def augmentation_cache(out_dir: Path, inputs: dict[str, Any] | None = None) -> StageCache:
+    """``data.out_dir`` as the augmentation's cache: a fixed directory whose manifest (``fingerprint``) says which
+    configuration's output it holds; ``augment.lock``; done marker ``augment_summary.json``."""
+    return StageCache(out_dir, inputs, what="the augmentation output", manifest_name=MANIFEST_FILE,
+                      lock_name=LOCK_FILE, done_name=SUMMARY_FILE)
 
 
 def _wrote_nothing(out_dir: Path) -> bool:
@@ -202,15 +209,15 @@ def _wrote_nothing(out_dir: Path) -> bool:
 def _check_manifest(out_dir: Path, inputs: dict[str, Any], create: bool = True) -> None:
     """The directory holds this configuration's output or none. A manifest of another configuration over no written
     record (a failed or empty run) does not block: it is replaced, with that run's skip list."""
-    manifest = out_dir / MANIFEST_FILE
-    if manifest.is_file() and json.loads(manifest.read_text()).get("fingerprint") != inputs["fingerprint"] \
-            and _wrote_nothing(out_dir):
+    cache = augmentation_cache(out_dir, inputs)
+    previous = cache.stored_identity()
+    if previous is not None and previous.get("fingerprint") != inputs["fingerprint"] and _wrote_nothing(out_dir):
         if not create:
             return
-        for stale in (manifest, out_dir / RECORDS_FILE, out_dir / SKIPPED_FILE, out_dir / SUMMARY_FILE):
+        for stale in (cache.manifest, out_dir / RECORDS_FILE, out_dir / SKIPPED_FILE, cache.done):
             stale.unlink(missing_ok=True)
-    if manifest.is_file():
-        previous = json.loads(manifest.read_text())
+        previous = None
+    if previous is not None:
         if previous.get("fingerprint") != inputs["fingerprint"]:
             changed = sorted(k for k in inputs if k != "fingerprint" and previous.get(k) != inputs[k])
             raise FileExistsError(
@@ -220,17 +227,16 @@ def _check_manifest(out_dir: Path, inputs: dict[str, Any], create: bool = True) 
     elif (out_dir / RECORDS_FILE).exists():
         raise FileExistsError(f"{out_dir / RECORDS_FILE} exists without {MANIFEST_FILE}; choose another data.out_dir")
     elif create:
-        with atomic_replace(manifest) as tmp:
-            tmp.write_text(json.dumps(inputs, indent=2, sort_keys=True) + "\n")
+        cache.record_identity()
 
 
 def augmentation_finished(cfg: DataConfig, seed: int) -> bool:
     """Whether ``data.out_dir`` holds a finished augmentation of this configuration (reads only)."""
-    out_dir = Path(cfg.out_dir)
-    manifest = out_dir / MANIFEST_FILE
-    if not (out_dir / SUMMARY_FILE).is_file() or not manifest.is_file() or not AugmentSummary.load(out_dir).written:
+    cache = augmentation_cache(Path(cfg.out_dir))
+    stored = cache.stored_identity()
+    if not cache.is_done() or stored is None or not AugmentSummary.load(cache.directory).written:
         return False
-    return json.loads(manifest.read_text()).get("fingerprint") == fingerprint(cfg, seed)["fingerprint"]
+    return stored.get("fingerprint") == fingerprint(cfg, seed)["fingerprint"]
 
 
 def input_files(roots: ImageRoots, inputs: Sequence[str]) -> dict[str, list[int] | None]:
@@ -312,8 +318,7 @@ def run_augmentation(cfg: DataConfig, seed: int, workers: int | None = None, pro
     retry_all = bool(getattr(cfg.augment, "retry_skipped", False))
     if _finished(out_dir, roots, retry_all):
         return AugmentSummary.load(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with stage_lock(out_dir / LOCK_FILE, "the augmentation output"):
+    with augmentation_cache(out_dir, inputs).writing():
         _check_manifest(out_dir, inputs)
         return _augment(cfg, seed, roots, out_dir, workers, progress, retry_all)
 

@@ -47,10 +47,11 @@ from torch.utils.data import DataLoader, Subset
 
 from miadpo.config import DataConfig
 from miadpo.data.jsonl import append_jsonl, repair_tail
+from miadpo.data.stage_cache import StageCache
 from miadpo.dpo.batch import PairLogps, negative_needs, reference_rows
 from miadpo.dpo.forward import PairForward
-from miadpo.fingerprint import digest, weights_identity
-from miadpo.locks import StageLocked, stage_lock
+from miadpo.fingerprint import reference_key, weights_identity
+from miadpo.locks import StageLocked
 from miadpo.models.base import ModelAdapter
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ log = logging.getLogger(__name__)
 def model_key(adapter: ModelAdapter, data: DataConfig) -> str:
     """What the reference log-probs depend on besides the pair."""
     processor = adapter.image_processor
-    return digest({
+    return reference_key({
         "weights": weights_identity(adapter.cfg, adapter.model), "family": adapter.cfg.family,
         "dtype": adapter.cfg.dtype,
         "template": adapter.template, "pad_to_square": adapter.cfg.pad_to_square,
@@ -107,6 +108,7 @@ class ReferenceCache:
 
     def __init__(self, directory: str | Path, rank: int = 0) -> None:
         self.directory = Path(directory)
+        self.stage = StageCache(self.directory, what="the reference cache")
         self.directory.mkdir(parents=True, exist_ok=True)
         self.values: dict[str, list[float]] = {}
         self._writing = False
@@ -118,11 +120,11 @@ class ReferenceCache:
         if self._writing:
             raise RuntimeError("ReferenceCache.use_shard while writing")
         self.path = self.directory / f"logps.{rank}.jsonl"
-        self.lock_path = self.directory / f"logps.{rank}.lock"
+        self.lock_name = f"logps.{rank}.lock"
 
     def reload(self) -> None:
         """Read every shard of the directory again (a key's longer row wins)."""
-        for file in sorted(self.directory.glob("logps.*.jsonl")):
+        for file in self.stage.shards("logps.*.jsonl"):
             for row in _complete_rows(file):
                 self._keep(row["key"], row["logps"])
 
@@ -134,7 +136,7 @@ class ReferenceCache:
     @contextmanager
     def writing(self) -> Iterator[None]:
         """Hold this rank's shard for appending (fails at once if another run holds it)."""
-        with stage_lock(self.lock_path, "the reference cache"):
+        with self.stage.writing(self.lock_name):
             repair_tail(self.path)  # a run killed mid-write leaves at most one broken last line
             self.reload()  # rows the previous holder added since this cache was read
             self._writing = True

@@ -13,7 +13,9 @@ The candidates fingerprint covers the augmented records, the model and its weigh
 generation and noise settings, the layer and the seed; the rules fingerprint covers the thresholds, operators
 and post-selection bounds — so changing only a threshold reuses the candidates and generates nothing.
 
-While the candidates are not finished, rank 0 holds ``selection.lock`` in their directory (:mod:`miadpo.locks`)
+The candidates directory is a ``StageCache`` (``miadpo.data.stage_cache``: key ``selection_key``, manifest, lock,
+done marker ``candidates.jsonl``, rank shards). While the candidates are not finished, rank 0 holds
+``selection.lock`` in their directory (:mod:`miadpo.locks`)
 from before the predict loop starts the other ranks until the merge: a second, independent run of the same
 candidates fails at once naming the holder (its other ranks never start writing: they wait for its rank 0).
 Finished candidates are read by any number of runs without the lock.
@@ -39,8 +41,8 @@ from miadpo.config import DataConfig, ExportImagePaths, SelectionConfig
 from miadpo.data.images import ImageOptions
 from miadpo.data.jsonl import append_jsonl, atomic_replace, completed_ids, read_jsonl, refuse_symlink
 from miadpo.data.pairs import ImageRoots, PairRecord, write_pairs
-from miadpo.fingerprint import digest, file_sha1, weights_identity
-from miadpo.locks import stage_lock
+from miadpo.data.stage_cache import StageCache
+from miadpo.fingerprint import file_sha1, selection_key, weights_identity
 from miadpo.models.base import ModelAdapter
 from miadpo.select.candidates import CandidateGenerator, SelectionInput, selection_inputs
 from miadpo.select.capture import resolve_layer
@@ -55,10 +57,6 @@ PAIRS_FILE = "pairs.jsonl"
 
 def _plain(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
-
-
-def _digest(obj: Any) -> str:
-    return digest(obj, "sha1", 16)
 
 
 def candidates_identity(adapter: ModelAdapter, data: DataConfig, selection: SelectionConfig, seed: int
@@ -87,6 +85,21 @@ def rules_identity(selection: SelectionConfig, seed: int) -> dict[str, Any]:
     return {"name": selection.name, "thresholds": _plain(selection.thresholds),
             "operators": _plain(selection.operators), "min_perplexity": selection.min_perplexity,
             "post": _plain(selection.post), "seed": seed}
+
+
+SHARDS = "candidates.rank*.jsonl"  # one per rank, merged into CANDIDATES_FILE
+
+
+def candidates_cache(out_dir: Path, identity: dict[str, Any]) -> StageCache:
+    """The candidates directory of ``identity``: ``<data.out_dir>/selection/<selection_key(identity)>/``."""
+    return StageCache.keyed(out_dir / "selection", identity, selection_key, what="the selection candidates directory",
+                            lock_name=LOCK_FILE, done_name=CANDIDATES_FILE)
+
+
+def candidates_cache_at(directory: Path) -> StageCache:
+    """The candidates cache of an existing candidates directory."""
+    return StageCache(directory, what="the selection candidates directory", lock_name=LOCK_FILE,
+                      done_name=CANDIDATES_FILE)
 
 
 class CandidatePredictor(L.LightningModule):
@@ -160,25 +173,22 @@ class SelectionStage:
         if rank == 0 and (self.data.source or not (Path(self.data.out_dir) / RECORDS_FILE).exists()):
             run_augmentation(self.data, self.seed, progress=False)
         identity = candidates_identity(self.adapter, self.data, self.selection, self.seed)
-        directory = Path(self.data.out_dir) / "selection" / _digest(identity)
-        directory.mkdir(parents=True, exist_ok=True)
-        manifest = directory / "manifest.json"
-        if not manifest.exists():
-            with atomic_replace(manifest) as tmp:
-                tmp.write_text(json.dumps(identity, indent=2, sort_keys=True, default=str) + "\n")
+        self.cache = candidates_cache(Path(self.data.out_dir), identity)
+        self.cache.record_identity()
         records = read_jsonl(Path(self.data.out_dir) / RECORDS_FILE)
         inputs, skipped = selection_inputs(records, self.selection.generation.max_answer_chars, self.data)
         for reason, count in skipped.items():
             log.info("selection: %d records not selected on (%s)", count, reason)
-        return directory, inputs
+        return self.cache.directory, inputs
 
     @contextmanager
     def writing(self, directory: Path, rank: int) -> Iterator[None]:
         """Rank 0 holds the candidates directory while the candidates are not finished (see the module doc)."""
-        if rank != 0 or (directory / CANDIDATES_FILE).exists():
+        cache = candidates_cache_at(directory)
+        if rank != 0 or cache.is_done():
             yield
             return
-        with stage_lock(directory / LOCK_FILE, "the selection candidates directory"):
+        with cache.writing():
             yield
 
     def todo(self, directory: Path, inputs: Sequence[SelectionInput], rank: int, world_size: int
@@ -187,9 +197,10 @@ class SelectionStage:
 
         Sharding the full list, not the remaining one, keeps ranks consistent while others write.
         """
-        if (directory / CANDIDATES_FILE).exists():
+        cache = candidates_cache_at(directory)
+        if cache.is_done():
             return []
-        done = completed_ids(*sorted(directory.glob("candidates.rank*.jsonl")))
+        done = completed_ids(*cache.shards(SHARDS))
         return [item for item in inputs[rank::world_size] if item.id not in done]
 
     def generate(self, trainer: L.Trainer, directory: Path, inputs: Sequence[SelectionInput]) -> None:
@@ -202,11 +213,12 @@ class SelectionStage:
 
     def merge(self, directory: Path, inputs: Sequence[SelectionInput]) -> list[Candidate]:
         """All shards → candidates.jsonl in record order (rank 0, after every shard finished)."""
-        merged = directory / CANDIDATES_FILE
-        if merged.exists():
+        cache = candidates_cache_at(directory)
+        merged = cache.done
+        if cache.is_done():
             return read_candidates(merged)
         by_id: dict[str, Candidate] = {}
-        for shard in sorted(directory.glob("candidates.rank*.jsonl")):
+        for shard in cache.shards(SHARDS):
             for candidate in read_candidates(shard):
                 by_id[candidate.id] = candidate
         missing = [item.id for item in inputs if item.id not in by_id]
@@ -219,7 +231,7 @@ class SelectionStage:
 
     def apply_rules(self, directory: Path, candidates: Sequence[Candidate]) -> Path:
         """Selection + post-selection into pairs-<fingerprint>/; returns the pairs file."""
-        out = directory / f"pairs-{_digest(rules_identity(self.selection, self.seed))}"
+        out = directory / f"pairs-{selection_key(rules_identity(self.selection, self.seed))}"
         out.mkdir(exist_ok=True)
         result = select_pairs(candidates, self.selection, self.seed)
         write_pairs(out / PAIRS_FILE, result.pairs)

@@ -3,7 +3,8 @@
 Each pair shows 2–4 images of the same shape in different colours and asks for the colour in one of them
 ("In Image2, what colour is the circle?"). The chosen answer names the target's colour; the rejected answer
 names a distractor image's colour — the element-interference hallucination MIA-DPO targets. Images are
-written under ``<data.out_dir>/synthetic/<fingerprint>/`` and referenced with the composed-image prefix.
+written under ``<data.out_dir>/synthetic/<fingerprint>/`` (a ``StageCache``: ``pairs.jsonl`` is its done marker,
+written by the one process holding ``synthetic.lock``) and referenced with the composed-image prefix.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from PIL import Image, ImageDraw
 from miadpo.augment.formats import sequence_header
 from miadpo.config import SyntheticConfig
 from miadpo.data.pairs import ImageRoots, PairRecord, write_pairs
-from miadpo.fingerprint import digest
+from miadpo.data.stage_cache import StageCache
+from miadpo.fingerprint import synthetic_key
 from miadpo.toyworld.scenes import COLOURS as TOY_COLOURS
 from miadpo.toyworld.scenes import SHAPES, paint_shape
 
@@ -35,19 +37,27 @@ def draw_shape(shape: str, colour: tuple[int, int, int], size: int, rng: random.
     return image
 
 
-def _fingerprint(cfg: SyntheticConfig) -> str:
+def synthetic_cache(cfg: SyntheticConfig, roots: ImageRoots) -> StageCache:
+    """The cache of the pairs ``cfg`` draws: ``<out_dir>/synthetic/<digest of the settings>/``."""
     settings = {f.name: getattr(cfg, f.name) for f in fields(SyntheticConfig)}
-    return digest(settings, "sha1", 10)
+    return StageCache.keyed(roots.out_dir / "synthetic", settings, synthetic_key,
+                            what="the synthetic pairs", lock_name="synthetic.lock", done_name="pairs.jsonl")
 
 
 def ensure_synthetic_pairs(cfg: SyntheticConfig, roots: ImageRoots) -> Path:
     """Generate the synthetic pair file (once per settings) and return its path."""
     if not 2 <= cfg.min_images <= cfg.max_images <= len(COLOURS):
         raise ValueError(f"synthetic images per pair must satisfy 2 <= min <= max <= {len(COLOURS)}")
-    root = roots.out_dir / "synthetic" / _fingerprint(cfg)
-    pairs_file = root / "pairs.jsonl"
-    if pairs_file.is_file():
-        return pairs_file
+    cache = synthetic_cache(cfg, roots)
+    if not cache.is_done():
+        with cache.writing():
+            if not cache.is_done():  # another run may have finished it meanwhile
+                draw_pairs(cfg, roots, cache.directory)
+    return cache.done
+
+
+def draw_pairs(cfg: SyntheticConfig, roots: ImageRoots, root: Path) -> None:
+    """Draws the pairs' images into ``root/images`` and writes ``root/pairs.jsonl`` last."""
     (root / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(cfg.seed)
     records = []
@@ -73,5 +83,4 @@ def ensure_synthetic_pairs(cfg: SyntheticConfig, roots: ImageRoots) -> Path:
                       "source": "synthetic", "rejected_from_image": distractor},
             )
         )
-    write_pairs(pairs_file, records)
-    return pairs_file
+    write_pairs(root / "pairs.jsonl", records)
