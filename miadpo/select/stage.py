@@ -173,13 +173,13 @@ class SelectionStage:
         if rank == 0 and (self.data.source or not (Path(self.data.out_dir) / RECORDS_FILE).exists()):
             run_augmentation(self.data, self.seed, progress=False)
         identity = candidates_identity(self.adapter, self.data, self.selection, self.seed)
-        self.cache = candidates_cache(Path(self.data.out_dir), identity)
-        self.cache.record_identity()
+        cache = candidates_cache(Path(self.data.out_dir), identity)
+        cache.record_identity()
         records = read_jsonl(Path(self.data.out_dir) / RECORDS_FILE)
         inputs, skipped = selection_inputs(records, self.selection.generation.max_answer_chars, self.data)
         for reason, count in skipped.items():
             log.info("selection: %d records not selected on (%s)", count, reason)
-        return self.cache.directory, inputs
+        return cache.directory, inputs
 
     @contextmanager
     def writing(self, directory: Path, rank: int) -> Iterator[None]:
