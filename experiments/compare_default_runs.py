@@ -77,6 +77,11 @@ def main() -> None:
             lines.append(f"- {name}: differs ({digest(a)} vs {digest(b)}): {why or 'UNEXPLAINED'}")
     identical = sum(left[n].read_bytes() == right[n].read_bytes() for n in left.keys() & right.keys())
     lines += ["", f"byte-identical: {identical} of {len(left.keys() & right.keys())}"]
+    table = "outputs/train/RUN/eval_before_after.md"
+    if table in left and table in right:
+        same = left[table].read_bytes() == right[table].read_bytes()
+        lines += ["", f"The toy test table (`{table}`) is {'byte-identical' if same else 'DIFFERENT'}; B's:", "",
+                  right[table].read_text().rstrip()]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
