@@ -68,6 +68,13 @@ TRAINER_CHECKS: tuple[Check, ...] = (
 )
 
 
+LOADER_CHECKS: tuple[Check, ...] = (  # the training data of DPO (data) and SFT (data of miadpo.sft)
+    ("batch_size", lambda v: v >= 1, "at least 1"),
+    ("val_fraction", lambda v: 0 <= v < 1, "from 0 to below 1 (1 would leave nothing to train on)"),
+    ("num_workers", lambda v: v >= 0, "at least 0"),
+)
+
+
 class _Count(IntEnum):
     """A count used as a map key (images per prompt, questions per grid): an ``int`` everywhere in code, and a key
     that ``key.N=value`` on the command line reaches. OmegaConf keys typed ``int`` refuse the override's string
@@ -427,9 +434,7 @@ class DataConfig(ImageSourceConfig):
     """The ``data`` config group, a data recipe (``conf/data/*.yaml``): where its pairs come from (a pair file, a
     mix, synthetic pairs, or augmentation and selection), their token budget, validation split and loaders."""
 
-    checks = (("batch_size", lambda v: v >= 1, "at least 1"),
-              ("val_fraction", lambda v: 0 <= v < 1, "from 0 to below 1 (1 would leave nothing to train on)"),
-              ("num_workers", lambda v: v >= 0, "at least 0"))
+    checks = LOADER_CHECKS
 
     name: str = "synthetic"
     # LLaVA-format single-image JSON consumed by the augmentation stage.
@@ -806,6 +811,8 @@ class SelectJobConfig(Checked):
 @dataclass
 class SFTDataConfig(ImageSourceConfig):
     """LLaVA-format files (JSON array or JSONL; single- or multi-image; augmented records too)."""
+
+    checks = LOADER_CHECKS
 
     files: list[str] = field(default_factory=list)
     max_length: int | None = None  # null: the model config's budget (model.max_length)

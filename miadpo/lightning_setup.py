@@ -41,6 +41,19 @@ def process_rank() -> tuple[int, int]:
     return int(rank_zero_only.rank or 0), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def device_count(devices: Any, accelerator: Any = "auto") -> int:
+    """How many devices ``trainer.devices`` asks for: a list's length, a count, ``"0,1"``-style ids, or, for
+    ``auto`` / ``-1``, every visible GPU (one on CPU)."""
+    if isinstance(devices, list | tuple) or OmegaConf.is_list(devices):
+        return len(devices)
+    text = str(devices).strip()
+    if text in ("auto", "-1"):
+        return torch.cuda.device_count() if str(accelerator) != "cpu" and torch.cuda.is_available() else 1
+    if "," in text:
+        return len([part for part in text.split(",") if part.strip()])
+    return int(text)
+
+
 def is_rank_zero() -> bool:
     """Whether this process does the once-per-job work (the first rank of ``process_rank``)."""
     return process_rank()[0] == 0

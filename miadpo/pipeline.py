@@ -59,6 +59,7 @@ from miadpo.lightning_setup import (
     check_checkpoint,
     check_strategy,
     check_trainer_args,
+    device_count,
     is_rank_zero,
     process_rank,
     wandb_files_in,
@@ -116,13 +117,15 @@ def smoke_config(cfg: DictConfig) -> DictConfig:
     """With ``trainer.fast_dev_run``, the job as one batch of each stage, in a copy of ``cfg``: augmentation and
     selection of one generation batch of records into ``<run_dir>/fast_dev_run/`` (no cache of a real run is read
     or written), no reference cache and no data report, Lightning's one training (and validation) batch, and one
-    evaluation batch before and after. Without it, ``cfg`` itself."""
+    evaluation batch before and after. Without it, ``cfg`` itself. (With ``dpo.reference_path`` the reference cache
+    stays on, under ``<run_dir>/fast_dev_run``: only it holds that reference.)"""
     if not cfg.trainer.get("fast_dev_run"):
         return cfg
     return OmegaConf.merge(cfg, {  # type: ignore[return-value]
         "data": {"out_dir": str(Path(cfg.run_dir) / "fast_dev_run"), "report_samples": 0,
                  "augment": {"max_records": int(cfg.selection.generation.batch_size)}},
-        "dpo": {"fast": {"reference_cache": False}}})
+        "dpo": {"fast": {"reference_cache": cfg.dpo.reference_path is not None,
+                         "reference_cache_dir": None}}})
 
 
 def run_config(cfg: DictConfig) -> StoreRunConfig:
@@ -209,9 +212,8 @@ def save_base(cfg: DictConfig, adapter: ModelAdapter) -> str:
 
 def is_single_process(cfg: DictConfig) -> bool:
     """Whether the Trainer runs one process (one device, one node)."""
-    devices = cfg.trainer.get("devices", 1)
-    one_device = devices in (1, "1") or (isinstance(devices, Sequence) and len(devices) == 1)
-    return one_device and cfg.trainer.get("num_nodes", 1) == 1
+    devices = device_count(cfg.trainer.get("devices", 1), cfg.trainer.get("accelerator", "auto"))
+    return devices == 1 and cfg.trainer.get("num_nodes", 1) == 1
 
 
 def prepare_data(cfg: DictConfig, adapter: ModelAdapter) -> Path:
@@ -343,8 +345,8 @@ def build_trainer(cfg: DictConfig, callbacks: list[L.Callback], logger: Logger) 
     kwargs.setdefault("default_root_dir", str(cfg.run_dir))
     if StrategyName(cfg.strategy.name) is StrategyName.cpu:
         kwargs["accelerator"] = "cpu"
-    devices = kwargs.get("devices", 1)
-    world_size = (len(devices) if isinstance(devices, list) else int(devices)) * int(kwargs.get("num_nodes", 1))
+    devices = device_count(kwargs.get("devices", 1), kwargs.get("accelerator", "auto"))
+    world_size = devices * int(kwargs.get("num_nodes", 1))
     strategy = build_strategy(cfg.strategy, world_size, micro_batch=cfg.data.batch_size,
                               accumulate=int(kwargs.get("accumulate_grad_batches", 1)),
                               precision=str(kwargs.get("precision", "32-true")))

@@ -52,7 +52,8 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> TrainR
     # Every pair cached (a pre-pass, an earlier run or epoch): no reference is built or run.
     covers_all = cache is not None and pipeline.covers_all_pairs(cache, datamodule)
     module = DPOModule(adapter, cfg.dpo, cfg.optim, pair_forward=forward,
-                       reference=build_reference(adapter.model, cache, covers_all))
+                       reference=build_reference(adapter.model, cache, covers_all,
+                                                 only_cached=cfg.dpo.reference_path is not None))
     return pipeline.fit(cfg, adapter, module, datamodule, base_path, [run_config, *extra_callbacks])
 
 

@@ -426,3 +426,25 @@ def test_a_failed_augmentation_does_not_block_the_corrected_rerun(tmp_path: Path
     fixed.augment.max_records = 12
     with pytest.raises(FileExistsError, match="another configuration"):
         run_augmentation(fixed, seed=0, workers=1, progress=False)
+
+
+def test_every_written_line_is_a_typed_augmented_record_that_writes_back_byte_for_byte(tmp_path: Path) -> None:
+    """``records.jsonl`` lines are ``AugmentedRecord``s (meta typed, negative where built): read and written back,
+    each is the same bytes; a line that is not one stops selection naming the file, line and what is missing."""
+    from miadpo.augment.records import AugmentedRecord
+    from miadpo.select.candidates import selection_inputs
+
+    source = write_source(tmp_path, n_generated=12)
+    cfg = data_config(tmp_path, source, augment={"refusal_fraction": 0.3, "negatives": {"kind": "companion"},
+                                                 "grid": {"records_per_grid": {1: 1.0, 2: 1.0}}},
+                      formats={"sequence": 1.0, "grid": 1.0, "pip": 1.0, "single": 1.0})
+    run_augmentation(cfg, seed=5, progress=False)
+    lines = (tmp_path / "out" / RECORDS_FILE).read_text().splitlines()
+    records = [AugmentedRecord.from_json(json.loads(line)) for line in lines]
+    assert [json.dumps(r.to_json(), ensure_ascii=False) for r in records] == lines
+    assert {r.meta.format for r in records} == {"sequence", "grid", "pip", "single", "refusal"}
+    assert any(r.rejected_images is not None and r.meta.negative for r in records)
+    broken = [json.loads(line) for line in lines[:3]]
+    del broken[2]["meta"]["inputs"]
+    with pytest.raises(ValueError, match=rf"{RECORDS_FILE}:3 \(id={broken[2]['id']}\): not an augmented record"):
+        selection_inputs(broken, 512)

@@ -361,21 +361,23 @@ def test_each_default_is_stated_once() -> None:
     assert copies == []
 
 
-def test_value_checks_live_on_the_groups_and_are_all_named_at_once(tmp_path: Path) -> None:
+def test_value_checks_live_on_the_groups_and_are_all_named_at_once(hydra_context) -> None:
     """Each group states its ranges beside its fields (``Checked``); ``check_keys`` walks the entry's schema and
     names every value out of range in one error, from any group (the loss and optimizer settings included)."""
     from miadpo.config import Checked, DataConfig, DPOConfig, OptimConfig, SelectionConfig, TrainConfig, check_keys
 
     assert all(issubclass(group, Checked) for group in (DataConfig, DPOConfig, OptimConfig, SelectionConfig))
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[
-            *TEST_DEFAULTS, "dpo.beta=0", "dpo=cdpo", "dpo.label_smoothing=0.5", "optim.betas=[0.9,1.5]",
-            "data.batch_size=0", "selection.thresholds.grid.4=1.5", "trainer.max_steps=0", "eval.frames=0"])
+    cfg = compose(config_name="train", overrides=[
+        *TEST_DEFAULTS, "dpo.beta=0", "dpo=cdpo", "dpo.label_smoothing=0.5", "optim.betas=[0.9,1.5]",
+        "data.batch_size=0", "selection.thresholds.grid.4=1.5", "trainer.max_steps=0", "eval.frames=0"])
     with pytest.raises(ValueError) as raised:
         check_keys(cfg, TrainConfig)
     named = [part.split("=")[0] for part in str(raised.value).removeprefix("settings out of range: ").split("; ")]
     assert sorted(named) == ["data.batch_size", "dpo.beta", "dpo.label_smoothing", "eval.frames", "optim.betas",
                              "selection.thresholds.grid.4", "trainer.max_steps"]
+    from miadpo.config import SFTJobConfig  # the SFT entry's data has the same loader ranges
+
+    with pytest.raises(ValueError, match=r"^settings out of range: data\.batch_size=0 must be at least 1$"):
+        check_keys(compose(config_name="sft", overrides=["data.batch_size=0"]), SFTJobConfig)
     huge = OptimConfig.problems(OmegaConf.structured(OptimConfig(lr=1e38)), "optim")
     assert len(huge) == 1 and "overflows float32" in huge[0]

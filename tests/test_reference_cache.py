@@ -120,6 +120,13 @@ def test_full_finetuning_with_the_cache_builds_no_reference_copy(make_adapter, t
     filling = build_reference(adapter.model, cache, covers_all=False)  # some pairs missing: computed and appended
     assert isinstance(filling, CachedReference) and isinstance(filling.compute, FrozenCopyReference)
     assert [type(c).__name__ for c in filling.callbacks()] == ["InStepFilling"]
+    # the copy behind the cache is a submodule: it follows the LightningModule's device and precision
+    module = DPOModule(adapter, DPOConfig(), OptimConfig(), reference=filling).to(torch.float64)
+    copy = next(m for m in module.modules() if isinstance(m, FrozenCopyReference))
+    assert all(p.dtype == torch.float64 for p in copy.parameters())
+    # other weights (dpo.reference_path) are never replaced by the policy where the cache lacks a pair
+    with pytest.raises(RuntimeError, match="dpo.reference_path"):
+        build_reference(adapter.model, cache, covers_all=False, only_cached=True)
     assert isinstance(DPOModule(adapter, DPOConfig(), OptimConfig()).reference, FrozenCopyReference)
 
 

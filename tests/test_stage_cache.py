@@ -44,12 +44,25 @@ def test_a_second_writer_fails_at_once_naming_the_holder_and_each_shard_has_its_
 
 
 def test_synthetic_pairs_are_written_once_under_the_lock(tmp_path: Path, monkeypatch) -> None:
+    """One process draws; another one started beside it (a rank of torchrun) waits for its pairs."""
     roots = ImageRoots(tmp_path / "images", tmp_path / "out")
     cfg = SyntheticConfig(num_pairs=3)
     cache = synthetic_cache(cfg, roots)
-    with cache.writing(), pytest.raises(StageLocked):  # another run drawing the same pairs
+    monkeypatch.setattr("miadpo.toyworld.synthetic.WAIT_FOR_OTHER_WRITER_S", 0.2)
+    with cache.writing(), pytest.raises(TimeoutError, match="synthetic.lock"):  # the other never finishes here
         ensure_synthetic_pairs(cfg, roots)
     assert not cache.is_done()
+    finished = []
+
+    def finish_meanwhile(timeout_s: float, poll_s: float = 1.0) -> None:
+        finished.append(timeout_s)
+        cache.finish("")
+
+    monkeypatch.setattr(StageCache, "wait_until_done", lambda self, *a, **k: finish_meanwhile(*a, **k))
+    with cache.writing():
+        assert ensure_synthetic_pairs(cfg, roots) == cache.done and finished == [0.2]
+    cache.done.unlink()
+    monkeypatch.undo()
     pairs = ensure_synthetic_pairs(cfg, roots)
     assert pairs == cache.done and len(pairs.read_text().splitlines()) == 3
     drawn = []

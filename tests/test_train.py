@@ -253,3 +253,13 @@ def test_the_last_step_is_logged(tmp_path: Path, max_steps: int, every: int, log
         rows = [row for row in csv.DictReader(handle) if row.get("loss")]
     assert [int(row["step"]) for row in rows] == logged
     assert all(row["rewards/margins"] for row in rows)
+
+
+def test_trainer_devices_auto_trains_on_this_machine(tmp_path: Path) -> None:
+    """``trainer.devices=auto`` (or -1, or "0,1"-style ids) is counted as Lightning counts it; ``int("auto")`` used
+    to stop the run after the model, the selection and the reference pass."""
+    from miadpo.lightning_setup import device_count
+
+    assert [device_count(d, "cpu") for d in (1, "2", [0, 1], "0,1,", "auto", -1)] == [1, 2, 2, 2, 1, 1]
+    result = train(compose_train(FAST + ["trainer.devices=auto", "trainer.accelerator=cpu"], tmp_path))
+    assert result.global_step == 4

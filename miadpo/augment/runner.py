@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from miadpo.augment.negatives import noisy_image, same_pixels
 from miadpo.augment.plan import Planner
+from miadpo.augment.records import AugmentedRecord, AugmentMeta
 from miadpo.augment.registry import Job, format_named
 from miadpo.augment.source import read_llava_source
 from miadpo.config import BadRecordPolicy, DataConfig, GridAugmentConfig, NegativeKind
@@ -119,7 +120,7 @@ class Composer:
                                                        f"{getattr(exc, 'strerror', None) or exc}") from exc
         return self.roots.composed(path)
 
-    def __call__(self, job: Job) -> tuple[dict[str, Any] | None, str | None]:
+    def __call__(self, job: Job) -> tuple[AugmentedRecord | None, str | None]:
         """The augmented record of ``job`` and None, or None and why it could not be composed."""
         fmt = format_named(job.format)
         draft = fmt.decode_size(self.grid)
@@ -129,13 +130,12 @@ class Composer:
             return None, str(exc)
         canvas, layout = fmt.compose(images, self.grid, self.pip_scale)
         image_field: str | list[str] = list(job.inputs) if canvas is None else self._save(canvas, job.format, job.id)
-        meta = {"format": job.format, "n_images": job.n_images, "target": job.target, "source": job.source,
-                "source_ids": job.source_ids, "inputs": job.inputs, "layout": layout}
-        record = {"id": job.id, "image": image_field, "conversations": job.conversations, "meta": meta}
+        meta = AugmentMeta(job.format, job.n_images, job.target, job.source, job.source_ids, job.inputs, layout)
+        record = AugmentedRecord(job.id, image_field, job.conversations, meta)
         if job.negative is not None:
             built = self._negative(job, images, layout, canvas, draft)
             if built is not None:
-                record["rejected_image"], meta["negative"] = built
+                record.rejected_image, meta.negative = built
         return record, None
 
     def _negative(self, job: Job, images: list[Image.Image], layout: dict[str, Any] | None,
@@ -363,7 +363,7 @@ def _augment(cfg: DataConfig, seed: int, roots: ImageRoots, out_dir: Path, worke
             for job, (record, reason) in tqdm(zip(todo, results), total=len(todo), disable=not progress,
                                               desc="augment", unit="record"):
                 if record is not None:
-                    append_jsonl(out, [record])
+                    append_jsonl(out, [record.to_json()])
                     continue
                 append_jsonl(skipped, [{"id": job.id, "source_ids": job.source_ids, "reason": reason,
                                         "inputs": input_files(roots, job.inputs)}])

@@ -18,6 +18,7 @@ once every rank finished.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -80,6 +81,15 @@ class StageCache:
         """Writes the done marker (atomically: it exists whole or not at all)."""
         with atomic_replace(self.done) as tmp:
             tmp.write_text(text)
+
+    def wait_until_done(self, timeout_s: float, poll_s: float = 1.0) -> None:
+        """Waits for another process to finish the output (TimeoutError naming the directory after ``timeout_s``)."""
+        deadline = time.monotonic() + timeout_s
+        while not self.is_done():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.directory}: {self.what} was not finished by the process writing it within "
+                                   f"{timeout_s:g} s (its {self.lock_name} names it)")
+            time.sleep(poll_s)
 
     def shards(self, pattern: str) -> list[Path]:
         """The ranks' shard files matching ``pattern``, in name order."""

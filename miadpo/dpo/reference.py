@@ -72,14 +72,16 @@ class FrozenCopyReference(nn.Module, Reference):
         return super().train(False)
 
 
-class CachedReference(Reference):
+class CachedReference(nn.Module, Reference):
     """Reference log-probs read from ``cache`` (served with the batch, or looked up by its pair keys). A pair the
     cache lacks is computed by ``compute`` and appended to the cache; without ``compute`` (every pair cached before
-    training) it is an error."""
+    training, or a reference that only the cache holds: ``dpo.reference_path``) it is an error. An ``nn.Module``, so
+    that a frozen copy behind it is a submodule of the LightningModule and follows its device and precision."""
 
     def __init__(self, cache: ReferenceCache, compute: Reference | None = None) -> None:
+        super().__init__()
         self.cache = cache
-        self.compute = compute
+        self.compute = compute  # registered as a submodule when it is one (FrozenCopyReference)
         self.filling = InStepFilling(cache) if compute is not None else None
 
     @torch.no_grad()
@@ -91,8 +93,9 @@ class CachedReference(Reference):
         if cached is not None:
             return cached
         if self.compute is None:
-            raise RuntimeError("every pair was cached before training (dpo.fast.reference_cache), yet a batch came "
-                               "without cached reference log-probs")
+            raise RuntimeError("a batch came without cached reference log-probs, and no reference model is held: "
+                               "every pair was to be cached before training (dpo.fast.reference_cache, the pre-pass "
+                               "of dpo.reference_path)")
         logps = self.compute.logps(batch, forward, image_features)
         if self.filling is not None and batch.keys is not None:
             self.filling.record(batch.keys, logps)
@@ -108,9 +111,18 @@ def computed_reference(policy: nn.Module) -> DisabledAdapterReference | FrozenCo
     return DisabledAdapterReference(policy) if isinstance(policy, PeftModel) else FrozenCopyReference(policy)
 
 
-def build_reference(policy: nn.Module, cache: ReferenceCache | None = None, covers_all: bool = False) -> Reference:
+def build_reference(policy: nn.Module, cache: ReferenceCache | None = None, covers_all: bool = False,
+                    only_cached: bool = False) -> Reference:
     """The reference of a run: the cache alone when it holds every pair (``covers_all``), the cache in front of a
-    computed reference when it holds some, else the computed reference (``computed_reference``)."""
+    computed reference when it holds some, else the computed reference (``computed_reference``). With
+    ``only_cached`` (the reference is other weights, ``dpo.reference_path``, that only the pre-pass ran) the policy
+    never stands in for it: a pair the cache lacks is an error."""
+    if only_cached:
+        if cache is None or not covers_all:
+            raise RuntimeError("dpo.reference_path: the reference's log-probs of some pairs are not cached, and the "
+                               "policy cannot stand in for another model (the pre-pass fills the cache: "
+                               "dpo.fast.reference_cache=true)")
+        return CachedReference(cache)
     if cache is not None and covers_all:
         return CachedReference(cache)
     computed = computed_reference(policy)

@@ -20,6 +20,7 @@ from PIL import Image
 
 from miadpo.augment.formats import retarget_question
 from miadpo.augment.noise import record_rng
+from miadpo.augment.records import AugmentedRecord
 from miadpo.augment.registry import FORMATS, format_named
 from miadpo.augment.runner import RECORDS_FILE
 from miadpo.config import DataConfig, NoiseConfig, SelectionConfig
@@ -67,26 +68,25 @@ def selection_inputs(records: Sequence[dict[str, Any]], max_answer_chars: int, d
     skipped: Counter[str] = Counter()
     checker = _ImageChecker(data) if data is not None else None
     for line, record in enumerate(records, start=1):  # records.jsonl holds one record a line
-        meta = record["meta"]
-        fmt = meta["format"]
+        try:
+            augmented = AugmentedRecord.from_json(record)
+        except ValueError as error:
+            raise ValueError(f"{RECORDS_FILE}:{line} (id={record.get('id')}): {error}") from None
+        meta, fmt = augmented.meta, augmented.meta.format
         if fmt not in FORMATS or not FORMATS[fmt].selectable:
             skipped[f"format {fmt} is not selected on"] += 1
             continue
-        question, answer = record["conversations"][0]["value"], record["conversations"][1]["value"]
+        question, answer = augmented.conversations[0]["value"], augmented.conversations[1]["value"]
         if len(answer) >= max_answer_chars:
             skipped[f"ground truth of {max_answer_chars}+ characters"] += 1
             continue
-        target = meta["target"][0] if isinstance(meta["target"], list) else meta["target"]
-        images = record["image"] if isinstance(record["image"], list) else [record["image"]]
-        negative = record.get("rejected_image")
-        rejected = None if negative is None else tuple(negative if isinstance(negative, list) else [negative])
-        if checker is not None and (reason := checker(line, str(record["id"]), [*images, *(rejected or ())])
-                                    ) is not None:
+        target, images, rejected = meta.first_target, augmented.images, augmented.rejected_images
+        if checker is not None and (reason := checker(line, augmented.id, [*images, *(rejected or ())])) is not None:
             skipped[reason] += 1
             continue
-        box = FORMATS[fmt].selection_box(meta.get("layout"), int(target))
-        inputs.append(SelectionInput(str(record["id"]), fmt, int(meta["n_images"]), int(target), tuple(images),
-                                     question, answer, box, rejected))
+        box = FORMATS[fmt].selection_box(meta.layout, target)
+        inputs.append(SelectionInput(augmented.id, fmt, int(meta.n_images), target, tuple(images), question, answer,
+                                     box, None if rejected is None else tuple(rejected)))
     if checker is not None:
         checker.report.finish()
     return inputs, skipped

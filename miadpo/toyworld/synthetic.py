@@ -20,9 +20,11 @@ from miadpo.config import SyntheticConfig
 from miadpo.data.pairs import ImageRoots, PairRecord, write_pairs
 from miadpo.data.stage_cache import StageCache
 from miadpo.fingerprint import synthetic_key
+from miadpo.locks import StageLocked
 from miadpo.toyworld.scenes import COLOURS as TOY_COLOURS
 from miadpo.toyworld.scenes import SHAPES, paint_shape
 
+WAIT_FOR_OTHER_WRITER_S = 600.0  # how long a process waits for another drawing the same pairs
 # The toy world's palette plus two colours it does not use.
 COLOURS: dict[str, tuple[int, int, int]] = {**TOY_COLOURS, "black": (20, 20, 20), "gray": (128, 128, 128)}
 
@@ -50,9 +52,12 @@ def ensure_synthetic_pairs(cfg: SyntheticConfig, roots: ImageRoots) -> Path:
         raise ValueError(f"synthetic images per pair must satisfy 2 <= min <= max <= {len(COLOURS)}")
     cache = synthetic_cache(cfg, roots)
     if not cache.is_done():
-        with cache.writing():
-            if not cache.is_done():  # another run may have finished it meanwhile
-                draw_pairs(cfg, roots, cache.directory)
+        try:
+            with cache.writing():
+                if not cache.is_done():  # another run may have finished it meanwhile
+                    draw_pairs(cfg, roots, cache.directory)
+        except StageLocked:  # another process is drawing them (ranks started together): its pairs are these
+            cache.wait_until_done(WAIT_FOR_OTHER_WRITER_S, poll_s=0.5)
     return cache.done
 
 
