@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from miadpo.data.stage_cache import StageCache
 from miadpo.fingerprint import round_key
+from miadpo.lightning_setup import is_rank_zero
 from miadpo.merge import merge_adapter
 from miadpo.text import markdown_table
 
@@ -112,11 +114,12 @@ def run_rounds(cfg: DictConfig, train: Callable[[DictConfig], Any]) -> list[dict
 
 def run_round(round_cfg: DictConfig, index: int, policy: str | None, train: Callable[[DictConfig], Any]
               ) -> dict[str, Any]:
-    """Train round ``index`` from ``policy``, export its policy and write its ``round.json`` (holding the round's
-    lock: a second run of the same command fails at once instead of training the round again)."""
+    """Train round ``index`` from ``policy``, export its policy and write its ``round.json``. The first process holds
+    the round's lock (a second run of the same command fails at once instead of training the round again); the
+    other processes of a multi-process run (Lightning's launcher re-runs the command in each) train beside it."""
     run_dir = Path(round_cfg.run_dir)
     cache = round_cache(run_dir, round_cfg)
-    with cache.writing():
+    with cache.writing() if is_rank_zero() else nullcontext():
         result = train(round_cfg)
         start = policy or str(run_dir / "base_model")  # a model built in code is saved with its run
         evaluation = run_dir / "eval_before_after.json"

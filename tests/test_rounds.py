@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from conftest import compose_train
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from miadpo.rounds import run_rounds
@@ -107,3 +109,22 @@ def test_rounds_need_a_source_recipe(tmp_path: Path) -> None:
     cfg = compose_train(["rounds.count=2"], tmp_path)  # synthetic pairs: nothing to select with the policy
     with pytest.raises(ValueError, match="needs a source recipe"):
         run_rounds(cfg, train)
+
+
+def test_only_the_first_process_holds_a_rounds_lock(tmp_path: Path, monkeypatch) -> None:
+    """Lightning's launcher re-runs the command in every process: the others train the round beside rank 0, they
+    do not stop on its lock."""
+    from miadpo import rounds
+
+    cfg = OmegaConf.create({"run_dir": str(tmp_path / "round2"), "dpo": {"reference_path": None}, "seed": 1})
+    taken: list[bool] = []
+
+    def train(round_cfg):
+        taken.append((tmp_path / "round2" / rounds.ROUND_LOCK).exists())
+        return SimpleNamespace(exported=tmp_path / "model", pairs=tmp_path / "pairs.jsonl", global_step=1)
+
+    (tmp_path / "model").mkdir()
+    monkeypatch.setattr(rounds, "is_rank_zero", lambda: False)
+    with rounds.round_cache(tmp_path / "round2", cfg).writing():  # rank 0 holds it
+        record = rounds.run_round(cfg, 2, str(tmp_path / "base"), train)
+    assert taken == [True] and record["round"] == 2
