@@ -445,6 +445,6 @@ def test_every_written_line_is_a_typed_augmented_record_that_writes_back_byte_fo
     assert {r.meta.format for r in records} == {"sequence", "grid", "pip", "single", "refusal"}
     assert any(r.rejected_images is not None and r.meta.negative for r in records)
     broken = [json.loads(line) for line in lines[:3]]
-    del broken[2]["meta"]["inputs"]
+    del broken[2]["meta"]["n_images"]
     with pytest.raises(ValueError, match=rf"{RECORDS_FILE}:3 \(id={broken[2]['id']}\): not an augmented record"):
         selection_inputs(broken, 512)

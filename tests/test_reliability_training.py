@@ -161,7 +161,8 @@ NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="DeepSpeed runs w
          "manifest left that blocked the corrected rerun)", "error naming the weights before anything is written",
          [f"data.augment.grid.n_weights.{n}=0" for n in range(2, 10)], "data.augment.grid.n_weights="),
     (["data.augment.pip.scale=-1", "data.augment.jpeg_quality=1000", "selection.thresholds.sequence.2=-0.5"],
-     "the background; data.augment.jpeg_quality=1000 must be from 1 to 100; selection.thresholds.sequence.2=-0.5"),
+     "data.augment.jpeg_quality=1000 must be from 1 to 100; data.augment.pip.scale=-1.0 must be in (0, 1]: the "
+     "target's size relative to the background; selection.thresholds.sequence.2=-0.5"),
     case("checkpoints", "missing-ckpt-path", "ckpt_path pointing at no file",
          "error naming ckpt_path and the path before any stage runs", ["ckpt_path=/nonexistent/last.ckpt"],
          "ckpt_path=/nonexistent/last.ckpt"),

@@ -7,7 +7,7 @@ the same lines as any LLaVA-format record.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
@@ -20,10 +20,12 @@ class AugmentMeta:
     format: str
     n_images: int
     target: int | list[int]
-    source: str
-    source_ids: list[str]
-    inputs: list[str]
-    layout: dict[str, Any] | None
+    # What the augmentation records beside (a record written by another tool may lack them; selection does not
+    # read them, except a composite's layout).
+    source: str | None = None
+    source_ids: list[str] = field(default_factory=list)
+    inputs: list[str] = field(default_factory=list)
+    layout: dict[str, Any] | None = None
     negative: dict[str, Any] | None = None  # {"kind", "replacement"} where a negative was built
 
     @property
