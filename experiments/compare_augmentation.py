@@ -21,6 +21,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare_default_runs import commit, write_report  # noqa: E402 (beside this script)
+
 WORKER = r'''
 import hashlib, json, sys
 from pathlib import Path
@@ -74,11 +77,6 @@ def run(checkout: Path, source: Path, images: Path) -> dict:
         return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def commit(checkout: Path) -> str:
-    done = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    return done.stdout.strip() or "unknown"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("a", type=Path)
@@ -99,10 +97,7 @@ def main() -> None:
     for kind, row in right["selection"].items():
         same = "identical" if left["selection"][kind] == row else "DIFFERENT"
         lines.append(f"| {kind} | {', '.join(row['formats'])} | {row['inputs']} | {same} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    write_report(lines, args.out)
 
 
 if __name__ == "__main__":

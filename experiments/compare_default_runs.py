@@ -82,10 +82,15 @@ def main() -> None:
         same = left[table].read_bytes() == right[table].read_bytes()
         lines += ["", f"The toy test table (`{table}`) is {'byte-identical' if same else 'DIFFERENT'}; B's:", "",
                   right[table].read_text().rstrip()]
+    write_report(lines, args.out)
+
+
+def write_report(lines: list[str], out: Path | None) -> None:
+    """Prints the report and writes it to ``out`` (first, so that a closed pipe cannot lose it)."""
     text = "\n".join(lines) + "\n"
+    if out:
+        out.write_text(text)
     print(text)
-    if args.out:
-        args.out.write_text(text)
 
 
 if __name__ == "__main__":

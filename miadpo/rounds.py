@@ -67,9 +67,9 @@ def fingerprint(cfg: DictConfig) -> str:
     return round_key(OmegaConf.to_container(cfg, resolve=True))
 
 
-def finished_round(run_dir: Path, cfg: DictConfig) -> dict[str, Any] | None:
-    """The record of a finished round, or None; a round finished under another config is an error."""
-    cache = round_cache(run_dir, cfg)
+def finished_round(cache: StageCache) -> dict[str, Any] | None:
+    """The record of a finished round (``round_cache``), or None; a round finished under another config is an
+    error."""
     if not cache.is_done():
         return None
     path = cache.done
@@ -99,10 +99,11 @@ def run_rounds(cfg: DictConfig, train: Callable[[DictConfig], Any]) -> list[dict
     for index in range(1, int(cfg.rounds.count) + 1):
         round_cfg = round_config(cfg, index, policy, base)
         run_dir = Path(round_cfg.run_dir)
-        record = finished_round(run_dir, round_cfg)
+        cache = round_cache(run_dir, round_cfg)
+        record = finished_round(cache)
         if record is None:
             log.info("round %d of %d: policy %s", index, cfg.rounds.count, policy or "built in code")
-            record = run_round(round_cfg, index, policy, train)
+            record = run_round(round_cfg, cache, index, policy, train)
         else:
             log.info("round %d of %d: finished before (%s), skipped", index, cfg.rounds.count, run_dir / ROUND_FILE)
         records.append(record)
@@ -112,13 +113,12 @@ def run_rounds(cfg: DictConfig, train: Callable[[DictConfig], Any]) -> list[dict
     return records
 
 
-def run_round(round_cfg: DictConfig, index: int, policy: str | None, train: Callable[[DictConfig], Any]
-              ) -> dict[str, Any]:
+def run_round(round_cfg: DictConfig, cache: StageCache, index: int, policy: str | None,
+              train: Callable[[DictConfig], Any]) -> dict[str, Any]:
     """Train round ``index`` from ``policy``, export its policy and write its ``round.json``. The first process holds
     the round's lock (a second run of the same command fails at once instead of training the round again); the
     other processes of a multi-process run (Lightning's launcher re-runs the command in each) train beside it."""
-    run_dir = Path(round_cfg.run_dir)
-    cache = round_cache(run_dir, round_cfg)
+    run_dir = cache.directory
     with cache.writing() if is_rank_zero() else nullcontext():
         result = train(round_cfg)
         start = policy or str(run_dir / "base_model")  # a model built in code is saved with its run

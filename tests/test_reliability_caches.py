@@ -284,8 +284,8 @@ def test_only_rank_zero_augments(tmp_path: Path, make_adapter, rank: int) -> Non
         stage.prepare(rank)
     assert not (tmp_path / "out" / RECORDS_FILE).exists()
     stage.prepare(0)
-    directory, inputs = stage.prepare(rank)  # once rank 0 augmented, the other ranks read it
-    assert inputs and directory.is_dir()
+    cache, inputs = stage.prepare(rank)  # once rank 0 augmented, the other ranks read it
+    assert inputs and cache.directory.is_dir()
 
 
 def wait_for(path: Path, proc: subprocess.Popen | None = None, timeout: float = 240) -> None:

@@ -125,6 +125,7 @@ def test_only_the_first_process_holds_a_rounds_lock(tmp_path: Path, monkeypatch)
 
     (tmp_path / "model").mkdir()
     monkeypatch.setattr(rounds, "is_rank_zero", lambda: False)
-    with rounds.round_cache(tmp_path / "round2", cfg).writing():  # rank 0 holds it
-        record = rounds.run_round(cfg, 2, str(tmp_path / "base"), train)
+    cache = rounds.round_cache(tmp_path / "round2", cfg)
+    with cache.writing():  # rank 0 holds it
+        record = rounds.run_round(cfg, cache, 2, str(tmp_path / "base"), train)
     assert taken == [True] and record["round"] == 2

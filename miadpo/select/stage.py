@@ -96,12 +96,6 @@ def candidates_cache(out_dir: Path, identity: dict[str, Any]) -> StageCache:
                             lock_name=LOCK_FILE, done_name=CANDIDATES_FILE)
 
 
-def candidates_cache_at(directory: Path) -> StageCache:
-    """The candidates cache of an existing candidates directory."""
-    return StageCache(directory, what="the selection candidates directory", lock_name=LOCK_FILE,
-                      done_name=CANDIDATES_FILE)
-
-
 class CandidatePredictor(L.LightningModule):
     """Lightning wrapper so the predict loop (and its DDP sharding) drives candidate generation."""
 
@@ -160,8 +154,8 @@ class SelectionStage:
         self.seed = seed
         self.roots = ImageRoots.of(data)
 
-    def prepare(self, rank: int = 0) -> tuple[Path, list[SelectionInput]]:
-        """Augment if needed (rank 0); fix the candidates directory; return it and every input (record order).
+    def prepare(self, rank: int = 0) -> tuple[StageCache, list[SelectionInput]]:
+        """Augment if needed (rank 0); fix the candidates cache; return it and every input (record order).
 
         Other ranks only read the augmentation: Lightning's launcher starts them once rank 0 finished it; ranks
         started together with rank 0 (torchrun, srun) need it augmented beforehand."""
@@ -179,41 +173,38 @@ class SelectionStage:
         inputs, skipped = selection_inputs(records, self.selection.generation.max_answer_chars, self.data)
         for reason, count in skipped.items():
             log.info("selection: %d records not selected on (%s)", count, reason)
-        return cache.directory, inputs
+        return cache, inputs
 
     @contextmanager
-    def writing(self, directory: Path, rank: int) -> Iterator[None]:
+    def writing(self, cache: StageCache, rank: int) -> Iterator[None]:
         """Rank 0 holds the candidates directory while the candidates are not finished (see the module doc)."""
-        cache = candidates_cache_at(directory)
         if rank != 0 or cache.is_done():
             yield
             return
         with cache.writing():
             yield
 
-    def todo(self, directory: Path, inputs: Sequence[SelectionInput], rank: int, world_size: int
+    def todo(self, cache: StageCache, inputs: Sequence[SelectionInput], rank: int, world_size: int
              ) -> list[SelectionInput]:
         """This rank's share (every world_size-th input of the full list) minus what any shard holds.
 
         Sharding the full list, not the remaining one, keeps ranks consistent while others write.
         """
-        cache = candidates_cache_at(directory)
         if cache.is_done():
             return []
         done = completed_ids(*cache.shards(SHARDS))
         return [item for item in inputs[rank::world_size] if item.id not in done]
 
-    def generate(self, trainer: L.Trainer, directory: Path, inputs: Sequence[SelectionInput]) -> None:
+    def generate(self, trainer: L.Trainer, cache: StageCache, inputs: Sequence[SelectionInput]) -> None:
         """Generate this rank's missing candidates through the predict loop."""
-        shard = self.todo(directory, inputs, trainer.global_rank, trainer.world_size)
+        shard = self.todo(cache, inputs, trainer.global_rank, trainer.world_size)
         loader = DataLoader(shard, batch_size=self.selection.generation.batch_size, shuffle=False,
                             collate_fn=list)
         generator = CandidateGenerator(self.adapter, self.selection, self.roots, self.seed, ImageOptions.of(self.data))
         trainer.predict(CandidatePredictor(generator), dataloaders=loader, return_predictions=False)
 
-    def merge(self, directory: Path, inputs: Sequence[SelectionInput]) -> list[Candidate]:
+    def merge(self, cache: StageCache, inputs: Sequence[SelectionInput]) -> list[Candidate]:
         """All shards → candidates.jsonl in record order (rank 0, after every shard finished)."""
-        cache = candidates_cache_at(directory)
         merged = cache.done
         if cache.is_done():
             return read_candidates(merged)
@@ -289,12 +280,12 @@ def run_selection(adapter: ModelAdapter, data: DataConfig, selection: SelectionC
     trainer = L.Trainer(**trainer_kwargs, strategy=strategy, callbacks=callbacks, logger=False,
                         enable_checkpointing=False, use_distributed_sampler=False)
     stage = SelectionStage(adapter, data, selection, seed)
-    directory, inputs = stage.prepare(trainer.global_rank)
-    writer.directory = directory
-    with stage.writing(directory, trainer.global_rank):
-        stage.generate(trainer, directory, inputs)
+    cache, inputs = stage.prepare(trainer.global_rank)
+    writer.directory = cache.directory
+    with stage.writing(cache, trainer.global_rank):
+        stage.generate(trainer, cache, inputs)
         trainer.strategy.barrier()
         if trainer.global_rank != 0:
             return None
-        candidates = stage.merge(directory, inputs)
-    return stage.apply_rules(directory, candidates)
+        candidates = stage.merge(cache, inputs)
+    return stage.apply_rules(cache.directory, candidates)
