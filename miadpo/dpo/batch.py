@@ -43,6 +43,10 @@ class PairLogps:
         return PairLogps(self.chosen.detach(), self.rejected.detach(), self.chosen_tokens, self.rejected_tokens,
                          None if self.negative is None else self.negative.detach(), self.has_negative)
 
+    def chosen_per_token(self) -> torch.Tensor:
+        """The mean log-prob per chosen-answer token over the batch (the SFT term's negative; training health)."""
+        return self.chosen.sum() / self.chosen_tokens.sum().clamp(min=1)
+
     def rows(self) -> torch.Tensor:
         """``(B, 4)`` float rows ``[chosen, rejected, chosen_tokens, rejected_tokens]``, as the reference cache
         stores them; ``(B, 5)`` with the negative log-prob last when the batch has negatives."""

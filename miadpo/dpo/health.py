@@ -17,11 +17,6 @@ from miadpo.dpo.batch import PairLogps
 log = logging.getLogger(__name__)
 
 
-def chosen_logp_per_token(logps: PairLogps) -> torch.Tensor:
-    """The mean log-prob per chosen-answer token of a batch (detached, float)."""
-    return logps.chosen.detach().float().sum() / logps.chosen_tokens.sum().clamp(min=1)
-
-
 class TrainingHealth(L.Callback):
     """Stops at the first non-finite loss or gradient, naming the settings most likely responsible; warns once when
     the policy's chosen answers fall ``collapse_warning_nats`` below the reference's per token (a collapsing model).
@@ -43,8 +38,8 @@ class TrainingHealth(L.Callback):
 
     def record(self, loss: torch.Tensor, policy: PairLogps, reference: PairLogps) -> None:
         """One training micro-batch's loss and mean chosen-answer log-probs under the policy and the reference."""
-        self._rows.append(torch.stack([loss.detach().float(), chosen_logp_per_token(policy),
-                                       chosen_logp_per_token(reference)]))
+        self._rows.append(torch.stack([loss.detach().float(), policy.detach().chosen_per_token().float(),
+                                       reference.detach().chosen_per_token().float()]))
 
     def _clipping(self, trainer: L.Trainer) -> float | None:
         strategy = trainer.strategy

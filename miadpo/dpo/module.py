@@ -110,7 +110,7 @@ class DPOModule(L.LightningModule):
         if self.conditional is not None or self.anchor is not None:
             loss = loss + self._image_terms(policy, reference, text.losses, prefix, batch.num_pairs)
         if self.dpo.sft_weight:
-            sft = -policy.chosen.sum() / policy.chosen_tokens.sum().clamp(min=1)
+            sft = -policy.chosen_per_token()
             loss = loss + self.dpo.sft_weight * sft
             self.log(f"{prefix}sft_loss", sft.detach(), batch_size=batch.num_pairs)
         chosen_rewards, rejected_rewards = text.chosen_rewards, text.rejected_rewards
